@@ -1,0 +1,165 @@
+"""The decoder-only transformer (GPT), assembled from the pieces in this package.
+
+idx (B, T) --wte--> (B, T, C) [+ learned/sinusoidal positions] --Block x n_layer--> ln_f
+--lm_head--> logits (B, T, V). RoPE positions enter inside attention instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .block import Block
+from .cache import KVCache
+from .config import ModelConfig
+from .errors import BardlmError
+from .norm import make_norm
+from .position import rope_cos_sin, rope_inv_freq, sinusoidal_table
+
+
+class GPT(nn.Module):
+    """A config-driven decoder-only language model (GPT-2, Llama-style, Qwen3-style, ...)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias),
+            )
+        )
+        if cfg.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        for name, buf in self.buffers_for(cfg).items():  # fixed tables, not saved with weights
+            self.register_buffer(name, buf, persistent=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # One matrix maps tokens to vectors and vectors back to token scores.
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth at initialisation.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def buffers_for(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """Position tables computed from the config: sinusoidal (P, C) or RoPE inv_freq (D/2,)."""
+        if cfg.pos == "sinusoidal":
+            return {"pos_table": sinusoidal_table(cfg.block_size, cfg.n_embd)}
+        if cfg.pos == "rope":
+            return {"rope_inv_freq": rope_inv_freq(cfg.dim_head, cfg.rope_theta, cfg.rope_scaling)}
+        return {}
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # Positions ------------------------------------------------------------------------------
+    def _positions(self, T: int, start_pos: int, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=device)
+        if self.config.pos in ("learned", "sinusoidal") and int(positions.max()) >= self.config.block_size:
+            raise BardlmError(
+                f"position {int(positions.max())} is past the context length "
+                f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens"
+            )
+        return positions
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` (T,) -> (T, D) or (B, T) -> (B, 1, T, D)."""
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq)
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token (+ absolute position) embeddings: idx (B, T) -> (B, T, C)."""
+        x = self.transformer.wte(idx)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(positions)
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        return self.transformer.drop(x)
+
+    # Forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        start_pos: int = 0,
+        cache: list[KVCache] | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        start_pos: absolute position of idx[:, 0] (tokens already in `cache`).
+        cache: one `KVCache` per layer, from `make_cache`.
+        mask: extra bool attention mask, True = may attend, broadcastable to (B, 1, T, S), e.g.
+              to hide left padding; positions: (T,) or (B, T) ids overriding start_pos's.
+        targets: (B, T) next-token ids; -1 marks positions that do not count in the loss.
+        """
+        B, T = idx.shape
+        if cache is None and positions is None and start_pos + T > self.config.block_size and self.config.pos != "rope":
+            raise BardlmError(
+                f"input of {start_pos + T} tokens is longer than the context length "
+                f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens"
+            )
+        positions = self._positions(T, start_pos, positions, idx.device)
+        x = self.embed(idx, positions)
+        rope = self.rope(positions) if self.config.pos == "rope" else None
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, mask, None if cache is None else cache[i], start_pos)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    def make_cache(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
+        """One preallocated `KVCache` per layer for `batch` rows of up to `max_len` positions."""
+        p = next(self.parameters())
+        max_len = max_len or self.config.block_size
+        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        return [
+            KVCache(batch, max_len, self.config.kv_heads, self.config.dim_head, dtype, p.device)
+            for _ in range(self.config.n_layer)
+        ]
+
+    # Counting -------------------------------------------------------------------------------
+    def num_params(self, count_tied_head_twice: bool = False) -> int:
+        """Unique parameters; optionally as if the tied head were a separate matrix."""
+        n = sum(p.numel() for p in self.parameters())
+        if count_tied_head_twice and self.config.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return n
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:  # noqa: ANN003
+        """Continue each row of idx (B, T): returns (B, T + max_new_tokens) ids.
+
+        Keyword arguments are those of `bardlm.generate.generate` (temperature, top_k, top_p,
+        seed, use_cache, ...).
+        """
+        from .generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+
+__all__ = ["GPT"]

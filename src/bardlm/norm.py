@@ -1,0 +1,50 @@
+"""Normalisation layers, written out (no `nn.LayerNorm` inside)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dim.
+
+    The variance is the biased one (divide by C, not C - 1), as in the paper and `nn.LayerNorm`.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
+        dtype = x.dtype
+        x = x.float()  # statistics in fp32 even under bf16 autocast
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring or shift (Llama)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
+        dtype = x.dtype
+        x = x.float()
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # HF Llama/Qwen3 cast back before the scale; we do the same for bit-level parity.
+        return self.weight * y.to(dtype) if dtype != torch.float32 else self.weight * y
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
+    """The norm a config names: "layernorm" or "rmsnorm"."""
+    return LayerNorm(dim, eps, bias) if kind == "layernorm" else RMSNorm(dim, eps)
