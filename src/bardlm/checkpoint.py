@@ -44,9 +44,14 @@ def atomic_write_many(writes: list[tuple[Path, Callable[[str], None]]]) -> None:
             write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         for tmp, _ in temps:
             Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise BardlmError(
+                f"could not write {path} ({e.strerror or e}); the previous files are intact. "
+                "Free disk space (or fix permissions) and save again"
+            ) from None
         raise
     for tmp, path in temps:
         os.replace(tmp, path)
@@ -86,9 +91,11 @@ def checkpoint_writes(
     out = Path(out)
     step = str((meta or {}).get("step", 0))
     writes = [(out / MODEL_FILE, tensors_writer(state_dict_for_save(model), {"format": "pt", "step": step}))]
-    if tokenizer is not None:
-        writes.append((out / TOKENIZER_FILE, text_writer(json.dumps(tokenizer.to_dict(), ensure_ascii=False))))
     config = {"model": model.config.to_dict(), **(meta or {})}
+    if tokenizer is not None:
+        tok_json = json.dumps(tokenizer.to_dict(), ensure_ascii=False)
+        writes.append((out / TOKENIZER_FILE, text_writer(tok_json)))
+        config["tokenizer_sha256"] = _sha256(tok_json)
     writes.append((out / CONFIG_FILE, text_writer(json.dumps(config, indent=2))))
     return writes
 
@@ -187,12 +194,21 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):  # no
             model.lm_head.weight = model.transformer.wte.weight
     tok_path = ckpt / TOKENIZER_FILE
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise BardlmError(
-            f"{tok_path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
-            "the tokenizer comes from another run"
-        )
+    if tokenizer is not None:
+        expected = meta.get("tokenizer_sha256")
+        actual = _sha256(json.dumps(tokenizer.to_dict(), ensure_ascii=False))
+        if tokenizer.vocab_size > cfg.vocab_size or (expected and expected != actual):
+            raise BardlmError(
+                f"{tok_path} is not the tokenizer this model was trained with (it comes from "
+                "another run); copy the run's own tokenizer.json back"
+            )
     return model.to(device).eval(), tokenizer, meta
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _reinit_buffers(model: torch.nn.Module) -> None:

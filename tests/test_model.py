@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from bardlm import GPT, BardlmError, ModelConfig, preset
+
+GPT2_COUNTS = {
+    "gpt2-124m": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+}
+
+
+@pytest.mark.parametrize("name", list(GPT2_COUNTS))
+def test_gpt2_preset_parameter_counts(name: str) -> None:
+    with torch.device("meta"):  # shapes only: never allocate XL
+        model = GPT(preset(name))
+    assert model.num_params() == GPT2_COUNTS[name]
+
+
+def test_gpt2_shapes() -> None:
+    cfg = preset("gpt2-124m")
+    assert (cfg.vocab_size, cfg.block_size, cfg.bias, cfg.tie_embeddings) == (50257, 1024, True, True)
+
+
+def _small(**kw) -> ModelConfig:
+    base = dict(vocab_size=23, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    return ModelConfig(**{**base, **kw})
+
+
+STYLES = {
+    "gpt2-learned": {},
+    "sinusoidal": dict(pos="sinusoidal"),
+    "llama": dict(pos="rope", norm="rmsnorm", ffn="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+    "qwen3": dict(pos="rope", norm="rmsnorm", ffn="swiglu", n_kv_head=1, head_dim=16, qk_norm=True, bias=False),
+    "post-norm-relu": dict(norm_placement="post", ffn="relu"),
+    "explicit": dict(attn_impl="explicit"),
+}
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_causality(style: str) -> None:
+    """Changing the token at position t never changes the logits at positions < t."""
+    model = GPT(_small(**STYLES[style])).eval()
+    idx = torch.randint(0, 23, (2, 16))
+    base, _ = model(idx)
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 23
+        logits, _ = model(changed)
+        torch.testing.assert_close(logits[:, :t], base[:, :t], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(logits[:, t:], base[:, t:])
+
+
+def test_weight_tying() -> None:
+    tied, untied = GPT(_small()), GPT(_small(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.num_params() - tied.num_params() == 23 * 32
+
+
+def test_loss_is_cross_entropy_and_ignores_minus_one() -> None:
+    model = GPT(_small())
+    idx, tgt = torch.randint(0, 23, (2, 8)), torch.randint(0, 23, (2, 8))
+    logits, loss = model(idx, tgt)
+    assert logits.shape == (2, 8, 23)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.view(-1, 23), tgt.view(-1)))
+    tgt[:, :4] = -1
+    _, masked = model(idx, tgt)
+    torch.testing.assert_close(masked, torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 23), tgt[:, 4:].reshape(-1)))
+
+
+def test_input_longer_than_context_is_a_clear_error() -> None:
+    with pytest.raises(BardlmError, match="context length"):
+        GPT(_small())(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_initial_loss_is_near_uniform() -> None:
+    model = GPT(_small())
+    _, loss = model(torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16)))
+    assert abs(loss.item() - torch.log(torch.tensor(23.0)).item()) < 0.3
+
+
+def test_residual_projection_init_is_scaled() -> None:
+    model = GPT(_small(n_layer=8))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / 4) < 0.002  # 0.02 / sqrt(2 * 8)
