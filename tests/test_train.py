@@ -7,7 +7,7 @@ import torch
 from bardlm import BardlmError, ModelConfig
 from bardlm.checkpoint import load_checkpoint
 from bardlm.tokenizers import CharTokenizer
-from bardlm.train import Trainer, TrainConfig, lr_at, make_optimizer, prepare_out
+from bardlm.train import TrainConfig, Trainer, lr_at, make_optimizer, prepare_out
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 60)
 
