@@ -69,11 +69,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_cfg = TrainConfig(**{**TRAIN_PRESETS.get(name, {}), **train_over})
         text, path = load_corpus(args.data)
         tokenizer = build(args.tokenizer, text)
-    print(f"data: {path} ({len(text):,} characters); tokenizer: {tokenizer.kind} "
-          f"({tokenizer.vocab_size:,} tokens)", file=sys.stderr)
     trainer = Trainer(model_cfg, train_cfg, tokenizer, text, out, progress=not args.no_progress,
                       log=lambda m: print(m, file=sys.stderr),
                       meta={"preset": name, "data": str(path)})
+    print(f"data: {path} ({len(text):,} characters); tokenizer: {tokenizer.kind} "
+          f"({tokenizer.vocab_size:,} tokens)", file=sys.stderr)
     if args.resume:
         trainer.resume()
     print(f"model: {trainer.model.num_params():,} parameters; {train_cfg.max_iters} steps of "

@@ -55,6 +55,7 @@ def filter_logits(
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens before it already reach p (so the first always stays).
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False  # rounding must never drop the most likely token
         drop = drop.scatter(-1, order, drop)
         logits = logits.masked_fill(drop, float("-inf"))
     if min_p is not None and min_p > 0:
@@ -72,8 +73,12 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (B,) from the last position's logits (B, V); temperature 0 is greedy."""
-    if temperature == 0:
+    if temperature < 1e-5:  # 0 is greedy; so is anything too small to divide by in fp32
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p, min_p)
+    logits = logits.float()
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then gives -inf for
+    # the rest (a sharp but valid distribution) instead of inf - inf = NaN.
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    logits = filter_logits(logits, top_k, top_p, min_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -130,6 +130,10 @@ class WordTokenizer:
 
 # Kinds that `load` can rebuild from their JSON, by the "kind" field.
 KINDS: dict[str, Any] = {"char": CharTokenizer, "word": WordTokenizer}
+# Byte-level BPE kinds (bpe.py imports `tokenizers`, `regex`, `tiktoken` only when used).
+from .bpe import BPETokenizer, ScratchBPETokenizer, TiktokenTokenizer  # noqa: E402
+
+KINDS.update(bpe=BPETokenizer, bpe_scratch=ScratchBPETokenizer, tiktoken=TiktokenTokenizer)
 
 
 def save(tok: Tokenizer, path: str | Path) -> None:

@@ -325,8 +325,8 @@ class Trainer:
             "elapsed_s": elapsed,
         }
         self.history.append(row)
+        self.save()  # first, so metrics.jsonl never mentions a step that has no checkpoint
         self._append_metrics(row)
-        self.save()
         plot_losses(self.history, self.out / "loss.png")
         if not self.progress:
             self.log(f"step {self.step}: train {train_loss:.4f} val {val:.4f}")

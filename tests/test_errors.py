@@ -1,0 +1,278 @@
+"""The bad-input matrix (docs/errors.md): every row gets exit status 2 and one line on stderr.
+
+Each case is (id, setup, argv, expected fragment). `setup` prepares files in a temporary folder
+and returns a dict of names used in argv as {placeholders}.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bardlm import BardlmError, ModelConfig
+from bardlm.cli import main
+from bardlm.sampling import check_sampling, filter_logits, sample
+from bardlm.tokenizers import CharTokenizer, WordTokenizer, save
+from bardlm.train import TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30
+SMALL = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=16",
+         "--no-progress"]
+
+
+def _trainer(out: Path, tokenizer=None, **kw) -> Trainer:
+    cfg = ModelConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    tcfg = TrainConfig(**{**dict(batch_size=4, max_iters=2, eval_interval=2, eval_batches=1), **kw})
+    tok = tokenizer or CharTokenizer.train(TEXT)
+    return Trainer(cfg, tcfg, tok, TEXT, out, progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    _trainer(out).fit()
+    return out
+
+
+@pytest.fixture(scope="module")
+def word_ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wckpt") / "run"
+    _trainer(out, WordTokenizer.train(TEXT)).fit()
+    return out
+
+
+def _file(tmp: Path, name: str, content: bytes) -> str:
+    (tmp / name).write_bytes(content)
+    return str(tmp / name)
+
+
+def _copy_ckpt(ckpt: Path, tmp: Path) -> Path:
+    dst = tmp / "copy"
+    dst.mkdir()
+    for f in ckpt.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _truncated(ckpt: Path, tmp: Path) -> str:
+    d = _copy_ckpt(ckpt, tmp)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:200])
+    return str(d)
+
+
+def _missing_weights(ckpt: Path, tmp: Path) -> str:
+    d = _copy_ckpt(ckpt, tmp)
+    (d / "model.safetensors").unlink()
+    return str(d)
+
+
+def _mismatched_config(ckpt: Path, tmp: Path) -> str:
+    d = _copy_ckpt(ckpt, tmp)
+    meta = json.loads((d / "config.json").read_text())
+    meta["model"]["n_embd"] = 64
+    (d / "config.json").write_text(json.dumps(meta))
+    return str(d)
+
+
+def _other_tokenizer(ckpt: Path, tmp: Path) -> str:
+    d = _copy_ckpt(ckpt, tmp)
+    save(CharTokenizer.train(TEXT.upper()), d / "tokenizer.json")
+    return str(d)
+
+
+def _pickle(tmp: Path) -> str:
+    import pickle
+
+    return _file(tmp, "model.pt", pickle.dumps({"weights": [1, 2, 3]}))
+
+
+# (id, argv builder (tmp, ckpt, word_ckpt) -> argv, expected fragment of the one-line message)
+CASES = [
+    ("config-heads", lambda t, c, w: ["info", "--preset", "char-tiny", "--set", "n_embd=100", "--set", "n_head=3"],
+     "n_embd (100) must be divisible by n_head (3)"),
+    ("config-kv-heads", lambda t, c, w: ["info", "--preset", "char-tiny", "--set", "n_kv_head=3"],
+     "n_head (4) must be divisible by n_kv_head (3)"),
+    ("config-rope-odd", lambda t, c, w: ["info", "--preset", "char-tiny", "--set", "pos=rope", "--set", "head_dim=7"],
+     "head_dim must be even"),
+    ("config-zero", lambda t, c, w: ["info", "--preset", "char-tiny", "--set", "n_layer=0"],
+     "n_layer must be a positive integer"),
+    ("config-negative", lambda t, c, w: ["info", "--preset", "char-tiny", "--set", "n_embd=-128"],
+     "n_embd must be a positive integer"),
+    ("config-unknown-key", lambda t, c, w: ["train", "--out", str(t / "r"), "--set", "n_layers=3"],
+     "unknown key 'n_layers' (did you mean 'n_layer'?)"),
+    ("config-unknown-preset", lambda t, c, w: ["info", "--preset", "gpt3"],
+     "valid presets: gpt2-124m"),
+    ("data-missing", lambda t, c, w: ["train", "--data", str(t / "nope.txt"), "--out", str(t / "r")],
+     "does not exist; check the --data path"),
+    ("data-directory", lambda t, c, w: ["train", "--data", str(t), "--out", str(t / "r")],
+     "is a directory; pass a text file"),
+    ("data-empty", lambda t, c, w: ["train", "--data", _file(t, "e.txt", b""), "--out", str(t / "r")],
+     "is empty"),
+    ("data-binary", lambda t, c, w: ["train", "--data", _file(t, "b.bin", b"\x7fELF\x00\x01"), "--out", str(t / "r")],
+     "looks binary"),
+    ("data-not-utf8", lambda t, c, w: ["train", "--data", _file(t, "l.txt", "caf\xe9 ".encode("latin-1") * 50), "--out", str(t / "r")],
+     "is not UTF-8"),
+    ("data-too-short", lambda t, c, w: ["train", "--data", _file(t, "s.txt", b"tiny text"), "--out", str(t / "r"), *SMALL],
+     "fewer than one sequence"),
+    ("data-no-val-sequence", lambda t, c, w: ["train", "--data", _file(t, "v.txt", b"abcdefgh" * 20), "--out", str(t / "r"), *SMALL],
+     "validation split has"),
+    ("tokenizer-unknown-char", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear Zed"],
+     "character 'Z' at position 5 is not in the vocabulary"),
+    ("tokenizer-unknown-word", lambda t, c, w: ["generate", "--ckpt", str(w), "--prompt", "hear zebras"],
+     "word 'zebras' at character 5 is not in the vocabulary"),
+    ("tokenizer-empty-prompt", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", ""],
+     "the prompt is empty"),
+    ("tokenizer-unknown-spec", lambda t, c, w: ["train", "--data", _file(t, "d.txt", TEXT.encode()), "--tokenizer", "sentencepiece", "--out", str(t / "r")],
+     "unknown tokenizer 'sentencepiece'"),
+    ("ckpt-missing-dir", lambda t, c, w: ["generate", "--ckpt", str(t / "nowhere")],
+     "does not exist; check the --ckpt path"),
+    ("ckpt-missing-weights", lambda t, c, w: ["generate", "--ckpt", _missing_weights(c, t)],
+     "model.safetensors is missing"),
+    ("ckpt-truncated", lambda t, c, w: ["generate", "--ckpt", _truncated(c, t)],
+     "may be truncated"),
+    ("ckpt-config-mismatch", lambda t, c, w: ["generate", "--ckpt", _mismatched_config(c, t)],
+     "the config and weights come from different models"),
+    ("ckpt-foreign-tokenizer", lambda t, c, w: ["generate", "--ckpt", _other_tokenizer(c, t)],
+     "comes from another run"),
+    ("ckpt-pickle", lambda t, c, w: ["generate", "--ckpt", _pickle(t)],
+     "bardlm never unpickles"),
+    ("gen-prompt-too-long", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear " * 4],
+     "longer than the context of 16"),
+    ("gen-max-new-zero", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear", "--max-new-tokens", "0"],
+     "max_new_tokens must be positive"),
+    ("gen-max-new-negative", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear", "--max-new-tokens", "-5"],
+     "max_new_tokens must be positive"),
+    ("gen-temperature", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear", "--temperature", "-0.5"],
+     "temperature must be >= 0"),
+    ("gen-top-p-zero", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear", "--top-p", "0"],
+     "top_p must be in (0, 1]"),
+    ("gen-top-p-big", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear", "--top-p", "1.5"],
+     "top_p must be in (0, 1]"),
+    ("gen-top-k-big", lambda t, c, w: ["generate", "--ckpt", str(c), "--prompt", "hear", "--top-k", "1000"],
+     "top_k must be between 1 and the vocabulary size"),
+    ("train-existing-out", lambda t, c, w: ["train", "--out", str(c)],
+     "already holds a run; pass --resume to continue it or --overwrite"),
+    ("train-resume-nothing", lambda t, c, w: ["train", "--resume", "--out", str(t / "fresh")],
+     "holds no checkpoint to resume"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "fragment"), CASES, ids=[c[0] for c in CASES])
+def test_cli_error_is_one_line(case, argv, fragment, tmp_path, ckpt, word_ckpt, capsys) -> None:
+    code = main(argv(tmp_path, ckpt, word_ckpt))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("bardlm: error: ") and "\n" not in err, err
+    assert fragment in err, err
+    assert "Traceback" not in err
+
+
+def test_every_case_is_documented() -> None:
+    doc = (REPO / "docs" / "errors.md").read_text(encoding="utf-8")
+    missing = [case for case, _, fragment in CASES if f"`{case}`" not in doc or fragment not in doc]
+    assert not missing, f"docs/errors.md lacks rows for {missing}"
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    tr = _trainer(tmp_path, max_iters=4)
+    tr.fit(until=2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    import bardlm.checkpoint as ck
+
+    real = ck.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second file of the checkpoint hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    with pytest.raises(BardlmError, match="No space left on device.*previous files are intact"):
+        tr.fit()
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name in before}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_interrupt_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    tr = _trainer(tmp_path, max_iters=4)
+    tr.fit(until=2)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    import bardlm.checkpoint as ck
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigint_saves_and_says_how_to_resume(tmp_path) -> None:
+    import os
+    import signal
+
+    tr = _trainer(tmp_path, max_iters=50)
+    real_step = tr.train_step
+
+    def step_then_ctrl_c() -> float:
+        loss = real_step()
+        if tr.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    tr.train_step = step_then_ctrl_c
+    with pytest.raises(BardlmError, match=r"interrupted at step 3; checkpoint saved, continue with --resume"):
+        tr.fit()
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["step"] == 3
+
+
+# Property tests: arbitrary input either works or raises BardlmError, nothing else.
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_tokenizers_never_fail_otherwise(text: str) -> None:
+    for tok in (CharTokenizer.train(TEXT), WordTokenizer.train(TEXT)):
+        try:
+            ids = tok.encode(text, strict=True) if tok.kind == "word" else tok.encode(text)
+        except BardlmError as e:
+            assert re.search(r"at (position|character) \d+", str(e))
+        else:
+            assert tok.decode(ids) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    temperature=st.floats(-2, 5, allow_nan=False),
+    top_k=st.one_of(st.none(), st.integers(-3, 40)),
+    top_p=st.one_of(st.none(), st.floats(-1, 2, allow_nan=False)),
+    min_p=st.one_of(st.none(), st.floats(-1, 2, allow_nan=False)),
+    seed=st.integers(0, 2**31),
+)
+def test_sampler_never_fails_otherwise(temperature, top_k, top_p, min_p, seed) -> None:
+    logits = torch.randn(3, 32, generator=torch.Generator().manual_seed(seed))
+    try:
+        check_sampling(temperature, top_k, top_p, 32, min_p)
+    except BardlmError:
+        return
+    out = sample(logits, temperature, top_k, top_p, min_p, torch.Generator().manual_seed(seed))
+    assert out.shape == (3,) and ((out >= 0) & (out < 32)).all()
+    if temperature < 1e-5:  # greedy
+        assert torch.equal(out, logits.argmax(-1))
+        return
+    scaled = (logits - logits.max(-1, keepdim=True).values) / temperature
+    kept = torch.isfinite(filter_logits(scaled, top_k, top_p, min_p))
+    assert kept.any(-1).all()  # never an empty set to sample from
+    assert kept.gather(-1, out[:, None]).all()
