@@ -12,7 +12,10 @@ the same text many times per epoch and overfit. The order of windows is a pure f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -115,6 +118,44 @@ def read_text(path: str | Path) -> str:
 def load_corpus(data: str | None = None) -> tuple[str, Path]:
     path = resolve(data)
     return read_text(path), path
+
+
+def token_cache_path(corpus: Path, raw: bytes, tokenizer_dict: dict) -> Path:
+    """Where the token ids of `corpus` under one tokenizer are cached.
+
+    The name holds a hash of the corpus bytes and the tokenizer's JSON, so editing either gives a
+    new file (the old one is simply not used again). Beside the corpus when that folder is
+    writable, else in the cache dir (`$XDG_CACHE_HOME/bardlm/tokens`), e.g. for a read-only share.
+    """
+    h = hashlib.sha256(raw)
+    h.update(json.dumps(tokenizer_dict, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    name = f".{corpus.name}.{h.hexdigest()[:16]}.tokens.npy"
+    here = corpus.resolve().parent
+    folder = here if os.access(here, os.W_OK) else cache_dir() / "tokens"
+    return folder / name
+
+
+def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: ANN001
+    """The ids of `text` (read from `corpus`) as a read-only memory-mapped array (N,).
+
+    Encoded once and cached (see `token_cache_path`): later runs, and every rank of a torchrun
+    job, map the same file instead of re-encoding, and pages are shared between processes.
+    uint16 when the vocabulary fits (half the bytes of int32), else int32.
+    """
+    corpus = Path(corpus)
+    path = token_cache_path(corpus, corpus.read_bytes(), tokenizer.to_dict())
+    if not path.is_file():
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, ids)
+            os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
+        except OSError:
+            return ids  # nowhere writable: still train, just without the cache
+    return np.load(path, mmap_mode="r")
 
 
 @dataclass
