@@ -131,8 +131,13 @@ def token_cache_path(corpus: Path, raw: bytes, tokenizer_dict: dict) -> Path:
     h.update(json.dumps(tokenizer_dict, sort_keys=True, ensure_ascii=False).encode("utf-8"))
     name = f".{corpus.name}.{h.hexdigest()[:16]}.tokens.npy"
     here = corpus.resolve().parent
-    folder = here if os.access(here, os.W_OK) else cache_dir() / "tokens"
-    return folder / name
+    return (here if _writable(here) else cache_dir() / "tokens") / name
+
+
+def _writable(folder: Path) -> bool:
+    """Writable by its permission bits too: root passes `os.access` even on an r-x folder that
+    its owner marked read-only (such as a shared data folder)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
 def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: ANN001
@@ -147,6 +152,7 @@ def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: 
     if not path.is_file():
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
         ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -154,6 +160,8 @@ def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: 
                 np.save(f, ids)
             os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
         except OSError:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             return ids  # nowhere writable: still train, just without the cache
     return np.load(path, mmap_mode="r")
 

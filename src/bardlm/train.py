@@ -306,11 +306,16 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = get_model_state_dict(self.model, options=opts)
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        # FQN keys -> the integer numbering of optimizer.state_dict() (params in group order).
-        names = [n for g in osd.get("param_groups", []) for n in g["params"]]
-        groups = [{**g, "params": []} for g in osd.get("param_groups", [])]
-        state = {names.index(n): s for n, s in osd.get("state", {}).items()}
-        return sd, {"state": state, "param_groups": groups}
+        # Parameter names -> the integer numbering of optimizer.state_dict().
+        index = {n: i for i, n in enumerate(self._optimizer_param_names())}
+        state = {index[n]: s for n, s in osd.get("state", {}).items()}
+        return sd, {"state": state, "param_groups": osd.get("param_groups", [])}
+
+    def _optimizer_param_names(self) -> list[str]:
+        """Parameter names in the optimizer's order (group by group), the order its integer
+        state keys follow."""
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def save(self) -> None:
         """Weights, config, tokenizer, optimizer, every rank's RNG and the step: all replaced or
@@ -392,7 +397,7 @@ class Trainer:
         if self.model_cfg.tie_embeddings:
             weights = {**weights, "lm_head.weight": weights["transformer.wte.weight"]}
         set_model_state_dict(self.model, weights, options=opts)
-        names = [n for n, _ in self.model.named_parameters()]
+        names = self._optimizer_param_names()
         osd = {
             "state": {names[i]: s for i, s in opt_state.items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups],
@@ -429,7 +434,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                     self._record(last_loss, tok_s, elapsed_before + time.time() - start)
-                if self._stop_agreed:
+                # Alone, stop at once; with other ranks, at the step they all heard of it.
+                alone_told = not self.dist.enabled and self._stop_signal is not None
+                if self._stop_agreed or alone_told:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             if bar is not None:
