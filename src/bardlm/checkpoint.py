@@ -72,9 +72,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_many([(path, text_writer(text))])
 
 
-def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors with tied weights stored once (safetensors refuses shared memory)."""
-    sd = model.state_dict()
+def state_dict_for_save(
+    model: torch.nn.Module, sd: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors (or `sd`, e.g. gathered from FSDP shards) with tied weights stored
+    once (safetensors refuses shared memory)."""
+    sd = dict(model.state_dict() if sd is None else sd)
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "tie_embeddings", False):
         sd.pop("lm_head.weight", None)
@@ -86,11 +89,13 @@ def checkpoint_writes(
     model: torch.nn.Module,
     tokenizer: Any = None,
     meta: dict[str, Any] | None = None,
+    sd: dict[str, torch.Tensor] | None = None,
 ) -> list[tuple[Path, Callable[[str], None]]]:
-    """The (path, writer) pairs of a checkpoint: weights, config and tokenizer."""
+    """The (path, writer) pairs of a checkpoint: weights (`sd` if given), config and tokenizer."""
     out = Path(out)
     step = str((meta or {}).get("step", 0))
-    writes = [(out / MODEL_FILE, tensors_writer(state_dict_for_save(model), {"format": "pt", "step": step}))]
+    tensors = state_dict_for_save(model, sd)
+    writes = [(out / MODEL_FILE, tensors_writer(tensors, {"format": "pt", "step": step}))]
     config = {"model": model.config.to_dict(), **(meta or {})}
     if tokenizer is not None:
         tok_json = json.dumps(tokenizer.to_dict(), ensure_ascii=False)

@@ -24,6 +24,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="random seed (data order, init, dropout)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (--no-compile for eager)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or training field, e.g. --set n_layer=6 --set lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -43,7 +47,7 @@ def _split_overrides(pairs: list[str]) -> tuple[dict, dict]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ModelConfig, preset
-    from .data import load_corpus
+    from .data import load_corpus, token_ids
     from .tokenizers import build
     from .tokenizers import load as load_tokenizer
     from .train import TRAIN_PRESETS, TrainConfig, Trainer, prepare_out
@@ -51,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite)
     model_over, train_over = _split_overrides(args.set)
-    for key in ("max_iters", "seed", "device", "dtype"):
+    for key in ("max_iters", "seed", "device", "dtype", "compile", "fsdp"):
         if getattr(args, key) is not None:
             train_over[key] = getattr(args, key)
     if args.resume:
@@ -71,15 +75,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         tokenizer = build(args.tokenizer, text)
     trainer = Trainer(model_cfg, train_cfg, tokenizer, text, out, progress=not args.no_progress,
                       log=lambda m: print(m, file=sys.stderr),
-                      meta={"preset": name, "data": str(path)})
-    print(f"data: {path} ({len(text):,} characters); tokenizer: {tokenizer.kind} "
-          f"({tokenizer.vocab_size:,} tokens)", file=sys.stderr)
+                      meta={"preset": name, "data": str(path)},
+                      ids=token_ids(path, text, tokenizer))
     if args.resume:
         trainer.resume()
-    print(f"model: {trainer.model.num_params():,} parameters; {train_cfg.max_iters} steps of "
-          f"{train_cfg.batch_size} x {model_cfg.block_size} tokens", file=sys.stderr)
-    final = trainer.fit()
-    print(json.dumps({"out": str(out), **final}))
+    world = trainer.dist.world  # under torchrun only rank 0 logs
+    trainer.log(f"data: {path} ({len(text):,} characters); tokenizer: {tokenizer.kind} "
+                f"({tokenizer.vocab_size:,} tokens)")
+    trainer.log(f"model: {trainer.model.num_params():,} parameters; {train_cfg.max_iters} steps of "
+                f"{train_cfg.batch_size} x {world} x {train_cfg.grad_accum} x "
+                f"{model_cfg.block_size} tokens (batch x processes x accumulation x context)")
+    try:
+        final = trainer.fit()
+    finally:
+        trainer.dist.close()
+    if trainer.dist.is_main:
+        print(json.dumps({"out": str(out), **final}))
     return 0
 
 

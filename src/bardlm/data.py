@@ -12,7 +12,10 @@ the same text many times per epoch and overfit. The order of windows is a pure f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -115,6 +118,52 @@ def read_text(path: str | Path) -> str:
 def load_corpus(data: str | None = None) -> tuple[str, Path]:
     path = resolve(data)
     return read_text(path), path
+
+
+def token_cache_path(corpus: Path, raw: bytes, tokenizer_dict: dict) -> Path:
+    """Where the token ids of `corpus` under one tokenizer are cached.
+
+    The name holds a hash of the corpus bytes and the tokenizer's JSON, so editing either gives a
+    new file (the old one is simply not used again). Beside the corpus when that folder is
+    writable, else in the cache dir (`$XDG_CACHE_HOME/bardlm/tokens`), e.g. for a read-only share.
+    """
+    h = hashlib.sha256(raw)
+    h.update(json.dumps(tokenizer_dict, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    name = f".{corpus.name}.{h.hexdigest()[:16]}.tokens.npy"
+    here = corpus.resolve().parent
+    return (here if _writable(here) else cache_dir() / "tokens") / name
+
+
+def _writable(folder: Path) -> bool:
+    """Writable by its permission bits too: root passes `os.access` even on an r-x folder that
+    its owner marked read-only (such as a shared data folder)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: ANN001
+    """The ids of `text` (read from `corpus`) as a read-only memory-mapped array (N,).
+
+    Encoded once and cached (see `token_cache_path`): later runs, and every rank of a torchrun
+    job, map the same file instead of re-encoding, and pages are shared between processes.
+    uint16 when the vocabulary fits (half the bytes of int32), else int32.
+    """
+    corpus = Path(corpus)
+    path = token_cache_path(corpus, corpus.read_bytes(), tokenizer.to_dict())
+    if not path.is_file():
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, ids)
+            os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
+        except OSError:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            return ids  # nowhere writable: still train, just without the cache
+    return np.load(path, mmap_mode="r")
 
 
 @dataclass

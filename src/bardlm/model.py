@@ -69,11 +69,17 @@ class GPT(nn.Module):
 
     # Positions ------------------------------------------------------------------------------
     def _positions(self, T: int, start_pos: int, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
+        table = self.config.pos in ("learned", "sinusoidal")  # only tables have an end
         if positions is None:
+            # The last position is known without reading a tensor: no device sync, and no
+            # graph break under torch.compile.
+            last = start_pos + T - 1
             positions = torch.arange(start_pos, start_pos + T, device=device)
-        if self.config.pos in ("learned", "sinusoidal") and int(positions.max()) >= self.config.block_size:
+        else:
+            last = int(positions.max()) if table else 0
+        if table and last >= self.config.block_size:
             raise BardlmError(
-                f"position {int(positions.max())} is past the context length "
+                f"position {last} is past the context length "
                 f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens"
             )
         return positions
