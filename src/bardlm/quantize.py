@@ -27,6 +27,9 @@ from .errors import BardlmError
 
 QMAX = 127  # symmetric: -128 is never used, so -W_q is always representable
 COMPUTE_DTYPE = torch.bfloat16
+# `_weight_int8pack_mm` on CPU needs the input width to be a multiple of 16 (torch 2.13
+# segfaults otherwise); narrower layers take a slower dequantize-on-the-fly path.
+KERNEL_K_MULTIPLE = 16
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +73,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out) bf16
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        if self.in_features % KERNEL_K_MULTIPLE == 0:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:  # the kernel crashes on other widths: same product, dequantizing on the fly
+            y = F.linear(x2, self.weight.to(COMPUTE_DTYPE)) * self.scales
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape, self.out_features)
@@ -187,7 +193,10 @@ def load_quantized(cfg: Any, tensors: dict[str, torch.Tensor], meta: dict[str, A
                 f"int8 checkpoint tensor {k} is {v.dtype} {tuple(v.shape)} but the config needs "
                 f"{expected[k].dtype} {tuple(expected[k].shape)}; re-run `bardlm quantize`"
             )
-    model.load_state_dict(tensors, strict=False, assign=True)  # adopt, do not copy
+    # Adopt the loaded tensors rather than copying them; the int8 kernel uses aligned vector loads
+    # and crashes on tensors that sit at an odd offset of the file, so only those are re-homed.
+    tensors = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_embeddings:
         if embeddings:
             _tie_head(model)
