@@ -128,9 +128,7 @@ def main() -> None:
         results[name] = dict(tokens_per_sec=n / sec, weight_bytes=weight_bytes(model),
                              bound=bw / read, peak_rss=peak_rss())
         print(f"  {name}: {n / sec:.1f} tokens/s", flush=True)
-        del model
-        gc.collect()
-        return out
+        return out  # the model is freed on return
 
     ids_fp32 = ours("fp32_cache", "fp32")
     if "nocache" not in args.skip:
