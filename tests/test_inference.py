@@ -93,7 +93,7 @@ def test_prepared_fp32_and_bf16_match_the_training_model(style: dict) -> None:
     torch.testing.assert_close(fast(idx)[0], ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(generate(fast, idx, 10, temperature=0), generate(model, idx, 10, temperature=0))
     bf16 = prepare_for_inference(copy.deepcopy(model), "bf16")
-    assert bf16.lm_head.weight_t.dtype == torch.bfloat16
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
     out = bf16(idx)[0].float()
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     with pytest.raises(BardlmError, match="already prepared"):

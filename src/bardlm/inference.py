@@ -4,9 +4,10 @@ Decoding one token multiplies a vector by every weight matrix, so its speed is t
 reading the weights (see ../shared/CPU.md). Three ways to read fewer bytes, or read them faster:
 
   fp32  each nn.Linear becomes a `FastLinear` holding W^T as (in, out) contiguous and computing
-        x @ W^T with `addmm`: the CPU matrix-vector kernel streams that layout about twice as fast
-        as `F.linear` on (out, in). Same values as the training model (to float rounding).
-  bf16  weights and activations in bf16: half the bytes (norm statistics and softmax stay fp32).
+        x @ W^T with `addmm`: the CPU matrix-vector kernel streams that layout up to twice as
+        fast as `F.linear` on (out, in). Same values as the training model (to float rounding).
+  bf16  weights and activations in bf16, (out, in) layout kept: half the bytes (norm statistics
+        stay fp32).
   int8  int8 weights with per-channel scales and bf16 activations (`quantize.py`): a quarter.
 
 All of them are module swaps, like gpt-fast: `prepare_for_inference` returns the same GPT object
@@ -104,17 +105,22 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32") -> nn.Module:
 
 
 def _swap_linears(model: nn.Module, dtype: torch.dtype) -> None:
-    """nn.Linear -> FastLinear (transposed weights) and every other float tensor to `dtype`."""
-    tied = model.config.tie_embeddings
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, FastLinear.from_linear(child, dtype))
-    model.to(dtype)
+    """fp32: nn.Linear -> FastLinear (transposed weights); bf16: every float weight to bf16.
+
+    bf16 keeps the (out, in) layout: measured here, `F.linear` on bf16 (out, in) weights is ~1.6x
+    faster than x @ W^T on bf16 (in, out) ones, the opposite of fp32.
+    """
+    if dtype == torch.float32:
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, FastLinear.from_linear(child, dtype))
+        if model.config.tie_embeddings:  # the embedding reads the head's transposed matrix
+            model.transformer.wte = TiedEmbedding(model.lm_head)
+        return
+    model.to(dtype)  # a tied head stays tied: one Parameter, cast once
     for name, buf in type(model).buffers_for(model.config).items():  # position tables stay fp32
         model.register_buffer(name, buf.to(next(model.parameters()).device), persistent=False)
-    if tied:  # the embedding reads the head's transposed matrix: no second copy of V x C
-        model.transformer.wte = TiedEmbedding(model.lm_head)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
