@@ -113,6 +113,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     add_sampling_args(p)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference weights: fp32, bf16, or int8 quantized on load (int8 "
+                        "checkpoints from `bardlm quantize` always run int8)")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="keep the model loaded and continue each line read from stdin")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -124,10 +129,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .generate import generate_text
+    from .generate import generate_text, interactive
+    from .inference import load_for_inference
 
-    model, tokenizer, _ = load_checkpoint(args.ckpt, args.device)
+    model, tokenizer = load_for_inference(args.ckpt, args.dtype, args.device)
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
 
@@ -135,9 +140,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    if args.interactive:
+        marker = (lambda: print("> ", end="", file=sys.stderr, flush=True)) if sys.stdin.isatty() else None
+        interactive(model, tokenizer, sys.stdin, emit, marker, **sampling_kwargs(args))
+        return 0
     emit(args.prompt)
     generate_text(model, tokenizer, args.prompt, on_text=emit, **sampling_kwargs(args))
     emit("\n")
+    return 0
+
+
+# quantize ----------------------------------------------------------------------------------
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="write an int8 weight-only copy of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="float checkpoint directory")
+    p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="keep the token embedding and head in bf16 (only the blocks in int8)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_checkpoint
+
+    print(json.dumps(quantize_checkpoint(args.ckpt, args.out, embeddings=not args.no_embeddings)))
     return 0
 
 
@@ -194,6 +219,7 @@ COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
     "info": (add_info, cmd_info),
+    "quantize": (add_quantize, cmd_quantize),
 }
 
 

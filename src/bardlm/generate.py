@@ -8,7 +8,7 @@ rebuilt from them, exactly what the uncached path does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -23,10 +23,67 @@ def check_prompt(n_prompt: int, max_new_tokens: int) -> None:
         raise BardlmError(f"max_new_tokens must be positive, got {max_new_tokens}")
 
 
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (ids (B, L), real (B, L) bool), padded on the left.
+
+    Left padding keeps every row's newest token in the last column, so one decode step appends
+    one column for all rows; `real` marks the tokens that are not padding.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise BardlmError("every prompt needs at least one token; drop the empty ones")
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    real = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        real[b, L - len(p):] = True
+    return ids, real
+
+
+def context_window(cfg, max_context: int | None) -> int:  # noqa: ANN001
+    """How many positions one forward pass may see.
+
+    Learned and sinusoidal tables end at `block_size`; rotary (and position-free) models can run
+    past it, up to `max_context` when given.
+    """
+    if max_context is None:
+        return cfg.block_size
+    if max_context <= 0:
+        raise BardlmError(f"max_context must be positive, got {max_context}")
+    if cfg.pos in ("learned", "sinusoidal") and max_context > cfg.block_size:
+        raise BardlmError(
+            f"{cfg.pos} positions end at the context length {cfg.block_size}; "
+            f"max_context {max_context} needs a rope model, or pass at most {cfg.block_size}"
+        )
+    return max_context
+
+
+def _prefill_inputs(
+    real: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask (B, 1, T, T) and positions (B, T) for a left-padded window with `real` (B, T).
+
+    A row's positions count only its real tokens, so padding does not shift them. Queries see
+    real keys (causality is added by attention); a pad query also sees itself, so its softmax
+    row is never empty (an all -inf row would put NaN into the cache).
+    """
+    T = real.shape[1]
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    eye = torch.eye(T, dtype=torch.bool, device=real.device)
+    return real[:, None, None, :] | eye, positions
+
+
+def _generators(seed: int | None, batch: int, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per row, seeded seed + row: a row samples the same tokens alone or batched."""
+    if seed is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(seed + b) for b in range(batch)]
+
+
 @torch.no_grad()
 def stream_ids(
     model: torch.nn.Module,
-    idx: torch.Tensor,
+    idx: torch.Tensor | list[list[int]],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -35,36 +92,65 @@ def stream_ids(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     use_cache: bool = True,
+    max_context: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) one step at a time, for prompts idx (B, T)."""
+    """Yield the next token ids (B,) one step at a time.
+
+    idx: prompts (B, T), or a list of B prompts of different lengths (left-padded here; every
+    row then gets the tokens it would get alone). seed: row b samples with seed + b.
+    max_context: window of rotary models (default `block_size`); past it the window slides.
+    """
     cfg = model.config
+    device = next(model.parameters()).device
+    if isinstance(idx, torch.Tensor):
+        real = torch.ones_like(idx, dtype=torch.bool)
+    else:
+        idx, real = left_pad(idx)
+    idx, real = idx.to(device), real.to(device)
     check_prompt(idx.shape[1], max_new_tokens)
     check_sampling(temperature, top_k, top_p, cfg.vocab_size, min_p, repetition_penalty)
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=idx.device).manual_seed(seed)
-    B, window = idx.shape[0], cfg.block_size
+    gens = _generators(seed, idx.shape[0], device)
+    window = context_window(cfg, max_context)
+    padded = not bool(real.all())
     seq = idx
-    cache = model.make_cache(B, min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
-    cached = 0  # how many positions of the current window the cache holds
+    cache = model.make_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
+    cached = 0  # cache slots in use
     for _ in range(max_new_tokens):
-        if cache is not None and cached and seq.shape[1] <= window:
-            logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache)
-        else:  # first step, no cache, or the window slid: read the (cropped) window whole
-            ctx = seq[:, -window:]
-            logits, _ = model(ctx, cache=cache)
-        cached = min(seq.shape[1], window)
-        logits = apply_repetition_penalty(logits[:, -1, :].float(), seq, repetition_penalty)
-        nxt = sample(logits, temperature, top_k, top_p, min_p, gen)
+        if cache is not None and 0 < cached < cache[0].max_len:
+            # One new column; pad slots stay hidden by the real-key mask.
+            mask = real[:, None, None, -cached - 1:] if padded else None
+            pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
+            logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos)
+            cached += 1
+        else:  # first step, no cache, or the cache is full: read the (cropped) window whole
+            ctx, ctx_real = seq[:, -window:], real[:, -window:]
+            mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
+            logits, _ = model(ctx, cache=cache, mask=mask, positions=pos)
+            cached = ctx.shape[1]
+        seen = torch.where(real, seq, seq[:, -1:]) if padded else seq  # pads count as no token
+        logits = apply_repetition_penalty(logits[:, -1, :].float(), seen, repetition_penalty)
+        nxt = sample(logits, temperature, top_k, top_p, min_p, gens)
         seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+        real = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)
         yield nxt
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:  # noqa: ANN003
+def generate(
+    model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs  # noqa: ANN003
+) -> torch.Tensor:
     """idx (B, T) -> (B, T + max_new_tokens): the prompts followed by their continuations."""
     new = list(stream_ids(model, idx, max_new_tokens, **kwargs))
-    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+    return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, **kwargs  # noqa: ANN003
+) -> list[list[int]]:
+    """Continue prompts of different lengths in one batch: each row's new ids, as a list."""
+    new = torch.stack(list(stream_ids(model, prompts, max_new_tokens, **kwargs)), dim=1)
+    return new.tolist()
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:  # noqa: ANN001
@@ -128,3 +214,35 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+def interactive(
+    model: torch.nn.Module,
+    tokenizer,  # noqa: ANN001
+    lines: Iterable[str],
+    emit: Callable[[str], None],
+    prompt_marker: Callable[[], None] | None = None,
+    **kwargs,  # noqa: ANN003
+) -> int:
+    """Continue each non-empty line of `lines` with the same loaded model; returns how many.
+
+    A bad prompt (say, a character the vocabulary lacks) is reported on stderr and skipped, so
+    one typo does not end the session.
+    """
+    import sys
+
+    n = 0
+    if prompt_marker:
+        prompt_marker()
+    for line in lines:
+        prompt = line.rstrip("\r\n")
+        if prompt:
+            try:
+                generate_text(model, tokenizer, prompt, on_text=emit, **kwargs)
+                n += 1
+            except BardlmError as e:
+                print(f"bardlm: error: {e}", file=sys.stderr)
+            emit("\n")
+        if prompt_marker:
+            prompt_marker()
+    return n

@@ -70,9 +70,13 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) from the last position's logits (B, V); temperature 0 is greedy."""
+    """Next token ids (B,) from the last position's logits (B, V); temperature 0 is greedy.
+
+    generator: one for the batch, or a list with one per row (rows then sample independently of
+    what else is in the batch).
+    """
     if temperature < 1e-5:  # 0 is greedy; so is anything too small to divide by in fp32
         return logits.argmax(-1)
     logits = logits.float()
@@ -81,4 +85,6 @@ def sample(
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     logits = filter_logits(logits, top_k, top_p, min_p)
     probs = logits.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,202 @@
+"""Decode speed of a GPT-2 124M-shaped model (random weights), every variant in one process.
+
+    PYTHONPATH=src python bench/decode.py                 # the full run (several minutes)
+    PYTHONPATH=src python bench/decode.py --preset char-tiny --tokens 32 --runs 2   # smoke test
+
+Batch 1, a 16-token prompt, 256 new greedy tokens, 2 threads, after a warm-up; the median of
+--runs runs per variant. Variants: ours fp32 with and without the KV cache, `transformers`
+`generate` (greedy, use_cache=True) on the same fp32 weights, ours bf16 and ours int8. Each is
+also given as a fraction of its memory-bandwidth bound: (bytes of weights + KV cache read per
+token) / (read bandwidth measured in this run). Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bardlm import GPT, preset
+from bardlm.inference import prepare_for_inference
+from bardlm.quantize import weight_bytes
+
+
+def read_bandwidth(n_bytes: int = 512 * 2**20, reps: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: the median time to sum a buffer far larger than L3."""
+    x = torch.ones(n_bytes // 4)
+    x.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return n_bytes / statistics.median(times)
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so each variant gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def to_hf(model: GPT):  # noqa: ANN201
+    """A transformers GPT2LMHeadModel holding our weights (Conv1D stores them as (in, out))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+        n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)).eval()
+    ours = model.state_dict()
+    sd = {}
+    for k, v in hf.state_dict().items():
+        if k not in ours:  # causal-mask buffers of older transformers versions
+            sd[k] = v
+        elif k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            sd[k] = ours[k].t()
+        else:
+            sd[k] = ours[k]
+    hf.load_state_dict(sd)
+    return hf
+
+
+def time_decode(run, runs: int) -> tuple[float, torch.Tensor]:  # noqa: ANN001
+    """Median seconds of `run()` over `runs` calls after one warm-up call; and its output."""
+    out = run(warm=True)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = run(warm=False)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpt2-124m")
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--nocache-runs", type=int, default=1, help="the uncached run is slow")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", action="append", default=[],
+                    help="variant to leave out: nocache, hf, bf16, int8")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = preset(args.preset, **({"vocab_size": 65} if args.preset.endswith("tiny") else {}))
+    base = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, args.prompt))
+    n = args.tokens
+    bw = read_bandwidth()
+    print(f"{args.preset}: {base.num_params():,} parameters; batch 1, prompt {args.prompt}, "
+          f"{n} new tokens, {args.threads} threads; read bandwidth {bw / 1e9:.1f} GB/s")
+
+    # bytes of KV cache read per token, averaged over the run (fp32; halved for bf16 caches)
+    kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.dim_head
+    avg_ctx = args.prompt + n / 2
+
+    results: dict[str, dict] = {}
+
+    def ours(name: str, dtype: str, use_cache: bool = True, runs: int = args.runs) -> torch.Tensor:
+        model = prepare_for_inference(copy.deepcopy(base), dtype)
+        gc.collect()
+        reset_peak_rss()
+
+        def run(warm: bool) -> torch.Tensor:
+            return model.generate(idx, 8 if warm else n, temperature=0, use_cache=use_cache)
+
+        sec, out = time_decode(run, runs)
+        act = 4 if dtype == "fp32" else 2
+        read = weight_bytes(model) - _wpe_bytes(model) + (kv_per_pos * act * avg_ctx if use_cache else 0)
+        results[name] = dict(tokens_per_sec=n / sec, weight_bytes=weight_bytes(model),
+                             bound=bw / read, peak_rss=peak_rss())
+        print(f"  {name}: {n / sec:.1f} tokens/s", flush=True)
+        return out  # the model is freed on return
+
+    ids_fp32 = ours("fp32_cache", "fp32")
+    if "nocache" not in args.skip:
+        ids_nocache = ours("fp32_nocache", "fp32", use_cache=False, runs=args.nocache_runs)
+        results["fp32_nocache"]["bound"] = None  # compute bound, not a bandwidth one
+        assert torch.equal(ids_nocache, ids_fp32), "cached and uncached greedy ids differ"
+    ids_hf = None
+    if "hf" not in args.skip:
+        hf = to_hf(base)
+        gc.collect()
+        reset_peak_rss()
+        mask = torch.ones_like(idx)
+
+        def run_hf(warm: bool) -> torch.Tensor:
+            with torch.no_grad():
+                return hf.generate(idx, attention_mask=mask, max_new_tokens=8 if warm else n,
+                                   min_new_tokens=8 if warm else n, do_sample=False,
+                                   use_cache=True, pad_token_id=0)
+
+        sec, ids_hf = time_decode(run_hf, args.runs)
+        read = weight_bytes(base) - _wpe_bytes(base) + kv_per_pos * 4 * avg_ctx
+        results["hf_fp32"] = dict(tokens_per_sec=n / sec, weight_bytes=weight_bytes(base),
+                                  bound=bw / read, peak_rss=peak_rss())
+        print(f"  hf_fp32: {n / sec:.1f} tokens/s", flush=True)
+        del hf
+        gc.collect()
+    agree = {}
+    for dtype in ("bf16", "int8"):
+        if dtype not in args.skip:
+            out = ours(dtype, dtype)
+            agree[dtype] = (out[0, args.prompt:] == ids_fp32[0, args.prompt:]).float().mean().item()
+
+    print(f"\n{'variant':<14}{'tokens/s':>10}{'of bound':>10}{'weights MiB':>13}{'peak RSS MiB':>14}")
+    for name, r in results.items():
+        frac = f"{r['tokens_per_sec'] / r['bound']:.0%}" if r["bound"] else "-"
+        print(f"{name:<14}{r['tokens_per_sec']:>10.1f}{frac:>10}{r['weight_bytes'] / 2**20:>13.1f}"
+              f"{r['peak_rss'] / 2**20:>14.1f}")
+    tps = {k: round(v["tokens_per_sec"], 2) for k, v in results.items()}
+    ratio = lambda a, b: round(tps[a] / tps[b], 3) if a in tps and b in tps else None  # noqa: E731
+    summary = dict(
+        tokens_per_sec=tps,
+        fraction_of_bound={k: round(v["tokens_per_sec"] / v["bound"], 3)
+                           for k, v in results.items() if v["bound"]},
+        cache_vs_nocache=ratio("fp32_cache", "fp32_nocache"),
+        ours_vs_hf=ratio("fp32_cache", "hf_fp32"),
+        bf16_vs_fp32=ratio("bf16", "fp32_cache"),
+        int8_vs_fp32=ratio("int8", "fp32_cache"),
+        bf16_vs_hf=ratio("bf16", "hf_fp32"),
+        int8_vs_hf=ratio("int8", "hf_fp32"),
+        int8_bytes_ratio=(round(results["int8"]["weight_bytes"] / weight_bytes(base), 4)
+                          if "int8" in results else None),
+        greedy_ids_equal_hf=None if ids_hf is None else bool(torch.equal(ids_hf, ids_fp32)),
+        greedy_agreement_with_fp32=agree,
+        read_bandwidth_gbs=round(bw / 1e9, 2),
+        peak_rss_mib={k: round(v["peak_rss"] / 2**20, 1) for k, v in results.items()},
+    )
+    print(f"\nwith cache / without: {summary['cache_vs_nocache']}; ours / transformers: "
+          f"{summary['ours_vs_hf']}; bf16 / fp32: {summary['bf16_vs_fp32']}; int8 / fp32: "
+          f"{summary['int8_vs_fp32']}; int8 bytes / fp32 bytes: {summary['int8_bytes_ratio']}; "
+          f"greedy ids equal transformers': {summary['greedy_ids_equal_hf']}")
+    print(json.dumps(summary))
+
+
+def _wpe_bytes(model: torch.nn.Module) -> int:
+    """A learned position table is read one row per token, not whole: leave it out of the bound."""
+    wpe = getattr(model.transformer, "wpe", None)
+    return 0 if wpe is None else wpe.weight.numel() * wpe.weight.element_size()
+
+
+if __name__ == "__main__":
+    main()
