@@ -246,3 +246,25 @@ def test_package_level_api(tmp_path) -> None:
     model, tok = bardlm.from_pretrained(tmp_path, with_tokenizer=True)
     assert tok is None and model.config.kv_heads == 2 and not model.training
     assert bardlm.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_transformers_4_style_config_json() -> None:
+    """The Llama 3.2 1B config.json as the hub ships it (transformers 4.x keys: rope_theta and
+    rope_scaling with "rope_type") reads as our preset."""
+    hub = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 128000,
+        "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "vocab_size": 128256,
+    }
+    cfg = config_from_hf(hub)
+    assert cfg.extra == {"hf": {"bos_token_id": 128000, "eos_token_id": 128001}}
+    assert cfg.replace(extra={}) == preset("llama-3.2-1b")
+    back = config_to_hf(cfg)
+    assert back["rope_parameters"]["rope_theta"] == 500000.0 and back["eos_token_id"] == 128001
+    with pytest.raises(BardlmError, match="sliding-window"):
+        config_from_hf({"model_type": "qwen3", "use_sliding_window": True})
