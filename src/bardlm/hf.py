@@ -176,7 +176,8 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """A `ModelConfig` from a `transformers` config.json dict (GPT-2, Llama or Qwen3)."""
     family = hf_family(hf, where)
-    c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None or k in TOKEN_ID_KEYS}}
+    c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}}
+    # Special-token ids mean nothing to the model but must survive a round trip back to HF.
     extra = {"hf": {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}}
     if family == "gpt2":
         if c["activation_function"] not in GPT2_ACTIVATIONS:
