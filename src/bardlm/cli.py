@@ -215,11 +215,27 @@ def _mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:,.1f} MiB"
 
 
+# convert -------------------------------------------------------------------------------------
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="Hugging Face directory <-> bardlm checkpoint (GPT-2, Llama, Qwen3)")
+    p.add_argument("src", help="a transformers save_pretrained directory, or a bardlm checkpoint")
+    p.add_argument("--out", required=True, help="directory to write (the other format)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .hf import convert
+
+    print(json.dumps(convert(args.src, args.out, args.overwrite)))
+    return 0
+
+
 COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
     "info": (add_info, cmd_info),
     "quantize": (add_quantize, cmd_quantize),
+    "convert": (add_convert, cmd_convert),
 }
 
 

@@ -167,5 +167,11 @@ class GPT(nn.Module):
 
         return generate(self, idx, max_new_tokens, **kwargs)
 
+    def save_pretrained(self, out, tokenizer=None):  # noqa: ANN001, ANN201
+        """Write a `transformers` directory (GPT-2, Llama or Qwen3 layout); see `bardlm.hf`."""
+        from .hf import save_pretrained
+
+        return save_pretrained(self, out, tokenizer)
+
 
 __all__ = ["GPT"]
