@@ -185,7 +185,7 @@ def add_reverse(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reverse", help="the reversal probe: check the causal mask on a toy task")
     p.add_argument("--vocab", type=int, help="symbols V; chance is 1/V (default 16)")
     p.add_argument("--length", type=int, help="symbols per half L (default 12)")
-    p.add_argument("--steps", type=int, help="training steps (default 600)")
+    p.add_argument("--steps", type=int, help="training steps (default 300)")
     p.add_argument("--seed", type=int, help="seeds the weights, training data and held-out set")
     p.add_argument("--batch-size", type=int, help="examples per step (default 64)")
     p.add_argument("--eval-examples", type=int, help="unseen examples scored (default 2000)")
