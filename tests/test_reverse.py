@@ -98,16 +98,18 @@ def test_summarize_halves_and_verdicts() -> None:
 def test_causal_switch_is_real_and_local(causal: bool) -> None:
     cfg = ReverseConfig(**SMALL, causal=causal)
     model = build_model(cfg).eval()
-    ex = make_examples(torch.randint(0, 8, (4, 5)), cfg)[:, :-1]
-    changed = ex.clone()
-    changed[:, -1] = (changed[:, -1] + 1) % 8  # change only the last input token
+    ex = make_examples(torch.randint(0, 8, (4, 5)), cfg)[:, :-1]  # (4, 11)
     with torch.no_grad():
-        a, b = model(ex)[0], model(changed)[0]
-    earlier_moved = (a[:, :-1] - b[:, :-1]).abs().max().item()
+        base = model(ex)[0]
+        moved = []  # for each position p: how far logits before p move when token p changes
+        for p in range(1, ex.shape[1]):
+            changed = ex.clone()
+            changed[:, p] = (changed[:, p] + 1) % 8
+            moved.append((model(changed)[0][:, :p] - base[:, :p]).abs().max().item())
     if causal:
-        assert earlier_moved < 1e-5  # nothing before the change may see it
+        assert max(moved) < 1e-5  # nothing before a change may see it
     else:
-        assert earlier_moved > 1e-3  # the debug model attends to the future
+        assert min(moved) > 1e-4  # the debug model lets every position see the future
     # The switch touches only that instance: a GPT built afterwards is causal.
     assert all(blk.attn.causal for blk in GPT(cfg.model_config()).transformer.h)
 

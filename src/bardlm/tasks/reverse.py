@@ -316,14 +316,16 @@ def plot_accuracy(result: dict[str, Any], path: Path) -> None:
     ax.axhline(result["chance"], color="tab:red", linestyle="--", linewidth=1,
                label=f"chance 1/{cfg['vocab']}")
     ax.set_xticks(range(len(acc)), labels, fontsize=7)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)  # headroom above the 1.0 bars for the legend
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("next-token accuracy")
+    ax.set_xlabel("target (first half, separator, second half) on unseen examples")
     mask = "causal mask on" if cfg["causal"] else "causal mask OFF (debug)"
     ax.set_title(
         f"reversal probe, {mask}: first half {result['first_half']:.3f}, "
         f"second half {result['second_half']:.3f}", fontsize=10,
     )
-    ax.legend(loc="center left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8, ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
