@@ -33,7 +33,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import BardlmError
 from ..model import GPT
-from ..train import TrainConfig, lr_at, make_optimizer
+from ..train import TrainConfig, _progress, lr_at, make_optimizer
 
 RESULT_FILE = "reverse.json"
 PLOT_FILE = "reverse.png"
@@ -77,6 +77,12 @@ class ReverseConfig:
             )
         if not self.lr > 0:
             raise BardlmError(f"reverse: lr must be positive, got {self.lr}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise BardlmError(f"reverse: unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BardlmError(f"reverse: device {self.device!r} asked for but CUDA is not available; use --device cpu")
 
     @property
     def bos(self) -> int:
@@ -175,7 +181,7 @@ def train_probe(
     optimizer = make_optimizer(model, tcfg)
     _, train_seed, _ = _seeds(cfg.seed)
     gen = torch.Generator().manual_seed(train_seed)
-    bar = _progress(progress, cfg.steps)
+    bar = _progress(progress, cfg.steps, 0)
     tail = max(1, cfg.steps // 10)
     recent: list[float] = []
     model.train()
@@ -348,15 +354,7 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _progress(enabled: bool, total: int):  # noqa: ANN202
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="reverse", unit="step", dynamic_ncols=True)
-
-
 __all__ = [
-    "ReverseConfig", "build_model", "make_examples", "position_accuracy", "run_reverse",
-    "summarize", "format_table", "plot_accuracy", "loss_floor",
+    "ReverseConfig", "build_model", "make_examples", "training_symbols", "train_probe",
+    "position_accuracy", "run_reverse", "summarize", "format_table", "plot_accuracy", "loss_floor",
 ]
