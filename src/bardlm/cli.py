@@ -230,12 +230,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# reverse -----------------------------------------------------------------------------------
+def add_reverse(sub: argparse._SubParsersAction) -> None:
+    # Defaults live in tasks.reverse.ReverseConfig (None here = "use it"), so --help stays fast.
+    p = sub.add_parser("reverse", help="the reversal probe: check the causal mask on a toy task")
+    p.add_argument("--vocab", type=int, help="symbols V; chance is 1/V (default 16)")
+    p.add_argument("--length", type=int, help="symbols per half L (default 12)")
+    p.add_argument("--steps", type=int, help="training steps (default 300)")
+    p.add_argument("--seed", type=int, help="seeds the weights, training data and held-out set")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 64)")
+    p.add_argument("--eval-examples", type=int, help="unseen examples scored (default 2000)")
+    p.add_argument("--no-causal-mask", action="store_true",
+                   help="debug: train this probe's model WITHOUT the causal mask, to see a leak")
+    p.add_argument("--device", help="cpu (default), cuda, ...")
+    p.add_argument("--out", required=True, help="directory for reverse.json and reverse.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_reverse(args: argparse.Namespace) -> int:
+    from .tasks.reverse import ReverseConfig, format_table, run_reverse
+
+    given = {k: getattr(args, k) for k in
+             ("vocab", "length", "steps", "seed", "batch_size", "eval_examples", "device")}
+    cfg = ReverseConfig(**{k: v for k, v in given.items() if v is not None},
+                        causal=not args.no_causal_mask)
+    result = run_reverse(cfg, args.out, progress=not args.no_progress,
+                         log=lambda m: print(m, file=sys.stderr))
+    print(format_table(result))
+    print(f"wrote {Path(args.out) / 'reverse.json'} and {Path(args.out) / 'reverse.png'}")
+    return 0
+
+
 COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
     "info": (add_info, cmd_info),
     "quantize": (add_quantize, cmd_quantize),
     "convert": (add_convert, cmd_convert),
+    "reverse": (add_reverse, cmd_reverse),
 }
 
 
