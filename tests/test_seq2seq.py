@@ -292,7 +292,7 @@ def test_held_out_sources_never_trained_on() -> None:
 
 @pytest.mark.parametrize("placement", ["post", "pre"])
 def test_both_norm_placements_train(placement: str) -> None:
-    cfg = TaskConfig(task="reverse", length=6, vocab=6, n_test=200, batch_size=64, max_iters=200,
+    cfg = TaskConfig(task="reverse", length=6, vocab=6, n_test=200, batch_size=64, max_iters=250,
                      lr=2e-3, warmup_iters=30, eval_interval=200, beam=1, seed=1)
     model_cfg = cfg.model_config(n_embd=32, n_head=4, n_enc_layer=1, n_dec_layer=1,
                                  norm_placement=placement)

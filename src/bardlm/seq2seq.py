@@ -48,7 +48,7 @@ class Seq2SeqConfig:
     n_enc_layer: int = 2
     n_dec_layer: int = 2
     n_head: int = 4
-    n_embd: int = 128
+    n_embd: int = 64
     ffn_hidden: int | None = None  # None -> 4 * n_embd (the paper: 2048 for 512)
     ffn: str = "relu"
     norm: str = "layernorm"
