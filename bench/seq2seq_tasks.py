@@ -5,6 +5,7 @@ for every new token, measured in the same process.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/seq2seq_tasks.py            # both tasks
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/seq2seq_tasks.py --tasks sort --norm pre
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/seq2seq_tasks.py --ckpt runs/reverse  # decode only
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from bardlm.seq2seq import BOS, EncoderDecoder, greedy_decode
+from bardlm.seq2seq import BOS, EncoderDecoder, greedy_decode, load_seq2seq
 from bardlm.tasks.seq2seq import PairSampler, TaskConfig, make_batch, train_seq2seq
 
 
@@ -54,8 +55,16 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["reverse", "sort"])
     ap.add_argument("--norm", default="post", choices=["post", "pre"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt", help="a `bardlm seq2seq` run: measure its decoding speed only")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.ckpt:
+        import json
+        from pathlib import Path
+
+        task = json.loads((Path(args.ckpt) / "config.json").read_text())["task"]
+        decode_speed(load_seq2seq(args.ckpt), TaskConfig(**task))
+        return
     model = cfg = None
     for task in args.tasks:
         cfg = TaskConfig(task=task, seed=args.seed)
