@@ -270,6 +270,53 @@ def test_beam_search_finds_the_exhaustive_best() -> None:
     assert (sequence_logprob(model, src, found) >= sequence_logprob(model, src, greedy) - 1e-6).all()
 
 
+@torch.no_grad()
+def reference_beam(model: EncoderDecoder, src: torch.Tensor, max_len: int, K: int) -> list[int]:
+    """Beam search as plain lists, re-running the full model for every hypothesis (no cache)."""
+    beams = [([], 0.0, False)]  # (tokens, summed log-prob, finished)
+    for _ in range(max_len):
+        cands = []
+        for seq, score, done in beams:
+            if done:
+                cands.append((seq + [PAD], score, True))
+                continue
+            logits, _ = model(src, torch.tensor([[BOS] + seq]))
+            logp = F.log_softmax(logits[0, -1], dim=-1)
+            for tok in range(logp.shape[0]):
+                if tok not in (PAD, BOS):
+                    cands.append((seq + [tok], score + float(logp[tok]), tok == EOS))
+        beams = sorted(cands, key=lambda c: -c[1])[:K]
+        if all(done for _, _, done in beams):
+            break
+    best = beams[0][0]
+    return best + [PAD] * (max_len - len(best))
+
+
+def chatty_model(seed: int) -> EncoderDecoder:
+    """A random model whose next token depends on the previous one (the output layer is a
+    permuted target embedding), so beams really diverge and get reordered."""
+    torch.manual_seed(seed)
+    model = perturbed(EncoderDecoder(tiny(max_len=7, tie_output=False))).eval()
+    with torch.no_grad():
+        W = model.tgt_emb.weight[torch.randperm(V)]
+        model.lm_head.weight.copy_(0.5 * W + 0.3 * torch.randn_like(W))
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("K", [2, 3])
+def test_beam_search_matches_a_plain_reference(K: int) -> None:
+    """Batched beam search (shared encoder, cross K/V, reordered KV cache) = the list version."""
+    model = chatty_model(2)
+    gen = torch.Generator().manual_seed(6)
+    src = random_src(3, 5, [5, 3, 4], gen)
+    found = beam_search(model, src, max_len=7, beam=K)
+    assert not torch.equal(found, greedy_decode(model, src, 7))  # the search matters here
+    for b in range(3):
+        n = int((src[b] != PAD).sum())
+        assert found[b].tolist() == reference_beam(model, src[b : b + 1, :n], 7, K)
+
+
 # Tasks and training ----------------------------------------------------------------------
 def test_task_targets() -> None:
     src = np.array([[5, 3, 4, 0], [6, 4, 0, 0]])

@@ -281,9 +281,9 @@ def beam_search(
         scores, flat = total.topk(K, dim=-1)  # (B, K): best K continuations of all beams
         parent, tok = flat // V, flat % V
         rows = (parent + torch.arange(B, device=src.device)[:, None] * K).view(-1)
-        for c in cache:  # each surviving hypothesis takes its parent's keys/values
-            c.k.copy_(c.k.index_select(0, rows))
-            c.v.copy_(c.v.index_select(0, rows))
+        for c in cache if K > 1 else []:  # each hypothesis takes its parent's keys/values
+            c.k[:, :, : t + 1] = c.k[:, :, : t + 1].index_select(0, rows)
+            c.v[:, :, : t + 1] = c.v[:, :, : t + 1].index_select(0, rows)
         out = out.gather(1, parent[..., None].expand(-1, -1, max_len))
         out[:, :, t] = tok
         was_done = finished.gather(1, parent)
