@@ -43,16 +43,22 @@ class Attention(nn.Module):
         self.impl = cfg.attn_impl
 
     def _project(
-        self, x: torch.Tensor, kv_source: torch.Tensor | None
+        self, x: torch.Tensor, kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, T, H*D), k and v (B, S, H_kv*D) from the fused projection."""
         if kv_source is None:
             return self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         w, b = self.c_attn.weight, self.c_attn.bias
         q = F.linear(x, w[: self.q_dim], None if b is None else b[: self.q_dim])
-        kv = F.linear(kv_source, w[self.q_dim :], None if b is None else b[self.q_dim :])
-        k, v = kv.split([self.kv_dim, self.kv_dim], dim=-1)
+        # A (k, v) pair was projected earlier by `project_kv`: a decoder reuses it every step.
+        k, v = kv_source if isinstance(kv_source, tuple) else self.project_kv(kv_source)
         return q, k, v
+
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values, each (B, S, H_kv*D), of an encoder output (B, S, C)."""
+        w, b = self.c_attn.weight, self.c_attn.bias
+        kv = F.linear(source, w[self.q_dim :], None if b is None else b[self.q_dim :])
+        return kv.split([self.kv_dim, self.kv_dim], dim=-1)
 
     def forward(
         self,
@@ -61,7 +67,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start_pos: int = 0,
-        kv_source: torch.Tensor | None = None,
+        kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
 
@@ -69,7 +75,8 @@ class Attention(nn.Module):
         mask: bool, True where a query may attend a key, broadcastable to (B, 1, T, S);
               combined with the causal mask when the module is causal.
         cache: keys/values of earlier positions; the new ones are written at `start_pos`.
-        kv_source: (B, S, C) encoder output for cross-attention (then no RoPE, no cache).
+        kv_source: (B, S, C) encoder output for cross-attention (then no RoPE, no cache), or
+              its (k, v) from `project_kv`, computed once per sequence when decoding.
         """
         B, T, _ = x.shape
         q, k, v = self._project(x, kv_source)

@@ -43,10 +43,11 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start_pos: int = 0,
-        memory: torch.Tensor | None = None,
+        memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C); memory (B, S, C) is the encoder output for cross-attention."""
+        """x (B, T, C) -> (B, T, C); memory (B, S, C) is the encoder output for cross-attention
+        (or this layer's cached (k, v) of it, see `Attention.project_kv`)."""
         x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, mask, cache, start_pos))
         if self.cross_attn is not None and memory is not None:
             x = self._sublayer(

@@ -261,6 +261,49 @@ def cmd_reverse(args: argparse.Namespace) -> int:
     return 0
 
 
+# seq2seq ----------------------------------------------------------------------------------
+def add_seq2seq(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("seq2seq", help="train the encoder-decoder Transformer on a synthetic task")
+    p.add_argument("--task", required=True, choices=["reverse", "sort", "copy"])
+    p.add_argument("--length", type=int, default=16, help="source length (default 16)")
+    p.add_argument("--min-length", type=int, help="shortest source (default: --length, all equal)")
+    p.add_argument("--vocab", type=int, default=10, help="number of symbols (default 10)")
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, model, config)")
+    p.add_argument("--max-iters", type=int, help="optimizer steps")
+    p.add_argument("--n-test", type=int, help="held-out pairs scored at the end (default 1000)")
+    p.add_argument("--beam", type=int, help="beam width of the final evaluation (default 4)")
+    p.add_argument("--norm", choices=["post", "pre"], help="norm placement (default post, the paper)")
+    p.add_argument("--share-embeddings", action="store_true", help="one source/target embedding")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model or training field, e.g. --set n_embd=128 --set lr=1e-3")
+
+
+def cmd_seq2seq(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .config import parse_overrides
+    from .seq2seq import Seq2SeqConfig
+    from .tasks.seq2seq import TaskConfig, task_config_keys, train_seq2seq
+
+    model_keys = [f.name for f in dataclasses.fields(Seq2SeqConfig)]
+    values = parse_overrides(args.set, model_keys + task_config_keys())
+    task_over = {k: v for k, v in values.items() if k not in model_keys}
+    model_over = {k: v for k, v in values.items() if k in model_keys}
+    for key in ("task", "length", "min_length", "vocab", "max_iters", "n_test", "beam", "seed"):
+        if getattr(args, key) is not None:
+            task_over[key] = getattr(args, key)
+    if args.norm:
+        model_over["norm_placement"] = args.norm
+    if args.share_embeddings:
+        model_over["share_embeddings"] = True
+    cfg = TaskConfig(**task_over)
+    _, final = train_seq2seq(cfg, cfg.model_config(**model_over), args.out,
+                             log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"out": args.out, **final}))
+    return 0
+
+
 COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
@@ -268,6 +311,7 @@ COMMANDS = {
     "quantize": (add_quantize, cmd_quantize),
     "convert": (add_convert, cmd_convert),
     "reverse": (add_reverse, cmd_reverse),
+    "seq2seq": (add_seq2seq, cmd_seq2seq),
 }
 
 
