@@ -108,51 +108,75 @@ def evaluate(model: nn.Module, windows: torch.Tensor, device: str, batch_size: i
     return total / len(windows)
 
 
-def train_lm(
-    model: nn.Module, data: Data, budget: Budget, device: str = "cpu",
-    seconds: float | None = None,
-) -> dict[str, Any]:
-    """Train any `model(idx, targets) -> (logits, loss)` on `data`.
+class Run:
+    """One model being trained on `data` under `budget`: step by step, timing only the steps."""
 
-    Runs `budget.steps` steps, or, with `seconds`, as many steps as fit in that much training time
-    (evaluations not counted; constant learning rate after warm-up, since the step count is not
-    known in advance). Returns the loss curve, the final loss over the whole validation split,
-    tokens/s and the parameter count.
-    """
-    torch.manual_seed(budget.seed)
-    model.to(device).train()
-    cfg = budget.train_config()
-    if seconds is not None:
-        cfg = dataclasses.replace(cfg, max_iters=10**9, min_lr=cfg.lr)
-    opt = make_optimizer(model, cfg)
-    history = [_point(0, float("nan"), evaluate(model, data.val_curve, device), 0.0)]
-    step, train_time, loss = 0, 0.0, torch.tensor(float("nan"))
-    while (step < budget.steps) if seconds is None else (train_time < seconds):
+    def __init__(self, model: nn.Module, data: Data, budget: Budget, device: str = "cpu",
+                 timed: bool = False) -> None:
+        torch.manual_seed(budget.seed)
+        self.model, self.data, self.budget, self.device = model.to(device).train(), data, budget, device
+        self.cfg = budget.train_config()
+        if timed:  # the step count is not known in advance: constant lr after warm-up
+            self.cfg = dataclasses.replace(self.cfg, max_iters=10**9, min_lr=self.cfg.lr)
+        self.opt = make_optimizer(model, self.cfg)
+        self.step_count, self.train_s, self.loss = 0, 0.0, float("nan")
+        self.history = [_point(0, self.loss, self.eval_curve(), 0.0)]
+
+    def eval_curve(self) -> float:
+        return evaluate(self.model, self.data.val_curve, self.device)
+
+    def step(self) -> None:
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y = data.batches.batch(step, budget.batch_size)
-        _, loss = model(x.to(device), y.to(device))
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step_count, self.cfg)
+        x, y = self.data.batches.batch(self.step_count, self.budget.batch_size)
+        _, loss = self.model(x.to(self.device), y.to(self.device))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        train_time += time.perf_counter() - t0
-        if not math.isfinite(loss.item()):
-            break  # a diverged run is a result too: report it, do not crash the experiment
-        if step % budget.eval_every == 0:
-            history.append(_point(step, loss.item(), evaluate(model, data.val_curve, device), train_time))
-    if history[-1]["step"] != step:
-        history.append(_point(step, loss.item(), evaluate(model, data.val_curve, device), train_time))
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "steps": step,
-        "train_s": train_time,
-        "tokens_per_s": step * budget.batch_size * budget.block_size / max(train_time, 1e-9),
-        "val_loss": evaluate(model, data.val, device),
-        "history": history,
-    }
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss = loss.item()
+        self.step_count += 1
+        self.train_s += time.perf_counter() - t0
+        if self.step_count % self.budget.eval_every == 0:
+            self.history.append(_point(self.step_count, self.loss, self.eval_curve(), self.train_s))
+
+    @property
+    def diverged(self) -> bool:
+        return self.step_count > 0 and not math.isfinite(self.loss)
+
+    def result(self) -> dict[str, Any]:
+        """Loss curve, final loss over the whole validation split, tokens/s, parameter count."""
+        if self.history[-1]["step"] != self.step_count:
+            self.history.append(_point(self.step_count, self.loss, self.eval_curve(), self.train_s))
+        b = self.budget
+        return {
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "steps": self.step_count,
+            "train_s": self.train_s,
+            "tokens_per_s": self.step_count * b.batch_size * b.block_size / max(self.train_s, 1e-9),
+            "val_loss": evaluate(self.model, self.data.val, self.device),
+            "history": self.history,
+        }
+
+
+def train_lm(model: nn.Module, data: Data, budget: Budget, device: str = "cpu") -> dict[str, Any]:
+    """Train any `model(idx, targets) -> (logits, loss)` for `budget.steps` steps (a `Run`)."""
+    run = Run(model, data, budget, device)
+    while run.step_count < budget.steps and not run.diverged:  # a diverged run is a result too
+        run.step()
+    return run.result()
+
+
+def train_for_time(models: dict[str, nn.Module], data: Data, budget: Budget, device: str = "cpu"
+                   ) -> dict[str, dict[str, Any]]:
+    """Train several models for `budget.seconds` of training time each, interleaving their steps
+    (one step of each in turn), so a machine whose load changes slows them all alike."""
+    runs = {name: Run(m, data, budget, device, timed=True) for name, m in models.items()}
+    while active := [r for r in runs.values() if r.train_s < budget.seconds and not r.diverged]:
+        for run in active:
+            run.step()
+    return {name: run.result() for name, run in runs.items()}
 
 
 def _point(step: int, train_loss: float, val_loss: float, elapsed: float) -> dict[str, float]:
@@ -216,11 +240,10 @@ def exp_lstm(data: Data, budget: Budget, device: str, log: Callable[[str], None]
         torch.manual_seed(budget.seed)
         lstm = lstm_matching(n_params, data.vocab_size, n)
         models[f"LSTM ({n} layer{'s' * (n > 1)}, hidden {lstm.lstm.hidden_size})"] = lstm
-    runs = {}
-    for name, model in models.items():
-        runs[name] = train_lm(model, data, budget, device, seconds=budget.seconds)
-        log(f"{name}: {runs[name]['params']:,} params, {runs[name]['tokens_per_s']:,.0f} tokens/s, "
-            f"{runs[name]['steps']} steps, val loss {runs[name]['val_loss']:.4f}")
+    runs = train_for_time(models, data, budget, device)
+    for name, run in runs.items():
+        log(f"{name}: {run['params']:,} params, {run['tokens_per_s']:,.0f} tokens/s, "
+            f"{run['steps']} steps, val loss {run['val_loss']:.4f}")
     return {"runs": runs}
 
 
