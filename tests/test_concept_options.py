@@ -160,3 +160,15 @@ def test_norm_none_has_no_norm_parameters_and_is_identity() -> None:
     assert not [n for n, _ in model.named_parameters() if "ln_" in n]
     x = torch.randn(3, 32)
     assert torch.equal(model.transformer.ln_f(x), x)
+
+
+def test_new_options_round_trip_through_a_checkpoint(tmp_path) -> None:
+    from bardlm.checkpoint import load_checkpoint, save_checkpoint
+
+    model = GPT(tiny(attn_score="additive", share_layers=True, residual=False, norm="rmsnorm")).eval()
+    randomise(model, 3)
+    save_checkpoint(tmp_path, model)
+    loaded, _, meta = load_checkpoint(tmp_path)
+    assert meta["model"]["attn_score"] == "additive" and meta["model"]["share_layers"] is True
+    idx = torch.randint(0, 37, (2, 9))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
