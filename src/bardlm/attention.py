@@ -3,6 +3,8 @@ cross-attention; MHA, GQA and MQA; optional QK-RMSNorm and rotary positions; a K
 
 Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V. The explicit path writes that formula out; the
 "sdpa" path calls PyTorch's fused kernel, and a test holds the two to 1e-5 of each other.
+`attn_score` swaps the scaled dot product for another way to score (query, key) pairs
+(`AttentionScore`); those variants always take the explicit path.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.impl = cfg.attn_impl
+        # Scores other than the scaled dot product have no fused kernel: explicit path.
+        self.score = AttentionScore(cfg) if cfg.attn_score != "dot" else None
+        self.impl = cfg.attn_impl if self.score is None else "explicit"
 
     def _project(
         self, x: torch.Tensor, kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
@@ -131,7 +135,43 @@ class Attention(nn.Module):
         if is_causal:
             T = q.shape[2]
             mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        return explicit_attention(q, k, v, mask, p_drop)
+        return explicit_attention(q, k, v, mask, p_drop, self.score)
+
+
+class AttentionScore(nn.Module):
+    """score(q, k) for every (query, key) pair: q (B, H, T, D), k (B, H, S, D) -> (B, H, T, S).
+
+    Alternatives to the scaled dot product q.k / sqrt(D), each with its own (small) parameters:
+      dot_unscaled  q.k                                   (shows why the 1/sqrt(D) is there)
+      additive      w_h . tanh(q + k)                     (Bahdanau 2014; q, k are already W_q x, W_k x)
+      bilinear      q^T W_h k / sqrt(D)                   (Luong 2015 "general"; W_h starts as I)
+      cosine        g_h * cos(q, k)                       (learned per-head temperature g_h)
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind, H, D = cfg.attn_score, cfg.n_head, cfg.dim_head
+        if self.kind == "additive":
+            self.score_v = nn.Parameter(torch.randn(H, D) / math.sqrt(D))
+        elif self.kind == "bilinear":
+            self.score_w = nn.Parameter(torch.eye(D).repeat(H, 1, 1))  # (H, D, D)
+        elif self.kind == "cosine":
+            # cos is in [-1, 1]: without a temperature softmax could not become sharp.
+            self.score_g = nn.Parameter(torch.full((H,), math.sqrt(D)))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        D = q.shape[-1]
+        if self.kind == "dot_unscaled":
+            return q @ k.transpose(-2, -1)
+        if self.kind == "bilinear":
+            return (q @ self.score_w) @ k.transpose(-2, -1) / math.sqrt(D)
+        if self.kind == "cosine":
+            qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            return self.score_g.view(1, -1, 1, 1) * (qn @ kn.transpose(-2, -1))
+        # additive: every (query, key) pair goes through tanh, so it costs a (B, H, T, S, D)
+        # tensor; this is why dot products, which need no such tensor, won.
+        hidden = torch.tanh(q.unsqueeze(3) + k.unsqueeze(2))  # (B, H, T, S, D)
+        return torch.einsum("bhtsd,hd->bhts", hidden, self.score_v)
 
 
 def explicit_attention(
@@ -140,13 +180,20 @@ def explicit_attention(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     dropout_p: float = 0.0,
+    score: AttentionScore | None = None,
 ) -> torch.Tensor:
-    """The formula written out: q (B, H, T, D), k and v (B, H_kv, S, D) -> (B, H, T, D)."""
+    """The formula written out: q (B, H, T, D), k and v (B, H_kv, S, D) -> (B, H, T, D).
+
+    score: another way to score (q, k) pairs; None is the scaled dot product.
+    """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # GQA: each KV head serves n_rep query heads
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    # sqrt(d_k) keeps the logits' variance near 1, so softmax does not saturate as D grows.
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    if score is None:
+        # sqrt(d_k) keeps the logits' variance near 1, so softmax does not saturate as D grows.
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    else:
+        att = score(q, k)
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
     att = F.softmax(att.float(), dim=-1).to(q.dtype)

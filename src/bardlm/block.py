@@ -23,6 +23,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False) -> None:
         super().__init__()
         self.pre = cfg.norm_placement == "pre"
+        self.residual = cfg.residual
         self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.attn = Attention(cfg, causal=causal)
         if cross:
@@ -34,7 +35,8 @@ class Block(nn.Module):
         self.mlp = make_ffn(cfg)
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:  # noqa: ANN001
-        return x + fn(norm(x)) if self.pre else norm(x + fn(x))
+        skip = x if self.residual else 0.0  # residual=False: the ablation of docs/concepts.md
+        return skip + fn(norm(x)) if self.pre else norm(skip + fn(x))
 
     def forward(
         self,

@@ -304,6 +304,31 @@ def cmd_seq2seq(args: argparse.Namespace) -> int:
     return 0
 
 
+# experiment --------------------------------------------------------------------------------
+def add_experiment(sub: argparse._SubParsersAction) -> None:
+    from .experiments import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help="run an experiment of docs/concepts.md (figure + JSON)")
+    p.add_argument("name", choices=[*EXPERIMENTS, "all"])
+    p.add_argument("--out", default="runs/experiments", help="folder for NAME.json and NAME.png")
+    p.add_argument("--quick", action="store_true", help="toy budget (seconds): checks it runs")
+    p.add_argument("--steps", type=int, help="training steps of each run (default 300)")
+    p.add_argument("--seconds", type=float, help="training time of each run of `lstm` (default 60)")
+    p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare)")
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import EXPERIMENTS, run_experiment
+
+    for name in EXPERIMENTS if args.name == "all" else [args.name]:
+        run_experiment(name, args.out, quick=args.quick, data=args.data, device=args.device,
+                       steps=args.steps, seconds=args.seconds,
+                       log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps({"experiment": name, "json": str(Path(args.out) / f"{name}.json")}))
+    return 0
+
+
 COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
@@ -312,6 +337,7 @@ COMMANDS = {
     "convert": (add_convert, cmd_convert),
     "reverse": (add_reverse, cmd_reverse),
     "seq2seq": (add_seq2seq, cmd_seq2seq),
+    "experiment": (add_experiment, cmd_experiment),
 }
 
 

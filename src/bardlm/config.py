@@ -13,11 +13,13 @@ from typing import Any
 
 from .errors import BardlmError
 
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "none")  # "none": no normalisation (an ablation)
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 FFNS = ("gelu", "relu", "swiglu")
 NORM_PLACEMENTS = ("pre", "post")
 ATTN_IMPLS = ("sdpa", "explicit")
+# How a query scores a key; everything but "dot" runs on the explicit path (docs/concepts.md).
+ATTN_SCORES = ("dot", "dot_unscaled", "additive", "bilinear", "cosine")
 
 
 @dataclass
@@ -50,6 +52,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "explicit" (softmax written out)
+    attn_score: str = "dot"  # "dot" q.k/sqrt(d), "dot_unscaled", "additive", "bilinear", "cosine"
+    share_layers: bool = False  # ALBERT: one block's weights applied n_layer times
+    residual: bool = True  # skip connections around attention and FFN (False: an ablation)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. HF architecture)
 
     def __post_init__(self) -> None:
@@ -89,6 +94,7 @@ class ModelConfig:
         _check_choice("pos", self.pos, POSITIONS)
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        _check_choice("attn_score", self.attn_score, ATTN_SCORES)
         if self.head_dim is None and self.n_embd % self.n_head != 0:
             raise BardlmError(
                 f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "

@@ -30,7 +30,8 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                # share_layers (ALBERT): one block, applied n_layer times in `forward`.
+                h=nn.ModuleList([Block(cfg) for _ in range(1 if cfg.share_layers else cfg.n_layer)]),
                 ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias),
             )
         )
@@ -125,7 +126,8 @@ class GPT(nn.Module):
         positions = self._positions(T, start_pos, positions, idx.device)
         x = self.embed(idx, positions)
         rope = self.rope(positions) if self.config.pos == "rope" else None
-        for i, block in enumerate(self.transformer.h):
+        for i in range(self.config.n_layer):
+            block = self.transformer.h[0 if self.config.share_layers else i]
             x = block(x, rope, mask, None if cache is None else cache[i], start_pos)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)

@@ -46,5 +46,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
-    """The norm a config names: "layernorm" or "rmsnorm"."""
+    """The norm a config names: "layernorm", "rmsnorm" or "none" (identity, for ablations)."""
+    if kind == "none":
+        return nn.Identity()
     return LayerNorm(dim, eps, bias) if kind == "layernorm" else RMSNorm(dim, eps)

@@ -1,0 +1,115 @@
+"""The experiments of docs/concepts.md, in their quick form, so the docs' commands cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import corpus
+
+from bardlm import GPT
+from bardlm import attention as attention_module
+from bardlm.cli import main
+from bardlm.config import preset
+from bardlm.experiments import (
+    EXPERIMENTS,
+    forward_shapes,
+    lstm_matching,
+    run_experiment,
+    softmax_saturation,
+)
+
+
+@pytest.fixture(scope="module")
+def data_path() -> str:
+    return str(corpus("tiny_shakespeare.txt"))
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if EXPERIMENTS[n].needs_data])
+def test_experiment_quick_writes_json_and_figure(name: str, tmp_path, data_path: str) -> None:
+    result = run_experiment(name, tmp_path, quick=True, data=data_path, log=lambda m: None)
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    assert saved["experiment"] == name and saved["budget"]["steps"] == 8
+    runs = result["runs"]
+    assert len(runs) >= 2
+    for run in runs.values():
+        assert run["steps"] > 0 and run["params"] > 0
+        assert [p["step"] for p in run["history"]] == sorted({p["step"] for p in run["history"]})
+    # Every run with a normal model learns something in 8 steps from a uniform-ish start.
+    first = next(iter(runs.values()))
+    assert first["val_loss"] < first["history"][0]["val_loss"]
+    assert first["val_loss"] < math.log(65) + 0.1
+
+
+def test_lstm_is_the_same_size_as_the_transformer() -> None:
+    gpt = GPT(preset("char-tiny"))
+    lstm = lstm_matching(gpt.num_params(), 65, 4)
+    n = sum(p.numel() for p in lstm.parameters())
+    assert abs(n - gpt.num_params()) / gpt.num_params() < 0.02
+    logits, loss = lstm(torch.randint(0, 65, (2, 9)), torch.randint(0, 65, (2, 9)))
+    assert logits.shape == (2, 9, 65) and abs(loss.item() - math.log(65)) < 0.5
+
+
+def test_softmax_saturates_without_the_scale() -> None:
+    rows = softmax_saturation(dims=(4, 64, 1024))
+    for r in rows:  # q.k of N(0, I_D) vectors has std sqrt(D); divided by sqrt(D) it has std 1
+        assert abs(r["unscaled_logit_std"] / math.sqrt(r["d_k"]) - 1) < 0.15
+        assert abs(r["scaled_logit_std"] - 1) < 0.15
+    assert rows[-1]["unscaled_max_weight"] > 0.8 > rows[0]["unscaled_max_weight"]
+    assert rows[-1]["unscaled_grad_norm"] < 0.5 * rows[-1]["scaled_grad_norm"]
+    assert rows[-1]["scaled_entropy"] > 2 * rows[-1]["unscaled_entropy"]
+
+
+@pytest.mark.parametrize("name", ["char-tiny", "llama-tiny", "qwen3-tiny"])
+def test_forward_shapes_match_a_real_forward_pass(name: str, monkeypatch) -> None:
+    """The documented shape table of each style is what the model really computes."""
+    cfg = preset(name, attn_impl="explicit")
+    model = GPT(cfg)
+    seen: dict[str, tuple] = {}
+
+    def record(key: str):  # noqa: ANN202
+        def hook(_module, _inputs, output) -> None:  # noqa: ANN001
+            seen.setdefault(key, tuple(output.shape))
+        return hook
+
+    block = model.transformer.h[0]
+    model.transformer.wte.register_forward_hook(record("wte(idx)"))
+    block.attn.c_attn.register_forward_hook(record("qkv"))
+    block.mlp.c_fc.register_forward_hook(record("c_fc"))
+    model.lm_head.register_forward_hook(record("logits"))
+    real_attention = attention_module.explicit_attention
+
+    def spy(q, k, v, mask, dropout_p=0.0, score=None):  # noqa: ANN001, ANN202
+        seen.setdefault("q", tuple(q.shape))
+        seen.setdefault("k, v", tuple(k.shape))
+        out = real_attention(q, k, v, mask, dropout_p, score)
+        seen.setdefault("y", tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(attention_module, "explicit_attention", spy)
+    B, T = 3, 7
+    model(torch.randint(0, cfg.vocab_size, (B, T)))
+    table = {(step, tensor): shape for step, tensor, shape in forward_shapes(cfg, B, T)}
+    by_tensor = {tensor: shape for (_, tensor), shape in table.items()}
+    assert by_tensor["idx"] == (B, T)
+    assert table[("wte(idx)", "x")] == seen["wte(idx)"]
+    assert by_tensor["qkv"] == seen["qkv"]
+    assert table[("split + view + transpose", "q")] == seen["q"]
+    assert by_tensor["k, v"] == seen["k, v"]
+    assert table[("att @ v", "y")] == seen["y"]
+    ffn_key = "gate, up" if cfg.ffn == "swiglu" else "h"
+    ffn_row = next(shape for (step, tensor), shape in table.items()
+                   if step.startswith("c_fc") and tensor == ffn_key)
+    assert ffn_row == seen["c_fc"]
+    assert by_tensor["logits"] == seen["logits"]
+
+
+def test_cli_experiment_shapes_and_bad_input(tmp_path, capsys) -> None:
+    assert main(["experiment", "shapes", "--out", str(tmp_path)]) == 0
+    tables = json.loads((tmp_path / "shapes.json").read_text())["tables"]
+    assert "(B, 32, T, 64)" in tables["llama-3.2-1b"] and "(B, 8, T, 128)" in tables["qwen3-0.6b"]
+    assert main(["experiment", "attention", "--steps", "0", "--out", str(tmp_path)]) == 2
+    assert "--steps must be positive" in capsys.readouterr().err
