@@ -52,7 +52,10 @@ def is_loopback(host: str) -> bool:
 def serve_app(app: Any, sock: socket.socket, log_level: str = "info") -> None:
     """Serve `app` on an already bound socket until interrupted (blocks)."""
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully, then re-raises Ctrl-C
+        print("bardlm: server stopped", file=sys.stderr, flush=True)
 
 
 def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str = "cpu",

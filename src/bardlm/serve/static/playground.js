@@ -12,6 +12,10 @@ async function loadModel() {
     const m = (await r.json()).data[0];
     modelId = m.id;
     $("model").textContent = `${m.id} (context ${m.max_model_len} tokens)`;
+    // prompt + max_tokens must fit in the context: leave the prompt some room by default
+    const box = $("max_tokens");
+    box.max = m.max_model_len - 1;
+    if (+box.value > m.max_model_len / 2) box.value = Math.max(1, Math.floor(m.max_model_len / 2));
   } catch (e) {
     $("model").textContent = "model info unavailable";
   }
