@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -109,22 +108,18 @@ def test_fifty_concurrent_requests(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "tiny-load")
     model, tok, _ = load_checkpoint(ckpt)
     expected = {p: reference_greedy(model, tok, p, MAX_TOKENS) for p in PROMPTS}
-    t = time.monotonic()
     server = ServerProcess(ckpt)
-    print(f"server up in {time.monotonic() - t:.1f}s")
     try:
         base, pid = server.base_url, server.proc.pid
 
         def health() -> dict:
             return httpx.get(f"{base}/health", timeout=10).json()
 
-        t0 = time.monotonic()
         asyncio.run(burst(base))  # warm-up: first-use allocations are not a leak
         assert wait_until(lambda: health()["running"] + health()["queued"] == 0)
         baseline = rss_mib(pid)
         peaks = []
         for _ in range(2):
-            print(f"t={time.monotonic() - t0:.1f}s")
             results = asyncio.run(burst(base))
             ok = [(i, text) for i, (status, text, _) in enumerate(results) if status == 200]
             busy = [body for status, _, body in results if status == 503]
@@ -141,7 +136,5 @@ def test_fifty_concurrent_requests(tmp_path: Path) -> None:
         assert peaks[-1] - baseline < RSS_SLACK_MIB, (baseline, peaks)
         assert health()["status"] == "ok"
     finally:
-        t = time.monotonic()
         code = server.stop()
-        print(f"stopped in {time.monotonic() - t:.1f}s")
     assert code == 0, "".join(server.log)
