@@ -31,6 +31,7 @@ from .engine import Engine, Job, RequestError
 
 STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_BODY = 1 << 20  # bytes; far more than any prompt that fits a context, far less than a DoS
 # OpenAI options bardlm does not implement, and the one value of each that means "off".
 NEUTRAL = {"n": 1, "best_of": 1, "logprobs": None, "suffix": None, "presence_penalty": 0,
            "frequency_penalty": 0, "logit_bias": {}}
@@ -184,8 +185,14 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            return _too_large()
+        body = await request.body()
+        if len(body) > MAX_BODY:  # a chunked upload has no content-length to check first
+            return _too_large()
         try:
-            req = CompletionRequest.model_validate_json(await request.body())
+            req = CompletionRequest.model_validate_json(body)
         except ValidationError as e:
             message, param = _validation_message(e)
             return error_response(400, message, param=param)
@@ -290,6 +297,11 @@ def _busy(engine: Engine) -> JSONResponse:
     return error_response(
         503, f"the server is busy ({engine.capacity} requests running or queued); retry shortly",
         "server_overloaded", code="queue_full", headers={"Retry-After": "1"})
+
+
+def _too_large() -> JSONResponse:
+    return error_response(413, f"the request body is over {MAX_BODY >> 20} MiB; send a shorter prompt",
+                          code="body_too_large")
 
 
 def _unknown_model(name: str, served: str) -> JSONResponse:
