@@ -302,3 +302,14 @@ def test_engine_runs_one_job_at_a_time(loaded) -> None:  # noqa: ANN001
     assert [j.text for j in jobs] == [reference_greedy(model, tok, p, 12) for p in prompts]
     assert engine.stats()["tokens_generated"] == 12 * len(prompts)
 
+
+
+def test_missing_fastapi_is_a_one_line_error(monkeypatch) -> None:  # noqa: ANN001
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
+    for name in [m for m in sys.modules if m.startswith("bardlm.serve")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(BardlmError, match=r'pip install "bardlm\[serve\]"'):
+        importlib.import_module("bardlm.serve")
