@@ -329,6 +329,27 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+# serve -------------------------------------------------------------------------------------
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model: OpenAI-compatible HTTP API + web playground")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait behind the running one; more get 503 (default 16)")
+    p.add_argument("--model-name", help="model id in the API (default: the checkpoint folder name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.ckpt, host=args.host, port=args.port, device=args.device, max_queue=args.max_queue,
+          model_name=args.model_name, log_level=args.log_level)
+    return 0
+
+
 COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
@@ -338,6 +359,7 @@ COMMANDS = {
     "reverse": (add_reverse, cmd_reverse),
     "seq2seq": (add_seq2seq, cmd_seq2seq),
     "experiment": (add_experiment, cmd_experiment),
+    "serve": (add_serve, cmd_serve),
 }
 
 

@@ -1,0 +1,309 @@
+"""An OpenAI-compatible HTTP API and the playground page, as a FastAPI app.
+
+    POST /v1/completions   prompt -> completion, whole or streamed as server-sent events
+    GET  /v1/models        the one model served (id, context length)
+    GET  /health           liveness and queue counters
+    GET  /                 the playground (static/index.html, no external resources)
+
+Requests are parsed here and checked by the engine; every refusal is an OpenAI-style error
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status, and 503 when the queue is
+full. The app only translates between HTTP and `Engine`; generation lives in the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Job, RequestError
+
+STATIC = Path(__file__).parent / "static"
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_BODY = 1 << 20  # bytes; far more than any prompt that fits a context, far less than a DoS
+# OpenAI options bardlm does not implement, and the one value of each that means "off".
+NEUTRAL = {"n": 1, "best_of": 1, "logprobs": None, "suffix": None, "presence_penalty": 0,
+           "frequency_penalty": 0, "logit_bias": {}}
+# The page loads only its own files; nothing from other origins, ever.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions: OpenAI's fields, plus top_k, min_p, repetition_penalty.
+
+    Strict types (no "0.5" for 0.5) and unknown fields refused: a misspelt option is an error,
+    not a silently ignored one. OpenAI fields we do not implement are accepted only at their
+    neutral values (n=1, logprobs=null, ...).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: Any  # a string, or a list holding one string (checked below)
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: Any = None  # a string or a list of up to 4 strings (checked below)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    user: str | None = None
+    # OpenAI fields we accept only at their neutral values (NEUTRAL):
+    n: Any = None
+    best_of: Any = None
+    logprobs: Any = None
+    suffix: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> str:
+        if isinstance(v, list) and len(v) == 1:
+            v = v[0]
+        if not isinstance(v, str):
+            raise ValueError("must be a string (one prompt; batches and token arrays are not supported)")
+        if not v:
+            raise ValueError("must not be empty; give at least one character of text")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Any) -> list[str]:
+        stops = [v] if isinstance(v, str) else v if isinstance(v, list) else [] if v is None else None
+        if stops is None or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("must be a non-empty string or a list of non-empty strings")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral(self) -> CompletionRequest:
+        for name, ok in NEUTRAL.items():
+            value = getattr(self, name)
+            if value is not None and value != ok:
+                raise ValueError(f"{name}={value!r} is not supported by bardlm; leave it out")
+        return self
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """One line from pydantic's errors: the first problem, and the field it concerns."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]  # e.g. ["stream_options", "include_usage"]
+    param = loc[0] if loc else None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "json_invalid":
+        return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})", None
+    if err["type"] == "model_type" or err["type"] == "model_attributes_type":
+        return "the request body must be a JSON object", None
+    if err["type"] == "extra_forbidden":
+        return f"unknown field {'.'.join(loc)!r}; check its spelling (see the OpenAI completions API)", param
+    if err["type"] == "missing":
+        return f"{'.'.join(loc)} is required", param
+    return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
+
+
+def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
+              max_queue: int = 16) -> FastAPI:
+    """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer."""
+    engine = Engine(model, tokenizer, max_queue=max_queue)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="bardlm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # no paths, only names
+        if name not in files:
+            return error_response(404, f"no static file {name!r}", code="not_found")
+        return FileResponse(files[name], headers={"Content-Security-Policy": CSP})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "bardlm",
+                "max_model_len": engine.block_size}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> Response:
+        if name != model_name:
+            return _unknown_model(name, model_name)
+        return JSONResponse(model_card())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            return _too_large()
+        body = await request.body()
+        if len(body) > MAX_BODY:  # a chunked upload has no content-length to check first
+            return _too_large()
+        try:
+            req = CompletionRequest.model_validate_json(body)
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            return error_response(400, message, param=param)
+        if req.model is not None and req.model != model_name:
+            return _unknown_model(req.model, model_name)
+        job = Job(prompt=req.prompt, max_tokens=req.max_tokens or 16, stop=req.stop or [],
+                  sampling=dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                                seed=req.seed))
+        try:
+            engine.check(job)
+        except RequestError as e:
+            return error_response(400, str(e), param=e.param)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+        if req.stream:
+            return _stream(engine, job, meta, req)
+        future = engine.try_submit(job)
+        if future is None:
+            return _busy(engine)
+        try:
+            await _wait_unless_gone(request, future, job)
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+        if job.finish_reason == "cancelled":  # the client left; nobody reads this
+            return Response(status_code=499)
+        text = req.prompt + job.text if req.echo else job.text
+        return JSONResponse({**meta, "choices": [_choice(text, job.finish_reason)],
+                             "usage": _usage(job)})
+
+    return app
+
+
+async def _wait_unless_gone(request: Request, future: Future, job: Job) -> None:
+    """Wait for a job, cancelling it if the client disconnects first (checked every 0.1 s)."""
+    waiter = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiter}, timeout=0.1)
+        if done:
+            waiter.result()  # re-raise a worker exception (-> 500)
+            return
+        if await request.is_disconnected():
+            job.cancel.set()
+
+
+def _stream(engine: Engine, job: Job, meta: dict[str, Any], req: CompletionRequest) -> Response:
+    """Queue a job whose text pieces flow to the client as OpenAI completion chunks (SSE)."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None marks the end of the job
+
+    def put(item: str | None) -> None:  # from the worker thread
+        try:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: the server is shutting down
+            job.cancel.set()
+
+    job.on_text = put
+    future = engine.try_submit(job)
+    if future is None:
+        return _busy(engine)
+    future.add_done_callback(lambda _f: put(None))
+
+    def chunk(text: str, finish_reason: str | None = None) -> str:
+        return _sse({**meta, "choices": [_choice(text, finish_reason)]})
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if req.echo:
+                yield chunk(req.prompt)
+            while (piece := await pieces.get()) is not None:
+                yield chunk(piece)
+            if (exc := future.exception()) is not None:
+                yield _sse({"error": {"message": f"generation failed: {exc}",
+                                      "type": "server_error", "param": None, "code": None}})
+                return
+            yield chunk("", job.finish_reason)
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse({**meta, "choices": [], "usage": _usage(job)})
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when the client disconnects (the response task is cancelled)
+            job.cancel.set()  # a no-op once the job is done; otherwise stops it within a token
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _usage(job: Job) -> dict[str, int]:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+def _busy(engine: Engine) -> JSONResponse:
+    return error_response(
+        503, f"the server is busy ({engine.capacity} requests running or queued); retry shortly",
+        "server_overloaded", code="queue_full", headers={"Retry-After": "1"})
+
+
+def _too_large() -> JSONResponse:
+    return error_response(413, f"the request body is over {MAX_BODY >> 20} MiB; send a shorter prompt",
+                          code="body_too_large")
+
+
+def _unknown_model(name: str, served: str) -> JSONResponse:
+    return error_response(404, f"model {name!r} is not served here; this server serves {served!r}",
+                          param="model", code="model_not_found")
