@@ -41,3 +41,17 @@ def test_info(capsys) -> None:
     out = capsys.readouterr().out
     assert "124,439,808" in out and "163,037,184" in out  # tied, and head counted separately
     assert "KV cache per token fp32 / bf16" in out and "73,728 B" in out  # 2*12*768*4 bytes
+
+
+def test_tokenizer_train_and_bpe_model(tmp_path, corpus_file, capsys) -> None:
+    tok_file = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--data", str(corpus_file), "--vocab-size", "300", "--out", str(tok_file)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "bpe" and info["vocab_size"] <= 300 and info["chars_per_token"] > 1
+    out = tmp_path / "bpe-run"
+    assert main(["train", "--data", str(corpus_file), "--tokenizer", "bpe:300", "--out", str(out), "--max-iters", "3", *TINY]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["val_bpc_full"] > 0
+    assert json.loads((out / "tokenizer.json").read_text())["kind"] == "bpe"
+    assert main(["generate", "--ckpt", str(out), "--prompt", "ROMEO: café", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO: café")

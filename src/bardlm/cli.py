@@ -166,6 +166,39 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# tokenizer ---------------------------------------------------------------------------------
+def add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train or inspect a tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE (or char/word) tokenizer on a corpus")
+    t.add_argument("--data", help="a text file or corpus name (default: shakespeare)")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--kind", choices=["bpe", "bpe_scratch", "char", "word"], default="bpe",
+                   help="bpe (Hugging Face tokenizers, fast) or bpe_scratch (our readable trainer)")
+    t.add_argument("--out", required=True, help="tokenizer.json to write")
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    import time
+
+    from .bpe import ScratchBPETokenizer, chars_per_token, train_bpe_scratch
+    from .data import load_corpus
+    from .tokenizers import build, save
+
+    text, path = load_corpus(args.data)
+    start = time.time()
+    if args.kind == "bpe_scratch":
+        tok = ScratchBPETokenizer(train_bpe_scratch(text, args.vocab_size))
+    else:
+        tok = build(f"bpe:{args.vocab_size}" if args.kind == "bpe" else args.kind, text)
+    seconds = time.time() - start
+    save(tok, args.out)
+    print(json.dumps({"out": args.out, "kind": tok.kind, "vocab_size": tok.vocab_size,
+                      "train_seconds": round(seconds, 2), "data": str(path),
+                      "chars_per_token": round(chars_per_token(tok, text[:1_000_000]), 3)}))
+    return 0
+
+
 # info --------------------------------------------------------------------------------------
 def add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameters, weight memory and KV-cache size of a model")
@@ -354,6 +387,7 @@ COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
     "info": (add_info, cmd_info),
+    "tokenizer": (add_tokenizer, cmd_tokenizer),
     "quantize": (add_quantize, cmd_quantize),
     "convert": (add_convert, cmd_convert),
     "reverse": (add_reverse, cmd_reverse),
