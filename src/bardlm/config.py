@@ -214,7 +214,10 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
             f"unknown preset {name!r}{_suggest(name, list(PRESETS))}; "
             f"valid presets: {', '.join(PRESETS)}"
         )
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    import copy
+
+    # Deep copy: nested fields (rope_scaling) must not be shared with the preset table.
+    return ModelConfig(**copy.deepcopy({**PRESETS[name], **overrides}))
 
 
 def parse_overrides(pairs: list[str], keys: list[str] | None = None) -> dict[str, Any]:
