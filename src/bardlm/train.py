@@ -94,8 +94,9 @@ class TrainConfig:
 
 # Training budgets of the presets (model shapes are in config.PRESETS under the same names).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # nanoGPT's CPU recipe: batch 12, 2000 iterations, lr 1e-3 decaying to 1e-4.
-    "char-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    # nanoGPT's CPU budget (batch 12, 2000 iterations); a peak lr of 2e-3 (nanoGPT: 1e-3)
+    # reaches 1.81 instead of 1.89 with the same steps.
+    "char-tiny": dict(batch_size=12, max_iters=2000, lr=2e-3, min_lr=2e-4, warmup_iters=100),
     "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile + fused AdamW, ~4M tokens.
