@@ -1,6 +1,6 @@
 """Byte-level BPE on the complete works: training time and characters per token by vocab size.
 
-    python bench/tokenizers.py --data ../shared/data/shakespeare_complete.txt
+    python bench/bpe_vocab.py --data ../shared/data/shakespeare_complete.txt
 
 Trains `bardlm.bpe.train_bpe` (Hugging Face `tokenizers`) for each vocab size on the whole
 corpus, encodes the corpus with it, checks that decoding gives the text back, and prints a
