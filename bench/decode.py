@@ -55,25 +55,14 @@ def peak_rss() -> int:
 
 
 def to_hf(model: GPT):  # noqa: ANN201
-    """A transformers GPT2LMHeadModel holding our weights (Conv1D stores them as (in, out))."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A transformers GPT2LMHeadModel holding our weights, through the library's bridge (hf.py)."""
+    import tempfile
 
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-        n_head=c.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)).eval()
-    ours = model.state_dict()
-    sd = {}
-    for k, v in hf.state_dict().items():
-        if k not in ours:  # causal-mask buffers of older transformers versions
-            sd[k] = v
-        elif k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            sd[k] = ours[k].t()
-        else:
-            sd[k] = ours[k]
-    hf.load_state_dict(sd)
-    return hf
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(tmp).eval()
 
 
 def time_decode(run, runs: int) -> tuple[float, torch.Tensor]:  # noqa: ANN001

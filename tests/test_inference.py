@@ -103,25 +103,14 @@ def test_prepared_fp32_and_bf16_match_the_training_model(style: dict) -> None:
 
 
 def _copy_into_hf(model: GPT):  # noqa: ANN202
-    """A transformers GPT-2 with our weights (Conv1D stores weights as (in, out))."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A transformers GPT-2 holding our weights, through the library's own bridge (hf.py)."""
+    import tempfile
 
-    c = model.config
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size,
-                                    n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                                    activation_function="gelu_new", resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0)).eval()
-    sd = model.state_dict()
-    out = {}
-    for k, v in hf.state_dict().items():
-        if k.endswith(("attn.bias", "attn.masked_bias")) and k not in sd:
-            out[k] = v  # HF's causal-mask buffers (older versions)
-            continue
-        src = sd[k]
-        is_conv = any(k.endswith(f"{n}.weight") for n in ("c_attn", "c_proj", "c_fc"))
-        out[k] = src.t() if is_conv else src
-    hf.load_state_dict(out)
-    return hf
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(tmp).eval()
 
 
 def test_greedy_ids_equal_transformers_generate() -> None:
