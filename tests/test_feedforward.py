@@ -30,3 +30,21 @@ def test_swiglu_matches_formula() -> None:
     x = torch.randn(2, 3, 16)
     want = (F.silu(x @ w1.T) * (x @ w3.T)) @ ff.c_proj.weight.T
     torch.testing.assert_close(ff(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_ops_model_equals_written_out() -> None:
+    """A whole model with fused norms and GELU gives the written-out model's logits and grads."""
+    from bardlm import GPT
+    from bardlm.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    slow, fast = GPT(ModelConfig(**cfg, fused_ops=False)), GPT(ModelConfig(**cfg, fused_ops=True))
+    fast.load_state_dict(slow.state_dict())
+    idx = torch.randint(0, 50, (2, 16))
+    (ls, loss_s), (lf, loss_f) = slow(idx, idx), fast(idx, idx)
+    torch.testing.assert_close(lf, ls, atol=1e-5, rtol=1e-5)
+    loss_s.backward()
+    loss_f.backward()
+    for (name, a), b in zip(slow.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -31,3 +31,22 @@ def test_rmsnorm_matches_torch() -> None:
         ours.weight.copy_(ref.weight)
     x = torch.randn(2, 5, 32) * 3 + 1
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_equals_written_out(kind: str, dtype: torch.dtype) -> None:
+    from bardlm.norm import make_norm
+
+    torch.manual_seed(0)
+    slow, fast = make_norm(kind, 40, 1e-5, True, fused=False), make_norm(kind, 40, 1e-5, True, fused=True)
+    with torch.no_grad():
+        slow.weight.normal_()
+        fast.weight.copy_(slow.weight)
+        if kind == "layernorm":
+            slow.bias.normal_()
+            fast.bias.copy_(slow.bias)
+    x = (torch.randn(3, 7, 40) * 4 + 1).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast(x), slow(x), **tol)
+    assert fast(x).dtype == slow(x).dtype

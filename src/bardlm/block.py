@@ -24,14 +24,14 @@ class Block(nn.Module):
         super().__init__()
         self.pre = cfg.norm_placement == "pre"
         self.residual = cfg.residual
-        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
         self.attn = Attention(cfg, causal=causal)
         if cross:
-            self.ln_cross = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+            self.ln_cross = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
             self.cross_attn = Attention(cfg, causal=False)
         else:
             self.ln_cross, self.cross_attn = None, None
-        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
         self.mlp = make_ffn(cfg)
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:  # noqa: ANN001

@@ -52,6 +52,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "explicit" (softmax written out)
+    # Norms and GELU as one PyTorch kernel each (same values as the written-out formulas, which
+    # False runs; tests hold them equal). The written-out ones cost ~2x a CPU training step.
+    fused_ops: bool = True
     attn_score: str = "dot"  # "dot" q.k/sqrt(d), "dot_unscaled", "additive", "bilinear", "cosine"
     share_layers: bool = False  # ALBERT: one block's weights applied n_layer times
     residual: bool = True  # skip connections around attention and FFN (False: an ablation)

@@ -14,6 +14,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3))))
 
 
+def fused_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh` as one PyTorch kernel (the same function; a test holds them equal)."""
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     """c_proj(act(c_fc(x))): widen to `hidden` (4x by default), apply the nonlinearity, narrow."""
 
@@ -22,6 +27,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
         self.act = gelu_tanh if cfg.ffn == "gelu" else F.relu
+        if cfg.ffn == "gelu" and cfg.fused_ops:
+            self.act = fused_gelu_tanh
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)

@@ -57,30 +57,14 @@ class TiedEmbedding(nn.Module):
         return F.embedding(idx, self.head[0].weight_t.t())
 
 
-class FusedLayerNorm(nn.Module):
-    """`F.layer_norm` with the same parameters as `norm.LayerNorm`: one kernel instead of ten
-    small ops per call, which matters when a decode step is ~100 such calls."""
-
-    def __init__(self, ln: LayerNorm) -> None:
-        super().__init__()
-        self.eps = ln.eps
-        self.weight, self.bias = ln.weight, ln.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")  # one fused kernel; same function as feedforward.gelu_tanh
-
-
 def prepare_for_inference(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     """Swap `model`'s layers for fast decoding ones, in place; returns it in eval mode.
 
     dtype: "fp32", "bf16" (weights and activations) or "int8" (int8 weights, bf16 activations).
     The model can no longer be trained afterwards: keep the original if you need to.
     """
-    from .feedforward import MLP, gelu_tanh
+    from .feedforward import MLP, fused_gelu_tanh, gelu_tanh
+    from .norm import RMSNorm
     from .quantize import quantize_model
 
     if dtype not in (*DTYPES, "int8"):
@@ -94,12 +78,12 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32") -> nn.Module:
         _swap_linears(model, DTYPES[dtype])
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, LayerNorm):
-                setattr(module, name, FusedLayerNorm(child))
-            elif isinstance(child, nn.Dropout):
+            if isinstance(child, nn.Dropout):
                 setattr(module, name, nn.Identity())  # eval dropout is the identity anyway
+        if isinstance(module, (LayerNorm, RMSNorm)):
+            module.fused = True  # one kernel instead of ~8 small ops: a decode step has ~50 norms
         if isinstance(module, MLP) and module.act is gelu_tanh:
-            module.act = _gelu_tanh
+            module.act = fused_gelu_tanh
     model.prepared = dtype
     return model
 

@@ -32,7 +32,7 @@ class GPT(nn.Module):
                 drop=nn.Dropout(cfg.dropout),
                 # share_layers (ALBERT): one block, applied n_layer times in `forward`.
                 h=nn.ModuleList([Block(cfg) for _ in range(1 if cfg.share_layers else cfg.n_layer)]),
-                ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias),
+                ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops),
             )
         )
         if cfg.pos == "learned":

@@ -129,8 +129,10 @@ class EncoderDecoder(nn.Module):
         )
         # Post-norm outputs are already normalised; a pre-norm stack ends on an un-normed sum.
         pre = cfg.norm_placement == "pre"
-        self.enc_norm = make_norm(cfg.norm, C, layer.norm_eps, cfg.bias) if pre else nn.Identity()
-        self.dec_norm = make_norm(cfg.norm, C, layer.norm_eps, cfg.bias) if pre else nn.Identity()
+        def final_norm() -> nn.Module:
+            return make_norm(cfg.norm, C, layer.norm_eps, cfg.bias, layer.fused_ops) if pre else nn.Identity()
+
+        self.enc_norm, self.dec_norm = final_norm(), final_norm()
         self.lm_head = nn.Linear(C, cfg.tgt_vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_output:
