@@ -7,7 +7,10 @@ Batch 1, a 16-token prompt, 256 new greedy tokens, 2 threads, after a warm-up; t
 --runs runs per variant. Variants: ours fp32 with and without the KV cache, `transformers`
 `generate` (greedy, use_cache=True) on the same fp32 weights, ours bf16 and ours int8. Each is
 also given as a fraction of its memory-bandwidth bound: (bytes of weights + KV cache read per
-token) / (read bandwidth measured in this run). Ends with one JSON line.
+token) / (read bandwidth measured in this run), and against its kernel ceiling: the time the
+weight matmuls alone take when every linear layer is applied to one token's activation in model
+order, with nothing else (the speed a decode step would have with zero overhead on this CPU's
+kernels). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -65,6 +68,28 @@ def to_hf(model: GPT):  # noqa: ANN201
         return AutoModelForCausalLM.from_pretrained(tmp).eval()
 
 
+def kernel_ceiling(model: torch.nn.Module, reps: int = 20) -> float:
+    """Tokens/s if a decode step were its weight matmuls alone (median of `reps` passes)."""
+    from bardlm.inference import FastLinear, model_dtype
+    from bardlm.quantize import Int8Linear
+
+    lins = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, FastLinear, Int8Linear))]
+    xs = [torch.randn(1, 1, m.in_features, dtype=model_dtype(model)) for m in lins]
+
+    def step() -> None:
+        for m, x in zip(lins, xs):
+            m(x)
+
+    with torch.no_grad():
+        step()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    return 1 / statistics.median(times)
+
+
 def time_decode(run, runs: int) -> tuple[float, torch.Tensor]:  # noqa: ANN001
     """Median seconds of `run()` over `runs` calls after one warm-up call; and its output."""
     out = run(warm=True)
@@ -115,7 +140,7 @@ def main() -> None:
         act = 4 if dtype == "fp32" else 2
         read = weight_bytes(model) - _wpe_bytes(model) + (kv_per_pos * act * avg_ctx if use_cache else 0)
         results[name] = dict(tokens_per_sec=n / sec, weight_bytes=weight_bytes(model),
-                             bound=bw / read, peak_rss=peak_rss())
+                             bound=bw / read, peak_rss=peak_rss(), ceiling=kernel_ceiling(model))
         print(f"  {name}: {n / sec:.1f} tokens/s", flush=True)
         return out  # the model is freed on return
 
@@ -123,6 +148,7 @@ def main() -> None:
     if "nocache" not in args.skip:
         ids_nocache = ours("fp32_nocache", "fp32", use_cache=False, runs=args.nocache_runs)
         results["fp32_nocache"]["bound"] = None  # compute bound, not a bandwidth one
+        results["fp32_nocache"]["ceiling"] = None
         assert torch.equal(ids_nocache, ids_fp32), "cached and uncached greedy ids differ"
     ids_hf = None
     if "hf" not in args.skip:
@@ -140,7 +166,7 @@ def main() -> None:
         sec, ids_hf = time_decode(run_hf, args.runs)
         read = weight_bytes(base) - _wpe_bytes(base) + kv_per_pos * 4 * avg_ctx
         results["hf_fp32"] = dict(tokens_per_sec=n / sec, weight_bytes=weight_bytes(base),
-                                  bound=bw / read, peak_rss=peak_rss())
+                                  bound=bw / read, peak_rss=peak_rss(), ceiling=None)
         print(f"  hf_fp32: {n / sec:.1f} tokens/s", flush=True)
         del hf
         gc.collect()
@@ -150,11 +176,14 @@ def main() -> None:
             out = ours(dtype, dtype)
             agree[dtype] = (out[0, args.prompt:] == ids_fp32[0, args.prompt:]).float().mean().item()
 
-    print(f"\n{'variant':<14}{'tokens/s':>10}{'of bound':>10}{'weights MiB':>13}{'peak RSS MiB':>14}")
+    print(f"\n{'variant':<14}{'tokens/s':>10}{'of bound':>10}{'ceiling':>9}{'of ceiling':>12}"
+          f"{'weights MiB':>13}{'peak RSS MiB':>14}")
     for name, r in results.items():
         frac = f"{r['tokens_per_sec'] / r['bound']:.0%}" if r["bound"] else "-"
-        print(f"{name:<14}{r['tokens_per_sec']:>10.1f}{frac:>10}{r['weight_bytes'] / 2**20:>13.1f}"
-              f"{r['peak_rss'] / 2**20:>14.1f}")
+        ceil = f"{r['ceiling']:.1f}" if r["ceiling"] else "-"
+        of_ceil = f"{r['tokens_per_sec'] / r['ceiling']:.0%}" if r["ceiling"] else "-"
+        print(f"{name:<14}{r['tokens_per_sec']:>10.1f}{frac:>10}{ceil:>9}{of_ceil:>12}"
+              f"{r['weight_bytes'] / 2**20:>13.1f}{r['peak_rss'] / 2**20:>14.1f}")
     tps = {k: round(v["tokens_per_sec"], 2) for k, v in results.items()}
     ratio = lambda a, b: round(tps[a] / tps[b], 3) if a in tps and b in tps else None  # noqa: E731
     summary = dict(
@@ -167,11 +196,17 @@ def main() -> None:
         int8_vs_fp32=ratio("int8", "fp32_cache"),
         bf16_vs_hf=ratio("bf16", "hf_fp32"),
         int8_vs_hf=ratio("int8", "hf_fp32"),
+        # the matmuls-only speed of each variant over transformers' measured speed: the most
+        # that variant could reach against transformers on this CPU's kernels
+        kernel_ceiling_vs_hf={k: round(v["ceiling"] / results["hf_fp32"]["tokens_per_sec"], 3)
+                              for k, v in results.items() if v["ceiling"] and "hf_fp32" in results},
         int8_bytes_ratio=(round(results["int8"]["weight_bytes"] / weight_bytes(base), 4)
                           if "int8" in results else None),
         greedy_ids_equal_hf=None if ids_hf is None else bool(torch.equal(ids_hf, ids_fp32)),
         greedy_agreement_with_fp32=agree,
         read_bandwidth_gbs=round(bw / 1e9, 2),
+        kernel_ceiling_tokens_per_sec={k: round(v["ceiling"], 1) for k, v in results.items()
+                                       if v["ceiling"]},
         peak_rss_mib={k: round(v["peak_rss"] / 2**20, 1) for k, v in results.items()},
     )
     print(f"\nwith cache / without: {summary['cache_vs_nocache']}; ours / transformers: "

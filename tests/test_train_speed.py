@@ -217,3 +217,47 @@ def test_token_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert len(list((tmp_path / "cache" / "bardlm" / "tokens").glob("*.tokens.npy"))) == 1
     finally:
         ro.chmod(0o755)
+
+
+def test_muon_resumes_exactly_and_steps_like_torch_muon(tmp_path: Path) -> None:
+    """optimizer=muon: 4 + resume + 4 steps == 8 straight steps, and its matrix update is
+    torch.optim.Muon's (the reference) while the other parameters take AdamW's."""
+    straight = make_trainer(tmp_path / "a", optimizer="muon")
+    ref = record(straight)
+    straight.fit()
+    first = make_trainer(tmp_path / "b", optimizer="muon")
+    got = record(first)
+    first.fit(until=4)
+    second = make_trainer(tmp_path / "b", optimizer="muon")
+    second.resume()
+    got += record_fit(second)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    for (name, p), q in zip(straight.model.named_parameters(), second.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+    torch.manual_seed(0)
+    model = make_trainer(tmp_path / "c").model
+    twin = make_trainer(tmp_path / "d").model
+    twin.load_state_dict(model.state_dict())
+    model.eval(), twin.eval()  # no dropout: both see the same forward pass
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-2))
+    hidden = [p for n, p in twin.named_parameters() if ".h." in f".{n}" and p.dim() == 2]
+    ref_muon = torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    x = torch.randint(0, model.config.vocab_size, (4, 16))
+    for m, o in ((model, opt), (twin, ref_muon)):
+        m(x, x)[1].backward()
+        o.step()
+    moved = 0
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if ".h." in f".{name}" and p.dim() == 2:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+            moved += 1
+    assert moved == 8  # 2 layers x (c_attn, c_proj, c_fc, c_proj)
+    with pytest.raises(BardlmError, match="muon"):
+        TrainConfig(optimizer="muon", fsdp=True)
+
+
+def record_fit(trainer: Trainer) -> list[float]:
+    losses = record(trainer)
+    trainer.fit()
+    return losses

@@ -7,7 +7,8 @@ Every `eval_interval` steps: validation loss and bits per character -> metrics.j
 and a checkpoint that `--resume` continues from exactly.
 
 Fast paths, each a switch: `attn_impl` (model config; SDPA by default), `compile`
-(torch.compile), `dtype="bf16"` (autocast), `optimizer` ("fused", "foreach" or "loop" AdamW).
+(torch.compile), `dtype="bf16"` (autocast), `optimizer` ("fused", "foreach" or "loop" AdamW, or
+"muon": Muon for the blocks' weight matrices and fused AdamW for the rest).
 Several processes: run under `torchrun` (see `distributed.py`); `fsdp=True` shards the model
 with FSDP2's `fully_shard` instead of replicating it with DDP.
 """
@@ -48,7 +49,7 @@ from .tokenizers import Tokenizer
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
-OPTIMIZER_IMPLS = ("fused", "foreach", "loop")
+OPTIMIZER_IMPLS = ("fused", "foreach", "loop", "muon")
 
 
 @dataclass
@@ -73,7 +74,7 @@ class TrainConfig:
     dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
     device: str = "cpu"
     compile: bool = False  # torch.compile the training forward/backward (eval stays eager)
-    optimizer: str = "foreach"  # AdamW kernel: "fused" (one kernel), "foreach", "loop"
+    optimizer: str = "foreach"  # AdamW kernel: "fused" (one kernel), "foreach", "loop"; or "muon"
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of DDP
 
     def __post_init__(self) -> None:
@@ -84,6 +85,9 @@ class TrainConfig:
             raise BardlmError(f"train: lr must be positive and min_lr >= 0, got {self.lr}, {self.min_lr}")
         if self.dtype not in ("fp32", "bf16"):
             raise BardlmError(f"train: dtype must be fp32 or bf16, got {self.dtype!r} (fp16 is unusable on CPU)")
+        if self.optimizer == "muon" and self.fsdp:
+            raise BardlmError("train: optimizer=muon orthogonalises whole matrices, which FSDP "
+                              "shards; use DDP (drop fsdp) or optimizer=fused")
         if self.optimizer not in OPTIMIZER_IMPLS:
             raise BardlmError(
                 f"train: optimizer must be one of {', '.join(OPTIMIZER_IMPLS)}, got {self.optimizer!r}"
@@ -122,19 +126,76 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: biases, norms and gains stay undecayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only: biases, norms and gains stay undecayed.
+
+    optimizer="muon": the weight matrices inside the blocks go to Muon instead (see `MuonAdamW`).
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in params if p.dim() == 2 and _is_hidden_matrix(n)]
+        if hidden:
+            return MuonAdamW(hidden, [(n, p) for n, p in params if not (p.dim() == 2 and _is_hidden_matrix(n))], cfg)
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
     # Same update, three kernels: "fused" does every parameter in one kernel, "foreach" batches
     # the tensor ops across parameters, "loop" is the plain per-parameter Python loop.
-    impl = dict(fused=dict(fused=True), foreach=dict(foreach=True), loop=dict(foreach=False))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **impl[cfg.optimizer])
+    impl = dict(fused=dict(fused=True), foreach=dict(foreach=True), loop=dict(foreach=False),
+                muon=dict(fused=True))
+    return torch.optim.AdamW(_adamw_groups(decay, no_decay, cfg), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), **impl[cfg.optimizer])
+
+
+def _adamw_groups(decay: list, no_decay: list, cfg: TrainConfig) -> list[dict[str, Any]]:
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _is_hidden_matrix(name: str) -> bool:
+    """A block's weight matrix (attention and MLP projections), not an embedding or the head:
+    those map tokens, not hidden features, and Muon's orthogonalised step does not suit them."""
+    return ".h." in f".{name}" and name.endswith(".weight")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (`torch.optim.Muon`) for the blocks' weight matrices, fused AdamW for everything else.
+
+    Muon replaces each matrix's momentum by the nearest orthogonal matrix (5 Newton-Schulz
+    iterations) before stepping: every direction of the update moves at the same rate, which
+    trains small models in markedly fewer steps (Jordan et al., 2024). With
+    adjust_lr_fn="match_rms_adamw" (Moonshot, 2025) its update has AdamW's RMS, so one learning
+    rate and schedule drive both halves.
+
+    One Optimizer over both: its groups are the Muon groups then the AdamW groups (the very same
+    dicts), and its `state` is shared, so `state_dict`, checkpoints and exact resume work as
+    for plain AdamW.
+    """
+
+    def __init__(self, hidden: list[torch.Tensor], rest: list[tuple[str, torch.Tensor]], cfg: TrainConfig) -> None:
+        self.muon = torch.optim.Muon(
+            [{"params": hidden, "weight_decay": cfg.weight_decay}], lr=cfg.lr,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        decay = [p for _, p in rest if p.dim() >= 2]
+        no_decay = [p for _, p in rest if p.dim() < 2]
+        self.adamw = torch.optim.AdamW(_adamw_groups(decay, no_decay, cfg), lr=cfg.lr,
+                                       betas=(cfg.beta1, cfg.beta2), fused=True)
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+        self._link()
+
+    def _link(self) -> None:
+        """Point the two inner optimizers at this one's groups and state (after (re)loading)."""
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # builds new group dicts and a new state mapping
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # noqa: ARG002
+        self.muon.step()
+        self.adamw.step()
 
 
 def bits_per_char(loss: float, n_tokens: int, n_chars: int) -> float:
