@@ -103,10 +103,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "char-tiny": dict(batch_size=12, max_iters=2000, lr=2e-3, min_lr=2e-4, warmup_iters=100),
     "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
-    # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile + fused AdamW, ~4M tokens.
-    "char-5min": dict(batch_size=16, max_iters=1000, lr=2e-3, min_lr=2e-4, warmup_iters=50,
-                      eval_interval=250, eval_batches=4, dtype="bf16", compile=True,
-                      optimizer="fused"),
+    # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
+    "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
+                      eval_interval=250, eval_batches=2, dtype="bf16", compile=True,
+                      optimizer="muon"),
     "word-small": dict(batch_size=32, max_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=200),
 }
 
