@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on tiny shapes and end with the JSON line they promise.
+
+They time nothing here (speed belongs to the benchmarks themselves); this only keeps them working.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_decode_bench_smoke() -> None:
+    res = run_bench("bench/decode.py", "--preset", "qwen3-tiny", "--tokens", "8", "--runs", "1",
+                    "--skip", "nocache")
+    assert set(res["tokens_per_sec"]) == {"fp32_cache", "hf_fp32", "bf16", "int8"}
+    assert res["greedy_ids_equal_hf"] is True
+    assert set(res["kernel_ceiling_vs_hf"]) == {"fp32_cache", "bf16", "int8"}
+    assert 0.2 < res["int8_bytes_ratio"] < 0.5
+
+
+def test_train_bench_smoke() -> None:
+    res = run_bench("bench/train.py", "--shapes", "baby", "--modes", "eager_fp32", "eager_bf16",
+                    "--steps", "1", "--warmup", "1")
+    modes = res["results"]["baby"]
+    assert set(modes) == {"eager_fp32", "eager_bf16"} and modes["eager_fp32"]["speedup"] == 1.0
+    assert all(m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1 for m in modes.values())
