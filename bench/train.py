@@ -69,18 +69,17 @@ def _params(cfg: ModelConfig):  # noqa: ANN202
         return list(GPT(cfg).named_parameters())
 
 
-def shape_config(shape: str, vocab_size: int, dropout: float | None) -> ModelConfig:
-    """The model of `shape`; `dropout` (when given) replaces the shape's own rate."""
-    fields = dict(SHAPES[shape][0], **({} if dropout is None else {"dropout": dropout}))
-    return ModelConfig(vocab_size=vocab_size, bias=False, **fields)
+def shape_config(shape: str, vocab_size: int, **overrides: object) -> ModelConfig:
+    """The model of `shape`, with `overrides` (e.g. dropout=0) replacing its own fields."""
+    return ModelConfig(vocab_size=vocab_size, bias=False, **{**SHAPES[shape][0], **overrides})
 
 
 def measure(text: str, tok: CharTokenizer, shape: str, mode: str, steps: int, warmup: int,
-            dropout: float | None = None) -> float:
+            **overrides: object) -> float:
     """Training tokens per second of `steps` steps after `warmup` (compilation happens there)."""
     batch = SHAPES[shape][1]
     compile_, dtype = MODES[mode]
-    cfg = shape_config(shape, tok.vocab_size, dropout)
+    cfg = shape_config(shape, tok.vocab_size, **overrides)
     tc = TrainConfig(batch_size=batch, max_iters=10**6, compile=compile_, dtype=dtype,
                      optimizer="fused", warmup_iters=10)
     with tempfile.TemporaryDirectory() as out:
@@ -103,6 +102,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--dropout", type=float, default=None,
                     help="replace every shape's dropout rate (e.g. 0 to see what dropout costs)")
+    ap.add_argument("--torch-dropout", action="store_true",
+                    help="F.dropout's masks instead of the fast ones (fast_dropout=false)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,12 +114,15 @@ def main() -> None:
           f"bf16 {peak['bf16']:.0f} GFLOP/s")
     results: dict[str, dict[str, dict[str, float]]] = {}
     for shape in args.shapes:
-        cfg = shape_config(shape, tok.vocab_size, args.dropout)
+        overrides = {} if args.dropout is None else {"dropout": args.dropout}
+        if args.torch_dropout:
+            overrides["fast_dropout"] = False
+        cfg = shape_config(shape, tok.vocab_size, **overrides)
         fpt = flops_per_token(cfg)
         results[shape] = {}
         base = None
         for mode in args.modes:
-            tok_s = measure(text, tok, shape, mode, args.steps, args.warmup, args.dropout)
+            tok_s = measure(text, tok, shape, mode, args.steps, args.warmup, **overrides)
             base = base or tok_s  # the first mode measured (eager fp32 by default) is the baseline
             mfu = fpt * tok_s / (peak[MODES[mode][1]] * 1e9)
             results[shape][mode] = {"tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),

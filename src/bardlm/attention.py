@@ -17,6 +17,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
+from .dropout import Dropout, dropout
 from .norm import RMSNorm
 from .position import apply_rope
 
@@ -41,7 +42,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.fast_dropout = cfg.fast_dropout
+        self.resid_dropout = Dropout(cfg.dropout, cfg.fast_dropout)
         # Scores other than the scaled dot product have no fused kernel: explicit path.
         self.score = AttentionScore(cfg) if cfg.attn_score != "dot" else None
         self.impl = cfg.attn_impl if self.score is None else "explicit"
@@ -127,7 +129,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """softmax(q k^T / sqrt(D)) v with q (B, H, T, D), k and v (B, H_kv, S, D)."""
         p_drop = self.dropout if self.training else 0.0
-        if self.impl == "sdpa":
+        # SDPA cannot take our dropout mask, and on CPU attention dropout sends it to its math
+        # path anyway: so CPU training with fast dropout runs the written-out formula, which is
+        # faster then. (On CUDA SDPA's own fused dropout is the fast path.)
+        own_dropout = p_drop > 0 and self.fast_dropout and q.device.type == "cpu"
+        if self.impl == "sdpa" and not own_dropout:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=is_causal,
                 enable_gqa=self.n_kv_head != self.n_head,
@@ -135,7 +141,7 @@ class Attention(nn.Module):
         if is_causal:
             T = q.shape[2]
             mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        return explicit_attention(q, k, v, mask, p_drop, self.score)
+        return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout)
 
 
 class AttentionScore(nn.Module):
@@ -181,10 +187,12 @@ def explicit_attention(
     mask: torch.Tensor | None,
     dropout_p: float = 0.0,
     score: AttentionScore | None = None,
+    fast_dropout: bool = False,
 ) -> torch.Tensor:
     """The formula written out: q (B, H, T, D), k and v (B, H_kv, S, D) -> (B, H, T, D).
 
     score: another way to score (q, k) pairs; None is the scaled dot product.
+    fast_dropout: draw the dropout mask on the attention weights with `dropout.keep_mask`.
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # GQA: each KV head serves n_rep query heads
@@ -197,6 +205,5 @@ def explicit_attention(
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
     att = F.softmax(att.float(), dim=-1).to(q.dtype)
-    if dropout_p > 0:
-        att = F.dropout(att, dropout_p)
+    att = dropout(att, dropout_p, training=True, fast=fast_dropout)
     return att @ v

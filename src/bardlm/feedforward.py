@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ class MLP(nn.Module):
         self.act = gelu_tanh if cfg.ffn == "gelu" else F.relu
         if cfg.ffn == "gelu" and cfg.fused_ops:
             self.act = fused_gelu_tanh
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -44,7 +45,7 @@ class SwiGLU(nn.Module):
         self.hidden = cfg.hidden
         self.c_fc = nn.Linear(cfg.n_embd, 2 * cfg.hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up = self.c_fc(x).split(self.hidden, dim=-1)

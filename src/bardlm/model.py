@@ -15,6 +15,7 @@ from torch import nn
 from .block import Block
 from .cache import KVCache
 from .config import ModelConfig
+from .dropout import Dropout
 from .errors import BardlmError
 from .norm import make_norm
 from .position import rope_cos_sin, rope_inv_freq, sinusoidal_table
@@ -29,7 +30,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
+                drop=Dropout(cfg.dropout, cfg.fast_dropout),
                 # share_layers (ALBERT): one block, applied n_layer times in `forward`.
                 h=nn.ModuleList([Block(cfg) for _ in range(1 if cfg.share_layers else cfg.n_layer)]),
                 ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops),

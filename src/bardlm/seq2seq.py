@@ -30,6 +30,7 @@ from torch import nn
 from .block import Block
 from .cache import KVCache
 from .config import ModelConfig
+from .dropout import Dropout
 from .errors import BardlmError
 from .norm import make_norm
 from .position import sinusoidal_table
@@ -54,6 +55,7 @@ class Seq2SeqConfig:
     norm: str = "layernorm"
     norm_placement: str = "post"  # "post" (the paper) or "pre"
     dropout: float = 0.0
+    fast_dropout: bool = True  # see ModelConfig.fast_dropout
     bias: bool = True
     share_embeddings: bool = False  # one matrix for source and target tokens (a shared vocab)
     tie_output: bool = True  # the output layer reuses the target embedding matrix
@@ -79,7 +81,8 @@ class Seq2SeqConfig:
             vocab_size=self.tgt_vocab_size, block_size=self.max_len, n_layer=self.n_dec_layer,
             n_head=self.n_head, n_embd=self.n_embd, ffn_hidden=self.ffn_hidden, ffn=self.ffn,
             norm=self.norm, norm_placement=self.norm_placement, pos="sinusoidal",
-            bias=self.bias, dropout=self.dropout, attn_impl=self.attn_impl,
+            bias=self.bias, dropout=self.dropout, fast_dropout=self.fast_dropout,
+            attn_impl=self.attn_impl,
             tie_embeddings=self.tie_output,
         )
 
@@ -122,7 +125,7 @@ class EncoderDecoder(nn.Module):
         self.src_emb = nn.Embedding(cfg.src_vocab_size, C)
         self.tgt_emb = self.src_emb if cfg.share_embeddings else nn.Embedding(cfg.tgt_vocab_size, C)
         self.register_buffer("pos_table", sinusoidal_table(cfg.max_len, C), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, cfg.fast_dropout)
         self.encoder = nn.ModuleList([Block(layer, causal=False) for _ in range(cfg.n_enc_layer)])
         self.decoder = nn.ModuleList(
             [Block(layer, causal=True, cross=True) for _ in range(cfg.n_dec_layer)]
