@@ -28,6 +28,12 @@ def test_decode_bench_smoke() -> None:
     assert 0.2 < res["int8_bytes_ratio"] < 0.5
 
 
+def test_dropout_bench_smoke() -> None:
+    res = run_bench("bench/dropout.py", "--batch", "1", "--reps", "1")
+    assert len(res["results"]) == 8  # 2 dtypes x 2 tensors x (forward, forward+backward)
+    assert all(r["fast_ms"] > 0 and r["torch_ms"] > 0 for r in res["results"].values())
+
+
 def test_train_bench_smoke() -> None:
     res = run_bench("bench/train.py", "--shapes", "baby", "--modes", "eager_fp32", "eager_bf16",
                     "--steps", "1", "--warmup", "1")
