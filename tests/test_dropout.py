@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from bardlm import GPT, ModelConfig
-from bardlm.attention import explicit_attention
+from bardlm.attention import Attention, explicit_attention
 from bardlm.dropout import LEVELS, Dropout, dropout, keep_mask
+from bardlm.errors import BardlmError
 
 
 def test_mask_is_the_16_bit_slices_of_the_drawn_words() -> None:
@@ -54,6 +55,9 @@ def test_matches_f_dropout_contract() -> None:
     ref = F.dropout(x, 0.2, training=True)
     torch.manual_seed(1)
     assert torch.equal(dropout(x, 0.2, fast=False), ref)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(BardlmError, match="must be in"):
+            dropout(x, bad)
 
 
 def test_gradient_is_the_same_mask() -> None:
@@ -85,6 +89,32 @@ def test_attention_dropout_masks_the_softmax_weights() -> None:
     keep, p_exact = keep_mask((B, H, T, T), p)
     att = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~causal, -math.inf), -1)
     torch.testing.assert_close(out, (att * keep / (1 - p_exact)) @ v)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_attention_module_with_fast_dropout_is_causal_and_uses_the_formula(n_kv_head: int) -> None:
+    """An SDPA-configured Attention, training on CPU, takes the written-out path with our mask:
+    it equals explicit_attention on its own q, k, v with the same draws, and stays causal."""
+    cfg = ModelConfig(vocab_size=11, block_size=16, n_layer=1, n_head=4, n_kv_head=n_kv_head,
+                      n_embd=32, dropout=0.3)
+    attn = Attention(cfg).train()
+    attn.resid_dropout.p = 0.0  # isolate the attention-weight mask
+    B, T, H, D = 2, 10, 4, 8
+    x = torch.randn(B, T, 32)
+    torch.manual_seed(3)
+    y = attn(x)
+    q, k, v = attn.c_attn(x).split([H * D, n_kv_head * D, n_kv_head * D], dim=-1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, n_kv_head, D).transpose(1, 2)
+    v = v.view(B, T, n_kv_head, D).transpose(1, 2)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    torch.manual_seed(3)
+    ref = explicit_attention(q, k, v, causal, 0.3, fast_dropout=True)
+    torch.testing.assert_close(y, attn.c_proj(ref.transpose(1, 2).reshape(B, T, H * D)))
+    x2 = x.clone()
+    x2[:, -1] += 1.0  # a change at the last position must not reach earlier ones
+    torch.manual_seed(3)
+    torch.testing.assert_close(attn(x2)[:, :-1], y[:, :-1])
 
 
 def test_model_trains_with_either_dropout_and_evaluates_the_same() -> None:

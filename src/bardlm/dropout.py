@@ -6,17 +6,21 @@ element; on a 2-core CPU that runs at ~60 million elements a second, and a GPT-s
 step with dropout draws hundreds of millions of them (every attention probability is masked).
 
 The fast mask draws 64-bit random words instead and reads each as four 16-bit numbers u (signed
-int16 plus 32768, uniform on [0, 65536)), keeping an element when u >= round(p * 65536). One draw serves four elements, ~6x faster here. The drop
-rate is then p' = round(p * 65536) / 65536, within 1/131072 of p, and survivors are scaled by
-1 / (1 - p'), so the output stays unbiased. The words come from PyTorch's global generator, so
+int16 plus 32768, uniform on [0, 65536)), keeping an element when u >= round(p * 65536). One
+draw serves four elements, ~6x faster here. The drop rate is then p' = round(p * 65536) / 65536,
+within 1/131072 of p, and survivors are scaled by 1 / (1 - p'), so the output stays unbiased. The words come from PyTorch's global generator, so
 `torch.manual_seed` and saved RNG states (exact resume) cover them as they cover F.dropout.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import BardlmError
 
 LEVELS = 1 << 16  # a 16-bit number takes this many values
 
@@ -24,9 +28,7 @@ LEVELS = 1 << 16  # a 16-bit number takes this many values
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | None = None
               ) -> tuple[torch.Tensor, float]:
     """(bool mask of `shape`, True where kept; the exact drop rate p' it was drawn with)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     threshold = round(p * LEVELS)
     # random_(-2**63, None) fills all 64 bits (plain random_() leaves the sign bit at 0).
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
@@ -39,6 +41,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, fast: bool = True)
 
     fast=False is `F.dropout` itself (one random float per element).
     """
+    if not 0.0 <= p <= 1.0:
+        raise BardlmError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
     if not fast or p >= 1.0:
