@@ -123,7 +123,7 @@ def main() -> None:
           f"{n} new tokens, {args.threads} threads; read bandwidth {bw / 1e9:.1f} GB/s")
 
     # bytes of KV cache read per token, averaged over the run (fp32; halved for bf16 caches)
-    kv_per_pos = 2 * cfg.n_layer * cfg.kv_heads * cfg.dim_head
+    kv_per_pos = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim
     avg_ctx = args.prompt + n / 2
 
     results: dict[str, dict] = {}

@@ -244,7 +244,7 @@ def test_package_level_api(tmp_path) -> None:
     ref = llama(4, 2)
     ref.save_pretrained(tmp_path)
     model, tok = bardlm.from_pretrained(tmp_path, with_tokenizer=True)
-    assert tok is None and model.config.kv_heads == 2 and not model.training
+    assert tok is None and model.config.n_kv_head == 2 and not model.training
     assert bardlm.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
 
 

@@ -36,8 +36,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _split_overrides(pairs: list[str]) -> tuple[dict, dict]:
-    from .config import config_keys, parse_overrides
-    from .train import train_config_keys
+    from .config import config_keys, parse_overrides, train_config_keys
 
     values = parse_overrides(pairs, config_keys() + train_config_keys())
     model_keys = set(config_keys())
@@ -46,11 +45,11 @@ def _split_overrides(pairs: list[str]) -> tuple[dict, dict]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import ModelConfig, preset
-    from .data import load_corpus, token_ids
+    from .config import TRAIN_PRESETS, ModelConfig, TrainConfig, preset
     from .tokenizers import build
     from .tokenizers import load as load_tokenizer
-    from .train import TRAIN_PRESETS, TrainConfig, Trainer, prepare_out
+    from .train.data import load_corpus, token_ids
+    from .train.trainer import Trainer, prepare_out
 
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite)
@@ -59,11 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             train_over[key] = getattr(args, key)
     if args.resume:
-        from .checkpoint import read_config
+        from .io.checkpoint import read_config
 
         meta = read_config(out)
         model_cfg = ModelConfig.from_dict({**meta["model"], **model_over})
-        train_cfg = TrainConfig(**{**meta["train"], **train_over})
+        train_cfg = TrainConfig.from_dict({**meta["train"], **train_over})
         text, path = load_corpus(args.data or meta.get("data"))
         tokenizer = load_tokenizer(out / "tokenizer.json")
         name = meta.get("preset", args.preset)
@@ -109,7 +108,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True, help="a bardlm run, an INT8 or a Hugging Face model directory")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     add_sampling_args(p)
     p.add_argument("--device", default="cpu")
@@ -129,10 +128,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_text, interactive
-    from .inference import load_for_inference
+    from .infer.generate import generate_text, interactive
+    from .io.load import load
 
-    model, tokenizer = load_for_inference(args.ckpt, args.dtype, args.device)
+    model, tokenizer = load(args.ckpt, args.dtype, args.device)
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
 
@@ -153,14 +152,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # quantize ----------------------------------------------------------------------------------
 def add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="write an int8 weight-only copy of a checkpoint")
-    p.add_argument("--ckpt", required=True, help="float checkpoint directory")
+    p.add_argument("--ckpt", required=True, help="a float bardlm run or Hugging Face model directory")
     p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
     p.add_argument("--no-embeddings", action="store_true",
                    help="keep the token embedding and head in bf16 (only the blocks in int8)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import quantize_checkpoint
+    from .io.load import quantize_checkpoint
 
     print(json.dumps(quantize_checkpoint(args.ckpt, args.out, embeddings=not args.no_embeddings)))
     return 0
@@ -181,9 +180,10 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     import time
 
-    from .bpe import ScratchBPETokenizer, chars_per_token, train_bpe_scratch
-    from .data import load_corpus
-    from .tokenizers import build, save
+    from .io.checkpoint import save_tokenizer
+    from .tokenizers import ScratchBPETokenizer, build, train_bpe_scratch
+    from .tokenizers.bpe import chars_per_token
+    from .train.data import load_corpus
 
     text, path = load_corpus(args.data)
     start = time.time()
@@ -192,7 +192,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     else:
         tok = build(f"bpe:{args.vocab_size}" if args.kind == "bpe" else args.kind, text)
     seconds = time.time() - start
-    save(tok, args.out)
+    save_tokenizer(tok, args.out)
     print(json.dumps({"out": args.out, "kind": tok.kind, "vocab_size": tok.vocab_size,
                       "train_seconds": round(seconds, 2), "data": str(path),
                       "chars_per_token": round(chars_per_token(tok, text[:1_000_000]), 3)}))
@@ -211,29 +211,25 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import ModelConfig, parse_overrides, preset
-    from .model import GPT
+    from .config import parse_overrides, preset
+    from .io.load import read_model_config
+    from .nn.model import GPT
 
     over = parse_overrides(args.set)
-    if args.preset:
-        cfg = preset(args.preset, **over)
-    else:
-        from .checkpoint import read_config
-
-        cfg = ModelConfig.from_dict({**read_config(args.ckpt)["model"], **over})
+    cfg = preset(args.preset, **over) if args.preset else read_model_config(args.ckpt).replace(**over)
     with torch.device("meta"):  # shapes only: even gpt2-xl costs no memory
         model = GPT(cfg)
     n = model.num_params()
     n_head_sep = model.num_params(count_tied_head_twice=True)
-    kv_token = 2 * cfg.n_layer * cfg.kv_heads * cfg.dim_head
+    kv_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim
     rows = [
         ("parameters", f"{n:,}" + (" (head tied to the embedding)" if cfg.tie_embeddings else "")),
         ("parameters, head counted separately", f"{n_head_sep:,}"),
         ("weights fp32 / bf16 / int8", f"{_mib(n * 4)} / {_mib(n * 2)} / {_mib(n)}"),
         ("KV cache per token fp32 / bf16", f"{kv_token * 4:,} B / {kv_token * 2:,} B"),
         ("KV cache at full context fp32", _mib(kv_token * 4 * cfg.block_size)),
-        ("shape", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} KV), "
-                  f"{cfg.n_embd} dims, head_dim {cfg.dim_head}, context {cfg.block_size}, "
+        ("shape", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} KV), "
+                  f"{cfg.n_embd} dims, head_dim {cfg.head_dim}, context {cfg.block_size}, "
                   f"vocab {cfg.vocab_size}"),
         ("style", f"{cfg.pos} positions, {cfg.norm}, {cfg.ffn}"
                   + (", QK-norm" if cfg.qk_norm else "")),
@@ -257,7 +253,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .hf import convert
+    from .io.hf import convert
 
     print(json.dumps(convert(args.src, args.out, args.overwrite)))
     return 0
@@ -281,7 +277,7 @@ def add_reverse(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reverse(args: argparse.Namespace) -> int:
-    from .tasks.reverse import ReverseConfig, format_table, run_reverse
+    from .lab.reverse import ReverseConfig, format_table, run_reverse
 
     given = {k: getattr(args, k) for k in
              ("vocab", "length", "steps", "seed", "batch_size", "eval_examples", "device")}
@@ -316,8 +312,8 @@ def cmd_seq2seq(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .config import parse_overrides
-    from .seq2seq import Seq2SeqConfig
-    from .tasks.seq2seq import TaskConfig, task_config_keys, train_seq2seq
+    from .seq2seq.model import Seq2SeqConfig
+    from .seq2seq.tasks import TaskConfig, task_config_keys, train_seq2seq
 
     model_keys = [f.name for f in dataclasses.fields(Seq2SeqConfig)]
     values = parse_overrides(args.set, model_keys + task_config_keys())
@@ -339,7 +335,7 @@ def cmd_seq2seq(args: argparse.Namespace) -> int:
 
 # experiment --------------------------------------------------------------------------------
 def add_experiment(sub: argparse._SubParsersAction) -> None:
-    from .experiments import EXPERIMENTS
+    from .lab.experiments import EXPERIMENTS
 
     p = sub.add_parser("experiment", help="run an experiment of docs/concepts.md (figure + JSON)")
     p.add_argument("name", choices=[*EXPERIMENTS, "all"])
@@ -352,7 +348,7 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import EXPERIMENTS, run_experiment
+    from .lab.experiments import EXPERIMENTS, run_experiment
 
     for name in EXPERIMENTS if args.name == "all" else [args.name]:
         run_experiment(name, args.out, quick=args.quick, data=args.data, device=args.device,
@@ -365,7 +361,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 # serve -------------------------------------------------------------------------------------
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model: OpenAI-compatible HTTP API + web playground")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True, help="a bardlm run, an INT8 or a Hugging Face model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     p.add_argument("--max-queue", type=int, default=16,

@@ -1,13 +1,20 @@
-"""Model configuration: one dataclass describes every variant, plus named presets.
+"""Configuration: `ModelConfig` (every variant of the network), `TrainConfig` (everything about a
+run that is not the model), their presets, and typed `--set key=value` parsing for both.
 
 A variant (GPT-2, Llama-style, Qwen3-style, a tiny character model) is a `ModelConfig`, never a new
-class tree: the model reads these fields and nothing else.
+class tree: the model reads these fields and nothing else. Fields that default to "derive me"
+(`n_kv_head`, `head_dim`, `ffn_hidden`, `attn_bias`) are resolved once, in `__post_init__`, so
+every reader sees plain values and there is one name per quantity.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,24 +71,22 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. HF architecture)
 
     def __post_init__(self) -> None:
+        check_types(self, "config")
+        self.validate()  # sizes first: the derived fields divide by them
+        self.resolve()
         self.validate()
 
     # Derived sizes -------------------------------------------------------------------------
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+    def derived(self) -> dict[str, Any]:
+        """The value each "derive me" field takes when left as None."""
+        head_dim = self.n_embd // self.n_head
+        return {"n_kv_head": self.n_head, "head_dim": head_dim, "ffn_hidden": 4 * self.n_embd,
+                "attn_bias": self.bias}
 
-    @property
-    def dim_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
-
-    @property
-    def hidden(self) -> int:
-        return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.n_embd
-
-    @property
-    def use_attn_bias(self) -> bool:
-        return self.bias if self.attn_bias is None else self.attn_bias
+    def resolve(self) -> None:
+        for name, value in self.derived().items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self) -> None:
         """Raise `BardlmError` with the fix for any inconsistent field."""
@@ -101,20 +106,20 @@ class ModelConfig:
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("attn_score", self.attn_score, ATTN_SCORES)
-        if self.head_dim is None and self.n_embd % self.n_head != 0:
+        if self.head_dim is None and self.n_embd % self.n_head != 0:  # before resolve()
             raise BardlmError(
                 f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"pick n_head from {_divisors(self.n_embd)} or set head_dim explicitly"
             )
-        if self.n_head % self.kv_heads != 0:
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head != 0:
             raise BardlmError(
                 f"config: n_head ({self.n_head}) must be divisible by n_kv_head "
-                f"({self.kv_heads}); pick n_kv_head from {_divisors(self.n_head)}"
+                f"({self.n_kv_head}); pick n_kv_head from {_divisors(self.n_head)}"
             )
-        if self.pos == "rope" and self.dim_head % 2 != 0:
+        if self.pos == "rope" and self.head_dim is not None and self.head_dim % 2 != 0:
             raise BardlmError(
                 f"config: RoPE rotates pairs of channels, so head_dim must be even, got "
-                f"{self.dim_head}; change n_embd/n_head or head_dim"
+                f"{self.head_dim}; change n_embd/n_head or head_dim"
             )
         if self.pos == "sinusoidal" and self.n_embd % 2 != 0:
             raise BardlmError(
@@ -140,7 +145,12 @@ class ModelConfig:
         return cls(**data)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated)."""
+        """A copy with some fields changed (validated). A derived field that still holds its
+        derived value is derived again from the new fields (n_embd=256 also moves head_dim)."""
+        derived = self.derived()
+        for name, value in derived.items():
+            if name not in changes and getattr(self, name) == value:
+                changes[name] = None
         return dataclasses.replace(self, **changes)
 
 
@@ -148,10 +158,10 @@ def config_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(ModelConfig)]
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: str, choices: tuple[str, ...], where: str = "config") -> None:
     if value not in choices:
         raise BardlmError(
-            f"config: {name} must be one of {', '.join(choices)}; got {value!r}"
+            f"{where}: {name} must be one of {', '.join(choices)}; got {value!r}"
             f"{_suggest(str(value), list(choices))}"
         )
 
@@ -166,7 +176,7 @@ def _suggest(word: str, options: list[str]) -> str:
 
 
 # Presets -----------------------------------------------------------------------------------
-# Model shapes only; training budgets live in `train.TRAIN_PRESETS` under the same names.
+# Model shapes only; training budgets live in `TRAIN_PRESETS` under the same names.
 _GPT2 = dict(vocab_size=50257, block_size=1024, bias=True, tie_embeddings=True)
 _LLAMA = dict(norm="rmsnorm", ffn="swiglu", pos="rope", bias=False)
 
@@ -181,7 +191,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The best character model for 5 minutes of a 2-core CPU (issue 11): Qwen3-style blocks
     # (RoPE, RMSNorm, SwiGLU, QK-norm) learn characters in far fewer steps than GPT-2's, and no
-    # dropout (5 minutes is ~2 epochs: too short to overfit). See train.TRAIN_PRESETS.
+    # dropout (5 minutes is ~2 epochs: too short to overfit). See TRAIN_PRESETS.
     "char-5min": dict(
         _LLAMA, vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=256, ffn_hidden=688,
         qk_norm=True, tie_embeddings=True,
@@ -222,16 +232,175 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
             f"unknown preset {name!r}{_suggest(name, list(PRESETS))}; "
             f"valid presets: {', '.join(PRESETS)}"
         )
-    import copy
-
     # Deep copy: nested fields (rope_scaling) must not be shared with the preset table.
     return ModelConfig(**copy.deepcopy({**PRESETS[name], **overrides}))
 
 
-def parse_overrides(pairs: list[str], keys: list[str] | None = None) -> dict[str, Any]:
-    """Parse `--set key=value` pairs; values are read as JSON when they parse, else as strings."""
-    import json
+# Training ----------------------------------------------------------------------------------
+OPTIMIZERS = ("fused", "foreach", "loop", "muon")
+SCHEDULES = ("cosine", "noam", "constant")
 
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is not the model's shape."""
+
+    batch_size: int = 12
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None -> max_iters
+    schedule: str = "cosine"  # warm-up, then "cosine" to min_lr, "noam" 1/sqrt(step), or "constant"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+    eval_interval: int = 250
+    eval_batches: int = 20  # validation subset during training: eval_batches * batch_size windows
+    seed: int = 1337
+    val_fraction: float = 0.1
+    dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
+    device: str = "cpu"
+    compile: bool = False  # torch.compile the training forward/backward (eval stays eager)
+    optimizer: str = "foreach"  # AdamW kernel: "fused" (one kernel), "foreach", "loop"; or "muon"
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of DDP
+
+    def __post_init__(self) -> None:
+        check_types(self, "train")
+        for name in ("batch_size", "max_iters", "grad_accum", "eval_interval", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise BardlmError(f"train: {name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise BardlmError(f"train: lr must be positive and min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if self.warmup_iters < 0:
+            raise BardlmError(f"train: warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise BardlmError(f"train: dtype must be fp32 or bf16, got {self.dtype!r} (fp16 is unusable on CPU)")
+        _check_choice("schedule", self.schedule, SCHEDULES, "train")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS, "train")
+        if self.optimizer == "muon" and self.fsdp:
+            raise BardlmError("train: optimizer=muon orthogonalises whole matrices, which FSDP "
+                              "shards; use DDP (drop fsdp) or optimizer=fused")
+        if not 0 < self.val_fraction < 1:
+            raise BardlmError(f"train: val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BardlmError(f"train config: unknown key {unknown[0]!r}{_suggest(unknown[0], sorted(known))}")
+        return cls(**data)
+
+
+def train_config_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+# Training budgets of the presets (model shapes are in PRESETS under the same names).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # nanoGPT's CPU budget (batch 12, 2000 iterations); a peak lr of 2e-3 (nanoGPT: 1e-3)
+    # reaches 1.81 instead of 1.89 with the same steps.
+    "char-tiny": dict(batch_size=12, max_iters=2000, lr=2e-3, min_lr=2e-4, warmup_iters=100),
+    "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
+    "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
+                      eval_interval=250, eval_batches=2, dtype="bf16", compile=True,
+                      optimizer="muon"),
+    "word-small": dict(batch_size=32, max_iters=3000, lr=1e-3, min_lr=1e-4, warmup_iters=200),
+}
+
+
+# Types: checked on construction, parsed from `--set` ------------------------------------------
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _kinds(tp: Any) -> tuple[set[type], bool]:
+    """({base types}, None allowed) of an annotation such as `int | None`."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (tp,)
+    kinds = {typing.get_origin(a) or a for a in args if a is not type(None)}
+    return kinds, type(None) in args
+
+
+def _type_name(kinds: set[type], optional: bool) -> str:
+    names = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
+             str: "a string", dict: "a JSON object", list: "a JSON list"}
+    text = " or ".join(names.get(k, k.__name__) for k in sorted(kinds, key=str))
+    return text + (" or null" if optional else "")
+
+
+def check_types(obj: Any, where: str) -> None:
+    """Each field must hold its annotated type (an int is a fine float; a bool is no int)."""
+    hints = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds, optional = _kinds(hints[f.name])
+        if value is None and optional:
+            continue
+        ok = any(
+            (k is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (k is int and isinstance(value, int) and not isinstance(value, bool))
+            or (k not in (int, float) and isinstance(value, k))
+            for k in kinds
+        ) or Any in kinds
+        if not ok:
+            raise BardlmError(f"{where}: {f.name} must be {_type_name(kinds, optional)}, got {value!r}")
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+
+
+def parse_value(key: str, raw: str, tp: Any) -> Any:
+    """The value of `--set key=raw` for a field annotated `tp`; a one-line error otherwise."""
+    kinds, optional = _kinds(tp)
+    text = raw.strip()
+    if optional and text.lower() in ("none", "null"):
+        return None
+    for kind in (bool, int, float, dict, list, str):
+        if kind not in kinds:
+            continue
+        if kind is bool and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        if kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        if kind is float:
+            try:
+                value = float(text)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                return value
+        if kind in (dict, list):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, kind):
+                return value
+        if kind is str:
+            return text
+    if Any in kinds:
+        return text
+    raise BardlmError(f"--set {key}={raw}: {raw!r} is not {_type_name(kinds, optional)}")
+
+
+def parse_overrides(
+    pairs: list[str], keys: list[str] | None = None, types: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Parse `--set key=value` pairs, each value by its field's type (ModelConfig and TrainConfig
+    fields by default; pass `types` for other dataclasses)."""
+    types = types if types is not None else {**_field_types(TrainConfig), **_field_types(ModelConfig)}
     keys = keys if keys is not None else config_keys()
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -241,8 +410,5 @@ def parse_overrides(pairs: list[str], keys: list[str] | None = None) -> dict[str
         key = key.strip()
         if key not in keys:
             raise BardlmError(f"--set: unknown key {key!r}{_suggest(key, keys)}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        out[key] = parse_value(key, raw, types.get(key, str))
     return out

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from ..errors import BardlmError
-from ..generate import encode_prompt, generate_text
-from ..sampling import check_sampling
+from ..infer.generate import encode_prompt, generate_text
+from ..infer.sampling import check_sampling
 
 
 class Cancelled(Exception):

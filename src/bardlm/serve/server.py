@@ -61,9 +61,9 @@ def serve_app(app: Any, sock: socket.socket, log_level: str = "info") -> None:
 def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str = "cpu",
           max_queue: int = 16, model_name: str | None = None, log_level: str = "info") -> None:
     """Load a checkpoint and serve it on http://host:port until interrupted (blocks)."""
-    from ..checkpoint import load_checkpoint
+    from ..io.load import load
 
-    model, tokenizer, _ = load_checkpoint(ckpt, device)
+    model, tokenizer = load(ckpt, device=device)
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
     name = model_name or Path(ckpt).resolve().name

@@ -1,0 +1,248 @@
+"""Autoregressive generation: a prefill pass over the prompt, then one token per step.
+
+With a KV cache each step feeds only the newest token at `start_pos`; without one it re-reads
+the whole window. Both give the same tokens (a test holds them equal). Once a sequence is longer
+than the context, the window slides: the last `block_size` tokens are re-read and the cache is
+rebuilt from them, exactly what the uncached path does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import BardlmError
+from .sampling import apply_repetition_penalty, check_sampling, sample
+
+
+def check_prompt(n_prompt: int, max_new_tokens: int) -> None:
+    if n_prompt == 0:
+        raise BardlmError("the prompt is empty; give at least one token of prompt")
+    if max_new_tokens <= 0:
+        raise BardlmError(f"max_new_tokens must be positive, got {max_new_tokens}")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (ids (B, L), real (B, L) bool), padded on the left.
+
+    Left padding keeps every row's newest token in the last column, so one decode step appends
+    one column for all rows; `real` marks the tokens that are not padding.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise BardlmError("every prompt needs at least one token; drop the empty ones")
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    real = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        real[b, L - len(p):] = True
+    return ids, real
+
+
+def context_window(cfg, max_context: int | None) -> int:  # noqa: ANN001
+    """How many positions one forward pass may see.
+
+    Learned and sinusoidal tables end at `block_size`; rotary (and position-free) models can run
+    past it, up to `max_context` when given.
+    """
+    if max_context is None:
+        return cfg.block_size
+    if max_context <= 0:
+        raise BardlmError(f"max_context must be positive, got {max_context}")
+    if cfg.pos in ("learned", "sinusoidal") and max_context > cfg.block_size:
+        raise BardlmError(
+            f"{cfg.pos} positions end at the context length {cfg.block_size}; "
+            f"max_context {max_context} needs a rope model, or pass at most {cfg.block_size}"
+        )
+    return max_context
+
+
+def _prefill_inputs(
+    real: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask (B, 1, T, T) and positions (B, T) for a left-padded window with `real` (B, T).
+
+    A row's positions count only its real tokens, so padding does not shift them. Queries see
+    real keys (causality is added by attention); a pad query also sees itself, so its softmax
+    row is never empty (an all -inf row would put NaN into the cache).
+    """
+    T = real.shape[1]
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    eye = torch.eye(T, dtype=torch.bool, device=real.device)
+    return real[:, None, None, :] | eye, positions
+
+
+def _generators(seed: int | None, batch: int, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per row, seeded seed + row: a row samples the same tokens alone or batched."""
+    if seed is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(seed + b) for b in range(batch)]
+
+
+@torch.no_grad()
+def stream_ids(
+    model: torch.nn.Module,
+    idx: torch.Tensor | list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    use_cache: bool = True,
+    max_context: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time.
+
+    idx: prompts (B, T), or a list of B prompts of different lengths (left-padded here; every
+    row then gets the tokens it would get alone). seed: row b samples with seed + b.
+    max_context: window of rotary models (default `block_size`); past it the window slides.
+    """
+    cfg = model.config
+    device = next(model.parameters()).device
+    if isinstance(idx, torch.Tensor):
+        real = torch.ones_like(idx, dtype=torch.bool)
+    else:
+        idx, real = left_pad(idx)
+    idx, real = idx.to(device), real.to(device)
+    check_prompt(idx.shape[1], max_new_tokens)
+    check_sampling(temperature, top_k, top_p, cfg.vocab_size, min_p, repetition_penalty)
+    gens = _generators(seed, idx.shape[0], device)
+    window = context_window(cfg, max_context)
+    padded = not bool(real.all())
+    seq = idx
+    cache = model.make_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
+    cached = 0  # cache slots in use
+    for _ in range(max_new_tokens):
+        if cache is not None and 0 < cached < cache[0].max_len:
+            # One new column; pad slots stay hidden by the real-key mask.
+            mask = real[:, None, None, -cached - 1:] if padded else None
+            pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
+            logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos)
+            cached += 1
+        else:  # first step, no cache, or the cache is full: read the (cropped) window whole
+            ctx, ctx_real = seq[:, -window:], real[:, -window:]
+            mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
+            logits, _ = model(ctx, cache=cache, mask=mask, positions=pos)
+            cached = ctx.shape[1]
+        seen = torch.where(real, seq, seq[:, -1:]) if padded else seq  # pads count as no token
+        logits = apply_repetition_penalty(logits[:, -1, :].float(), seen, repetition_penalty)
+        nxt = sample(logits, temperature, top_k, top_p, min_p, gens)
+        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+        real = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)
+        yield nxt
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs  # noqa: ANN003
+) -> torch.Tensor:
+    """idx (B, T) -> (B, T + max_new_tokens): the prompts followed by their continuations."""
+    new = list(stream_ids(model, idx, max_new_tokens, **kwargs))
+    return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, **kwargs  # noqa: ANN003
+) -> list[list[int]]:
+    """Continue prompts of different lengths in one batch: each row's new ids, as a list."""
+    new = torch.stack(list(stream_ids(model, prompts, max_new_tokens, **kwargs)), dim=1)
+    return new.tolist()
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:  # noqa: ANN001
+    """Prompt ids, failing on text the vocabulary cannot express (never a silent <unk>)."""
+    if not prompt:
+        raise BardlmError("the prompt is empty; pass --prompt with some text")
+    try:
+        return tokenizer.encode(prompt, strict=True)
+    except TypeError:  # tokenizers without a strict mode cover every string
+        return tokenizer.encode(prompt)
+
+
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer,  # noqa: ANN001
+    prompt: str,
+    max_new_tokens: int = 200,
+    stop: list[str] | None = None,
+    on_text: Callable[[str], None] | None = None,
+    **kwargs,  # noqa: ANN003
+) -> str:
+    """The continuation of `prompt` as text; `on_text` receives pieces as they are decoded.
+
+    Generation ends at the first stop string, which is not included: text that might be the
+    start of a stop string is held back until it is known not to be.
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    if len(ids) > model.config.block_size:
+        raise BardlmError(
+            f"the prompt is {len(ids)} tokens, longer than the context of "
+            f"{model.config.block_size}; shorten it"
+        )
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new_ids: list[int] = []
+    emitted = 0
+    text = ""
+    stop = [s for s in (stop or []) if s]
+    for nxt in stream_ids(model, idx, max_new_tokens, **kwargs):
+        new_ids.append(int(nxt[0]))
+        text = tokenizer.decode(new_ids)
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            break
+        hold = max((_overlap(text, s) for s in stop), default=0)
+        safe = len(text) - hold
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from a byte-level tokenizer
+            safe = min(safe, len(text) - 1)
+        if on_text is not None and safe > emitted:
+            on_text(text[emitted:safe])
+            emitted = safe
+    if on_text is not None and len(text) > emitted:
+        on_text(text[emitted:])
+    return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def interactive(
+    model: torch.nn.Module,
+    tokenizer,  # noqa: ANN001
+    lines: Iterable[str],
+    emit: Callable[[str], None],
+    prompt_marker: Callable[[], None] | None = None,
+    **kwargs,  # noqa: ANN003
+) -> int:
+    """Continue each non-empty line of `lines` with the same loaded model; returns how many.
+
+    A bad prompt (say, a character the vocabulary lacks) is reported on stderr and skipped, so
+    one typo does not end the session.
+    """
+    import sys
+
+    n = 0
+    if prompt_marker:
+        prompt_marker()
+    for line in lines:
+        prompt = line.rstrip("\r\n")
+        if prompt:
+            try:
+                generate_text(model, tokenizer, prompt, on_text=emit, **kwargs)
+                n += 1
+            except BardlmError as e:
+                print(f"bardlm: error: {e}", file=sys.stderr)
+            emit("\n")
+        if prompt_marker:
+            prompt_marker()
+    return n

@@ -1,0 +1,178 @@
+"""INT8 weight-only quantization: symmetric, one scale per output channel, as a module swap.
+
+    s = max|W[o, :]| / 127,   W_q = round(W / s) in [-127, 127],   W ~ s * W_q
+
+Only weights are quantized; activations run in bf16, because the CPU kernel
+`aten._weight_int8pack_mm` (int8 weights, bf16 activations, per-row scales) reads 4x fewer bytes
+than fp32 and decoding one token is bound by reading weights. Like gpt-fast, every `nn.Linear`
+(and optionally the token embedding, which a tied head shares) is replaced by an int8 module;
+the model code itself is untouched.
+
+A quantized checkpoint is an ordinary checkpoint directory whose `model.safetensors` holds int8
+`*.weight` tensors, bf16 `*.scales` tensors and bf16 everything else; `config.json` gains a
+`quantization` entry. `bardlm.io.checkpoint.build_model` builds such a model on the meta device
+and adopts the stored tensors as they are, so no fp32 copy of the weights ever exists in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QMAX = 127  # symmetric: -128 is never used, so -W_q is always representable
+COMPUTE_DTYPE = torch.bfloat16
+# `_weight_int8pack_mm` on CPU needs the input width to be a multiple of 16 (torch 2.13
+# segfaults otherwise); narrower layers take a slower dequantize-on-the-fly path.
+KERNEL_K_MULTIPLE = 16
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) float -> (w_q (out, in) int8, scales (out,) bf16) with w ~ scales[:, None] * w_q.
+
+    The scale is rounded to bf16 (the dtype stored and used by the kernel) *before* w is divided
+    by it, so w_q is the nearest integer grid point of the scale that is actually applied.
+    Rounding up keeps max|w| / s within QMAX after bf16 rounding.
+    """
+    w = w.detach().float()
+    exact = w.abs().amax(dim=1).clamp(min=1e-12) / QMAX  # an all-zero row gets a tiny scale
+    scales = exact.to(COMPUTE_DTYPE)
+    low = scales.float() < exact  # bf16 rounded down: step up one bf16 ulp so no row clips
+    scales = torch.where(low, torch.nextafter(scales, torch.full_like(scales, float("inf"))), scales)
+    w_q = torch.round(w / scales.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return w_q, scales
+
+
+def dequantize(w_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float weights (out, in) an int8 tensor stands for (for tests and inspection)."""
+    return scales.float()[:, None] * w_q.float()
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (scales * W_q)^T + b, computed by the int8 kernel with bf16 activations.
+
+    Buffers: weight (out, in) int8, scales (out,) bf16, bias (out,) bf16 or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None) -> None:  # noqa: ANN001
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=COMPUTE_DTYPE, device=device))
+        self.register_buffer(
+            "bias", torch.empty(out_features, dtype=COMPUTE_DTYPE, device=device) if bias else None
+        )
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device)
+        w_q, scales = quantize_per_channel(lin.weight)
+        q.weight.copy_(w_q)
+        q.scales.copy_(scales)
+        if lin.bias is not None:
+            q.bias.copy_(lin.bias.detach())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out) bf16
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
+        if self.in_features % KERNEL_K_MULTIPLE == 0:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:  # the kernel crashes on other widths: same product, dequantizing on the fly
+            y = F.linear(x2, self.weight.to(COMPUTE_DTYPE)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored as int8 rows with one scale per row (per token).
+
+    Rows of the table are the output channels of a tied head, so the same (weight, scales) pair
+    serves both; lookups dequantize only the rows they touch.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, device=None) -> None:  # noqa: ANN001
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=COMPUTE_DTYPE, device=device))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> Int8Embedding:
+        q = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.device)
+        w_q, scales = quantize_per_channel(emb.weight)
+        q.weight.copy_(w_q)
+        q.scales.copy_(scales)
+        return q
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C) bf16
+        rows = F.embedding(idx, self.weight).to(COMPUTE_DTYPE)
+        return rows * F.embedding(idx, self.scales.unsqueeze(1))
+
+
+def tie_int8_head(model: nn.Module) -> None:
+    """Point the int8 head at the int8 embedding table (one copy of the matrix)."""
+    head, wte = model.lm_head, model.transformer.wte
+    head.weight, head.scales = wte.weight, wte.scales
+
+
+def swap_int8(model: nn.Module, embeddings: bool, convert: bool) -> nn.Module:
+    """Replace nn.Linear (and, with `embeddings`, the token embedding) by int8 modules.
+
+    convert=True quantizes the existing weights; convert=False only builds empty modules of the
+    right shapes (for loading a quantized checkpoint).
+    """
+    cfg = model.config
+    tied = cfg.tie_embeddings
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear):
+                if full == "lm_head" and not embeddings:
+                    continue  # the head stays a float matrix with the embedding
+                if full == "lm_head" and tied:
+                    new = Int8Linear(child.in_features, child.out_features, False, "meta")
+                elif convert:
+                    new = Int8Linear.from_linear(child)
+                else:
+                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None, "meta")
+                setattr(module, child_name, new)
+            elif isinstance(child, nn.Embedding) and full == "transformer.wte" and embeddings:
+                new = (Int8Embedding.from_embedding(child) if convert
+                       else Int8Embedding(child.num_embeddings, child.embedding_dim, "meta"))
+                setattr(module, child_name, new)
+    if embeddings and tied:
+        tie_int8_head(model)
+    return model
+
+
+def quantize_model(model: nn.Module, embeddings: bool = True) -> nn.Module:
+    """Quantize a float GPT in place to int8 weights + bf16 everything else; returns it (eval)."""
+    model = model.eval()
+    swap_int8(model, embeddings, convert=True)
+    for p in model.parameters():  # the remaining float weights (norms, positions) run in bf16
+        p.data = p.data.to(COMPUTE_DTYPE)
+    model.quantization = {"method": "int8-weight-only", "embeddings": embeddings}
+    return model
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to save: a tied head is stored once, under the embedding's names."""
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}
+    return sd
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights (parameters and persistent buffers), shared tensors once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
+        if t is None or t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

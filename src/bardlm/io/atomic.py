@@ -1,0 +1,119 @@
+"""All-or-nothing writes of several files (a checkpoint is weights + config + tokenizer + ...).
+
+Renaming one file is atomic; renaming four is not: a crash between two renames would leave files
+of two different saves. So a save is a small transaction:
+
+1. every file is written to a temporary name beside its target and flushed (a full disk fails
+   here, and nothing has been replaced);
+2. a journal listing (temporary, target) pairs is written atomically: the commit point;
+3. the temporary files are renamed into place, and the journal is removed.
+
+Whoever opens the folder next (`recover`) finishes the renames of a journal left by a crash
+between 2 and 3, so a reader sees the old save whole or the new save whole, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import BardlmError
+
+JOURNAL = ".bardlm-commit.json"
+Writer = Callable[[str], None]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_many(writes: list[tuple[Path, Writer]]) -> None:
+    """Write several files of one folder so that either all of them are replaced or none is."""
+    if not writes:
+        return
+    folder = writes[0][0].parent
+    if any(p.parent != folder for p, _ in writes):
+        raise ValueError("atomic_write_many writes into one folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    recover(folder)  # a journal of an earlier crash is finished first
+    temps: list[tuple[str, Path]] = []
+    path = folder
+    try:
+        for path, write in writes:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append((tmp, path))
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        journal = json.dumps([[Path(t).name, p.name] for t, p in temps])
+        _replace_with(folder / JOURNAL, journal)  # the commit point
+    except BaseException as e:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise BardlmError(
+                f"could not write {path} ({e.strerror or e}); the previous files are intact. "
+                "Free disk space (or fix permissions) and save again"
+            ) from None
+        raise
+    recover(folder)
+
+
+def _replace_with(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def recover(folder: str | Path) -> None:
+    """Finish a save interrupted after its commit point (see the module docstring)."""
+    folder = Path(folder)
+    journal = folder / JOURNAL
+    if not journal.is_file():
+        return
+    try:
+        pairs = json.loads(journal.read_text(encoding="utf-8"))
+        for tmp, name in pairs:
+            if (folder / tmp).exists():
+                os.replace(folder / tmp, folder / name)
+        _fsync_dir(folder)
+        journal.unlink()
+    except (OSError, ValueError) as e:
+        raise BardlmError(
+            f"{folder} holds an unfinished save ({JOURNAL}) that cannot be completed ({e}); "
+            "make the folder writable and retry"
+        ) from None
+
+
+def text_writer(text: str) -> Writer:
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+
+
+def tensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Writer:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return lambda tmp: save_file(tensors, tmp, metadata=metadata)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_many([(Path(path), text_writer(text))])

@@ -1,0 +1,269 @@
+"""bardlm checkpoints: `config.json` + `model.safetensors` (+ `tokenizer.json`) in a directory.
+
+No pickle anywhere: safetensors holds only tensors, JSON holds everything else. A save is all or
+nothing as a whole (`atomic.py`), and every file of one save carries the same `save_id`, so a
+folder whose files come from two saves (copied by hand, or written by an older version that
+crashed between renames) is refused on load instead of silently mixing two steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from ..config import ModelConfig
+from ..errors import BardlmError
+from ..infer.quantize import (
+    COMPUTE_DTYPE,
+    quantized_state_dict,
+    swap_int8,
+    tie_int8_head,
+)
+from ..nn.model import GPT
+from ..tokenizers import Tokenizer
+from ..tokenizers import load as load_tokenizer
+from .atomic import (
+    Writer,
+    atomic_write_many,
+    atomic_write_text,
+    recover,
+    tensors_writer,
+    text_writer,
+)
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+# Writing --------------------------------------------------------------------------------------
+def new_save_id() -> str:
+    return uuid.uuid4().hex
+
+
+def state_dict_for_save(
+    model: torch.nn.Module, sd: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors (or `sd`, e.g. gathered from FSDP shards) with tied weights stored
+    once (safetensors refuses shared memory)."""
+    if getattr(model, "quantization", None) and sd is None:
+        return quantized_state_dict(model)
+    sd = dict(model.state_dict() if sd is None else sd)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def checkpoint_writes(
+    out: str | Path,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None = None,
+    meta: dict[str, Any] | None = None,
+    sd: dict[str, torch.Tensor] | None = None,
+    save_id: str | None = None,
+) -> list[tuple[Path, Writer]]:
+    """The (path, writer) pairs of a checkpoint: weights (`sd` if given), config and tokenizer,
+    all stamped with one `save_id`."""
+    out = Path(out)
+    save_id = save_id or new_save_id()
+    meta = dict(meta or {})
+    step = str(meta.get("step", 0))
+    tensors = state_dict_for_save(model, sd)
+    writes = [(out / MODEL_FILE, tensors_writer(tensors, {"format": "pt", "step": step, "save_id": save_id}))]
+    config = {"model": model.config.to_dict(), **meta, "save_id": save_id}
+    if getattr(model, "quantization", None):
+        config["quantization"] = model.quantization
+    if tokenizer is not None:
+        writes.append((out / TOKENIZER_FILE, text_writer(json.dumps(tokenizer.to_dict(), ensure_ascii=False))))
+        config["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+    writes.append((out / CONFIG_FILE, text_writer(json.dumps(config, indent=2))))
+    return writes
+
+
+def save_checkpoint(
+    out: str | Path,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write model weights, config and tokenizer into `out`, all or nothing."""
+    atomic_write_many(checkpoint_writes(out, model, tokenizer, meta))
+    return Path(out)
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write a tokenizer as JSON (atomically); `bardlm.tokenizers.load` reads it back."""
+    atomic_write_text(Path(path), json.dumps(tok.to_dict(), ensure_ascii=False))
+
+
+# Reading --------------------------------------------------------------------------------------
+def check_dir(ckpt: str | Path) -> Path:
+    ckpt = Path(ckpt)
+    if ckpt.is_file() and ckpt.suffix in PICKLE_SUFFIXES:
+        raise BardlmError(
+            f"{ckpt} looks like a pickle file; bardlm never unpickles (it can run arbitrary code). "
+            "Convert it to safetensors with the tool that made it"
+        )
+    if not ckpt.exists():
+        raise BardlmError(f"checkpoint directory {ckpt} does not exist; check the --ckpt path")
+    if not ckpt.is_dir():
+        raise BardlmError(f"{ckpt} is a file, not a checkpoint directory; pass the directory")
+    return ckpt
+
+
+def read_config(ckpt: str | Path) -> dict[str, Any]:
+    ckpt = check_dir(ckpt)
+    recover(ckpt)  # finish a save that a crash interrupted after its commit point
+    path = ckpt / CONFIG_FILE
+    if not path.is_file():
+        raise BardlmError(f"{ckpt} has no {CONFIG_FILE}; is it a bardlm checkpoint directory?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BardlmError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise BardlmError(f"{path} has no 'model' section; is it a bardlm checkpoint?")
+    return data
+
+
+def load_tensors(path: Path, save_id: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; with `save_id`, refuse a file from another save."""
+    if not path.is_file():
+        raise BardlmError(f"{path} is missing; the checkpoint is incomplete (re-save or re-train)")
+    try:
+        if save_id is not None:
+            with safe_open(str(path), "pt") as f:
+                found = (f.metadata() or {}).get("save_id")
+            if found != save_id:
+                raise BardlmError(
+                    f"{path} comes from another save than {path.parent / CONFIG_FILE} (save_id "
+                    f"{found} vs {save_id}): the folder mixes two checkpoints; restore it whole"
+                )
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BardlmError(
+            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+            "it may be truncated: re-save or re-train"
+        ) from None
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy tensors into the model, naming any missing, unexpected or mis-shaped tensor."""
+    expected = state_dict_for_save(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise BardlmError(
+            f"{where} does not match its config: missing {missing[:3]} unexpected {unexpected[:3]}"
+        )
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise BardlmError(
+                f"{where}: tensor {k} has shape {tuple(v.shape)} but the config needs "
+                f"{tuple(expected[k].shape)}; the config and weights come from different models"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def build_model(
+    cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str,
+    quantization: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+) -> GPT:
+    """The one way a `GPT` is made from stored tensors (bardlm, INT8 and Hugging Face files).
+
+    Built on the meta device (no random init of weights about to be overwritten), then either
+    materialised and filled (float), or given int8 modules that adopt the stored tensors as they
+    are (no float copy ever exists). Position tables are recomputed; a tied head is re-tied.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    if any(t.dtype == torch.int8 for t in tensors.values()) or quantization:
+        return _adopt_int8(model, tensors, where, quantization or {})
+    model = model.to_empty(device="cpu")  # GPT._apply recomputes the position tables
+    if dtype is not None:
+        model = model.to(dtype)  # before filling: a bf16 checkpoint never exists in fp32
+    load_state(model, tensors, where)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def _adopt_int8(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dict[str, Any]) -> GPT:
+    if q.get("method") != "int8-weight-only":
+        raise BardlmError(
+            f"{where} holds int8 tensors but its config.json has no int8-weight-only "
+            "'quantization' entry; re-run `bardlm quantize` on the float checkpoint"
+        )
+    embeddings = bool(q.get("embeddings", True))
+    swap_int8(model, embeddings, convert=False)
+    model = model.to(COMPUTE_DTYPE)  # still on meta: costs nothing; int8 buffers stay int8
+    expected = quantized_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise BardlmError(
+            f"{where}: the int8 checkpoint does not match its config: missing {missing[:3]} "
+            f"unexpected {unexpected[:3]}; re-run `bardlm quantize`"
+        )
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+            raise BardlmError(
+                f"{where}: int8 tensor {k} is {v.dtype} {tuple(v.shape)} but the config needs "
+                f"{expected[k].dtype} {tuple(expected[k].shape)}; re-run `bardlm quantize`"
+            )
+    # Adopt the loaded tensors rather than copying them; the int8 kernel uses aligned vector loads
+    # and crashes on tensors that sit at an odd offset of the file, so only those are re-homed.
+    tensors = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        if embeddings:
+            tie_int8_head(model)
+        else:
+            model.lm_head.weight = model.transformer.wte.weight
+    model.to("cpu")  # recomputes the (meta) position tables in fp32
+    model.quantization = {"method": "int8-weight-only", "embeddings": embeddings}
+    return model.eval()
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    """A hash of what defines a tokenizer (its kind's vocabulary, merges and special tokens),
+    not of how a library version happens to serialise it: merges written as "a b" or as
+    ["a", "b"] give the same fingerprint."""
+    data = tok.to_dict()
+    hf = data.get("tokenizer", data) if isinstance(data, dict) else data
+    if isinstance(hf, dict) and "model" in hf:
+        model = hf["model"]
+        merges = [m if isinstance(m, list) else m.split(" ", 1) for m in model.get("merges") or []]
+        added = sorted((t["id"], t["content"]) for t in hf.get("added_tokens") or [])
+        data = {"kind": data.get("kind", "hf"), "vocab": model.get("vocab"), "merges": merges,
+                "added": added}
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):  # noqa: ANN201
+    """(model in eval mode, tokenizer or None, config dict) from a bardlm checkpoint directory
+    (float or INT8). Most callers want `bardlm.load`, which reads every format."""
+    meta = read_config(ckpt)
+    ckpt = Path(ckpt)
+    cfg = ModelConfig.from_dict(meta["model"])
+    tensors = load_tensors(ckpt / MODEL_FILE, meta.get("save_id"))
+    model = build_model(cfg, tensors, str(ckpt / MODEL_FILE), meta.get("quantization"))
+    tok_path = ckpt / TOKENIZER_FILE
+    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
+    if tokenizer is not None:
+        expected = meta.get("tokenizer_fingerprint")
+        if tokenizer.vocab_size > cfg.vocab_size or (expected and expected != tokenizer_fingerprint(tokenizer)):
+            raise BardlmError(
+                f"{tok_path} is not the tokenizer this model was trained with (it comes from "
+                "another run); copy the run's own tokenizer.json back"
+            )
+    return model.to(device).eval(), tokenizer, meta

@@ -1,0 +1,488 @@
+"""The Hugging Face bridge: load `transformers` checkpoints into `GPT` and write them back.
+
+Three families are supported: `GPT2LMHeadModel`, `LlamaForCausalLM` and `Qwen3ForCausalLM`. The
+bridge is two tables and two config translators:
+
+* NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
+  `c_attn` is fused (rows [q | k | v]) and SwiGLU's `c_fc` is fused (rows [gate | up]), so one of
+  our tensors may be several HF tensors concatenated along dim 0. GPT-2's HF `Conv1D` stores
+  weights as (in, out), the transpose of `nn.Linear`, so those entries are marked `transpose`.
+* CONFIG TRANSLATION reads `config.json` (any `transformers` version: missing keys take that
+  family's defaults) into a `ModelConfig`, and writes one back from a `ModelConfig`.
+
+RoPE: HF Llama/Qwen3 checkpoints pair channel i with i + head_dim/2 ("rotate half"; the HF
+conversion script permutes Meta's interleaved q/k rows into that layout), which is what
+`position.apply_rope` does, so weights load without any permutation.
+
+`transformers` itself is never imported here: the bridge reads and writes plain files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..errors import BardlmError
+from ..nn.model import GPT
+from ..tokenizers import load as load_tokenizer
+from .atomic import atomic_write_many, tensors_writer, text_writer
+from .checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    build_model,
+    load_tensors,
+    read_config,
+    save_checkpoint,
+)
+
+INDEX_FILE = "model.safetensors.index.json"
+# A bardlm tokenizer (char/word/our BPE) has no `transformers` equivalent: it travels beside the
+# HF files under this name so that bardlm -> HF -> bardlm keeps it.
+BARDLM_TOKENIZER_FILE = "bardlm_tokenizer.json"
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Buffers some HF checkpoints carry that are not weights (causal masks, RoPE tables).
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+# Name tables ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    ours: str  # our state_dict name ("{i}" = layer index)
+    theirs: tuple[str, ...]  # HF names, concatenated along dim 0 in this order
+    transpose: bool = False  # HF Conv1D (GPT-2) stores the weight as (in, out)
+
+
+def _gpt2_table() -> list[Entry]:
+    conv1d = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    layer = [
+        Entry(f"transformer.h.{{i}}.{mod}.{p}", (f"transformer.h.{{i}}.{mod}.{p}",),
+              transpose=(mod in conv1d and p == "weight"))
+        for mod in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        for p in ("weight", "bias")
+    ]
+    top = [Entry(n, (n,)) for n in ("transformer.wte.weight", "transformer.wpe.weight",
+                                    "transformer.ln_f.weight", "transformer.ln_f.bias",
+                                    "lm_head.weight")]
+    return top + layer
+
+
+def _llama_table() -> list[Entry]:
+    """Llama and Qwen3 share names; Qwen3 adds q_norm/k_norm (absent tensors are skipped)."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    layer = [
+        Entry(h + "ln_1.weight", (t + "input_layernorm.weight",)),
+        Entry(h + "ln_2.weight", (t + "post_attention_layernorm.weight",)),
+        Entry(h + "attn.q_norm.weight", (t + "self_attn.q_norm.weight",)),
+        Entry(h + "attn.k_norm.weight", (t + "self_attn.k_norm.weight",)),
+    ]
+    for p in ("weight", "bias"):
+        layer += [
+            Entry(h + f"attn.c_attn.{p}", tuple(t + f"self_attn.{x}_proj.{p}" for x in "qkv")),
+            Entry(h + f"attn.c_proj.{p}", (t + f"self_attn.o_proj.{p}",)),
+            Entry(h + f"mlp.c_fc.{p}", (t + f"mlp.gate_proj.{p}", t + f"mlp.up_proj.{p}")),
+            Entry(h + f"mlp.c_proj.{p}", (t + f"mlp.down_proj.{p}",)),
+        ]
+    top = [
+        Entry("transformer.wte.weight", ("model.embed_tokens.weight",)),
+        Entry("transformer.ln_f.weight", ("model.norm.weight",)),
+        Entry("lm_head.weight", ("lm_head.weight",)),
+    ]
+    return top + layer
+
+
+TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table()}
+
+
+def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
+    """The table expanded for every layer, keeping only tensors our model actually has.
+
+    `ours` is the set of our state_dict names; biases, q/k norms and an untied head appear in the
+    map only when the config gives the model those tensors. A tied head is `wte` itself.
+    """
+    out = []
+    for e in TABLES[family]:
+        layers = range(cfg.n_layer) if "{i}" in e.ours else [None]
+        for i in layers:
+            name = e.ours.format(i=i) if i is not None else e.ours
+            if name not in ours or (name == "lm_head.weight" and cfg.tie_embeddings):
+                continue
+            theirs = tuple(n.format(i=i) for n in e.theirs) if i is not None else e.theirs
+            out.append(Entry(name, theirs, e.transpose))
+    return out
+
+
+def _row_splits(cfg: ModelConfig, n_parts: int) -> list[int]:
+    """Row sizes of a fused tensor: [q, k, v] for c_attn, [gate, up] for SwiGLU's c_fc."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    return [q, kv, kv] if n_parts == 3 else [cfg.ffn_hidden] * n_parts
+
+
+# Config translation ---------------------------------------------------------------------------
+# Each family's `transformers` defaults: `save_pretrained` leaves out keys equal to them.
+GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                     n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                     tie_word_embeddings=True, scale_attn_weights=True,
+                     scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
+LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                      head_dim=None, hidden_act="silu", max_position_embeddings=2048,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
+                      rope_scaling=None, attention_bias=False, mlp_bias=False)
+QWEN3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                      max_position_embeddings=32768, head_dim=128, use_sliding_window=False)
+DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS}
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+
+
+def hf_family(hf: dict[str, Any], where: str = "config.json") -> str:
+    """"gpt2", "llama" or "qwen3" from `model_type` (or `architectures`), else a clear error."""
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        archs = hf.get("architectures") or []
+        model_type = next((k for k, v in ARCHITECTURES.items() if v in archs), None)
+    if model_type is None:
+        found = hf.get("model_type") or hf.get("architectures")
+        raise BardlmError(
+            f"{where}: architecture {found!r} is not supported; bardlm loads "
+            f"{', '.join(ARCHITECTURES.values())}"
+        )
+    return model_type
+
+
+def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise BardlmError(f"{where}: partial_rotary_factor is not supported (rotary on all dims only)")
+    if kind == "default":
+        return theta, None
+    if kind not in ("llama3", "linear"):
+        raise BardlmError(
+            f"{where}: rope scaling type {kind!r} is not supported; bardlm implements "
+            "'default', 'linear' and 'llama3'"
+        )
+    return theta, {"rope_type": kind, **params}
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """A `ModelConfig` from a `transformers` config.json dict (GPT-2, Llama or Qwen3)."""
+    family = hf_family(hf, where)
+    c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}}
+    # Special-token ids mean nothing to the model but must survive a round trip back to HF.
+    extra = {"hf": {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}}
+    if family == "gpt2":
+        if c["activation_function"] not in GPT2_ACTIVATIONS:
+            raise BardlmError(
+                f"{where}: GPT-2 activation {c['activation_function']!r} is not supported; "
+                f"bardlm implements {', '.join(GPT2_ACTIVATIONS)}"
+            )
+        if not c["scale_attn_weights"] or c["scale_attn_by_inverse_layer_idx"] or c["add_cross_attention"]:
+            raise BardlmError(f"{where}: GPT-2 attention variants (scale_attn_*, cross-attention) "
+                              "are not supported; only the standard GPT-2 attention is")
+        return ModelConfig(
+            vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"],
+            n_head=c["n_head"], n_embd=c["n_embd"], ffn_hidden=c["n_inner"],
+            ffn=GPT2_ACTIVATIONS[c["activation_function"]], norm="layernorm",
+            norm_eps=c["layer_norm_epsilon"], pos="learned", bias=True,
+            tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra,
+        )
+    if c["hidden_act"] != "silu":
+        raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
+    if c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or []):
+        raise BardlmError(f"{where}: sliding-window attention is not supported; use full attention")
+    theta, scaling = _rope_from_hf(hf, where)
+    n_head, n_embd = c["num_attention_heads"], c["hidden_size"]
+    head_dim = c["head_dim"]
+    mlp_bias = bool(c["mlp_bias"]) and family == "llama"  # Qwen3's MLP has no biases
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
+        n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
+        n_kv_head=c["num_key_value_heads"] or n_head,
+        head_dim=None if head_dim in (None, n_embd // n_head) and n_embd % n_head == 0 else head_dim,
+        ffn_hidden=c["intermediate_size"], ffn="swiglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"],
+        pos="rope", rope_theta=theta, rope_scaling=scaling, qk_norm=family == "qwen3",
+        bias=mlp_bias,
+        attn_bias=None if bool(c["attention_bias"]) == mlp_bias else bool(c["attention_bias"]),
+        tie_embeddings=bool(c["tie_word_embeddings"]),
+        extra=extra,
+    )
+
+
+def family_of(cfg: ModelConfig) -> str:
+    """Which `transformers` family computes exactly what this config does, else a clear error."""
+    # Options no transformers family has: exporting them would write a different model.
+    odd = {"share_layers=true": cfg.share_layers, "residual=false": not cfg.residual,
+           f"attn_score={cfg.attn_score}": cfg.attn_score != "dot"}
+    if any(odd.values()):
+        raise BardlmError(
+            f"this model has no transformers equivalent ({', '.join(k for k, v in odd.items() if v)}"
+            "); keep it as a bardlm checkpoint, or train without those options to export it"
+        )
+    style = (cfg.pos, cfg.norm, cfg.ffn)
+    pre = cfg.norm_placement == "pre"
+    if style in (("learned", "layernorm", "gelu"), ("learned", "layernorm", "relu")) and pre \
+            and cfg.bias and cfg.attn_bias and cfg.n_kv_head == cfg.n_head \
+            and not cfg.qk_norm and cfg.head_dim * cfg.n_head == cfg.n_embd:
+        return "gpt2"
+    if style == ("rope", "rmsnorm", "swiglu") and pre:
+        if not cfg.qk_norm:
+            return "llama"
+        if not cfg.bias:
+            return "qwen3"
+    raise BardlmError(
+        "this model has no transformers equivalent: save_pretrained writes GPT-2 (learned "
+        "positions, LayerNorm, GELU, biases, MHA), Llama (RoPE, RMSNorm, SwiGLU) or Qwen3 "
+        f"(Llama + QK-norm, no MLP bias); got pos={cfg.pos}, norm={cfg.norm}, ffn={cfg.ffn}, "
+        f"qk_norm={cfg.qk_norm}, bias={cfg.bias}, norm_placement={cfg.norm_placement}"
+    )
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The `transformers` config.json dict of a model with this config."""
+    family = family_of(cfg)
+    out: dict[str, Any] = {"architectures": [ARCHITECTURES[family]], "model_type": family,
+                           "dtype": str(dtype).removeprefix("torch."),
+                           "tie_word_embeddings": cfg.tie_embeddings}
+    out.update(cfg.extra.get("hf", {}))
+    if family == "gpt2":
+        act = "gelu_new" if cfg.ffn == "gelu" else "relu"
+        return {**out, "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
+                "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                "n_inner": cfg.ffn_hidden, "activation_function": act,
+                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0}
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
+    out.update(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, hidden_size=cfg.n_embd,
+        intermediate_size=cfg.ffn_hidden, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
+        attention_bias=cfg.attn_bias, attention_dropout=0.0,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
+        # (copies: transformers edits these dicts in place)
+        rope_parameters=rope, rope_theta=cfg.rope_theta,
+        rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+    )
+    if family == "llama":
+        out["mlp_bias"] = cfg.bias
+    else:
+        out["use_sliding_window"] = False
+    return out
+
+
+# Tensors --------------------------------------------------------------------------------------
+def read_hf_tensors(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors`, or of every shard named in the index file."""
+    index = src / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+    elif (src / MODEL_FILE).is_file():
+        files = [MODEL_FILE]
+    else:
+        pickles = sorted(p.name for p in src.glob("*.bin"))
+        hint = (f" (found {pickles[0]}: a pickle, which bardlm never loads; re-save it with "
+                "save_pretrained(safe_serialization=True))") if pickles else ""
+        raise BardlmError(f"{src} has neither {MODEL_FILE} nor {INDEX_FILE}{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise BardlmError(f"shard {path} named in {INDEX_FILE} is missing; download it again")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _normalise_hf_names(tensors: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Drop non-weight buffers; the original GPT-2 files omit the `transformer.` prefix."""
+    out = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if family == "gpt2":
+        out = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+               for k, v in out.items()}
+    return out
+
+
+def state_dict_from_hf(
+    tensors: dict[str, torch.Tensor], cfg: ModelConfig, family: str, ours: set[str], where: str
+) -> dict[str, torch.Tensor]:
+    """Our state dict from HF tensors: fuse, transpose, and name every missing or extra tensor."""
+    tensors = _normalise_hf_names(tensors, family)
+    entries = name_map(cfg, family, ours)
+    needed = {n for e in entries for n in e.theirs}
+    missing = sorted(needed - set(tensors))
+    if missing:
+        raise BardlmError(f"{where} lacks tensor(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                          f"needed by its config; the checkpoint is incomplete or mislabelled")
+    # A tied checkpoint may still store the head; it must then be the embedding and is skipped.
+    extra = sorted(set(tensors) - needed - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if extra:
+        raise BardlmError(f"{where} has tensor(s) {extra[:3]} that its config does not use "
+                          "(e.g. biases the config turns off); the config and weights disagree")
+    out = {}
+    for e in entries:
+        parts = [tensors[n].t() if e.transpose else tensors[n] for n in e.theirs]
+        out[e.ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    return out
+
+
+def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """HF tensors from our model: split fused rows, transpose Conv1D weights."""
+    sd = model.state_dict()
+    out = {}
+    for e in name_map(model.config, family, set(sd)):
+        t = sd[e.ours].detach()
+        parts = t.split(_row_splits(model.config, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
+        for name, part in zip(e.theirs, parts):
+            out[name] = (part.t() if e.transpose else part).contiguous()
+    return out
+
+
+# Loading and saving ---------------------------------------------------------------------------
+def read_hf_config(src: str | Path) -> dict[str, Any]:
+    src = Path(src)
+    if not (src / CONFIG_FILE).is_file():
+        raise BardlmError(f"{src} has no {CONFIG_FILE}; pass a directory written by save_pretrained")
+    try:
+        return json.loads((src / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BardlmError(f"{src / CONFIG_FILE} is not valid JSON ({e})") from None
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a `transformers` directory (its config.json names an architecture)."""
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "model" not in data and (
+        "model_type" in data or "architectures" in data)
+
+
+def from_pretrained(
+    src: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = False,
+):  # noqa: ANN201
+    """Load a `transformers` directory (GPT-2, Llama or Qwen3) as a bardlm `GPT` in eval mode.
+
+    `src` holds config.json and model.safetensors (or shards with model.safetensors.index.json).
+    With `with_tokenizer=True` returns (model, tokenizer or None), reading `tokenizer.json` (or a
+    bardlm tokenizer saved beside the weights) when present.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise BardlmError(f"{src} is not a directory; pass the folder written by save_pretrained")
+    hf = read_hf_config(src)
+    cfg = config_from_hf(hf, str(src / CONFIG_FILE))
+    family = hf_family(hf)
+    with torch.device("meta"):
+        ours = set(GPT(cfg).state_dict())
+    sd = state_dict_from_hf(read_hf_tensors(src), cfg, family, ours, str(src))
+    model = build_model(cfg, sd, str(src), dtype=dtype).to(device).eval()
+    if not with_tokenizer:
+        return model
+    return model, load_hf_tokenizer(src)
+
+
+def _tokenizer_path(src: Path) -> Path | None:
+    for name in (BARDLM_TOKENIZER_FILE, TOKENIZER_FILE):
+        if (src / name).is_file():
+            return src / name
+    return None
+
+
+def load_hf_tokenizer(src: str | Path):  # noqa: ANN201
+    """The tokenizer saved in a HF directory, or None when it has none."""
+    path = _tokenizer_path(Path(src))
+    return None if path is None else load_tokenizer(path)
+
+
+class RawTokenizerJSON:
+    """A tokenizer file carried through unchanged: `to_dict` returns its JSON."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    @classmethod
+    def read(cls, path: Path) -> RawTokenizerJSON:
+        return cls(json.loads(path.read_text(encoding="utf-8")))
+
+    @property
+    def is_hf(self) -> bool:
+        return "kind" not in self.data and "model" in self.data
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+
+def save_pretrained(model: torch.nn.Module, out: str | Path, tokenizer: Any = None) -> Path:
+    """Write `out/config.json` + `out/model.safetensors` that `transformers` loads.
+
+    `tokenizer` (anything with `to_dict()`) is written as tokenizer.json when it is a Hugging
+    Face tokenizer, else as bardlm_tokenizer.json (transformers ignores it; bardlm reads it).
+    """
+    out = Path(out)
+    family = family_of(model.config)
+    dtype = next(model.parameters()).dtype
+    hf_config = config_to_hf(model.config, dtype)
+    tensors = {k: v.cpu() for k, v in state_dict_to_hf(model, family).items()}
+    writes = [(out / MODEL_FILE, tensors_writer(tensors, {"format": "pt"})),
+              (out / CONFIG_FILE, text_writer(json.dumps(hf_config, indent=2)))]
+    if tokenizer is not None:
+        data = tokenizer.to_dict()
+        name = TOKENIZER_FILE if RawTokenizerJSON(data).is_hf else BARDLM_TOKENIZER_FILE
+        writes.append((out / name, text_writer(json.dumps(data, ensure_ascii=False))))
+    atomic_write_many(writes)
+    return out
+
+
+# Conversion (the `bardlm convert` command) ----------------------------------------------------
+def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """HF directory -> bardlm checkpoint, or bardlm checkpoint -> HF directory (detected).
+
+    Tokenizer files travel unchanged. Returns a summary dict for the CLI to print.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise BardlmError(f"{src} is not a directory; pass a HF directory or a bardlm checkpoint")
+    if (out / CONFIG_FILE).exists() and not overwrite:
+        raise BardlmError(f"{out} already holds a model; pass --overwrite to replace it")
+    tok_path = _tokenizer_path(src)
+    tokenizer = RawTokenizerJSON.read(tok_path) if tok_path else None
+    if is_hf_dir(src):
+        model = from_pretrained(src)
+        save_checkpoint(out, model, tokenizer, meta={"source": str(src)})
+        direction = "hf->bardlm"
+    else:
+        meta = read_config(src)
+        cfg = ModelConfig.from_dict(meta["model"])
+        tensors = load_tensors(src / MODEL_FILE)
+        if any(not t.is_floating_point() for t in tensors.values()):
+            raise BardlmError(f"{src} holds quantized weights; transformers needs float weights: "
+                              "convert the checkpoint saved before quantization")
+        dtype = next(iter(tensors.values())).dtype  # keep the checkpoint's precision
+        model = build_model(cfg, tensors, str(src / MODEL_FILE), dtype=dtype)
+        save_pretrained(model, out, tokenizer)
+        direction = "bardlm->hf"
+    return {"out": str(out), "direction": direction, "parameters": model.num_params(),
+            "architecture": ARCHITECTURES[family_of(model.config)],
+            "tokenizer": tok_path.name if tok_path else None}
+
+
+__all__ = ["from_pretrained", "save_pretrained", "convert", "config_from_hf", "config_to_hf"]

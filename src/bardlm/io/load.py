@@ -1,0 +1,80 @@
+"""`bardlm.load`: one loader for every model directory bardlm reads.
+
+    model, tokenizer = bardlm.load(path, dtype=None, device=None)
+
+`path` is a bardlm run directory (float), an INT8 directory from `bardlm quantize`, or a Hugging
+Face directory (GPT-2, Llama, Qwen3; `config.json` + safetensors). The model comes back in eval
+mode; `dtype` ("fp32", "bf16", "int8", or None for the weights as trained) lays it out for fast
+inference (`bardlm.infer.layouts`). An INT8 directory always runs int8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import BardlmError
+from ..infer.layouts import prepare_for_inference
+from ..infer.quantize import quantize_model, weight_bytes
+from ..nn.model import GPT
+from ..tokenizers import Tokenizer
+from .checkpoint import CONFIG_FILE, check_dir, load_checkpoint, read_config, save_checkpoint
+from .hf import config_from_hf, from_pretrained, is_hf_dir, read_hf_config
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def kind_of(path: str | Path) -> str:
+    """"hf", "int8" or "bardlm": what `load` will read at `path` (checked, one-line errors)."""
+    path = check_dir(path)
+    if is_hf_dir(path):
+        return "hf"
+    return "int8" if read_config(path).get("quantization") else "bardlm"
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of any model directory, without reading its weights."""
+    if kind_of(path) == "hf":
+        return config_from_hf(read_hf_config(path), str(Path(path) / CONFIG_FILE))
+    return ModelConfig.from_dict(read_config(path)["model"])
+
+
+def load(
+    path: str | Path, dtype: str | None = None, device: str | torch.device | None = None
+) -> tuple[GPT, Tokenizer | None]:
+    """(model in eval mode, tokenizer or None) from any model directory bardlm reads."""
+    if dtype is not None and dtype not in DTYPES:
+        raise BardlmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = device or "cpu"
+    if kind_of(path) == "hf":
+        model, tokenizer = from_pretrained(path, device=device, with_tokenizer=True)
+    else:
+        model, tokenizer, _ = load_checkpoint(path, device)
+    if getattr(model, "quantization", None):
+        dtype = "int8"
+    if dtype is not None:
+        prepare_for_inference(model, dtype)
+    return model, tokenizer
+
+
+def quantize_checkpoint(ckpt: str | Path, out: str | Path, embeddings: bool = True) -> dict[str, Any]:
+    """Write an INT8 copy of a float model directory (bardlm or Hugging Face) into `out`, as a
+    bardlm checkpoint; returns a summary (sizes in bytes)."""
+    ckpt, out = Path(ckpt), Path(out)
+    if out.resolve() == ckpt.resolve():
+        raise BardlmError("--out must differ from --ckpt; the float checkpoint is kept as it is")
+    if kind_of(ckpt) == "int8":
+        raise BardlmError(f"{ckpt} is already quantized; pass the float checkpoint")
+    model, tokenizer = load(ckpt)
+    meta = {} if kind_of(ckpt) == "hf" else read_config(ckpt)
+    fp32_bytes = weight_bytes(model)
+    quantize_model(model, embeddings)
+    keep = {k: v for k, v in meta.items() if k not in ("model", "save_id", "tokenizer_fingerprint")}
+    save_checkpoint(out, model, tokenizer, {**keep, "source": str(ckpt)})
+    int8_bytes = weight_bytes(model)
+    return {"out": str(out), "fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,
+            "bytes_ratio": round(int8_bytes / fp32_bytes, 4), "embeddings": embeddings,
+            "step": meta.get("step")}

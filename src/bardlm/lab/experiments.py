@@ -1,0 +1,546 @@
+"""Small experiments behind docs/concepts.md: each answers one first-principles question.
+
+`bardlm experiment NAME --out DIR` runs one and writes DIR/NAME.json (its numbers) and, where it
+has one, DIR/NAME.png (the figure the docs show); `--quick` runs the same code on a toy budget
+(the test suite does, so the docs cannot rot). Every training run of an experiment shares one
+`Budget`: same data order, steps, batch, context and learning-rate schedule, so the only thing
+that differs between two rows of a table is the option being compared.
+
+  lstm        transformer vs a same-size LSTM language model for the same wall time
+  attention   softmax saturation without 1/sqrt(d_k); dot vs additive vs bilinear vs cosine scores
+  sharing     separate weights per layer vs one block shared by all layers (ALBERT)
+  residual    per-layer gradient norms at init and loss curves, with/without skips and norms
+  ablations   pre/post norm, LayerNorm/RMSNorm, GELU/ReLU/SwiGLU, learned/sinusoidal/RoPE/none
+  shapes      the shape of every tensor in the forward pass of a preset (markdown table)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, TrainConfig, preset
+from ..errors import BardlmError
+from ..nn.model import GPT
+from ..tokenizers import CharTokenizer
+from ..train.data import Batches, load_corpus, split_ids, val_windows
+from ..train.loop import Diverged, Loop, window_batches
+from ..train.loop import evaluate as evaluate_loss
+
+
+# Budget and data ---------------------------------------------------------------------------
+@dataclass
+class Budget:
+    """The shared model size and training budget of an experiment's runs."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 64
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 2e-3
+    warmup: int = 30
+    eval_every: int = 50
+    eval_windows: int = 200  # validation windows for the loss curves (the tables use all)
+    seconds: float = 60.0  # wall time of each run in time-budgeted experiments (lstm)
+    seed: int = 1337
+
+    def model(self, vocab_size: int, **changes: Any) -> ModelConfig:
+        """char-tiny's style (pre-norm LayerNorm, GELU, learned positions) at this size."""
+        base = dict(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                    n_head=self.n_head, n_embd=self.n_embd, bias=False)
+        return ModelConfig(**{**base, **changes})
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(batch_size=self.batch_size, max_iters=self.steps, lr=self.lr,
+                           min_lr=self.lr / 10, warmup_iters=self.warmup, seed=self.seed)
+
+
+FULL = Budget()
+QUICK = Budget(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup=2,
+               eval_every=4, eval_windows=8, seconds=1.5)
+
+
+@dataclass
+class Data:
+    """Character-level ids of a corpus, split 90/10, with batches and validation windows."""
+
+    vocab_size: int
+    batches: Batches
+    val: torch.Tensor  # (N, T + 1) all validation windows
+    val_curve: torch.Tensor  # an evenly spread subset of `val` for the loss curves
+
+    @classmethod
+    def load(cls, budget: Budget, data: str | None = None, max_val: int | None = None) -> Data:
+        text, _ = load_corpus(data or "tiny-shakespeare")
+        tok = CharTokenizer.train(text)
+        ids = np.asarray(tok.encode(text), dtype=np.int32)
+        train, val = split_ids(ids, len(text))
+        windows = val_windows(val.ids, budget.block_size)
+        if max_val is not None:
+            windows = windows[:max_val]
+        pick = torch.linspace(0, len(windows) - 1, min(budget.eval_windows, len(windows))).long()
+        return cls(tok.vocab_size, Batches(train.ids, budget.block_size, budget.seed), windows,
+                   windows[pick])
+
+
+# Every run trains with the library's own loop (train/loop.py) --------------------------------
+def evaluate(model: nn.Module, windows: torch.Tensor, device: str, batch_size: int = 64) -> float:
+    """Mean next-token loss (nats) of `model` over windows (N, T + 1)."""
+    return evaluate_loss(model, window_batches(windows, batch_size), device)
+
+
+class Run:
+    """One model being trained on `data` under `budget`: step by step, timing only the steps."""
+
+    def __init__(self, model: nn.Module, data: Data, budget: Budget, device: str = "cpu",
+                 timed: bool = False) -> None:
+        torch.manual_seed(budget.seed)
+        self.model, self.data, self.budget, self.device = model.to(device).train(), data, budget, device
+        cfg = dataclasses.replace(budget.train_config(), device=device)
+        if timed:  # the step count is not known in advance: constant lr after warm-up
+            cfg = dataclasses.replace(cfg, schedule="constant")
+        self.loop = Loop(model, cfg)
+        self.train_s, self.loss = 0.0, float("nan")
+        self.history = [_point(0, self.loss, self.eval_curve(), 0.0)]
+
+    @property
+    def step_count(self) -> int:
+        return self.loop.step
+
+    def eval_curve(self) -> float:
+        return evaluate(self.model, self.data.val_curve, self.device)
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.loss = self.loop.train_step(lambda step, micro: self.data.batches.batch(step, self.budget.batch_size))
+        except Diverged as e:  # a diverged run is a result too: it stops here
+            self.loss = e.loss
+            self.loop.step += 1
+        self.train_s += time.perf_counter() - t0
+        if self.step_count % self.budget.eval_every == 0:
+            self.history.append(_point(self.step_count, self.loss, self.eval_curve(), self.train_s))
+
+    @property
+    def diverged(self) -> bool:
+        return self.step_count > 0 and not math.isfinite(self.loss)
+
+    def result(self) -> dict[str, Any]:
+        """Loss curve, final loss over the whole validation split, tokens/s, parameter count."""
+        if self.history[-1]["step"] != self.step_count:
+            self.history.append(_point(self.step_count, self.loss, self.eval_curve(), self.train_s))
+        b = self.budget
+        return {
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "steps": self.step_count,
+            "train_s": self.train_s,
+            "tokens_per_s": self.step_count * b.batch_size * b.block_size / max(self.train_s, 1e-9),
+            "val_loss": evaluate(self.model, self.data.val, self.device),
+            "history": self.history,
+        }
+
+
+def train_lm(model: nn.Module, data: Data, budget: Budget, device: str = "cpu") -> dict[str, Any]:
+    """Train any `model(idx, targets) -> (logits, loss)` for `budget.steps` steps (a `Run`)."""
+    run = Run(model, data, budget, device)
+    while run.step_count < budget.steps and not run.diverged:  # a diverged run is a result too
+        run.step()
+    return run.result()
+
+
+def train_for_time(models: dict[str, nn.Module], data: Data, budget: Budget, device: str = "cpu"
+                   ) -> dict[str, dict[str, Any]]:
+    """Train several models for `budget.seconds` of training time each, interleaving their steps
+    (one step of each in turn), so a machine whose load changes slows them all alike."""
+    runs = {name: Run(m, data, budget, device, timed=True) for name, m in models.items()}
+    while active := [r for r in runs.values() if r.train_s < budget.seconds and not r.diverged]:
+        for run in active:
+            run.step()
+    return {name: run.result() for name, run in runs.items()}
+
+
+def _point(step: int, train_loss: float, val_loss: float, elapsed: float) -> dict[str, float]:
+    return {"step": step, "train_loss": train_loss, "val_loss": val_loss, "elapsed_s": elapsed}
+
+
+def train_variants(
+    variants: dict[str, dict[str, Any]], data: Data, budget: Budget, device: str, log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """One `train_lm` run of a GPT per variant (ModelConfig field changes), same budget."""
+    runs = {}
+    for name, changes in variants.items():
+        torch.manual_seed(budget.seed)  # same initial weights wherever the shapes agree
+        model = GPT(budget.model(data.vocab_size, **changes))
+        runs[name] = {"changes": changes, **train_lm(model, data, budget, device)}
+        log(f"{name}: val loss {runs[name]['val_loss']:.4f} after {runs[name]['steps']} steps "
+            f"({runs[name]['train_s']:.1f} s)")
+    return runs
+
+
+# Experiment: transformer vs LSTM -----------------------------------------------------------
+class LSTMLM(nn.Module):
+    """A character-level LSTM language model: embed -> nn.LSTM (n_layer) -> linear head.
+
+    The hidden state (h, c) carries everything about the past from one step to the next, so
+    position t cannot be computed before position t - 1: time is handled by recurrence.
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, n_layer: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=n_layer, batch_first=True)
+        self.lm_head = nn.Linear(hidden, vocab_size)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> logits (B, T, V), loss."""
+        h, _ = self.lstm(self.wte(idx))  # (B, T, hidden), computed one step at a time inside
+        logits = self.lm_head(h)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def lstm_matching(n_params: int, vocab_size: int, n_layer: int) -> LSTMLM:
+    """The LSTMLM with `n_layer` layers whose parameter count is closest to `n_params`."""
+    def count(h: int) -> int:
+        return 2 * vocab_size * h + vocab_size + n_layer * (8 * h * h + 8 * h)
+
+    hidden = min(range(4, 2048, 4), key=lambda h: abs(count(h) - n_params))
+    return LSTMLM(vocab_size, hidden, n_layer)
+
+
+def exp_lstm(data: Data, budget: Budget, device: str, log: Callable[[str], None],
+             lstm_layers: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+    """The transformer of the budget vs LSTMs of (about) its parameter count, same wall time."""
+    torch.manual_seed(budget.seed)
+    models: dict[str, nn.Module] = {f"transformer ({budget.n_layer} layers)": GPT(budget.model(data.vocab_size))}
+    n_params = next(iter(models.values())).num_params()
+    for n in lstm_layers:
+        torch.manual_seed(budget.seed)
+        lstm = lstm_matching(n_params, data.vocab_size, n)
+        models[f"LSTM ({n} layer{'s' * (n > 1)}, hidden {lstm.lstm.hidden_size})"] = lstm
+    runs = train_for_time(models, data, budget, device)
+    for name, run in runs.items():
+        log(f"{name}: {run['params']:,} params, {run['tokens_per_s']:,.0f} tokens/s, "
+            f"{run['steps']} steps, val loss {run['val_loss']:.4f}")
+    return {"runs": runs}
+
+
+def plot_lstm(result: dict[str, Any], path: Path) -> None:
+    fig, ax = _figure(1)
+    for name, run in result["runs"].items():
+        h = run["history"]
+        ax[0].plot([p["elapsed_s"] for p in h], [p["val_loss"] for p in h],
+                   label=f"{name} ({run['params']:,} params, {run['tokens_per_s']:,.0f} tok/s)")
+    _labels(ax[0], "training time (s)", "validation loss (nats/char)", "same data, same wall time")
+    _save(fig, path)
+
+
+# Experiment: attention scores --------------------------------------------------------------
+def softmax_saturation(dims: tuple[int, ...] = (4, 16, 64, 256, 1024), n_keys: int = 64,
+                       n_queries: int = 512, seed: int = 0) -> list[dict[str, float]]:
+    """With q, k ~ N(0, I_D), q.k has variance D: watch softmax saturate unless divided by sqrt(D).
+
+    For each D: the std of the logits, the mean largest attention weight, the mean entropy (nats,
+    uniform = log n_keys) and the mean norm of the softmax Jacobian, scaled and unscaled.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for d in dims:
+        q = torch.randn(n_queries, d, generator=g)
+        k = torch.randn(n_keys, d, generator=g)
+        row: dict[str, float] = {"d_k": d}
+        for name, logits in (("unscaled", q @ k.T), ("scaled", q @ k.T / math.sqrt(d))):
+            p = logits.softmax(-1)  # (n_queries, n_keys)
+            # d softmax / d logits = diag(p) - p p^T: its norm -> 0 as p becomes one-hot.
+            jac = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+            row[f"{name}_logit_std"] = logits.std().item()
+            row[f"{name}_max_weight"] = p.max(-1).values.mean().item()
+            row[f"{name}_entropy"] = -(p * p.clamp_min(1e-30).log()).sum(-1).mean().item()
+            row[f"{name}_grad_norm"] = torch.linalg.matrix_norm(jac).mean().item()
+        rows.append(row)
+    return rows
+
+
+SCORES = ("dot", "dot_unscaled", "additive", "bilinear", "cosine")
+
+
+def exp_attention(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    variants = {s: {"attn_score": s, "attn_impl": "explicit"} for s in SCORES}
+    return {"saturation": softmax_saturation(),
+            "runs": train_variants(variants, data, budget, device, log)}
+
+
+def plot_attention(result: dict[str, Any], path: Path) -> None:
+    fig, ax = _figure(2)
+    sat = result["saturation"]
+    d = [r["d_k"] for r in sat]
+    for name, style in (("scaled", "-o"), ("unscaled", "--o")):
+        ax[0].plot(d, [r[f"{name}_max_weight"] for r in sat], style, label=f"largest weight, {name}")
+        ax[0].plot(d, [r[f"{name}_grad_norm"] for r in sat], style, label=f"softmax Jacobian norm, {name}")
+    ax[0].set_xscale("log")
+    _labels(ax[0], "d_k", "value", "softmax(q.k) with and without 1/sqrt(d_k)")
+    _plot_curves(ax[1], result["runs"], "attention score")
+    _save(fig, path)
+
+
+# Experiment: shared layers -----------------------------------------------------------------
+def exp_sharing(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    variants = {
+        f"separate ({budget.n_layer} blocks)": {},
+        f"shared (1 block applied {budget.n_layer}x)": {"share_layers": True},
+        "one layer (1 block applied 1x)": {"n_layer": 1},
+    }
+    return {"runs": train_variants(variants, data, budget, device, log)}
+
+
+def plot_curves_only(title: str) -> Callable[[dict[str, Any], Path], None]:
+    def plot(result: dict[str, Any], path: Path) -> None:
+        fig, ax = _figure(1)
+        _plot_curves(ax[0], result["runs"], title)
+        _save(fig, path)
+
+    return plot
+
+
+# Experiment: residual connections and norms ------------------------------------------------
+RESIDUAL_VARIANTS = {
+    "residual + LayerNorm": {},
+    "residual, no norm": {"norm": "none"},
+    "no residual, LayerNorm": {"residual": False},
+    "no residual, no norm": {"residual": False, "norm": "none"},
+}
+
+
+def layer_grad_norms(model: GPT, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """The gradient norm of each block's parameters (all of them together) for one batch."""
+    model.zero_grad(set_to_none=True)
+    model(x, y)[1].backward()
+    norms = []
+    for block in model.transformer.h:
+        grads = [p.grad.flatten() for p in block.parameters() if p.grad is not None]
+        norms.append(torch.cat(grads).norm().item() if grads else 0.0)
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def exp_residual(data: Data, budget: Budget, device: str, log: Callable[[str], None],
+                 depth: int | None = None) -> dict[str, Any]:
+    depth = depth or 3 * budget.n_layer
+    x, y = data.batches.batch(0, budget.batch_size)
+    grads = {}
+    for name, changes in RESIDUAL_VARIANTS.items():
+        torch.manual_seed(budget.seed)
+        grads[name] = layer_grad_norms(GPT(budget.model(data.vocab_size, n_layer=depth, **changes)), x, y)
+        log(f"{name}: gradient norm layer 1 {grads[name][0]:.2e}, layer {depth} {grads[name][-1]:.2e}")
+    return {"depth_for_grad_norms": depth, "grad_norms": grads,
+            "runs": train_variants(RESIDUAL_VARIANTS, data, budget, device, log)}
+
+
+def plot_residual(result: dict[str, Any], path: Path) -> None:
+    fig, ax = _figure(2)
+    for name, norms in result["grad_norms"].items():
+        zero = all(n == 0 for n in norms)  # a log axis cannot show 0: say so in the legend
+        ax[0].plot(range(1, len(norms) + 1), [n if n > 0 else float("nan") for n in norms], "-o",
+                   label=f"{name} (all exactly 0)" if zero else name)
+    ax[0].set_yscale("log")
+    _labels(ax[0], "layer", "gradient norm of the block's weights",
+            f"at initialisation, {result['depth_for_grad_norms']} layers")
+    _plot_curves(ax[1], result["runs"], "training")
+    _save(fig, path)
+
+
+# Experiment: architecture ablations --------------------------------------------------------
+def ablation_variants(budget: Budget) -> dict[str, dict[str, Any]]:
+    """The baseline (pre-norm, LayerNorm, GELU, learned positions) and one change per row."""
+    # SwiGLU has three matrices, not two: 8/3 * C hidden units keep the parameter count.
+    swiglu_hidden = int(8 * budget.n_embd / 3 + 7) // 8 * 8
+    return {
+        "baseline (pre-norm, LayerNorm, GELU, learned)": {},
+        "post-norm": {"norm_placement": "post"},
+        "RMSNorm": {"norm": "rmsnorm"},
+        "ReLU": {"ffn": "relu"},
+        "SwiGLU": {"ffn": "swiglu", "ffn_hidden": swiglu_hidden},
+        "sinusoidal positions": {"pos": "sinusoidal"},
+        "rotary positions (RoPE)": {"pos": "rope"},
+        "no positions (NoPE)": {"pos": "none"},
+    }
+
+
+def exp_ablations(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    return {"runs": train_variants(ablation_variants(budget), data, budget, device, log)}
+
+
+# Shapes of the forward pass ----------------------------------------------------------------
+def forward_shapes(cfg: ModelConfig, B: str | int = "B", T: str | int = "T") -> list[tuple[str, str, tuple]]:
+    """(step, tensor, shape) for one forward pass of `cfg` on idx (B, T), from the config alone.
+
+    A test checks these against the shapes a real forward pass produces for small presets.
+    """
+    C, H, Hkv, D, V = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size
+    F_ = cfg.ffn_hidden
+    rows: list[tuple[str, str, tuple]] = [("input", "idx", (B, T)), ("wte(idx)", "x", (B, T, C))]
+    if cfg.pos in ("learned", "sinusoidal"):
+        rows.append((f"+ {cfg.pos} positions (block_size={cfg.block_size})", "x", (B, T, C)))
+    rows += [
+        (f"ln_1 ({cfg.norm})", "h", (B, T, C)),
+        ("c_attn(h): q, k, v in one fused projection", "qkv", (B, T, H * D + 2 * Hkv * D)),
+        ("split + view + transpose", "q", (B, H, T, D)),
+        ("", "k, v", (B, Hkv, T, D)),
+    ]
+    if cfg.qk_norm:
+        rows += [("q_norm(q) (RMSNorm over each head's D)", "q", (B, H, T, D)),
+                 ("k_norm(k)", "k", (B, Hkv, T, D))]
+    if cfg.pos == "rope":
+        rows += [("apply_rope(q)", "q", (B, H, T, D)), ("apply_rope(k)", "k", (B, Hkv, T, D))]
+    if Hkv != H:
+        rows.append((f"GQA: each k/v head serves {H // Hkv} query heads", "k, v (repeated)", (B, H, T, D)))
+    rows += [
+        ("q @ k^T / sqrt(d_k), causal mask, softmax", "att", (B, H, T, T)),
+        ("att @ v", "y", (B, H, T, D)),
+        ("transpose + reshape", "y", (B, T, H * D)),
+        ("c_proj(y); x + ...", "x", (B, T, C)),
+        (f"ln_2 ({cfg.norm})", "h", (B, T, C)),
+    ]
+    if cfg.ffn == "swiglu":
+        rows += [("c_fc(h): gate and up in one fused projection", "gate, up", (B, T, 2 * F_)),
+                 ("silu(gate) * up", "h", (B, T, F_))]
+    else:
+        rows += [("c_fc(h)", "h", (B, T, F_)), (f"{cfg.ffn}(h)", "h", (B, T, F_))]
+    rows += [
+        ("c_proj(h); x + ...", "x", (B, T, C)),
+        (f"... blocks 2..{cfg.n_layer} (same shapes)", "x", (B, T, C)),
+        (f"ln_f ({cfg.norm})", "x", (B, T, C)),
+        ("lm_head(x)" + (" (tied to wte)" if cfg.tie_embeddings else ""), "logits", (B, T, V)),
+    ]
+    return rows
+
+
+def shapes_markdown(name: str) -> str:
+    cfg = preset(name)
+    lines = [f"| step | tensor | shape ({name}) |", "| --- | --- | --- |"]
+    for step, tensor, shape in forward_shapes(cfg):
+        dims = ", ".join(f"{d:,}" if isinstance(d, int) else d for d in shape)
+        lines.append(f"| {step} | `{tensor}` | ({dims}) |")
+    return "\n".join(lines)
+
+
+SHAPE_PRESETS = ("gpt2-124m", "llama-3.2-1b", "qwen3-0.6b")
+
+
+def exp_shapes(data: Data | None, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    tables = {name: shapes_markdown(name) for name in SHAPE_PRESETS}
+    for name, table in tables.items():
+        log(f"\n{name}\n{table}")
+    return {"tables": tables}
+
+
+# Registry, tables and plotting helpers -----------------------------------------------------
+@dataclass
+class Experiment:
+    run: Callable[..., dict[str, Any]]
+    plot: Callable[[dict[str, Any], Path], None] | None
+    needs_data: bool = True
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "lstm": Experiment(exp_lstm, plot_lstm),
+    "attention": Experiment(exp_attention, plot_attention),
+    "sharing": Experiment(exp_sharing, plot_curves_only("weights per layer")),
+    "residual": Experiment(exp_residual, plot_residual),
+    "ablations": Experiment(exp_ablations, plot_curves_only("one change from the baseline")),
+    "shapes": Experiment(exp_shapes, None, needs_data=False),
+}
+
+
+def run_experiment(
+    name: str, out: str | Path, quick: bool = False, data: str | None = None, device: str = "cpu",
+    steps: int | None = None, seconds: float | None = None, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run experiment `name`; write out/NAME.json (and out/NAME.png); return the result."""
+    if name not in EXPERIMENTS:
+        raise BardlmError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    budget = QUICK if quick else FULL
+    for key, value in (("steps", steps), ("seconds", seconds)):
+        if value is not None:
+            if value <= 0:
+                raise BardlmError(f"--{key} must be positive, got {value}")
+            budget = dataclasses.replace(budget, **{key: value})
+    exp = EXPERIMENTS[name]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BardlmError(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = Data.load(budget, data, max_val=64 if quick else None) if exp.needs_data else None
+    start = time.time()
+    result = exp.run(loaded, budget, device, log)
+    result = {"experiment": name, "budget": dataclasses.asdict(budget), "device": device,
+              "torch_threads": torch.get_num_threads(), "wall_s": time.time() - start, **result}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    if exp.plot is not None:
+        exp.plot(result, out / f"{name}.png")
+    table = results_table(result)
+    if table:
+        log(table)
+    return result
+
+
+def results_table(result: dict[str, Any]) -> str:
+    """A markdown table of the runs of a result: params, steps, tokens/s, validation loss."""
+    runs = result.get("runs")
+    if not runs:
+        return ""
+    first = next(iter(runs.values()))
+    lines = ["| variant | parameters | steps | tokens/s | val loss | vs first row |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['params']:,} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['val_loss']:.3f} | {r['val_loss'] - first['val_loss']:+.3f} |")
+    return "\n".join(lines)
+
+
+def _figure(n: int):  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+    return fig, ax[0]
+
+
+def _plot_curves(ax, runs: dict[str, dict[str, Any]], title: str) -> None:  # noqa: ANN001
+    for name, run in runs.items():
+        h = [p for p in run["history"] if math.isfinite(p["val_loss"])]
+        ax.plot([p["step"] for p in h], [p["val_loss"] for p in h], label=f"{name}: {run['val_loss']:.3f}")
+    _labels(ax, "step", "validation loss (nats/char)", title)
+
+
+def _labels(ax, xlabel: str, ylabel: str, title: str) -> None:  # noqa: ANN001
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> None:  # noqa: ANN001
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

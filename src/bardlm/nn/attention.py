@@ -1,0 +1,221 @@
+"""One attention module for every case: causal self-attention, bidirectional self-attention and
+cross-attention; MHA, GQA and MQA; optional QK-RMSNorm and rotary positions; a KV cache.
+
+Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V. The explicit path writes that formula out; the
+"sdpa" path calls PyTorch's fused kernel, and a test holds the two to 1e-5 of each other.
+`attn_score` swaps the scaled dot product for another way to score (query, key) pairs
+(`AttentionScore`); those variants always take the explicit path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .dropout import Dropout, dropout
+from .norm import RMSNorm
+from .position import apply_rope
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `n_head` query heads sharing `n_kv_head` key/value heads.
+
+    Q, K and V come from one fused projection `c_attn` (as GPT-2): rows [0, H*D) make queries,
+    the next H_kv*D keys and the last H_kv*D values. For cross-attention the query rows are
+    applied to the decoder stream and the key/value rows to the encoder output.
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+        super().__init__()
+        self.causal = causal
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_dim = self.n_head * self.head_dim
+        self.kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.attn_bias)
+        self.c_proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.attn_bias)
+        # Qwen3 normalises each head's q and k before RoPE: keeps logits bounded in deep stacks.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+        self.fast_dropout = cfg.fast_dropout
+        self.resid_dropout = Dropout(cfg.dropout, cfg.fast_dropout)
+        # Scores other than the scaled dot product have no fused kernel: explicit path.
+        self.score = AttentionScore(cfg) if cfg.attn_score != "dot" else None
+        self.impl = cfg.attn_impl if self.score is None else "explicit"
+
+    def _project(
+        self, x: torch.Tensor, kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H*D), k and v (B, S, H_kv*D) from the fused projection."""
+        if kv_source is None:
+            return self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        w, b = self.c_attn.weight, self.c_attn.bias
+        q = F.linear(x, w[: self.q_dim], None if b is None else b[: self.q_dim])
+        # A (k, v) pair was projected earlier by `project_kv`: a decoder reuses it every step.
+        k, v = kv_source if isinstance(kv_source, tuple) else self.project_kv(kv_source)
+        return q, k, v
+
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values, each (B, S, H_kv*D), of an encoder output (B, S, C)."""
+        w, b = self.c_attn.weight, self.c_attn.bias
+        kv = F.linear(source, w[self.q_dim :], None if b is None else b[self.q_dim :])
+        return kv.split([self.kv_dim, self.kv_dim], dim=-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        rope: (cos, sin) for the T query positions, (T, D) or (B, 1, T, D).
+        mask: bool, True where a query may attend a key, broadcastable to (B, 1, T, S);
+              combined with the causal mask when the module is causal.
+        cache: keys/values of earlier positions; the new ones are written at `start_pos`.
+        kv_source: (B, S, C) encoder output for cross-attention (then no RoPE, no cache), or
+              its (k, v) from `project_kv`, computed once per sequence when decoding.
+        """
+        B, T, _ = x.shape
+        q, k, v = self._project(x, kv_source)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, k.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, v.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        S = k.shape[2]
+        # Plain causal self-attention (no cache prefix, no padding): let the kernel build the mask.
+        is_causal = self.causal and mask is None and T == S and T > 1
+        if not is_causal:
+            mask = self._full_mask(mask, T, S, start_pos, x.device)
+        y = self._attend(q, k, v, mask, is_causal)
+        y = y.transpose(1, 2).reshape(B, T, self.q_dim)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _full_mask(
+        self, mask: torch.Tensor | None, T: int, S: int, start_pos: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """The bool mask (.., T, S) to apply, or None for "attend everything".
+
+        Query i sits at absolute position start_pos + i and may see keys 0..start_pos + i. A
+        single new token (T == 1) sees the whole cache, so it needs no causal mask at all.
+        """
+        if not self.causal or T == 1:
+            return mask
+        q_pos = torch.arange(start_pos, start_pos + T, device=device).unsqueeze(1)
+        causal = torch.arange(S, device=device).unsqueeze(0) <= q_pos  # (T, S)
+        return causal if mask is None else mask & causal
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D)) v with q (B, H, T, D), k and v (B, H_kv, S, D)."""
+        p_drop = self.dropout if self.training else 0.0
+        # SDPA cannot take our dropout mask, and on CPU attention dropout sends it to its math
+        # path anyway: so CPU training with fast dropout runs the written-out formula, which is
+        # faster then. (On CUDA SDPA's own fused dropout is the fast path.)
+        own_dropout = p_drop > 0 and self.fast_dropout and q.device.type == "cpu"
+        if self.impl == "sdpa" and not own_dropout:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=is_causal,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
+        if is_causal:
+            T = q.shape[2]
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout)
+
+
+class AttentionScore(nn.Module):
+    """score(q, k) for every (query, key) pair: q (B, H, T, D), k (B, H, S, D) -> (B, H, T, S).
+
+    Alternatives to the scaled dot product q.k / sqrt(D), each with its own (small) parameters:
+      dot_unscaled  q.k                                   (shows why the 1/sqrt(D) is there)
+      additive      w_h . tanh(q + k)                     (Bahdanau 2014; q, k are already W_q x, W_k x)
+      bilinear      q^T W_h k / sqrt(D)                   (Luong 2015 "general"; W_h starts as I)
+      cosine        g_h * cos(q, k)                       (learned per-head temperature g_h)
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind, H, D = cfg.attn_score, cfg.n_head, cfg.head_dim
+        self.n_head, self.head_dim = H, D
+        if self.kind == "additive":
+            self.score_v = nn.Parameter(torch.empty(H, D))
+        elif self.kind == "bilinear":
+            self.score_w = nn.Parameter(torch.empty(H, D, D))
+        elif self.kind == "cosine":
+            self.score_g = nn.Parameter(torch.empty(H))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        H, D = self.n_head, self.head_dim
+        if self.kind == "additive":
+            self.score_v.copy_(torch.randn(H, D) / math.sqrt(D))
+        elif self.kind == "bilinear":
+            self.score_w.copy_(torch.eye(D).repeat(H, 1, 1))  # (H, D, D): starts as the dot product
+        elif self.kind == "cosine":
+            # cos is in [-1, 1]: without a temperature softmax could not become sharp.
+            self.score_g.fill_(math.sqrt(D))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        D = q.shape[-1]
+        if self.kind == "dot_unscaled":
+            return q @ k.transpose(-2, -1)
+        if self.kind == "bilinear":
+            return (q @ self.score_w) @ k.transpose(-2, -1) / math.sqrt(D)
+        if self.kind == "cosine":
+            qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            return self.score_g.view(1, -1, 1, 1) * (qn @ kn.transpose(-2, -1))
+        # additive: every (query, key) pair goes through tanh, so it costs a (B, H, T, S, D)
+        # tensor; this is why dot products, which need no such tensor, won.
+        hidden = torch.tanh(q.unsqueeze(3) + k.unsqueeze(2))  # (B, H, T, S, D)
+        return torch.einsum("bhtsd,hd->bhts", hidden, self.score_v)
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    score: AttentionScore | None = None,
+    fast_dropout: bool = False,
+) -> torch.Tensor:
+    """The formula written out: q (B, H, T, D), k and v (B, H_kv, S, D) -> (B, H, T, D).
+
+    score: another way to score (q, k) pairs; None is the scaled dot product.
+    fast_dropout: draw the dropout mask on the attention weights with `dropout.keep_mask`.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA: each KV head serves n_rep query heads
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    if score is None:
+        # sqrt(d_k) keeps the logits' variance near 1, so softmax does not saturate as D grows.
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    else:
+        att = score(q, k)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    att = dropout(att, dropout_p, training=True, fast=fast_dropout)
+    return att @ v

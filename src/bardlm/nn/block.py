@@ -1,0 +1,58 @@
+"""The residual block: attention then feed-forward, each wrapped in a norm and a skip connection.
+
+Pre-norm (GPT-2 onwards):  x = x + attn(norm(x));  x = x + ffn(norm(x))
+Post-norm (2017 paper):    x = norm(x + attn(x));  x = norm(x + ffn(x))
+The skip connections give gradients a path around every layer, so deep stacks still train.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .cache import KVCache
+from .feedforward import make_ffn
+from .norm import make_norm
+
+
+class Block(nn.Module):
+    """One transformer layer; with `cross=True` it also attends to an encoder output."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False) -> None:
+        super().__init__()
+        self.pre = cfg.norm_placement == "pre"
+        self.residual = cfg.residual
+        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
+        self.attn = Attention(cfg, causal=causal)
+        if cross:
+            self.ln_cross = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
+            self.cross_attn = Attention(cfg, causal=False)
+        else:
+            self.ln_cross, self.cross_attn = None, None
+        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
+        self.mlp = make_ffn(cfg)
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:  # noqa: ANN001
+        skip = x if self.residual else 0.0  # residual=False: the ablation of docs/concepts.md
+        return skip + fn(norm(x)) if self.pre else norm(skip + fn(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); memory (B, S, C) is the encoder output for cross-attention
+        (or this layer's cached (k, v) of it, see `Attention.project_kv`)."""
+        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, mask, cache, start_pos))
+        if self.cross_attn is not None and memory is not None:
+            x = self._sublayer(
+                x, self.ln_cross, lambda h: self.cross_attn(h, mask=memory_mask, kv_source=memory)
+            )
+        return self._sublayer(x, self.ln_2, self.mlp)

@@ -1,0 +1,56 @@
+"""Position-wise feed-forward networks: a GELU/ReLU MLP (GPT-2) and SwiGLU (Llama, Qwen3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .dropout import Dropout
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x.pow(3))))
+
+
+def fused_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh` as one PyTorch kernel (the same function; a test holds them equal)."""
+    return F.gelu(x, approximate="tanh")
+
+
+class MLP(nn.Module):
+    """c_proj(act(c_fc(x))): widen to `hidden` (4x by default), apply the nonlinearity, narrow."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.act = gelu_tanh if cfg.ffn == "gelu" else F.relu
+        if cfg.ffn == "gelu" and cfg.fused_ops:
+            self.act = fused_gelu_tanh
+        self.dropout = Dropout(cfg.dropout, cfg.fast_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """W2(silu(W1 x) * W3 x). W1 (gate) and W3 (up) are fused into one `c_fc` of 2*hidden rows,
+    gate first, so decoding reads the input once."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.ffn_hidden
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * cfg.ffn_hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = Dropout(cfg.dropout, cfg.fast_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        gate, up = self.c_fc(x).split(self.hidden, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+def make_ffn(cfg: ModelConfig) -> nn.Module:
+    return SwiGLU(cfg) if cfg.ffn == "swiglu" else MLP(cfg)

@@ -1,0 +1,194 @@
+"""The decoder-only transformer (GPT), assembled from the pieces in this package.
+
+idx (B, T) --wte--> (B, T, C) [+ learned/sinusoidal positions] --Block x n_layer--> ln_f
+--lm_head--> logits (B, T, V). RoPE positions enter inside attention instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import BardlmError
+from .attention import AttentionScore
+from .block import Block
+from .cache import KVCache
+from .dropout import Dropout
+from .norm import LayerNorm, RMSNorm, make_norm
+from .position import rope_cos_sin, rope_inv_freq, sinusoidal_table
+
+
+class GPT(nn.Module):
+    """A config-driven decoder-only language model (GPT-2, Llama-style, Qwen3-style, ...)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                drop=Dropout(cfg.dropout, cfg.fast_dropout),
+                # share_layers (ALBERT): one block, applied n_layer times in `forward`.
+                h=nn.ModuleList([Block(cfg) for _ in range(1 if cfg.share_layers else cfg.n_layer)]),
+                ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops),
+            )
+        )
+        if cfg.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        for name, buf in self.buffers_for(cfg).items():  # fixed tables, not saved with weights
+            self.register_buffer(name, buf, persistent=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # One matrix maps tokens to vectors and vectors back to token scores.
+            self.lm_head.weight = self.transformer.wte.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit norm gains, and residual
+        projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does not
+        grow with depth. Also called after a model built on the meta device is materialised."""
+        for module in self.modules():
+            if isinstance(module, (LayerNorm, RMSNorm, AttentionScore)):
+                module.reset_parameters()  # norms: weight 1, bias 0
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    @staticmethod
+    def buffers_for(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """Position tables computed from the config: sinusoidal (P, C) or RoPE inv_freq (D/2,)."""
+        if cfg.pos == "sinusoidal":
+            return {"pos_table": sinusoidal_table(cfg.block_size, cfg.n_embd)}
+        if cfg.pos == "rope":
+            return {"rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+        return {}
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """`.to()`, `.cuda()`, `.to_empty()`, ...: the position tables are recomputed in fp32 on
+        the new device, never cast. A bf16 RoPE table is off by 0.18 rad at position 1,000, and
+        tables built on the meta device hold no values at all."""
+        super()._apply(fn, recurse)
+        for name, buf in self.buffers_for(self.config).items():
+            device = getattr(self, name).device
+            if device.type != "meta":
+                self.register_buffer(name, buf.to(device), persistent=False)
+        return self
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # Positions ------------------------------------------------------------------------------
+    def _positions(self, T: int, start_pos: int, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
+        table = self.config.pos in ("learned", "sinusoidal")  # only tables have an end
+        if positions is None:
+            # The last position is known without reading a tensor: no device sync, and no
+            # graph break under torch.compile.
+            last = start_pos + T - 1
+            positions = torch.arange(start_pos, start_pos + T, device=device)
+        else:
+            last = int(positions.max()) if table else 0
+        if table and last >= self.config.block_size:
+            raise BardlmError(
+                f"position {last} is past the context length "
+                f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens"
+            )
+        return positions
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` (T,) -> (T, D) or (B, T) -> (B, 1, T, D)."""
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq)
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token (+ absolute position) embeddings: idx (B, T) -> (B, T, C)."""
+        x = self.transformer.wte(idx)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(positions)
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        return self.transformer.drop(x)
+
+    # Forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        start_pos: int = 0,
+        cache: list[KVCache] | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        start_pos: absolute position of idx[:, 0] (tokens already in `cache`).
+        cache: one `KVCache` per layer, from `make_cache`.
+        mask: extra bool attention mask, True = may attend, broadcastable to (B, 1, T, S), e.g.
+              to hide left padding; positions: (T,) or (B, T) ids overriding start_pos's.
+        targets: (B, T) next-token ids; -1 marks positions that do not count in the loss.
+        """
+        B, T = idx.shape
+        if cache is None and positions is None and start_pos + T > self.config.block_size and self.config.pos != "rope":
+            raise BardlmError(
+                f"input of {start_pos + T} tokens is longer than the context length "
+                f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens"
+            )
+        positions = self._positions(T, start_pos, positions, idx.device)
+        x = self.embed(idx, positions)
+        rope = self.rope(positions) if self.config.pos == "rope" else None
+        for i in range(self.config.n_layer):
+            block = self.transformer.h[0 if self.config.share_layers else i]
+            x = block(x, rope, mask, None if cache is None else cache[i], start_pos)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    def make_cache(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
+        """One preallocated `KVCache` per layer for `batch` rows of up to `max_len` positions."""
+        p = next(self.parameters())
+        max_len = max_len or self.config.block_size
+        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        return [
+            KVCache(batch, max_len, self.config.n_kv_head, self.config.head_dim, dtype, p.device)
+            for _ in range(self.config.n_layer)
+        ]
+
+    # Counting -------------------------------------------------------------------------------
+    def num_params(self, count_tied_head_twice: bool = False) -> int:
+        """Unique parameters; optionally as if the tied head were a separate matrix."""
+        n = sum(p.numel() for p in self.parameters())
+        if count_tied_head_twice and self.config.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return n
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:  # noqa: ANN003
+        """Continue each row of idx (B, T): returns (B, T + max_new_tokens) ids.
+
+        Keyword arguments are those of `bardlm.generate.generate` (temperature, top_k, top_p,
+        seed, use_cache, ...).
+        """
+        from ..infer.generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+
+__all__ = ["GPT"]

@@ -1,0 +1,74 @@
+"""Positions: learned tables, sinusoidal tables and rotary embeddings (RoPE).
+
+Every scheme is indexed by absolute position, so `start_pos` (the number of tokens already in the
+KV cache) is all a caller needs to pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """(n_pos, dim) table of "Attention Is All You Need":
+
+    PE[p, 2i] = sin(p / 10000^(2i/dim)),  PE[p, 2i+1] = cos(p / 10000^(2i/dim)).
+    """
+    pos = torch.arange(n_pos, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(n_pos, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)
+    return table.float()
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """(head_dim // 2,) inverse frequencies theta^(-2i/d), optionally rescaled.
+
+    Llama 3.x ("llama3" scaling) divides low frequencies (long wavelengths) by `factor`, keeps
+    high frequencies, and interpolates smoothly in between, so the model reaches long contexts
+    without disturbing what it learnt about nearby tokens.
+    """
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv.float()
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / scaling["factor"]).float()
+    if kind != "llama3":
+        from ..errors import BardlmError
+
+        raise BardlmError(f"rope_scaling type {kind!r} is not supported; use 'llama3' or 'linear'")
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (..., head_dim), for integer `positions` (...,), computed in fp32.
+
+    Channels are paired as (i, i + d/2) ("rotate half", the Hugging Face layout of Llama and
+    Qwen3 checkpoints), so both halves of the last dim hold the same angles.
+    """
+    angles = positions.float().unsqueeze(-1) * inv_freq.float()  # (..., d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate q or k: x (B, H, T, D) with cos/sin (T, D) or (B, 1, T, D) -> (B, H, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)

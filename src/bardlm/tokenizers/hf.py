@@ -1,0 +1,124 @@
+"""Any Hugging Face `tokenizer.json`, behind the bardlm tokenizer protocol (kind "hf")."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import BardlmError
+from .base import check_ids, first_line, utf8
+
+# Long texts are encoded by the Rust tokenizer in chunks of about this many characters, split only
+# where pre-tokenization cannot change: between "x\n" and "y" with x, y visible ASCII characters.
+_CHUNK_CHARS = 1 << 16
+_SAFE_SPLIT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+
+
+def hf_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise BardlmError(
+            "BPE and tokenizer.json files need Hugging Face tokenizers; pip install tokenizers"
+        ) from None
+    return tokenizers
+
+
+class HFTokenizer:
+    """Any Hugging Face `tokenizer.json`, behind the bardlm tokenizer protocol.
+
+    `encode` adds no special tokens (no BOS/EOS templates) and `decode` keeps special tokens, so
+    that decode(encode(text)) gives the text back whenever the tokenizer can represent it.
+    `to_dict` returns the tokenizer.json itself, so a saved HFTokenizer is a valid tokenizer.json.
+    """
+
+    kind = "hf"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.hf = tokenizer
+        self._chunked = _is_plain_byte_level(json.loads(tokenizer.to_str()))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        path = Path(path)
+        try:
+            return cls(hf_tokenizers().Tokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise BardlmError(
+                f"{path} is not a Hugging Face tokenizer.json this tokenizers version can read "
+                f"({first_line(e)}); re-save it with tokenizers.Tokenizer.save"
+            ) from None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HFTokenizer:
+        try:
+            return cls(hf_tokenizers().Tokenizer.from_str(json.dumps(data)))
+        except Exception as e:
+            raise BardlmError(
+                f"not a valid Hugging Face tokenizer.json ({first_line(e)}); "
+                "re-save it with tokenizers.Tokenizer.save"
+            ) from None
+
+    from_dict = from_json  # `tokenizers.from_dict` rebuilds saved kinds with `from_dict`
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        if self._chunked and len(text) > 2 * _CHUNK_CHARS:
+            ids: list[int] = []
+            pieces = list(chunks(text))
+            for start in range(0, len(pieces), 16):  # bounded memory, parallel within a batch
+                batch = self.hf.encode_batch_fast(
+                    pieces[start : start + 16], add_special_tokens=False
+                )
+                for enc in batch:
+                    ids.extend(enc.ids)
+            return ids
+        try:
+            return list(self.hf.encode(text, add_special_tokens=False).ids)
+        except TypeError:
+            utf8(text)  # lone surrogates are the usual cause: say so
+            raise
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [int(i) for i in ids]
+        check_ids(ids, self.vocab_size)
+        return str(self.hf.decode(ids, skip_special_tokens=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.hf.to_str())
+
+    def token(self, i: int) -> str | None:
+        """The vocabulary string of id i (byte symbols for byte-level BPE)."""
+        return self.hf.id_to_token(i)
+
+
+def _is_plain_byte_level(data: dict[str, Any]) -> bool:
+    """Whether text can be cut at `_SAFE_SPLIT` points without changing the ids."""
+    pre = data.get("pre_tokenizer") or {}
+    return (
+        data.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and not pre.get("add_prefix_space")
+        and pre.get("use_regex", True)
+        and not data.get("added_tokens")
+    )
+
+
+def chunks(text: str, size: int = _CHUNK_CHARS) -> Iterator[str]:
+    """Cut text into pieces of about `size` characters at `_SAFE_SPLIT` points."""
+    start = 0
+    while len(text) - start > 2 * size:
+        m = _SAFE_SPLIT.search(text, start + size)
+        if m is None:
+            break
+        yield text[start : m.start()]
+        start = m.start()
+    yield text[start:]
+
+

@@ -1,0 +1,234 @@
+"""Corpora and batches.
+
+Where a corpus comes from, in order: an explicit `--data PATH`; a file of that name in
+`$BARDLM_DATA_DIR`; the download cache (`$XDG_CACHE_HOME/bardlm`, default `~/.cache/bardlm`);
+a `shared/data` folder beside the working directory (how this project's CI lays corpora out);
+and finally a download (Project Gutenberg for the complete works).
+
+Batches are non-overlapping windows of block_size + 1 tokens: overlapping windows show the model
+the same text many times per epoch and overfit. The order of windows is a pure function of
+(seed, epoch), so a step number is all that resuming needs to find its place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BardlmError
+
+# name -> (file name, URL, is it a Project Gutenberg edition whose licence must be stripped)
+CORPORA: dict[str, tuple[str, str, bool]] = {
+    "shakespeare": (
+        "shakespeare_complete.txt",
+        "https://www.gutenberg.org/cache/epub/100/pg100.txt",
+        True,
+    ),
+    "tiny-shakespeare": (
+        "tiny_shakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        False,
+    ),
+}
+DEFAULT_CORPUS = "shakespeare"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bardlm"
+
+
+def strip_gutenberg(text: str) -> str:
+    """The text between the `*** START OF ...` and `*** END OF ...` lines of a Gutenberg eBook."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("*** START OF")), None)
+    end = next((i for i, ln in enumerate(lines) if ln.startswith("*** END OF")), None)
+    if start is None or end is None or end <= start:
+        return text
+    return "".join(lines[start + 1 : end]).strip("\n\r\ufeff ") + "\n"
+
+
+def download(name: str, timeout: float = 30.0) -> Path:
+    """Fetch a named corpus into the cache (atomically); offline, a one-line error naming --data."""
+    filename, url, gutenberg = CORPORA[name]
+    dest = cache_dir() / filename
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            raw = resp.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise BardlmError(
+            f"could not download the {name} corpus from {url} ({getattr(e, 'reason', e)}); "
+            f"offline, pass --data PATH to a text file or set BARDLM_DATA_DIR to a folder "
+            f"holding {filename}"
+        ) from None
+    text = raw.decode("utf-8-sig")
+    if gutenberg:
+        text = strip_gutenberg(text)
+    from ..io.atomic import atomic_write_text
+
+    atomic_write_text(dest, text)
+    return dest
+
+
+def resolve(data: str | None) -> Path:
+    """The file a `--data` argument (a path, a corpus name, or None) refers to."""
+    if data is not None and data not in CORPORA:
+        return Path(data)
+    filename = CORPORA[data or DEFAULT_CORPUS][0]
+    candidates = []
+    if os.environ.get("BARDLM_DATA_DIR"):
+        candidates.append(Path(os.environ["BARDLM_DATA_DIR"]) / filename)
+    candidates += [cache_dir() / filename, Path.cwd().parent / "shared" / "data" / filename]
+    for path in candidates:
+        if path.is_file():
+            return path
+    return download(data or DEFAULT_CORPUS)
+
+
+def read_text(path: str | Path) -> str:
+    """A corpus file's text, with a clear error for every way it can be unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise BardlmError(f"data file {path} does not exist; check the --data path")
+    if path.is_dir():
+        raise BardlmError(f"--data {path} is a directory; pass a text file inside it")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise BardlmError(f"data file {path} is empty; pass a file with text in it")
+    if b"\x00" in raw[:8192]:
+        raise BardlmError(f"data file {path} looks binary (it has NUL bytes); pass a UTF-8 text file")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BardlmError(
+            f"data file {path} is not UTF-8 (bad byte at offset {e.start}); convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def load_corpus(data: str | None = None) -> tuple[str, Path]:
+    path = resolve(data)
+    return read_text(path), path
+
+
+def token_cache_path(corpus: Path, raw: bytes, tokenizer_dict: dict) -> Path:
+    """Where the token ids of `corpus` under one tokenizer are cached.
+
+    The name holds a hash of the corpus bytes and the tokenizer's JSON, so editing either gives a
+    new file (the old one is simply not used again). Beside the corpus when that folder is
+    writable, else in the cache dir (`$XDG_CACHE_HOME/bardlm/tokens`), e.g. for a read-only share.
+    """
+    h = hashlib.sha256(raw)
+    h.update(json.dumps(tokenizer_dict, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    name = f".{corpus.name}.{h.hexdigest()[:16]}.tokens.npy"
+    here = corpus.resolve().parent
+    return (here if _writable(here) else cache_dir() / "tokens") / name
+
+
+def _writable(folder: Path) -> bool:
+    """Writable by its permission bits too: root passes `os.access` even on an r-x folder that
+    its owner marked read-only (such as a shared data folder)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: ANN001
+    """The ids of `text` (read from `corpus`) as a read-only memory-mapped array (N,).
+
+    Encoded once and cached (see `token_cache_path`): later runs, and every rank of a torchrun
+    job, map the same file instead of re-encoding, and pages are shared between processes.
+    uint16 when the vocabulary fits (half the bytes of int32), else int32.
+    """
+    corpus = Path(corpus)
+    path = token_cache_path(corpus, corpus.read_bytes(), tokenizer.to_dict())
+    if not path.is_file():
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, ids)
+            os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
+        except OSError:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            return ids  # nowhere writable: still train, just without the cache
+    return np.load(path, mmap_mode="r")
+
+
+@dataclass
+class Split:
+    """Token ids of one split and how many characters they cover (for bits per character)."""
+
+    ids: np.ndarray
+    n_chars: int
+
+
+def split_ids(ids: np.ndarray, n_chars: int, val_fraction: float = 0.1) -> tuple[Split, Split]:
+    """Train/validation split by position: the last `val_fraction` of the tokens validate."""
+    n_val = int(len(ids) * val_fraction)
+    n_train = len(ids) - n_val
+    frac = n_train / max(len(ids), 1)
+    return Split(ids[:n_train], round(n_chars * frac)), Split(ids[n_train:], n_chars - round(n_chars * frac))
+
+
+class Batches:
+    """Non-overlapping (x, y) windows of a token array, reshuffled every epoch from a seed.
+
+    Sample number s (counting across epochs) lives in epoch s // n_windows; each epoch picks a
+    random start offset in [0, block_size] and a random permutation of its windows. With several
+    processes, rank r of w takes samples r, r + w, r + 2w, ... of every global batch.
+    """
+
+    def __init__(self, ids: np.ndarray, block_size: int, seed: int = 0) -> None:
+        self.ids, self.T, self.seed = ids, block_size, seed
+        if len(ids) < block_size + 1:
+            raise BardlmError(
+                f"the training text has {len(ids)} tokens, fewer than one sequence of "
+                f"block_size + 1 = {block_size + 1}; use a longer corpus or a smaller block_size"
+            )
+        self.n_windows = (len(ids) - block_size) // (block_size + 1)  # leaves room for the offset
+        self.n_windows = max(self.n_windows, 1)
+        self._epoch, self._perm, self._offset = -1, None, 0
+
+    def _layout(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            slack = len(self.ids) - self.n_windows * (self.T + 1)
+            self._offset = int(torch.randint(0, slack + 1, (1,), generator=g))
+            self._perm = torch.randperm(self.n_windows, generator=g).numpy()
+            self._epoch = epoch
+
+    def window(self, sample: int) -> np.ndarray:
+        """Tokens (block_size + 1,) of global sample number `sample`."""
+        self._layout(sample // self.n_windows)
+        start = self._offset + int(self._perm[sample % self.n_windows]) * (self.T + 1)
+        return self.ids[start : start + self.T + 1]
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1, micro: int = 0, n_micro: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each (batch_size, block_size), of one micro-batch of one rank at one step."""
+        first = ((step * n_micro + micro) * world + rank) * batch_size
+        rows = np.stack([self.window(first + i) for i in range(batch_size)]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+def val_windows(ids: np.ndarray, block_size: int) -> torch.Tensor:
+    """All non-overlapping validation windows (N, block_size + 1), from the split's start."""
+    n = (len(ids) - 1) // (block_size + 1) if len(ids) > block_size else 0
+    if n == 0:
+        raise BardlmError(
+            f"the validation split has {len(ids)} tokens, not one full sequence of "
+            f"{block_size + 1}; use a longer corpus or a smaller block_size"
+        )
+    return torch.from_numpy(ids[: n * (block_size + 1)].astype(np.int64)).view(n, block_size + 1)

@@ -1,0 +1,128 @@
+"""The one training step and the one evaluation of bardlm.
+
+Every model bardlm trains goes through `Loop.train_step`: language-model pretraining
+(`trainer.Trainer`), the reversal probe, the encoder-decoder tasks and the concept experiments.
+A model is anything called as `model(*batch) -> (logits, loss)`.
+
+    lr <- schedule(step) --> for each of grad_accum micro-batches: forward (autocast) -> loss
+    -> backward(loss / grad_accum) --> [average across ranks] --> clip --> optimizer step
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import BardlmError
+from .optim import lr_at, make_optimizer
+
+Batch = Sequence[torch.Tensor]
+
+
+class Diverged(BardlmError):
+    """The loss became NaN or infinite; no update was applied."""
+
+    def __init__(self, message: str, loss: float) -> None:
+        super().__init__(message)
+        self.loss = loss
+
+
+def autocast(cfg: TrainConfig, device: torch.device | str) -> AbstractContextManager:
+    """bf16 autocast when `cfg.dtype == "bf16"` (weights and optimizer stay fp32)."""
+    if cfg.dtype == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Loop:
+    """Optimizer steps of one model under one `TrainConfig`.
+
+    model:     the module whose parameters are optimized and clipped.
+    forward:   what a step calls (the model itself, or its DDP / compiled wrapper).
+    grad_sync: micro-batch -> context; with DDP/FSDP, gradients are averaged only after the last.
+    reduce:    the step's mean loss (a 0-d tensor) -> float, e.g. averaged across ranks.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        optimizer: torch.optim.Optimizer | None = None,
+        forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        grad_sync: Callable[[bool], AbstractContextManager] | None = None,
+        reduce: Callable[[torch.Tensor], float] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model, self.cfg = model, cfg
+        self.forward = forward or model
+        self.optimizer = optimizer or make_optimizer(model, cfg)
+        self.grad_sync = grad_sync or (lambda last: nullcontext())
+        self.reduce = reduce or (lambda loss: loss.item())
+        self.device = torch.device(device or cfg.device)
+        self.step = 0
+
+    def lr(self) -> float:
+        return lr_at(self.step, self.cfg)
+
+    def train_step(self, batch: Callable[[int, int], Batch]) -> float:
+        """One optimizer step; `batch(step, micro)` gives the model's arguments for one
+        micro-batch. Returns the step's mean loss; raises `Diverged` on a non-finite loss."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            args = [t.to(self.device) for t in batch(self.step, micro)]
+            with self.grad_sync(micro == cfg.grad_accum - 1):
+                with autocast(cfg, self.device):
+                    _, loss = self.forward(*args)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float() / cfg.grad_accum
+        total = self.reduce(loss_sum)
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise Diverged(
+                f"loss became {total} at step {self.step}; lower the learning rate "
+                "(--set lr=...), lengthen the warm-up (--set warmup_iters=...) or use fp32", total
+            )
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu",
+    context: Callable[[], AbstractContextManager] = nullcontext,
+) -> float:
+    """Mean loss of `model(*batch) -> (_, loss)` over batches, weighted by their rows; the model
+    is in eval mode meanwhile (dropout off) and put back in the mode it had."""
+    was_training = model.training
+    model.eval()
+    total, rows = 0.0, 0
+    try:
+        for batch in batches:
+            args = [t.to(device) for t in batch]
+            with context():
+                _, loss = model(*args)
+            total += loss.item() * len(args[0])
+            rows += len(args[0])
+    finally:
+        model.train(was_training)
+    if rows == 0:
+        raise BardlmError("nothing to evaluate: no validation batches")
+    return total / rows
+
+
+def window_batches(windows: torch.Tensor, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches of next-token windows (N, T + 1): x = w[:, :-1], y = w[:, 1:]."""
+    for i in range(0, len(windows), batch_size):
+        w = windows[i : i + batch_size]
+        yield w[:, :-1], w[:, 1:]

@@ -1,0 +1,327 @@
+"""Language-model training: a run directory, its data, evaluations, metrics and checkpoints.
+
+One training step:  (x, y) (B, T) --model--> logits (B, T, V) --cross-entropy--> loss
+--backward--> grads (accumulated over `grad_accum` micro-batches) --clip--> optimizer step: that
+step is `loop.Loop`, shared with every other trainer in bardlm. Every `eval_interval` steps:
+validation loss and bits per character -> metrics.jsonl, loss.png and a checkpoint
+(`state.RunState`) that `--resume` continues from exactly.
+
+Fast paths, each a switch: `attn_impl` (model config; SDPA by default), `compile`
+(torch.compile), `dtype="bf16"` (autocast), `optimizer` ("fused", "foreach" or "loop" AdamW, or
+"muon"). Several processes: run under `torchrun` (see `distributed.py`); `fsdp=True` shards the
+model with FSDP2's `fully_shard` instead of replicating it with DDP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, TrainConfig
+from ..errors import BardlmError
+from ..io.checkpoint import CONFIG_FILE
+from ..nn.model import GPT
+from ..tokenizers import Tokenizer
+from .data import Batches, Split, split_ids, val_windows
+from .distributed import Dist
+from .loop import Diverged, Loop, autocast, evaluate, window_batches
+from .state import OPTIMIZER_FILE, STATE_FILE, RunState, StopSignals, check_model, check_plan
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def bits_per_char(loss: float, n_tokens: int, n_chars: int) -> float:
+    """Nats per token -> bits per character, comparable across tokenizers."""
+    return loss * n_tokens / max(n_chars, 1) / math.log(2)
+
+
+class Trainer:
+    """Owns a run: model, optimizer, data, and the output directory.
+
+    `ids` are the corpus's token ids (e.g. the memory map from `data.token_ids`); without them
+    the text is encoded here. `dist` is this process's place in a torchrun job (default: read
+    from the environment; a plain run is a job of one).
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        tokenizer: Tokenizer,
+        text: str,
+        out: str | Path,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+        meta: dict[str, Any] | None = None,
+        ids: np.ndarray | None = None,
+        dist: Dist | None = None,
+    ) -> None:
+        self.cfg, self.tokenizer, self.out = train_cfg, tokenizer, Path(out)
+        self.dist = dist if dist is not None else Dist.from_env(train_cfg.device)
+        main = self.dist.is_main
+        self.progress, self.meta = progress and main, dict(meta or {})
+        self.log = log if main else (lambda msg: None)  # only rank 0 speaks
+        if model_cfg.vocab_size != tokenizer.vocab_size:
+            model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
+        self.model_cfg = model_cfg
+        if ids is None:
+            ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
+        self.train_split, self.val_split = split_ids(ids, len(text), train_cfg.val_fraction)
+        T = model_cfg.block_size
+        self.batches = Batches(self.train_split.ids, T, train_cfg.seed)
+        self.val = val_windows(self.val_split.ids, T)
+        # A fixed, evenly spread validation subset for the evaluations during training.
+        n_sub = min(len(self.val), train_cfg.eval_batches * train_cfg.batch_size)
+        self.val_subset = self.val[torch.linspace(0, len(self.val) - 1, n_sub).long()]
+        torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
+        self.device = self.dist.device(train_cfg.device)
+        self.model = self._build(model_cfg)  # the plain module: eval, save, count
+        if self.dist.enabled:
+            torch.manual_seed(train_cfg.seed + 1000 * self.dist.rank)  # own dropout masks per rank
+        self.loop = Loop(self.model, train_cfg, forward=self._parallelize(self.model),
+                         grad_sync=self._grad_sync, reduce=self._reduce, device=self.device)
+        self.optimizer = self.loop.optimizer
+        self.state = RunState(self.out, self.model, self.optimizer, tokenizer, self.dist,
+                              self.device, train_cfg.fsdp, self.log)
+        self.history: list[dict[str, Any]] = []
+        self.signals = StopSignals()
+        self._stop_agreed = False
+
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    def _build(self, cfg: ModelConfig) -> GPT:
+        """The model on this rank's device (under FSDP see `_parallelize`: built on meta)."""
+        if self.cfg.fsdp:
+            with torch.device("meta"):
+                return GPT(cfg)
+        return GPT(cfg).to(self.device)
+
+    def _parallelize(self, model: GPT) -> torch.nn.Module:
+        """Shard (FSDP2) or replicate (DDP) across ranks, and compile if asked."""
+        cfg = self.cfg
+        if cfg.fsdp:
+            if not self.dist.enabled:
+                raise BardlmError("fsdp=true needs several processes: start the run with torchrun")
+            from torch.distributed.fsdp import fully_shard
+
+            # One unit per block: a block's weights are gathered just before it runs and freed
+            # after, so a rank holds 1/world of the model plus one whole block at a time.
+            for block in model.transformer.h:
+                fully_shard(block)
+            fully_shard(model)
+            # Built on meta and sharded: only now does each rank allocate its own shard.
+            model.to_empty(device=self.device)
+            model.init_weights()
+        train_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
+        if self.dist.enabled and not cfg.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DDP(train_model, device_ids=ids)
+        return train_model
+
+    def _grad_sync(self, last_micro: bool):  # noqa: ANN202
+        """Average gradients across ranks only after the last micro-batch of a step."""
+        if self.cfg.fsdp:
+            self.model.set_requires_gradient_sync(last_micro)
+        elif self.dist.enabled and not last_micro:
+            return self.loop.forward.no_sync()
+        return nullcontext()
+
+    def _reduce(self, loss: torch.Tensor) -> float:
+        """The global batch's mean loss; one all-reduce also carries "some rank was told to
+        stop", so that every rank stops at the same step boundary."""
+        stop = float(self.signals.signum is not None)
+        stats = self.dist.all_reduce_sum(torch.stack([loss, torch.tensor(stop, device=self.device)]))
+        self._stop_agreed = stats[1].item() > 0
+        return stats[0].item() / self.dist.world
+
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d, cfg = self.dist, self.cfg
+        return self.batches.batch(step, cfg.batch_size, d.rank, d.world, micro, cfg.grad_accum)
+
+    def train_step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches of every rank; returns the mean
+        loss over the global batch (per-rank batch x world x grad_accum sequences)."""
+        try:
+            return self.loop.train_step(self._batch)
+        except Diverged as e:
+            raise BardlmError(f"{e}; the last good checkpoint in {self.out} is kept") from None
+
+    # Evaluation -----------------------------------------------------------------------------
+    def evaluate(self, windows: torch.Tensor, batch_size: int | None = None) -> float:
+        """Mean next-token loss (nats) over validation windows (N, T + 1).
+
+        Every rank evaluates all windows (FSDP needs all ranks in every forward); the result
+        is the same on each.
+        """
+        bs = batch_size or self.cfg.batch_size * 4
+        return evaluate(self.model, window_batches(windows, bs), self.device,
+                        partial(autocast, self.cfg, self.device))
+
+    def bpc(self, loss: float, split: Split) -> float:
+        return bits_per_char(loss, len(split.ids), split.n_chars)
+
+    # Checkpoints ----------------------------------------------------------------------------
+    def run_meta(self) -> dict[str, Any]:
+        return {
+            **self.meta,
+            "train": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "tokenizer": self.tokenizer.kind,
+            "world_size": self.dist.world,
+        }
+
+    def save(self) -> None:
+        self.state.save(self.step, self.history, self.run_meta())
+
+    def resume(self) -> None:
+        """Continue the run saved in `self.out`: same model, same plan (`state.check_plan`)."""
+        from ..io.checkpoint import read_config
+
+        saved = read_config(self.out)
+        check_model(saved["model"], self.model_cfg)
+        cfg = check_plan(saved.get("train", {}), self.cfg, self.dist.world,
+                         saved.get("world_size", 1), self.log)
+        self.cfg = self.loop.cfg = cfg
+        step, self.history, _ = self.state.resume()
+        self.loop.step = step
+        self.log(f"resumed {self.out} at step {self.step}")
+
+    # The loop -------------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> dict[str, Any]:
+        """Train to max_iters (or stop early at step `until`, saving a checkpoint there).
+
+        Returns the final metrics, with the loss over the whole validation split.
+        """
+        cfg = self.cfg
+        stop = min(until, cfg.max_iters) if until is not None else cfg.max_iters
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world * self.model_cfg.block_size
+        bar = _progress(self.progress, cfg.max_iters, self.step)
+        start, t0, last_loss = time.time(), time.time(), float("nan")
+        elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
+        try:
+            with self.signals:
+                self.model.train()
+                while self.step < stop:
+                    last_loss = self.train_step()
+                    now = time.time()
+                    tok_s = tokens_per_step / max(now - t0, 1e-9)
+                    t0 = now
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                        self._record(last_loss, tok_s, elapsed_before + time.time() - start)
+                    # Alone, stop at once; with other ranks, at the step they all heard of it.
+                    alone_told = not self.dist.enabled and self.signals.signum is not None
+                    if self._stop_agreed or alone_told:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            self.save()
+            raise BardlmError(
+                f"interrupted at step {self.step}; checkpoint saved, continue with --resume {self.out}"
+            ) from None
+        if bar is not None:
+            bar.close()
+        if stop < cfg.max_iters:
+            self.save()
+            return {"step": self.step}
+        full = self.evaluate(self.val)
+        final = {
+            "step": self.step,
+            "val_loss_full": full,
+            "val_bpc_full": self.bpc(full, self.val_split),
+            "val_windows": len(self.val),
+            "elapsed_s": elapsed_before + time.time() - start,
+        }
+        if self.dist.is_main:
+            self._append_metrics({"final": True, **final})
+        self.log(
+            f"step {self.step}: validation loss over the whole split {full:.4f} "
+            f"({final['val_bpc_full']:.3f} bits/char, {len(self.val)} windows)"
+        )
+        return final
+
+    def _record(self, train_loss: float, tok_s: float, elapsed: float) -> None:
+        val = self.evaluate(self.val_subset)
+        row = {
+            "step": self.step,
+            "train_loss": train_loss,
+            "val_loss": val,
+            "val_bpc": self.bpc(val, self.val_split),
+            "lr": self.loop.optimizer.param_groups[0]["lr"],
+            "tokens_per_sec": tok_s,
+            "elapsed_s": elapsed,
+        }
+        self.history.append(row)
+        self.save()  # first, so metrics.jsonl never mentions a step that has no checkpoint
+        if self.dist.is_main:
+            self._append_metrics(row)
+            plot_losses(self.history, self.out / "loss.png")
+        if not self.progress:
+            self.log(f"step {self.step}: train {train_loss:.4f} val {val:.4f}")
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _progress(enabled: bool, total: int, initial: int):  # noqa: ANN202
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """loss.png: training and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [r["train_loss"] for r in history], label="train")
+    ax.plot(steps, [r["val_loss"] for r in history], label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into an existing run unless told to resume or overwrite it."""
+    if out.exists() and not out.is_dir():
+        raise BardlmError(f"--out {out} is a file; pass a directory")
+    exists = out.is_dir() and (out / CONFIG_FILE).exists()
+    if resume and not exists:
+        raise BardlmError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a run")
+    if exists and not (resume or overwrite):
+        raise BardlmError(
+            f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    if overwrite and exists:
+        for name in (METRICS_FILE, STATE_FILE, OPTIMIZER_FILE, "loss.png"):
+            (out / name).unlink(missing_ok=True)
