@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bardlm.tasks.reverse import ReverseConfig, run_reverse
+from bardlm.lab.reverse import ReverseConfig, run_reverse
 
 
 def main() -> None:

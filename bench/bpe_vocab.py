@@ -28,10 +28,10 @@ import time  # noqa: E402
 
 REPO = HERE.parent
 try:
-    from bardlm import bpe
+    from bardlm.tokenizers import bpe
 except ImportError:  # not installed: use the source tree
     sys.path.insert(0, str(REPO / "src"))
-    from bardlm import bpe
+    from bardlm.tokenizers import bpe
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from bardlm import GPT, preset
-from bardlm.inference import prepare_for_inference
-from bardlm.quantize import weight_bytes
+from bardlm.infer.layouts import prepare_for_inference
+from bardlm.infer.quantize import weight_bytes
 
 
 def read_bandwidth(n_bytes: int = 512 * 2**20, reps: int = 5) -> float:
@@ -63,15 +63,17 @@ def to_hf(model: GPT):  # noqa: ANN201
 
     from transformers import AutoModelForCausalLM
 
+    from bardlm.io.hf import save_pretrained
+
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         return AutoModelForCausalLM.from_pretrained(tmp).eval()
 
 
 def kernel_ceiling(model: torch.nn.Module, reps: int = 20) -> float:
     """Tokens/s if a decode step were its weight matmuls alone (median of `reps` passes)."""
-    from bardlm.inference import FastLinear, model_dtype
-    from bardlm.quantize import Int8Linear
+    from bardlm.infer.layouts import FastLinear, model_dtype
+    from bardlm.infer.quantize import Int8Linear
 
     lins = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, FastLinear, Int8Linear))]
     xs = [torch.randn(1, 1, m.in_features, dtype=model_dtype(model)) for m in lins]

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bardlm.dropout import dropout
+from bardlm.nn.dropout import dropout
 
 
 def median_ms(fn, reps: int) -> float:  # noqa: ANN001

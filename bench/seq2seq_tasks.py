@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from bardlm.seq2seq import BOS, EncoderDecoder, greedy_decode, load_seq2seq
-from bardlm.tasks.seq2seq import PairSampler, TaskConfig, make_batch, train_seq2seq
+from bardlm.seq2seq.model import BOS, EncoderDecoder, greedy_decode, load_seq2seq
+from bardlm.seq2seq.tasks import PairSampler, TaskConfig, make_batch, train_seq2seq
 
 
 @torch.no_grad()

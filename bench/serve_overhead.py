@@ -23,7 +23,7 @@ import torch
 import uvicorn
 
 from bardlm import GPT, preset
-from bardlm.generate import generate_text
+from bardlm.infer.generate import generate_text
 from bardlm.serve import bind, build_app
 from bardlm.tokenizers import CharTokenizer
 

@@ -21,9 +21,9 @@ import time
 import torch
 
 from bardlm.config import ModelConfig
-from bardlm.data import load_corpus
 from bardlm.tokenizers import CharTokenizer
 from bardlm.train import TrainConfig, Trainer
+from bardlm.train.data import load_corpus
 
 # name -> (model fields, batch size); vocab 65 (tiny Shakespeare's characters).
 SHAPES = {
@@ -63,7 +63,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 def _params(cfg: ModelConfig):  # noqa: ANN202
-    from bardlm.model import GPT
+    from bardlm.nn.model import GPT
 
     with torch.device("meta"):
         return list(GPT(cfg).named_parameters())

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bardlm import GPT, ModelConfig
-from bardlm.checkpoint import save_checkpoint
+from bardlm.io.checkpoint import save_checkpoint
 from bardlm.tokenizers import CharTokenizer
 
 # Enough characters for ordinary English prompts; no corpus needed.

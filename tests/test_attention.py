@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from bardlm.attention import Attention
-from bardlm.cache import KVCache
 from bardlm.config import ModelConfig
+from bardlm.nn.attention import Attention
+from bardlm.nn.cache import KVCache
 
 
 def _cfg(**kw) -> ModelConfig:

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bardlm import bpe
 from bardlm import tokenizers as toks
 from bardlm.errors import BardlmError
+from bardlm.io.checkpoint import save_tokenizer
+from bardlm.tokenizers import bpe
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("regex")
@@ -159,7 +160,7 @@ def test_unseen_characters_fall_back_to_bytes():
 
 def test_save_load_bpe(tmp_path):
     tok = hf_tok()
-    toks.save(tok, tmp_path / "tok.json")
+    save_tokenizer(tok, tmp_path / "tok.json")
     data = json.loads((tmp_path / "tok.json").read_text(encoding="utf-8"))
     assert data["kind"] == "bpe" and data["tokenizer"]["model"]["type"] == "BPE"
     back = toks.load(tmp_path / "tok.json")
@@ -171,7 +172,7 @@ def test_save_load_bpe(tmp_path):
 
 def test_save_load_scratch(tmp_path):
     tok = bpe.ScratchBPETokenizer(scratch_merges(300))
-    toks.save(tok, tmp_path / "scratch.json")
+    save_tokenizer(tok, tmp_path / "scratch.json")
     back = toks.load(tmp_path / "scratch.json")
     assert isinstance(back, bpe.ScratchBPETokenizer)
     assert back.merges == tok.merges and back.encode("Hello, world") == tok.encode("Hello, world")
@@ -182,10 +183,10 @@ def test_load_tokenizer_json_written_by_hf(tmp_path):
     tok.hf.save(str(tmp_path / "tokenizer.json"))  # written by `tokenizers` itself
     for path in (tmp_path / "tokenizer.json", tmp_path):  # the file, or its folder
         back = toks.load(path)
-        assert isinstance(back, bpe.HFTokenizer) and back.kind == "hf"
+        assert isinstance(back, toks.HFTokenizer) and back.kind == "hf"
         assert back.encode("To be, or not to be") == tok.encode("To be, or not to be")
     # an HFTokenizer saves as plain tokenizer.json, which loads again
-    toks.save(back, tmp_path / "again.json")
+    save_tokenizer(back, tmp_path / "again.json")
     again = toks.load(tmp_path / "again.json")
     assert again.to_dict() == back.to_dict()
 
@@ -219,7 +220,7 @@ def test_user_errors_are_bardlm_errors(tmp_path):
     with pytest.raises(BardlmError, match="surrogate"):
         bpe.ScratchBPETokenizer([]).encode("bad \ud800 text")
     with pytest.raises(BardlmError, match="not a valid Hugging Face"):
-        bpe.HFTokenizer.from_json({"model": {"type": "nonsense"}, "pre_tokenizer": None})
+        toks.HFTokenizer.from_json({"model": {"type": "nonsense"}, "pre_tokenizer": None})
     with pytest.raises(BardlmError, match="corrupt"):
         bpe.ScratchBPETokenizer([("ab", "c")])
 
@@ -237,18 +238,18 @@ def test_chars_per_token():
 def test_tiktoken_not_cached_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     with pytest.raises(BardlmError, match="not cached") as e:
-        bpe.load_tiktoken("gpt2")
+        toks.load_tiktoken("gpt2")
     assert "TIKTOKEN_CACHE_DIR" in str(e.value) and "\n" not in str(e.value)
     # a corrupt cached file would make tiktoken download again: refused the same way
-    for url, _ in bpe.TIKTOKEN_FILES["gpt2"]:
+    for url, _ in toks.tiktoken.TIKTOKEN_FILES["gpt2"]:
         (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_text("garbage")
     with pytest.raises(BardlmError, match="corrupt"):
-        bpe.load_tiktoken("gpt2")
+        toks.load_tiktoken("gpt2")
 
 
 def test_tiktoken_caching_disabled_or_unknown(monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     with pytest.raises(BardlmError, match="TIKTOKEN_CACHE_DIR"):
-        bpe.load_tiktoken("gpt2")
+        toks.load_tiktoken("gpt2")
     with pytest.raises(BardlmError, match="unknown tiktoken encoding"):
-        bpe.load_tiktoken("gpt5")
+        toks.load_tiktoken("gpt5")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bardlm import GPT, BardlmError, ModelConfig
-from bardlm.checkpoint import load_checkpoint, save_checkpoint
+from bardlm.io.checkpoint import load_checkpoint, save_checkpoint
 from bardlm.tokenizers import CharTokenizer, WordTokenizer
 
 
@@ -50,7 +50,7 @@ def test_config_that_does_not_match_tensors(tmp_path) -> None:
 
 def test_tokenizer_from_another_run(tmp_path) -> None:
     _saved(tmp_path)
-    from bardlm.tokenizers import save
+    from bardlm.io.checkpoint import save_tokenizer as save
 
     save(WordTokenizer.train("one two three four five six seven"), tmp_path / "tokenizer.json")
     with pytest.raises(BardlmError, match="another run"):

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from bardlm import GPT
-from bardlm.attention import Attention, explicit_attention
-from bardlm.block import Block
 from bardlm.config import ModelConfig
 from bardlm.errors import BardlmError
+from bardlm.nn.attention import Attention, explicit_attention
+from bardlm.nn.block import Block
 
 
 def tiny(**kw) -> ModelConfig:  # noqa: ANN003
@@ -163,7 +163,7 @@ def test_norm_none_has_no_norm_parameters_and_is_identity() -> None:
 
 
 def test_new_options_round_trip_through_a_checkpoint(tmp_path) -> None:
-    from bardlm.checkpoint import load_checkpoint, save_checkpoint
+    from bardlm.io.checkpoint import load_checkpoint, save_checkpoint
 
     model = GPT(tiny(attn_score="additive", share_layers=True, residual=False, norm="rmsnorm")).eval()
     randomise(model, 3)

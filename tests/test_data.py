@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bardlm import BardlmError
-from bardlm import data as D
+from bardlm.train import data as D
 
 
 def test_strip_gutenberg_keeps_only_the_book() -> None:

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from bardlm import GPT, ModelConfig
-from bardlm.attention import Attention, explicit_attention
-from bardlm.dropout import LEVELS, Dropout, dropout, keep_mask
 from bardlm.errors import BardlmError
+from bardlm.nn.attention import Attention, explicit_attention
+from bardlm.nn.dropout import LEVELS, Dropout, dropout, keep_mask
 
 
 def test_mask_is_the_16_bit_slices_of_the_drawn_words() -> None:

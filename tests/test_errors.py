@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from bardlm import BardlmError, ModelConfig
 from bardlm.cli import main
-from bardlm.sampling import check_sampling, filter_logits, sample
-from bardlm.tokenizers import CharTokenizer, WordTokenizer, save
+from bardlm.infer.sampling import check_sampling, filter_logits, sample
+from bardlm.io.checkpoint import save_tokenizer as save
+from bardlm.tokenizers import CharTokenizer, WordTokenizer
 from bardlm.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch)
     tr = _trainer(tmp_path, max_iters=4)
     tr.fit(until=2)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    import bardlm.checkpoint as ck
+    import bardlm.io.atomic as ck
 
     real = ck.save_file
     calls = {"n": 0}
@@ -209,7 +210,7 @@ def test_interrupt_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch) 
     tr = _trainer(tmp_path, max_iters=4)
     tr.fit(until=2)
     before = (tmp_path / "model.safetensors").read_bytes()
-    import bardlm.checkpoint as ck
+    import bardlm.io.atomic as ck
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -10,16 +10,16 @@ import torch
 from conftest import corpus
 
 from bardlm import GPT
-from bardlm import attention as attention_module
 from bardlm.cli import main
 from bardlm.config import preset
-from bardlm.experiments import (
+from bardlm.lab.experiments import (
     EXPERIMENTS,
     forward_shapes,
     lstm_matching,
     run_experiment,
     softmax_saturation,
 )
+from bardlm.nn import attention as attention_module
 
 
 @pytest.fixture(scope="module")

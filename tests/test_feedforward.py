@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from bardlm.config import ModelConfig
-from bardlm.feedforward import MLP, SwiGLU, gelu_tanh
+from bardlm.nn.feedforward import MLP, SwiGLU, gelu_tanh
 
 
 def test_gelu_tanh_matches_torch() -> None:

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from bardlm import GPT, BardlmError, ModelConfig
-from bardlm.generate import generate, generate_text
-from bardlm.sampling import apply_repetition_penalty, filter_logits, sample
+from bardlm.infer.generate import generate, generate_text
+from bardlm.infer.sampling import apply_repetition_penalty, filter_logits, sample
 from bardlm.tokenizers import CharTokenizer
 
 

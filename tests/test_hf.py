@@ -25,9 +25,9 @@ from transformers import (  # noqa: E402, I001
 import bardlm  # noqa: E402
 from bardlm import BardlmError, preset  # noqa: E402
 from bardlm.cli import main  # noqa: E402
-from bardlm.hf import config_from_hf, config_to_hf, from_pretrained  # noqa: E402
-from bardlm.model import GPT  # noqa: E402
-from bardlm.position import rope_inv_freq  # noqa: E402
+from bardlm.io.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained  # noqa: E402
+from bardlm.nn.model import GPT  # noqa: E402
+from bardlm.nn.position import rope_inv_freq  # noqa: E402
 
 V = 97  # vocabulary of the toy models
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -116,7 +116,7 @@ def test_greedy_tokens_match_transformers(hf_pair) -> None:  # noqa: ANN001
 
 def test_round_trip_through_transformers(hf_pair) -> None:  # noqa: ANN001
     ref, ours, tmp = hf_pair
-    ours.save_pretrained(tmp / "back")
+    save_pretrained(ours, tmp / "back")
     again = AutoModelForCausalLM.from_pretrained(tmp / "back").eval()
     assert type(again) is type(ref)
     ref_sd, again_sd = ref.state_dict(), again.state_dict()
@@ -207,14 +207,14 @@ def test_unsupported_and_incomplete_checkpoints(tmp_path) -> None:
     with pytest.raises(BardlmError, match="pickle"):
         from_pretrained(tmp_path / "m")
     with pytest.raises(BardlmError, match="no transformers equivalent"):
-        GPT(preset("char-tiny", norm_placement="post")).save_pretrained(tmp_path / "x")
+        save_pretrained(GPT(preset("char-tiny", norm_placement="post")), tmp_path / "x")
     cfg = LlamaConfig(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}).to_dict()
     with pytest.raises(BardlmError, match="yarn"):
         config_from_hf(cfg)
 
 
 def test_convert_cli_both_ways(tmp_path, capsys) -> None:  # noqa: ANN001
-    from bardlm.checkpoint import load_checkpoint, save_checkpoint
+    from bardlm.io.checkpoint import load_checkpoint, save_checkpoint
     from bardlm.tokenizers import CharTokenizer
 
     torch.manual_seed(6)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bardlm import GPT, BardlmError, ModelConfig
-from bardlm.generate import generate, generate_batch
-from bardlm.inference import FastLinear, prepare_for_inference
+from bardlm.infer.generate import generate, generate_batch
+from bardlm.infer.layouts import FastLinear, prepare_for_inference
 
 
 def _model(**kw) -> GPT:
@@ -108,8 +108,10 @@ def _copy_into_hf(model: GPT):  # noqa: ANN202
 
     from transformers import AutoModelForCausalLM
 
+    from bardlm.io.hf import save_pretrained
+
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         return AutoModelForCausalLM.from_pretrained(tmp).eval()
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bardlm.norm import LayerNorm, RMSNorm
+from bardlm.nn.norm import LayerNorm, RMSNorm
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -36,7 +36,7 @@ def test_rmsnorm_matches_torch() -> None:
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norm_equals_written_out(kind: str, dtype: torch.dtype) -> None:
-    from bardlm.norm import make_norm
+    from bardlm.nn.norm import make_norm
 
     torch.manual_seed(0)
     slow, fast = make_norm(kind, 40, 1e-5, True, fused=False), make_norm(kind, 40, 1e-5, True, fused=True)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from bardlm.position import apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from bardlm.nn.position import apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
 def test_sinusoidal_matches_paper_formula() -> None:

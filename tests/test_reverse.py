@@ -1,4 +1,4 @@
-"""The reversal probe (bardlm.tasks.reverse) and `bardlm reverse`.
+"""The reversal probe (bardlm.lab.reverse) and `bardlm reverse`.
 
 Data and scoring are checked against plain-Python re-computations; the causal switch against a
 perturbation test (a causal model's earlier logits cannot move when a later token changes); and a
@@ -16,7 +16,7 @@ from torch import nn
 from bardlm import GPT
 from bardlm.cli import build_parser, main
 from bardlm.errors import BardlmError
-from bardlm.tasks.reverse import (
+from bardlm.lab.reverse import (
     ReverseConfig,
     build_model,
     loss_floor,

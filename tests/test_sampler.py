@@ -14,8 +14,8 @@ from transformers.generation.logits_process import (
 )
 
 from bardlm import GPT, ModelConfig
-from bardlm.generate import generate, generate_text, interactive
-from bardlm.sampling import apply_repetition_penalty, filter_logits, sample
+from bardlm.infer.generate import generate, generate_text, interactive
+from bardlm.infer.sampling import apply_repetition_penalty, filter_logits, sample
 from bardlm.tokenizers import CharTokenizer
 
 V = 50

@@ -15,7 +15,7 @@ from torch import nn
 
 from bardlm.cli import main
 from bardlm.errors import BardlmError
-from bardlm.seq2seq import (
+from bardlm.seq2seq.model import (
     BOS,
     EOS,
     PAD,
@@ -28,7 +28,7 @@ from bardlm.seq2seq import (
     sequence_logprob,
     strip,
 )
-from bardlm.tasks.seq2seq import PairSampler, TaskConfig, make_batch, target_of, train_seq2seq
+from bardlm.seq2seq.tasks import PairSampler, TaskConfig, make_batch, target_of, train_seq2seq
 
 V = 9  # PAD, BOS, EOS + 6 symbols
 

@@ -20,9 +20,9 @@ httpx = pytest.importorskip("httpx")
 
 from serve_helpers import ThreadServer, make_checkpoint, reference_greedy, wait_until  # noqa: E402
 
-from bardlm.checkpoint import load_checkpoint  # noqa: E402
 from bardlm.errors import BardlmError  # noqa: E402
-from bardlm.generate import generate_text  # noqa: E402
+from bardlm.infer.generate import generate_text  # noqa: E402
+from bardlm.io.checkpoint import load_checkpoint  # noqa: E402
 from bardlm.serve import bind, build_app  # noqa: E402
 
 NAME = "tiny-char"

@@ -20,7 +20,7 @@ sync_api = pytest.importorskip(
 
 from serve_helpers import ThreadServer, make_checkpoint, reference_greedy  # noqa: E402
 
-from bardlm.checkpoint import load_checkpoint  # noqa: E402
+from bardlm.io.checkpoint import load_checkpoint  # noqa: E402
 from bardlm.serve import build_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

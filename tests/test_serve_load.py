@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 
 from serve_helpers import make_checkpoint, reference_greedy, wait_until  # noqa: E402
 
-from bardlm.checkpoint import load_checkpoint  # noqa: E402
+from bardlm.io.checkpoint import load_checkpoint  # noqa: E402
 
 N_REQUESTS = 50
 MAX_QUEUE = 8

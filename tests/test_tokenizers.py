@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bardlm import BardlmError
-from bardlm.tokenizers import CharTokenizer, WordTokenizer, load, save, split_words
+from bardlm.io.checkpoint import save_tokenizer as save
+from bardlm.tokenizers import CharTokenizer, WordTokenizer, load, split_words
 
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 

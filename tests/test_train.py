@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bardlm import BardlmError, ModelConfig
-from bardlm.checkpoint import load_checkpoint
+from bardlm.io.checkpoint import load_checkpoint
 from bardlm.tokenizers import CharTokenizer
 from bardlm.train import TrainConfig, Trainer, lr_at, make_optimizer, prepare_out
 

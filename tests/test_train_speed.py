@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from bardlm.config import ModelConfig
-from bardlm.data import token_ids
 from bardlm.errors import BardlmError
 from bardlm.tokenizers import CharTokenizer
 from bardlm.train import STATE_FILE, TrainConfig, Trainer, make_optimizer
+from bardlm.train.data import token_ids
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -106,13 +106,13 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path: Path) -> None:
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
     t = make_trainer(tmp_path / "a")
-    forward = t.train_model.forward
+    forward = t.loop.forward.forward
 
     def poisoned(x: torch.Tensor, y: torch.Tensor):  # noqa: ANN202
         logits, loss = forward(x, y)
         return logits, loss * float("nan") if t.step == 4 else loss
 
-    t.train_model.forward = poisoned
+    t.loop.forward.forward = poisoned
     with pytest.raises(BardlmError, match="loss became nan at step 4.*last good checkpoint"):
         t.fit()
     state = json.loads((tmp_path / "a" / STATE_FILE).read_text())

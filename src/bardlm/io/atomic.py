@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import BardlmError
 
@@ -109,8 +110,6 @@ def text_writer(text: str) -> Writer:
 
 
 def tensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Writer:
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     return lambda tmp: save_file(tensors, tmp, metadata=metadata)
 
