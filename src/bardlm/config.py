@@ -138,11 +138,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            key = sorted(unknown)[0]
-            raise BardlmError(f"config: unknown key {key!r}{_suggest(key, config_keys())}")
-        return cls(**data)
+        return from_dict(cls, data, "config")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated). A derived field that still holds its
@@ -152,6 +148,15 @@ class ModelConfig:
             if name not in changes and getattr(self, name) == value:
                 changes[name] = None
         return dataclasses.replace(self, **changes)
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """A config dataclass from a JSON dict, naming an unknown key (with a suggestion)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BardlmError(f"{where}: unknown key {unknown[0]!r}{_suggest(unknown[0], known)}")
+    return cls(**data)
 
 
 def config_keys() -> list[str]:
@@ -292,11 +297,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BardlmError(f"train config: unknown key {unknown[0]!r}{_suggest(unknown[0], sorted(known))}")
-        return cls(**data)
+        return from_dict(cls, data, "train config")
 
 
 def train_config_keys() -> list[str]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, check_types
+from ..config import ModelConfig, check_types, from_dict
 from ..errors import BardlmError
 from ..nn.block import Block
 from ..nn.cache import KVCache
@@ -91,11 +91,7 @@ class Seq2SeqConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Seq2SeqConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BardlmError(f"seq2seq config: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-        return cls(**data)
+        return from_dict(cls, data, "seq2seq config")
 
 
 def padding_mask(ids: torch.Tensor) -> torch.Tensor:
