@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bardlm import GPT, BardlmError, ModelConfig, cli
+from bardlm import GPT, BardlmError, ModelConfig, cli, preset
 from bardlm.infer.generate import generate
 from bardlm.infer.layouts import prepare_for_inference
 from bardlm.infer.quantize import (
@@ -144,3 +144,21 @@ def test_int8_top1_agreement_on_shakespeare(tiny_text: str) -> None:
     agreement = (int8 == ref).float().mean().item()
     print(f"int8 top-1 agreement with fp32: {agreement:.4f} (final train loss {loss.item():.3f})")
     assert agreement >= 0.95, agreement
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen3-tiny"])
+def test_int8_checkpoint_of_a_rotary_model_loads(tmp_path, name: str) -> None:
+    """INT8 directories of RoPE models load (their position table is rebuilt in fp32, not left
+    on the meta device) and compute what the in-memory quantized model computes."""
+    import bardlm
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,;:!?ABCDEFGH")
+    torch.manual_seed(0)
+    model = GPT(preset(name, vocab_size=tok.vocab_size, block_size=32, n_layer=2))
+    save_checkpoint(tmp_path / "fp32", model, tok, {"step": 1})
+    quantize_checkpoint(tmp_path / "fp32", tmp_path / "int8")
+    assert bardlm.load(tmp_path / "int8")[0].prepared == "int8"
+    loaded, _, _ = load_checkpoint(tmp_path / "int8")
+    assert loaded.rope_inv_freq.dtype == torch.float32 and loaded.rope_inv_freq.device.type == "cpu"
+    idx = torch.randint(0, tok.vocab_size, (2, 12))
+    assert torch.equal(loaded(idx)[0], quantize_model(copy.deepcopy(model))(idx)[0])

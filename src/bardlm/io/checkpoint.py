@@ -228,7 +228,8 @@ def _adopt_int8(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dic
             tie_int8_head(model)
         else:
             model.lm_head.weight = model.transformer.wte.weight
-    model.to("cpu")  # recomputes the (meta) position tables in fp32
+    for name, table in GPT.buffers_for(model.config).items():  # the position tables, fp32, on CPU
+        model.register_buffer(name, table, persistent=False)
     model.quantization = {"method": "int8-weight-only", "embeddings": embeddings}
     return model.eval()
 
