@@ -120,12 +120,14 @@ def stream_ids(
             # One new column; pad slots stay hidden by the real-key mask.
             mask = real[:, None, None, -cached - 1:] if padded else None
             pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
-            logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos)
+            logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos,
+                              logits_rows=1)
             cached += 1
         else:  # first step, no cache, or the cache is full: read the (cropped) window whole
             ctx, ctx_real = seq[:, -window:], real[:, -window:]
             mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
-            logits, _ = model(ctx, cache=cache, mask=mask, positions=pos)
+            # Only the last row is sampled from: no (B, T, V) logits for the prompt.
+            logits, _ = model(ctx, cache=cache, mask=mask, positions=pos, logits_rows=1)
             cached = ctx.shape[1]
         seen = torch.where(real, seq, seq[:, -1:]) if padded else seq  # pads count as no token
         logits = apply_repetition_penalty(logits[:, -1, :].float(), seen, repetition_penalty)
