@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bardlm import GPT, BardlmError, ModelConfig
-from bardlm.infer.generate import generate, generate_batch, generate_text
+from bardlm.infer.generate import generate, generate_batch, generate_text, stream_ids
 from bardlm.infer.sampling import apply_repetition_penalty, filter_logits, sample
 from bardlm.tokenizers import CharTokenizer
 
@@ -100,6 +100,27 @@ def test_prompt_errors() -> None:
         generate_text(model, tok, "a" * 13, max_new_tokens=3)
     with pytest.raises(BardlmError, match="character 'z'"):
         generate_text(model, tok, "az", max_new_tokens=3)
+
+
+def test_generation_runs_in_eval_mode_and_restores_train_mode() -> None:
+    model = _model(dropout=0.5)
+    tok = CharTokenizer.train("abcdefghijklmnopq")
+    idx = torch.randint(0, 17, (2, 4))
+    want = generate(model.eval(), idx, 8, temperature=0)
+    want_text = generate_text(model, tok, "abc", max_new_tokens=8, temperature=0)
+    want_step = next(stream_ids(model, idx, 1, temperature=0))
+    model.train()
+    model.transformer.h[0].eval()  # a mixed state comes back as it was, module by module
+    modes = [m.training for m in model.modules()]
+    assert torch.equal(model.generate(idx, 8, temperature=0), want)
+    assert torch.equal(generate(model, idx, 8, temperature=0), want)
+    assert generate_text(model, tok, "abc", max_new_tokens=8, temperature=0) == want_text
+    # A stream left open between tokens does not hold the model in eval mode either.
+    stream = stream_ids(model, idx, 3, temperature=0)
+    assert torch.equal(next(stream), want_step)
+    assert [m.training for m in model.modules()] == modes
+    list(stream)
+    assert model.training and [m.training for m in model.modules()] == modes
 
 
 def test_prefill_computes_logits_for_the_last_position_only() -> None:

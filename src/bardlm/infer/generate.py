@@ -9,6 +9,7 @@ rebuilt from them, exactly what the uncached path does.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -80,6 +81,20 @@ def _generators(seed: int | None, batch: int, device: torch.device) -> list[torc
     return [torch.Generator(device=device).manual_seed(seed + b) for b in range(batch)]
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the body with every module of `model` in eval mode (no dropout), then put back the
+    modules that were training, one by one (a partly frozen model keeps its mix)."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
 @torch.no_grad()
 def stream_ids(
     model: torch.nn.Module,
@@ -95,6 +110,9 @@ def stream_ids(
     max_context: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time.
+
+    The model runs in eval mode (dropout off) within each step and is back in its own mode
+    between steps: a model in the middle of training samples what it would in eval mode.
 
     idx: prompts (B, T), or a list of B prompts of different lengths (left-padded here; every
     row then gets the tokens it would get alone). seed: row b samples with seed + b.
@@ -116,19 +134,20 @@ def stream_ids(
     cache = model.make_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
     cached = 0  # cache slots in use
     for _ in range(max_new_tokens):
-        if cache is not None and 0 < cached < cache[0].max_len:
-            # One new column; pad slots stay hidden by the real-key mask.
-            mask = real[:, None, None, -cached - 1:] if padded else None
-            pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
-            logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos,
-                              logits_rows=1)
-            cached += 1
-        else:  # first step, no cache, or the cache is full: read the (cropped) window whole
-            ctx, ctx_real = seq[:, -window:], real[:, -window:]
-            mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
-            # Only the last row is sampled from: no (B, T, V) logits for the prompt.
-            logits, _ = model(ctx, cache=cache, mask=mask, positions=pos, logits_rows=1)
-            cached = ctx.shape[1]
+        with eval_mode(model):  # no dropout while sampling, whatever mode the model is in
+            if cache is not None and 0 < cached < cache[0].max_len:
+                # One new column; pad slots stay hidden by the real-key mask.
+                mask = real[:, None, None, -cached - 1:] if padded else None
+                pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
+                logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos,
+                                  logits_rows=1)
+                cached += 1
+            else:  # first step, no cache, or the cache is full: read the (cropped) window whole
+                ctx, ctx_real = seq[:, -window:], real[:, -window:]
+                mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
+                # Only the last row is sampled from: no (B, T, V) logits for the prompt.
+                logits, _ = model(ctx, cache=cache, mask=mask, positions=pos, logits_rows=1)
+                cached = ctx.shape[1]
         seen = torch.where(real, seq, seq[:, -1:]) if padded else seq  # pads count as no token
         logits = apply_repetition_penalty(logits[:, -1, :].float(), seen, repetition_penalty)
         nxt = sample(logits, temperature, top_k, top_p, min_p, gens)

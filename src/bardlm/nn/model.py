@@ -193,8 +193,9 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:  # noqa: ANN003
         """Continue each row of idx (B, T): returns (B, T + max_new_tokens) ids.
 
-        Keyword arguments are those of `bardlm.generate.generate` (temperature, top_k, top_p,
-        seed, use_cache, ...).
+        Keyword arguments are those of `bardlm.infer.generate.generate` (temperature, top_k,
+        top_p, seed, use_cache, ...). Runs in eval mode (no dropout) and leaves the model in the
+        mode it was in.
         """
         from ..infer.generate import generate
 
