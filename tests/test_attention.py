@@ -85,3 +85,16 @@ def test_dropout_only_in_training() -> None:
     torch.testing.assert_close(attn(x), attn(x))
     attn.train()
     assert not torch.allclose(attn(x), attn(x))
+
+
+def test_qk_norm_follows_fused_ops() -> None:
+    fused = Attention(_cfg(n_kv_head=2, qk_norm=True, fused_ops=True)).eval()
+    plain = Attention(_cfg(n_kv_head=2, qk_norm=True, fused_ops=False)).eval()
+    assert fused.q_norm.fused and fused.k_norm.fused
+    assert not plain.q_norm.fused and not plain.k_norm.fused
+    with torch.no_grad():
+        fused.q_norm.weight.uniform_(0.5, 1.5)  # non-trivial gains, the same in both
+        fused.k_norm.weight.uniform_(0.5, 1.5)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 7, 32) * 3
+    torch.testing.assert_close(fused(x), plain(x), atol=1e-6, rtol=1e-6)

@@ -132,3 +132,22 @@ def test_model_trains_with_either_dropout_and_evaluates_the_same() -> None:
     assert not torch.allclose(*losses)  # different masks, both live
     losses[0].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
+
+
+# p' = round(p * 65536) / 65536 is 1 for p within 2**-17 of 1: there is no 1 / (1 - p') to scale by.
+@pytest.mark.parametrize("p", [1.0, 1.0 - 5e-6, 1.0 - 2**-18])
+@pytest.mark.parametrize("fast", [True, False])
+def test_drop_everything_gives_zeros_like_f_dropout(p: float, fast: bool) -> None:
+    x = torch.randn(4, 33, requires_grad=True)
+    y = dropout(x, p, fast=fast)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()  # still in the graph, with a zero gradient (as F.dropout(x, 1))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert torch.equal(Dropout(p, fast)(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_attention_dropout_of_everything_gives_zeros(fast: bool) -> None:
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    y = explicit_attention(q, k, v, None, 1.0 - 5e-6, fast_dropout=fast)
+    assert torch.equal(y, torch.zeros_like(y))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bardlm import GPT, BardlmError, ModelConfig
-from bardlm.infer.generate import generate, generate_text
+from bardlm.infer.generate import generate, generate_batch, generate_text, stream_ids
 from bardlm.infer.sampling import apply_repetition_penalty, filter_logits, sample
 from bardlm.tokenizers import CharTokenizer
 
@@ -100,3 +100,54 @@ def test_prompt_errors() -> None:
         generate_text(model, tok, "a" * 13, max_new_tokens=3)
     with pytest.raises(BardlmError, match="character 'z'"):
         generate_text(model, tok, "az", max_new_tokens=3)
+
+
+def test_generation_runs_in_eval_mode_and_restores_train_mode() -> None:
+    model = _model(dropout=0.5)
+    tok = CharTokenizer.train("abcdefghijklmnopq")
+    idx = torch.randint(0, 17, (2, 4))
+    want = generate(model.eval(), idx, 8, temperature=0)
+    want_text = generate_text(model, tok, "abc", max_new_tokens=8, temperature=0)
+    want_step = next(stream_ids(model, idx, 1, temperature=0))
+    model.train()
+    model.transformer.h[0].eval()  # a mixed state comes back as it was, module by module
+    modes = [m.training for m in model.modules()]
+    assert torch.equal(model.generate(idx, 8, temperature=0), want)
+    assert torch.equal(generate(model, idx, 8, temperature=0), want)
+    assert generate_text(model, tok, "abc", max_new_tokens=8, temperature=0) == want_text
+    # A stream left open between tokens does not hold the model in eval mode either.
+    stream = stream_ids(model, idx, 3, temperature=0)
+    assert torch.equal(next(stream), want_step)
+    assert [m.training for m in model.modules()] == modes
+    list(stream)
+    assert model.training and [m.training for m in model.modules()] == modes
+
+
+def test_prefill_computes_logits_for_the_last_position_only() -> None:
+    model = _model(pos="rope")
+    idx = torch.randint(0, 17, (2, 6))
+    # The reference: greedy decoding from full (B, T, V) logits, without a cache.
+    ref = idx
+    for _ in range(5):
+        ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    shapes: list[tuple[int, ...]] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        out_cached = generate(model, idx, 5, temperature=0, use_cache=True)
+        out_uncached = generate(model, idx, 5, temperature=0, use_cache=False)
+        generate_batch(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 3, temperature=0)
+    finally:
+        hook.remove()
+    assert torch.equal(out_cached, ref) and torch.equal(out_uncached, ref)
+    assert shapes and all(s[:2] == (2, 1) for s in shapes)  # (B, 1, C), never (B, T, C)
+    logits, _ = model(idx, logits_rows=2)
+    torch.testing.assert_close(logits, model(idx)[0][:, -2:])
+
+
+def test_logits_rows_with_targets_is_an_error() -> None:
+    model = _model()
+    idx = torch.randint(0, 17, (1, 6))
+    with pytest.raises(BardlmError, match="logits_rows"):
+        model(idx, targets=idx, logits_rows=1)
+    with pytest.raises(BardlmError, match="logits_rows"):
+        model(idx, logits_rows=0)

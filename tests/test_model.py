@@ -84,3 +84,23 @@ def test_residual_projection_init_is_scaled() -> None:
     model = GPT(_small(n_layer=8))
     std = model.transformer.h[0].attn.c_proj.weight.std().item()
     assert abs(std - 0.02 / 4) < 0.002  # 0.02 / sqrt(2 * 8)
+
+
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal"])
+def test_position_tables_stay_fp32_through_to_and_meta(pos: str) -> None:
+    """`.to(bf16)` must not cast the position tables (a bf16 RoPE angle at position 1,000 is
+    off by ~0.18 rad), and a model built on meta then `to_empty` must hold real tables."""
+    cfg = _small(pos=pos, block_size=1024, rope_theta=10000.0)
+    ref = GPT(cfg)
+    name = "rope_inv_freq" if pos == "rope" else "pos_table"
+    want = getattr(ref, name)
+    with torch.device("meta"):
+        meta = GPT(cfg)
+    for model in (GPT(cfg).to(torch.bfloat16), meta.to_empty(device="cpu")):
+        got = getattr(model, name)
+        assert got.dtype == torch.float32 and got.device.type == "cpu"
+        if pos == "rope":  # the angle at position 1,000 of every frequency
+            torch.testing.assert_close(1000 * got, 1000 * want, atol=1e-6, rtol=0)
+        else:
+            torch.testing.assert_close(got[1000], want[1000], atol=1e-6, rtol=0)
+    assert next(GPT(cfg).to(torch.bfloat16).parameters()).dtype == torch.bfloat16

@@ -9,6 +9,7 @@ rebuilt from them, exactly what the uncached path does.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -80,6 +81,20 @@ def _generators(seed: int | None, batch: int, device: torch.device) -> list[torc
     return [torch.Generator(device=device).manual_seed(seed + b) for b in range(batch)]
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the body with every module of `model` in eval mode (no dropout), then put back the
+    modules that were training, one by one (a partly frozen model keeps its mix)."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
 @torch.no_grad()
 def stream_ids(
     model: torch.nn.Module,
@@ -93,12 +108,18 @@ def stream_ids(
     seed: int | None = None,
     use_cache: bool = True,
     max_context: int | None = None,
+    eos_ids: Iterable[int] = (),
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time.
+
+    The model runs in eval mode (dropout off) within each step and is back in its own mode
+    between steps: a model in the middle of training samples what it would in eval mode.
 
     idx: prompts (B, T), or a list of B prompts of different lengths (left-padded here; every
     row then gets the tokens it would get alone). seed: row b samples with seed + b.
     max_context: window of rotary models (default `block_size`); past it the window slides.
+    eos_ids: ids that end a row. The EOS is yielded; a finished row then repeats its EOS, and the
+    stream ends once every row has finished (or after max_new_tokens).
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -115,31 +136,42 @@ def stream_ids(
     seq = idx
     cache = model.make_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
     cached = 0  # cache slots in use
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)  # rows past their EOS
     for _ in range(max_new_tokens):
-        if cache is not None and 0 < cached < cache[0].max_len:
-            # One new column; pad slots stay hidden by the real-key mask.
-            mask = real[:, None, None, -cached - 1:] if padded else None
-            pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
-            logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos)
-            cached += 1
-        else:  # first step, no cache, or the cache is full: read the (cropped) window whole
-            ctx, ctx_real = seq[:, -window:], real[:, -window:]
-            mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
-            logits, _ = model(ctx, cache=cache, mask=mask, positions=pos)
-            cached = ctx.shape[1]
+        with eval_mode(model):  # no dropout while sampling, whatever mode the model is in
+            if cache is not None and 0 < cached < cache[0].max_len:
+                # One new column; pad slots stay hidden by the real-key mask.
+                mask = real[:, None, None, -cached - 1:] if padded else None
+                pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
+                logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos,
+                                  logits_rows=1)
+                cached += 1
+            else:  # first step, no cache, or the cache is full: read the (cropped) window whole
+                ctx, ctx_real = seq[:, -window:], real[:, -window:]
+                mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
+                # Only the last row is sampled from: no (B, T, V) logits for the prompt.
+                logits, _ = model(ctx, cache=cache, mask=mask, positions=pos, logits_rows=1)
+                cached = ctx.shape[1]
         seen = torch.where(real, seq, seq[:, -1:]) if padded else seq  # pads count as no token
         logits = apply_repetition_penalty(logits[:, -1, :].float(), seen, repetition_penalty)
         nxt = sample(logits, temperature, top_k, top_p, min_p, gens)
+        if len(eos):
+            nxt = torch.where(done, eos[0], nxt)  # a finished row only repeats its EOS
+            done |= torch.isin(nxt, eos)
         seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
         real = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)
         yield nxt
+        if bool(done.all()):
+            return
 
 
 @torch.no_grad()
 def generate(
     model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, **kwargs  # noqa: ANN003
 ) -> torch.Tensor:
-    """idx (B, T) -> (B, T + max_new_tokens): the prompts followed by their continuations."""
+    """idx (B, T) -> (B, T + max_new_tokens): the prompts followed by their continuations
+    (fewer columns when every row has reached one of `eos_ids`)."""
     new = list(stream_ids(model, idx, max_new_tokens, **kwargs))
     return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
 
@@ -148,19 +180,30 @@ def generate(
 def generate_batch(
     model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, **kwargs  # noqa: ANN003
 ) -> list[list[int]]:
-    """Continue prompts of different lengths in one batch: each row's new ids, as a list."""
+    """Continue prompts of different lengths in one batch: each row's new ids, as a list
+    (each ending before its first id in `eos_ids`, when given)."""
     new = torch.stack(list(stream_ids(model, prompts, max_new_tokens, **kwargs)), dim=1)
-    return new.tolist()
+    eos = set(kwargs.get("eos_ids", ()))
+    rows = new.tolist()
+    return [next((row[:i] for i, t in enumerate(row) if t in eos), row) for row in rows]
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:  # noqa: ANN001
-    """Prompt ids, failing on text the vocabulary cannot express (never a silent <unk>)."""
+    """Prompt ids, failing on text the vocabulary cannot express (never a silent <unk>).
+
+    Starts with the tokenizer's BOS when it asks for one (`add_bos`: Llama), once even if the
+    text already begins with it.
+    """
     if not prompt:
         raise BardlmError("the prompt is empty; pass --prompt with some text")
     try:
-        return tokenizer.encode(prompt, strict=True)
+        ids = tokenizer.encode(prompt, strict=True)
     except TypeError:  # tokenizers without a strict mode cover every string
-        return tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt)
+    bos = getattr(tokenizer, "bos_id", None)
+    if getattr(tokenizer, "add_bos", False) and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids
 
 
 def generate_text(
@@ -174,8 +217,9 @@ def generate_text(
 ) -> str:
     """The continuation of `prompt` as text; `on_text` receives pieces as they are decoded.
 
-    Generation ends at the first stop string, which is not included: text that might be the
-    start of a stop string is held back until it is known not to be.
+    Generation ends at the tokenizer's EOS (`eos_ids`, from a Hugging Face directory) or at the
+    first stop string; neither is included. Text that might be the start of a stop string is
+    held back until it is known not to be.
     """
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) > model.config.block_size:
@@ -189,7 +233,10 @@ def generate_text(
     emitted = 0
     text = ""
     stop = [s for s in (stop or []) if s]
-    for nxt in stream_ids(model, idx, max_new_tokens, **kwargs):
+    eos_ids = (*getattr(tokenizer, "eos_ids", ()), *kwargs.pop("eos_ids", ()))
+    for nxt in stream_ids(model, idx, max_new_tokens, eos_ids=eos_ids, **kwargs):
+        if int(nxt[0]) in eos_ids:
+            break
         new_ids.append(int(nxt[0]))
         text = tokenizer.decode(new_ids)
         cut = min((text.find(s) for s in stop if s in text), default=-1)

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..errors import BardlmError
 from ..nn.model import GPT
+from ..tokenizers import HFTokenizer
 from ..tokenizers import load as load_tokenizer
 from .atomic import atomic_write_many, tensors_writer, text_writer
 from .checkpoint import (
@@ -43,6 +44,8 @@ from .checkpoint import (
 )
 
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # BOS/EOS tokens, whether to add BOS
+GENERATION_CONFIG_FILE = "generation_config.json"  # the ids generation stops at
 # A bardlm tokenizer (char/word/our BPE) has no `transformers` equivalent: it travels beside the
 # HF files under this name so that bardlm -> HF -> bardlm keeps it.
 BARDLM_TOKENIZER_FILE = "bardlm_tokenizer.json"
@@ -408,9 +411,91 @@ def _tokenizer_path(src: Path) -> Path | None:
 
 
 def load_hf_tokenizer(src: str | Path):  # noqa: ANN201
-    """The tokenizer saved in a HF directory, or None when it has none."""
-    path = _tokenizer_path(Path(src))
-    return None if path is None else load_tokenizer(path)
+    """The tokenizer saved in a HF directory, or None when it has none.
+
+    A Hugging Face tokenizer.json also gets the directory's BOS/EOS facts (`hf_special_tokens`);
+    a bardlm tokenizer saved beside the weights keeps its own behaviour.
+    """
+    src = Path(src)
+    path = _tokenizer_path(src)
+    if path is None:
+        return None
+    tokenizer = load_tokenizer(path)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.set_special_tokens(**hf_special_tokens(src, tokenizer))
+    return tokenizer
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BardlmError(f"{path} is not valid JSON ({e}); fix it or delete it") from None
+    if not isinstance(data, dict):
+        raise BardlmError(f"{path} holds a JSON {type(data).__name__}, not an object; fix it or delete it")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: "<s>", {"content": "<s>", ...} or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _token_ids(value: Any, where: str) -> list[int]:
+    """A bos/eos_token_id field: an int, a list of ints (Llama 3 instruct) or null."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise BardlmError(f"{where}: token ids must be integers or a list of them, got {value!r}")
+    return values
+
+
+def hf_special_tokens(src: Path, tokenizer: HFTokenizer) -> dict[str, Any]:
+    """bos_id, add_bos and eos_ids for the tokenizer of HF directory `src`, decided as
+    `transformers` does:
+
+    * BOS is tokenizer_config.json's `bos_token`, else the `bos_token_id` of
+      generation_config.json or config.json.
+    * add_bos is tokenizer_config.json's `add_bos_token` when it says (Llama 1/2); else whether
+      tokenizer.json's post-processor starts every text with one token (Llama 3's template adds
+      <|begin_of_text|>). Qwen and GPT-2 have neither, so no BOS.
+    * EOS ids are generation_config.json's `eos_token_id` (what `generate` stops at), else
+      config.json's, plus tokenizer_config.json's `eos_token`.
+    """
+    tok_cfg = _optional_json(src / TOKENIZER_CONFIG_FILE)
+    id_files = [(_optional_json(src / name), name) for name in (GENERATION_CONFIG_FILE, CONFIG_FILE)]
+
+    def named(key: str) -> int | None:  # the id of tokenizer_config's bos_token / eos_token
+        text = _token_text(tok_cfg.get(key))
+        return None if text is None else tokenizer.token_id(text)
+
+    def first_ids(key: str) -> list[int]:  # generation_config.json wins over config.json
+        for cfg, name in id_files:
+            if cfg.get(key) is not None:
+                return _token_ids(cfg[key], f"{src / name} {key}")
+        return []
+
+    bos_id = named("bos_token")
+    if bos_id is None and first_ids("bos_token_id"):
+        bos_id = first_ids("bos_token_id")[0]
+    add_bos = tok_cfg.get("add_bos_token")
+    if add_bos is None:
+        prefix = tokenizer.template_prefix()
+        add_bos = len(prefix) == 1
+        bos_id = prefix[0] if add_bos else bos_id
+    elif add_bos and bos_id is None:
+        raise BardlmError(
+            f"{src / TOKENIZER_CONFIG_FILE} sets add_bos_token but its bos_token "
+            f"{_token_text(tok_cfg.get('bos_token'))!r} is not in the vocabulary; fix bos_token"
+        )
+    eos_ids = first_ids("eos_token_id")
+    eos = named("eos_token")  # an eos_token missing from the vocabulary is never generated
+    return {"bos_id": bos_id, "add_bos": bool(add_bos),
+            "eos_ids": tuple(eos_ids + ([] if eos is None else [eos]))}
 
 
 class RawTokenizerJSON:

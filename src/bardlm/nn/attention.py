@@ -39,8 +39,8 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.attn_bias)
         self.c_proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.attn_bias)
         # Qwen3 normalises each head's q and k before RoPE: keeps logits bounded in deep stacks.
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.fast_dropout = cfg.fast_dropout
         self.resid_dropout = Dropout(cfg.dropout, cfg.fast_dropout)

@@ -129,6 +129,7 @@ class GPT(nn.Module):
         cache: list[KVCache] | None = None,
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        logits_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
@@ -137,7 +138,14 @@ class GPT(nn.Module):
         mask: extra bool attention mask, True = may attend, broadcastable to (B, 1, T, S), e.g.
               to hide left padding; positions: (T,) or (B, T) ids overriding start_pos's.
         targets: (B, T) next-token ids; -1 marks positions that do not count in the loss.
+        logits_rows: compute logits (B, logits_rows, V) for the last positions only. Decoding
+              reads one row: a 2k-token prompt on a 128k vocabulary is ~1 GB of fp32 logits
+              otherwise. None (all rows) is the only choice with targets.
         """
+        if logits_rows is not None and targets is not None:
+            raise BardlmError("logits_rows with targets: the loss needs every row; pass logits_rows=None")
+        if logits_rows is not None and logits_rows <= 0:
+            raise BardlmError(f"logits_rows must be positive, got {logits_rows}; pass None for all rows")
         B, T = idx.shape
         if cache is None and positions is None and start_pos + T > self.config.block_size and self.config.pos != "rope":
             raise BardlmError(
@@ -150,6 +158,8 @@ class GPT(nn.Module):
         for i in range(self.config.n_layer):
             block = self.transformer.h[0 if self.config.share_layers else i]
             x = block(x, rope, mask, None if cache is None else cache[i], start_pos)
+        if logits_rows is not None:
+            x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None
@@ -183,8 +193,9 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:  # noqa: ANN003
         """Continue each row of idx (B, T): returns (B, T + max_new_tokens) ids.
 
-        Keyword arguments are those of `bardlm.generate.generate` (temperature, top_k, top_p,
-        seed, use_cache, ...).
+        Keyword arguments are those of `bardlm.infer.generate.generate` (temperature, top_k,
+        top_p, seed, use_cache, ...). Runs in eval mode (no dropout) and leaves the model in the
+        mode it was in.
         """
         from ..infer.generate import generate
 

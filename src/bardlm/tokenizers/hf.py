@@ -33,6 +33,13 @@ class HFTokenizer:
     `encode` adds no special tokens (no BOS/EOS templates) and `decode` keeps special tokens, so
     that decode(encode(text)) gives the text back whenever the tokenizer can represent it.
     `to_dict` returns the tokenizer.json itself, so a saved HFTokenizer is a valid tokenizer.json.
+
+    Generation reads three more facts, which a model directory's tokenizer_config.json and
+    generation_config.json give (`bardlm.io.hf.load_hf_tokenizer`); a bare tokenizer.json has
+    none of them:
+      bos_id   the beginning-of-sequence id, or None;
+      add_bos  whether a prompt starts with bos_id (Llama: yes; GPT-2, Qwen: no);
+      eos_ids  ids that end a generation (Llama 3 instruct has three).
     """
 
     kind = "hf"
@@ -40,6 +47,33 @@ class HFTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.hf = tokenizer
         self._chunked = _is_plain_byte_level(json.loads(tokenizer.to_str()))
+        self.bos_id: int | None = None
+        self.add_bos = False
+        self.eos_ids: tuple[int, ...] = ()
+
+    def set_special_tokens(
+        self, bos_id: int | None = None, add_bos: bool = False, eos_ids: tuple[int, ...] = ()
+    ) -> None:
+        """Set bos_id, add_bos and eos_ids (see the class docstring)."""
+        if add_bos and (bos_id is None or not 0 <= bos_id < self.vocab_size):
+            raise BardlmError(
+                f"add_bos needs a BOS id in the vocabulary of {self.vocab_size}, got {bos_id}; "
+                "fix bos_token in tokenizer_config.json"
+            )
+        self.bos_id, self.add_bos, self.eos_ids = bos_id, add_bos, tuple(dict.fromkeys(eos_ids))
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary string (e.g. "<s>"), or None when it is not in the vocabulary."""
+        return self.hf.token_to_id(token)
+
+    def template_prefix(self) -> list[int]:
+        """Ids the tokenizer.json post-processor puts before a text (Llama 3: [<|begin_of_text|>])."""
+        plain = self.hf.encode("a", add_special_tokens=False).ids
+        full = self.hf.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return list(full[:start])
+        return []
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
