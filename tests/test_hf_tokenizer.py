@@ -115,3 +115,24 @@ def test_generation_stops_at_eos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert out[0, 2:].tolist() == [word] * k + [eos]
     forward.calls = 0
     assert generate_batch(model, [[5, 6], [7]], 10, temperature=0, eos_ids=[eos]) == [[word] * k] * 2
+
+
+def test_convert_keeps_bos_and_eos(tmp_path: Path) -> None:
+    """`bardlm convert` HF -> bardlm carries the directory's BOS/EOS facts into the checkpoint,
+    so the converted model prompts and stops exactly as the Hugging Face one."""
+    import bardlm
+    from bardlm.io.hf import convert, save_pretrained
+
+    src = hf_dir(tmp_path / "hf", LLAMA, {"bos_token_id": 0, "eos_token_id": [1]})
+    vocab = HFTokenizer.from_file(src / "tokenizer.json").vocab_size
+    model = GPT(ModelConfig(vocab_size=vocab, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                            pos="rope", norm="rmsnorm", ffn="swiglu", bias=False))
+    save_pretrained(model, tmp_path / "weights")
+    for name in ("config.json", "model.safetensors"):
+        (src / name).write_bytes((tmp_path / "weights" / name).read_bytes())
+    convert(src, tmp_path / "ours")
+    _, direct = bardlm.load(src)
+    _, converted = bardlm.load(tmp_path / "ours")
+    assert (converted.bos_id, converted.add_bos, converted.eos_ids) == (
+        direct.bos_id, direct.add_bos, direct.eos_ids) == (direct.token_id("<s>"), True, (1,))
+    assert encode_prompt(converted, PROMPT) == encode_prompt(direct, PROMPT)

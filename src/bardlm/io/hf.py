@@ -552,7 +552,12 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
     tokenizer = RawTokenizerJSON.read(tok_path) if tok_path else None
     if is_hf_dir(src):
         model = from_pretrained(src)
-        save_checkpoint(out, model, tokenizer, meta={"source": str(src)})
+        meta: dict[str, Any] = {"source": str(src)}
+        loaded = load_hf_tokenizer(src)
+        if isinstance(loaded, HFTokenizer):  # BOS/EOS facts of tokenizer_config.json & co.
+            meta["special_tokens"] = {"bos_id": loaded.bos_id, "add_bos": loaded.add_bos,
+                                      "eos_ids": list(loaded.eos_ids)}
+        save_checkpoint(out, model, tokenizer, meta=meta)
         direction = "hf->bardlm"
     else:
         meta = read_config(src)
