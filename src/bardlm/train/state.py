@@ -145,8 +145,14 @@ class RunState:
         none, with one save_id. Every rank calls it (states are gathered); only rank 0 writes."""
         sd, opt = self._full_states()
         rngs = self.dist.all_gather_objects(_rng_state(self.device))
-        if not self.dist.is_main:
-            return
+        try:
+            if self.dist.is_main:
+                self._write(step, history, meta, sd, opt, rngs)
+        finally:  # no rank goes on (and perhaps reads the folder, to resume) while rank 0 writes
+            self.dist.barrier()
+
+    def _write(self, step: int, history: list[dict[str, Any]], meta: dict[str, Any],
+               sd: dict[str, torch.Tensor] | None, opt: dict[str, Any], rngs: list) -> None:
         save_id = new_save_id()
         tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
         for rank, states in enumerate(rngs):
