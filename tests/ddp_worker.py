@@ -25,6 +25,10 @@ def tiny_run(
     tc = TrainConfig(batch_size=batch_size, grad_accum=2, max_iters=6, eval_interval=3,
                      eval_batches=2, warmup_iters=2, fsdp=fsdp)
     trainer = Trainer(mc, tc, tok, TEXT, out, progress=False, log=lambda m: None)
+    if fsdp:  # each rank holds its shard only: about half of the parameters, never all
+        local = sum(p.to_local().numel() for p in trainer.model.parameters())
+        full = sum(p.numel() for p in trainer.model.parameters())
+        assert local <= full // trainer.dist.world + 100, (local, full)
     if resume:
         trainer.resume()
     losses: list[float] = []

@@ -104,3 +104,25 @@ def test_position_tables_stay_fp32_through_to_and_meta(pos: str) -> None:
         else:
             torch.testing.assert_close(got[1000], want[1000], atol=1e-6, rtol=0)
     assert next(GPT(cfg).to(torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
+def test_init_is_gpt2_and_a_function_of_the_seed_alone() -> None:
+    """N(0, 0.02) matrices, zero biases, unit gains; each parameter drawn from its own generator
+    (the seed taken once from the global RNG, plus its name), so the values do not depend on
+    what else the RNG did, and a model materialised from meta gets the same weights."""
+    torch.manual_seed(1)
+    a = GPT(_small(n_layer=2))
+    torch.manual_seed(1)
+    with torch.device("meta"):
+        b = GPT(_small(n_layer=2))
+    b.to_empty(device="cpu")
+    b.init_weights()
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+        if name.endswith("bias"):
+            assert (p == 0).all(), name
+        elif "ln" in name:
+            assert (p == 1).all(), name
+    assert abs(a.transformer.wte.weight.std().item() - 0.02) < 0.002
+    c_attn, c_fc = a.transformer.h[0].attn.c_attn.weight, a.transformer.h[0].mlp.c_fc.weight
+    assert not torch.equal(c_attn[:32], c_fc[:32])  # different names, different draws

@@ -357,6 +357,11 @@ def test_save_and_load_round_trip(tmp_path) -> None:  # noqa: ANN001
     assert loaded.tgt_emb.weight is loaded.lm_head.weight is loaded.src_emb.weight
     src, tgt = torch.tensor([[3, 4, 5]]), torch.tensor([[BOS, 6]])
     torch.testing.assert_close(loaded(src, tgt)[0], model(src, tgt)[0], atol=0, rtol=0)
+    # A weights file from another save (same shapes) is refused, not silently mixed.
+    save_seq2seq(tmp_path / "other", model)
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(BardlmError, match="mixes two checkpoints"):
+        load_seq2seq(tmp_path)
 
 
 def test_cli_writes_metrics(tmp_path, capsys) -> None:  # noqa: ANN001

@@ -261,3 +261,26 @@ def record_fit(trainer: Trainer) -> list[float]:
     losses = record(trainer)
     trainer.fit()
     return losses
+
+
+def test_fsdp_builds_on_meta_then_each_rank_its_shard(tmp_path: Path) -> None:
+    """Under FSDP the model is built on the meta device (no rank ever holds all of it); the
+    shards are materialised by `_parallelize` and filled by `init_weights`, which gives the
+    weights of GPT(cfg) under the same seed (checked on one process: meta -> to_empty -> init)."""
+    from types import SimpleNamespace
+
+    from bardlm.nn.model import GPT
+
+    tok = CharTokenizer.train(TEXT)
+    mc = ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    fake = SimpleNamespace(cfg=TrainConfig(fsdp=True), device=torch.device("cpu"))
+    torch.manual_seed(7)
+    model = Trainer._build(fake, mc)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.manual_seed(7)
+    ref = GPT(mc)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for (name, p), q in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(p, q), name

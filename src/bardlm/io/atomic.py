@@ -94,10 +94,14 @@ def recover(folder: str | Path) -> None:
     try:
         pairs = json.loads(journal.read_text(encoding="utf-8"))
         for tmp, name in pairs:
-            if (folder / tmp).exists():
+            try:
                 os.replace(folder / tmp, folder / name)
+            except FileNotFoundError:
+                pass  # renamed already (before a crash, or by another process recovering too)
         _fsync_dir(folder)
-        journal.unlink()
+        journal.unlink(missing_ok=True)
+    except FileNotFoundError:
+        return  # another process finished this save meanwhile
     except (OSError, ValueError) as e:
         raise BardlmError(
             f"{folder} holds an unfinished save ({JOURNAL}) that cannot be completed ({e}); "

@@ -562,7 +562,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
     else:
         meta = read_config(src)
         cfg = ModelConfig.from_dict(meta["model"])
-        tensors = load_tensors(src / MODEL_FILE)
+        tensors = load_tensors(src / MODEL_FILE, meta.get("save_id"))
         if any(not t.is_floating_point() for t in tensors.values()):
             raise BardlmError(f"{src} holds quantized weights; transformers needs float weights: "
                               "convert the checkpoint saved before quantization")

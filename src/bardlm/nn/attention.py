@@ -168,14 +168,18 @@ class AttentionScore(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        for name, p in self.named_parameters(recurse=False):
+            p.copy_(self.initial(name))
+
+    def initial(self, name: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The initial value of parameter `name`, whole, on the CPU (drawn from `generator`)."""
         H, D = self.n_head, self.head_dim
-        if self.kind == "additive":
-            self.score_v.copy_(torch.randn(H, D) / math.sqrt(D))
-        elif self.kind == "bilinear":
-            self.score_w.copy_(torch.eye(D).repeat(H, 1, 1))  # (H, D, D): starts as the dot product
-        elif self.kind == "cosine":
-            # cos is in [-1, 1]: without a temperature softmax could not become sharp.
-            self.score_g.fill_(math.sqrt(D))
+        if name == "score_v":
+            return torch.randn(H, D, generator=generator, device="cpu") / math.sqrt(D)
+        if name == "score_w":  # (H, D, D): starts as the dot product
+            return torch.eye(D, device="cpu").repeat(H, 1, 1)
+        # score_g: cos is in [-1, 1]: without a temperature softmax could not become sharp.
+        return torch.full((H,), math.sqrt(D), device="cpu")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         D = q.shape[-1]

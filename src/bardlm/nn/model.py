@@ -6,6 +6,7 @@ idx (B, T) --wte--> (B, T, C) [+ learned/sinusoidal positions] --Block x n_layer
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -28,6 +29,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        # The one draw from the global RNG, before any submodule's default init (which a model
+        # built on meta skips): every parameter's initial values derive from it.
+        self.init_seed = int(torch.randint(2**62, (), device="cpu"))
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -51,14 +55,35 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit norm gains, and residual
         projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does not
-        grow with depth. Also called after a model built on the meta device is materialised."""
-        for module in self.modules():
-            if isinstance(module, (LayerNorm, RMSNorm, AttentionScore)):
-                module.reset_parameters()  # norms: weight 1, bias 0
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        grow with depth. Also called after a model built on the meta device is materialised.
+
+        Each parameter is drawn whole on the CPU from its own generator, seeded by `init_seed`
+        and its name: the values do not depend on the device or on sharding. An FSDP rank draws
+        one parameter at a time and keeps its shard, and gets the weights of GPT(cfg) exactly.
+        """
+        if self.config.tie_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.transformer.wte.weight  # `to_empty()` unties them
+        modules = dict(self.named_modules())
+        for name, p in self.named_parameters():  # a tied head is wte.weight, listed once
+            if p.is_meta:
+                continue  # built on meta: called again once materialised
+            owner_name, _, attr = name.rpartition(".")
+            owner = modules[owner_name]
+            if isinstance(owner, AttentionScore):
+                full = owner.initial(attr, self._generator(name))
+            elif isinstance(owner, (LayerNorm, RMSNorm)) and attr == "weight":
+                full = torch.ones(p.shape, device="cpu")
+            elif attr == "bias":
+                full = torch.zeros(p.shape, device="cpu")
+            else:  # Linear and Embedding weights
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                full = torch.randn(p.shape, generator=self._generator(name), device="cpu") * std
+            _copy_whole(p, full)
+
+    def _generator(self, name: str) -> torch.Generator:
+        """A CPU generator seeded by `init_seed` and a stable hash of a parameter's name."""
+        digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+        return torch.Generator().manual_seed((self.init_seed + digest) % 2**63)
 
     @staticmethod
     def buffers_for(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -79,15 +104,6 @@ class GPT(nn.Module):
             if device.type != "meta":
                 self.register_buffer(name, buf.to(device), persistent=False)
         return self
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     # Positions ------------------------------------------------------------------------------
     def _positions(self, T: int, start_pos: int, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
@@ -200,6 +216,16 @@ class GPT(nn.Module):
         from ..infer.generate import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)
+
+
+def _copy_whole(p: torch.Tensor, full: torch.Tensor) -> None:
+    """p <- full; a DTensor parameter (FSDP) keeps only this rank's shard of it."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # Every rank holds the same `full`: each takes its own shard, with no communication.
+        full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(full)
 
 
 __all__ = ["GPT"]

@@ -319,14 +319,14 @@ def _unique_tensors(model: EncoderDecoder) -> dict[str, torch.Tensor]:
 
 
 def save_seq2seq(out: str | Path, model: EncoderDecoder, meta: dict[str, Any] | None = None) -> None:
-    """config.json + model.safetensors in `out`, written all or nothing."""
+    """config.json + model.safetensors in `out`, written all or nothing with one save_id."""
     from ..io.atomic import atomic_write_many, tensors_writer, text_writer
-    from ..io.checkpoint import CONFIG_FILE, MODEL_FILE
+    from ..io.checkpoint import CONFIG_FILE, MODEL_FILE, new_save_id
 
-    out = Path(out)
-    config = {"kind": "seq2seq", "model": model.config.to_dict(), **(meta or {})}
+    out, save_id = Path(out), new_save_id()
+    config = {"kind": "seq2seq", "model": model.config.to_dict(), **(meta or {}), "save_id": save_id}
     atomic_write_many([
-        (out / MODEL_FILE, tensors_writer(_unique_tensors(model), {"format": "pt"})),
+        (out / MODEL_FILE, tensors_writer(_unique_tensors(model), {"format": "pt", "save_id": save_id})),
         (out / CONFIG_FILE, text_writer(json.dumps(config, indent=2))),
     ])
 
@@ -339,7 +339,7 @@ def load_seq2seq(ckpt: str | Path) -> EncoderDecoder:
     if meta.get("kind") != "seq2seq":
         raise BardlmError(f"{ckpt} holds a decoder-only model, not a seq2seq one; use `bardlm generate`")
     model = EncoderDecoder(Seq2SeqConfig.from_dict(meta["model"]))
-    tensors = load_tensors(Path(ckpt) / MODEL_FILE)
+    tensors = load_tensors(Path(ckpt) / MODEL_FILE, meta.get("save_id"))
     expected = _unique_tensors(model)
     if set(tensors) != set(expected):
         raise BardlmError(

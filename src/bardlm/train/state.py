@@ -36,9 +36,9 @@ from .distributed import Dist
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 # TrainConfig fields that are the run's plan: changing one on resume would not continue the run.
-PLAN_FIELDS = ("grad_accum", "seed", "lr", "min_lr", "warmup_iters", "lr_decay_iters",
-               "schedule", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "optimizer",
-               "val_fraction")
+# (lr_decay_iters too, compared as the horizon it plans: see `check_plan`.)
+PLAN_FIELDS = ("grad_accum", "seed", "lr", "min_lr", "warmup_iters", "schedule", "weight_decay",
+               "beta1", "beta2", "eps", "grad_clip", "optimizer", "val_fraction")
 
 
 def check_plan(saved: dict[str, Any], new: TrainConfig, world: int, saved_world: int,
@@ -46,25 +46,27 @@ def check_plan(saved: dict[str, Any], new: TrainConfig, world: int, saved_world:
     """The config a resumed run continues with: the saved plan, or a one-line refusal.
 
     Only `max_iters` (and fields that do not change the arithmetic: eval_interval, eval_batches,
-    device, dtype, compile, fsdp) may differ. A new `max_iters` keeps the schedule's planned
-    horizon (`lr_decay_iters` = the old max_iters), so the learning rate never jumps back up:
-    steps past it run at `min_lr`.
+    device, dtype, compile, fsdp) may differ. The cosine decay keeps its planned horizon
+    (`lr_decay_iters`, else the old max_iters), so the learning rate never jumps back up when
+    max_iters grows: steps past the horizon run at `min_lr`.
     """
-    old = TrainConfig.from_dict({k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-    changed = [k for k in PLAN_FIELDS if getattr(old, k) != getattr(new, k)]
-    if world * new.batch_size != saved_world * old.batch_size:  # batch_size x processes
-        changed.insert(0, "global batch")
-    if changed:
-        k = changed[0]
-        was = saved_world * old.batch_size if k == "global batch" else getattr(old, k)
-        now = world * new.batch_size if k == "global batch" else getattr(new, k)
-        raise BardlmError(
-            f"--resume: {k} was {was!r} in this run and is now {now!r}; a resumed run keeps its "
-            f"plan: drop the change, or start a new run with --overwrite (or another --out)"
-        )
-    if new.max_iters != old.max_iters and new.lr_decay_iters is None:
-        horizon = old.lr_decay_iters or old.max_iters
+    if not saved:  # not a training run's checkpoint: `RunState.resume` says so
+        return new
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    old = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
+    horizon = old.lr_decay_iters or old.max_iters  # where the planned decay reaches min_lr
+    if new.lr_decay_iters is None and new.max_iters != horizon:
         new = dataclasses.replace(new, lr_decay_iters=horizon)
+    plan = {k: (getattr(old, k), getattr(new, k)) for k in PLAN_FIELDS}
+    plan["lr_decay_iters"] = (horizon, new.lr_decay_iters or new.max_iters)
+    plan["global batch (batch_size x processes)"] = (saved_world * old.batch_size, world * new.batch_size)
+    for k, (was, now) in plan.items():
+        if was != now:
+            raise BardlmError(
+                f"--resume: {k} was {was!r} in this run and is now {now!r}; a resumed run keeps "
+                "its plan: drop the change, or start a new run with --overwrite (or another --out)"
+            )
+    if new.max_iters != old.max_iters and new.schedule == "cosine":
         log(f"note: max_iters {old.max_iters} -> {new.max_iters}; the schedule keeps its planned "
             f"decay to step {horizon}, later steps run at min_lr {new.min_lr:g}")
     return new
@@ -143,8 +145,14 @@ class RunState:
         none, with one save_id. Every rank calls it (states are gathered); only rank 0 writes."""
         sd, opt = self._full_states()
         rngs = self.dist.all_gather_objects(_rng_state(self.device))
-        if not self.dist.is_main:
-            return
+        try:
+            if self.dist.is_main:
+                self._write(step, history, meta, sd, opt, rngs)
+        finally:  # no rank goes on (and perhaps reads the folder, to resume) while rank 0 writes
+            self.dist.barrier()
+
+    def _write(self, step: int, history: list[dict[str, Any]], meta: dict[str, Any],
+               sd: dict[str, torch.Tensor] | None, opt: dict[str, Any], rngs: list) -> None:
         save_id = new_save_id()
         tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
         for rank, states in enumerate(rngs):
