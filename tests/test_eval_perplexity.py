@@ -163,3 +163,24 @@ def test_errors_are_one_line(converted, tmp_path, capsys, args, message) -> None
     err = capsys.readouterr().err
     assert err.startswith("bardlm: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_training_summary_reports_bits_per_byte(tmp_path) -> None:
+    """train/trainer.py's final line: val_bpb_full = NLL of the validation tokens / ln 2 / UTF-8
+    bytes of the validation text (val_bpc_full divides by characters, as before)."""
+    from bardlm.config import TrainConfig
+    from bardlm.train.trainer import Trainer
+
+    text = ("naïve café résumé — " * 40) + ("plain ascii words here. " * 40)
+    text = text[::-1] + "éé" * 30  # the validation tail holds 2-byte characters
+    tok = CharTokenizer.train(text)
+    cfg = TrainConfig(max_iters=1, eval_interval=1, batch_size=2, eval_batches=1)
+    tr = Trainer(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2,
+                             n_embd=16), cfg, tok, text, tmp_path, progress=False, log=lambda m: None)
+    final = tr.fit()
+    val_text = text[len(tr.train_split.ids):]  # char tokens: the split is exact
+    n_bytes = len(val_text.encode("utf-8"))
+    assert n_bytes > len(val_text)
+    nats = final["val_loss_full"] * len(tr.val_split.ids)
+    assert final["val_bpb_full"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-9)
+    assert final["val_bpc_full"] == pytest.approx(nats / math.log(2) / len(val_text), rel=1e-9)
