@@ -28,10 +28,12 @@ from typing import Any
 from ..errors import BardlmError
 from ..infer.generate import generate_text
 from ..io.load import load
+from ..tokenizers import WordTokenizer, split_words
 from .score import score_rows
 
 try:
-    from lm_eval.api.model import LM
+    import lm_eval.models  # noqa: F401  (the built-in models first: the registry fills itself
+    from lm_eval.api.model import LM  # only while it is empty, so ours must not come first)
     from lm_eval.api.registry import register_model
 except ImportError as e:  # the harness is an optional extra
     raise BardlmError(
@@ -39,7 +41,7 @@ except ImportError as e:  # the harness is an optional extra
     ) from e
 
 
-def split_tokens(context_ids: list[int], whole_ids: list[int]) -> int:
+def split_tokens(context_ids: list, whole_ids: list) -> int:
     """How many leading tokens of `whole_ids` are context: the common prefix with the context's
     own tokens (all of them, when tokenizing the two together changes nothing at the seam)."""
     n = 0
@@ -115,7 +117,10 @@ class BardlmLM(LM):
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole = self.encode(context + continuation)
-        n = split_tokens(self.encode(context), whole)
+        if isinstance(self.tokenizer, WordTokenizer):  # compare words: two <unk> may differ
+            n = split_tokens(split_words(context), split_words(context + continuation))
+        else:
+            n = split_tokens(self.encode(context), whole)
         return whole[:n], whole[n:]
 
     # The three requests ----------------------------------------------------------------------
