@@ -171,7 +171,7 @@ BAD = [
     (b'{"prompt": "hi", "stream": "yes"}', 400, "stream"),
     (b'{"prompt": "hi", "max_token": 5}', 400, "max_token"),  # misspelt: refused, not ignored
     (b'{"prompt": "hi", "n": 2}', 400, None),
-    (b'{"prompt": "hi", "logprobs": 3}', 400, None),
+    (b'{"prompt": "hi", "logprobs": 21}', 400, "logprobs"),  # at most 20 alternatives
     (b'{"prompt": "hi", "model": "gpt-4"}', 404, "model"),
     (json.dumps({"prompt": "a" * (2 << 20)}).encode(), 413, None),
 ]

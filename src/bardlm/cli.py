@@ -358,6 +358,72 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+# eval --------------------------------------------------------------------------------------
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity and bits per byte of a model on a text file")
+    p.add_argument("--ckpt", required=True, help="a bardlm run, an INT8 or a Hugging Face model directory")
+    p.add_argument("--data", required=True, help="a UTF-8 text file to score")
+    p.add_argument("--max-length", type=int, help="window length L in tokens (default: the context)")
+    p.add_argument("--stride", type=int, help="tokens between window starts S (default: L)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.perplexity import perplexity, read_text
+    from .io.load import load
+
+    text = read_text(args.data)
+    model, tokenizer = load(args.ckpt, args.dtype, args.device)
+    result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
+                        batch_size=args.batch_size).to_dict()
+    if args.json:
+        print(json.dumps({"ckpt": args.ckpt, "data": args.data, **result}))
+        return 0
+    print(f"{args.ckpt} on {args.data}: {result['tokens']:,} tokens, {result['bytes']:,} bytes, "
+          f"window {result['max_length']} stride {result['stride']} ({result['windows']} windows)")
+    print(f"loss {result['loss']:.4f} nats/token   perplexity {result['perplexity']:.3f}   "
+          f"bits per byte {result['bits_per_byte']:.4f}")
+    return 0
+
+
+# lm-eval -----------------------------------------------------------------------------------
+def add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a model (pip install 'bardlm[eval]')")
+    p.add_argument("--ckpt", required=True, help="a bardlm run, an INT8 or a Hugging Face model directory")
+    p.add_argument("--tasks", required=True, help="comma-separated task names, e.g. hellaswag,lambada_openai")
+    p.add_argument("--include-path", help="a folder of your own task YAML files")
+    p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction if < 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from .eval.harness import run_harness
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise BardlmError("--tasks is empty; name at least one task")
+    if args.limit is not None and args.limit <= 0:
+        raise BardlmError(f"--limit must be positive, got {args.limit}")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise BardlmError(f"--include-path {args.include_path} is not a folder")
+    results = run_harness(args.ckpt, tasks, args.include_path, args.limit, args.batch_size,
+                          device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"ckpt": args.ckpt, "results": results}))
+        return 0
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                print(f"{task:<24} {name:<32} {value:.6g}")
+    return 0
+
+
 # serve -------------------------------------------------------------------------------------
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model: OpenAI-compatible HTTP API + web playground")
@@ -389,6 +455,8 @@ COMMANDS = {
     "reverse": (add_reverse, cmd_reverse),
     "seq2seq": (add_seq2seq, cmd_seq2seq),
     "experiment": (add_experiment, cmd_experiment),
+    "eval": (add_eval, cmd_eval),
+    "lm-eval": (add_lm_eval, cmd_lm_eval),
     "serve": (add_serve, cmd_serve),
 }
 

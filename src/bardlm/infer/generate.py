@@ -213,6 +213,7 @@ def generate_text(
     max_new_tokens: int = 200,
     stop: list[str] | None = None,
     on_text: Callable[[str], None] | None = None,
+    prompt_ids: list[int] | None = None,
     **kwargs,  # noqa: ANN003
 ) -> str:
     """The continuation of `prompt` as text; `on_text` receives pieces as they are decoded.
@@ -221,7 +222,7 @@ def generate_text(
     first stop string; neither is included. Text that might be the start of a stop string is
     held back until it is known not to be.
     """
-    ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt) if prompt_ids is None else prompt_ids  # ids: as given
     if len(ids) > model.config.block_size:
         raise BardlmError(
             f"the prompt is {len(ids)} tokens, longer than the context of "

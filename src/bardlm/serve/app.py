@@ -27,13 +27,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import BardlmError
+from ..tokenizers.base import check_ids
 from .engine import Engine, Job, RequestError
 
 STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_LOGPROBS = 20  # alternatives per token: bounded work and response size
 MAX_BODY = 1 << 20  # bytes; far more than any prompt that fits a context, far less than a DoS
 # OpenAI options bardlm does not implement, and the one value of each that means "off".
-NEUTRAL = {"n": 1, "best_of": 1, "logprobs": None, "suffix": None, "presence_penalty": 0,
+NEUTRAL = {"n": 1, "best_of": 1, "suffix": None, "presence_penalty": 0,
            "frequency_penalty": 0, "logit_bias": {}}
 # The page loads only its own files; nothing from other origins, ever.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -57,7 +60,7 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: Any  # a string, or a list holding one string (checked below)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: score the prompt only (with echo)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
@@ -68,11 +71,11 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None
     # OpenAI fields we accept only at their neutral values (NEUTRAL):
     n: Any = None
     best_of: Any = None
-    logprobs: Any = None
     suffix: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
@@ -80,11 +83,13 @@ class CompletionRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> str:
-        if isinstance(v, list) and len(v) == 1:
+    def _one_prompt(cls, v: Any) -> str | list[int]:
+        """One prompt: a string, or token ids (what lm-eval sends), maybe in a list of one."""
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
             v = v[0]
-        if not isinstance(v, str):
-            raise ValueError("must be a string (one prompt; batches and token arrays are not supported)")
+        is_ids = isinstance(v, list) and all(type(i) is int for i in v)
+        if not isinstance(v, str) and not is_ids:
+            raise ValueError("must be a string or a list of token ids (one prompt; batches are not supported)")
         if not v:
             raise ValueError("must not be empty; give at least one character of text")
         return v
@@ -173,6 +178,38 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
         return {"id": model_name, "object": "model", "created": created, "owned_by": "bardlm",
                 "max_model_len": engine.block_size}
 
+    # The tokenizer endpoints lm-eval's local-completions model uses (tokenizer_backend=remote),
+    # so a client counts context tokens with the server's own tokenizer, whatever its kind.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return {"eos_token": None, "bos_token": None, "pad_token": None,
+                "kind": getattr(tokenizer, "kind", None), "vocab_size": tokenizer.vocab_size,
+                "max_model_len": engine.block_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await _small_json(request)
+        text = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            return error_response(400, "prompt must be a string", param="prompt")
+        try:
+            ids = tokenizer.encode(text)
+        except BardlmError as e:
+            return error_response(400, str(e), param="prompt")
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.block_size})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await _small_json(request)
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            return error_response(400, "tokens must be a list of token ids", param="tokens")
+        try:
+            check_ids(ids, tokenizer.vocab_size)
+        except BardlmError as e:
+            return error_response(400, str(e), param="tokens")
+        return JSONResponse({"prompt": tokenizer.decode(ids)})
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
@@ -198,7 +235,23 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
             return error_response(400, message, param=param)
         if req.model is not None and req.model != model_name:
             return _unknown_model(req.model, model_name)
-        job = Job(prompt=req.prompt, max_tokens=req.max_tokens or 16, stop=req.stop or [],
+        if req.max_tokens == 0 and not req.echo:
+            return error_response(400, "max_tokens=0 returns nothing without echo=true; ask for "
+                                  "at least 1 token, or echo the prompt", param="max_tokens")
+        if req.logprobs is not None and req.stream:
+            return error_response(400, "logprobs are not streamed by bardlm; pass stream=false",
+                                  param="logprobs")
+        ids = req.prompt if isinstance(req.prompt, list) else None
+        if ids is not None:
+            try:
+                check_ids(ids, engine.model.config.vocab_size)
+                prompt = engine.tokenizer.decode(ids)
+            except BardlmError as e:
+                return error_response(400, str(e), param="prompt")
+        else:
+            prompt = req.prompt
+        job = Job(prompt=prompt, prompt_ids=ids, logprobs=req.logprobs, echo=req.echo,
+                  max_tokens=16 if req.max_tokens is None else req.max_tokens, stop=req.stop or [],
                   sampling=dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                 min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                                 seed=req.seed))
@@ -220,11 +273,22 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
             raise
         if job.finish_reason == "cancelled":  # the client left; nobody reads this
             return Response(status_code=499)
-        text = req.prompt + job.text if req.echo else job.text
-        return JSONResponse({**meta, "choices": [_choice(text, job.finish_reason)],
-                             "usage": _usage(job)})
+        text = job.prompt + job.text if req.echo else job.text
+        choice = {**_choice(text, job.finish_reason), "logprobs": job.logprob_block}
+        return JSONResponse({**meta, "choices": [choice], "usage": _usage(job)})
 
     return app
+
+
+async def _small_json(request: Request) -> Any:
+    """The JSON body of a request of at most MAX_BODY bytes (None when too large or invalid)."""
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 async def _wait_unless_gone(request: Request, future: Future, job: Job) -> None:
@@ -262,7 +326,7 @@ def _stream(engine: Engine, job: Job, meta: dict[str, Any], req: CompletionReque
     async def events() -> AsyncIterator[str]:
         try:
             if req.echo:
-                yield chunk(req.prompt)
+                yield chunk(job.prompt)
             while (piece := await pieces.get()) is not None:
                 yield chunk(piece)
             if (exc := future.exception()) is not None:

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from ..errors import BardlmError
+from ..eval.score import forward_logprobs
 from ..infer.generate import encode_prompt, generate_text
 from ..infer.sampling import check_sampling
+from ..tokenizers.base import check_ids
 
 
 class Cancelled(Exception):
@@ -34,12 +36,17 @@ class Job:
     """One completion request, as the worker sees it, and (once run) its result."""
 
     prompt: str
-    max_tokens: int
+    max_tokens: int  # 0: score the prompt only (echo with logprobs)
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_k, top_p, seed, ...
     stop: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None  # called in the worker thread with each piece
     cancel: threading.Event = field(default_factory=threading.Event)
+    prompt_ids: list[int] | None = None  # a prompt sent as token ids (set by `check` otherwise)
+    logprobs: int | None = None  # top-N alternatives per token; None: no logprobs
+    echo: bool = False
     # Filled in by the worker:
+    ids: list[int] = field(default_factory=list)  # generated token ids
+    logprob_block: dict[str, Any] | None = None  # OpenAI's choices[i].logprobs
     prompt_tokens: int = 0
     text: str = ""
     completion_tokens: int = 0
@@ -58,6 +65,7 @@ class _Tap:
         self._tok = tokenizer
         self._cancel = cancel
         self.n_generated = 0
+        self.ids: list[int] = []
         self.last_text = ""
 
     def encode(self, text: str, **kwargs: Any) -> list[int]:
@@ -67,6 +75,7 @@ class _Tap:
         if self._cancel.is_set():
             raise Cancelled
         self.n_generated = max(self.n_generated, len(ids))
+        self.ids = list(ids)
         self.last_text = self._tok.decode(ids)
         return self.last_text
 
@@ -96,11 +105,14 @@ class Engine:
     def check(self, job: Job) -> None:
         """Raise `RequestError` for a job that cannot run: bad prompt, too long, bad sampling."""
         try:
-            ids = encode_prompt(self.tokenizer, job.prompt)
+            if job.prompt_ids is None:
+                job.prompt_ids = encode_prompt(self.tokenizer, job.prompt)
+            check_ids(job.prompt_ids, self.model.config.vocab_size)
+            ids = job.prompt_ids
         except BardlmError as e:
             raise RequestError(str(e), "prompt") from None
         room = self.block_size - len(ids)
-        if room <= 0:
+        if room < 0 or (room == 0 and job.max_tokens > 0):
             raise RequestError(
                 f"the prompt is {len(ids)} tokens but the model's context is {self.block_size}; "
                 "shorten the prompt", "prompt")
@@ -158,10 +170,15 @@ class Engine:
         with self._lock:
             self.running += 1
         try:
-            job.text = generate_text(self.model, tap, job.prompt, max_new_tokens=job.max_tokens,
-                                     stop=job.stop, on_text=job.on_text, **job.sampling)
+            if job.max_tokens > 0:
+                job.text = generate_text(self.model, tap, job.prompt, max_new_tokens=job.max_tokens,
+                                         stop=job.stop, on_text=job.on_text,
+                                         prompt_ids=job.prompt_ids, **job.sampling)
             stopped = any(s in tap.last_text for s in job.stop if s)
             job.finish_reason = "stop" if stopped or tap.n_generated < job.max_tokens else "length"
+            job.ids = _ids_of_text(self.tokenizer, tap.ids, job.text)
+            if job.logprobs is not None:
+                job.logprob_block = logprob_block(self.model, self.tokenizer, job)
         except Cancelled:
             job.finish_reason = "cancelled"
         finally:
@@ -174,6 +191,44 @@ class Engine:
                 else:
                     self.completed += 1
         return job
+
+
+def _ids_of_text(tokenizer: Any, ids: list[int], text: str) -> list[int]:
+    """The generated ids that make up `text` (a stop string cuts the text, not the ids)."""
+    while ids and not text.startswith(tokenizer.decode(ids)):
+        ids = ids[:-1]
+    return ids
+
+
+def logprob_block(model: torch.nn.Module, tokenizer: Any, job: Job) -> dict[str, Any]:
+    """OpenAI's `logprobs` of a completion: per token its text, log-probability, the top
+    `job.logprobs` alternatives and its character offset in the returned text. With echo the
+    prompt's tokens come first, the very first with null (nothing predicts it).
+
+    One forward pass over prompt + completion (at most the context) scores every token with
+    the model's own distribution (before temperature or top-k/p)."""
+    prompt = job.prompt_ids or []
+    seq = prompt + job.ids
+    keep = 0 if job.echo else len(prompt)  # the first token returned
+    logp = forward_logprobs(model, torch.tensor([seq[:-1] or seq[:1]]))[0]  # (T, V)
+    n_top = job.logprobs or 0
+    tokens, token_lp, top, offsets = [], [], [], []
+    for t in range(keep, len(seq)):
+        tokens.append(tokenizer.decode([seq[t]]))
+        offsets.append(len(tokenizer.decode(seq[keep:t])))  # into the returned text
+        if t == 0:
+            token_lp.append(None)
+            top.append(None)
+            continue
+        row = logp[t - 1]
+        token_lp.append(float(row[seq[t]]))
+        alts = {}
+        if n_top:
+            values, idx = row.topk(min(n_top, row.numel()))
+            alts = {tokenizer.decode([int(i)]): float(v) for v, i in zip(values, idx)}
+        top.append(alts)
+    return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top,
+            "text_offset": offsets}
 
 
 class RequestError(BardlmError):

@@ -77,6 +77,9 @@ class Trainer:
         if ids is None:
             ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
         self.train_split, self.val_split = split_ids(ids, len(text), train_cfg.val_fraction)
+        # UTF-8 bytes of the validation text (from the character where the split falls), for
+        # bits per byte: the unit of `bardlm eval`, which does not change with the tokenizer.
+        self.val_bytes = len(text[self.train_split.n_chars:].encode("utf-8", "surrogatepass"))
         T = model_cfg.block_size
         self.batches = Batches(self.train_split.ids, T, train_cfg.seed)
         self.val = val_windows(self.val_split.ids, T)
@@ -248,6 +251,7 @@ class Trainer:
             "step": self.step,
             "val_loss_full": full,
             "val_bpc_full": self.bpc(full, self.val_split),
+            "val_bpb_full": bits_per_char(full, len(self.val_split.ids), self.val_bytes),
             "val_windows": len(self.val),
             "elapsed_s": elapsed_before + time.time() - start,
         }
@@ -255,7 +259,8 @@ class Trainer:
             self._append_metrics({"final": True, **final})
         self.log(
             f"step {self.step}: validation loss over the whole split {full:.4f} "
-            f"({final['val_bpc_full']:.3f} bits/char, {len(self.val)} windows)"
+            f"({final['val_bpc_full']:.3f} bits/char, {final['val_bpb_full']:.3f} bits/byte, "
+            f"{len(self.val)} windows)"
         )
         return final
 
