@@ -121,7 +121,7 @@ def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
     return out
 
 
-def _row_splits(cfg: ModelConfig, n_parts: int) -> list[int]:
+def row_splits(cfg: ModelConfig, n_parts: int) -> list[int]:
     """Row sizes of a fused tensor: [q, k, v] for c_attn, [gate, up] for SwiGLU's c_fc."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     return [q, kv, kv] if n_parts == 3 else [cfg.ffn_hidden] * n_parts
@@ -346,7 +346,7 @@ def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Ten
     out = {}
     for e in name_map(model.config, family, set(sd)):
         t = sd[e.ours].detach()
-        parts = t.split(_row_splits(model.config, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
+        parts = t.split(row_splits(model.config, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
         for name, part in zip(e.theirs, parts):
             out[name] = (part.t() if e.transpose else part).contiguous()
     return out
