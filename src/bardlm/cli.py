@@ -259,6 +259,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# export ------------------------------------------------------------------------------------
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model for other runtimes: GGUF (llama.cpp, Ollama, "
+                                      "LM Studio) or a Hugging Face directory")
+    p.add_argument("--ckpt", required=True, help="a bardlm run or Hugging Face model directory")
+    p.add_argument("--format", required=True, choices=["gguf", "hf"],
+                   help="gguf: one .gguf file; hf: a transformers save_pretrained directory")
+    p.add_argument("--out", required=True, help="the .gguf file, or the directory for --format hf")
+    p.add_argument("--type", choices=["f32", "f16", "q8_0"],
+                   help="GGUF weight type (default f16); --format hf keeps the checkpoint's dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from .io.hf import export_hf
+
+        if args.type:
+            raise BardlmError("--type applies to --format gguf; --format hf keeps the "
+                              "checkpoint's dtype")
+        print(json.dumps(export_hf(args.ckpt, args.out, args.overwrite)))
+        return 0
+    from .io.gguf import export_gguf
+
+    print(json.dumps(export_gguf(args.ckpt, args.out, args.type or "f16", args.overwrite)))
+    return 0
+
+
 # reverse -----------------------------------------------------------------------------------
 def add_reverse(sub: argparse._SubParsersAction) -> None:
     # Defaults live in tasks.reverse.ReverseConfig (None here = "use it"), so --help stays fast.
@@ -452,6 +480,7 @@ COMMANDS = {
     "tokenizer": (add_tokenizer, cmd_tokenizer),
     "quantize": (add_quantize, cmd_quantize),
     "convert": (add_convert, cmd_convert),
+    "export": (add_export, cmd_export),
     "reverse": (add_reverse, cmd_reverse),
     "seq2seq": (add_seq2seq, cmd_seq2seq),
     "experiment": (add_experiment, cmd_experiment),
