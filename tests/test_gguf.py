@@ -155,9 +155,11 @@ def hf_from_gguf(path):  # noqa: ANN001, ANN201
     return model, tok
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt2-untied", "llama", "qwen3"])
 def test_transformers_reads_same_logits_and_tokens(tmp_path, bpe, family) -> None:  # noqa: ANN001
+    family, _, untied = family.partition("-")
     cfg = configs(bpe.vocab_size)[family]
+    cfg = cfg.replace(tie_embeddings=False) if untied else cfg
     model = random_model(cfg)
     write_gguf(model, bpe, tmp_path / "m.gguf", "f32")
     hf, hf_tok = hf_from_gguf(tmp_path / "m.gguf")
@@ -172,7 +174,7 @@ def test_transformers_reads_same_logits_and_tokens(tmp_path, bpe, family) -> Non
     assert hf_tok.decode(bpe.encode(text)) == text
 
 
-def train_small(bpe, tiny_text: str, steps: int = 120) -> GPT:  # noqa: ANN001
+def train_small(bpe, tiny_text: str, steps: int = 40) -> GPT:  # noqa: ANN001
     """A Llama-style model trained for a few seconds: peaked logits, unlike random weights."""
     torch.manual_seed(0)
     cfg = preset("llama-tiny", vocab_size=bpe.vocab_size, n_layer=2, n_embd=64, ffn_hidden=160)
@@ -214,6 +216,34 @@ def test_q8_0_greedy_agrees_on_trained_model(tmp_path, trained, tiny_shakespeare
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     assert agree >= 0.99, agree
     assert 0 < (ours - theirs).abs().max().item() < 0.5  # quantized: close, not equal
+
+
+def test_hf_tokenizer_llama3_split_and_special_tokens(tmp_path) -> None:  # noqa: ANN001
+    """A Hugging Face tokenizer.json in Llama 3's style (Split regex + ByteLevel, an
+    <|end_of_text|> special token): llama.cpp's "llama-bpe" pre-tokenizer, EOS from the token."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from bardlm.io.gguf import _LLAMA3_SPLIT
+    from bardlm.tokenizers import HFTokenizer
+
+    # digits: GPT-2's regex keeps " 123456" whole, Llama 3's cuts it " " "123" "456"
+    hf_tok = train_bpe(TEXT + " 123456 don't" * 30, 300).hf
+    hf_tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf_tok.add_special_tokens(["<|end_of_text|>"])
+    tok = HFTokenizer(hf_tok)
+    cfg = configs(tok.vocab_size)["llama"]
+    model = random_model(cfg)
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    md = read_metadata(tmp_path / "m.gguf")
+    assert md["tokenizer.ggml.pre"] == "llama-bpe"
+    eos = md["tokenizer.ggml.eos_token_id"]
+    assert md["tokenizer.ggml.tokens"][eos] == "<|end_of_text|>"
+    assert md["tokenizer.ggml.token_type"][eos] == gguf.TokenType.CONTROL
+    _, their_tok = hf_from_gguf(tmp_path / "m.gguf")
+    text = "Speak 12345 times, don't!\n\nAll:  speak<|end_of_text|>"
+    assert their_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
 
 
 # llama.cpp itself --------------------------------------------------------------------------
