@@ -300,6 +300,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     Returns a summary: architecture, type, tensor count and bytes."""
     if qtype not in TYPES:
         raise BardlmError(f"--type must be one of {', '.join(TYPES)}, got {qtype!r}")
+    if Path(out).suffix != GGUF_SUFFIX:
+        raise BardlmError(f"--out should name a {GGUF_SUFFIX} file, got {out}")
     if getattr(model, "quantization", None):
         raise BardlmError("this model holds bardlm int8 weights; export the float checkpoint "
                           "saved before `bardlm quantize` (GGUF has its own q8_0)")
@@ -360,8 +362,6 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.write_tensors_to_file()
         w.close()
 
-    if out.suffix != GGUF_SUFFIX:
-        raise BardlmError(f"--out should name a {GGUF_SUFFIX} file, got {out}")
     atomic_write_many([(out, write)])
     return {"out": str(out), "format": "gguf", "architecture": family, "type": qtype,
             "tensors": len(tensors), "bytes": out.stat().st_size,
