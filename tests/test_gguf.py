@@ -242,9 +242,19 @@ def test_hf_tokenizer_llama3_split_and_special_tokens(tmp_path) -> None:  # noqa
     eos = md["tokenizer.ggml.eos_token_id"]
     assert md["tokenizer.ggml.tokens"][eos] == "<|end_of_text|>"
     assert md["tokenizer.ggml.token_type"][eos] == gguf.TokenType.CONTROL
+    assert md["tokenizer.ggml.add_bos_token"] is False
     _, their_tok = hf_from_gguf(tmp_path / "m.gguf")
     text = "Speak 12345 times, don't!\n\nAll:  speak<|end_of_text|>"
     assert their_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    # BOS/EOS facts the tokenizer carries (from tokenizer_config.json) win, add_bos included
+    hf_tok.add_special_tokens(["<|begin_of_text|>", "<|eot_id|>"])
+    tok = HFTokenizer(hf_tok)
+    ids = [tok.hf.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")]
+    tok.set_special_tokens(bos_id=ids[0], add_bos=True, eos_ids=(ids[1], ids[2]))
+    write_gguf(random_model(configs(tok.vocab_size)["llama"]), tok, tmp_path / "b.gguf", "f32")
+    md = read_metadata(tmp_path / "b.gguf")
+    assert md["tokenizer.ggml.add_bos_token"] is True
+    assert [md[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "eot")] == ids
 
 
 # llama.cpp itself --------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def _pre_tokenizer_name(tok: dict[str, Any]) -> str:
 def tokenizer_metadata(tokenizer: Any, cfg: ModelConfig) -> dict[str, Any]:
     """llama.cpp's "gpt2" (byte-level BPE) tokenizer fields for a bardlm tokenizer.
 
-    Returns {"pre", "tokens", "types", "merges", "bos", "eos"}: tokens are byte-symbol strings
+    Returns {"pre", "tokens", "types", "merges", "bos", "eos", "eot", "add_bos"}: tokens are byte-symbol strings
     (GPT-2's printable stand-ins for bytes), padded with unused "[PADi]" tokens up to the model's
     vocab_size as llama.cpp's converter pads them; merges are "a b" strings in rank order."""
     if tokenizer is None:
@@ -260,19 +260,24 @@ def tokenizer_metadata(tokenizer: Any, cfg: ModelConfig) -> dict[str, Any]:
     tokens = [by_id[i][0] for i in range(n)] + [f"[PAD{i}]" for i in range(n, cfg.vocab_size)]
     types = [by_id[i][1] for i in range(n)] + [UNUSED] * (cfg.vocab_size - n)
     merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
-    bos, eos = _special_ids(cfg, tokens, types)
-    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "bos": bos, "eos": eos}
+    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges,
+            **_special_ids(cfg, tokenizer, tokens, types)}
 
 
-def _special_ids(cfg: ModelConfig, tokens: list[str], types: list[int]) -> tuple[int, int]:
-    """(bos, eos) ids: the HF config's, else special tokens by name, else a never-used byte.
+def _special_ids(cfg: ModelConfig, tokenizer: Any, tokens: list[str],
+                 types: list[int]) -> dict[str, Any]:
+    """{"bos", "eos", "eot", "add_bos"}: the tokenizer's own BOS/EOS facts (a Hugging Face
+    tokenizer knows them), else the HF config's ids, else special tokens by name, else a byte
+    that never occurs.
 
     llama.cpp always has an EOS and stops generating at it; left unset it defaults to id 11,
     which in a bardlm BPE vocabulary is ",". A tokenizer without special tokens (bardlm's `bpe`)
     gets the byte 0xFF instead: it never occurs in UTF-8 text, so the model never learnt to emit
     it and generation stops only at the length limit, exactly as `bardlm generate` does."""
+    eos_ids = list(getattr(tokenizer, "eos_ids", ()) or ())
     hf = cfg.extra.get("hf", {})
-    ids = {k: hf.get(f"{k}_token_id") for k in ("bos", "eos")}
+    ids = {"bos": getattr(tokenizer, "bos_id", None) or hf.get("bos_token_id"),
+           "eos": eos_ids[0] if eos_ids else hf.get("eos_token_id")}
     ids = {k: v[0] if isinstance(v, list) else v for k, v in ids.items()}
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL}
     for key, names in (("eos", EOS_NAMES), ("bos", BOS_NAMES)):
@@ -281,7 +286,10 @@ def _special_ids(cfg: ModelConfig, tokens: list[str], types: list[int]) -> tuple
     never = tokens.index(bytes_to_unicode()[0xFF]) if bytes_to_unicode()[0xFF] in tokens else 0
     eos = ids["eos"] if ids["eos"] is not None else never
     bos = ids["bos"] if ids["bos"] is not None else eos
-    return int(bos), int(eos)
+    # A second end id (Llama 3 instruct's <|eot_id|>) is llama.cpp's end-of-turn token.
+    eot = eos_ids[1] if len(eos_ids) > 1 else None
+    return {"bos": int(bos), "eos": int(eos), "eot": eot,
+            "add_bos": bool(getattr(tokenizer, "add_bos", False))}
 
 
 # Writing --------------------------------------------------------------------------------------
@@ -347,8 +355,10 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.add_token_merges(vocab["merges"])
         w.add_bos_token_id(vocab["bos"])
         w.add_eos_token_id(vocab["eos"])
-        # bardlm never prepends BOS (the models were trained without one); llama.cpp would.
-        w.add_add_bos_token(False)
+        if vocab["eot"] is not None:
+            w.add_eot_token_id(vocab["eot"])
+        # Said explicitly: llama.cpp's default for a BPE vocabulary differs between versions.
+        w.add_add_bos_token(vocab["add_bos"])
         w.add_add_eos_token(False)
         for tname, t in tensors.items():
             kind = _storage_type(tname, t, qtype)
