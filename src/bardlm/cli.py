@@ -314,12 +314,15 @@ def add_seq2seq(sub: argparse._SubParsersAction) -> None:
 def cmd_seq2seq(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import parse_overrides
+    from .config import field_types, parse_overrides
     from .seq2seq.model import Seq2SeqConfig
     from .seq2seq.tasks import TaskConfig, task_config_keys, train_seq2seq
 
     model_keys = [f.name for f in dataclasses.fields(Seq2SeqConfig)]
-    values = parse_overrides(args.set, model_keys + task_config_keys())
+    # Types of the seq2seq dataclasses, not of ModelConfig/TrainConfig (the default), which lack
+    # fields such as n_enc_layer and tie_output.
+    values = parse_overrides(args.set, model_keys + task_config_keys(),
+                             types=field_types(TaskConfig, Seq2SeqConfig))
     task_over = {k: v for k, v in values.items() if k not in model_keys}
     model_over = {k: v for k, v in values.items() if k in model_keys}
     for key in ("task", "length", "min_length", "vocab", "max_iters", "n_test", "beam", "seed"):
