@@ -25,7 +25,13 @@ from transformers import (  # noqa: E402, I001
 import bardlm  # noqa: E402
 from bardlm import BardlmError, preset  # noqa: E402
 from bardlm.cli import main  # noqa: E402
-from bardlm.io.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained  # noqa: E402
+from bardlm.io.hf import (  # noqa: E402
+    config_from_hf,
+    config_to_hf,
+    family_of,
+    from_pretrained,
+    save_pretrained,
+)
 from bardlm.nn.model import GPT  # noqa: E402
 from bardlm.nn.position import rope_inv_freq  # noqa: E402
 
@@ -268,3 +274,34 @@ def test_transformers_4_style_config_json() -> None:
     assert back["rope_parameters"]["rope_theta"] == 500000.0 and back["eos_token_id"] == 128001
     with pytest.raises(BardlmError, match="sliding-window"):
         config_from_hf({"model_type": "qwen3", "use_sliding_window": True})
+
+
+# Bug 2: options no transformers family has used to export as a plain GPT-2/Llama, i.e. a
+# different model with the same weights. Each must be refused, by the API and by the CLI.
+NO_HF_EQUIVALENT = [dict(share_layers=True), dict(residual=False)] + [
+    dict(attn_score=s) for s in ("dot_unscaled", "additive", "bilinear", "cosine")]
+
+
+# Bases that export fine without the option: GPT-2 style (char-tiny with biases) and Llama.
+EXPORTABLE = {"gpt2": dict(name="char-tiny", bias=True), "llama": dict(name="llama-tiny")}
+
+
+@pytest.mark.parametrize("base", list(EXPORTABLE))
+@pytest.mark.parametrize("option", NO_HF_EQUIVALENT, ids=lambda o: "{}={}".format(*next(iter(o.items()))))
+def test_export_refuses_configs_transformers_cannot_express(tmp_path, capsys, base, option) -> None:  # noqa: ANN001
+    from bardlm.io.checkpoint import save_checkpoint
+    from bardlm.tokenizers import CharTokenizer
+
+    torch.manual_seed(8)
+    assert family_of(preset(**EXPORTABLE[base])) == base
+    model = GPT(preset(**EXPORTABLE[base], n_layer=2, n_embd=32, **option))
+    with pytest.raises(BardlmError, match="no transformers equivalent") as err:
+        save_pretrained(model, tmp_path / "api")
+    assert "\n" not in str(err.value) and f"{next(iter(option))}=" in str(err.value)
+    assert not (tmp_path / "api" / "config.json").exists()
+    save_checkpoint(tmp_path / "ours", model, CharTokenizer.train("to be or not to be"))
+    assert main(["convert", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bardlm: error: ") \
+        and "no transformers equivalent" in lines[0], lines
+    assert not (tmp_path / "hf" / "config.json").exists()
