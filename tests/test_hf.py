@@ -305,3 +305,52 @@ def test_export_refuses_configs_transformers_cannot_express(tmp_path, capsys, ba
     assert len(lines) == 1 and lines[0].startswith("bardlm: error: ") \
         and "no transformers equivalent" in lines[0], lines
     assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def _byte_bpe(text: str, vocab_size: int = 300):  # noqa: ANN202
+    """A small byte-level BPE trained with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"]))
+    return tok
+
+
+def test_convert_then_load_with_string_merges(tmp_path, capsys) -> None:  # noqa: ANN001
+    """Bug 3: a tokenizer.json whose merges are in the older "a b" string form (many hub
+    models) converted, then never loaded: the identity check hashed the JSON as re-serialised
+    (merges as ["a", "b"] lists), which differs from the stored file. The fingerprint now covers
+    what defines the tokenizer, so it loads; another tokenizer copied in is still refused."""
+    text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n" * 20
+    hf_dir = tmp_path / "hf"
+    tok = _byte_bpe(text)
+    data = json.loads(tok.to_str())
+    assert data["model"]["merges"] and all(isinstance(m, list) for m in data["model"]["merges"])
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]  # the older form
+    torch.manual_seed(9)
+    ref = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0))
+    ref.save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+
+    ours = tmp_path / "ours"
+    assert main(["convert", str(hf_dir), "--out", str(ours)]) == 0
+    assert json.loads(capsys.readouterr().out)["direction"] == "hf->bardlm"
+    model, loaded = bardlm.load(ours)
+    ids = loaded.encode("Shall I compare thee")
+    assert ids == tok.encode("Shall I compare thee").ids and loaded.decode(ids) == "Shall I compare thee"
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - ref.eval()(torch.tensor([ids])).logits).abs().max() < 1e-4
+
+    # A different tokenizer (same size, other text) copied over the run's own is refused.
+    other = _byte_bpe("To be, or not to be, that is the question: whether 'tis nobler.\n" * 20)
+    assert other.get_vocab_size() <= tok.get_vocab_size()
+    (ours / "tokenizer.json").write_text(other.to_str(), encoding="utf-8")
+    with pytest.raises(BardlmError, match="not the tokenizer this model was trained with"):
+        bardlm.load(ours)
