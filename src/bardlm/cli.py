@@ -17,7 +17,9 @@ from .errors import BardlmError
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a text corpus")
     p.add_argument("--preset", default="char-tiny", help="model shape and budget (default char-tiny)")
-    p.add_argument("--data", help="a text file, or a corpus name: shakespeare (default), tiny-shakespeare")
+    p.add_argument("--data", help="a text file (.txt or .txt.gz), or a corpus name: tiny-shakespeare "
+                                  "(default, shipped with bardlm), shakespeare (complete works, "
+                                  "downloaded once unless in $BARDLM_DATA_DIR)")
     p.add_argument("--tokenizer", default="char", help="char, word, word:MIN_COUNT, bpe:VOCAB, or a tokenizer.json")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, loss.png)")
     p.add_argument("--max-iters", type=int, help="number of optimizer steps")
@@ -170,7 +172,8 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="train or inspect a tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE (or char/word) tokenizer on a corpus")
-    t.add_argument("--data", help="a text file or corpus name (default: shakespeare)")
+    t.add_argument("--data", help="a text file or corpus name (default: tiny-shakespeare, shipped "
+                                  "with bardlm)")
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--kind", choices=["bpe", "bpe_scratch", "char", "word"], default="bpe",
                    help="bpe (Hugging Face tokenizers, fast) or bpe_scratch (our readable trainer)")
@@ -339,12 +342,15 @@ def add_seq2seq(sub: argparse._SubParsersAction) -> None:
 def cmd_seq2seq(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import parse_overrides
+    from .config import field_types, parse_overrides
     from .seq2seq.model import Seq2SeqConfig
     from .seq2seq.tasks import TaskConfig, task_config_keys, train_seq2seq
 
     model_keys = [f.name for f in dataclasses.fields(Seq2SeqConfig)]
-    values = parse_overrides(args.set, model_keys + task_config_keys())
+    # Types of the seq2seq dataclasses, not of ModelConfig/TrainConfig (the default), which lack
+    # fields such as n_enc_layer and tie_output.
+    values = parse_overrides(args.set, model_keys + task_config_keys(),
+                             types=field_types(TaskConfig, Seq2SeqConfig))
     task_over = {k: v for k, v in values.items() if k not in model_keys}
     model_over = {k: v for k, v in values.items() if k in model_keys}
     for key in ("task", "length", "min_length", "vocab", "max_iters", "n_test", "beam", "seed"):
@@ -371,7 +377,8 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="toy budget (seconds): checks it runs")
     p.add_argument("--steps", type=int, help="training steps of each run (default 300)")
     p.add_argument("--seconds", type=float, help="training time of each run of `lstm` (default 60)")
-    p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare)")
+    p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare, shipped "
+                                  "with bardlm)")
     p.add_argument("--device", default="cpu")
 
 
