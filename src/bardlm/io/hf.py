@@ -543,13 +543,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
 
     Tokenizer files travel unchanged. Returns a summary dict for the CLI to print.
     """
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise BardlmError(f"{src} is not a directory; pass a HF directory or a bardlm checkpoint")
-    if (out / CONFIG_FILE).exists() and not overwrite:
-        raise BardlmError(f"{out} already holds a model; pass --overwrite to replace it")
-    tok_path = _tokenizer_path(src)
-    tokenizer = RawTokenizerJSON.read(tok_path) if tok_path else None
+    src, out, tok_path, tokenizer = _check_paths(src, out, overwrite)
     if is_hf_dir(src):
         model = from_pretrained(src)
         meta: dict[str, Any] = {"source": str(src)}
@@ -565,6 +559,17 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
     return {"out": str(out), "direction": direction, "parameters": model.num_params(),
             "architecture": ARCHITECTURES[family_of(model.config)],
             "tokenizer": tok_path.name if tok_path else None}
+
+
+def _check_paths(src: str | Path, out: str | Path, overwrite: bool):  # noqa: ANN202
+    """(src, out, tokenizer path or None, the tokenizer file carried through unchanged)."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise BardlmError(f"{src} is not a directory; pass a HF directory or a bardlm checkpoint")
+    if (out / CONFIG_FILE).exists() and not overwrite:
+        raise BardlmError(f"{out} already holds a model; pass --overwrite to replace it")
+    tok_path = _tokenizer_path(src)
+    return src, out, tok_path, RawTokenizerJSON.read(tok_path) if tok_path else None
 
 
 def _save_bardlm_as_hf(src: Path, out: Path, tokenizer: Any) -> GPT:
@@ -584,13 +589,7 @@ def _save_bardlm_as_hf(src: Path, out: Path, tokenizer: Any) -> GPT:
 def export_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """`bardlm export --format hf`: a bardlm checkpoint (or a HF directory, re-saved) -> a HF
     directory. The bardlm -> HF direction of `convert`, under the export verb."""
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise BardlmError(f"{src} is not a directory; pass a bardlm checkpoint")
-    if (out / CONFIG_FILE).exists() and not overwrite:
-        raise BardlmError(f"{out} already holds a model; pass --overwrite to replace it")
-    tok_path = _tokenizer_path(src)
-    tokenizer = RawTokenizerJSON.read(tok_path) if tok_path else None
+    src, out, tok_path, tokenizer = _check_paths(src, out, overwrite)
     if is_hf_dir(src):
         model = from_pretrained(src)
         save_pretrained(model, out, tokenizer)
