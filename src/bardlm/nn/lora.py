@@ -76,8 +76,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float,
     Returns the names of the adapted layers; raises when no layer matches.
     """
     targets = tuple(targets)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in train_also)
+    for n, p in model.named_parameters():  # adapters put on earlier keep training
+        p.requires_grad_(n in train_also or ".lora_" in n)
     swapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and _matches(name, targets):
