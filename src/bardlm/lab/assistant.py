@@ -73,7 +73,9 @@ def run_assistant_demo(out: str | Path, text: str, model: dict[str, Any], pretra
     for name, cfg, spec in (("full", full, None), ("lora", lora, LoRASpec(lora_rank, 2.0 * lora_rank))):
         t0 = time.time()
         ft = Finetuner(out / "pretrained", data, out / name, TrainConfig(**cfg), spec, log=log)
+        result[f"{name}_val_loss_start"] = ft.val_loss()
         ft.fit()
+        result[f"{name}_val_loss"] = ft.history[-1]["val_loss"]
         times[f"{name}_s"] = time.time() - t0
         ft.model.eval()
         result[name] = exact_match(ft.model, ft.tokenizer, ft.template, test)
