@@ -67,7 +67,10 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
     name = model_name or Path(ckpt).resolve().name
-    app = build_app(model, tokenizer, model_name=name, max_queue=max_queue)
+    from ..infer.chat import template_for
+
+    app = build_app(model, tokenizer, model_name=name, max_queue=max_queue,
+                    chat_template=template_for(ckpt, tokenizer))
     sock = bind(host, port)
     where = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}"
