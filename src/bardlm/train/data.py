@@ -254,3 +254,97 @@ def val_windows(ids: np.ndarray, block_size: int) -> torch.Tensor:
             f"{block_size + 1}; use a longer corpus or a smaller block_size"
         )
     return torch.from_numpy(ids[: n * (block_size + 1)].astype(np.int64)).view(n, block_size + 1)
+
+
+# Prepared folders (`bardlm prepare`, train/prepare.py) -----------------------------------------
+class ShardedIds:
+    """The token ids of several shard files as one read-only sequence (N,), never loaded whole.
+
+    Each shard is a memory map; `ids[a:b]` copies just those tokens (stitched from two shards when
+    the range crosses a boundary), so `Batches` and `val_windows` work on it as on one array and
+    give the same windows however the corpus was cut into shards. Under torchrun every process
+    maps the same files and reads only its own windows; the page cache is shared.
+    """
+
+    def __init__(self, paths: list[Path], counts: list[int], dtype: np.dtype) -> None:
+        self.maps = [np.memmap(p, dtype=dtype, mode="r", shape=(n,)) for p, n in zip(paths, counts) if n]
+        self.starts = np.cumsum([0, *(len(m) for m in self.maps)])  # (n_shards + 1,)
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("ShardedIds supports slices only")
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise TypeError("ShardedIds supports contiguous slices only")
+        parts = []
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            lo = int(self.starts[k])
+            n = min(stop, int(self.starts[k + 1])) - start
+            parts.append(self.maps[k][start - lo : start - lo + n])
+            start, k = start + n, k + 1
+        if not parts:
+            return np.zeros(0, self.dtype)
+        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass
+class Prepared:
+    """A folder made by `bardlm prepare`: its meta.json, the two splits and the tokenizer path."""
+
+    path: Path
+    meta: dict
+    train: Split
+    val: Split
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.meta["tokenizer"]
+
+    @property
+    def val_bytes(self) -> int:
+        return int(self.meta["val_bytes"])
+
+    def fingerprint(self) -> str:
+        """Changes whenever the tokens could: the shard list and the tokenizer's size."""
+        key = json.dumps([self.meta["shards"], self.meta["vocab_size"], self.meta["dtype"]])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def is_prepared(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "meta.json").is_file()
+
+
+def load_prepared(path: str | Path) -> Prepared:
+    """Open a prepared folder: its shards as memory maps (`ShardedIds`), nothing read yet.
+
+    meta.json is written last (and the folder renamed into place after it), so a folder without
+    one is an interrupted or foreign folder, never half a corpus.
+    """
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise BardlmError(
+            f"--data {path} is a folder without meta.json: not made by `bardlm prepare`, or its "
+            "prepare was interrupted; run `bardlm prepare --data SOURCES --out DIR` (or pass a "
+            "text file)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        shards = {s: [sh for sh in meta["shards"] if sh["split"] == s] for s in ("train", "val")}
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BardlmError(f"{meta_path} is not a valid prepare meta.json ({e}); prepare again") from None
+    splits = {}
+    for s, items in shards.items():
+        files = [path / sh["file"] for sh in items]
+        counts = [int(sh["tokens"]) for sh in items]
+        for f, n in zip(files, counts):
+            if not f.is_file() or f.stat().st_size != n * dtype.itemsize:
+                raise BardlmError(f"shard {f} is missing or not {n} tokens long; prepare {path} again")
+        splits[s] = Split(ShardedIds(files, counts, dtype), int(meta[f"{s}_characters"]))  # type: ignore[arg-type]
+    return Prepared(path, meta, splits["train"], splits["val"])
