@@ -255,8 +255,9 @@ def read_sources(paths: list[Path], field_name: str, problems: Problems, cuttabl
         yield from read_source(path, field_name, problems, cuttable)
 
 
-def batched(events: Iterator[Event], chars: int = BATCH_CHARS) -> Iterator[list[Event]]:
-    """Events grouped into batches of about `chars` characters of text."""
+def batched(events: Iterator[Event], chars: int | None = None) -> Iterator[list[Event]]:
+    """Events grouped into batches of about `chars` (default BATCH_CHARS) characters of text."""
+    chars = chars or BATCH_CHARS
     batch: list[Event] = []
     n = 0
     for ev in events:
@@ -379,7 +380,10 @@ def make_tokenizer(spec: str, paths: list[Path], field_name: str, skip_bad: bool
 
 def _size_estimate(path: Path) -> int:
     """Bytes of text in a source, roughly: compressed files hold about 3x their size."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return 0  # unreadable: reported, with its name, when it is read
     return size * 3 if path.name.endswith((".gz", ".parquet")) else size
 
 
