@@ -246,13 +246,18 @@ class Batches:
 
 
 def val_windows(ids: np.ndarray, block_size: int) -> torch.Tensor:
-    """All non-overlapping validation windows (N, block_size + 1), from the split's start."""
+    """All non-overlapping validation windows (N, block_size + 1), from the split's start.
+
+    For shards (`ShardedIds`) a `ShardWindows` view of the same rows, read when indexed.
+    """
     n = (len(ids) - 1) // (block_size + 1) if len(ids) > block_size else 0
     if n == 0:
         raise BardlmError(
             f"the validation split has {len(ids)} tokens, not one full sequence of "
             f"{block_size + 1}; use a longer corpus or a smaller block_size"
         )
+    if isinstance(ids, ShardedIds):
+        return ShardWindows(ids, block_size, n)  # type: ignore[return-value]
     return torch.from_numpy(ids[: n * (block_size + 1)].astype(np.int64)).view(n, block_size + 1)
 
 
@@ -348,3 +353,29 @@ def load_prepared(path: str | Path) -> Prepared:
                 raise BardlmError(f"shard {f} is missing or not {n} tokens long; prepare {path} again")
         splits[s] = Split(ShardedIds(files, counts, dtype), int(meta[f"{s}_characters"]))  # type: ignore[arg-type]
     return Prepared(path, meta, splits["train"], splits["val"])
+
+
+class ShardWindows:
+    """`val_windows` of shards without loading them: n rows (block_size + 1,) read on demand.
+
+    Supports what evaluation does with the windows tensor: len, a slice of rows (a batch) and a
+    LongTensor of row numbers (the evenly spread subset); each returns an int64 tensor (B, T + 1).
+    """
+
+    def __init__(self, ids: ShardedIds, block_size: int, n: int) -> None:
+        self.ids, self.W, self.n = ids, block_size + 1, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.n)
+            if step == 1:  # one contiguous read
+                rows = self.ids[start * self.W : max(stop, start) * self.W]
+                return torch.from_numpy(rows.astype(np.int64)).view(-1, self.W)
+            index = list(range(start, stop, step))
+        else:
+            index = [int(i) for i in key]
+        rows = [self.ids[i * self.W : (i + 1) * self.W] for i in index]
+        return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.zeros(0, self.W, dtype=torch.long)
