@@ -7,6 +7,9 @@ a file of that name in `$BARDLM_DATA_DIR`; the download cache (`$XDG_CACHE_HOME/
 `~/.cache/bardlm`); the embedded copy (tiny-shakespeare only); a download (the complete works
 from Project Gutenberg).
 
+`--data DIR` is a folder made by `bardlm prepare` (train/prepare.py): shards of token ids that
+`load_prepared` maps from disk (`ShardedIds`), never loading them whole, split by document.
+
 Token ids are cached in `$XDG_CACHE_HOME/bardlm/tokens`, never beside the user's corpus (see
 `token_cache_path`).
 

@@ -275,24 +275,38 @@ def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """`items`, produced by a thread `depth` ahead: reading and decoding (Python) overlap the
     encoding (Rust threads that release the GIL). Errors are re-raised here, in order."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():  # the consumer may have gone (an error, an interrupt)
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def run() -> None:
         try:
             for item in items:
-                q.put((item, None))
+                if not put((item, None)):
+                    return
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
-            q.put((None, e))
-        q.put((done, None))
+            put((None, e))
+            return
+        put((done, None))
 
     threading.Thread(target=run, daemon=True).start()
-    while True:
-        item, err = q.get()
-        if err is not None:
-            raise err
-        if item is done:
-            return
-        yield item
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()  # lets the reader thread end (and close its file) instead of waiting forever
 
 
 # Tokenizers -----------------------------------------------------------------------------------
