@@ -180,7 +180,9 @@ def test_bad_input_is_one_line_or_skipped(tmp_path: Path, capsys, monkeypatch, k
     meta = json.loads((out / "meta.json").read_text())
     assert meta["skipped"] == {kind: 1}
     kept = documents(out)
-    assert doc(0) + doc(1) in "".join(kept["train"] + kept["val"])  # one document may be cut in two
+    joined = "".join(kept["train"] + kept["val"])  # one document may be cut in two
+    assert doc(0) + doc(1) in joined
+    assert len(joined) == len(doc(0) + doc(1)) + (2 if kind in ("bad_json", "missing_field") else 0)
     if kind in ("bad_utf8", "unreadable"):  # the bad file was dropped whole, even after good blocks
         assert all("hello" not in d and "good text" not in d for d in kept["train"] + kept["val"])
 

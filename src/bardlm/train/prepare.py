@@ -135,7 +135,8 @@ def _read_error(path: Path, e: BaseException) -> str:
 
 def read_text_file(path: Path, problems: Problems, cuttable: bool) -> Iterator[Event]:
     """One document: the whole (maybe gzipped) file, decoded as UTF-8 block by block."""
-    carry_bytes, rest, offset, seen = b"", "", 0, False  # offset: of carry_bytes in the file
+    carry_bytes, rest, offset = b"", "", 0  # offset: of carry_bytes in the file
+    seen = emitted = False  # seen text that is not whitespace; yielded a piece
     try:
         with _open(path) as f:
             while True:
@@ -149,7 +150,7 @@ def read_text_file(path: Path, problems: Problems, cuttable: bool) -> Iterator[E
                     if block and e.reason == "unexpected end of data" and e.end == len(data):
                         text, carry_bytes = data[: e.start].decode("utf-8"), data[e.start :]
                     else:
-                        if seen:
+                        if emitted:
                             yield "abort", None
                         problems("bad_utf8", f"{path}: not UTF-8 (bad byte at offset {offset + e.start})")
                         return
@@ -159,15 +160,18 @@ def read_text_file(path: Path, problems: Problems, cuttable: bool) -> Iterator[E
                 seen = seen or not text.isspace() and bool(text)
                 pieces, rest = cut_points(rest + text, cuttable, final=not block)
                 for piece in pieces:
+                    emitted = True
                     yield "text", piece
                 if not block:
                     break
     except _READ_ERRORS as e:
-        if seen:
+        if emitted:
             yield "abort", None
         problems("unreadable", _read_error(path, e))
         return
     if not seen:
+        if emitted:  # whitespace only: take back what went out
+            yield "abort", None
         problems("empty", f"{path}: empty (no text)")
         return
     yield "end", None
