@@ -104,6 +104,17 @@ def test_document_separator(tmp_path: Path) -> None:
     assert sorted(documents(out)["train"] + documents(out)["val"]) == sorted(doc(i) for i in range(6))
 
 
+def test_bpe_is_trained_on_a_sample_of_a_large_corpus(tmp_path: Path) -> None:
+    """Past --sample-mb, bpe:VOCAB learns from a random sample of pieces; every document is
+    still encoded (byte-level BPE encodes any text)."""
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": doc(i)}) + "\n" for i in range(40)))
+    logs: list[str] = []
+    out = tmp_path / "out"
+    P.prepare([tmp_path / "c.jsonl"], "bpe:300", out, sample_mb=0.02, log=logs.append)
+    assert "sample of the text" in logs[0]
+    assert sorted(documents(out)["train"] + documents(out)["val"]) == sorted(doc(i) for i in range(40))
+
+
 def test_split_by_whole_documents(tmp_path: Path) -> None:
     """Validation takes whole documents, drawn from the seed: the same seed gives the same bytes,
     another seed another split. One document is split by position, like a text file."""
