@@ -40,3 +40,11 @@ def test_train_bench_smoke() -> None:
     modes = res["results"]["baby"]
     assert set(modes) == {"eager_fp32", "eager_bf16"} and modes["eager_fp32"]["speedup"] == 1.0
     assert all(m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1 for m in modes.values())
+
+
+def test_prepare_bench_smoke() -> None:
+    res = run_bench("bench/prepare.py", "--mb", "0.2", "--vocab", "300", "--raw-mb", "0.2")
+    row = res["hf_bpe"]
+    assert row["prepare"]["tokens"] > 0 and row["prepare"]["peak_rss_mb"] > 0
+    assert row["raw"]["mb_s"] > 0 and row["ratio"] > 0
+    assert "tiktoken_gpt2" in res  # measured, or a note saying why not

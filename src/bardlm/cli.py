@@ -17,10 +17,12 @@ from .errors import BardlmError
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a text corpus")
     p.add_argument("--preset", help="model shape and budget (default char-tiny)")
-    p.add_argument("--data", help="a text file (.txt or .txt.gz), or a corpus name: tiny-shakespeare "
-                                  "(default, shipped with bardlm), shakespeare (complete works, "
-                                  "downloaded once unless in $BARDLM_DATA_DIR)")
-    p.add_argument("--tokenizer", help="char (default), word, word:MIN_COUNT, bpe:VOCAB, or a tokenizer.json")
+    p.add_argument("--data", help="a text file (.txt or .txt.gz), a folder made by `bardlm prepare`, "
+                                  "or a corpus name: tiny-shakespeare (default, shipped with bardlm), "
+                                  "shakespeare (complete works, downloaded once unless in "
+                                  "$BARDLM_DATA_DIR)")
+    p.add_argument("--tokenizer", help="char (default), word, word:MIN_COUNT, bpe:VOCAB, or a "
+                                       "tokenizer.json; a prepared --data folder brings its own")
     p.add_argument("--init-from", metavar="DIR",
                    help="start from this model's weights (a bardlm run or a Hugging Face GPT-2/"
                         "Llama/Qwen3 folder): its shape and tokenizer, a fresh optimizer and schedule")
@@ -53,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import TRAIN_PRESETS, ModelConfig, TrainConfig, preset
     from .tokenizers import build
     from .tokenizers import load as load_tokenizer
-    from .train.data import load_corpus, token_ids
+    from .train.data import load_corpus, load_prepared, token_ids
     from .train.trainer import Trainer, prepare_out
 
     out = Path(args.out)
@@ -63,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             train_over[key] = getattr(args, key)
     started_from = args.init_from and str(Path(args.init_from).resolve())
+    tokenizer = None
     if args.resume:
         from .io.checkpoint import read_config
 
@@ -70,35 +73,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         started_from = meta.get("init_from")
         model_cfg = ModelConfig.from_dict({**meta["model"], **model_over})
         train_cfg = TrainConfig.from_dict({**meta["train"], **train_over})
-        text, path = load_corpus(args.data or meta.get("data"))
-        tokenizer = load_tokenizer(out / "tokenizer.json")
+        data = args.data or meta.get("data")
         name = meta.get("preset", args.preset)
+        tokenizer = load_tokenizer(out / "tokenizer.json")
     elif args.init_from:
         from .train.trainer import init_config
 
         name = args.preset
         model_cfg, tokenizer = init_config(args.init_from, args.preset, model_over, args.tokenizer)
         train_cfg = TrainConfig(**{**TRAIN_PRESETS.get(name or "", {}), **train_over})
-        text, path = load_corpus(args.data)
+        data = args.data
     else:
         name = args.preset or "char-tiny"
         model_cfg = preset(name, **model_over)
         train_cfg = TrainConfig(**{**TRAIN_PRESETS.get(name, {}), **train_over})
-        text, path = load_corpus(args.data)
-        tokenizer = build(args.tokenizer or "char", text)
-    meta = {"preset": name, "data": str(path)}
+        data = args.data
+    run_meta: dict = {"preset": name}
     if started_from:
-        meta["init_from"] = started_from
+        run_meta["init_from"] = started_from
+    if data is not None and Path(data).is_dir():  # shards from `bardlm prepare`, memory-mapped
+        prepared = load_prepared(data)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(prepared.tokenizer_path)
+            check_tokenizer_flag(args.tokenizer, prepared, tokenizer)
+        text, path, ids = "", prepared.path, None
+        run_meta["data_fingerprint"] = prepared.fingerprint()
+        described = (f"{prepared.meta['documents']:,} documents, {prepared.meta['train_tokens']:,} "
+                     f"training tokens in {len(prepared.meta['shards'])} shards")
+    else:
+        prepared = None
+        text, path = load_corpus(data)
+        tokenizer = tokenizer or build(args.tokenizer or "char", text)
+        ids = token_ids(path, text, tokenizer)
+        described = f"{len(text):,} characters"
     trainer = Trainer(model_cfg, train_cfg, tokenizer, text, out, progress=not args.no_progress,
-                      log=lambda m: print(m, file=sys.stderr), meta=meta,
-                      ids=token_ids(path, text, tokenizer),
+                      log=lambda m: print(m, file=sys.stderr),
+                      meta={**run_meta, "data": str(path)}, ids=ids, prepared=prepared,
                       keep_vocab=bool(started_from))
     if args.resume:
         trainer.resume()
     elif args.init_from:
         trainer.init_from(args.init_from)
     world = trainer.dist.world  # under torchrun only rank 0 logs
-    trainer.log(f"data: {path} ({len(text):,} characters); tokenizer: {tokenizer.kind} "
+    trainer.log(f"data: {path} ({described}); tokenizer: {tokenizer.kind} "
                 f"({tokenizer.vocab_size:,} tokens)")
     trainer.log(f"model: {trainer.model.num_params():,} parameters; {train_cfg.max_iters} steps of "
                 f"{train_cfg.batch_size} x {world} x {train_cfg.grad_accum} x "
@@ -109,6 +126,58 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.dist.close()
     if trainer.dist.is_main:
         print(json.dumps({"out": str(out), **final}))
+    return 0
+
+
+def check_tokenizer_flag(spec: str | None, prepared, tokenizer) -> None:  # noqa: ANN001
+    """A prepared folder brings its tokenizer; --tokenizer may only name that same one."""
+    if spec is None or spec == prepared.meta.get("tokenizer_spec"):
+        return
+    if Path(spec).is_file():
+        from .tokenizers import load as load_tokenizer
+
+        if load_tokenizer(spec).to_dict() == tokenizer.to_dict():
+            return
+    raise BardlmError(
+        f"--tokenizer {spec} conflicts with --data {prepared.path}, prepared with "
+        f"{prepared.meta.get('tokenizer_spec')} (its tokenizer.json is used); drop --tokenizer, "
+        f"or prepare the corpus again with --tokenizer {spec}"
+    )
+
+
+# prepare -----------------------------------------------------------------------------------
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    from .train.prepare import DEFAULT_SAMPLE_MB, DEFAULT_SHARD_TOKENS
+
+    p = sub.add_parser("prepare", help="tokenize text files, JSONL or parquet of any size into "
+                                       "token shards for `bardlm train --data DIR`")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help=".txt, .txt.gz, .jsonl, .jsonl.gz, .parquet files, or folders of them")
+    p.add_argument("--tokenizer", required=True,
+                   help="char, word, word:MIN_COUNT, bpe:VOCAB (trained on the sources) or a tokenizer.json")
+    p.add_argument("--out", required=True, help="folder to write (shards, tokenizer.json, meta.json)")
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet column with the text")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents that validate (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the tokenizer sample")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--sample-mb", type=float, default=DEFAULT_SAMPLE_MB,
+                   help="MB of text that word:N and bpe:VOCAB are trained on, at most")
+    p.add_argument("--workers", type=int, help="encoding threads or processes (default: every core)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad files, lines and rows (counted in meta.json) instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .train.prepare import prepare
+
+    meta = prepare(args.data, args.tokenizer, args.out, text_field=args.text_field,
+                   val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
+                   skip_bad=args.skip_bad, overwrite=args.overwrite, workers=args.workers,
+                   sample_mb=args.sample_mb, log=lambda m: print(m, file=sys.stderr))
+    keys = ("documents", "tokens", "train_tokens", "val_tokens", "dtype", "skipped", "elapsed_s")
+    print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}, "shards": len(meta["shards"])}))
     return 0
 
 
@@ -629,6 +698,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": (add_train, cmd_train),
+    "prepare": (add_prepare, cmd_prepare),
     "generate": (add_generate, cmd_generate),
     "info": (add_info, cmd_info),
     "tokenizer": (add_tokenizer, cmd_tokenizer),

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import BardlmError
 from .base import CharTokenizer, Tokenizer, WordTokenizer, split_words
-from .bpe import BPETokenizer, ScratchBPETokenizer, train_bpe, train_bpe_scratch
+from .bpe import BPETokenizer, ScratchBPETokenizer, train_bpe, train_bpe_iter, train_bpe_scratch
 from .hf import HFTokenizer
 from .tiktoken import TiktokenTokenizer, load_tiktoken
 
@@ -76,5 +76,5 @@ def build(spec: str, text: str) -> Tokenizer:
 __all__ = [
     "KINDS", "BPETokenizer", "CharTokenizer", "HFTokenizer", "ScratchBPETokenizer",
     "TiktokenTokenizer", "Tokenizer", "WordTokenizer", "build", "from_dict", "load",
-    "load_tiktoken", "split_words", "train_bpe", "train_bpe_scratch",
+    "load_tiktoken", "split_words", "train_bpe", "train_bpe_iter", "train_bpe_scratch",
 ]

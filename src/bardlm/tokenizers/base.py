@@ -86,7 +86,11 @@ class WordTokenizer:
     @classmethod
     def train(cls, text: str, min_count: int = 1, max_vocab: int | None = None) -> WordTokenizer:
         """Vocabulary of words seen at least `min_count` times, most frequent first."""
-        counts = Counter(split_words(text))
+        return cls.from_counts(Counter(split_words(text)), min_count, max_vocab)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], min_count: int = 1, max_vocab: int | None = None) -> WordTokenizer:
+        """`train` from word counts already made (e.g. summed over the pieces of a corpus)."""
         if not counts:
             raise BardlmError("cannot build a word vocabulary from empty text")
         ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from functools import lru_cache
 from itertools import pairwise
 from typing import Any
@@ -312,10 +313,19 @@ def train_bpe(text: str, vocab_size: int = 4096) -> BPETokenizer:
     The 256 bytes are always in the vocabulary (so any string can be encoded), then learnt merges
     until the vocabulary is full or no pair is left. Same merges as `train_bpe_scratch`.
     """
-    _check_vocab_size(vocab_size)
     if not text:
         raise BardlmError("cannot train BPE on empty text; pass the training corpus")
     utf8(text)
+    # Fed in chunks cut where pre-tokenization cannot change, so the word counts are exactly those
+    # of the whole text (as in train_bpe_scratch), with far less memory than one 5 MB sequence.
+    return train_bpe_iter(chunks(text), vocab_size)
+
+
+def train_bpe_iter(pieces: Iterable[str], vocab_size: int = 4096) -> BPETokenizer:
+    """`train_bpe` on a stream of text pieces, each cut where pre-tokenization cannot change
+    (e.g. by `chunks`): the trainer keeps word counts only, so a corpus of any size streams
+    through without being held whole (`bardlm prepare` feeds it a sample of its sources)."""
+    _check_vocab_size(vocab_size)
     hf = hf_tokenizers()
     tok = byte_level_bpe()
     trainer = hf.trainers.BpeTrainer(
@@ -324,9 +334,7 @@ def train_bpe(text: str, vocab_size: int = 4096) -> BPETokenizer:
         special_tokens=[],
         show_progress=False,
     )
-    # Fed in chunks cut where pre-tokenization cannot change, so the word counts are exactly those
-    # of the whole text (as in train_bpe_scratch), with far less memory than one 5 MB sequence.
-    tok.train_from_iterator(chunks(text), trainer=trainer)
+    tok.train_from_iterator(pieces, trainer=trainer)
     return BPETokenizer(tok)
 
 

@@ -140,7 +140,10 @@ def _is_plain_byte_level(data: dict[str, Any]) -> bool:
         and pre.get("type") == "ByteLevel"
         and not pre.get("add_prefix_space")
         and pre.get("use_regex", True)
-        and not data.get("added_tokens")
+        # Special tokens (an end-of-document token) are matched before pre-tokenization; one
+        # without whitespace never straddles a cut at `_SAFE_SPLIT`, which is after a newline.
+        and all(t.get("special") and not any(c.isspace() for c in t.get("content", " "))
+                for t in data.get("added_tokens") or [])
     )
 
 

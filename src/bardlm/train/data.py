@@ -7,6 +7,9 @@ a file of that name in `$BARDLM_DATA_DIR`; the download cache (`$XDG_CACHE_HOME/
 `~/.cache/bardlm`); the embedded copy (tiny-shakespeare only); a download (the complete works
 from Project Gutenberg).
 
+`--data DIR` is a folder made by `bardlm prepare` (train/prepare.py): shards of token ids that
+`load_prepared` maps from disk (`ShardedIds`), never loading them whole, split by document.
+
 Token ids are cached in `$XDG_CACHE_HOME/bardlm/tokens`, never beside the user's corpus (see
 `token_cache_path`).
 
@@ -246,11 +249,136 @@ class Batches:
 
 
 def val_windows(ids: np.ndarray, block_size: int) -> torch.Tensor:
-    """All non-overlapping validation windows (N, block_size + 1), from the split's start."""
+    """All non-overlapping validation windows (N, block_size + 1), from the split's start.
+
+    For shards (`ShardedIds`) a `ShardWindows` view of the same rows, read when indexed.
+    """
     n = (len(ids) - 1) // (block_size + 1) if len(ids) > block_size else 0
     if n == 0:
         raise BardlmError(
             f"the validation split has {len(ids)} tokens, not one full sequence of "
             f"{block_size + 1}; use a longer corpus or a smaller block_size"
         )
+    if isinstance(ids, ShardedIds):
+        return ShardWindows(ids, block_size, n)  # type: ignore[return-value]
     return torch.from_numpy(ids[: n * (block_size + 1)].astype(np.int64)).view(n, block_size + 1)
+
+
+# Prepared folders (`bardlm prepare`, train/prepare.py) -----------------------------------------
+class ShardedIds:
+    """The token ids of several shard files as one read-only sequence (N,), never loaded whole.
+
+    Each shard is a memory map; `ids[a:b]` copies just those tokens (stitched from two shards when
+    the range crosses a boundary), so `Batches` and `val_windows` work on it as on one array and
+    give the same windows however the corpus was cut into shards. Under torchrun every process
+    maps the same files and reads only its own windows; the page cache is shared.
+    """
+
+    def __init__(self, paths: list[Path], counts: list[int], dtype: np.dtype) -> None:
+        self.maps = [np.memmap(p, dtype=dtype, mode="r", shape=(n,)) for p, n in zip(paths, counts) if n]
+        self.starts = np.cumsum([0, *(len(m) for m in self.maps)])  # (n_shards + 1,)
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("ShardedIds supports slices only")
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise TypeError("ShardedIds supports contiguous slices only")
+        parts = []
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            lo = int(self.starts[k])
+            n = min(stop, int(self.starts[k + 1])) - start
+            parts.append(self.maps[k][start - lo : start - lo + n])
+            start, k = start + n, k + 1
+        if not parts:
+            return np.zeros(0, self.dtype)
+        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass
+class Prepared:
+    """A folder made by `bardlm prepare`: its meta.json, the two splits and the tokenizer path."""
+
+    path: Path
+    meta: dict
+    train: Split
+    val: Split
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.meta["tokenizer"]
+
+    @property
+    def val_bytes(self) -> int:
+        return int(self.meta["val_bytes"])
+
+    def fingerprint(self) -> str:
+        """Changes whenever the tokens could: the shard list and the tokenizer's size."""
+        key = json.dumps([self.meta["shards"], self.meta["vocab_size"], self.meta["dtype"]])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def is_prepared(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "meta.json").is_file()
+
+
+def load_prepared(path: str | Path) -> Prepared:
+    """Open a prepared folder: its shards as memory maps (`ShardedIds`), nothing read yet.
+
+    meta.json is written last (and the folder renamed into place after it), so a folder without
+    one is an interrupted or foreign folder, never half a corpus.
+    """
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise BardlmError(
+            f"--data {path} is a folder without meta.json: not made by `bardlm prepare`, or its "
+            "prepare was interrupted; run `bardlm prepare --data SOURCES --out DIR` (or pass a "
+            "text file)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        shards = {s: [sh for sh in meta["shards"] if sh["split"] == s] for s in ("train", "val")}
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BardlmError(f"{meta_path} is not a valid prepare meta.json ({e}); prepare again") from None
+    splits = {}
+    for s, items in shards.items():
+        files = [path / sh["file"] for sh in items]
+        counts = [int(sh["tokens"]) for sh in items]
+        for f, n in zip(files, counts):
+            if not f.is_file() or f.stat().st_size != n * dtype.itemsize:
+                raise BardlmError(f"shard {f} is missing or not {n} tokens long; prepare {path} again")
+        splits[s] = Split(ShardedIds(files, counts, dtype), int(meta[f"{s}_characters"]))  # type: ignore[arg-type]
+    return Prepared(path, meta, splits["train"], splits["val"])
+
+
+class ShardWindows:
+    """`val_windows` of shards without loading them: n rows (block_size + 1,) read on demand.
+
+    Supports what evaluation does with the windows tensor: len, a slice of rows (a batch) and a
+    LongTensor of row numbers (the evenly spread subset); each returns an int64 tensor (B, T + 1).
+    """
+
+    def __init__(self, ids: ShardedIds, block_size: int, n: int) -> None:
+        self.ids, self.W, self.n = ids, block_size + 1, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.n)
+            if step == 1:  # one contiguous read
+                rows = self.ids[start * self.W : max(stop, start) * self.W]
+                return torch.from_numpy(rows.astype(np.int64)).view(-1, self.W)
+            index = list(range(start, stop, step))
+        else:
+            index = [int(i) for i in key]
+        rows = [self.ids[i * self.W : (i + 1) * self.W] for i in index]
+        return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.zeros(0, self.W, dtype=torch.long)

@@ -32,7 +32,7 @@ from ..errors import BardlmError
 from ..io.checkpoint import CONFIG_FILE
 from ..nn.model import GPT
 from ..tokenizers import Tokenizer
-from .data import Batches, Split, split_ids, val_windows
+from .data import Batches, Prepared, Split, split_ids, val_windows
 from .distributed import Dist
 from .loop import Diverged, Loop, autocast, evaluate, window_batches
 from .state import OPTIMIZER_FILE, STATE_FILE, RunState, StopSignals, check_model, check_plan
@@ -49,7 +49,8 @@ class Trainer:
     """Owns a run: model, optimizer, data, and the output directory.
 
     `ids` are the corpus's token ids (e.g. the memory map from `data.token_ids`); without them
-    the text is encoded here. `dist` is this process's place in a torchrun job (default: read
+    the text is encoded here. `prepared` (a `bardlm prepare` folder, `data.load_prepared`)
+    replaces text and ids: its shards are read through memory maps, split by document. `dist` is this process's place in a torchrun job (default: read
     from the environment; a plain run is a job of one).
     """
 
@@ -66,6 +67,7 @@ class Trainer:
         ids: np.ndarray | None = None,
         dist: Dist | None = None,
         keep_vocab: bool = False,
+        prepared: Prepared | None = None,
     ) -> None:
         self.cfg, self.tokenizer, self.out = train_cfg, tokenizer, Path(out)
         self.dist = dist if dist is not None else Dist.from_env(train_cfg.device)
@@ -76,12 +78,16 @@ class Trainer:
         if model_cfg.vocab_size != tokenizer.vocab_size and not keep_vocab:
             model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
         self.model_cfg = model_cfg
-        if ids is None:
-            ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
-        self.train_split, self.val_split = split_ids(ids, len(text), train_cfg.val_fraction)
-        # UTF-8 bytes of the validation text (from the character where the split falls), for
-        # bits per byte: the unit of `bardlm eval`, which does not change with the tokenizer.
-        self.val_bytes = len(text[self.train_split.n_chars:].encode("utf-8", "surrogatepass"))
+        if prepared is not None:  # a `bardlm prepare` folder: its own split, by document
+            self.train_split, self.val_split = prepared.train, prepared.val
+            self.val_bytes = prepared.val_bytes
+        else:
+            if ids is None:
+                ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
+            self.train_split, self.val_split = split_ids(ids, len(text), train_cfg.val_fraction)
+            # UTF-8 bytes of the validation text (from the character where the split falls), for
+            # bits per byte: the unit of `bardlm eval`, which does not change with the tokenizer.
+            self.val_bytes = len(text[self.train_split.n_chars:].encode("utf-8", "surrogatepass"))
         T = model_cfg.block_size
         self.batches = Batches(self.train_split.ids, T, train_cfg.seed)
         self.val = val_windows(self.val_split.ids, T)
@@ -213,6 +219,13 @@ class Trainer:
 
         saved = read_config(self.out)
         check_model(saved["model"], self.model_cfg)
+        # A prepared folder changed since (prepared again): the step no longer names a place in it.
+        fp, was = self.meta.get("data_fingerprint"), saved.get("data_fingerprint")
+        if fp is not None and was is not None and fp != was:
+            raise BardlmError(
+                f"--resume: the data {self.meta.get('data')} is not the one this run trained on "
+                "(its shards changed); resume with the same prepared folder, or start a new run"
+            )
         cfg = check_plan(saved.get("train", {}), self.cfg, self.dist.world,
                          saved.get("world_size", 1), self.log)
         self.cfg = self.loop.cfg = cfg
