@@ -139,8 +139,8 @@ def stream_ids(
     seq = idx
     cache = model.make_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
     cached = 0  # cache slots in use
-    # seen[b, j]: cache index j of row b holds a real token (not padding). Static (B, S).
-    seen = torch.zeros(idx.shape[0], cache[0].max_len, dtype=torch.bool, device=device) if cache else None
+    # filled[b, j]: cache index j of row b holds a real token (not padding). Static (B, S).
+    filled = torch.zeros(idx.shape[0], cache[0].max_len, dtype=torch.bool, device=device) if cache else None
     step = decode_step(model, compile)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)  # rows past their EOS
@@ -149,8 +149,8 @@ def stream_ids(
             if cache is not None and 0 < cached < cache[0].max_len:
                 # The static-shape step: one new column written at cache index `cached`; pad
                 # slots stay hidden by the real-key mask.
-                seen[:, cached] = True
-                mask = seen[:, None, None, :] if padded else None
+                filled[:, cached] = True
+                mask = filled[:, None, None, :] if padded else None
                 pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
                 cache_pos = torch.tensor([cached], device=device)
                 logits = step(seq[:, -1:], cache_pos, cache, mask, pos)
@@ -161,9 +161,9 @@ def stream_ids(
                 # Only the last row is sampled from: no (B, T, V) logits for the prompt.
                 logits, _ = model(ctx, cache=cache, mask=mask, positions=pos, logits_rows=1)
                 cached = ctx.shape[1]
-                if seen is not None:
-                    seen.zero_()
-                    seen[:, :cached] = ctx_real
+                if filled is not None:
+                    filled.zero_()
+                    filled[:, :cached] = ctx_real
         seen = torch.where(real, seq, seq[:, -1:]) if padded else seq  # pads count as no token
         logits = apply_repetition_penalty(logits[:, -1, :].float(), seen, repetition_penalty)
         nxt = sample(logits, temperature, top_k, top_p, min_p, gens)
