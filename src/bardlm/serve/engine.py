@@ -112,6 +112,7 @@ class Engine:
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
+        self.peak_running = 0  # the largest batch so far
         self._worker = threading.Thread(target=self._loop, name="bardlm-generate", daemon=True)
         self._worker.start()
 
@@ -170,6 +171,7 @@ class Engine:
             return {
                 "running": len(self._running), "queued": len(self._waiting),
                 "capacity": self.capacity, "max_batch": self.max_batch,
+                "peak_running": self.peak_running,
                 "completed": self.completed, "cancelled": self.cancelled, "failed": self.failed,
                 "tokens_generated": self.tokens_generated,
             }
@@ -217,6 +219,7 @@ class Engine:
             r = _Running(job, self._free.pop(0), self.tokenizer, future)
             self._running.append(r)
             admitted.append(r)
+        self.peak_running = max(self.peak_running, len(self._running))
         return admitted
 
     def _turn(self) -> None:
