@@ -18,8 +18,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -162,12 +162,19 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, max_batch=max_batch,
                     prefill_chunk=prefill_chunk, compile=compile)
+    # Parsing and tokenising run here, off the event loop. Two threads: more would only fight
+    # the event loop (and the generation thread) for the GIL.
+    prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bardlm-parse")
+
+    async def loop_free(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(prep_pool, fn, *args)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.shutdown()
+        prep_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="bardlm", lifespan=lifespan, docs_url="/docs" if docs else None,
                   openapi_url="/openapi.json" if docs else None, redoc_url=None)
@@ -212,7 +219,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
         if not isinstance(text, str):
             return error_response(400, "prompt must be a string", param="prompt")
         try:
-            ids = await asyncio.to_thread(tokenizer.encode, text)
+            ids = await loop_free(tokenizer.encode, text)
         except BardlmError as e:
             return error_response(400, str(e), param="prompt")
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.block_size})
@@ -280,7 +287,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
         body = await read_body(request)
         if isinstance(body, Response):
             return body
-        prepared = await asyncio.to_thread(prepare, body)
+        prepared = await loop_free(prepare, body)
         if isinstance(prepared, Response):
             return prepared
         req, job = prepared

@@ -125,6 +125,7 @@ class Engine:
         """Raise `RequestError` for a job that cannot run: bad prompt, too long, bad sampling."""
         try:
             if job.prompt_ids is None:
+                self._refuse_huge(job.prompt)
                 job.prompt_ids = encode_prompt(self.tokenizer, job.prompt)
             check_ids(job.prompt_ids, self.model.config.vocab_size)
             ids = job.prompt_ids
@@ -149,6 +150,17 @@ class Engine:
             name = str(e).split()[0]
             raise RequestError(str(e), name if name in s else None) from None
         job.prompt_tokens = len(ids)
+
+    def _refuse_huge(self, prompt: str) -> None:
+        """Refuse a prompt far longer than the context from its beginning alone: tokenising a
+        1 MiB string costs far more than reading the first 32 characters per context token.
+        (Twice the context in tokens leaves room for a last word split differently.)"""
+        head = prompt[: 32 * self.block_size]
+        if len(head) < len(prompt) and len(encode_prompt(self.tokenizer, head)) > 2 * self.block_size:
+            raise RequestError(
+                f"the prompt is far longer than the model's context of {self.block_size} tokens "
+                f"(its first {len(head)} characters alone are more than {2 * self.block_size}); "
+                "shorten the prompt", "prompt")
 
     # Queue --------------------------------------------------------------------------------
     def try_submit(self, job: Job) -> Future | None:
