@@ -153,7 +153,9 @@ def stream_ids(
                 mask = filled[:, None, None, :] if padded else None
                 pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
                 cache_pos = torch.tensor([cached], device=device)
-                logits = step(seq[:, -1:], cache_pos, cache, mask, pos)
+                # `last`, not seq[:, -1:]: a column of the growing `seq` has a new stride every
+                # step, and a compiled step would recompile for each.
+                logits = step(last, cache_pos, cache, mask, pos)
                 cached += 1
             else:  # first step, no cache, or the cache is full: read the (cropped) window whole
                 ctx, ctx_real = seq[:, -window:], real[:, -window:]
@@ -170,7 +172,8 @@ def stream_ids(
         if len(eos):
             nxt = torch.where(done, eos[0], nxt)  # a finished row only repeats its EOS
             done |= torch.isin(nxt, eos)
-        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+        last = nxt.unsqueeze(1)  # (B, 1), strides (1, 1) every step
+        seq = torch.cat([seq, last], dim=1)
         real = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)
         yield nxt
         if bool(done.all()):
