@@ -40,3 +40,12 @@ def test_train_bench_smoke() -> None:
     modes = res["results"]["baby"]
     assert set(modes) == {"eager_fp32", "eager_bf16"} and modes["eager_fp32"]["speedup"] == 1.0
     assert all(m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1 for m in modes.values())
+
+
+def test_serve_bench_smoke() -> None:
+    res = run_bench("bench/serve.py", "--preset", "qwen3-tiny", "--clients", "2", "--requests", "1",
+                    "--tokens", "4", "--prompt", "8", "--no-anchor")
+    (row,) = res["results"]["bardlm"]
+    assert row["clients"] == 2 and row["requests"] == 2 and row["tokens"] == 8
+    assert {"tokens_per_sec", "ttft_p50_ms", "ttft_p99_ms", "token_p50_ms", "token_p99_ms"} <= set(row)
+    assert res["anchor"] == "not run (--no-anchor)"
