@@ -443,6 +443,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="open connections at most; more get 503 at once (default 256)")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference weights, as for generate (int8 checkpoints always run int8)")
     p.add_argument("--model-name", help="model id in the API (default: the checkpoint folder name)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -454,7 +456,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.ckpt, host=args.host, port=args.port, device=args.device, max_queue=args.max_queue,
           model_name=args.model_name, log_level=args.log_level, max_batch=args.max_batch,
           api_key=args.api_key, allowed_hosts=args.allowed_host,
-          max_connections=args.max_connections, docs=args.docs, compile=args.compile)
+          max_connections=args.max_connections, docs=args.docs, compile=args.compile,
+          dtype=args.dtype)
     return 0
 
 

@@ -142,6 +142,7 @@ def stream_ids(
     # filled[b, j]: cache index j of row b holds a real token (not padding). Static (B, S).
     filled = torch.zeros(idx.shape[0], cache[0].max_len, dtype=torch.bool, device=device) if cache else None
     step = decode_step(model, compile)
+    last = seq[:, -1:]  # the newest column; a fresh (B, 1) tensor after each step
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)  # rows past their EOS
     for _ in range(max_new_tokens):

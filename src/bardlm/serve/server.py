@@ -85,16 +85,18 @@ def serve_app(app: Any, sock: socket.socket, log_level: str = "info", max_connec
 def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str = "cpu",
           max_queue: int = 16, model_name: str | None = None, log_level: str = "info",
           max_batch: int = 8, api_key: str | None = None, allowed_hosts: list[str] | None = None,
-          max_connections: int = 256, docs: bool = False, compile: bool = False) -> None:
+          max_connections: int = 256, docs: bool = False, compile: bool = False,
+          dtype: str | None = "fp32") -> None:
     """Load a checkpoint and serve it on http://host:port until interrupted (blocks).
 
     max_batch: requests generated together (each holds a context-long KV cache row);
     api_key: require `Authorization: Bearer <api_key>`; allowed_hosts: extra names for the
-    Host header (beyond those of `host`); docs: serve /docs and /openapi.json.
+    Host header (beyond those of `host`); docs: serve /docs and /openapi.json; dtype: the
+    inference layout (fp32, bf16, int8; None: the weights as saved).
     """
     from ..io.load import load
 
-    model, tokenizer = load(ckpt, device=device)
+    model, tokenizer = load(ckpt, dtype, device=device)
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
     name = model_name or Path(ckpt).resolve().name
