@@ -150,6 +150,35 @@ def test_uvicorn_limits() -> None:
     assert cfg.h11_max_incomplete_event_size == 16 * 1024
 
 
+def test_a_trickled_request_head_is_cut(loaded) -> None:  # noqa: ANN001
+    """Slow loris: one byte of header every 0.1 s never completes a request; the connection is
+    closed at the head deadline, while a prompt client on the same server is served."""
+    app = build_app(*loaded, model_name=NAME)
+    with ThreadServer(app, uvicorn_config(app, "warning", head_timeout=0.5)) as srv:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+        t0, closed = time.monotonic(), False
+        while time.monotonic() - t0 < 5:
+            try:
+                s.sendall(b"X")
+                time.sleep(0.1)
+            except OSError:
+                closed = True
+                break
+            s.setblocking(False)
+            try:
+                if s.recv(1) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                s.setblocking(True)
+        s.close()
+        assert closed and time.monotonic() - t0 < 3
+        assert httpx.get(f"{srv.base_url}/health", timeout=10).status_code == 200
+
+
 def test_big_prompts_are_tokenised_off_the_event_loop(server) -> None:  # noqa: ANN001
     """16 prompts of ~1 MiB at once: /health keeps answering quickly meanwhile."""
     base = server.base_url

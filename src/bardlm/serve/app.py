@@ -2,12 +2,18 @@
 
     POST /v1/completions   prompt -> completion, whole or streamed as server-sent events
     GET  /v1/models        the one model served (id, context length)
-    GET  /health           liveness and queue counters
+    GET  /health           liveness, slot and queue counters
     GET  /                 the playground (static/index.html, no external resources)
 
 Requests are parsed here and checked by the engine; every refusal is an OpenAI-style error
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status, and 503 when the queue is
 full. The app only translates between HTTP and `Engine`; generation lives in the library.
+
+In front of every route (`Guard`): the Host header must be one of the server's names (DNS
+rebinding), an optional API key (Bearer), JSON content type on POST (415), and any unexpected
+error becomes a 500 that names no exception and keeps the connection usable. Bodies are
+counted while they arrive (413 at MAX_BODY, 408 when they stall), and parsing and tokenising
+run on a small thread pool, off the event loop.
 """
 
 from __future__ import annotations

@@ -284,8 +284,9 @@ class Engine:
     def _take(self, r: _Running, logits: torch.Tensor) -> None:
         """Sample job r's next token from its logits (V,) and pass its text on."""
         s = r.job.sampling
-        row = apply_repetition_penalty(logits.float().unsqueeze(0), torch.tensor([r.ids]),
-                                       s.get("repetition_penalty", 1.0))
+        row, penalty = logits.float().unsqueeze(0), s.get("repetition_penalty", 1.0)
+        if penalty != 1.0:  # the ids seen so far, as a tensor, only when they are needed
+            row = apply_repetition_penalty(row, torch.tensor([r.ids]), penalty)
         token = int(sample(row, s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"),
                            s.get("min_p"), r.gens)[0])
         r.steps += 1

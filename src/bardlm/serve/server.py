@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import BardlmError
 from .app import build_app
@@ -49,18 +50,53 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def uvicorn_config(app: Any, log_level: str = "info", max_connections: int = 256) -> uvicorn.Config:
+class HeadDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head.
+
+    uvicorn closes a keep-alive connection that stays silent, but any byte resets that timer,
+    and a new connection has none: a client trickling a header a byte at a time holds a
+    connection for ever. Here a client has `head_timeout` seconds, from connecting or from its
+    previous response, to finish a request line and headers; the body has its own stall limit
+    (app.py). One timer per connection, checked when it fires.
+    """
+
+    head_timeout = 10.0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.head_timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        in_request = self.cycle is not None and not self.cycle.response_complete
+        if not in_request and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+
+def uvicorn_config(app: Any, log_level: str = "info", max_connections: int = 256,
+                   head_timeout: float = 10.0) -> uvicorn.Config:
     """uvicorn's settings for a server facing untrusted clients.
 
     max_connections: connections plus requests in progress; past it uvicorn answers 503 at
-    once. timeout_keep_alive: an idle keep-alive connection is closed after 5 s. The h11
-    limit caps a request's headers at 16 KiB (a slow or endless header is cut there; the body
-    has its own size and stall limits in app.py).
+    once. timeout_keep_alive: an idle keep-alive connection is closed after 5 s. head_timeout:
+    seconds a client has to send a request's head (`HeadDeadline`). The h11 limit caps a
+    request's headers at 16 KiB; the body has its own size and stall limits (app.py).
     """
+    protocol = type("Protocol", (HeadDeadline,), {"head_timeout": head_timeout})
     return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
                           timeout_keep_alive=5, limit_concurrency=max_connections,
                           h11_max_incomplete_event_size=16 * 1024, server_header=False,
-                          proxy_headers=False)
+                          proxy_headers=False, http=protocol)
 
 
 def allowed_hosts_for(host: str, extra: list[str] | None = None) -> list[str] | None:
