@@ -148,6 +148,32 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(loaded) -> None:  #
     assert b.text == generate_text(model, tok, WORDS[:60], 5, temperature=0)
 
 
+def test_prompts_arriving_together_prefill_in_padded_passes(loaded) -> None:  # noqa: ANN001
+    """Prompts of different lengths admitted at once are read together in left-padded passes
+    of at most `prefill_chunk` tokens; each completion equals its single-request output."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_queue=4, max_batch=4, prefill_chunk=64)
+    shapes: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
+    # the longest fills the context of 96 exactly: pads' keys go to its slot-mates' last index
+    texts, ns = ["a", "ROMEO: hi", (WORDS * 2)[:90], "Hello"], [10, 10, 6, 10]
+    try:
+        with engine._lock:  # hold the worker so that it admits all four in one turn
+            jobs = [Job(t, n, sampling={"temperature": 0.0}) for t, n in zip(texts, ns)]
+            futures = [engine.try_submit(j) for j in jobs]
+        for f in futures:
+            f.result(60)
+    finally:
+        hook.remove()
+        engine.shutdown()
+    # 64 prompt tokens per pass at most, taken oldest first: "a" and "ROMEO: hi" together,
+    # then 64 of the 90, then its last 26 with "Hello" (decode steps in between)
+    prefills = [sh for sh in shapes if sh[1] > 1]
+    assert prefills == [(2, 9), (1, 64), (2, 26)], shapes
+    assert [j.text for j in jobs] == [generate_text(model, tok, t, n, temperature=0)
+                                      for t, n in zip(texts, ns)]
+
+
 def test_echo_and_logprobs_in_a_busy_batch(server) -> None:  # noqa: ANN001
     base = server.base_url
 

@@ -6,8 +6,9 @@ thread owns the model and runs a loop; the event loop only hands it jobs. Each l
   1. admit waiting jobs into free slots (a slot is one row of a static KV cache of
      `max_batch` rows x the context length, preallocated once);
   2. drop jobs whose client went away (their slot is free at once);
-  3. prefill one chunk (at most `prefill_chunk` tokens) of one new job's prompt, so a long
-     prompt delays the others by one chunk, not by its whole length;
+  3. prefill: one pass over the next pieces of new jobs' prompts, oldest first, at most
+     `prefill_chunk` tokens in all, so a long prompt delays the others by one chunk, not by
+     its whole length, and short prompts arriving together are read together;
   4. one decode step for every job that is generating: a batch of one new token per job, each
      written at its own cache index and position (the static-shape step of infer/generate.py).
 
@@ -235,10 +236,16 @@ class Engine:
         return admitted
 
     def _turn(self) -> None:
-        """One prefill chunk of the oldest job still reading its prompt, then one decode step."""
+        """One prefill pass for the jobs still reading their prompts, then one decode step."""
         prefilling = [r for r in self._running if not r.generating]
-        if prefilling:
-            self._guard([prefilling[0]], self._prefill)
+        if prefilling:  # the oldest first, as many as fit in one chunk's worth of tokens
+            take, budget = [], self.prefill_chunk
+            for r in prefilling:
+                if take and min(r.n_prompt - r.prefilled, self.prefill_chunk) > budget:
+                    break
+                take.append(r)
+                budget -= min(r.n_prompt - r.prefilled, self.prefill_chunk)
+            self._guard(take, self._prefill)
         generating = sorted((r for r in self._running if r.generating), key=lambda r: r.slot)
         if generating:
             self._guard(generating, self._decode)
@@ -254,16 +261,31 @@ class Engine:
                     self._fail(r, e)
 
     def _prefill(self, rows: list[_Running]) -> None:
-        """Write the next chunk of one prompt into its slot; at the prompt's end, sample."""
-        r = rows[0]
-        start, end = r.prefilled, min(r.n_prompt, r.prefilled + self.prefill_chunk)
-        ids = torch.tensor([r.ids[start:end]])
-        cache_pos = torch.arange(start, end).unsqueeze(0)  # (1, T)
-        view = [SlotView(c, [r.slot], end) for c in self.cache]
+        """Write the next chunk of each job's prompt into its slot, all in one pass; a job
+        whose prompt is then complete samples its first token.
+
+        The chunks are left-padded to one length T, so every row's last real token is in the
+        last column (only that column's logits are computed). A pad's key must go somewhere
+        harmless: the slot's last cache index, which is past every prompt token, hidden from
+        the real queries by the mask, and rewritten before it is ever read.
+        """
+        takes = [min(r.n_prompt - r.prefilled, self.prefill_chunk) for r in rows]
+        T = max(takes)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        cache_pos = torch.full((len(rows), T), self.block_size - 1)
+        for b, (r, n) in enumerate(zip(rows, takes)):
+            ids[b, T - n:] = torch.tensor(r.ids[r.prefilled:r.prefilled + n])
+            cache_pos[b, T - n:] = torch.arange(r.prefilled, r.prefilled + n)
+        length = max(r.prefilled + n for r, n in zip(rows, takes))
+        view = [SlotView(c, [r.slot for r in rows], length) for c in self.cache]
         logits, _ = self.model(ids, start_pos=cache_pos, cache=view, logits_rows=1)
-        r.prefilled = end
-        if r.generating:
-            self._take(r, logits[0, -1])
+        for r, n, row in zip(rows, takes, logits[:, -1]):
+            r.prefilled += n
+            if r.generating:
+                try:
+                    self._take(r, row)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(r, e)  # one job's failed sampling fails that job only
 
     def _decode(self, rows: list[_Running]) -> None:
         """One new token for each generating job: (B, 1) ids at their own cache indices."""
