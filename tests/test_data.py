@@ -1,3 +1,6 @@
+import gzip
+
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -70,6 +73,9 @@ def test_read_text_errors(tmp_path) -> None:
         D.read_text(tmp_path / "latin1.txt")
 
 
+TINY_CHARS = 1_115_394  # characters of tiny Shakespeare (../shared/README.md)
+
+
 def test_resolve_order(tmp_path, monkeypatch) -> None:
     env, cache = tmp_path / "env", tmp_path / "cache"
     (cache / "bardlm").mkdir(parents=True)
@@ -78,10 +84,16 @@ def test_resolve_order(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (cache / "bardlm" / "shakespeare_complete.txt").write_text("cached")
     monkeypatch.setenv("BARDLM_DATA_DIR", str(env))
-    assert D.resolve(None) == cache / "bardlm" / "shakespeare_complete.txt"
+    assert D.resolve("shakespeare") == cache / "bardlm" / "shakespeare_complete.txt"
     (env / "shakespeare_complete.txt").write_text("env")
-    assert D.resolve(None) == env / "shakespeare_complete.txt"
+    assert D.resolve("shakespeare") == env / "shakespeare_complete.txt"
     assert D.resolve("my.txt") == D.Path("my.txt")
+    # tiny-shakespeare: BARDLM_DATA_DIR, then the cache, then the copy shipped in the package.
+    assert D.resolve("tiny-shakespeare") == D.EMBEDDED["tiny-shakespeare"]
+    (cache / "bardlm" / "tiny_shakespeare.txt").write_text("cached")
+    assert D.resolve("tiny-shakespeare") == cache / "bardlm" / "tiny_shakespeare.txt"
+    (env / "tiny_shakespeare.txt").write_text("env")
+    assert D.resolve("tiny-shakespeare") == env / "tiny_shakespeare.txt"
 
 
 def test_offline_download_names_data_flag(tmp_path, monkeypatch) -> None:
@@ -89,5 +101,70 @@ def test_offline_download_names_data_flag(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("BARDLM_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(D.CORPORA, "shakespeare", ("x.txt", "http://127.0.0.1:9/pg100.txt", True))
-    with pytest.raises(BardlmError, match="--data PATH"):
-        D.resolve(None)
+    with pytest.raises(BardlmError, match="--data PATH") as err:
+        D.resolve("shakespeare")
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """A machine without this repo's layout: no BARDLM_DATA_DIR, an empty cache, and a working
+    directory whose parent holds a decoy `shared/data` (how this project's CI lays corpora out),
+    which bardlm must not look at."""
+    monkeypatch.delenv("BARDLM_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    decoys = tmp_path / "shared" / "data"
+    decoys.mkdir(parents=True)
+    for name in ("tiny_shakespeare.txt", "shakespeare_complete.txt"):
+        (decoys / name).write_text("decoy\n")
+    (tmp_path / "work" / "shared" / "data").mkdir(parents=True)  # and one inside the cwd
+    (tmp_path / "work" / "shared" / "data" / "tiny_shakespeare.txt").write_text("decoy\n")
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path
+
+
+def test_default_corpus_is_embedded_tiny_shakespeare(elsewhere) -> None:
+    """No --data: tiny Shakespeare from inside the package, on any machine, offline."""
+    assert D.DEFAULT_CORPUS == "tiny-shakespeare"
+    text, path = D.load_corpus(None)
+    assert path == D.EMBEDDED["tiny-shakespeare"] and path.suffix == ".gz"
+    assert len(text) == TINY_CHARS and text.startswith("First Citizen:\n")
+    shared = conftest.data_dir() / "tiny_shakespeare.txt"
+    if shared.is_file():  # the embedded copy is the shared file, byte for byte
+        assert text == shared.read_text(encoding="utf-8")
+
+
+def test_no_shared_data_lookup_from_cwd(elsewhere, monkeypatch) -> None:
+    """The CI layout (`../shared/data` or `shared/data` beside the working directory) is not a
+    corpus source: the complete works go to the download (failing offline), never to a decoy."""
+    monkeypatch.setitem(D.CORPORA, "shakespeare",
+                        ("shakespeare_complete.txt", "http://127.0.0.1:9/pg100.txt", True))
+    with pytest.raises(BardlmError, match="could not download the shakespeare corpus"):
+        D.resolve("shakespeare")
+    assert D.resolve("tiny-shakespeare") == D.EMBEDDED["tiny-shakespeare"]
+
+
+def test_train_without_data_uses_embedded_corpus(elsewhere, capsys) -> None:
+    """`bardlm train --preset char-tiny --out runs/x` works from an empty folder, and caches its
+    token ids under XDG_CACHE_HOME, nowhere else."""
+    from bardlm.cli import main
+
+    tiny = ["--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2", "--set",
+            "block_size=256", "--set", "batch_size=2", "--set", "eval_batches=1"]
+    assert main(["train", "--preset", "char-tiny", "--out", "runs/x", "--max-iters", "1",
+                 "--no-progress", *tiny]) == 0
+    out = capsys.readouterr()
+    assert f"({TINY_CHARS:,} characters)" in out.err and "tiny_shakespeare.txt.gz" in out.err
+    assert (elsewhere / "work" / "runs" / "x").is_dir()
+    assert len(list((elsewhere / "cache" / "bardlm" / "tokens").glob("*.tokens.npy"))) == 1
+    # Nothing new in the package's data folder (the embedded corpus sits alone there).
+    assert sorted(p.name for p in D.EMBEDDED["tiny-shakespeare"].parent.iterdir()) == [
+        "tiny_shakespeare.txt.gz"]
+
+
+def test_gzipped_data_files(tmp_path) -> None:
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress("to be, café\n".encode()))
+    assert D.read_text(tmp_path / "a.txt.gz") == "to be, café\n"
+    (tmp_path / "b.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(BardlmError, match="not valid gzip"):
+        D.read_text(tmp_path / "b.txt.gz")

@@ -71,6 +71,11 @@ def converted(request, tmp_path_factory):  # noqa: ANN001, ANN201
     return run, hf_dir, AutoModelForCausalLM.from_pretrained(hf_dir).eval(), tok
 
 
+def unscored_after(n: int, L: int, S: int) -> set[int]:
+    """Positions past the first that the guide's windows leave unscored: window starts when S = L."""
+    return set(range(L, n, L)) if S == L else set()
+
+
 def eval_json(capsys, *args: str) -> dict:  # noqa: ANN001
     assert main(["eval", *args, "--json"]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -91,7 +96,11 @@ def test_matches_transformers_guide(converted, tmp_path, capsys, L, S) -> None: 
         assert got["tokens"] == len(ids) and got["bytes"] == n_bytes and got["scored_tokens"] == n
         assert got["loss"] == pytest.approx(nll / n, rel=1e-4)
         assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
-        assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
+        # Bits over the bytes of the scored characters only (the unscored ones carry no bits).
+        scored = [i for i in range(1, len(ids)) if i not in unscored_after(len(ids), L, S)]
+        scored_bytes = sum(len(TEXT[i].encode("utf-8")) for i in scored)
+        assert got["scored_bytes"] == scored_bytes <= n_bytes
+        assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / scored_bytes, rel=1e-4)
     # The check can fail: the model is far from uniform, and context changes the answer.
     assert abs(nll / n - math.log(tok.vocab_size)) > 0.1
     if S < L:

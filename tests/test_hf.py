@@ -25,7 +25,13 @@ from transformers import (  # noqa: E402, I001
 import bardlm  # noqa: E402
 from bardlm import BardlmError, preset  # noqa: E402
 from bardlm.cli import main  # noqa: E402
-from bardlm.io.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained  # noqa: E402
+from bardlm.io.hf import (  # noqa: E402
+    config_from_hf,
+    config_to_hf,
+    family_of,
+    from_pretrained,
+    save_pretrained,
+)
 from bardlm.nn.model import GPT  # noqa: E402
 from bardlm.nn.position import rope_inv_freq  # noqa: E402
 
@@ -268,3 +274,83 @@ def test_transformers_4_style_config_json() -> None:
     assert back["rope_parameters"]["rope_theta"] == 500000.0 and back["eos_token_id"] == 128001
     with pytest.raises(BardlmError, match="sliding-window"):
         config_from_hf({"model_type": "qwen3", "use_sliding_window": True})
+
+
+# Bug 2: options no transformers family has used to export as a plain GPT-2/Llama, i.e. a
+# different model with the same weights. Each must be refused, by the API and by the CLI.
+NO_HF_EQUIVALENT = [dict(share_layers=True), dict(residual=False)] + [
+    dict(attn_score=s) for s in ("dot_unscaled", "additive", "bilinear", "cosine")]
+
+
+# Bases that export fine without the option: GPT-2 style (char-tiny with biases) and Llama.
+EXPORTABLE = {"gpt2": dict(name="char-tiny", bias=True), "llama": dict(name="llama-tiny")}
+
+
+@pytest.mark.parametrize("base", list(EXPORTABLE))
+@pytest.mark.parametrize("option", NO_HF_EQUIVALENT, ids=lambda o: "{}={}".format(*next(iter(o.items()))))
+def test_export_refuses_configs_transformers_cannot_express(tmp_path, capsys, base, option) -> None:  # noqa: ANN001
+    from bardlm.io.checkpoint import save_checkpoint
+    from bardlm.tokenizers import CharTokenizer
+
+    torch.manual_seed(8)
+    assert family_of(preset(**EXPORTABLE[base])) == base
+    model = GPT(preset(**EXPORTABLE[base], n_layer=2, n_embd=32, **option))
+    with pytest.raises(BardlmError, match="no transformers equivalent") as err:
+        save_pretrained(model, tmp_path / "api")
+    assert "\n" not in str(err.value) and f"{next(iter(option))}=" in str(err.value)
+    assert not (tmp_path / "api" / "config.json").exists()
+    save_checkpoint(tmp_path / "ours", model, CharTokenizer.train("to be or not to be"))
+    assert main(["convert", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bardlm: error: ") \
+        and "no transformers equivalent" in lines[0], lines
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def _byte_bpe(text: str, vocab_size: int = 300):  # noqa: ANN202
+    """A small byte-level BPE trained with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"]))
+    return tok
+
+
+def test_convert_then_load_with_string_merges(tmp_path, capsys) -> None:  # noqa: ANN001
+    """Bug 3: a tokenizer.json whose merges are in the older "a b" string form (many hub
+    models) converted, then never loaded: the identity check hashed the JSON as re-serialised
+    (merges as ["a", "b"] lists), which differs from the stored file. The fingerprint now covers
+    what defines the tokenizer, so it loads; another tokenizer copied in is still refused."""
+    text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n" * 20
+    hf_dir = tmp_path / "hf"
+    tok = _byte_bpe(text)
+    data = json.loads(tok.to_str())
+    assert data["model"]["merges"] and all(isinstance(m, list) for m in data["model"]["merges"])
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]  # the older form
+    torch.manual_seed(9)
+    ref = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0))
+    ref.save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+
+    ours = tmp_path / "ours"
+    assert main(["convert", str(hf_dir), "--out", str(ours)]) == 0
+    assert json.loads(capsys.readouterr().out)["direction"] == "hf->bardlm"
+    model, loaded = bardlm.load(ours)
+    ids = loaded.encode("Shall I compare thee")
+    assert ids == tok.encode("Shall I compare thee").ids and loaded.decode(ids) == "Shall I compare thee"
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - ref.eval()(torch.tensor([ids])).logits).abs().max() < 1e-4
+
+    # A different tokenizer (same size, other text) copied over the run's own is refused.
+    other = _byte_bpe("To be, or not to be, that is the question: whether 'tis nobler.\n" * 20)
+    assert other.get_vocab_size() <= tok.get_vocab_size()
+    (ours / "tokenizer.json").write_text(other.to_str(), encoding="utf-8")
+    with pytest.raises(BardlmError, match="not the tokenizer this model was trained with"):
+        bardlm.load(ours)

@@ -71,3 +71,35 @@ def test_playground_streams_text(tmp_path: Path) -> None:
     (REPO / "artifacts").mkdir(exist_ok=True)
     shutil.copy(shot, REPO / "artifacts" / "playground.png")
     assert urls and all(u.startswith(srv.base_url) or u.startswith("data:") for u in urls), urls
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="Chromium not found (apt-get install -y chromium; .ci/run does this)")
+def test_playground_chat_tab(tmp_path: Path) -> None:
+    """The chat tab sends the conversation to /v1/chat/completions and shows the streamed
+    reply: the same text as a greedy ChatSession reply, for two turns (history kept)."""
+    from bardlm.infer.chat import ChatSession, template_for
+
+    ckpt = make_checkpoint(tmp_path / "tiny-chat")
+    model, tok, _ = load_checkpoint(ckpt)
+    template = template_for(ckpt, tok)
+    session = ChatSession(model, tok, template, max_new_tokens=20, temperature=0.0)
+    expected = [session.reply("Hello"), session.reply("Again")]
+    with ThreadServer(build_app(model, tok, model_name="tiny-chat", chat_template=template)) as srv, \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(srv.base_url + "/")
+            sync_api.expect(page.locator("#model")).to_contain_text("tiny-chat")
+            page.fill("#max_tokens", "20")
+            page.fill("#temperature", "0")
+            for i, text in enumerate(["Hello", "Again"]):
+                page.fill("#chat-input", text)
+                page.click("#chat-send")
+                reply = page.locator("#chat-log .assistant").nth(i)
+                sync_api.expect(page.locator("#chat-send")).to_be_enabled(timeout=60_000)
+                assert reply.inner_text() == expected[i]
+        finally:
+            browser.close()

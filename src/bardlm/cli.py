@@ -17,9 +17,14 @@ from .errors import BardlmError
 # train -------------------------------------------------------------------------------------
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a text corpus")
-    p.add_argument("--preset", default="char-tiny", help="model shape and budget (default char-tiny)")
-    p.add_argument("--data", help="a text file, or a corpus name: shakespeare (default), tiny-shakespeare")
-    p.add_argument("--tokenizer", default="char", help="char, word, word:MIN_COUNT, bpe:VOCAB, or a tokenizer.json")
+    p.add_argument("--preset", help="model shape and budget (default char-tiny)")
+    p.add_argument("--data", help="a text file (.txt or .txt.gz), or a corpus name: tiny-shakespeare "
+                                  "(default, shipped with bardlm), shakespeare (complete works, "
+                                  "downloaded once unless in $BARDLM_DATA_DIR)")
+    p.add_argument("--tokenizer", help="char (default), word, word:MIN_COUNT, bpe:VOCAB, or a tokenizer.json")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from this model's weights (a bardlm run or a Hugging Face GPT-2/"
+                        "Llama/Qwen3 folder): its shape and tokenizer, a fresh optimizer and schedule")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, loss.png)")
     p.add_argument("--max-iters", type=int, help="number of optimizer steps")
     p.add_argument("--seed", type=int, help="random seed (data order, init, dropout)")
@@ -58,27 +63,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in ("max_iters", "seed", "device", "dtype", "compile", "fsdp"):
         if getattr(args, key) is not None:
             train_over[key] = getattr(args, key)
+    started_from = args.init_from and str(Path(args.init_from).resolve())
     if args.resume:
         from .io.checkpoint import read_config
 
         meta = read_config(out)
+        started_from = meta.get("init_from")
         model_cfg = ModelConfig.from_dict({**meta["model"], **model_over})
         train_cfg = TrainConfig.from_dict({**meta["train"], **train_over})
         text, path = load_corpus(args.data or meta.get("data"))
         tokenizer = load_tokenizer(out / "tokenizer.json")
         name = meta.get("preset", args.preset)
-    else:
+    elif args.init_from:
+        from .train.trainer import init_config
+
         name = args.preset
+        model_cfg, tokenizer = init_config(args.init_from, args.preset, model_over, args.tokenizer)
+        train_cfg = TrainConfig(**{**TRAIN_PRESETS.get(name or "", {}), **train_over})
+        text, path = load_corpus(args.data)
+    else:
+        name = args.preset or "char-tiny"
         model_cfg = preset(name, **model_over)
         train_cfg = TrainConfig(**{**TRAIN_PRESETS.get(name, {}), **train_over})
         text, path = load_corpus(args.data)
-        tokenizer = build(args.tokenizer, text)
+        tokenizer = build(args.tokenizer or "char", text)
+    meta = {"preset": name, "data": str(path)}
+    if started_from:
+        meta["init_from"] = started_from
     trainer = Trainer(model_cfg, train_cfg, tokenizer, text, out, progress=not args.no_progress,
-                      log=lambda m: print(m, file=sys.stderr),
-                      meta={"preset": name, "data": str(path)},
-                      ids=token_ids(path, text, tokenizer))
+                      log=lambda m: print(m, file=sys.stderr), meta=meta,
+                      ids=token_ids(path, text, tokenizer),
+                      keep_vocab=bool(started_from))
     if args.resume:
         trainer.resume()
+    elif args.init_from:
+        trainer.init_from(args.init_from)
     world = trainer.dist.world  # under torchrun only rank 0 logs
     trainer.log(f"data: {path} ({len(text):,} characters); tokenizer: {tokenizer.kind} "
                 f"({tokenizer.vocab_size:,} tokens)")
@@ -171,7 +190,8 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="train or inspect a tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE (or char/word) tokenizer on a corpus")
-    t.add_argument("--data", help="a text file or corpus name (default: shakespeare)")
+    t.add_argument("--data", help="a text file or corpus name (default: tiny-shakespeare, shipped "
+                                  "with bardlm)")
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--kind", choices=["bpe", "bpe_scratch", "char", "word"], default="bpe",
                    help="bpe (Hugging Face tokenizers, fast) or bpe_scratch (our readable trainer)")
@@ -260,6 +280,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# export ------------------------------------------------------------------------------------
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model for other runtimes: GGUF (llama.cpp, Ollama, "
+                                      "LM Studio) or a Hugging Face directory")
+    p.add_argument("--ckpt", required=True, help="a bardlm run or Hugging Face model directory")
+    p.add_argument("--format", required=True, choices=["gguf", "hf"],
+                   help="gguf: one .gguf file; hf: a transformers save_pretrained directory")
+    p.add_argument("--out", required=True, help="the .gguf file, or the directory for --format hf")
+    p.add_argument("--type", choices=["f32", "f16", "q8_0"],
+                   help="GGUF weight type (default f16); --format hf keeps the checkpoint's dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from .io.hf import export_hf
+
+        if args.type:
+            raise BardlmError("--type applies to --format gguf; --format hf keeps the "
+                              "checkpoint's dtype")
+        print(json.dumps(export_hf(args.ckpt, args.out, args.overwrite)))
+        return 0
+    from .io.gguf import export_gguf
+
+    print(json.dumps(export_gguf(args.ckpt, args.out, args.type or "f16", args.overwrite)))
+    return 0
+
+
 # reverse -----------------------------------------------------------------------------------
 def add_reverse(sub: argparse._SubParsersAction) -> None:
     # Defaults live in tasks.reverse.ReverseConfig (None here = "use it"), so --help stays fast.
@@ -312,12 +360,15 @@ def add_seq2seq(sub: argparse._SubParsersAction) -> None:
 def cmd_seq2seq(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import parse_overrides
+    from .config import field_types, parse_overrides
     from .seq2seq.model import Seq2SeqConfig
     from .seq2seq.tasks import TaskConfig, task_config_keys, train_seq2seq
 
     model_keys = [f.name for f in dataclasses.fields(Seq2SeqConfig)]
-    values = parse_overrides(args.set, model_keys + task_config_keys())
+    # Types of the seq2seq dataclasses, not of ModelConfig/TrainConfig (the default), which lack
+    # fields such as n_enc_layer and tie_output.
+    values = parse_overrides(args.set, model_keys + task_config_keys(),
+                             types=field_types(TaskConfig, Seq2SeqConfig))
     task_over = {k: v for k, v in values.items() if k not in model_keys}
     model_over = {k: v for k, v in values.items() if k in model_keys}
     for key in ("task", "length", "min_length", "vocab", "max_iters", "n_test", "beam", "seed"):
@@ -344,7 +395,8 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="toy budget (seconds): checks it runs")
     p.add_argument("--steps", type=int, help="training steps of each run (default 300)")
     p.add_argument("--seconds", type=float, help="training time of each run of `lstm` (default 60)")
-    p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare)")
+    p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare, shipped "
+                                  "with bardlm)")
     p.add_argument("--device", default="cpu")
 
 
@@ -461,6 +513,136 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# finetune ----------------------------------------------------------------------------------
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="supervised finetuning on chat JSONL (full, or LoRA)")
+    p.add_argument("--init-from", required=True, metavar="DIR",
+                   help="the model to finetune: a bardlm run or a Hugging Face GPT-2/Llama/Qwen3 folder")
+    p.add_argument("--data", required=True, help='JSONL, one {"messages": [{"role", "content"}, ...]} a line')
+    p.add_argument("--out", required=True, help="run directory (a checkpoint, or with LoRA an adapter)")
+    p.add_argument("--max-iters", type=int, help="optimizer steps (default 500)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, ...")
+    p.add_argument("--lora-rank", type=int, help="train rank-R adapters instead of every weight")
+    p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha = 2 x rank)")
+    p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
+                   help="linear layers to adapt (default: c_attn c_proj c_fc)")
+    p.add_argument("--merge", action="store_true", help="with LoRA: also write base + adapter merged to OUT/merged")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training field, e.g. --set lr=1e-4 --set batch_size=8")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+
+# Finetuning defaults: a smaller step than pretraining, on fewer, shorter sequences.
+FINETUNE_DEFAULTS = dict(max_iters=500, lr=1e-4, min_lr=1e-5, warmup_iters=20, batch_size=8,
+                         eval_interval=100, weight_decay=0.0, val_fraction=0.1)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, parse_overrides, train_config_keys
+    from .io.checkpoint import read_config
+    from .train.sft import Finetuner, LoRASpec
+    from .train.trainer import prepare_out
+
+    out = Path(args.out)
+    prepare_out(out, args.resume, args.overwrite)
+    over = parse_overrides(args.set, train_config_keys())
+    for key in ("max_iters", "seed", "device"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    saved = read_config(out).get("train", {}) if args.resume else {}
+    cfg = TrainConfig.from_dict({**FINETUNE_DEFAULTS, **saved, **over})
+    lora = None
+    if args.lora_rank is not None:
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        lora = LoRASpec(args.lora_rank, alpha, tuple(args.lora_targets))
+    elif args.merge or args.lora_alpha is not None:
+        raise BardlmError("--merge and --lora-alpha need --lora-rank")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    ft = Finetuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume)
+    log(f"{ft.n_train} training and {ft.n_val} held-out conversations; template: {ft.template.kind}")
+    log(f"trainable parameters: {ft.trainable:,} of {ft.total:,} ({100 * ft.trainable / ft.total:.2f}%)")
+    final = ft.fit()
+    if args.merge:
+        from .io.adapter import merge_adapter
+
+        final["merged"] = merge_adapter(out, out / "merged")["out"]
+    print(json.dumps({"out": str(out), **final}))
+    return 0
+
+
+# merge -------------------------------------------------------------------------------------
+def add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="base model + LoRA adapter -> one full checkpoint")
+    p.add_argument("--adapter", required=True, help="the adapter directory (bardlm finetune --lora-rank)")
+    p.add_argument("--base", help="the base model (default: the one the adapter recorded)")
+    p.add_argument("--out", required=True, help="directory for the merged checkpoint")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .io.adapter import merge_adapter
+
+    print(json.dumps(merge_adapter(args.adapter, args.out, args.base)))
+    return 0
+
+
+# chat --------------------------------------------------------------------------------------
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk with a model (its chat template); /reset, /system TEXT, /exit")
+    p.add_argument("--ckpt", required=True, help="a bardlm run, adapter, INT8 or Hugging Face model directory")
+    p.add_argument("--system", help="a system message to start with")
+    add_sampling_args(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .infer.chat import ChatSession, template_for
+    from .io.load import load
+
+    model, tokenizer = load(args.ckpt, args.dtype, args.device)
+    if tokenizer is None:
+        raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
+    kw = sampling_kwargs(args)
+    session = ChatSession(model, tokenizer, template_for(args.ckpt, tokenizer), args.system,
+                          kw.pop("max_new_tokens"), **kw)
+    tty = sys.stdin.isatty()
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if tty:
+        print("bardlm chat: /reset clears the history, /system TEXT sets the system message, "
+              "/exit ends", file=sys.stderr)
+    while True:
+        if tty:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            session.system = text[len("/system"):].strip() or None
+            session.reset()
+            print("(system message set; history cleared)", file=sys.stderr)
+            continue
+        try:
+            session.reply(text, on_text=emit)
+        except BardlmError as e:
+            print(f"bardlm: error: {e}", file=sys.stderr)
+        emit("\n")
+
+
 COMMANDS = {
     "train": (add_train, cmd_train),
     "generate": (add_generate, cmd_generate),
@@ -468,12 +650,16 @@ COMMANDS = {
     "tokenizer": (add_tokenizer, cmd_tokenizer),
     "quantize": (add_quantize, cmd_quantize),
     "convert": (add_convert, cmd_convert),
+    "export": (add_export, cmd_export),
     "reverse": (add_reverse, cmd_reverse),
     "seq2seq": (add_seq2seq, cmd_seq2seq),
     "experiment": (add_experiment, cmd_experiment),
     "eval": (add_eval, cmd_eval),
     "lm-eval": (add_lm_eval, cmd_lm_eval),
     "serve": (add_serve, cmd_serve),
+    "finetune": (add_finetune, cmd_finetune),
+    "merge": (add_merge, cmd_merge),
+    "chat": (add_chat, cmd_chat),
 }
 
 

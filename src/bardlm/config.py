@@ -324,6 +324,11 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def field_types(*classes: type) -> dict[str, Any]:
+    """Field name -> annotation of the given dataclasses (for `parse_overrides(types=...)`)."""
+    return {name: tp for cls in classes for name, tp in _field_types(cls).items()}
+
+
 def _kinds(tp: Any) -> tuple[set[type], bool]:
     """({base types}, None allowed) of an annotation such as `int | None`."""
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (tp,)
@@ -400,8 +405,10 @@ def parse_overrides(
     pairs: list[str], keys: list[str] | None = None, types: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Parse `--set key=value` pairs, each value by its field's type (ModelConfig and TrainConfig
-    fields by default; pass `types` for other dataclasses)."""
-    types = types if types is not None else {**_field_types(TrainConfig), **_field_types(ModelConfig)}
+    fields by default; pass `types` for other dataclasses, see `field_types`). Every key in
+    `keys` needs a type: a missing one is a bug here, never a reason to pass the text through
+    as a string (which a bool or int field then refuses)."""
+    types = types if types is not None else field_types(TrainConfig, ModelConfig)
     keys = keys if keys is not None else config_keys()
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -411,5 +418,5 @@ def parse_overrides(
         key = key.strip()
         if key not in keys:
             raise BardlmError(f"--set: unknown key {key!r}{_suggest(key, keys)}")
-        out[key] = parse_value(key, raw, types.get(key, str))
+        out[key] = parse_value(key, raw, types[key])
     return out

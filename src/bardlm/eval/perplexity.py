@@ -13,7 +13,9 @@ first token of every window goes unscored too (as in the guide). The last window
                                    [4 5 6]    scores 6       (context 4 5)
 
 Numbers (`PerplexityResult`): `loss` = mean negative log-likelihood in nats per scored token,
-`perplexity` = exp(loss), `bits_per_byte` = total NLL / ln 2 / UTF-8 bytes of the whole text.
+`perplexity` = exp(loss), `bits_per_byte` = total NLL / ln 2 / UTF-8 bytes of the scored tokens
+(the unscored first token of the text, and of every window when S = L, count neither bits nor
+bytes: dividing by the whole text's bytes would flatter the model by the unscored share).
 Bits per byte does not depend on the tokenizer's unit (a character, a word, a BPE piece), so it
 compares any two models on the same text.
 """
@@ -41,6 +43,7 @@ class PerplexityResult:
     tokens: int  # tokens of the text
     scored_tokens: int  # tokens with a prediction (tokens - 1 when S < L)
     bytes: int  # UTF-8 bytes of the text
+    scored_bytes: int  # UTF-8 bytes of the scored tokens: the denominator of bits_per_byte
     max_length: int
     stride: int
     windows: int
@@ -87,11 +90,21 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return encode_prompt(tokenizer, text)
 
 
+def token_bytes(tokenizer: Any, ids: list[int], p: int) -> int:
+    """UTF-8 bytes that token p adds to the decoded text (decoded with a few tokens of left
+    context, so that byte-level pieces of one character are counted where they complete)."""
+    lo = max(0, p - 8)
+    return len(utf8(tokenizer.decode(ids[lo : p + 1]))) - len(utf8(tokenizer.decode(ids[lo:p])))
+
+
 def perplexity_of_ids(
     model: torch.nn.Module, ids: list[int], n_bytes: int, max_length: int | None = None,
-    stride: int | None = None, batch_size: int = 8,
+    stride: int | None = None, batch_size: int = 8, tokenizer: Any = None,
 ) -> PerplexityResult:
-    """Sliding-window perplexity of token ids (defaults: L = the model's context, S = L)."""
+    """Sliding-window perplexity of token ids (defaults: L = the model's context, S = L).
+
+    With `tokenizer`, bits per byte divides by the bytes of the scored tokens only; without,
+    by `n_bytes` (exact when every token is scored but the first, of one byte)."""
     L = model.config.block_size if max_length is None else max_length
     S = L if stride is None else stride
     check_window(L, S, model.config.block_size)
@@ -106,17 +119,21 @@ def perplexity_of_ids(
     nll = -sum(s.total for s in scored)
     n = sum(len(s.logprobs) for s in scored)
     loss = nll / n
+    scored_bytes = n_bytes
+    if tokenizer is not None:  # the tokens no window scores: the first, and window starts if S = L
+        covered = {p for _, e, f in windows for p in range(f, e)}
+        scored_bytes -= sum(token_bytes(tokenizer, ids, p) for p in range(len(ids)) if p not in covered)
     return PerplexityResult(
-        loss=loss, perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / n_bytes,
-        tokens=len(ids), scored_tokens=n, bytes=n_bytes, max_length=L, stride=S,
-        windows=len(windows))
+        loss=loss, perplexity=math.exp(loss), bits_per_byte=nll / math.log(2) / max(scored_bytes, 1),
+        tokens=len(ids), scored_tokens=n, bytes=n_bytes, scored_bytes=scored_bytes, max_length=L,
+        stride=S, windows=len(windows))
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, **kwargs: Any) -> PerplexityResult:
     """Sliding-window perplexity of `text` (see the module docstring); kwargs: max_length,
     stride, batch_size."""
     ids = encode_text(tokenizer, text)
-    return perplexity_of_ids(model, ids, len(utf8(text)), **kwargs)
+    return perplexity_of_ids(model, ids, len(utf8(text)), tokenizer=tokenizer, **kwargs)
 
 
 def read_text(path: str | Path) -> str:

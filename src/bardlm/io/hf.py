@@ -121,7 +121,7 @@ def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
     return out
 
 
-def _row_splits(cfg: ModelConfig, n_parts: int) -> list[int]:
+def row_splits(cfg: ModelConfig, n_parts: int) -> list[int]:
     """Row sizes of a fused tensor: [q, k, v] for c_attn, [gate, up] for SwiGLU's c_fc."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     return [q, kv, kv] if n_parts == 3 else [cfg.ffn_hidden] * n_parts
@@ -346,7 +346,7 @@ def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Ten
     out = {}
     for e in name_map(model.config, family, set(sd)):
         t = sd[e.ours].detach()
-        parts = t.split(_row_splits(model.config, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
+        parts = t.split(row_splits(model.config, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
         for name, part in zip(e.theirs, parts):
             out[name] = (part.t() if e.transpose else part).contiguous()
     return out
@@ -543,13 +543,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
 
     Tokenizer files travel unchanged. Returns a summary dict for the CLI to print.
     """
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise BardlmError(f"{src} is not a directory; pass a HF directory or a bardlm checkpoint")
-    if (out / CONFIG_FILE).exists() and not overwrite:
-        raise BardlmError(f"{out} already holds a model; pass --overwrite to replace it")
-    tok_path = _tokenizer_path(src)
-    tokenizer = RawTokenizerJSON.read(tok_path) if tok_path else None
+    src, out, tok_path, tokenizer = _check_paths(src, out, overwrite)
     if is_hf_dir(src):
         model = from_pretrained(src)
         meta: dict[str, Any] = {"source": str(src)}
@@ -560,19 +554,50 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[s
         save_checkpoint(out, model, tokenizer, meta=meta)
         direction = "hf->bardlm"
     else:
-        meta = read_config(src)
-        cfg = ModelConfig.from_dict(meta["model"])
-        tensors = load_tensors(src / MODEL_FILE, meta.get("save_id"))
-        if any(not t.is_floating_point() for t in tensors.values()):
-            raise BardlmError(f"{src} holds quantized weights; transformers needs float weights: "
-                              "convert the checkpoint saved before quantization")
-        dtype = next(iter(tensors.values())).dtype  # keep the checkpoint's precision
-        model = build_model(cfg, tensors, str(src / MODEL_FILE), dtype=dtype)
-        save_pretrained(model, out, tokenizer)
+        model = _save_bardlm_as_hf(src, out, tokenizer)
         direction = "bardlm->hf"
     return {"out": str(out), "direction": direction, "parameters": model.num_params(),
             "architecture": ARCHITECTURES[family_of(model.config)],
             "tokenizer": tok_path.name if tok_path else None}
 
 
-__all__ = ["from_pretrained", "save_pretrained", "convert", "config_from_hf", "config_to_hf"]
+def _check_paths(src: str | Path, out: str | Path, overwrite: bool):  # noqa: ANN202
+    """(src, out, tokenizer path or None, the tokenizer file carried through unchanged)."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise BardlmError(f"{src} is not a directory; pass a HF directory or a bardlm checkpoint")
+    if (out / CONFIG_FILE).exists() and not overwrite:
+        raise BardlmError(f"{out} already holds a model; pass --overwrite to replace it")
+    tok_path = _tokenizer_path(src)
+    return src, out, tok_path, RawTokenizerJSON.read(tok_path) if tok_path else None
+
+
+def _save_bardlm_as_hf(src: Path, out: Path, tokenizer: Any) -> GPT:
+    """A bardlm checkpoint -> a HF directory, keeping the checkpoint's precision."""
+    meta = read_config(src)
+    cfg = ModelConfig.from_dict(meta["model"])
+    tensors = load_tensors(src / MODEL_FILE, meta.get("save_id"))
+    if any(not t.is_floating_point() for t in tensors.values()):
+        raise BardlmError(f"{src} holds quantized weights; transformers needs float weights: "
+                          "convert the checkpoint saved before quantization")
+    dtype = next(iter(tensors.values())).dtype  # keep the checkpoint's precision
+    model = build_model(cfg, tensors, str(src / MODEL_FILE), dtype=dtype)
+    save_pretrained(model, out, tokenizer)
+    return model
+
+
+def export_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """`bardlm export --format hf`: a bardlm checkpoint (or a HF directory, re-saved) -> a HF
+    directory. The bardlm -> HF direction of `convert`, under the export verb."""
+    src, out, tok_path, tokenizer = _check_paths(src, out, overwrite)
+    if is_hf_dir(src):
+        model = from_pretrained(src)
+        save_pretrained(model, out, tokenizer)
+    else:
+        model = _save_bardlm_as_hf(src, out, tokenizer)
+    return {"out": str(out), "format": "hf", "parameters": model.num_params(),
+            "architecture": ARCHITECTURES[family_of(model.config)],
+            "tokenizer": tok_path.name if tok_path else None}
+
+
+__all__ = ["from_pretrained", "save_pretrained", "convert", "export_hf", "config_from_hf", "config_to_hf"]

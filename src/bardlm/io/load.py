@@ -2,7 +2,8 @@
 
     model, tokenizer = bardlm.load(path, dtype=None, device=None)
 
-`path` is a bardlm run directory (float), an INT8 directory from `bardlm quantize`, or a Hugging
+`path` is a bardlm run directory (float), an INT8 directory from `bardlm quantize`, a LoRA
+adapter directory from `bardlm finetune --lora-rank` (loaded onto its base), or a Hugging
 Face directory (GPT-2, Llama, Qwen3; `config.json` + safetensors). The model comes back in eval
 mode; `dtype` ("fp32", "bf16", "int8", or None for the weights as trained) lays it out for fast
 inference (`bardlm.infer.layouts`). An INT8 directory always runs int8.
@@ -21,6 +22,7 @@ from ..infer.layouts import prepare_for_inference
 from ..infer.quantize import quantize_model, weight_bytes
 from ..nn.model import GPT
 from ..tokenizers import Tokenizer
+from .adapter import load_adapter
 from .checkpoint import CONFIG_FILE, check_dir, load_checkpoint, read_config, save_checkpoint
 from .hf import config_from_hf, from_pretrained, is_hf_dir, read_hf_config
 
@@ -28,11 +30,15 @@ DTYPES = ("fp32", "bf16", "int8")
 
 
 def kind_of(path: str | Path) -> str:
-    """"hf", "int8" or "bardlm": what `load` will read at `path` (checked, one-line errors)."""
+    """"hf", "int8", "adapter" or "bardlm": what `load` will read at `path` (checked, one-line
+    errors)."""
     path = check_dir(path)
     if is_hf_dir(path):
         return "hf"
-    return "int8" if read_config(path).get("quantization") else "bardlm"
+    meta = read_config(path)
+    if "adapter" in meta:
+        return "adapter"
+    return "int8" if meta.get("quantization") else "bardlm"
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
@@ -49,8 +55,11 @@ def load(
     if dtype is not None and dtype not in DTYPES:
         raise BardlmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = device or "cpu"
-    if kind_of(path) == "hf":
+    kind = kind_of(path)
+    if kind == "hf":
         model, tokenizer = from_pretrained(path, device=device, with_tokenizer=True)
+    elif kind == "adapter":  # a LoRA adapter: its base with the adapters merged in
+        model, tokenizer, _ = load_adapter(path, device=device)
     else:
         model, tokenizer, _ = load_checkpoint(path, device)
     if getattr(model, "quantization", None):
@@ -72,7 +81,8 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, embeddings: bool = Tr
     meta = {} if kind_of(ckpt) == "hf" else read_config(ckpt)
     fp32_bytes = weight_bytes(model)
     quantize_model(model, embeddings)
-    keep = {k: v for k, v in meta.items() if k not in ("model", "save_id", "tokenizer_fingerprint")}
+    keep = {k: v for k, v in meta.items()
+            if k not in ("model", "save_id", "tokenizer_fingerprint", "adapter")}
     save_checkpoint(out, model, tokenizer, {**keep, "source": str(ckpt)})
     int8_bytes = weight_bytes(model)
     return {"out": str(out), "fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,

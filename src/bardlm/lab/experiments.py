@@ -84,7 +84,7 @@ class Data:
 
     @classmethod
     def load(cls, budget: Budget, data: str | None = None, max_val: int | None = None) -> Data:
-        text, _ = load_corpus(data or "tiny-shakespeare")
+        text, _ = load_corpus(data)  # None: DEFAULT_CORPUS, tiny Shakespeare shipped with bardlm
         tok = CharTokenizer.train(text)
         ids = np.asarray(tok.encode(text), dtype=np.int32)
         train, val = split_ids(ids, len(text))

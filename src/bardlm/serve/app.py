@@ -1,6 +1,8 @@
 """An OpenAI-compatible HTTP API and the playground page, as a FastAPI app.
 
     POST /v1/completions   prompt -> completion, whole or streamed as server-sent events
+    POST /v1/chat/completions  messages -> the assistant's reply (the model's chat template
+                           renders them into a prompt; then it is a completion job like any other)
     GET  /v1/models        the one model served (id, context length)
     GET  /health           liveness, slot and queue counters
     GET  /                 the playground (static/index.html, no external resources)
@@ -130,6 +132,41 @@ class CompletionRequest(BaseModel):
         return self
 
 
+class ChatRequest(BaseModel):
+    """The body of POST /v1/chat/completions: OpenAI's fields that bardlm implements."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY)
+    stop: Any = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+
+    _stops = field_validator("stop")(CompletionRequest._stops.__func__)
+
+    @model_validator(mode="after")
+    def _neutral(self) -> ChatRequest:
+        for name in ("n", "presence_penalty", "frequency_penalty", "logit_bias"):
+            value = getattr(self, name)
+            if value is not None and value != NEUTRAL[name]:
+                raise ValueError(f"{name}={value!r} is not supported by bardlm; leave it out")
+        return self
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
@@ -157,14 +194,16 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
 def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue: int = 16,
               max_batch: int = 1, api_key: str | None = None,
               allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES, docs: bool = False,
-              prefill_chunk: int = 128, compile: bool = False) -> FastAPI:
+              prefill_chunk: int = 128, compile: bool = False,
+              chat_template: Any = None) -> FastAPI:
     """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer.
 
     max_batch: requests generated together (continuous batching); max_queue: more that may wait.
     api_key: when set, every API route wants `Authorization: Bearer <api_key>`.
     allowed_hosts: host names the Host header may carry (None: any); the default, loopback
     names only, stops a web page on another site from reaching the server through DNS
-    rebinding. docs: serve /docs and /openapi.json.
+    rebinding. docs: serve /docs and /openapi.json. chat_template: an `infer.chat.ChatTemplate`
+    (default: the built-in one for the tokenizer) renders chats.
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, max_batch=max_batch,
                     prefill_chunk=prefill_chunk, compile=compile)
@@ -315,7 +354,73 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
         choice = {**_choice(text, job.finish_reason), "logprobs": job.logprob_block}
         return JSONResponse({**meta, "choices": [choice], "usage": _usage(job)})
 
+    def prepare_chat(body: bytes) -> tuple[ChatRequest, Job] | JSONResponse:
+        """Parse a chat body, render its messages and check the job (in a worker thread)."""
+        from ..infer.chat import builtin_template, check_messages, prompt_ids
+
+        try:
+            req = ChatRequest.model_validate_json(body)
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            return error_response(400, message, param=param)
+        if req.model is not None and req.model != model_name:
+            return _unknown_model(req.model, model_name)
+        template = chat_template or builtin_template(tokenizer)
+        try:
+            messages = check_messages(req.messages)
+            ids = prompt_ids(template, tokenizer, messages)
+        except BardlmError as e:
+            return error_response(400, str(e), param="messages")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:  # OpenAI's default: as much as the context leaves
+            max_tokens = max(1, engine.block_size - len(ids))
+        # The end of the turn is one more stop string: the reply ends there, without it.
+        job = Job(prompt=tokenizer.decode(ids), prompt_ids=ids, max_tokens=max_tokens,
+                  stop=[*(req.stop or []), template.end],
+                  sampling=dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                                seed=req.seed))
+        try:
+            engine.check(job)
+        except RequestError as e:
+            return error_response(400, str(e), param="messages" if e.param == "prompt" else e.param)
+        return req, job
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
+        prepared = await loop_free(prepare_chat, body)
+        if isinstance(prepared, Response):
+            return prepared
+        req, job = prepared
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                "created": int(time.time()), "model": model_name}
+        if req.stream:
+            meta["object"] = "chat.completion.chunk"
+            return _stream(engine, job, meta, req, _chat_chunk)
+        future = engine.try_submit(job)
+        if future is None:
+            return _busy(engine)
+        try:
+            await _wait_unless_gone(request, future, job)
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+        if job.finish_reason == "cancelled":
+            return Response(status_code=499)
+        choice = {"index": 0, "message": {"role": "assistant", "content": job.text},
+                  "logprobs": None, "finish_reason": job.finish_reason}
+        return JSONResponse({**meta, "choices": [choice], "usage": _usage(job)})
+
     return app
+
+
+def _chat_chunk(text: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+    """A chat stream's choice: the first carries the role, the last only the finish reason."""
+    delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 class Guard:
@@ -438,8 +543,10 @@ async def _wait_unless_gone(request: Request, future: Future, job: Job) -> None:
             job.cancel.set()
 
 
-def _stream(engine: Engine, job: Job, meta: dict[str, Any], req: CompletionRequest) -> Response:
-    """Queue a job whose text pieces flow to the client as OpenAI completion chunks (SSE)."""
+def _stream(engine: Engine, job: Job, meta: dict[str, Any], req: Any,
+            chat_choice: Any = None) -> Response:
+    """Queue a job whose text pieces flow to the client as OpenAI completion chunks (SSE);
+    with `chat_choice` (text or None for the opening -> choice), as chat completion chunks."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str | None] = asyncio.Queue()  # None marks the end of the job
 
@@ -455,12 +562,15 @@ def _stream(engine: Engine, job: Job, meta: dict[str, Any], req: CompletionReque
         return _busy(engine)
     future.add_done_callback(lambda _f: put(None))
 
-    def chunk(text: str, finish_reason: str | None = None) -> str:
-        return _sse({**meta, "choices": [_choice(text, finish_reason)]})
+    def chunk(text: str | None, finish_reason: str | None = None) -> str:
+        make = chat_choice or _choice
+        return _sse({**meta, "choices": [make(text, finish_reason)]})
 
     async def events() -> AsyncIterator[str]:
         try:
-            if req.echo:
+            if chat_choice is not None:
+                yield chunk(None)  # OpenAI's first chat chunk: the role
+            elif req.echo:
                 yield chunk(job.prompt)
             while (piece := await pieces.get()) is not None:
                 yield chunk(piece)

@@ -136,9 +136,11 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
     name = model_name or Path(ckpt).resolve().name
+    from ..infer.chat import template_for
+
     app = build_app(model, tokenizer, model_name=name, max_queue=max_queue, max_batch=max_batch,
                     api_key=api_key, allowed_hosts=allowed_hosts_for(host, allowed_hosts),
-                    docs=docs, compile=compile)
+                    docs=docs, compile=compile, chat_template=template_for(ckpt, tokenizer))
     sock = bind(host, port)
     where = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}"

@@ -1,9 +1,14 @@
 """Corpora and batches.
 
-Where a corpus comes from, in order: an explicit `--data PATH`; a file of that name in
-`$BARDLM_DATA_DIR`; the download cache (`$XDG_CACHE_HOME/bardlm`, default `~/.cache/bardlm`);
-a `shared/data` folder beside the working directory (how this project's CI lays corpora out);
-and finally a download (Project Gutenberg for the complete works).
+`--data` is a text file (plain or gzipped) or a corpus name. Without `--data`, bardlm trains on
+tiny Shakespeare, shipped gzipped inside the package (`bardlm/data/tiny_shakespeare.txt.gz`), so
+a first run needs neither the network nor a data folder. A corpus name is looked up, in order:
+a file of that name in `$BARDLM_DATA_DIR`; the download cache (`$XDG_CACHE_HOME/bardlm`, default
+`~/.cache/bardlm`); the embedded copy (tiny-shakespeare only); a download (the complete works
+from Project Gutenberg).
+
+Token ids are cached in `$XDG_CACHE_HOME/bardlm/tokens`, never beside the user's corpus (see
+`token_cache_path`).
 
 Batches are non-overlapping windows of block_size + 1 tokens: overlapping windows show the model
 the same text many times per epoch and overfit. The order of windows is a pure function of
@@ -12,12 +17,14 @@ the same text many times per epoch and overfit. The order of windows is a pure f
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +33,22 @@ import torch
 
 from ..errors import BardlmError
 
-# name -> (file name, URL, is it a Project Gutenberg edition whose licence must be stripped)
-CORPORA: dict[str, tuple[str, str, bool]] = {
+# name -> (file name, download URL or None, is it a Project Gutenberg edition whose licence must
+# be stripped)
+CORPORA: dict[str, tuple[str, str | None, bool]] = {
     "shakespeare": (
         "shakespeare_complete.txt",
         "https://www.gutenberg.org/cache/epub/100/pg100.txt",
         True,
     ),
-    "tiny-shakespeare": (
-        "tiny_shakespeare.txt",
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        False,
-    ),
+    # Shipped with the package (EMBEDDED), so never downloaded.
+    "tiny-shakespeare": ("tiny_shakespeare.txt", None, False),
 }
-DEFAULT_CORPUS = "shakespeare"
+# name -> gzipped copy inside the package (package data, see pyproject.toml).
+EMBEDDED: dict[str, Path] = {
+    "tiny-shakespeare": Path(__file__).resolve().parents[1] / "data" / "tiny_shakespeare.txt.gz",
+}
+DEFAULT_CORPUS = "tiny-shakespeare"  # what `--data` means when it is not given
 
 
 def cache_dir() -> Path:
@@ -60,6 +69,7 @@ def strip_gutenberg(text: str) -> str:
 def download(name: str, timeout: float = 30.0) -> Path:
     """Fetch a named corpus into the cache (atomically); offline, a one-line error naming --data."""
     filename, url, gutenberg = CORPORA[name]
+    assert url is not None, f"{name} is embedded, not downloaded"
     dest = cache_dir() / filename
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -80,18 +90,30 @@ def download(name: str, timeout: float = 30.0) -> Path:
 
 
 def resolve(data: str | None) -> Path:
-    """The file a `--data` argument (a path, a corpus name, or None) refers to."""
+    """The file a `--data` argument (a path, a corpus name, or None for DEFAULT_CORPUS) refers to.
+
+    Only the places named in the module docstring are searched: nothing relative to the working
+    directory, so a run behaves the same from any folder.
+    """
     if data is not None and data not in CORPORA:
         return Path(data)
-    filename = CORPORA[data or DEFAULT_CORPUS][0]
+    name = data or DEFAULT_CORPUS
+    filename = CORPORA[name][0]
     candidates = []
     if os.environ.get("BARDLM_DATA_DIR"):
         candidates.append(Path(os.environ["BARDLM_DATA_DIR"]) / filename)
-    candidates += [cache_dir() / filename, Path.cwd().parent / "shared" / "data" / filename]
+    candidates.append(cache_dir() / filename)
     for path in candidates:
         if path.is_file():
             return path
-    return download(data or DEFAULT_CORPUS)
+    if name in EMBEDDED:
+        if not EMBEDDED[name].is_file():
+            raise BardlmError(
+                f"the embedded {name} corpus is missing from this bardlm install "
+                f"({EMBEDDED[name]}); reinstall bardlm, or pass --data PATH to a text file"
+            )
+        return EMBEDDED[name]
+    return download(name)
 
 
 def read_text(path: str | Path) -> str:
@@ -102,6 +124,13 @@ def read_text(path: str | Path) -> str:
     if path.is_dir():
         raise BardlmError(f"--data {path} is a directory; pass a text file inside it")
     raw = path.read_bytes()
+    if path.suffix == ".gz":  # the embedded corpus, or any gzipped text file
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error):
+            raise BardlmError(
+                f"data file {path} is not valid gzip; decompress it or pass the plain text file"
+            ) from None
     if not raw.strip():
         raise BardlmError(f"data file {path} is empty; pass a file with text in it")
     if b"\x00" in raw[:8192]:
@@ -121,23 +150,16 @@ def load_corpus(data: str | None = None) -> tuple[str, Path]:
 
 
 def token_cache_path(corpus: Path, raw: bytes, tokenizer_dict: dict) -> Path:
-    """Where the token ids of `corpus` under one tokenizer are cached.
+    """Where the token ids of `corpus` under one tokenizer are cached: `$XDG_CACHE_HOME/bardlm/
+    tokens` (default `~/.cache/bardlm/tokens`), never beside the corpus, whose folder is the
+    user's (a project, a read-only share) and must not fill with hidden files.
 
     The name holds a hash of the corpus bytes and the tokenizer's JSON, so editing either gives a
-    new file (the old one is simply not used again). Beside the corpus when that folder is
-    writable, else in the cache dir (`$XDG_CACHE_HOME/bardlm/tokens`), e.g. for a read-only share.
+    new file (the old one is simply not used again), and two corpora of one name never collide.
     """
     h = hashlib.sha256(raw)
     h.update(json.dumps(tokenizer_dict, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-    name = f".{corpus.name}.{h.hexdigest()[:16]}.tokens.npy"
-    here = corpus.resolve().parent
-    return (here if _writable(here) else cache_dir() / "tokens") / name
-
-
-def _writable(folder: Path) -> bool:
-    """Writable by its permission bits too: root passes `os.access` even on an r-x folder that
-    its owner marked read-only (such as a shared data folder)."""
-    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    return cache_dir() / "tokens" / f"{corpus.name}.{h.hexdigest()[:16]}.tokens.npy"
 
 
 def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: ANN001
@@ -162,7 +184,7 @@ def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: 
         except OSError:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-            return ids  # nowhere writable: still train, just without the cache
+            return ids  # cache folder not writable: still train, just without the cache
     return np.load(path, mmap_mode="r")
 
 

@@ -72,13 +72,14 @@ def check_plan(saved: dict[str, Any], new: TrainConfig, world: int, saved_world:
     return new
 
 
-def check_model(saved: dict[str, Any], cfg: ModelConfig) -> None:
+def check_model(saved: dict[str, Any], cfg: ModelConfig, flag: str = "--resume") -> None:
     old = ModelConfig.from_dict(saved)
-    diff = [f.name for f in dataclasses.fields(ModelConfig) if getattr(old, f.name) != getattr(cfg, f.name)]
+    diff = [f.name for f in dataclasses.fields(ModelConfig) if getattr(old, f.name) != getattr(cfg, f.name)
+            and (flag == "--resume" or f.name not in ("extra", "dropout", "fast_dropout", "attn_impl", "fused_ops"))]
     if diff:
         k = diff[0]
         raise BardlmError(
-            f"--resume: the model's {k} was {getattr(old, k)!r} and is now {getattr(cfg, k)!r}; "
+            f"{flag}: the model's {k} was {getattr(old, k)!r} and is now {getattr(cfg, k)!r}; "
             "resume with the run's own --preset and --set, or start a new run"
         )
 
@@ -105,13 +106,23 @@ class StopSignals:
 
 
 class RunState:
-    """Save and restore a run: model, optimizer, RNG of every rank, step and history."""
+    """Save and restore a run: model, optimizer, RNG of every rank, step and history.
+
+    trainable_only: the weights file holds only the parameters that train (a LoRA adapter,
+    `train.sft`), not the frozen base they sit on.
+    """
 
     def __init__(self, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  tokenizer: Tokenizer | None, dist: Dist, device: torch.device, fsdp: bool,
-                 log: Any = print) -> None:
+                 log: Any = print, trainable_only: bool = False) -> None:
         self.out, self.model, self.optimizer, self.tokenizer = out, model, optimizer, tokenizer
         self.dist, self.device, self.fsdp, self.log = dist, device, fsdp, log
+        self.trainable_only = trainable_only
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the parameters that train, by state_dict name."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: t for n, t in self.model.state_dict().items() if n in names}
 
     def _full_states(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
         """(model tensors or None for "the module's own", optimizer state with integer keys).
@@ -120,7 +131,8 @@ class RunState:
         ranks make) into whole tensors on rank 0.
         """
         if not self.fsdp:
-            return None, self.optimizer.state_dict()
+            sd = self.trainable_state() if self.trainable_only else None
+            return sd, self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -199,6 +211,14 @@ class RunState:
         ]
         if self.fsdp:
             self._load_sharded(weights, opt_state, groups)
+        elif self.trainable_only:
+            expected = set(self.trainable_state())
+            if set(weights) != expected:
+                raise BardlmError(f"{self.out / MODEL_FILE} holds other tensors than this run "
+                                  f"trains ({sorted(set(weights) ^ expected)[:3]}); resume with "
+                                  "the run's own LoRA settings")
+            self.model.load_state_dict(weights, strict=False)
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         else:
             load_state(self.model, weights, str(self.out))
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})

@@ -65,13 +65,15 @@ class Trainer:
         meta: dict[str, Any] | None = None,
         ids: np.ndarray | None = None,
         dist: Dist | None = None,
+        keep_vocab: bool = False,
     ) -> None:
         self.cfg, self.tokenizer, self.out = train_cfg, tokenizer, Path(out)
         self.dist = dist if dist is not None else Dist.from_env(train_cfg.device)
         main = self.dist.is_main
         self.progress, self.meta = progress and main, dict(meta or {})
         self.log = log if main else (lambda msg: None)  # only rank 0 speaks
-        if model_cfg.vocab_size != tokenizer.vocab_size:
+        # A model started from a checkpoint keeps its (maybe padded) vocabulary: see init_config.
+        if model_cfg.vocab_size != tokenizer.vocab_size and not keep_vocab:
             model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
         self.model_cfg = model_cfg
         if ids is None:
@@ -189,6 +191,21 @@ class Trainer:
 
     def save(self) -> None:
         self.state.save(self.step, self.history, self.run_meta())
+
+    def init_from(self, path: str | Path) -> None:
+        """Start from the weights of the model at `path` (any directory `bardlm.load` reads),
+        with this run's fresh optimizer and schedule; the shape must be this run's."""
+        from ..io.load import load
+
+        if self.cfg.fsdp:
+            raise BardlmError("--init-from with fsdp is not supported; use DDP (drop fsdp)")
+        source, _ = load(path)
+        if getattr(source, "quantization", None):
+            raise BardlmError(f"--init-from {path} is quantized; start from the float checkpoint")
+        check_model(source.config.to_dict(), self.model_cfg, "--init-from")
+        with torch.no_grad():
+            self.model.load_state_dict(source.state_dict())
+        self.log(f"initialised from {path}")
 
     def resume(self) -> None:
         """Continue the run saved in `self.out`: same model, same plan (`state.check_plan`)."""
@@ -314,6 +331,38 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# Fields --set may change on a model started from a checkpoint: they do not touch its weights.
+FREE_WITH_INIT = ("dropout", "fast_dropout", "attn_impl", "fused_ops")
+
+
+def init_config(path: str | Path, preset_name: str | None, overrides: dict[str, Any],
+                tokenizer_spec: str | None) -> tuple[ModelConfig, Tokenizer]:
+    """(model config, tokenizer) of a run started from the model at `path`: both come from the
+    checkpoint; a --preset, --set or --tokenizer that would change them is a one-line error."""
+    from ..config import preset
+    from ..io.load import kind_of, read_model_config
+    from ..io.load import load as load_model
+
+    if kind_of(path) in ("int8", "adapter"):
+        raise BardlmError(f"--init-from {path}: pass a float checkpoint (merge or de-quantize first)")
+    cfg = read_model_config(path)
+    if tokenizer_spec is not None:
+        raise BardlmError("--init-from takes the tokenizer of the checkpoint; drop --tokenizer")
+    wanted = preset(preset_name).to_dict() if preset_name else {}
+    shape = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in (*FREE_WITH_INIT, "extra")]
+    for key in shape:
+        for source, value in (("--set", overrides.get(key, getattr(cfg, key))),
+                              (f"--preset {preset_name}", wanted.get(key, getattr(cfg, key)))):
+            if value != getattr(cfg, key):
+                raise BardlmError(
+                    f"{source} gives {key}={value!r} but --init-from {path} has {key}="
+                    f"{getattr(cfg, key)!r}; the shape comes from the checkpoint: drop it")
+    _, tokenizer = load_model(path)
+    if tokenizer is None:
+        raise BardlmError(f"--init-from {path} has no tokenizer; it cannot read the training text")
+    return cfg.replace(**{k: v for k, v in overrides.items() if k in FREE_WITH_INIT}), tokenizer
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:

@@ -139,3 +139,55 @@ $("form").addEventListener("submit", generate);
 $("halt").addEventListener("click", () => controller?.abort());
 $("api_key").addEventListener("change", loadModel);
 loadModel();
+
+// The chat tab: the conversation lives here and goes whole to /v1/chat/completions each turn.
+let chatHistory = [];
+
+function chatTurn(role, text) {
+  const div = document.createElement("div");
+  div.className = `turn ${role}`;
+  div.textContent = text;
+  $("chat-log").appendChild(div);
+  return div;
+}
+
+async function chatSend(event) {
+  event.preventDefault();
+  const text = $("chat-input").value;
+  if (!text.trim()) return;
+  $("chat-input").value = "";
+  chatHistory.push({role: "user", content: text});
+  chatTurn("user", text);
+  const reply = chatTurn("assistant", "");
+  const system = $("chat-system").value.trim();
+  const base = requestBody();
+  const body = {messages: (system ? [{role: "system", content: system}] : []).concat(chatHistory),
+                stream: true, temperature: base.temperature, top_p: base.top_p, seed: base.seed,
+                max_tokens: base.max_tokens};
+  if (base.top_k !== undefined) body.top_k = base.top_k;
+  if (modelId) body.model = modelId;
+  $("chat-send").disabled = true;
+  try {
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify(body)});
+    if (!r.ok) throw new Error((await r.json()).error.message);
+    for await (const raw of sseEvents(r)) {
+      if (raw === "[DONE]") break;
+      const data = JSON.parse(raw);
+      if (data.error) throw new Error(data.error.message);
+      const delta = data.choices[0].delta;
+      if (delta.content) reply.textContent += delta.content;
+    }
+    chatHistory.push({role: "assistant", content: reply.textContent});
+  } catch (e) {
+    chatHistory.pop();
+    reply.remove();
+    showError(String(e.message || e));
+  } finally {
+    $("chat-send").disabled = false;
+  }
+}
+
+$("chat-form").addEventListener("submit", chatSend);
+$("chat-reset").addEventListener("click", () => { chatHistory = []; $("chat-log").textContent = ""; });

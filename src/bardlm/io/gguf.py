@@ -1,0 +1,402 @@
+"""GGUF export: one file that llama.cpp, Ollama and LM Studio run.
+
+    bardlm export --ckpt DIR --format gguf --out model.gguf [--type f32|f16|q8_0]
+
+GGUF is llama.cpp's container: a header of typed key/value metadata (architecture sizes, the
+tokenizer) followed by named tensors. llama.cpp's own converter (`convert_hf_to_gguf.py`) reads a
+Hugging Face directory and renames HF tensors to GGUF ones; we do the same in two steps, so the
+family detection and the HF name tables stay in one place (`hf.py`):
+
+    our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
+
+Three families, as llama.cpp names them:
+
+* "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
+  its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
+  our tensors go in untransposed (llama.cpp's converter transposes HF's back).
+* "llama": llama.cpp rotates *adjacent* channel pairs (2i, 2i+1) ("normal" RoPE), while HF and
+  we pair channel i with i + d/2 ("rotate half"). Permuting the rows of W_q and W_k within each
+  head, [0, d/2, 1, d/2+1, ...], makes the one compute what the other does (`permute_rope`).
+* "qwen3": llama.cpp runs Qwen3 with "neox" RoPE, which *is* rotate-half: no permutation.
+
+Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
+them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
+
+Types: `f32` keeps everything float32; `f16` and `q8_0` store 2-D weights as float16 / Q8_0 and
+keep 1-D tensors (norms, biases) and tables added to activations (positions, RoPE factors) in
+float32, as llama.cpp's converter does. Q8_0 is packed here (`quantize_q8_0`).
+
+The tokenizer must be byte-level BPE (bardlm's `bpe`, or a Hugging Face tokenizer.json such as
+GPT-2's, Llama 3's or Qwen's): llama.cpp's "gpt2" tokenizer model with its pre-tokenizer named.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import BardlmError
+from ..nn.position import rope_inv_freq
+from ..tokenizers.bpe import PRETOKENIZE_PATTERN, bytes_to_unicode
+from .atomic import atomic_write_many
+from .hf import family_of, name_map, row_splits
+from .load import kind_of, load
+
+TYPES = ("f32", "f16", "q8_0")
+GGUF_SUFFIX = ".gguf"
+
+# HF name (without ".weight"/".bias") -> GGUF name, per family. "{i}" is the layer index.
+# (What llama.cpp's gguf-py TensorNameMap does for these three families, written out.)
+_LLAMA_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{i}.input_layernorm": "blk.{i}.attn_norm",
+    "model.layers.{i}.self_attn.q_proj": "blk.{i}.attn_q",
+    "model.layers.{i}.self_attn.k_proj": "blk.{i}.attn_k",
+    "model.layers.{i}.self_attn.v_proj": "blk.{i}.attn_v",
+    "model.layers.{i}.self_attn.o_proj": "blk.{i}.attn_output",
+    "model.layers.{i}.self_attn.q_norm": "blk.{i}.attn_q_norm",
+    "model.layers.{i}.self_attn.k_norm": "blk.{i}.attn_k_norm",
+    "model.layers.{i}.post_attention_layernorm": "blk.{i}.ffn_norm",
+    "model.layers.{i}.mlp.gate_proj": "blk.{i}.ffn_gate",
+    "model.layers.{i}.mlp.up_proj": "blk.{i}.ffn_up",
+    "model.layers.{i}.mlp.down_proj": "blk.{i}.ffn_down",
+}
+GGUF_NAMES = {
+    "gpt2": {
+        "transformer.wte": "token_embd",
+        "transformer.wpe": "position_embd",
+        "transformer.ln_f": "output_norm",
+        "lm_head": "output",
+        "transformer.h.{i}.ln_1": "blk.{i}.attn_norm",
+        "transformer.h.{i}.attn.c_attn": "blk.{i}.attn_qkv",
+        "transformer.h.{i}.attn.c_proj": "blk.{i}.attn_output",
+        "transformer.h.{i}.ln_2": "blk.{i}.ffn_norm",
+        "transformer.h.{i}.mlp.c_fc": "blk.{i}.ffn_up",
+        "transformer.h.{i}.mlp.c_proj": "blk.{i}.ffn_down",
+    },
+    "llama": _LLAMA_NAMES,
+    "qwen3": _LLAMA_NAMES,
+}
+_LAYER = re.compile(r"^(transformer\.h|model\.layers)\.(\d+)\.(.+)$")
+
+
+def gguf_name(hf_name: str, family: str) -> str:
+    """The GGUF tensor name of a HF tensor name, e.g. model.layers.3.mlp.up_proj.weight ->
+    blk.3.ffn_up.weight."""
+    stem, _, suffix = hf_name.rpartition(".")  # "weight" or "bias"
+    m = _LAYER.match(stem)
+    key, layer = (f"{m.group(1)}.{{i}}.{m.group(3)}", m.group(2)) if m else (stem, None)
+    return GGUF_NAMES[family][key].format(i=layer) + "." + suffix
+
+
+# What llama.cpp can run -----------------------------------------------------------------------
+def check_exportable(cfg: ModelConfig) -> str:
+    """The GGUF architecture ("gpt2", "llama", "qwen3") that computes what `cfg` does, or a
+    one-line `BardlmError` naming what llama.cpp lacks."""
+    try:
+        family = family_of(cfg)  # the same three shapes transformers has
+    except BardlmError as e:
+        raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
+                          .replace("save_pretrained writes", "GGUF export writes")) from None
+    if family == "gpt2" and cfg.ffn != "gelu":
+        raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
+                          "cannot be exported to GGUF (export --format hf still works)")
+    if family == "qwen3" and cfg.attn_bias:
+        raise BardlmError("llama.cpp's Qwen3 has no q/k/v/o biases; this model has attn_bias=true")
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    if family == "qwen3" and kind == "llama3":
+        raise BardlmError("llama.cpp's Qwen3 takes no per-frequency RoPE factors; llama3 rope "
+                          "scaling exports only as a Llama model")
+    return family
+
+
+# RoPE layout ----------------------------------------------------------------------------------
+def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of W_q or W_k (or their bias), (n_heads * head_dim, ...) -> the same shape with each
+    head's rows reordered from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1).
+
+    Within a head, new row 2i is old row i and new row 2i + 1 is old row i + d/2, so llama.cpp's
+    "normal" RoPE, rotating (2i, 2i + 1) by angle i, rotates the same two numbers we rotate."""
+    d = w.shape[0] // n_heads
+    return (w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape))
+
+
+def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor:
+    """(head_dim // 2,) float32: how much llama3 scaling divides each RoPE frequency by.
+
+    llama.cpp computes angle_i = pos * theta^(-2i/d) / factor_i from the `rope_freqs` tensor;
+    ours is pos * inv_freq_i, so factor_i = unscaled inv_freq_i / scaled inv_freq_i."""
+    plain = rope_inv_freq(cfg.head_dim, cfg.rope_theta, None).double()
+    scaled = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).double()
+    return (plain / scaled).float()
+
+
+# Tensors --------------------------------------------------------------------------------------
+def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor (numpy layout (out, in) for 2-D weights), in file order."""
+    cfg = model.config
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    if family == "llama" and cfg.rope_scaling and \
+            cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) == "llama3":
+        out["rope_freqs.weight"] = rope_freq_factors(cfg)
+    for e in name_map(cfg, family, set(sd)):
+        t = sd[e.ours]
+        parts = t.split(row_splits(cfg, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
+        for hf_name, part in zip(e.theirs, parts):
+            if family == "llama" and ".self_attn.q_proj." in hf_name:
+                part = permute_rope(part, cfg.n_head)
+            elif family == "llama" and ".self_attn.k_proj." in hf_name:
+                part = permute_rope(part, cfg.n_kv_head)
+            out[gguf_name(hf_name, family)] = part.contiguous()
+    return out
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """GGUF Q8_0 packing of float32 (rows, cols) with cols % 32 == 0 -> uint8 (rows, cols/32*34).
+
+    Each block of 32 consecutive values of a row becomes 34 bytes: the scale d = max|x| / 127 as
+    float16, then 32 int8 q = round(x / d) (half away from zero, as C's roundf in ggml's
+    reference quantize_row_q8_0; x * (1/d) exactly as it computes it, so the bytes match)."""
+    rows, cols = x.shape
+    if cols % 32:
+        raise ValueError(f"Q8_0 needs rows of a multiple of 32 values, got {cols}")
+    blocks = x.astype(np.float32).reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    v = blocks * inv
+    q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)
+    packed = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
+    return packed.reshape(rows, cols // 32 * 34)
+
+
+def dequantize_q8_0(packed: np.ndarray) -> np.ndarray:
+    """The inverse of `quantize_q8_0`: uint8 (rows, n*34) -> float32 (rows, n*32)."""
+    rows = packed.shape[0]
+    blocks = packed.reshape(-1, 34)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    q = blocks[:, 2:].copy().view(np.int8).astype(np.float32)
+    return (d * q).reshape(rows, -1)
+
+
+def _storage_type(name: str, t: torch.Tensor, qtype: str) -> str:
+    """"f32", "f16" or "q8_0" for one tensor of a file of type `qtype`."""
+    if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")):
+        return "f32"  # llama.cpp reads 1-D tensors as f32 only; positions are added as is
+    if qtype == "q8_0" and t.shape[-1] % 32 == 0:
+        return "q8_0"
+    return "f16"  # what llama.cpp's converter falls back to when a row does not split into blocks
+
+
+# Tokenizer ------------------------------------------------------------------------------------
+# Pre-tokenizer split regexes llama.cpp knows by name (tokenizer.ggml.pre). bardlm's `bpe` and
+# GPT-2 use the GPT-2 regex inside the ByteLevel pre-tokenizer.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {PRETOKENIZE_PATTERN: "gpt-2", _LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+# Special tokens that end (or begin) a text, by the names the common tokenizers give them.
+EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "</s>")
+BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|endoftext|>")
+# llama.cpp token types (gguf.TokenType): normal, control (special), user-defined, unused.
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+def _pre_tokenizer_name(tok: dict[str, Any]) -> str:
+    """llama.cpp's name for this tokenizer.json's pre-tokenization, or a one-line error."""
+    pre = tok.get("pre_tokenizer") or {}
+    if tok.get("normalizer") not in (None, {"type": "NFC"}):  # Qwen's NFC changes no usual text
+        raise BardlmError(f"GGUF export: tokenizer normalizer {tok['normalizer'].get('type')!r} "
+                          "has no llama.cpp equivalent")
+    regex = None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        regex = PRETOKENIZE_PATTERN
+    elif pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        if len(steps) == 2 and steps[0].get("type") == "Split" and \
+                steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
+            regex = steps[0].get("pattern", {}).get("Regex")
+    if regex not in PRE_TOKENIZERS or pre.get("add_prefix_space"):
+        raise BardlmError("GGUF export: the tokenizer's pre-tokenizer is not one llama.cpp names "
+                          f"({', '.join(sorted(set(PRE_TOKENIZERS.values())))}); "
+                          "train the model with --tokenizer bpe:N")
+    return PRE_TOKENIZERS[regex]
+
+
+def tokenizer_metadata(tokenizer: Any, cfg: ModelConfig) -> dict[str, Any]:
+    """llama.cpp's "gpt2" (byte-level BPE) tokenizer fields for a bardlm tokenizer.
+
+    Returns {"pre", "tokens", "types", "merges", "bos", "eos", "eot", "add_bos"}: tokens are byte-symbol strings
+    (GPT-2's printable stand-ins for bytes), padded with unused "[PADi]" tokens up to the model's
+    vocab_size as llama.cpp's converter pads them; merges are "a b" strings in rank order."""
+    if tokenizer is None:
+        raise BardlmError("GGUF export needs the model's tokenizer; this directory has none")
+    if tokenizer.kind not in ("bpe", "hf"):
+        raise BardlmError(
+            f"GGUF export: llama.cpp has no {tokenizer.kind!r} tokenizer; it reads byte-level "
+            "BPE. Train with --tokenizer bpe:N (e.g. bpe:4096) to export to GGUF")
+    tok = tokenizer.to_dict()
+    tok = tok["tokenizer"] if tokenizer.kind == "bpe" else tok
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise BardlmError("GGUF export: only byte-level BPE tokenizers are supported "
+                          f"(this one is {model.get('type')!r}, e.g. sentencepiece)")
+    pre = _pre_tokenizer_name(tok)
+    by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in model["vocab"].items()}
+    for a in tok.get("added_tokens") or []:
+        by_id[a["id"]] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
+    n = max(by_id) + 1
+    if sorted(by_id) != list(range(n)) or n > cfg.vocab_size:
+        raise BardlmError(f"GGUF export: the tokenizer's ids are not 0..{cfg.vocab_size - 1} "
+                          f"(it has {len(by_id)} tokens, highest id {n - 1})")
+    tokens = [by_id[i][0] for i in range(n)] + [f"[PAD{i}]" for i in range(n, cfg.vocab_size)]
+    types = [by_id[i][1] for i in range(n)] + [UNUSED] * (cfg.vocab_size - n)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges,
+            **_special_ids(cfg, tokenizer, tokens, types)}
+
+
+def _special_ids(cfg: ModelConfig, tokenizer: Any, tokens: list[str],
+                 types: list[int]) -> dict[str, Any]:
+    """{"bos", "eos", "eot", "add_bos"}: the tokenizer's own BOS/EOS facts (a Hugging Face
+    tokenizer knows them), else the HF config's ids, else special tokens by name, else a byte
+    that never occurs.
+
+    llama.cpp always has an EOS and stops generating at it; left unset it defaults to id 11,
+    which in a bardlm BPE vocabulary is ",". A tokenizer without special tokens (bardlm's `bpe`)
+    gets the byte 0xFF instead: it never occurs in UTF-8 text, so the model never learnt to emit
+    it and generation stops only at the length limit, exactly as `bardlm generate` does."""
+    eos_ids = list(getattr(tokenizer, "eos_ids", ()) or ())
+    hf = cfg.extra.get("hf", {})
+    ids = {"bos": getattr(tokenizer, "bos_id", None) or hf.get("bos_token_id"),
+           "eos": eos_ids[0] if eos_ids else hf.get("eos_token_id")}
+    ids = {k: v[0] if isinstance(v, list) else v for k, v in ids.items()}
+    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL}
+    for key, names in (("eos", EOS_NAMES), ("bos", BOS_NAMES)):
+        if ids[key] is None:
+            ids[key] = next((special[n] for n in names if n in special), None)
+    never = tokens.index(bytes_to_unicode()[0xFF]) if bytes_to_unicode()[0xFF] in tokens else 0
+    eos = ids["eos"] if ids["eos"] is not None else never
+    bos = ids["bos"] if ids["bos"] is not None else eos
+    # A second end id (Llama 3 instruct's <|eot_id|>) is llama.cpp's end-of-turn token.
+    eot = eos_ids[1] if len(eos_ids) > 1 else None
+    return {"bos": int(bos), "eos": int(eos), "eot": eot,
+            "add_bos": bool(getattr(tokenizer, "add_bos", False))}
+
+
+# Writing --------------------------------------------------------------------------------------
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise BardlmError("GGUF export needs the gguf package: pip install 'bardlm[gguf]'") from None
+    return gguf
+
+
+def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: str = "f16",
+               name: str = "bardlm") -> dict[str, Any]:
+    """Write `model` (+ its byte-level BPE tokenizer) to the GGUF file `out`, all or nothing.
+
+    Returns a summary: architecture, type, tensor count and bytes."""
+    if qtype not in TYPES:
+        raise BardlmError(f"--type must be one of {', '.join(TYPES)}, got {qtype!r}")
+    if Path(out).suffix != GGUF_SUFFIX:
+        raise BardlmError(f"--out should name a {GGUF_SUFFIX} file, got {out}")
+    if getattr(model, "quantization", None):
+        raise BardlmError("this model holds bardlm int8 weights; export the float checkpoint "
+                          "saved before `bardlm quantize` (GGUF has its own q8_0)")
+    gguf = _gguf()
+    cfg = model.config
+    family = check_exportable(cfg)
+    vocab = tokenizer_metadata(tokenizer, cfg)
+    tensors = gguf_tensors(model, family)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    out = Path(out)
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, family)  # the arch string is also the metadata key prefix
+        w.add_name(name)
+        w.add_context_length(cfg.block_size)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.ffn_hidden)
+        w.add_head_count(cfg.n_head)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(file_type)
+        if qtype == "q8_0":
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if family == "gpt2":
+            w.add_layer_norm_eps(cfg.norm_eps)
+        else:
+            w.add_head_count_kv(cfg.n_kv_head)
+            w.add_layer_norm_rms_eps(cfg.norm_eps)
+            w.add_rope_freq_base(cfg.rope_theta)
+            w.add_rope_dimension_count(cfg.head_dim)
+            if cfg.head_dim * cfg.n_head != cfg.n_embd:  # Qwen3-style decoupled head size
+                w.add_key_length(cfg.head_dim)
+                w.add_value_length(cfg.head_dim)
+            scaling = cfg.rope_scaling or {}
+            if scaling.get("rope_type", scaling.get("type")) == "linear":
+                w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab["pre"])
+        w.add_token_list(vocab["tokens"])
+        w.add_token_types(vocab["types"])
+        w.add_token_merges(vocab["merges"])
+        w.add_bos_token_id(vocab["bos"])
+        w.add_eos_token_id(vocab["eos"])
+        if vocab["eot"] is not None:
+            w.add_eot_token_id(vocab["eot"])
+        # Said explicitly: llama.cpp's default for a BPE vocabulary differs between versions.
+        w.add_add_bos_token(vocab["add_bos"])
+        w.add_add_eos_token(False)
+        for tname, t in tensors.items():
+            kind = _storage_type(tname, t, qtype)
+            x = t.numpy()
+            if kind == "q8_0":
+                w.add_tensor(tname, quantize_q8_0(x), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(tname, x.astype(np.float16 if kind == "f16" else np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    atomic_write_many([(out, write)])
+    return {"out": str(out), "format": "gguf", "architecture": family, "type": qtype,
+            "tensors": len(tensors), "bytes": out.stat().st_size,
+            "tokenizer_pre": vocab["pre"], "vocab": len(vocab["tokens"])}
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
+                overwrite: bool = False) -> dict[str, Any]:
+    """Any model directory `bardlm.load` reads -> one GGUF file (the `bardlm export` command)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BardlmError(f"{out} exists; pass --overwrite to replace it")
+    if kind_of(ckpt) == "int8":
+        raise BardlmError(f"{ckpt} holds bardlm int8 weights; export the float checkpoint saved "
+                          "before `bardlm quantize` (use --type q8_0 for a quantized GGUF)")
+    model, tokenizer = load(ckpt)
+    check_exportable(model.config)  # shape errors before tokenizer errors
+    return write_gguf(model, tokenizer, out, qtype, name=Path(ckpt).resolve().name)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """GGUF metadata as plain Python values (for tests and `bardlm info`-style checks)."""
+    reader = _gguf().GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+__all__ = ["TYPES", "check_exportable", "export_gguf", "gguf_name", "permute_rope",
+           "quantize_q8_0", "dequantize_q8_0", "read_metadata", "write_gguf"]

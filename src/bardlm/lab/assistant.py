@@ -1,0 +1,88 @@
+"""From a pretrained model to an assistant, measured: a synthetic instruction task.
+
+The task: the user writes "shout WORD" (WORD: 3 to 6 random lowercase letters) and the assistant
+answers WORD in capitals. A model pretrained on Shakespeare has never seen it (it continues
+the text instead), so its held-out exact-match accuracy is ~0 before finetuning. We finetune it
+on training conversations (full, and LoRA) and score conversations whose words it never saw:
+each answer, decoded greedily up to the end of the turn, must equal the capitalised word.
+
+`run_assistant_demo` does the whole chain (pretrain -> data -> finetune full -> LoRA ->
+scores); docs/benchmarks.md reports a bigger run, tests/test_sft.py a small one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, TrainConfig
+from ..io.load import load
+from ..tokenizers import CharTokenizer
+from ..train.sft import Finetuner, LoRASpec, exact_match, read_chat_jsonl
+from ..train.trainer import Trainer
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def shout_task(n: int, seed: int, avoid: set[str] = frozenset(), letters: str = LETTERS,
+               lengths: tuple[int, int] = (3, 6)) -> list[dict[str, Any]]:
+    """n conversations {"messages": [user "shout w", assistant "W"]}, words not in `avoid`
+    (of `letters`, lengths in [lo, hi])."""
+    rng = random.Random(seed)
+    rows, seen = [], set(avoid)
+    while len(rows) < n:
+        w = "".join(rng.choice(letters) for _ in range(rng.randint(*lengths)))
+        if w in seen:
+            continue
+        seen.add(w)
+        rows.append({"messages": [{"role": "user", "content": f"shout {w}"},
+                                  {"role": "assistant", "content": w.upper()}]})
+    return rows
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_assistant_demo(out: str | Path, text: str, model: dict[str, Any], pretrain: dict[str, Any],
+                       full: dict[str, Any], lora: dict[str, Any], lora_rank: int = 8,
+                       n_train: int = 2000, n_test: int = 200, letters: str = LETTERS,
+                       lengths: tuple[int, int] = (3, 6), log: Any = print) -> dict[str, Any]:
+    """Pretrain on `text` (a char model of shape `model`), then finetune full and with LoRA.
+    pretrain/full/lora: TrainConfig fields of each stage. Returns accuracies, sizes and times."""
+    out = Path(out)
+    tok = CharTokenizer.train(text)
+    t0 = time.time()
+    trainer = Trainer(ModelConfig(**model), TrainConfig(**pretrain), tok, text, out / "pretrained",
+                      progress=False, log=log)
+    trainer.fit()
+    times = {"pretrain_s": time.time() - t0}
+    train_rows = shout_task(n_train, 1, set(), letters, lengths)
+    words = {r["messages"][1]["content"].lower() for r in train_rows}
+    data = write_jsonl(train_rows, out / "train.jsonl")
+    test_rows = shout_task(n_test, 2, words, letters, lengths)  # words never seen in training
+    test = read_chat_jsonl(write_jsonl(test_rows, out / "test.jsonl"))
+    base, base_tok = load(out / "pretrained")
+    from ..infer.chat import template_for
+
+    result: dict[str, Any] = {"before": exact_match(base, base_tok, template_for(out / "pretrained", base_tok), test)}
+    for name, cfg, spec in (("full", full, None), ("lora", lora, LoRASpec(lora_rank, 2.0 * lora_rank))):
+        t0 = time.time()
+        ft = Finetuner(out / "pretrained", data, out / name, TrainConfig(**cfg), spec, log=log)
+        result[f"{name}_val_loss_start"] = ft.val_loss()
+        ft.fit()
+        result[f"{name}_val_loss"] = ft.history[-1]["val_loss"]
+        times[f"{name}_s"] = time.time() - t0
+        ft.model.eval()
+        result[name] = exact_match(ft.model, ft.tokenizer, ft.template, test)
+        result[f"{name}_trainable"] = ft.trainable
+        result[f"{name}_total"] = ft.total
+        log(f"{name}: exact match {result[name]:.3f} ({ft.trainable:,} of {ft.total:,} parameters trained)")
+    result.update({k: round(v, 1) for k, v in times.items()}, n_train=n_train, n_test=n_test,
+                  letters=letters, lengths=list(lengths))
+    (out / "assistant.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,342 @@
+"""GGUF export (issue 21), checked by readers bardlm did not write: the `gguf` package's
+GGUFReader and quantizer, `transformers`' GGUF loader, and llama.cpp itself (llama-cpp-python)
+where it is installed. Small random-weight models for exactness, a briefly trained one for q8_0."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install gguf)")
+
+from bardlm import BardlmError, preset  # noqa: E402
+from bardlm.cli import main  # noqa: E402
+from bardlm.io.checkpoint import save_checkpoint  # noqa: E402
+from bardlm.io.gguf import (  # noqa: E402
+    dequantize_q8_0,
+    export_gguf,
+    quantize_q8_0,
+    read_metadata,
+    write_gguf,
+)
+from bardlm.nn.model import GPT  # noqa: E402
+from bardlm.tokenizers import CharTokenizer, train_bpe  # noqa: E402
+
+TEXT = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak! " * 40
+
+
+@pytest.fixture(scope="module")
+def bpe():  # noqa: ANN201
+    return train_bpe(TEXT, 300)
+
+
+def configs(vocab: int) -> dict:
+    """One small config per family, in shapes transformers' GGUF loader can read back: it ignores
+    GPT-2's context_length (wpe stays 1024 rows) and Qwen3's key_length (head_dim stays 128)."""
+    return {
+        "gpt2": preset("char-tiny", vocab_size=vocab, n_layer=2, n_embd=64, bias=True,
+                       block_size=1024),
+        "llama": preset("llama-tiny", vocab_size=vocab, n_layer=2, n_embd=64, ffn_hidden=96),
+        "qwen3": preset("qwen3-tiny", vocab_size=vocab, n_layer=2, n_embd=64, n_head=2,
+                        n_kv_head=1, head_dim=128, ffn_hidden=96),
+    }
+
+
+def logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
+def random_model(cfg) -> GPT:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a misplaced norm weight shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.1)
+    return model
+
+
+# Q8_0 packing ------------------------------------------------------------------------------
+def test_q8_0_bytes_match_gguf_quants() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 96)).astype(np.float32) * 3
+    x[1, :32] = 0  # an all-zero block: scale 0, no division by zero
+    x[2, 32:64] = np.linspace(-127, 127, 32)  # values landing on .5 after scaling
+    ours = quantize_q8_0(x)
+    theirs = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    assert ours.shape == theirs.shape == (6, 3 * 34) and ours.dtype == np.uint8
+    assert np.array_equal(ours, theirs)
+    back = dequantize_q8_0(ours)
+    assert np.array_equal(back, gguf.quants.dequantize(theirs, gguf.GGMLQuantizationType.Q8_0))
+    scale = np.abs(x.reshape(-1, 32)).max(1, keepdims=True) / 127
+    # half a step of rounding, plus the float16 rounding of the scale (2^-11) times |q| <= 127
+    assert (np.abs(back - x).reshape(-1, 32) <= scale * (0.5 + 127 * 2**-11) + 1e-6).all()
+
+
+# The file, read by gguf's GGUFReader ----------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0"])
+def test_reader_names_shapes_types_metadata(tmp_path, bpe, family, qtype) -> None:  # noqa: ANN001
+    cfg = configs(bpe.vocab_size)[family]
+    model = random_model(cfg)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, bpe, path, qtype)
+    reader = gguf.GGUFReader(str(path))
+    arch = gguf.MODEL_ARCH[family.upper()]
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
+    names = {t.name: t for t in reader.tensors}
+    for name in names:  # every name is one llama.cpp's arch declares
+        base = name.rsplit(".", 1)[0]
+        assert any(base == a.format(bid=i) for a in allowed for i in range(cfg.n_layer)), name
+    assert ("output.weight" in names) == (not cfg.tie_embeddings)
+    want = {"gpt2": 4 + 12 * cfg.n_layer, "llama": 3 + 9 * cfg.n_layer,
+            "qwen3": 2 + 11 * cfg.n_layer}[family]
+    assert len(names) == want
+    # shapes: GGUF lists (in, out) for an (out, in) weight
+    qkv = "blk.0.attn_qkv.weight" if family == "gpt2" else "blk.0.attn_k.weight"
+    rows = 3 * cfg.n_embd if family == "gpt2" else cfg.n_kv_head * cfg.head_dim
+    assert list(names[qkv].shape) == [cfg.n_embd, rows]
+    assert list(names["token_embd.weight"].shape) == [cfg.n_embd, cfg.vocab_size]
+    types = {t.tensor_type.name for n, t in names.items() if len(t.shape) == 2
+             and not n.startswith("position_embd")}
+    assert types == {{"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[qtype]}
+    assert {t.tensor_type.name for t in names.values() if len(t.shape) == 1} == {"F32"}
+    md = read_metadata(path)
+    assert md["general.architecture"] == family
+    assert md["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[qtype]
+    assert md[f"{family}.context_length"] == cfg.block_size
+    assert md[f"{family}.embedding_length"] == cfg.n_embd
+    assert md[f"{family}.block_count"] == cfg.n_layer
+    assert md[f"{family}.feed_forward_length"] == cfg.ffn_hidden
+    assert md[f"{family}.attention.head_count"] == cfg.n_head
+    if family != "gpt2":
+        assert md[f"{family}.attention.head_count_kv"] == cfg.n_kv_head
+        assert md[f"{family}.rope.freq_base"] == pytest.approx(cfg.rope_theta)
+        assert md[f"{family}.rope.dimension_count"] == cfg.head_dim
+        assert md[f"{family}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
+    else:
+        assert md["gpt2.attention.layer_norm_epsilon"] == pytest.approx(cfg.norm_eps)
+    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(md["tokenizer.ggml.tokens"]) == cfg.vocab_size == len(md["tokenizer.ggml.token_type"])
+    assert md["tokenizer.ggml.merges"] == [" ".join(m) for m in bpe.merges()]
+    assert md["tokenizer.ggml.add_bos_token"] is False
+    # no special tokens in bardlm's BPE: EOS is the byte 0xFF, never in UTF-8 text, not ","
+    assert md["tokenizer.ggml.tokens"][md["tokenizer.ggml.eos_token_id"]] == "ÿ"
+
+
+def test_llama3_scaling_writes_rope_freqs(tmp_path, bpe) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    cfg = configs(bpe.vocab_size)["llama"].replace(rope_scaling=scaling, rope_theta=500000.0)
+    write_gguf(random_model(cfg), bpe, tmp_path / "m.gguf", "f32")
+    freqs = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}["rope_freqs.weight"]
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
+        rope_parameters={**scaling, "rope_theta": 500000.0})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    np.testing.assert_allclose(np.asarray(freqs.data), (plain / scaled.double()).numpy(), rtol=1e-5)
+
+
+# transformers' GGUF loader ----------------------------------------------------------------
+def hf_from_gguf(path):  # noqa: ANN001, ANN201
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers loads GGUF only with accelerate")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tok
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt2-untied", "llama", "qwen3"])
+def test_transformers_reads_same_logits_and_tokens(tmp_path, bpe, family) -> None:  # noqa: ANN001
+    family, _, untied = family.partition("-")
+    cfg = configs(bpe.vocab_size)[family]
+    cfg = cfg.replace(tie_embeddings=False) if untied else cfg
+    model = random_model(cfg)
+    write_gguf(model, bpe, tmp_path / "m.gguf", "f32")
+    hf, hf_tok = hf_from_gguf(tmp_path / "m.gguf")
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM"}[family]
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        diff = (logits(model, ids) - hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    text = "Speak, speak! Before we proceed... hear me: zebra 42"
+    assert hf_tok(text, add_special_tokens=True)["input_ids"] == bpe.encode(text)
+    assert hf_tok.decode(bpe.encode(text)) == text
+
+
+def train_small(bpe, tiny_text: str, steps: int = 40) -> GPT:  # noqa: ANN001
+    """A Llama-style model trained for a few seconds: peaked logits, unlike random weights."""
+    torch.manual_seed(0)
+    cfg = preset("llama-tiny", vocab_size=bpe.vocab_size, n_layer=2, n_embd=64, ffn_hidden=160)
+    model = GPT(cfg)
+    ids = torch.tensor(bpe.encode(tiny_text[:60_000]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,))
+        x = torch.stack([ids[s : s + 64] for s in starts])
+        y = torch.stack([ids[s + 1 : s + 65] for s in starts])
+        out = model(x, y)
+        loss = out[1] if isinstance(out, tuple) else out.loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shakespeare):  # noqa: ANN001, ANN201
+    bpe512 = train_bpe(tiny_shakespeare[:200_000], 512)
+    return train_small(bpe512, tiny_shakespeare), bpe512
+
+
+@pytest.fixture(scope="module")
+def tiny_shakespeare() -> str:
+    from conftest import corpus
+
+    return corpus("tiny_shakespeare.txt").read_text(encoding="utf-8")
+
+
+def test_q8_0_greedy_agrees_on_trained_model(tmp_path, trained, tiny_shakespeare) -> None:  # noqa: ANN001
+    model, tok = trained
+    write_gguf(model, tok, tmp_path / "m.gguf", "q8_0")
+    hf, _ = hf_from_gguf(tmp_path / "m.gguf")
+    ids = torch.tensor(tok.encode(tiny_shakespeare[-20_000:])[: 8 * 64]).view(8, 64)
+    with torch.no_grad():
+        ours, theirs = logits(model, ids), hf(ids).logits
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    assert agree >= 0.99, agree
+    assert 0 < (ours - theirs).abs().max().item() < 0.5  # quantized: close, not equal
+
+
+def test_hf_tokenizer_llama3_split_and_special_tokens(tmp_path) -> None:  # noqa: ANN001
+    """A Hugging Face tokenizer.json in Llama 3's style (Split regex + ByteLevel, an
+    <|end_of_text|> special token): llama.cpp's "llama-bpe" pre-tokenizer, EOS from the token."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from bardlm.io.gguf import _LLAMA3_SPLIT
+    from bardlm.tokenizers import HFTokenizer
+
+    # digits: GPT-2's regex keeps " 123456" whole, Llama 3's cuts it " " "123" "456"
+    hf_tok = train_bpe(TEXT + " 123456 don't" * 30, 300).hf
+    hf_tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf_tok.add_special_tokens(["<|end_of_text|>"])
+    tok = HFTokenizer(hf_tok)
+    cfg = configs(tok.vocab_size)["llama"]
+    model = random_model(cfg)
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    md = read_metadata(tmp_path / "m.gguf")
+    assert md["tokenizer.ggml.pre"] == "llama-bpe"
+    eos = md["tokenizer.ggml.eos_token_id"]
+    assert md["tokenizer.ggml.tokens"][eos] == "<|end_of_text|>"
+    assert md["tokenizer.ggml.token_type"][eos] == gguf.TokenType.CONTROL
+    assert md["tokenizer.ggml.add_bos_token"] is False
+    _, their_tok = hf_from_gguf(tmp_path / "m.gguf")
+    text = "Speak 12345 times, don't!\n\nAll:  speak<|end_of_text|>"
+    assert their_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    # BOS/EOS facts the tokenizer carries (from tokenizer_config.json) win, add_bos included
+    hf_tok.add_special_tokens(["<|begin_of_text|>", "<|eot_id|>"])
+    tok = HFTokenizer(hf_tok)
+    ids = [tok.hf.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")]
+    tok.set_special_tokens(bos_id=ids[0], add_bos=True, eos_ids=(ids[1], ids[2]))
+    write_gguf(random_model(configs(tok.vocab_size)["llama"]), tok, tmp_path / "b.gguf", "f32")
+    md = read_metadata(tmp_path / "b.gguf")
+    assert md["tokenizer.ggml.add_bos_token"] is True
+    assert [md[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "eot")] == ids
+
+
+# llama.cpp itself --------------------------------------------------------------------------
+def test_llama_cpp_runs_the_file(tmp_path, trained, tiny_shakespeare) -> None:  # noqa: ANN001
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
+                            "builds llama.cpp from source, ~10 min on 2 cores)")
+    model, tok = trained
+    prompt = tok.encode(tiny_shakespeare[-3000:])[:32]
+    # f32: llama.cpp sums in its own order (and its own exp/rsqrt), so 1e-2, not transformers' 1e-4
+    for qtype, tol in (("f32", 1e-2), ("q8_0", None)):
+        path = tmp_path / f"m-{qtype}.gguf"
+        write_gguf(model, tok, path, qtype)
+        # f32 KV cache (type 0 = GGML_TYPE_F32): llama.cpp's default f16 cache would round keys
+        kwargs = dict(model_path=str(path), n_ctx=64, logits_all=True, verbose=False,
+                      n_threads=2, seed=0, type_k=0, type_v=0)
+        try:  # AMX CPUs: llama.cpp's q8_0 repacking crashes on the first decode without this
+            llm = llama_cpp.Llama(**kwargs, use_extra_bufts=False)
+        except TypeError:
+            warnings.warn("this llama-cpp-python has no use_extra_bufts: on AMX CPUs its q8_0 "
+                          "repacking may crash", stacklevel=1)
+            llm = llama_cpp.Llama(**kwargs)
+        assert llm.tokenize(tiny_shakespeare[-3000:][:200].encode(), add_bos=False,
+                            special=False)[:20] == tok.encode(tiny_shakespeare[-3000:][:200])[:20]
+        llm.eval(prompt)
+        theirs = torch.tensor(np.array(llm.scores[: len(prompt)]), dtype=torch.float32)
+        with torch.no_grad():
+            ours = logits(model, torch.tensor([prompt]))[0]
+        agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+        if tol is not None:
+            assert (ours - theirs).abs().max().item() <= tol
+        assert agree >= 0.95, (qtype, agree)
+
+
+# Refusals and the command line ------------------------------------------------------------
+@pytest.mark.parametrize("change, words", [
+    (dict(pos="sinusoidal"), "pos=sinusoidal"),
+    (dict(norm_placement="post"), "norm_placement=post"),
+    (dict(share_layers=True), "share_layers"),
+    (dict(residual=False), "residual=false"),
+    (dict(attn_score="cosine"), "attn_score=cosine"),
+])
+def test_refuses_shapes_llama_cpp_cannot_run(tmp_path, bpe, change, words) -> None:  # noqa: ANN001
+    cfg = configs(bpe.vocab_size)["llama"].replace(**change)
+    with pytest.raises(BardlmError, match=words) as e:
+        write_gguf(GPT(cfg), bpe, tmp_path / "m.gguf")
+    assert "\n" not in str(e.value) and "GGUF" in str(e.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_refuses_relu_gpt2_and_char_tokenizer(tmp_path, bpe) -> None:  # noqa: ANN001
+    relu = configs(bpe.vocab_size)["gpt2"].replace(ffn="relu")
+    with pytest.raises(BardlmError, match="GELU"):
+        write_gguf(GPT(relu), bpe, tmp_path / "m.gguf")
+    char = CharTokenizer.train(TEXT)
+    cfg = configs(char.vocab_size)["llama"]
+    with pytest.raises(BardlmError, match="'char' tokenizer.*bpe:N"):
+        write_gguf(GPT(cfg), char, tmp_path / "m.gguf")
+
+
+def test_cli_export_gguf_hf_and_convert(tmp_path, bpe, capsys) -> None:  # noqa: ANN001
+    cfg = configs(bpe.vocab_size)["qwen3"]
+    save_checkpoint(tmp_path / "run", random_model(cfg), bpe)
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--format", "gguf", "--out", str(out),
+                 "--type", "q8_0"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["architecture"] == "qwen3" and summary["type"] == "q8_0" and out.is_file()
+    assert read_metadata(out)["general.name"] == "run"
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--format", "gguf", "--out",
+                 str(out)]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--format", "hf", "--out",
+                 str(tmp_path / "hf")]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == "Qwen3ForCausalLM"
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    capsys.readouterr()
+    # the exported HF directory exports to GGUF too (any directory bardlm.load reads)
+    summary = export_gguf(tmp_path / "hf", tmp_path / "from-hf.gguf", "f32")
+    assert summary["architecture"] == "qwen3"
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "from-hf.gguf")).tensors}
+    export_gguf(tmp_path / "run", tmp_path / "from-run.gguf", "f32")
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "from-run.gguf")).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,0 +1,246 @@
+"""Finetuning: `bardlm train --init-from`, `bardlm finetune` (full and LoRA, resume, merge),
+`bardlm chat`, and the small version of the assistant demonstration (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bardlm import GPT, ModelConfig
+from bardlm.cli import main
+from bardlm.errors import BardlmError
+from bardlm.infer.chat import ChatSession, builtin_template, template_for
+from bardlm.io.checkpoint import read_config, save_checkpoint
+from bardlm.io.load import kind_of, load
+from bardlm.lab.assistant import shout_task, write_jsonl
+from bardlm.tokenizers import CharTokenizer
+
+CHARS = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\n.,!?'"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # noqa: ANN202
+    """Tiny models on a shared machine: one thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def base_ckpt(path: Path, **kw) -> Path:  # noqa: ANN003
+    torch.manual_seed(0)
+    tok = CharTokenizer(CHARS)
+    cfg = ModelConfig(**{"vocab_size": tok.vocab_size, "block_size": 64, "n_layer": 2, "n_head": 2,
+                         "n_embd": 32, "bias": False, **kw})
+    return save_checkpoint(path, GPT(cfg), tok, {"preset": None})
+
+
+def chat_data(path: Path, n: int = 40) -> Path:
+    return write_jsonl(shout_task(n, 0, letters="abcd", lengths=(2, 3)), path)
+
+
+# train --init-from ----------------------------------------------------------------------------
+def test_train_init_from_takes_weights_shape_and_tokenizer(tmp_path: Path) -> None:
+    base = base_ckpt(tmp_path / "base")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, this is a small text. " * 200)
+    from bardlm.train.trainer import Trainer, init_config
+
+    cfg, tok = init_config(base, None, {"dropout": 0.1}, None)
+    trainer = Trainer(cfg, __import__("bardlm").TrainConfig(max_iters=2, batch_size=4, eval_interval=1,
+                                                            eval_batches=1),
+                      tok, text.read_text(), tmp_path / "run", progress=False, log=lambda m: None,
+                      keep_vocab=True)
+    trainer.init_from(base)
+    src, _ = load(base)
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), trainer.model.state_dict().values()))
+    assert trainer.step == 0 and not trainer.optimizer.state  # fresh optimizer and schedule
+    rc = main(["train", "--init-from", str(base), "--data", str(text), "--out", str(tmp_path / "cli"),
+               "--max-iters", "2", "--set", "batch_size=4", "--set", "eval_interval=1", "--no-progress"])
+    assert rc == 0
+    meta = read_config(tmp_path / "cli")
+    assert meta["model"] == read_config(base)["model"] and meta["init_from"] == str(base.resolve())
+    moved, _ = load(tmp_path / "cli")
+    assert not torch.equal(moved.transformer.wte.weight, src.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "n_layer=4"], "--set gives n_layer=4 but --init-from"),
+    (["--preset", "char-tiny"], "--preset char-tiny gives"),
+    (["--tokenizer", "bpe:300"], "drop --tokenizer"),
+])
+def test_train_init_from_conflicts_are_one_line_errors(tmp_path: Path, capsys, argv, message) -> None:  # noqa: ANN001
+    base = base_ckpt(tmp_path / "base")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 100)
+    rc = main(["train", "--init-from", str(base), "--data", str(text), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_train_init_from_hf_gpt2(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from bardlm.tokenizers import train_bpe
+
+    text = "the quick brown fox jumps over the lazy dog. " * 100
+    tok = train_bpe(text, 300)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32,
+                                                              n_layer=1, n_head=2))
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(tok.hf.to_str())
+    (tmp_path / "t.txt").write_text(text)
+    rc = main(["train", "--init-from", str(tmp_path / "hf"), "--data", str(tmp_path / "t.txt"),
+               "--out", str(tmp_path / "run"), "--max-iters", "2", "--set", "batch_size=2",
+               "--no-progress"])
+    assert rc == 0
+    assert read_config(tmp_path / "run")["model"]["block_size"] == 32
+
+
+# finetune -------------------------------------------------------------------------------------
+def test_finetune_resume_continues_exactly(tmp_path: Path) -> None:
+    base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
+    common = ["finetune", "--init-from", str(base), "--data", str(data), "--max-iters", "4",
+              "--set", "eval_interval=2", "--set", "batch_size=4"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--max-iters", "2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]
+    assert read_config(tmp_path / "a")["chat_template"]["kind"] == "plain"
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "a"), "--lora-rank"])
+
+
+def test_finetune_lora_saves_adapter_alone_and_merges(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
+    out = tmp_path / "lora"
+    rc = main(["finetune", "--init-from", str(base), "--data", str(data), "--out", str(out),
+               "--max-iters", "3", "--set", "eval_interval=3", "--set", "batch_size=4", "--set", "lr=1e-2",
+               "--lora-rank", "2", "--lora-targets", "c_attn", "c_fc", "--merge"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "trainable parameters: " in captured.err
+    final = json.loads(captured.out)
+    assert final["trainable_params"] < 0.1 * final["total_params"]
+    assert kind_of(out) == "adapter"
+    adapter_bytes = (out / "model.safetensors").stat().st_size
+    assert adapter_bytes < 0.2 * (base / "model.safetensors").stat().st_size
+    unmerged = __import__("bardlm.io.adapter", fromlist=["x"]).load_adapter(out, merge=False)[0]
+    merged, _ = load(out / "merged")
+    via_load, _ = load(out)
+    idx = torch.randint(0, len(CHARS), (2, 20))
+    ref = unmerged(idx)[0]
+    assert (merged(idx)[0] - ref).abs().max() < 1e-5
+    assert (via_load(idx)[0] - ref).abs().max() < 1e-5
+    base_model, _ = load(base)
+    assert (base_model(idx)[0] - ref).abs().max() > 1e-4  # the adapter changed something
+    assert main(["merge", "--adapter", str(out), "--out", str(tmp_path / "m2")]) == 0
+    assert (load(tmp_path / "m2")[0](idx)[0] - ref).abs().max() < 1e-5
+
+
+def test_finetune_bpe_model_gains_special_tokens(tmp_path: Path) -> None:
+    from bardlm.tokenizers import train_bpe
+
+    tok = train_bpe("shout abc ABC shout dd DD " * 50, 280)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "base", model, tok)
+    data = chat_data(tmp_path / "chat.jsonl", 10)
+    assert main(["finetune", "--init-from", str(tmp_path / "base"), "--data", str(data), "--out",
+                 str(tmp_path / "ft"), "--max-iters", "1", "--set", "batch_size=2"]) == 0
+    model, tok2 = load(tmp_path / "ft")
+    assert tok2.vocab_size == tok.vocab_size + 4 == model.config.vocab_size
+    assert template_for(tmp_path / "ft", tok2).end == "<|end|>"
+
+
+# chat -----------------------------------------------------------------------------------------
+def test_chat_cli_with_piped_stdin(tmp_path: Path) -> None:
+    base = base_ckpt(tmp_path / "base")
+    lines = "shout ab\nshout cd\n/reset\n/system be loud\nshout ab\n"
+    run = subprocess.run([sys.executable, "-m", "bardlm", "chat", "--ckpt", str(base), "--temperature", "0",
+                          "--max-new-tokens", "12"], input=lines, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    replies = run.stdout.split("\n")
+    model, tok = load(base)
+    template = template_for(base, tok)
+    session = ChatSession(model, tok, template, max_new_tokens=12, temperature=0.0)
+    first = session.reply("shout ab")
+    second = session.reply("shout cd")  # with the first exchange in its history
+    fresh = ChatSession(model, tok, template, system="be loud", max_new_tokens=12, temperature=0.0)
+    third = fresh.reply("shout ab")
+    assert run.stdout == f"{first}\n{second}\n{third}\n", replies
+    assert "history cleared" in run.stderr
+
+
+def test_chat_reply_stops_at_end_of_turn() -> None:
+    """A model that has learnt to write "X\\n\\n" stops there: the end of the turn is not shown."""
+    tok = CharTokenizer(CHARS)
+    template = builtin_template(tok)
+
+    class Scripted(torch.nn.Module):  # always says "OK\n\nUSER..." in turn
+        config = ModelConfig(vocab_size=len(CHARS), block_size=64, n_layer=1, n_head=1, n_embd=8)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.script = tok.encode("OK\n\nUSER:\nmore")
+
+        def forward(self, idx, *a, **k):  # noqa: ANN001, ANN002, ANN003
+            n = getattr(self, "n", 0)
+            self.n = n + 1
+            logits = torch.zeros(idx.shape[0], 1, len(CHARS))
+            logits[..., self.script[min(n, len(self.script) - 1)]] = 10.0
+            return logits, None
+
+        def make_cache(self, *a, **k):  # noqa: ANN002, ANN003
+            return None
+
+    model = Scripted()
+    session = ChatSession(model, tok, template, max_new_tokens=10, temperature=0.0, use_cache=False)
+    assert session.reply("hi") == "OK"
+    assert session.history[-1] == {"role": "assistant", "content": "OK"}
+
+
+# the demonstration, small -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_assistant_demo_small(tmp_path: Path, tiny_text: str) -> None:
+    """Pretrain briefly on Shakespeare, then teach "shout w" -> "W" on a 4-letter alphabet.
+    Before: never right. After full finetuning: right on held-out words. LoRA (under 10% of
+    the parameters) learns too, but on this barely pretrained base far more slowly (see
+    docs/benchmarks.md): here only its held-out loss is required to fall."""
+    from bardlm.lab.assistant import run_assistant_demo
+
+    model = dict(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=False)
+    pre = dict(max_iters=60, batch_size=16, lr=3e-3, warmup_iters=10, eval_interval=60, eval_batches=1)
+    full = dict(max_iters=400, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_iters=10, eval_interval=400,
+                weight_decay=0.0)
+    lora = dict(full, max_iters=100, eval_interval=100, lr=1e-2, min_lr=1e-3)
+    r = run_assistant_demo(tmp_path, tiny_text[:200_000], model, pre, full, lora, lora_rank=4,
+                           n_train=200, n_test=40, letters="abcd", lengths=(3, 4), log=lambda m: None)
+    print(json.dumps(r))
+    assert r["before"] == 0.0
+    assert r["full"] >= 0.9, r
+    assert r["lora_trainable"] < 0.1 * r["lora_total"]
+    assert r["lora_val_loss"] < 0.8 * r["lora_val_loss_start"], r
+
+
+def test_lora_resume_and_bad_rank(tmp_path: Path) -> None:
+    base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
+    common = ["finetune", "--init-from", str(base), "--data", str(data), "--set", "eval_interval=2",
+              "--set", "batch_size=4", "--lora-rank", "2"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--max-iters", "4"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--max-iters", "2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--max-iters", "4", "--resume"]) == 0
+    rows = lambda d: [json.loads(x)["train_loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    with pytest.raises(BardlmError):
+        from bardlm.nn.lora import apply_lora
+
+        apply_lora(load(base)[0], 0, 1.0)
