@@ -64,7 +64,8 @@ class Job:
 class _Running:
     """A job in a slot: where its tokens sit in the cache, and how to pick the next one."""
 
-    def __init__(self, job: Job, slot: int, tokenizer: Any, future: Future) -> None:
+    def __init__(self, job: Job, slot: int, tokenizer: Any, future: Future,
+                 device: torch.device) -> None:
         self.job, self.slot, self.future = job, slot, future
         self.ids = list(job.prompt_ids or [])  # prompt + generated so far
         self.n_prompt = len(self.ids)
@@ -74,7 +75,7 @@ class _Running:
         self.out = TextStream(tokenizer, job.stop, eos)
         seed = job.sampling.get("seed")
         # One generator per job, seeded as `generate_text` seeds its single row.
-        self.gens = None if seed is None else [torch.Generator().manual_seed(seed)]
+        self.gens = None if seed is None else [torch.Generator(device).manual_seed(seed)]
 
     @property
     def generating(self) -> bool:
@@ -101,6 +102,7 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
         self.capacity = max_batch + max_queue  # running + waiting
         self.block_size = model.config.block_size
+        self.device = next(model.parameters()).device
         self.cache = model.make_cache(max_batch, self.block_size)  # one row per slot, reused
         self._step = decode_step(model, compile)
         self._lock = threading.Condition()  # guards everything below (event loop + worker)
@@ -229,7 +231,7 @@ class Engine:
         while self._waiting and self._free:
             job, future = self._waiting.popleft()
             future.set_running_or_notify_cancel()
-            r = _Running(job, self._free.pop(0), self.tokenizer, future)
+            r = _Running(job, self._free.pop(0), self.tokenizer, future, self.device)
             self._running.append(r)
             admitted.append(r)
         self.peak_running = max(self.peak_running, len(self._running))
@@ -276,6 +278,7 @@ class Engine:
         for b, (r, n) in enumerate(zip(rows, takes)):
             ids[b, T - n:] = torch.tensor(r.ids[r.prefilled:r.prefilled + n])
             cache_pos[b, T - n:] = torch.arange(r.prefilled, r.prefilled + n)
+        ids, cache_pos = ids.to(self.device), cache_pos.to(self.device)
         length = max(r.prefilled + n for r, n in zip(rows, takes))
         view = [SlotView(c, [r.slot for r in rows], length) for c in self.cache]
         logits, _ = self.model(ids, start_pos=cache_pos, cache=view, logits_rows=1)
@@ -289,11 +292,11 @@ class Engine:
 
     def _decode(self, rows: list[_Running]) -> None:
         """One new token for each generating job: (B, 1) ids at their own cache indices."""
-        ids = torch.tensor([[r.ids[-1]] for r in rows])
-        cache_pos = torch.tensor([[len(r.ids) - 1] for r in rows])  # (B, 1)
+        ids = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
+        cache_pos = torch.tensor([[len(r.ids) - 1] for r in rows], device=self.device)  # (B, 1)
         # Eager: read only as far as the furthest row. Compiled: always the whole cache, so the
         # shapes depend on the batch size alone.
-        length = self.block_size if self.compile else int(cache_pos.max()) + 1
+        length = self.block_size if self.compile else max(len(r.ids) for r in rows)
         view = [SlotView(c, [r.slot for r in rows], length) for c in self.cache]
         logits = self._step(ids, cache_pos, view, None, None)  # (B, 1, V)
         for r, row in zip(rows, logits[:, -1]):
@@ -308,7 +311,7 @@ class Engine:
         s = r.job.sampling
         row, penalty = logits.float().unsqueeze(0), s.get("repetition_penalty", 1.0)
         if penalty != 1.0:  # the ids seen so far, as a tensor, only when they are needed
-            row = apply_repetition_penalty(row, torch.tensor([r.ids]), penalty)
+            row = apply_repetition_penalty(row, torch.tensor([r.ids], device=row.device), penalty)
         token = int(sample(row, s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"),
                            s.get("min_p"), r.gens)[0])
         r.steps += 1
