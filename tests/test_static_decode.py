@@ -87,3 +87,25 @@ def test_compiled_step_equals_eager() -> None:
     eager = model.generate(idx, 10, temperature=0)
     assert torch.equal(model.generate(idx, 10, temperature=0, compile=True), eager)
     assert torch.equal(model.generate(idx, 10, temperature=0, compile=True), eager)  # reused
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("BARDLM_TEST_COMPILE"),
+                    reason="compiling takes ~20-40 s on 2 cores; set BARDLM_TEST_COMPILE=1")
+def test_compiled_engine_equals_eager() -> None:
+    """The server's compiled step (all slots, whole cache, one shape) gives the eager ids."""
+    from bardlm.serve.engine import Engine, Job
+    from bardlm.tokenizers import CharTokenizer
+
+    model = tiny("char-tiny")
+    tok = CharTokenizer([chr(0x4E00 + i) for i in range(65)])
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    want = [model.generate(torch.tensor([p]), 8, temperature=0)[0, len(p):].tolist() for p in prompts]
+    engine = Engine(model, tok, max_queue=3, max_batch=4, compile=True)
+    try:
+        jobs = [Job("", 8, sampling={"temperature": 0.0}, prompt_ids=p) for p in prompts]
+        for f in [engine.try_submit(j) for j in jobs]:
+            f.result(300)
+    finally:
+        engine.shutdown()
+    assert [j.ids for j in jobs] == want

@@ -86,7 +86,7 @@ class Engine:
     """Runs completion jobs on a worker thread, up to `max_batch` at once and `max_queue` waiting.
 
     prefill_chunk: prompt tokens per prefill pass. compile: `torch.compile` the decode step
-    (then the cache is always read whole, so a step's shapes depend only on the batch size).
+    (then every step runs all slots over the whole cache: one shape, compiled once).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_queue: int = 16,
@@ -291,15 +291,28 @@ class Engine:
                     self._fail(r, e)  # one job's failed sampling fails that job only
 
     def _decode(self, rows: list[_Running]) -> None:
-        """One new token for each generating job: (B, 1) ids at their own cache indices."""
-        ids = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
-        cache_pos = torch.tensor([[len(r.ids) - 1] for r in rows], device=self.device)  # (B, 1)
-        # Eager: read only as far as the furthest row. Compiled: always the whole cache, so the
-        # shapes depend on the batch size alone.
-        length = self.block_size if self.compile else max(len(r.ids) for r in rows)
-        view = [SlotView(c, [r.slot for r in rows], length) for c in self.cache]
-        logits = self._step(ids, cache_pos, view, None, None)  # (B, 1, V)
-        for r, row in zip(rows, logits[:, -1]):
+        """One new token for each generating job: (B, 1) ids at their own cache indices.
+
+        Eager, the batch is the generating jobs and attention reads as far as the furthest.
+        Compiled, every step has one shape: all `max_batch` slots, the whole cache; a slot with
+        no generating job gets a dummy token parked at its last cache index (past any prompt,
+        never read unmasked), and its logits are dropped.
+        """
+        if self.compile:
+            by_slot = {r.slot: r for r in rows}
+            slots = list(range(self.max_batch))
+            ids = [[by_slot[i].ids[-1] if i in by_slot else 0] for i in slots]
+            pos = [[len(by_slot[i].ids) - 1 if i in by_slot else self.block_size - 1] for i in slots]
+            length, picked = self.block_size, [r.slot for r in rows]
+        else:
+            slots = [r.slot for r in rows]
+            ids, pos = [[r.ids[-1]] for r in rows], [[len(r.ids) - 1] for r in rows]
+            length, picked = max(len(r.ids) for r in rows), list(range(len(rows)))
+        ids = torch.tensor(ids, device=self.device)
+        cache_pos = torch.tensor(pos, device=self.device)  # (B, 1)
+        view = [SlotView(c, slots, length) for c in self.cache]
+        logits = self._step(ids, cache_pos, view, None, None)[picked, -1]  # (len(rows), V)
+        for r, row in zip(rows, logits):
             try:
                 self._take(r, row)
             except Exception as e:  # noqa: BLE001
