@@ -5,7 +5,8 @@
 
 Batch 1, a 16-token prompt, 256 new greedy tokens, 2 threads, after a warm-up; the median of
 --runs runs per variant. Variants: ours fp32 with and without the KV cache, `transformers`
-`generate` (greedy, use_cache=True) on the same fp32 weights, ours bf16 and ours int8. Each is
+`generate` (greedy, use_cache=True) on the same fp32 weights, ours bf16 and ours int8, and with
+--compile ours fp32 with the static-shape decode step compiled (`generate(compile=True)`). Each is
 also given as a fraction of its memory-bandwidth bound: (bytes of weights + KV cache read per
 token) / (read bandwidth measured in this run), and against its kernel ceiling: the time the
 weight matmuls alone take when every linear layer is applied to one token's activation in model
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", action="append", default=[],
                     help="variant to leave out: nocache, hf, bf16, int8")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time fp32 with the decode step under torch.compile (compiles first)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -130,13 +133,17 @@ def main() -> None:
 
     results: dict[str, dict] = {}
 
-    def ours(name: str, dtype: str, use_cache: bool = True, runs: int = args.runs) -> torch.Tensor:
+    def ours(name: str, dtype: str, use_cache: bool = True, runs: int = args.runs,
+             compile: bool = False) -> torch.Tensor:
         model = prepare_for_inference(copy.deepcopy(base), dtype)
         gc.collect()
         reset_peak_rss()
 
         def run(warm: bool) -> torch.Tensor:
-            return model.generate(idx, 8 if warm else n, temperature=0, use_cache=use_cache)
+            # The warm-up call has the timed call's length: a compiled step is compiled for
+            # the cache size it sees (prompt + new tokens).
+            return model.generate(idx, n if warm and compile else 8 if warm else n, temperature=0,
+                                  use_cache=use_cache, compile=compile)
 
         sec, out = time_decode(run, runs)
         act = 4 if dtype == "fp32" else 2
@@ -147,6 +154,9 @@ def main() -> None:
         return out  # the model is freed on return
 
     ids_fp32 = ours("fp32_cache", "fp32")
+    if args.compile:
+        ids_compiled = ours("fp32_compiled", "fp32", compile=True)
+        assert torch.equal(ids_compiled, ids_fp32), "compiled and eager greedy ids differ"
     if "nocache" not in args.skip:
         ids_nocache = ours("fp32_nocache", "fp32", use_cache=False, runs=args.nocache_runs)
         results["fp32_nocache"]["bound"] = None  # compute bound, not a bandwidth one
@@ -194,6 +204,8 @@ def main() -> None:
                            for k, v in results.items() if v["bound"]},
         cache_vs_nocache=ratio("fp32_cache", "fp32_nocache"),
         ours_vs_hf=ratio("fp32_cache", "hf_fp32"),
+        compiled_vs_hf=ratio("fp32_compiled", "hf_fp32"),
+        compiled_vs_eager=ratio("fp32_compiled", "fp32_cache"),
         bf16_vs_fp32=ratio("bf16", "fp32_cache"),
         int8_vs_fp32=ratio("int8", "fp32_cache"),
         bf16_vs_hf=ratio("bf16", "hf_fp32"),

@@ -44,7 +44,7 @@ def reference_greedy(model: torch.nn.Module, tok: CharTokenizer, prompt: str, n:
 class ThreadServer:
     """uvicorn serving an app on 127.0.0.1:<free port> in a background thread."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app, config=None) -> None:  # noqa: ANN001
         import uvicorn
 
         from bardlm.serve import bind
@@ -53,7 +53,7 @@ class ThreadServer:
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(config or uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
 

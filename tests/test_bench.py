@@ -48,3 +48,12 @@ def test_prepare_bench_smoke() -> None:
     assert row["prepare"]["tokens"] > 0 and row["prepare"]["peak_rss_mb"] > 0
     assert row["raw"]["mb_s"] > 0 and row["ratio"] > 0
     assert "tiktoken_gpt2" in res  # measured, or a note saying why not
+
+
+def test_serve_bench_smoke() -> None:
+    res = run_bench("bench/serve.py", "--preset", "qwen3-tiny", "--clients", "2", "--requests", "1",
+                    "--tokens", "4", "--prompt", "8", "--no-anchor")
+    (row,) = res["results"]["bardlm"]
+    assert row["clients"] == 2 and row["requests"] == 2 and row["tokens"] == 8
+    assert {"tokens_per_sec", "ttft_p50_ms", "ttft_p99_ms", "token_p50_ms", "token_p99_ms"} <= set(row)
+    assert res["anchor"] == "not run (--no-anchor)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -552,7 +553,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait behind the running one; more get 503 (default 16)")
+                   help="requests that may wait for a free slot; more get 503 (default 16)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests generated together, each in its own KV cache slot (default 8)")
+    p.add_argument("--api-key", default=os.environ.get("BARDLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the API (default: $BARDLM_API_KEY)")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="another name clients may reach the server by (Host header); repeatable")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at most; more get 503 at once (default 256)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference weights, as for generate (int8 checkpoints always run int8)")
     p.add_argument("--model-name", help="model id in the API (default: the checkpoint folder name)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -562,7 +575,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     serve(args.ckpt, host=args.host, port=args.port, device=args.device, max_queue=args.max_queue,
-          model_name=args.model_name, log_level=args.log_level)
+          model_name=args.model_name, log_level=args.log_level, max_batch=args.max_batch,
+          api_key=args.api_key, allowed_hosts=args.allowed_host,
+          max_connections=args.max_connections, docs=args.docs, compile=args.compile,
+          dtype=args.dtype)
     return 0
 
 

@@ -109,6 +109,7 @@ def stream_ids(
     use_cache: bool = True,
     max_context: int | None = None,
     eos_ids: Iterable[int] = (),
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time.
 
@@ -120,6 +121,8 @@ def stream_ids(
     max_context: window of rotary models (default `block_size`); past it the window slides.
     eos_ids: ids that end a row. The EOS is yielded; a finished row then repeats its EOS, and the
     stream ends once every row has finished (or after max_new_tokens).
+    compile: run the decode step through `torch.compile` (its shapes never change: see
+    `decode_step`); the first call compiles (seconds to minutes), later ones reuse it.
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -136,16 +139,24 @@ def stream_ids(
     seq = idx
     cache = model.make_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
     cached = 0  # cache slots in use
+    # filled[b, j]: cache index j of row b holds a real token (not padding). Static (B, S).
+    filled = torch.zeros(idx.shape[0], cache[0].max_len, dtype=torch.bool, device=device) if cache else None
+    step = decode_step(model, compile)
+    last = seq[:, -1:]  # the newest column; a fresh (B, 1) tensor after each step
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)  # rows past their EOS
     for _ in range(max_new_tokens):
         with eval_mode(model):  # no dropout while sampling, whatever mode the model is in
             if cache is not None and 0 < cached < cache[0].max_len:
-                # One new column; pad slots stay hidden by the real-key mask.
-                mask = real[:, None, None, -cached - 1:] if padded else None
+                # The static-shape step: one new column written at cache index `cached`; pad
+                # slots stay hidden by the real-key mask.
+                filled[:, cached] = True
+                mask = filled[:, None, None, :] if padded else None
                 pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
-                logits, _ = model(seq[:, -1:], start_pos=cached, cache=cache, mask=mask, positions=pos,
-                                  logits_rows=1)
+                cache_pos = torch.tensor([cached], device=device)
+                # `last`, not seq[:, -1:]: a column of the growing `seq` has a new stride every
+                # step, and a compiled step would recompile for each.
+                logits = step(last, cache_pos, cache, mask, pos)
                 cached += 1
             else:  # first step, no cache, or the cache is full: read the (cropped) window whole
                 ctx, ctx_real = seq[:, -window:], real[:, -window:]
@@ -153,17 +164,45 @@ def stream_ids(
                 # Only the last row is sampled from: no (B, T, V) logits for the prompt.
                 logits, _ = model(ctx, cache=cache, mask=mask, positions=pos, logits_rows=1)
                 cached = ctx.shape[1]
+                if filled is not None:
+                    filled.zero_()
+                    filled[:, :cached] = ctx_real
         seen = torch.where(real, seq, seq[:, -1:]) if padded else seq  # pads count as no token
         logits = apply_repetition_penalty(logits[:, -1, :].float(), seen, repetition_penalty)
         nxt = sample(logits, temperature, top_k, top_p, min_p, gens)
         if len(eos):
             nxt = torch.where(done, eos[0], nxt)  # a finished row only repeats its EOS
             done |= torch.isin(nxt, eos)
-        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+        last = nxt.unsqueeze(1)  # (B, 1), strides (1, 1) every step
+        seq = torch.cat([seq, last], dim=1)
         real = torch.cat([real, real.new_ones(real.shape[0], 1)], dim=1)
         yield nxt
         if bool(done.all()):
             return
+
+
+def decode_step(model: torch.nn.Module, compile: bool = False):  # noqa: ANN201
+    """The static-shape decode step, `step(ids, cache_pos, cache, mask, positions) -> logits`.
+
+    ids (B, T) new tokens; cache_pos (T,) or (B, T) the cache indices they are written at;
+    cache: the per-layer caches (or `SlotView`s); mask (B, 1, T|1, S) real keys, or None;
+    positions (B, T) or None (= cache_pos). Returns the last position's logits (B, 1, V).
+    Every shape is fixed by the batch and the cache size, never by how far decoding has got,
+    so under `compile=True` the step is compiled once per (batch, cache) shape (gpt-fast's
+    recipe). The compiled function is kept on the model and reused.
+    """
+
+    def step(ids, cache_pos, cache, mask, positions):  # noqa: ANN001, ANN202
+        return model(ids, start_pos=cache_pos, cache=cache, mask=mask, positions=positions,
+                     logits_rows=1)[0]
+
+    if not compile:
+        return step
+    compiled = getattr(model, "_compiled_step", None)
+    if compiled is None:
+        compiled = torch.compile(step, dynamic=False)
+        model._compiled_step = compiled  # not a Module attribute: plain object attribute
+    return compiled
 
 
 @torch.no_grad()
@@ -230,30 +269,64 @@ def generate_text(
         )
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    new_ids: list[int] = []
-    emitted = 0
-    text = ""
-    stop = [s for s in (stop or []) if s]
     eos_ids = (*getattr(tokenizer, "eos_ids", ()), *kwargs.pop("eos_ids", ()))
+    out = TextStream(tokenizer, stop, eos_ids)
     for nxt in stream_ids(model, idx, max_new_tokens, eos_ids=eos_ids, **kwargs):
-        if int(nxt[0]) in eos_ids:
+        piece = out.push(int(nxt[0]))
+        if on_text is not None and piece:
+            on_text(piece)
+        if out.done:
             break
-        new_ids.append(int(nxt[0]))
-        text = tokenizer.decode(new_ids)
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
+    piece = out.flush()
+    if on_text is not None and piece:
+        on_text(piece)
+    return out.text
+
+
+class TextStream:
+    """Generated ids in, text pieces out, for one sequence.
+
+    `push(id)` returns the text that is now safe to show; `done` turns true at an EOS id (not
+    included) or at the first stop string (the text is cut before it). Text that might be the
+    start of a stop string, or an incomplete UTF-8 sequence from a byte-level tokenizer, is held
+    back until it is known; `flush()` returns what is left once generation ends.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None, eos_ids: Iterable[int] = ()) -> None:  # noqa: ANN001
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.eos_ids = set(eos_ids)
+        self.ids: list[int] = []  # generated ids, EOS excluded
+        self.text = ""
+        self.emitted = 0  # characters of `text` already returned
+        self.done = False
+        self.stopped = False  # ended by a stop string
+
+    def push(self, token_id: int) -> str:
+        if self.done:
+            return ""
+        if token_id in self.eos_ids:
+            self.done = True
+            return ""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:
-            text = text[:cut]
-            break
-        hold = max((_overlap(text, s) for s in stop), default=0)
+            self.text, self.done, self.stopped = text[:cut], True, True
+            return ""
+        self.text = text
+        hold = max((_overlap(text, s) for s in self.stop), default=0)
         safe = len(text) - hold
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from a byte-level tokenizer
             safe = min(safe, len(text) - 1)
-        if on_text is not None and safe > emitted:
-            on_text(text[emitted:safe])
-            emitted = safe
-    if on_text is not None and len(text) > emitted:
-        on_text(text[emitted:])
-    return text
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:safe], safe
+        return piece
+
+    def flush(self) -> str:
+        piece, self.emitted = self.text[self.emitted:], len(self.text)
+        return piece
 
 
 def _overlap(text: str, stop: str) -> int:

@@ -72,7 +72,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
@@ -80,7 +80,9 @@ class Attention(nn.Module):
         rope: (cos, sin) for the T query positions, (T, D) or (B, 1, T, D).
         mask: bool, True where a query may attend a key, broadcastable to (B, 1, T, S);
               combined with the causal mask when the module is causal.
-        cache: keys/values of earlier positions; the new ones are written at `start_pos`.
+        cache: keys/values of earlier positions; the new ones are written at `start_pos`: an
+              int (the next free position), or a tensor of cache indices, (T,) or (B, T), for
+              the static-shape step (see nn/cache.py).
         kv_source: (B, S, C) encoder output for cross-attention (then no RoPE, no cache), or
               its (k, v) from `project_kv`, computed once per sequence when decoding.
         """
@@ -97,10 +99,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         S = k.shape[2]
-        # Plain causal self-attention (no cache prefix, no padding): let the kernel build the mask.
-        is_causal = self.causal and mask is None and T == S and T > 1
-        if not is_causal:
-            mask = self._full_mask(mask, T, S, start_pos, x.device)
+        if isinstance(start_pos, torch.Tensor):
+            # Static shapes: the whole cache is read; a query sees the keys at cache indices up
+            # to its own, which hides both the future and whatever an earlier request left there.
+            is_causal = False
+            mask = _seen_mask(start_pos, S) if mask is None else mask & _seen_mask(start_pos, S)
+        else:
+            # Plain causal self-attention (no cache prefix, no padding): the kernel builds the mask.
+            is_causal = self.causal and mask is None and T == S and T > 1
+            if not is_causal:
+                mask = self._full_mask(mask, T, S, start_pos, x.device)
         y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)
         return self.resid_dropout(self.c_proj(y))
@@ -142,6 +150,13 @@ class Attention(nn.Module):
             T = q.shape[2]
             mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout)
+
+
+def _seen_mask(cache_pos: torch.Tensor, S: int) -> torch.Tensor:
+    """True where a query at cache index cache_pos may read key index j (j <= cache_pos):
+    cache_pos (T,) -> (T, S); (B, T) -> (B, 1, T, S)."""
+    seen = torch.arange(S, device=cache_pos.device) <= cache_pos.unsqueeze(-1)
+    return seen.unsqueeze(1) if seen.dim() == 3 else seen
 
 
 class AttentionScore(nn.Module):

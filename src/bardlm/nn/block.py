@@ -44,7 +44,7 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:

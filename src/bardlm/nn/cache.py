@@ -1,4 +1,13 @@
-"""A static key/value cache: preallocated once, filled in place, indexed by `start_pos`."""
+"""A static key/value cache: preallocated once, filled in place.
+
+Two ways to address it:
+  * `start_pos` an int: the new keys go to positions start_pos.. and attention reads the filled
+    prefix (its length grows step by step: the eager path).
+  * `start_pos` a tensor of cache indices, (T,) shared by every row or (B, T) one per row: the
+    keys are written with an index (`index_put_`) and attention reads the whole buffer under a
+    mask (gpt-fast's recipe). No shape depends on how far decoding has got, so one step can be
+    compiled once, and rows of one batch can sit at different positions (continuous batching).
+"""
 
 from __future__ import annotations
 
@@ -32,9 +41,16 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def update(
-        self, start_pos: int, k: torch.Tensor, v: torch.Tensor
+        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) at start_pos; return all keys/values so far (B, H_kv, S, D)."""
+        """Write k, v (B, H_kv, T, D); return the keys/values to attend over (B, H_kv, S, D).
+
+        start_pos int: write at start_pos..start_pos+T, return the prefix (S = start_pos + T).
+        start_pos tensor (T,) or (B, T): cache indices; return the whole buffer (S = max_len).
+        """
+        if isinstance(start_pos, torch.Tensor):
+            write_at(self.k, self.v, None, start_pos, k, v)
+            return self.k, self.v
         end = start_pos + k.shape[2]
         if end > self.max_len:
             from ..errors import BardlmError
@@ -49,3 +65,56 @@ class KVCache(nn.Module):
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+def write_at(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, rows: torch.Tensor | None, pos: torch.Tensor,
+    k: torch.Tensor, v: torch.Tensor,
+) -> None:
+    """k_buf[rows[b], :, pos[b, t]] = k[b, :, t] (and v), in place.
+
+    k_buf (N, H, S, D); k (B, H, T, D); rows (B,) buffer rows, None = rows 0..B-1 in order;
+    pos (T,) shared by the rows or (B, T) per row.
+    """
+    B, _, T, _ = k.shape
+    if rows is None and pos.dim() == 1:  # one position list for all rows: a plain index_copy
+        k_buf[:B].index_copy_(2, pos, k.to(k_buf.dtype))
+        v_buf[:B].index_copy_(2, pos, v.to(v_buf.dtype))
+        return
+    if rows is None:
+        rows = torch.arange(B, device=k.device)
+    r = rows.view(B, 1).expand(B, T)
+    p = pos.expand(B, T)
+    # Advanced indices on dims 0 and 2 put their (B, T) shape first: the values are (B, T, H, D).
+    k_buf[r, :, p] = k.transpose(1, 2).to(k_buf.dtype)
+    v_buf[r, :, p] = v.transpose(1, 2).to(v_buf.dtype)
+
+
+class SlotView:
+    """Some rows of a KVCache, seen as a cache of their own (a server's per-request slots).
+
+    rows (B,): which buffer rows (slots) the batch's rows use; length: how many cache positions
+    attention reads (enough for the furthest row). Writes go to (rows, positions); reads are
+    the rows' first `length` positions: a view when the rows are consecutive, a gather otherwise.
+    """
+
+    def __init__(self, cache: KVCache, rows: list[int], length: int) -> None:
+        self.cache, self.length = cache, length
+        self.first = rows[0]
+        self.consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.rows = torch.tensor(rows, device=cache.k.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.length
+
+    def update(
+        self, start_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H_kv, T, D) written at cache indices start_pos (B, T) -> (B, H_kv, length, D)."""
+        c = self.cache
+        write_at(c.k, c.v, self.rows, start_pos, k, v)
+        if self.consecutive:
+            end = self.first + len(self.rows)
+            return c.k[self.first:end, :, :self.length], c.v[self.first:end, :, :self.length]
+        return c.k[self.rows, :, :self.length], c.v[self.rows, :, :self.length]

@@ -106,8 +106,12 @@ class GPT(nn.Module):
         return self
 
     # Positions ------------------------------------------------------------------------------
-    def _positions(self, T: int, start_pos: int, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
+    def _positions(self, T: int, start_pos: int | torch.Tensor, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
         table = self.config.pos in ("learned", "sinusoidal")  # only tables have an end
+        if isinstance(start_pos, torch.Tensor):
+            # The static step: positions are the cache indices unless given. No range check:
+            # it would read a tensor (a device sync and a graph break); callers size the cache.
+            return start_pos if positions is None else positions
         if positions is None:
             # The last position is known without reading a tensor: no device sync, and no
             # graph break under torch.compile.
@@ -141,7 +145,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: list[KVCache] | None = None,
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
@@ -149,8 +153,11 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
-        start_pos: absolute position of idx[:, 0] (tokens already in `cache`).
-        cache: one `KVCache` per layer, from `make_cache`.
+        start_pos: absolute position of idx[:, 0] (tokens already in `cache`); or, for the
+              static-shape step, a tensor of cache indices (T,) or (B, T) where the new keys
+              are written: attention then reads the whole cache under a mask, so no shape
+              changes from step to step (nn/cache.py). Positions default to those indices.
+        cache: one `KVCache` per layer, from `make_cache` (or a `SlotView` of one).
         mask: extra bool attention mask, True = may attend, broadcastable to (B, 1, T, S), e.g.
               to hide left padding; positions: (T,) or (B, T) ids overriding start_pos's.
         targets: (B, T) next-token ids; -1 marks positions that do not count in the loss.
@@ -163,7 +170,7 @@ class GPT(nn.Module):
         if logits_rows is not None and logits_rows <= 0:
             raise BardlmError(f"logits_rows must be positive, got {logits_rows}; pass None for all rows")
         B, T = idx.shape
-        if cache is None and positions is None and start_pos + T > self.config.block_size and self.config.pos != "rope":
+        if cache is None and positions is None and isinstance(start_pos, int) and start_pos + T > self.config.block_size and self.config.pos != "rope":
             raise BardlmError(
                 f"input of {start_pos + T} tokens is longer than the context length "
                 f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens"

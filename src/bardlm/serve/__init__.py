@@ -21,6 +21,6 @@ except ImportError as e:  # one line with the fix, not a traceback
 
 from .app import build_app  # noqa: E402
 from .engine import Engine, Job  # noqa: E402
-from .server import bind, serve, serve_app  # noqa: E402
+from .server import bind, serve, serve_app, uvicorn_config  # noqa: E402
 
-__all__ = ["build_app", "Engine", "Job", "bind", "serve", "serve_app"]
+__all__ = ["build_app", "Engine", "Job", "bind", "serve", "serve_app", "uvicorn_config"]

@@ -4,22 +4,30 @@
     POST /v1/chat/completions  messages -> the assistant's reply (the model's chat template
                            renders them into a prompt; then it is a completion job like any other)
     GET  /v1/models        the one model served (id, context length)
-    GET  /health           liveness and queue counters
+    GET  /health           liveness, slot and queue counters
     GET  /                 the playground (static/index.html, no external resources)
 
 Requests are parsed here and checked by the engine; every refusal is an OpenAI-style error
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status, and 503 when the queue is
 full. The app only translates between HTTP and `Engine`; generation lives in the library.
+
+In front of every route (`Guard`): the Host header must be one of the server's names (DNS
+rebinding), an optional API key (Bearer), JSON content type on POST (415), and any unexpected
+error becomes a 500 that names no exception and keeps the connection usable. Bodies are
+counted while they arrive (413 at MAX_BODY, 408 when they stall), and parsing and tokenising
+run on a small thread pool, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,10 +41,16 @@ from ..errors import BardlmError
 from ..tokenizers.base import check_ids
 from .engine import Engine, Job, RequestError
 
+LOG = logging.getLogger("bardlm.serve")
 STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_LOGPROBS = 20  # alternatives per token: bounded work and response size
 MAX_BODY = 1 << 20  # bytes; far more than any prompt that fits a context, far less than a DoS
+BODY_TIMEOUT = 30.0  # seconds a client may take between two pieces of a request body
+MAX_SEED = 2**63 - 1
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+MAX_STOP_CHARS = 1000  # per stop string: each is searched for at every token
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # OpenAI options bardlm does not implement, and the one value of each that means "off".
 NEUTRAL = {"n": 1, "best_of": 1, "suffix": None, "presence_penalty": 0,
            "frequency_penalty": 0, "logit_bias": {}}
@@ -67,9 +81,10 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    # Bounded so that dividing or multiplying a logit by it stays finite (1e-38 made inf - inf).
+    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY)
     stop: Any = None  # a string or a list of up to 4 strings (checked below)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # what a torch generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
@@ -104,6 +119,8 @@ class CompletionRequest(BaseModel):
             raise ValueError("must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop sequence may be at most {MAX_STOP_CHARS} characters")
         return stops
 
     @model_validator(mode="after")
@@ -128,9 +145,9 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY)
     stop: Any = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -174,28 +191,44 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
 
 
-def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
-              max_queue: int = 16, chat_template: Any = None) -> FastAPI:
-    """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer; `chat_template`
-    (an `infer.chat.ChatTemplate`, default: the built-in one for the tokenizer) renders chats."""
-    engine = Engine(model, tokenizer, max_queue=max_queue)
+def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue: int = 16,
+              max_batch: int = 1, api_key: str | None = None,
+              allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES, docs: bool = False,
+              prefill_chunk: int = 128, compile: bool = False,
+              chat_template: Any = None) -> FastAPI:
+    """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer.
+
+    max_batch: requests generated together (continuous batching); max_queue: more that may wait.
+    api_key: when set, every API route wants `Authorization: Bearer <api_key>`.
+    allowed_hosts: host names the Host header may carry (None: any); the default, loopback
+    names only, stops a web page on another site from reaching the server through DNS
+    rebinding. docs: serve /docs and /openapi.json. chat_template: an `infer.chat.ChatTemplate`
+    (default: the built-in one for the tokenizer) renders chats.
+    """
+    engine = Engine(model, tokenizer, max_queue=max_queue, max_batch=max_batch,
+                    prefill_chunk=prefill_chunk, compile=compile)
+    # Parsing and tokenising run here, off the event loop. Two threads: more would only fight
+    # the event loop (and the generation thread) for the GIL.
+    prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bardlm-parse")
+
+    async def loop_free(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(prep_pool, fn, *args)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.shutdown()
+        prep_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="bardlm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="bardlm", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  openapi_url="/openapi.json" if docs else None, redoc_url=None)
     app.state.engine = engine
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), code=str(exc.status_code))
-
-    @app.exception_handler(Exception)
-    async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
@@ -231,7 +264,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
         if not isinstance(text, str):
             return error_response(400, "prompt must be a string", param="prompt")
         try:
-            ids = tokenizer.encode(text)
+            ids = await loop_free(tokenizer.encode, text)
         except BardlmError as e:
             return error_response(400, str(e), param="prompt")
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.block_size})
@@ -258,14 +291,9 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
             return _unknown_model(name, model_name)
         return JSONResponse(model_card())
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY:
-            return _too_large()
-        body = await request.body()
-        if len(body) > MAX_BODY:  # a chunked upload has no content-length to check first
-            return _too_large()
+    def prepare(body: bytes) -> tuple[CompletionRequest, Job] | JSONResponse:
+        """Parse, check and tokenise a request body (in a worker thread: a 1 MiB prompt takes
+        a while to tokenise, and the event loop must keep answering everyone else)."""
         try:
             req = CompletionRequest.model_validate_json(body)
         except ValidationError as e:
@@ -297,6 +325,17 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
             engine.check(job)
         except RequestError as e:
             return error_response(400, str(e), param=e.param)
+        return req, job
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
+        prepared = await loop_free(prepare, body)
+        if isinstance(prepared, Response):
+            return prepared
+        req, job = prepared
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         if req.stream:
@@ -315,13 +354,10 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
         choice = {**_choice(text, job.finish_reason), "logprobs": job.logprob_block}
         return JSONResponse({**meta, "choices": [choice], "usage": _usage(job)})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    def prepare_chat(body: bytes) -> tuple[ChatRequest, Job] | JSONResponse:
+        """Parse a chat body, render its messages and check the job (in a worker thread)."""
         from ..infer.chat import builtin_template, check_messages, prompt_ids
 
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return _too_large()
         try:
             req = ChatRequest.model_validate_json(body)
         except ValidationError as e:
@@ -348,6 +384,17 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm",
             engine.check(job)
         except RequestError as e:
             return error_response(400, str(e), param="messages" if e.param == "prompt" else e.param)
+        return req, job
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
+        prepared = await loop_free(prepare_chat, body)
+        if isinstance(prepared, Response):
+            return prepared
+        req, job = prepared
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
         if req.stream:
@@ -376,10 +423,107 @@ def _chat_chunk(text: str | None, finish_reason: str | None = None) -> dict[str,
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
+class Guard:
+    """ASGI middleware in front of every route: Host check, API key, JSON content type, and a
+    clean 500 for any unexpected error.
+
+    The 500 is sent here, and the error not re-raised: an exception that reaches uvicorn after
+    a response makes it drop the connection, and a keep-alive client then finds its next
+    request failing with no `Connection: close` to warn it.
+    """
+
+    OPEN = ("/", "/health")  # the playground page must load to ask for a key
+
+    def __init__(self, app: Any, api_key: str | None, allowed_hosts: Iterable[str] | None) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        started = False
+
+        async def watch(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            if started:  # a half-sent response cannot become a 500: let uvicorn cut it
+                raise
+            LOG.exception("error while handling %s %s", scope["method"], scope["path"])
+            response = error_response(500, "internal error while handling this request (the "
+                                      "server log has the details); try again", "server_error")
+            await response(scope, receive, send)
+
+    def refusal(self, scope: dict) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = _host_name(headers.get("host", ""))
+        if self.hosts is not None and host not in self.hosts:
+            return error_response(
+                400, f"the Host header {headers.get('host', '')!r} is not a name of this server "
+                f"(allowed: {', '.join(sorted(self.hosts))}); start it with --allowed-host to "
+                "add one", code="bad_host")
+        path = scope["path"]
+        if self.api_key and path not in self.OPEN and not path.startswith("/static/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                     self.api_key.encode()):
+                return error_response(401, "this server needs an API key: send the header "
+                                      "'Authorization: Bearer <key>'", "authentication_error",
+                                      code="invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return error_response(415, "send the request body as JSON with the header "
+                                      f"'Content-Type: application/json' (got {ctype or 'none'!r})",
+                                      code="unsupported_media_type",
+                                      headers={"Connection": "close"})
+        return None
+
+
+def _host_name(host: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1'; '[::1]:8000' -> '::1'; lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def read_body(request: Request) -> bytes | JSONResponse:
+    """The request body, counted while it arrives: refused (413) as soon as it passes MAX_BODY,
+    without reading the rest (a chunked upload has no Content-Length to check first), and
+    refused (408) when the client stalls for BODY_TIMEOUT seconds between pieces."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        return _too_large()
+    chunks, n = [], 0
+    pieces = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(pieces.__anext__(), BODY_TIMEOUT)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            return error_response(408, f"the request body stalled for {BODY_TIMEOUT:.0f} s; "
+                                  "send it whole", code="body_timeout", headers={"Connection": "close"})
+        n += len(chunk)
+        if n > MAX_BODY:
+            return _too_large()
+        chunks.append(chunk)
+
+
 async def _small_json(request: Request) -> Any:
     """The JSON body of a request of at most MAX_BODY bytes (None when too large or invalid)."""
-    body = await request.body()
-    if len(body) > MAX_BODY:
+    body = await read_body(request)
+    if isinstance(body, Response):
         return None
     try:
         return json.loads(body)
@@ -430,9 +574,11 @@ def _stream(engine: Engine, job: Job, meta: dict[str, Any], req: Any,
                 yield chunk(job.prompt)
             while (piece := await pieces.get()) is not None:
                 yield chunk(piece)
-            if (exc := future.exception()) is not None:
-                yield _sse({"error": {"message": f"generation failed: {exc}",
-                                      "type": "server_error", "param": None, "code": None}})
+            if future.exception() is not None:  # logged by the worker's caller below
+                LOG.error("generation failed", exc_info=future.exception())
+                yield _sse({"error": {"message": "generation failed: internal error (the server "
+                                      "log has the details)", "type": "server_error",
+                                      "param": None, "code": None}})
                 return
             yield chunk("", job.finish_reason)
             if req.stream_options and req.stream_options.include_usage:
@@ -465,8 +611,9 @@ def _busy(engine: Engine) -> JSONResponse:
 
 
 def _too_large() -> JSONResponse:
+    # Connection: close: the rest of the body is never read, so the connection cannot be reused.
     return error_response(413, f"the request body is over {MAX_BODY >> 20} MiB; send a shorter prompt",
-                          code="body_too_large")
+                          code="body_too_large", headers={"Connection": "close"})
 
 
 def _unknown_model(name: str, served: str) -> JSONResponse:

@@ -1,20 +1,31 @@
-"""The generation engine behind the server: one worker thread and a bounded queue.
+"""The generation engine behind the server: continuous batching on one worker thread.
 
-Generation is CPU-bound and the model is not safe to share between threads, so a single worker
-thread runs one request at a time while the event loop keeps answering HTTP. At most
-`1 + max_queue` requests are accepted (running + waiting); one more is refused at once, so a busy
-server answers 503 instead of piling up work it cannot finish. A request's `cancel` event stops
-its generation within one token (a client that went away), and its slot is freed when the
-worker lets go of it.
+Generation is CPU-bound and the model is not safe to share between threads, so one worker
+thread owns the model and runs a loop; the event loop only hands it jobs. Each loop turn:
 
-This module knows nothing about HTTP: it is the library's `generate_text` plus the queue.
+  1. admit waiting jobs into free slots (a slot is one row of a static KV cache of
+     `max_batch` rows x the context length, preallocated once);
+  2. drop jobs whose client went away (their slot is free at once);
+  3. prefill: one pass over the next pieces of new jobs' prompts, oldest first, at most
+     `prefill_chunk` tokens in all, so a long prompt delays the others by one chunk, not by
+     its whole length, and short prompts arriving together are read together;
+  4. one decode step for every job that is generating: a batch of one new token per job, each
+     written at its own cache index and position (the static-shape step of infer/generate.py).
+
+A job joins and leaves the batch at these token boundaries; each keeps its own sampling
+settings, seed (its own generator), stop strings and token budget, so its tokens do not depend
+on what else is running. At most `max_batch + max_queue` jobs are accepted (running + waiting);
+one more is refused at once, so a busy server answers 503 instead of piling up work.
+
+This module knows nothing about HTTP.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +33,10 @@ import torch
 
 from ..errors import BardlmError
 from ..eval.score import forward_logprobs
-from ..infer.generate import encode_prompt, generate_text
-from ..infer.sampling import check_sampling
+from ..infer.generate import TextStream, decode_step, encode_prompt, eval_mode
+from ..infer.sampling import apply_repetition_penalty, check_sampling, sample
+from ..nn.cache import SlotView
 from ..tokenizers.base import check_ids
-
-
-class Cancelled(Exception):
-    """Raised inside the worker to stop a job whose client has gone away."""
 
 
 @dataclass
@@ -53,59 +61,74 @@ class Job:
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
 
 
-class _Tap:
-    """A tokenizer seen through a keyhole: counts generated tokens and stops cancelled jobs.
+class _Running:
+    """A job in a slot: where its tokens sit in the cache, and how to pick the next one."""
 
-    `generate_text` decodes the growing list of new ids once per generated token, so the
-    longest list it has decoded is the number of tokens generated, and `decode` is a hook that
-    runs every step: the place to notice a cancellation without touching the generation loop.
-    """
+    def __init__(self, job: Job, slot: int, tokenizer: Any, future: Future,
+                 device: torch.device) -> None:
+        self.job, self.slot, self.future = job, slot, future
+        self.ids = list(job.prompt_ids or [])  # prompt + generated so far
+        self.n_prompt = len(self.ids)
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.steps = 0  # tokens sampled (an EOS included)
+        eos = getattr(tokenizer, "eos_ids", ())
+        self.out = TextStream(tokenizer, job.stop, eos)
+        seed = job.sampling.get("seed")
+        # One generator per job, seeded as `generate_text` seeds its single row.
+        self.gens = None if seed is None else [torch.Generator(device).manual_seed(seed)]
 
-    def __init__(self, tokenizer: Any, cancel: threading.Event) -> None:
-        self._tok = tokenizer
-        self._cancel = cancel
-        self.n_generated = 0
-        self.ids: list[int] = []
-        self.last_text = ""
-
-    def encode(self, text: str, **kwargs: Any) -> list[int]:
-        return self._tok.encode(text, **kwargs)
-
-    def decode(self, ids: list[int]) -> str:
-        if self._cancel.is_set():
-            raise Cancelled
-        self.n_generated = max(self.n_generated, len(ids))
-        self.ids = list(ids)
-        self.last_text = self._tok.decode(ids)
-        return self.last_text
-
-    def __getattr__(self, name: str) -> Any:  # vocab_size, kind, ...
-        return getattr(self._tok, name)
+    @property
+    def generating(self) -> bool:
+        return self.prefilled == self.n_prompt
 
 
 class Engine:
-    """Runs completion jobs one at a time on a worker thread, with at most `max_queue` waiting."""
+    """Runs completion jobs on a worker thread, up to `max_batch` at once and `max_queue` waiting.
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_queue: int = 16) -> None:
+    prefill_chunk: prompt tokens per prefill pass. compile: `torch.compile` the decode step
+    (then every step runs all slots over the whole cache: one shape, compiled once).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_queue: int = 16,
+                 max_batch: int = 1, prefill_chunk: int = 128, compile: bool = False) -> None:
         if max_queue < 0:
             raise BardlmError(f"max_queue must be >= 0, got {max_queue}")
+        if max_batch < 1:
+            raise BardlmError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise BardlmError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.capacity = 1 + max_queue  # one running + the waiting ones
+        self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
+        self.capacity = max_batch + max_queue  # running + waiting
         self.block_size = model.config.block_size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bardlm-generate")
-        self._lock = threading.Lock()  # guards the counters below (event loop + worker thread)
+        self.device = next(model.parameters()).device
+        self.cache = model.make_cache(max_batch, self.block_size)  # one row per slot, reused
+        self._step = decode_step(model, compile)
+        self._lock = threading.Condition()  # guards everything below (event loop + worker)
+        self._waiting: deque[tuple[Job, Future]] = deque()
+        self._running: list[_Running] = []
+        self._free = list(range(max_batch))
+        self._stopping = False
         self.accepted = 0  # jobs accepted and not yet finished (running + waiting)
-        self.running = 0
         self.tokens_generated = 0  # over the server's lifetime
         self.completed = 0
         self.cancelled = 0
+        self.failed = 0
+        self.peak_running = 0  # the largest batch so far
+        self._worker = threading.Thread(target=self._loop, name="bardlm-generate", daemon=True)
+        self._worker.start()
 
-    # Validation (on the event loop, before a job is accepted) ---------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # Validation (before a job is accepted; may run in any thread) ------------------------------
     def check(self, job: Job) -> None:
         """Raise `RequestError` for a job that cannot run: bad prompt, too long, bad sampling."""
         try:
             if job.prompt_ids is None:
+                self._refuse_huge(job.prompt)
                 job.prompt_ids = encode_prompt(self.tokenizer, job.prompt)
             check_ids(job.prompt_ids, self.model.config.vocab_size)
             ids = job.prompt_ids
@@ -131,66 +154,231 @@ class Engine:
             raise RequestError(str(e), name if name in s else None) from None
         job.prompt_tokens = len(ids)
 
+    def _refuse_huge(self, prompt: str) -> None:
+        """Refuse a prompt far longer than the context from its beginning alone: tokenising a
+        1 MiB string costs far more than reading the first 32 characters per context token.
+        (Twice the context in tokens leaves room for a last word split differently.)"""
+        head = prompt[: 32 * self.block_size]
+        if len(head) < len(prompt) and len(encode_prompt(self.tokenizer, head)) > 2 * self.block_size:
+            raise RequestError(
+                f"the prompt is far longer than the model's context of {self.block_size} tokens "
+                f"(its first {len(head)} characters alone are more than {2 * self.block_size}); "
+                "shorten the prompt", "prompt")
+
     # Queue --------------------------------------------------------------------------------
     def try_submit(self, job: Job) -> Future | None:
-        """Queue a job; None (and nothing queued) when the queue is full."""
+        """Queue a job; None (and nothing queued) when the server is full.
+
+        A job not yet `check`ed is checked here (raising `RequestError`)."""
+        if job.prompt_ids is None:
+            self.check(job)
+        future: Future = Future()
         with self._lock:
-            if self.accepted >= self.capacity:
+            if self.accepted >= self.capacity or self._stopping:
                 return None
             self.accepted += 1
-        future = self._executor.submit(self._run, job)
-        future.add_done_callback(self._release)
+            self._waiting.append((job, future))
+            self._lock.notify()
         return future
-
-    def _release(self, _future: Future) -> None:
-        with self._lock:
-            self.accepted -= 1
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
-                "running": self.running, "queued": self.accepted - self.running,
-                "capacity": self.capacity, "completed": self.completed,
-                "cancelled": self.cancelled, "tokens_generated": self.tokens_generated,
+                "running": len(self._running), "queued": len(self._waiting),
+                "capacity": self.capacity, "max_batch": self.max_batch,
+                "peak_running": self.peak_running,
+                "completed": self.completed, "cancelled": self.cancelled, "failed": self.failed,
+                "tokens_generated": self.tokens_generated,
             }
 
     def shutdown(self) -> None:
-        """Drop waiting jobs and wait for the running one (its clients are gone too)."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the worker: running and waiting jobs end as cancelled (their clients are gone)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._worker.join(timeout=30)
 
     # Worker --------------------------------------------------------------------------------
-    def _run(self, job: Job) -> Job:
-        """Generate the job's completion (in the worker thread); fills in its result fields."""
-        if job.cancel.is_set():  # its client left while it waited
-            job.finish_reason = "cancelled"
+    def _loop(self) -> None:
+        while True:
             with self._lock:
-                self.cancelled += 1
-            return job
-        tap = _Tap(self.tokenizer, job.cancel)
+                while not (self._stopping or self._waiting or self._running):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                admitted = self._admit()
+            for r in admitted:
+                if r.job.max_tokens == 0:  # scoring only: no slot work, no generation
+                    self._finish(r, "length")
+            for r in [r for r in self._running if r.job.cancel.is_set()]:
+                self._finish(r, "cancelled")
+            with torch.no_grad(), eval_mode(self.model):
+                self._turn()
+        for r in list(self._running):
+            self._finish(r, "cancelled")
         with self._lock:
-            self.running += 1
+            waiting, self._waiting = list(self._waiting), deque()
+        for job, future in waiting:
+            self._finish_waiting(job, future)
+
+    def _admit(self) -> list[_Running]:
+        """Move waiting jobs into free slots (the lowest first: consecutive rows read as a view).
+        Called with the lock held."""
+        admitted = []
+        for job, future in [w for w in self._waiting if w[0].cancel.is_set()]:
+            self._waiting.remove((job, future))
+            self._finish_waiting(job, future)
+        while self._waiting and self._free:
+            job, future = self._waiting.popleft()
+            future.set_running_or_notify_cancel()
+            r = _Running(job, self._free.pop(0), self.tokenizer, future, self.device)
+            self._running.append(r)
+            admitted.append(r)
+        self.peak_running = max(self.peak_running, len(self._running))
+        return admitted
+
+    def _turn(self) -> None:
+        """One prefill pass for the jobs still reading their prompts, then one decode step."""
+        prefilling = [r for r in self._running if not r.generating]
+        if prefilling:  # the oldest first, as many as fit in one chunk's worth of tokens
+            take, budget = [], self.prefill_chunk
+            for r in prefilling:
+                if take and min(r.n_prompt - r.prefilled, self.prefill_chunk) > budget:
+                    break
+                take.append(r)
+                budget -= min(r.n_prompt - r.prefilled, self.prefill_chunk)
+            self._guard(take, self._prefill)
+        generating = sorted((r for r in self._running if r.generating), key=lambda r: r.slot)
+        if generating:
+            self._guard(generating, self._decode)
+
+    def _guard(self, rows: list[_Running], fn: Callable[[list[_Running]], None]) -> None:
+        """Run fn(rows); an unexpected error fails those jobs (500s), not the server."""
         try:
-            if job.max_tokens > 0:
-                job.text = generate_text(self.model, tap, job.prompt, max_new_tokens=job.max_tokens,
-                                         stop=job.stop, on_text=job.on_text,
-                                         prompt_ids=job.prompt_ids, **job.sampling)
-            stopped = any(s in tap.last_text for s in job.stop if s)
-            job.finish_reason = "stop" if stopped or tap.n_generated < job.max_tokens else "length"
-            job.ids = _ids_of_text(self.tokenizer, tap.ids, job.text)
-            if job.logprobs is not None:
-                job.logprob_block = logprob_block(self.model, self.tokenizer, job)
-        except Cancelled:
-            job.finish_reason = "cancelled"
-        finally:
-            job.completion_tokens = tap.n_generated
-            with self._lock:
-                self.running -= 1
-                self.tokens_generated += tap.n_generated
-                if job.finish_reason == "cancelled":
-                    self.cancelled += 1
-                else:
-                    self.completed += 1
-        return job
+            fn(rows)
+        except Exception as e:  # noqa: BLE001
+            # Reported to each job's client (a 500); the server and the other slots go on.
+            for r in rows:
+                if r in self._running:
+                    self._fail(r, e)
+
+    def _prefill(self, rows: list[_Running]) -> None:
+        """Write the next chunk of each job's prompt into its slot, all in one pass; a job
+        whose prompt is then complete samples its first token.
+
+        The chunks are left-padded to one length T, so every row's last real token is in the
+        last column (only that column's logits are computed). A pad's key must go somewhere
+        harmless: the slot's last cache index, which is past every prompt token, hidden from
+        the real queries by the mask, and rewritten before it is ever read.
+        """
+        takes = [min(r.n_prompt - r.prefilled, self.prefill_chunk) for r in rows]
+        T = max(takes)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        cache_pos = torch.full((len(rows), T), self.block_size - 1)
+        for b, (r, n) in enumerate(zip(rows, takes)):
+            ids[b, T - n:] = torch.tensor(r.ids[r.prefilled:r.prefilled + n])
+            cache_pos[b, T - n:] = torch.arange(r.prefilled, r.prefilled + n)
+        ids, cache_pos = ids.to(self.device), cache_pos.to(self.device)
+        length = max(r.prefilled + n for r, n in zip(rows, takes))
+        view = [SlotView(c, [r.slot for r in rows], length) for c in self.cache]
+        logits, _ = self.model(ids, start_pos=cache_pos, cache=view, logits_rows=1)
+        for r, n, row in zip(rows, takes, logits[:, -1]):
+            r.prefilled += n
+            if r.generating:
+                try:
+                    self._take(r, row)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(r, e)  # one job's failed sampling fails that job only
+
+    def _decode(self, rows: list[_Running]) -> None:
+        """One new token for each generating job: (B, 1) ids at their own cache indices.
+
+        Eager, the batch is the generating jobs and attention reads as far as the furthest.
+        Compiled, every step has one shape: all `max_batch` slots, the whole cache; a slot with
+        no generating job gets a dummy token parked at its last cache index (past any prompt,
+        never read unmasked), and its logits are dropped.
+        """
+        if self.compile:
+            by_slot = {r.slot: r for r in rows}
+            slots = list(range(self.max_batch))
+            ids = [[by_slot[i].ids[-1] if i in by_slot else 0] for i in slots]
+            pos = [[len(by_slot[i].ids) - 1 if i in by_slot else self.block_size - 1] for i in slots]
+            length, picked = self.block_size, [r.slot for r in rows]
+        else:
+            slots = [r.slot for r in rows]
+            ids, pos = [[r.ids[-1]] for r in rows], [[len(r.ids) - 1] for r in rows]
+            length, picked = max(len(r.ids) for r in rows), list(range(len(rows)))
+        ids = torch.tensor(ids, device=self.device)
+        cache_pos = torch.tensor(pos, device=self.device)  # (B, 1)
+        view = [SlotView(c, slots, length) for c in self.cache]
+        logits = self._step(ids, cache_pos, view, None, None)[picked, -1]  # (len(rows), V)
+        for r, row in zip(rows, logits):
+            try:
+                self._take(r, row)
+            except Exception as e:  # noqa: BLE001
+                # One job's failed sampling fails that job only.
+                self._fail(r, e)
+
+    def _take(self, r: _Running, logits: torch.Tensor) -> None:
+        """Sample job r's next token from its logits (V,) and pass its text on."""
+        s = r.job.sampling
+        row, penalty = logits.float().unsqueeze(0), s.get("repetition_penalty", 1.0)
+        if penalty != 1.0:  # the ids seen so far, as a tensor, only when they are needed
+            row = apply_repetition_penalty(row, torch.tensor([r.ids], device=row.device), penalty)
+        token = int(sample(row, s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"),
+                           s.get("min_p"), r.gens)[0])
+        r.steps += 1
+        piece = r.out.push(token)
+        if piece and r.job.on_text is not None:
+            r.job.on_text(piece)
+        if r.out.done:
+            self._finish(r, "stop")
+        elif r.steps >= r.job.max_tokens:
+            self._finish(r, "length")
+        else:
+            r.ids.append(token)  # its keys go into the cache at the next decode step
+
+    def _finish(self, r: _Running, reason: str) -> None:
+        """Free r's slot and hand its result to the waiting request."""
+        job = r.job
+        job.finish_reason = reason
+        try:
+            if reason != "cancelled":
+                piece = r.out.flush()
+                if piece and job.on_text is not None:
+                    job.on_text(piece)
+                job.text = r.out.text
+                job.ids = _ids_of_text(self.tokenizer, r.out.ids, job.text)
+                if job.logprobs is not None:
+                    job.logprob_block = logprob_block(self.model, self.tokenizer, job)
+        except Exception as e:  # noqa: BLE001
+            self._fail(r, e)
+            return
+        job.completion_tokens = len(r.out.ids)
+        self._release(r, "cancelled" if reason == "cancelled" else "completed")
+        r.future.set_result(job)
+
+    def _fail(self, r: _Running, e: Exception) -> None:
+        self._release(r, "failed")
+        r.future.set_exception(e)
+
+    def _release(self, r: _Running, outcome: str) -> None:
+        with self._lock:
+            self._running.remove(r)
+            self._free.append(r.slot)
+            self._free.sort()
+            self.accepted -= 1
+            self.tokens_generated += len(r.out.ids)
+            setattr(self, outcome, getattr(self, outcome) + 1)
+
+    def _finish_waiting(self, job: Job, future: Future) -> None:
+        """A job that never got a slot: its client left, or the server is stopping."""
+        job.finish_reason = "cancelled"
+        with self._lock:
+            self.accepted -= 1
+            self.cancelled += 1
+        if future.set_running_or_notify_cancel():
+            future.set_result(job)
 
 
 def _ids_of_text(tokenizer: Any, ids: list[int], text: str) -> list[int]:

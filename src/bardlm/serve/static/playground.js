@@ -6,9 +6,19 @@ const $ = (id) => document.getElementById(id);
 let modelId = null;
 let controller = null; // aborting it closes the connection, which stops generation on the server
 
+// A server started with --api-key wants it as a Bearer token on every API call.
+function authHeaders() {
+  const key = $("api_key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function loadModel() {
   try {
-    const r = await fetch("/v1/models");
+    const r = await fetch("/v1/models", { headers: authHeaders() });
+    if (r.status === 401) {
+      $("model").textContent = "this server needs an API key: enter it below";
+      return;
+    }
     const m = (await r.json()).data[0];
     modelId = m.id;
     $("model").textContent = `${m.id} (context ${m.max_model_len} tokens)`;
@@ -86,7 +96,7 @@ async function generate(event) {
   try {
     const r = await fetch("/v1/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(requestBody()),
       signal: controller.signal,
     });
@@ -127,6 +137,7 @@ async function generate(event) {
 
 $("form").addEventListener("submit", generate);
 $("halt").addEventListener("click", () => controller?.abort());
+$("api_key").addEventListener("change", loadModel);
 loadModel();
 
 // The chat tab: the conversation lives here and goes whole to /v1/chat/completions each turn.
@@ -158,7 +169,8 @@ async function chatSend(event) {
   $("chat-send").disabled = true;
   try {
     const r = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify(body)});
     if (!r.ok) throw new Error((await r.json()).error.message);
     for await (const raw of sseEvents(r)) {
       if (raw === "[DONE]") break;
