@@ -40,3 +40,10 @@ def test_train_bench_smoke() -> None:
     modes = res["results"]["baby"]
     assert set(modes) == {"eager_fp32", "eager_bf16"} and modes["eager_fp32"]["speedup"] == 1.0
     assert all(m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1 for m in modes.values())
+
+
+def test_norm_speed_bench_smoke() -> None:
+    res = run_bench("bench/norm_speed.py", "--rounds", "1", "--steps", "1", "--batch", "2",
+                    "--context", "8", "--n-embd", "16")
+    assert set(res["ms_per_step"]) == {"layernorm", "rmsnorm"} and res["ratio_median"] > 0
+    assert res["meaningful"] == (res["load"] < 1.0)

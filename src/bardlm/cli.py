@@ -392,6 +392,8 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="toy budget (seconds): checks it runs")
     p.add_argument("--steps", type=int, help="training steps of each run (default 300)")
     p.add_argument("--seconds", type=float, help="training time of each run of `lstm` (default 60)")
+    p.add_argument("--seeds", type=int, help="runs per row, seeds 1337, 1338, ... (default 1; "
+                                             "norms, positions, gqa, tying, lstm)")
     p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare, shipped "
                                   "with bardlm)")
     p.add_argument("--device", default="cpu")
@@ -402,7 +404,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     for name in EXPERIMENTS if args.name == "all" else [args.name]:
         run_experiment(name, args.out, quick=args.quick, data=args.data, device=args.device,
-                       steps=args.steps, seconds=args.seconds,
+                       steps=args.steps, seconds=args.seconds, seeds=args.seeds,
                        log=lambda m: print(m, file=sys.stderr))
         print(json.dumps({"experiment": name, "json": str(Path(args.out) / f"{name}.json")}))
     return 0
