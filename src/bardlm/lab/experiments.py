@@ -676,8 +676,9 @@ def run_experiment(
 
 def results_table(result: dict[str, Any]) -> str:
     """A markdown table of the runs of a result: params, steps, tokens/s, validation loss (the
-    mean +- sample standard deviation over seeds when there are several), and any extra
-    per-row numbers (losses at longer contexts, KV-cache bytes)."""
+    mean +- sample standard deviation over seeds when there are several; the difference to the
+    first row then per seed, mean +- sd), and any extra per-row numbers (losses at longer
+    contexts, KV-cache bytes)."""
     runs = result.get("runs")
     if not runs:
         return ""
@@ -686,7 +687,8 @@ def results_table(result: dict[str, Any]) -> str:
     extra += ["kv_bytes_per_token"] if "kv_bytes_per_token" in first else []
     seeds = first.get("seeds", 1)
     loss_head = f"val loss (mean +- sd, {seeds} seeds)" if seeds > 1 else "val loss"
-    lines = [f"| variant | parameters | steps | tokens/s | {loss_head} | vs first row | "
+    vs_head = "vs first row (paired by seed: mean +- sd)" if seeds > 1 else "vs first row"
+    lines = [f"| variant | parameters | steps | tokens/s | {loss_head} | {vs_head} | "
              + "".join(f"{k} | " for k in extra),
              "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(extra)]
     for name, r in runs.items():
@@ -695,8 +697,12 @@ def results_table(result: dict[str, Any]) -> str:
             f"{r[k]:,} | " if isinstance(r[k], int)
             else f"{r[k]:.3f}" + (f" +- {r[k + '_std']:.3f}" if seeds > 1 else "") + " | "
             for k in extra)
+        vs = f"{r['val_loss'] - first['val_loss']:+.3f}"
+        if seeds > 1:  # rows share seeds (same data order, same init of shared weights): pair them
+            diffs = [a - b for a, b in zip(r["val_losses"], first["val_losses"], strict=True)]
+            vs += f" +- {float(np.std(diffs, ddof=1)):.3f}"
         lines.append(f"| {name} | {r['params']:,} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
-                     f"{loss} | {r['val_loss'] - first['val_loss']:+.3f} | {cells}")
+                     f"{loss} | {vs} | {cells}")
     return "\n".join(line.rstrip() for line in lines)
 
 
