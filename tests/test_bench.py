@@ -57,3 +57,10 @@ def test_serve_bench_smoke() -> None:
     assert row["clients"] == 2 and row["requests"] == 2 and row["tokens"] == 8
     assert {"tokens_per_sec", "ttft_p50_ms", "ttft_p99_ms", "token_p50_ms", "token_p99_ms"} <= set(row)
     assert res["anchor"] == "not run (--no-anchor)"
+
+
+def test_norm_speed_bench_smoke() -> None:
+    res = run_bench("bench/norm_speed.py", "--rounds", "1", "--steps", "1", "--batch", "2",
+                    "--context", "8", "--n-embd", "16")
+    assert set(res["ms_per_step"]) == {"layernorm", "rmsnorm"} and res["ratio_median"] > 0
+    assert res["meaningful"] == (res["load"] < 1.0)

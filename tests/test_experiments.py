@@ -16,6 +16,7 @@ from bardlm.lab.experiments import (
     EXPERIMENTS,
     forward_shapes,
     lstm_matching,
+    results_table,
     run_experiment,
     softmax_saturation,
 )
@@ -113,3 +114,20 @@ def test_cli_experiment_shapes_and_bad_input(tmp_path, capsys) -> None:
     assert "(B, 32, T, 64)" in tables["llama-3.2-1b"] and "(B, 8, T, 128)" in tables["qwen3-0.6b"]
     assert main(["experiment", "attention", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert "--steps must be positive" in capsys.readouterr().err
+
+
+def test_seeded_experiments_report_mean_spread_and_their_numbers(tmp_path, data_path: str) -> None:
+    """Issue 22: `--seeds 2` trains every row twice (seeds 1337, 1338) and reports the mean and
+    the sample standard deviation; gqa adds KV-cache bytes, tying matches parameters."""
+    gqa = run_experiment("gqa", tmp_path, quick=True, data=data_path, seeds=2, log=lambda m: None)
+    rows = list(gqa["runs"].values())
+    assert [r["kv_bytes_per_token"] for r in rows] == [2 * 2 * kv * 4 * 4 for kv in (8, 4, 2, 1)]
+    for r in rows:
+        assert r["seeds"] == 2 and len(r["val_losses"]) == 2
+        assert r["val_loss"] == pytest.approx(sum(r["val_losses"]) / 2)
+        assert r["val_loss_std"] == pytest.approx(abs(r["val_losses"][0] - r["val_losses"][1]) / math.sqrt(2))
+    assert rows[0]["val_losses"][0] != rows[0]["val_losses"][1]  # the seed changes the run
+    tying = run_experiment("tying", tmp_path, quick=True, data=data_path, log=lambda m: None)
+    tied, untied, matched = (r["params"] for r in tying["runs"].values())
+    assert untied - tied == 65 * 32 and abs(matched - untied) <= 2 * 32 * 2
+    assert "+-" not in results_table(tying) and "kv_bytes_per_token" in results_table(gqa)

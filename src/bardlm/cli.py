@@ -310,12 +310,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # shapes only: even gpt2-xl costs no memory
         model = GPT(cfg)
     n = model.num_params()
-    n_head_sep = model.num_params(count_tied_head_twice=True)
+    head = model.lm_head.weight.numel()  # V x C: the matrix tying saves
     kv_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim
+    if cfg.tie_embeddings:
+        counts = [("parameters", f"{n:,} (head tied to the embedding)"),
+                  ("parameters, head counted separately", f"{n + head:,}")]
+    else:
+        counts = [("parameters", f"{n:,} (separate output head)"),
+                  ("parameters if the head were tied", f"{n - head:,}")]
     rows = [
-        ("parameters", f"{n:,}" + (" (head tied to the embedding)" if cfg.tie_embeddings else "")),
-        ("parameters, head counted separately", f"{n_head_sep:,}"),
-        ("weights fp32 / bf16 / int8", f"{_mib(n * 4)} / {_mib(n * 2)} / {_mib(n)}"),
+        *counts,
+        # Both units: "MB" in much writing (and "LLMs from scratch") is bytes / 2^20.
+        ("weights fp32", f"{n * 4:,} B = {n * 4 / 1e6:,.2f} MB = {n * 4 / 2**20:,.2f} MiB"),
+        ("weights bf16 / int8", f"{_mib(n * 2)} / {_mib(n)}"),
         ("KV cache per token fp32 / bf16", f"{kv_token * 4:,} B / {kv_token * 2:,} B"),
         ("KV cache at full context fp32", _mib(kv_token * 4 * cfg.block_size)),
         ("shape", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} KV), "
@@ -323,11 +330,19 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"vocab {cfg.vocab_size}"),
         ("style", f"{cfg.pos} positions, {cfg.norm}, {cfg.ffn}"
                   + (", QK-norm" if cfg.qk_norm else "")),
+        ("biases", f"q/k/v {_yn(cfg.qkv_bias)}, attention output {_yn(cfg.attn_bias)}, "
+                   f"MLP and norms {_yn(cfg.bias)}"),
+        ("dropout", f"embeddings {cfg.emb_dropout}, attention weights {cfg.attn_dropout}, "
+                    f"residual {cfg.resid_dropout}"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _yn(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _mib(n_bytes: int) -> str:
@@ -464,6 +479,8 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="toy budget (seconds): checks it runs")
     p.add_argument("--steps", type=int, help="training steps of each run (default 300)")
     p.add_argument("--seconds", type=float, help="training time of each run of `lstm` (default 60)")
+    p.add_argument("--seeds", type=int, help="runs per row, seeds 1337, 1338, ... (default 1; "
+                                             "norms, positions, gqa, tying, lstm)")
     p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare, shipped "
                                   "with bardlm)")
     p.add_argument("--device", default="cpu")
@@ -474,7 +491,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     for name in EXPERIMENTS if args.name == "all" else [args.name]:
         run_experiment(name, args.out, quick=args.quick, data=args.data, device=args.device,
-                       steps=args.steps, seconds=args.seconds,
+                       steps=args.steps, seconds=args.seconds, seeds=args.seeds,
                        log=lambda m: print(m, file=sys.stderr))
         print(json.dumps({"experiment": name, "json": str(Path(args.out) / f"{name}.json")}))
     return 0

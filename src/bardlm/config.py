@@ -3,7 +3,8 @@ run that is not the model), their presets, and typed `--set key=value` parsing f
 
 A variant (GPT-2, Llama-style, Qwen3-style, a tiny character model) is a `ModelConfig`, never a new
 class tree: the model reads these fields and nothing else. Fields that default to "derive me"
-(`n_kv_head`, `head_dim`, `ffn_hidden`, `attn_bias`) are resolved once, in `__post_init__`, so
+(`n_kv_head`, `head_dim`, `ffn_hidden`, `attn_bias`, `qkv_bias`, the three dropout rates) are
+resolved once, in `__post_init__`, so
 every reader sees plain values and there is one name per quantity.
 """
 
@@ -27,6 +28,7 @@ NORM_PLACEMENTS = ("pre", "post")
 ATTN_IMPLS = ("sdpa", "explicit")
 # How a query scores a key; everything but "dot" runs on the explicit path (docs/concepts.md).
 ATTN_SCORES = ("dot", "dot_unscaled", "additive", "bilinear", "cosine")
+DROPOUT_SITES = ("emb_dropout", "attn_dropout", "resid_dropout")  # each None -> `dropout`
 
 
 @dataclass
@@ -55,9 +57,19 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # e.g. Llama 3.x {"rope_type": "llama3", ...}
     qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3)
     bias: bool = True  # biases in the linear layers (and the shift of LayerNorm)
-    attn_bias: bool | None = None  # None -> `bias`; Qwen2-style q/k/v bias can differ from MLP
+    # Attention biases. `attn_bias` is the output projection's (c_proj) and the default of
+    # `qkv_bias`, the query/key/value projection's (c_attn): GPT-2 has both, Llama neither,
+    # Qwen2 only q/k/v, and "LLMs from scratch" (qkv_bias=False) only the output one.
+    attn_bias: bool | None = None  # None -> `bias`
+    qkv_bias: bool | None = None  # None -> `attn_bias`
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    # Dropout rates. `dropout` is the default of the three sites (the book's exercise 4.3 sets
+    # them apart): the embedding sum, the attention weights, and each sublayer's output before
+    # it joins the residual stream (after attention's c_proj and after the FFN).
     dropout: float = 0.0
+    emb_dropout: float | None = None  # None -> `dropout`
+    attn_dropout: float | None = None  # None -> `dropout`
+    resid_dropout: float | None = None  # None -> `dropout`
     # Dropout masks from 16-bit slices of 64-bit random words (dropout.py): ~6x cheaper to draw on
     # CPU than one random float per element, dropout 2-4x faster (bench/dropout.py); False: F.dropout.
     fast_dropout: bool = True
@@ -80,8 +92,11 @@ class ModelConfig:
     def derived(self) -> dict[str, Any]:
         """The value each "derive me" field takes when left as None."""
         head_dim = self.n_embd // self.n_head
+        # qkv_bias follows attn_bias, which may itself still be None (-> bias) at this point.
+        attn_bias = self.bias if self.attn_bias is None else self.attn_bias
         return {"n_kv_head": self.n_head, "head_dim": head_dim, "ffn_hidden": 4 * self.n_embd,
-                "attn_bias": self.bias}
+                "attn_bias": self.bias, "qkv_bias": attn_bias, "emb_dropout": self.dropout,
+                "attn_dropout": self.dropout, "resid_dropout": self.dropout}
 
     def resolve(self) -> None:
         for name, value in self.derived().items():
@@ -125,8 +140,10 @@ class ModelConfig:
             raise BardlmError(
                 f"config: sinusoidal positions need an even n_embd, got {self.n_embd}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise BardlmError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", *DROPOUT_SITES):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise BardlmError(f"config: {name} must be in [0, 1), got {value}")
         if self.norm_eps <= 0:
             raise BardlmError(f"config: norm_eps must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
@@ -190,6 +207,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    # GPT_CONFIG_124M of "Build a Large Language Model (From Scratch)" (Raschka), ch. 4: GPT-2
+    # small's shape without the q/k/v biases, with an untied head and dropout 0.1 everywhere.
+    # 163,009,536 parameters (124,412,160 if the head were tied); docs/sources.md.
+    "gpt2-124m-lfs": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, dropout=0.1,
+                          qkv_bias=False, tie_embeddings=False),
     # nanoGPT's CPU "baby GPT": 4 layers, 4 heads, 128 dims, context 64 (vocab set by the data).
     "char-tiny": dict(
         vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False

@@ -233,15 +233,29 @@ def family_of(cfg: ModelConfig) -> str:
         )
     style = (cfg.pos, cfg.norm, cfg.ffn)
     pre = cfg.norm_placement == "pre"
+    family = None
     if style in (("learned", "layernorm", "gelu"), ("learned", "layernorm", "relu")) and pre \
             and cfg.bias and cfg.attn_bias and cfg.n_kv_head == cfg.n_head \
             and not cfg.qk_norm and cfg.head_dim * cfg.n_head == cfg.n_embd:
-        return "gpt2"
+        family = "gpt2"
     if style == ("rope", "rmsnorm", "swiglu") and pre:
         if not cfg.qk_norm:
-            return "llama"
-        if not cfg.bias:
-            return "qwen3"
+            family = "llama"
+        elif not cfg.bias:
+            family = "qwen3"
+    if family is not None:
+        # GPT-2 always has q/k/v biases; Llama and Qwen3 have one `attention_bias` for q, k, v
+        # and o together. Zero biases would compute the same function, but the round trip
+        # would then not give back this config, so refuse rather than change the model.
+        expressible = cfg.attn_bias if family != "gpt2" else True
+        if cfg.qkv_bias != expressible:
+            raise BardlmError(
+                f"this model has qkv_bias={str(cfg.qkv_bias).lower()}, but transformers' "
+                f"{family} " + ("always has q/k/v biases" if family == "gpt2" else
+                               "has one attention_bias for q, k, v and o") +
+                f" (here attn_bias={str(cfg.attn_bias).lower()}); keep it as a bardlm checkpoint"
+            )
+        return family
     raise BardlmError(
         "this model has no transformers equivalent: save_pretrained writes GPT-2 (learned "
         "positions, LayerNorm, GELU, biases, MHA), Llama (RoPE, RMSNorm, SwiGLU) or Qwen3 "

@@ -12,6 +12,15 @@ that differs between two rows of a table is the option being compared.
   residual    per-layer gradient norms at init and loss curves, with/without skips and norms
   ablations   pre/post norm, LayerNorm/RMSNorm, GELU/ReLU/SwiGLU, learned/sinusoidal/RoPE/none
   shapes      the shape of every tensor in the forward pass of a preset (markdown table)
+
+With several seeds (`--seeds N`: init, dropout and data order all change with the seed), and
+the mean and spread of each row (docs/sources.md, issue 22):
+
+  norms       LayerNorm vs RMSNorm (loss; time per step is bench/norm_speed.py)
+  positions   learned vs sinusoidal vs RoPE, trained at the budget's context, scored at 1x 2x 4x
+  gqa         1, 2, 4, 8 query heads per key/value head: loss and KV-cache bytes
+  tying       tied vs untied output head, at equal steps and at equal parameters
+  lstm        (above) also takes --seeds
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ class Budget:
     eval_windows: int = 200  # validation windows for the loss curves (the tables use all)
     seconds: float = 60.0  # wall time of each run in time-budgeted experiments (lstm)
     seed: int = 1337
+    seeds: int = 1  # runs per row in the seeded experiments: seed, seed + 1, ...
 
     def model(self, vocab_size: int, **changes: Any) -> ModelConfig:
         """char-tiny's style (pre-norm LayerNorm, GELU, learned positions) at this size."""
@@ -81,6 +91,7 @@ class Data:
     batches: Batches
     val: torch.Tensor  # (N, T + 1) all validation windows
     val_curve: torch.Tensor  # an evenly spread subset of `val` for the loss curves
+    val_ids: np.ndarray | None = None  # the validation split as one token array
 
     @classmethod
     def load(cls, budget: Budget, data: str | None = None, max_val: int | None = None) -> Data:
@@ -93,7 +104,11 @@ class Data:
             windows = windows[:max_val]
         pick = torch.linspace(0, len(windows) - 1, min(budget.eval_windows, len(windows))).long()
         return cls(tok.vocab_size, Batches(train.ids, budget.block_size, budget.seed), windows,
-                   windows[pick])
+                   windows[pick], val.ids)
+
+    def reseeded(self, seed: int) -> Data:
+        """The same split with the training batches drawn in the order of `seed`."""
+        return dataclasses.replace(self, batches=Batches(self.batches.ids, self.batches.T, seed))
 
 
 # Every run trains with the library's own loop (train/loop.py) --------------------------------
@@ -225,19 +240,23 @@ def lstm_matching(n_params: int, vocab_size: int, n_layer: int) -> LSTMLM:
 
 def exp_lstm(data: Data, budget: Budget, device: str, log: Callable[[str], None],
              lstm_layers: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
-    """The transformer of the budget vs LSTMs of (about) its parameter count, same wall time."""
-    torch.manual_seed(budget.seed)
-    models: dict[str, nn.Module] = {f"transformer ({budget.n_layer} layers)": GPT(budget.model(data.vocab_size))}
-    n_params = next(iter(models.values())).num_params()
-    for n in lstm_layers:
-        torch.manual_seed(budget.seed)
-        lstm = lstm_matching(n_params, data.vocab_size, n)
-        models[f"LSTM ({n} layer{'s' * (n > 1)}, hidden {lstm.lstm.hidden_size})"] = lstm
-    runs = train_for_time(models, data, budget, device)
-    for name, run in runs.items():
-        log(f"{name}: {run['params']:,} params, {run['tokens_per_s']:,.0f} tokens/s, "
-            f"{run['steps']} steps, val loss {run['val_loss']:.4f}")
-    return {"runs": runs}
+    """The transformer of the budget vs LSTMs of (about) its parameter count, same wall time;
+    once per seed (`budget.seeds`), each row the mean over seeds."""
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds_of(budget):
+        b, d = dataclasses.replace(budget, seed=seed), data.reseeded(seed)
+        torch.manual_seed(seed)
+        models: dict[str, nn.Module] = {f"transformer ({b.n_layer} layers)": GPT(b.model(d.vocab_size))}
+        n_params = next(iter(models.values())).num_params()
+        for n in lstm_layers:
+            torch.manual_seed(seed)
+            lstm = lstm_matching(n_params, d.vocab_size, n)
+            models[f"LSTM ({n} layer{'s' * (n > 1)}, hidden {lstm.lstm.hidden_size})"] = lstm
+        for name, run in train_for_time(models, d, b, device).items():
+            per_seed.setdefault(name, []).append(run)
+            log(f"seed {seed} {name}: {run['params']:,} params, {run['tokens_per_s']:,.0f} "
+                f"tokens/s, {run['steps']} steps, val loss {run['val_loss']:.4f}")
+    return {"runs": {name: summarise(runs) for name, runs in per_seed.items()}}
 
 
 def plot_lstm(result: dict[str, Any], path: Path) -> None:
@@ -449,6 +468,157 @@ def exp_shapes(data: Data | None, budget: Budget, device: str, log: Callable[[st
     return {"tables": tables}
 
 
+# Seeded experiments (issue 22): every row trained once per seed, mean and spread reported -----
+def seeds_of(budget: Budget) -> list[int]:
+    return [budget.seed + i for i in range(budget.seeds)]
+
+
+def summarise(runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """One table row from the runs of one variant (one per seed): the means, the sample
+    standard deviation of the validation loss, every seed's loss, the first seed's curve."""
+    losses = [r["val_loss"] for r in runs]
+    return {
+        **extra,
+        "params": runs[0]["params"],
+        "steps": runs[0]["steps"],
+        "train_s": float(np.mean([r["train_s"] for r in runs])),
+        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs])),
+        "val_loss": float(np.mean(losses)),
+        "val_loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+        "val_losses": losses,
+        "seeds": len(runs),
+        "history": runs[0]["history"],
+    }
+
+
+def seeded_variants(
+    variants: dict[str, dict[str, Any]], data: Data, budget: Budget, device: str,
+    log: Callable[[str], None], after: Callable[[GPT, Data], dict[str, float]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`train_variants` once per seed. Seeds are the outer loop, so a machine whose load drifts
+    slows every variant alike. `after(model, data)` adds metrics of each trained model (e.g.
+    losses at longer contexts); their means and spreads go into the row as `NAME` and `NAME_std`."""
+    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for seed in seeds_of(budget):
+        b, d = dataclasses.replace(budget, seed=seed), data.reseeded(seed)
+        for name, changes in variants.items():
+            torch.manual_seed(seed)
+            model = GPT(b.model(d.vocab_size, **changes))
+            run = train_lm(model, d, b, device)
+            if after is not None:
+                run.update(after(model, d))
+            per_seed[name].append(run)
+            log(f"seed {seed} {name}: val loss {run['val_loss']:.4f} ({run['train_s']:.1f} s)")
+    rows = {}
+    for name, runs in per_seed.items():
+        extra = {"changes": variants[name]}
+        for key in (after(None, data) if after is not None else {}):  # the metric names
+            values = [r[key] for r in runs]
+            extra[key] = float(np.mean(values))
+            extra[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        rows[name] = summarise(runs, **extra)
+    return rows
+
+
+def exp_norms(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """LayerNorm vs RMSNorm at equal budget (the time per step: bench/norm_speed.py)."""
+    variants = {"LayerNorm": {"norm": "layernorm"}, "RMSNorm": {"norm": "rmsnorm"}}
+    return {"runs": seeded_variants(variants, data, budget, device, log)}
+
+
+LENGTH_FACTORS = (1, 2, 4)  # score at 1x, 2x and 4x the training context
+LEARNED_STRIDE = 16  # learned positions beyond their table: a sliding window moved 16 tokens
+
+
+def long_context_losses(model: GPT | None, data: Data, n_tokens: int = 16_385,
+                        device: str = "cpu") -> dict[str, float]:
+    """Loss (nats/token) on the first `n_tokens` of the validation split, read in windows of
+    L = 1, 2 and 4 times the training context, keys `loss_at_L`.
+
+    RoPE and sinusoidal positions have no table end: the model is rebuilt with block_size L
+    (same weights) and reads non-overlapping windows of L. A learned table has no row past
+    its context, so the policy there is a sliding window of the last `block_size` tokens,
+    moved `LEARNED_STRIDE` tokens at a time (every scored token sees 48-63 earlier tokens at
+    context 64), whatever L is. `model=None` returns the keys only.
+    """
+    from ..eval.perplexity import perplexity_of_ids
+
+    T = data.batches.T
+    if model is None:
+        return {f"loss_at_{f * T}": 0.0 for f in LENGTH_FACTORS}
+    ids = [int(i) for i in data.val_ids[:n_tokens]]
+    out = {}
+    for f in LENGTH_FACTORS:
+        L = f * T
+        if f == 1:
+            m, S = model, L
+        elif model.config.pos == "learned":
+            m, L, S = model, T, LEARNED_STRIDE
+        else:
+            m = GPT(model.config.replace(block_size=L)).to(device)
+            m.load_state_dict(model.state_dict())
+            S = L
+        m.eval()
+        out[f"loss_at_{f * T}"] = perplexity_of_ids(m, ids, len(ids), max_length=L, stride=S,
+                                                     batch_size=16).loss
+    model.train()
+    return out
+
+
+def exp_positions(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    variants = {"learned": {"pos": "learned"}, "sinusoidal": {"pos": "sinusoidal"},
+                "RoPE": {"pos": "rope"}}
+    return {"learned_policy": f"sliding window of the last {budget.block_size} tokens, stride "
+                              f"{LEARNED_STRIDE}",
+            "runs": seeded_variants(variants, data, budget, device, log,
+                                    after=lambda m, d: long_context_losses(m, d, device=device))}
+
+
+def plot_positions(result: dict[str, Any], path: Path) -> None:
+    fig, ax = _figure(2)
+    _plot_curves(ax[0], result["runs"], "trained at the budget's context")
+    for name, run in result["runs"].items():
+        keys = sorted((k for k in run if k.startswith("loss_at_") and not k.endswith("_std")),
+                      key=lambda k: int(k.rsplit("_", 1)[1]))
+        ax[1].errorbar([int(k.rsplit("_", 1)[1]) for k in keys], [run[k] for k in keys],
+                       yerr=[run[k + "_std"] for k in keys], fmt="-o", capsize=3, label=name)
+    ax[1].set_xscale("log", base=2)
+    _labels(ax[1], "tokens read at once (learned: sliding window)", "validation loss (nats/char)",
+            "scored at 1x, 2x, 4x the training context")
+    _save(fig, path)
+
+
+GQA_HEADS = 8  # query heads; the KV heads are 8, 4, 2, 1
+
+
+def exp_gqa(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """n_head = 8 query heads sharing 8 (MHA), 4, 2 or 1 (MQA) key/value heads. KV-cache bytes
+    per token (fp32) = 2 (k and v) x n_layer x n_kv_head x head_dim x 4."""
+    head_dim = budget.n_embd // GQA_HEADS
+    variants = {}
+    for group in (1, 2, 4, 8):
+        n_kv = GQA_HEADS // group
+        variants[f"{group} query heads per KV head ({n_kv} KV)"] = {"n_head": GQA_HEADS, "n_kv_head": n_kv}
+    runs = seeded_variants(variants, data, budget, device, log)
+    for row in runs.values():
+        row["kv_bytes_per_token"] = 2 * budget.n_layer * row["changes"]["n_kv_head"] * head_dim * 4
+    return {"runs": runs}
+
+
+def exp_tying(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """Tied vs untied head at equal steps, and a tied model given the untied one's parameters
+    back as FFN width (each hidden unit costs 2 C weights per layer: bias=False)."""
+    spare = data.vocab_size * budget.n_embd  # what untying adds: one V x C matrix
+    extra_hidden = round(spare / (2 * budget.n_embd * budget.n_layer))
+    variants = {
+        "tied": {"tie_embeddings": True},
+        "untied (equal steps)": {"tie_embeddings": False},
+        f"tied, FFN +{extra_hidden} (equal parameters)": {
+            "tie_embeddings": True, "ffn_hidden": 4 * budget.n_embd + extra_hidden},
+    }
+    return {"runs": seeded_variants(variants, data, budget, device, log)}
+
+
 # Registry, tables and plotting helpers -----------------------------------------------------
 @dataclass
 class Experiment:
@@ -464,18 +634,23 @@ EXPERIMENTS: dict[str, Experiment] = {
     "residual": Experiment(exp_residual, plot_residual),
     "ablations": Experiment(exp_ablations, plot_curves_only("one change from the baseline")),
     "shapes": Experiment(exp_shapes, None, needs_data=False),
+    "norms": Experiment(exp_norms, plot_curves_only("LayerNorm vs RMSNorm")),
+    "positions": Experiment(exp_positions, plot_positions),
+    "gqa": Experiment(exp_gqa, plot_curves_only("query heads per KV head")),
+    "tying": Experiment(exp_tying, plot_curves_only("output head tied or not")),
 }
 
 
 def run_experiment(
     name: str, out: str | Path, quick: bool = False, data: str | None = None, device: str = "cpu",
     steps: int | None = None, seconds: float | None = None, log: Callable[[str], None] = print,
+    seeds: int | None = None,
 ) -> dict[str, Any]:
     """Run experiment `name`; write out/NAME.json (and out/NAME.png); return the result."""
     if name not in EXPERIMENTS:
         raise BardlmError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     budget = QUICK if quick else FULL
-    for key, value in (("steps", steps), ("seconds", seconds)):
+    for key, value in (("steps", steps), ("seconds", seconds), ("seeds", seeds)):
         if value is not None:
             if value <= 0:
                 raise BardlmError(f"--{key} must be positive, got {value}")
@@ -500,17 +675,35 @@ def run_experiment(
 
 
 def results_table(result: dict[str, Any]) -> str:
-    """A markdown table of the runs of a result: params, steps, tokens/s, validation loss."""
+    """A markdown table of the runs of a result: params, steps, tokens/s, validation loss (the
+    mean +- sample standard deviation over seeds when there are several; the difference to the
+    first row then per seed, mean +- sd), and any extra per-row numbers (losses at longer
+    contexts, KV-cache bytes)."""
     runs = result.get("runs")
     if not runs:
         return ""
     first = next(iter(runs.values()))
-    lines = ["| variant | parameters | steps | tokens/s | val loss | vs first row |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    extra = [k for k in first if k.startswith("loss_at_") and not k.endswith("_std")]
+    extra += ["kv_bytes_per_token"] if "kv_bytes_per_token" in first else []
+    seeds = first.get("seeds", 1)
+    loss_head = f"val loss (mean +- sd, {seeds} seeds)" if seeds > 1 else "val loss"
+    vs_head = "vs first row (paired by seed: mean +- sd)" if seeds > 1 else "vs first row"
+    lines = [f"| variant | parameters | steps | tokens/s | {loss_head} | {vs_head} | "
+             + "".join(f"{k} | " for k in extra),
+             "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(extra)]
     for name, r in runs.items():
+        loss = f"{r['val_loss']:.3f}" + (f" +- {r['val_loss_std']:.3f}" if seeds > 1 else "")
+        cells = "".join(
+            f"{r[k]:,} | " if isinstance(r[k], int)
+            else f"{r[k]:.3f}" + (f" +- {r[k + '_std']:.3f}" if seeds > 1 else "") + " | "
+            for k in extra)
+        vs = f"{r['val_loss'] - first['val_loss']:+.3f}"
+        if seeds > 1:  # rows share seeds (same data order, same init of shared weights): pair them
+            diffs = [a - b for a, b in zip(r["val_losses"], first["val_losses"], strict=True)]
+            vs += f" +- {float(np.std(diffs, ddof=1)):.3f}"
         lines.append(f"| {name} | {r['params']:,} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['val_loss']:.3f} | {r['val_loss'] - first['val_loss']:+.3f} |")
-    return "\n".join(lines)
+                     f"{loss} | {vs} | {cells}")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _figure(n: int):  # noqa: ANN202

@@ -36,14 +36,14 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.q_dim = self.n_head * self.head_dim
         self.kv_dim = self.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.attn_bias)
+        self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.attn_bias)
         # Qwen3 normalises each head's q and k before RoPE: keeps logits bounded in deep stacks.
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attn_dropout  # on the attention weights (B, H, T, S)
         self.fast_dropout = cfg.fast_dropout
-        self.resid_dropout = Dropout(cfg.dropout, cfg.fast_dropout)
+        self.resid_dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # on c_proj's output
         # Scores other than the scaled dot product have no fused kernel: explicit path.
         self.score = AttentionScore(cfg) if cfg.attn_score != "dot" else None
         self.impl = cfg.attn_impl if self.score is None else "explicit"

@@ -30,7 +30,7 @@ class MLP(nn.Module):
         self.act = gelu_tanh if cfg.ffn == "gelu" else F.relu
         if cfg.ffn == "gelu" and cfg.fused_ops:
             self.act = fused_gelu_tanh
-        self.dropout = Dropout(cfg.dropout, cfg.fast_dropout)
+        self.dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # before the residual add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -45,7 +45,7 @@ class SwiGLU(nn.Module):
         self.hidden = cfg.ffn_hidden
         self.c_fc = nn.Linear(cfg.n_embd, 2 * cfg.ffn_hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = Dropout(cfg.dropout, cfg.fast_dropout)
+        self.dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # before the residual add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up = self.c_fc(x).split(self.hidden, dim=-1)

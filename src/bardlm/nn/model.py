@@ -35,7 +35,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                drop=Dropout(cfg.dropout, cfg.fast_dropout),
+                drop=Dropout(cfg.emb_dropout, cfg.fast_dropout),  # on token + position sum
                 # share_layers (ALBERT): one block, applied n_layer times in `forward`.
                 h=nn.ModuleList([Block(cfg) for _ in range(1 if cfg.share_layers else cfg.n_layer)]),
                 ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops),
