@@ -72,10 +72,16 @@ def check_plan(saved: dict[str, Any], new: TrainConfig, world: int, saved_world:
     return new
 
 
+# Fields --set may change on a model started from a checkpoint (--init-from): they do not touch
+# its weights. A resumed run changes none of them.
+FREE_WITH_INIT = ("dropout", "emb_dropout", "attn_dropout", "resid_dropout", "fast_dropout",
+                  "attn_impl", "fused_ops")
+
+
 def check_model(saved: dict[str, Any], cfg: ModelConfig, flag: str = "--resume") -> None:
     old = ModelConfig.from_dict(saved)
     diff = [f.name for f in dataclasses.fields(ModelConfig) if getattr(old, f.name) != getattr(cfg, f.name)
-            and (flag == "--resume" or f.name not in ("extra", "dropout", "fast_dropout", "attn_impl", "fused_ops"))]
+            and (flag == "--resume" or f.name not in (*FREE_WITH_INIT, "extra"))]
     if diff:
         k = diff[0]
         raise BardlmError(

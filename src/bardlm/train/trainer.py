@@ -35,7 +35,15 @@ from ..tokenizers import Tokenizer
 from .data import Batches, Prepared, Split, split_ids, val_windows
 from .distributed import Dist
 from .loop import Diverged, Loop, autocast, evaluate, window_batches
-from .state import OPTIMIZER_FILE, STATE_FILE, RunState, StopSignals, check_model, check_plan
+from .state import (
+    FREE_WITH_INIT,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    RunState,
+    StopSignals,
+    check_model,
+    check_plan,
+)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -344,10 +352,6 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# Fields --set may change on a model started from a checkpoint: they do not touch its weights.
-FREE_WITH_INIT = ("dropout", "fast_dropout", "attn_impl", "fused_ops")
 
 
 def init_config(path: str | Path, preset_name: str | None, overrides: dict[str, Any],
