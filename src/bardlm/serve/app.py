@@ -191,6 +191,12 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
 
 
+def sampling_of(req: Any) -> dict[str, Any]:
+    """The sampler settings of a completion or chat request (same fields in both)."""
+    return dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty, seed=req.seed)
+
+
 def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue: int = 16,
               max_batch: int = 1, api_key: str | None = None,
               allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES, docs: bool = False,
@@ -318,9 +324,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
             prompt = req.prompt
         job = Job(prompt=prompt, prompt_ids=ids, logprobs=req.logprobs, echo=req.echo,
                   max_tokens=16 if req.max_tokens is None else req.max_tokens, stop=req.stop or [],
-                  sampling=dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                                seed=req.seed))
+                  sampling=sampling_of(req))
         try:
             engine.check(job)
         except RequestError as e:
@@ -377,9 +381,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
         # The end of the turn is one more stop string: the reply ends there, without it.
         job = Job(prompt=tokenizer.decode(ids), prompt_ids=ids, max_tokens=max_tokens,
                   stop=[*(req.stop or []), template.end],
-                  sampling=dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                                seed=req.seed))
+                  sampling=sampling_of(req))
         try:
             engine.check(job)
         except RequestError as e:
