@@ -276,8 +276,8 @@ def prompt_ids(template: ChatTemplate, tokenizer: Any, messages: list[dict[str, 
 class ChatSession:
     """A conversation with a model: history, a system message, replies streamed as text.
 
-    The oldest turns are dropped when the history no longer fits the context (the system
-    message stays).
+    The oldest turns are dropped when the history no longer leaves the reply room in the
+    context (the system message stays); a reply is cut where the context ends.
     """
 
     def __init__(self, model: Any, tokenizer: Any, template: ChatTemplate,
@@ -299,20 +299,22 @@ class ChatSession:
         """The assistant's answer to `text`, streamed to `on_text`; both join the history."""
         from .generate import generate_text
 
+        ctx = self.model.config.block_size
+        alone = prompt_ids(self.template, self.tokenizer, self.messages()[: bool(self.system)]
+                           + [{"role": "user", "content": text}])
+        if len(alone) >= ctx:  # refused before any history is dropped
+            raise BardlmError(f"the message is {len(alone)} tokens with the chat template and the "
+                              f"model's context is {ctx}; send a shorter message")
         self.history.append({"role": "user", "content": text})
-        try:
+        ids = prompt_ids(self.template, self.tokenizer, self.messages())
+        # Old turns go while they crowd the reply out of the context: it keeps room for
+        # max_new_tokens, or for half the context when that is smaller (a 64-token model).
+        want = min(self.max_new_tokens, max(1, ctx // 2))
+        while len(ids) > ctx - want and len(self.history) > 1:
+            self.history = self.history[2:] if len(self.history) > 2 else self.history[1:]
             ids = prompt_ids(self.template, self.tokenizer, self.messages())
-            room = self.model.config.block_size - self.max_new_tokens
-            while len(ids) > room and len(self.history) > 1:
-                self.history = self.history[2:] if len(self.history) > 2 else self.history[1:]
-                ids = prompt_ids(self.template, self.tokenizer, self.messages())
-            if len(ids) > room:
-                raise BardlmError(f"the message is {len(ids)} tokens; the context leaves room "
-                                  f"for {max(room, 0)} with {self.max_new_tokens} new tokens")
-        except BardlmError:
-            self.history.pop()
-            raise
-        answer = generate_text(self.model, self.tokenizer, "", max_new_tokens=self.max_new_tokens,
+        new_tokens = min(self.max_new_tokens, ctx - len(ids))  # the reply ends where the context does
+        answer = generate_text(self.model, self.tokenizer, "", max_new_tokens=new_tokens,
                                stop=self.stop, on_text=on_text, prompt_ids=ids,
                                eos_ids=self.template.stop_ids(self.tokenizer), **self.sampling)
         self.history.append({"role": "assistant", "content": answer})
