@@ -1,8 +1,8 @@
 """From a pretrained model to an assistant: held-out exact match before and after full
 finetuning and LoRA, and LoRA's sensitivity to its learning rate (issue 18's demonstration).
 
-    python bench/assistant.py                         # the docs/benchmarks.md run (~15 min, 1 thread)
-    python bench/assistant.py --sweep 1e-3 5e-3 1e-2  # also LoRA at other learning rates
+    python bench/assistant.py                         # the docs/benchmarks.md run (~8 min, 1 thread)
+    python bench/assistant.py --sweep 1e-3 5e-3 1e-2  # also LoRA at other learning rates (~18 min)
 
 Pretrains a char model on tiny Shakespeare, writes the "shout WORD" -> "WORD" task (3,000
 training conversations, 100 held-out ones with unseen words), finetunes the whole model and,
