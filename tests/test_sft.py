@@ -230,9 +230,9 @@ def test_assistant_demo_small(tmp_path: Path, tiny_text: str) -> None:
     """Pretrain briefly on Shakespeare, then teach "shout w" -> "W" on a 4-letter alphabet.
     Before: never right. After full finetuning: right on held-out words. LoRA (under 10% of
     the parameters) reaches 1.00 on a base pretrained for 1,000 steps (bench/assistant.py,
-    docs/benchmarks.md); on this 60-step base the frozen embeddings, still near their small
-    initial norm, cap how confident any adapter can make the tied head, so here only its
-    held-out loss is required to fall."""
+    docs/benchmarks.md); on this 60-step base (frozen embeddings still near their small
+    initial norm, the likely cause) it does not get there, so here only its held-out loss is
+    required to fall."""
     from bardlm.lab.assistant import run_assistant_demo
 
     model = dict(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=False)
