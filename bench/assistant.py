@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from bardlm.config import TrainConfig
-from bardlm.lab.assistant import run_assistant_demo
+from bardlm.lab.assistant import finetune_and_score, run_assistant_demo
 from bardlm.train.data import load_corpus
-from bardlm.train.sft import Finetuner, LoRASpec, exact_match, read_chat_jsonl
+from bardlm.train.sft import read_chat_jsonl
 
 
 def main() -> None:
@@ -53,14 +51,10 @@ def main() -> None:
     sweep = []
     test = read_chat_jsonl(out / "test.jsonl")
     for lr in args.sweep:
-        t0 = time.time()
-        cfg = TrainConfig(**dict(lora, lr=lr, min_lr=lr / 10))
-        ft = Finetuner(out / "pretrained", out / "train.jsonl", out / f"lora-lr{lr:g}", cfg,
-                       LoRASpec(args.lora_rank, 2.0 * args.lora_rank), log=lambda m: None)
-        ft.fit()
-        ft.model.eval()
-        sweep.append({"lr": lr, "exact_match": exact_match(ft.model, ft.tokenizer, ft.template, test),
-                      "val_loss": round(ft.history[-1]["val_loss"], 4), "s": round(time.time() - t0, 1)})
+        one = finetune_and_score(out, f"lora-lr{lr:g}", dict(lora, lr=lr, min_lr=lr / 10), args.lora_rank,
+                                 test, log=lambda m: None)
+        sweep.append({"lr": lr, "exact_match": one["exact_match"], "val_loss": round(one["val_loss"], 4),
+                      "s": round(one["s"], 1)})
     print(f"\n{'':<28}{'exact match':>12}{'val loss':>10}{'trained':>12}{'wall s':>8}")
     print(f"{'pretrained, before':<28}{r['before']:>12.2f}{'':>10}{'-':>12}{r['pretrain_s']:>8.0f}")
     for name in ("full", "lora"):

@@ -63,26 +63,34 @@ def run_assistant_demo(out: str | Path, text: str, model: dict[str, Any], pretra
     times = {"pretrain_s": time.time() - t0}
     train_rows = shout_task(n_train, 1, set(), letters, lengths)
     words = {r["messages"][1]["content"].lower() for r in train_rows}
-    data = write_jsonl(train_rows, out / "train.jsonl")
+    write_jsonl(train_rows, out / "train.jsonl")
     test_rows = shout_task(n_test, 2, words, letters, lengths)  # words never seen in training
     test = read_chat_jsonl(write_jsonl(test_rows, out / "test.jsonl"))
     base, base_tok = load(out / "pretrained")
     from ..infer.chat import template_for
 
     result: dict[str, Any] = {"before": exact_match(base, base_tok, template_for(out / "pretrained", base_tok), test)}
-    for name, cfg, spec in (("full", full, None), ("lora", lora, LoRASpec(lora_rank, 2.0 * lora_rank))):
-        t0 = time.time()
-        ft = Finetuner(out / "pretrained", data, out / name, TrainConfig(**cfg), spec, log=log)
-        result[f"{name}_val_loss_start"] = ft.val_loss()
-        ft.fit()
-        result[f"{name}_val_loss"] = ft.history[-1]["val_loss"]
-        times[f"{name}_s"] = time.time() - t0
-        ft.model.eval()
-        result[name] = exact_match(ft.model, ft.tokenizer, ft.template, test)
-        result[f"{name}_trainable"] = ft.trainable
-        result[f"{name}_total"] = ft.total
-        log(f"{name}: exact match {result[name]:.3f} ({ft.trainable:,} of {ft.total:,} parameters trained)")
+    for name, cfg, rank in (("full", full, None), ("lora", lora, lora_rank)):
+        r = finetune_and_score(out, name, cfg, rank, test, log)
+        times[f"{name}_s"] = r.pop("s")
+        result.update({name: r.pop("exact_match")}, **{f"{name}_{k}": v for k, v in r.items()})
+        log(f"{name}: exact match {result[name]:.3f} ({r['trainable']:,} of {r['total']:,} parameters trained)")
     result.update({k: round(v, 1) for k, v in times.items()}, n_train=n_train, n_test=n_test,
                   letters=letters, lengths=list(lengths))
     (out / "assistant.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def finetune_and_score(out: Path, name: str, cfg: dict[str, Any], lora_rank: int | None,
+                       test: list, log: Any = print) -> dict[str, Any]:
+    """Finetune out/pretrained on out/train.jsonl into out/NAME (LoRA of rank `lora_rank`,
+    alpha 2 x rank, or the whole model when None); score exact match on `test`."""
+    t0 = time.time()
+    spec = None if lora_rank is None else LoRASpec(lora_rank, 2.0 * lora_rank)
+    ft = Finetuner(out / "pretrained", out / "train.jsonl", out / name, TrainConfig(**cfg), spec, log=log)
+    start = ft.val_loss()
+    ft.fit()
+    ft.model.eval()
+    return {"exact_match": exact_match(ft.model, ft.tokenizer, ft.template, test), "val_loss_start": start,
+            "val_loss": ft.history[-1]["val_loss"], "trainable": ft.trainable, "total": ft.total,
+            "s": time.time() - t0}
