@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from bardlm.errors import BardlmError  # noqa: E402
 from bardlm.io.checkpoint import save_tokenizer  # noqa: E402
 from bardlm.tokenizers import load as load_tokenizer  # noqa: E402
 from bardlm.tokenizers import train_bpe  # noqa: E402
@@ -168,4 +169,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BardlmError as e:  # e.g. offline without the complete works: one line, not a traceback
+        sys.exit(f"bench/prepare.py: {e}")
