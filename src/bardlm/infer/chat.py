@@ -102,7 +102,15 @@ class ChatTemplate:
     variables: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, ...
 
     def __post_init__(self) -> None:
-        self._compiled = compile_template(self.source)
+        self._template: Any = None
+
+    @property
+    def _compiled(self) -> Any:
+        """The compiled template, on first use: a model's metadata travels through conversions
+        as text, so converting never needs jinja2."""
+        if self._template is None:
+            self._template = compile_template(self.source)
+        return self._template
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The conversation as text; with `add_generation_prompt`, followed by the opening of

@@ -24,7 +24,6 @@ from ..errors import BardlmError
 from ..nn.lora import apply_lora, merge_lora
 from ..nn.model import GPT
 from ..nn.resize import resize_vocab
-from ..tokenizers import HFTokenizer
 from ..tokenizers import load as load_tokenizer
 from .checkpoint import (
     MODEL_FILE,
@@ -36,6 +35,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .hf import from_pretrained, is_hf_dir
+from .metadata import ModelMeta
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -89,10 +89,7 @@ def load_adapter(path: str | Path, base: str | Path | None = None, merge: bool =
     if merge:
         merge_lora(model)
     tokenizer = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
-    special = meta.get("special_tokens")
-    if special and isinstance(tokenizer, HFTokenizer):
-        tokenizer.set_special_tokens(special.get("bos_id"), bool(special.get("add_bos")),
-                                     tuple(special.get("eos_ids") or ()))
+    ModelMeta.from_checkpoint(meta).apply(tokenizer)
     return model.to(device).eval(), tokenizer, meta
 
 

@@ -27,7 +27,7 @@ from ..infer.quantize import (
     tie_int8_head,
 )
 from ..nn.model import GPT
-from ..tokenizers import HFTokenizer, Tokenizer
+from ..tokenizers import Tokenizer
 from ..tokenizers import load as load_tokenizer
 from .atomic import (
     Writer,
@@ -37,9 +37,9 @@ from .atomic import (
     tensors_writer,
     text_writer,
 )
+from .metadata import CONFIG_FILE, ModelMeta
 
 MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
@@ -267,8 +267,5 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):  # no
                 f"{tok_path} is not the tokenizer this model was trained with (it comes from "
                 "another run); copy the run's own tokenizer.json back"
             )
-        special = meta.get("special_tokens")  # BOS/EOS of a converted Hugging Face directory
-        if special and isinstance(tokenizer, HFTokenizer):
-            tokenizer.set_special_tokens(special.get("bos_id"), bool(special.get("add_bos")),
-                                         tuple(special.get("eos_ids") or ()))
+        ModelMeta.from_checkpoint(meta).apply(tokenizer)  # BOS/EOS of a converted HF directory
     return model.to(device).eval(), tokenizer, meta

@@ -31,6 +31,7 @@ from ..config import ModelConfig
 from ..errors import BardlmError
 from ..nn.model import GPT
 from ..tokenizers import HFTokenizer
+from ..tokenizers import from_dict as tokenizer_from_dict
 from ..tokenizers import load as load_tokenizer
 from .atomic import atomic_write_many, tensors_writer, text_writer
 from .checkpoint import (
@@ -42,10 +43,9 @@ from .checkpoint import (
     read_config,
     save_checkpoint,
 )
+from .metadata import ID_KEYS, ModelMeta, hf_special_tokens
 
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # BOS/EOS tokens, whether to add BOS
-GENERATION_CONFIG_FILE = "generation_config.json"  # the ids generation stops at
 # A bardlm tokenizer (char/word/our BPE) has no `transformers` equivalent: it travels beside the
 # HF files under this name so that bardlm -> HF -> bardlm keeps it.
 BARDLM_TOKENIZER_FILE = "bardlm_tokenizer.json"
@@ -141,7 +141,6 @@ LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=1100
 QWEN3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
                       max_position_embeddings=32768, head_dim=128, use_sliding_window=False)
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS}
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
 
@@ -182,7 +181,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     family = hf_family(hf, where)
     c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}}
     # Special-token ids mean nothing to the model but must survive a round trip back to HF.
-    extra = {"hf": {k: hf[k] for k in TOKEN_ID_KEYS if hf.get(k) is not None}}
+    extra = {"hf": {k: hf[k] for k in ID_KEYS if hf.get(k) is not None}}
     if family == "gpt2":
         if c["activation_function"] not in GPT2_ACTIVATIONS:
             raise BardlmError(
@@ -436,80 +435,9 @@ def load_hf_tokenizer(src: str | Path):  # noqa: ANN201
         return None
     tokenizer = load_tokenizer(path)
     if isinstance(tokenizer, HFTokenizer):
-        tokenizer.set_special_tokens(**hf_special_tokens(src, tokenizer))
+        ids = hf_special_tokens(src, tokenizer)
+        tokenizer.set_special_tokens(ids["bos_id"], ids["add_bos"], ids["eos_ids"])
     return tokenizer
-
-
-def _optional_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`, or {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BardlmError(f"{path} is not valid JSON ({e}); fix it or delete it") from None
-    if not isinstance(data, dict):
-        raise BardlmError(f"{path} holds a JSON {type(data).__name__}, not an object; fix it or delete it")
-    return data
-
-
-def _token_text(value: Any) -> str | None:
-    """A special token as tokenizer_config.json writes it: "<s>", {"content": "<s>", ...} or null."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _token_ids(value: Any, where: str) -> list[int]:
-    """A bos/eos_token_id field: an int, a list of ints (Llama 3 instruct) or null."""
-    values = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise BardlmError(f"{where}: token ids must be integers or a list of them, got {value!r}")
-    return values
-
-
-def hf_special_tokens(src: Path, tokenizer: HFTokenizer) -> dict[str, Any]:
-    """bos_id, add_bos and eos_ids for the tokenizer of HF directory `src`, decided as
-    `transformers` does:
-
-    * BOS is tokenizer_config.json's `bos_token`, else the `bos_token_id` of
-      generation_config.json or config.json.
-    * add_bos is tokenizer_config.json's `add_bos_token` when it says (Llama 1/2); else whether
-      tokenizer.json's post-processor starts every text with one token (Llama 3's template adds
-      <|begin_of_text|>). Qwen and GPT-2 have neither, so no BOS.
-    * EOS ids are generation_config.json's `eos_token_id` (what `generate` stops at), else
-      config.json's, plus tokenizer_config.json's `eos_token`.
-    """
-    tok_cfg = _optional_json(src / TOKENIZER_CONFIG_FILE)
-    id_files = [(_optional_json(src / name), name) for name in (GENERATION_CONFIG_FILE, CONFIG_FILE)]
-
-    def named(key: str) -> int | None:  # the id of tokenizer_config's bos_token / eos_token
-        text = _token_text(tok_cfg.get(key))
-        return None if text is None else tokenizer.token_id(text)
-
-    def first_ids(key: str) -> list[int]:  # generation_config.json wins over config.json
-        for cfg, name in id_files:
-            if cfg.get(key) is not None:
-                return _token_ids(cfg[key], f"{src / name} {key}")
-        return []
-
-    bos_id = named("bos_token")
-    if bos_id is None and first_ids("bos_token_id"):
-        bos_id = first_ids("bos_token_id")[0]
-    add_bos = tok_cfg.get("add_bos_token")
-    if add_bos is None:
-        prefix = tokenizer.template_prefix()
-        add_bos = len(prefix) == 1
-        bos_id = prefix[0] if add_bos else bos_id
-    elif add_bos and bos_id is None:
-        raise BardlmError(
-            f"{src / TOKENIZER_CONFIG_FILE} sets add_bos_token but its bos_token "
-            f"{_token_text(tok_cfg.get('bos_token'))!r} is not in the vocabulary; fix bos_token"
-        )
-    eos_ids = first_ids("eos_token_id")
-    eos = named("eos_token")  # an eos_token missing from the vocabulary is never generated
-    return {"bos_id": bos_id, "add_bos": bool(add_bos),
-            "eos_ids": tuple(eos_ids + ([] if eos is None else [eos]))}
 
 
 class RawTokenizerJSON:
@@ -530,11 +458,14 @@ class RawTokenizerJSON:
         return self.data
 
 
-def save_pretrained(model: torch.nn.Module, out: str | Path, tokenizer: Any = None) -> Path:
+def save_pretrained(model: torch.nn.Module, out: str | Path, tokenizer: Any = None,
+                    meta: ModelMeta | None = None) -> Path:
     """Write `out/config.json` + `out/model.safetensors` that `transformers` loads.
 
     `tokenizer` (anything with `to_dict()`) is written as tokenizer.json when it is a Hugging
     Face tokenizer, else as bardlm_tokenizer.json (transformers ignores it; bardlm reads it).
+    `meta` (default: the BOS/EOS the tokenizer knows) becomes tokenizer_config.json and
+    generation_config.json: special tokens, chat template, the ids generation stops at.
     """
     out = Path(out)
     family = family_of(model.config)
@@ -547,6 +478,11 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, tokenizer: Any = No
         data = tokenizer.to_dict()
         name = TOKENIZER_FILE if RawTokenizerJSON(data).is_hf else BARDLM_TOKENIZER_FILE
         writes.append((out / name, text_writer(json.dumps(data, ensure_ascii=False))))
+    meta = meta if meta is not None else ModelMeta.from_tokenizer(tokenizer)
+    if isinstance(tokenizer, RawTokenizerJSON):  # a file carried through: read its vocabulary
+        tokenizer = tokenizer_from_dict(tokenizer.data)
+    for name, content in meta.hf_files(tokenizer).items():
+        writes.append((out / name, text_writer(json.dumps(content, indent=2, ensure_ascii=False))))
     atomic_write_many(writes)
     return out
 
@@ -555,17 +491,14 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, tokenizer: Any = No
 def convert(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """HF directory -> bardlm checkpoint, or bardlm checkpoint -> HF directory (detected).
 
-    Tokenizer files travel unchanged. Returns a summary dict for the CLI to print.
+    Tokenizer files travel unchanged, and so does the model's metadata (`ModelMeta`: special
+    ids and tokens, chat template, generation defaults). Returns a summary dict for the CLI.
     """
     src, out, tok_path, tokenizer = _check_paths(src, out, overwrite)
     if is_hf_dir(src):
         model = from_pretrained(src)
-        meta: dict[str, Any] = {"source": str(src)}
-        loaded = load_hf_tokenizer(src)
-        if isinstance(loaded, HFTokenizer):  # BOS/EOS facts of tokenizer_config.json & co.
-            meta["special_tokens"] = {"bos_id": loaded.bos_id, "add_bos": loaded.add_bos,
-                                      "eos_ids": list(loaded.eos_ids)}
-        save_checkpoint(out, model, tokenizer, meta=meta)
+        meta = ModelMeta.from_hf_dir(src, load_hf_tokenizer(src)).to_checkpoint()
+        save_checkpoint(out, model, tokenizer, meta={"source": str(src), **meta})
         direction = "hf->bardlm"
     else:
         model = _save_bardlm_as_hf(src, out, tokenizer)
@@ -587,7 +520,7 @@ def _check_paths(src: str | Path, out: str | Path, overwrite: bool):  # noqa: AN
 
 
 def _save_bardlm_as_hf(src: Path, out: Path, tokenizer: Any) -> GPT:
-    """A bardlm checkpoint -> a HF directory, keeping the checkpoint's precision."""
+    """A bardlm checkpoint -> a HF directory, keeping the checkpoint's precision and metadata."""
     meta = read_config(src)
     cfg = ModelConfig.from_dict(meta["model"])
     tensors = load_tensors(src / MODEL_FILE, meta.get("save_id"))
@@ -596,7 +529,7 @@ def _save_bardlm_as_hf(src: Path, out: Path, tokenizer: Any) -> GPT:
                           "convert the checkpoint saved before quantization")
     dtype = next(iter(tensors.values())).dtype  # keep the checkpoint's precision
     model = build_model(cfg, tensors, str(src / MODEL_FILE), dtype=dtype)
-    save_pretrained(model, out, tokenizer)
+    save_pretrained(model, out, tokenizer, ModelMeta.from_checkpoint(meta))
     return model
 
 
@@ -606,7 +539,7 @@ def export_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> dict
     src, out, tok_path, tokenizer = _check_paths(src, out, overwrite)
     if is_hf_dir(src):
         model = from_pretrained(src)
-        save_pretrained(model, out, tokenizer)
+        save_pretrained(model, out, tokenizer, ModelMeta.from_hf_dir(src, load_hf_tokenizer(src)))
     else:
         model = _save_bardlm_as_hf(src, out, tokenizer)
     return {"out": str(out), "format": "hf", "parameters": model.num_params(),

@@ -25,6 +25,7 @@ from ..tokenizers import Tokenizer
 from .adapter import load_adapter
 from .checkpoint import CONFIG_FILE, check_dir, load_checkpoint, read_config, save_checkpoint
 from .hf import config_from_hf, from_pretrained, is_hf_dir, read_hf_config
+from .metadata import ModelMeta
 
 DTYPES = ("fp32", "bf16", "int8")
 
@@ -69,6 +70,14 @@ def load(
     return model, tokenizer
 
 
+def read_meta(path: str | Path, tokenizer: Tokenizer | None) -> ModelMeta:
+    """The `ModelMeta` (special ids and tokens, chat template, generation defaults) of any model
+    directory; `tokenizer` is the one `load` returned for it."""
+    if kind_of(path) == "hf":
+        return ModelMeta.from_hf_dir(path, tokenizer)
+    return ModelMeta.from_checkpoint(read_config(path))
+
+
 def quantize_checkpoint(ckpt: str | Path, out: str | Path, embeddings: bool = True) -> dict[str, Any]:
     """Write an INT8 copy of a float model directory (bardlm or Hugging Face) into `out`, as a
     bardlm checkpoint; returns a summary (sizes in bytes)."""
@@ -83,6 +92,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, embeddings: bool = Tr
     quantize_model(model, embeddings)
     keep = {k: v for k, v in meta.items()
             if k not in ("model", "save_id", "tokenizer_fingerprint", "adapter")}
+    keep.update(read_meta(ckpt, tokenizer).to_checkpoint())  # what it stops at, how it chats
     save_checkpoint(out, model, tokenizer, {**keep, "source": str(ckpt)})
     int8_bytes = weight_bytes(model)
     return {"out": str(out), "fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,

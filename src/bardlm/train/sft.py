@@ -30,9 +30,9 @@ from ..config import TrainConfig
 from ..errors import BardlmError
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab, template_for
 from ..io.adapter import load_base
+from ..io.load import read_meta
 from ..nn.lora import TARGETS, apply_lora, count_trainable
 from ..nn.resize import resize_vocab
-from ..tokenizers import HFTokenizer
 from .distributed import Dist
 from .loop import Diverged, Loop, evaluate
 from .state import RunState, StopSignals, check_plan
@@ -182,9 +182,10 @@ class Finetuner:
             "train": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer.kind,
             "chat_template": self.template.to_dict(), "world_size": 1,
         }
-        if isinstance(self.tokenizer, HFTokenizer):  # what generation stops at, as converted HF runs
-            meta["special_tokens"] = {"bos_id": self.tokenizer.bos_id, "add_bos": self.tokenizer.add_bos,
-                                      "eos_ids": list(self.tokenizer.eos_ids)}
+        # The base's special tokens and generation defaults, with the template trained here.
+        base = read_meta(self.init_from, self.tokenizer)
+        base.chat_template = self.template
+        meta.update(base.to_checkpoint())
         if self.lora is not None:
             train_also = [n for n, p in self.model.named_parameters()
                           if p.requires_grad and ".lora_" not in n]
