@@ -45,7 +45,8 @@ from ..nn.position import rope_inv_freq
 from ..tokenizers.bpe import PRETOKENIZE_PATTERN, bytes_to_unicode
 from .atomic import atomic_write_many
 from .hf import family_of, name_map, row_splits
-from .load import kind_of, load
+from .load import kind_of, load, read_meta
+from .metadata import ModelMeta
 
 TYPES = ("f32", "f16", "q8_0")
 GGUF_SUFFIX = ".gguf"
@@ -231,12 +232,14 @@ def _pre_tokenizer_name(tok: dict[str, Any]) -> str:
     return PRE_TOKENIZERS[regex]
 
 
-def tokenizer_metadata(tokenizer: Any, cfg: ModelConfig) -> dict[str, Any]:
+def tokenizer_metadata(tokenizer: Any, cfg: ModelConfig, meta: ModelMeta | None = None) -> dict[str, Any]:
     """llama.cpp's "gpt2" (byte-level BPE) tokenizer fields for a bardlm tokenizer.
 
-    Returns {"pre", "tokens", "types", "merges", "bos", "eos", "eot", "add_bos"}: tokens are byte-symbol strings
-    (GPT-2's printable stand-ins for bytes), padded with unused "[PADi]" tokens up to the model's
-    vocab_size as llama.cpp's converter pads them; merges are "a b" strings in rank order."""
+    Returns {"pre", "tokens", "types", "merges", "bos", "eos", "eot", "pad", "add_bos",
+    "chat_template"}: tokens are byte-symbol strings (GPT-2's printable stand-ins for bytes),
+    padded with unused "[PADi]" tokens up to the model's vocab_size as llama.cpp's converter pads
+    them; merges are "a b" strings in rank order. `meta` gives the special ids and the chat
+    template (default: the BOS/EOS the tokenizer knows)."""
     if tokenizer is None:
         raise BardlmError("GGUF export needs the model's tokenizer; this directory has none")
     if tokenizer.kind not in ("bpe", "hf"):
@@ -260,24 +263,26 @@ def tokenizer_metadata(tokenizer: Any, cfg: ModelConfig) -> dict[str, Any]:
     tokens = [by_id[i][0] for i in range(n)] + [f"[PAD{i}]" for i in range(n, cfg.vocab_size)]
     types = [by_id[i][1] for i in range(n)] + [UNUSED] * (cfg.vocab_size - n)
     merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+    meta = meta if meta is not None else ModelMeta.from_tokenizer(tokenizer)
     return {"pre": pre, "tokens": tokens, "types": types, "merges": merges,
-            **_special_ids(cfg, tokenizer, tokens, types)}
+            "chat_template": meta.chat_template.source if meta.chat_template else None,
+            **_special_ids(cfg, meta, tokenizer, tokens, types)}
 
 
-def _special_ids(cfg: ModelConfig, tokenizer: Any, tokens: list[str],
+def _special_ids(cfg: ModelConfig, meta: ModelMeta, tokenizer: Any, tokens: list[str],
                  types: list[int]) -> dict[str, Any]:
-    """{"bos", "eos", "eot", "add_bos"}: the tokenizer's own BOS/EOS facts (a Hugging Face
-    tokenizer knows them), else the HF config's ids, else special tokens by name, else a byte
-    that never occurs.
+    """{"bos", "eos", "eot", "pad", "add_bos"}: the model's own metadata (`meta`), else the HF
+    config's ids, else special tokens by name, else a byte that never occurs.
 
     llama.cpp always has an EOS and stops generating at it; left unset it defaults to id 11,
     which in a bardlm BPE vocabulary is ",". A tokenizer without special tokens (bardlm's `bpe`)
     gets the byte 0xFF instead: it never occurs in UTF-8 text, so the model never learnt to emit
     it and generation stops only at the length limit, exactly as `bardlm generate` does."""
-    eos_ids = list(getattr(tokenizer, "eos_ids", ()) or ())
+    stops = list(meta.stop_ids(tokenizer))
     hf = cfg.extra.get("hf", {})
-    ids = {"bos": getattr(tokenizer, "bos_id", None) or hf.get("bos_token_id"),
-           "eos": eos_ids[0] if eos_ids else hf.get("eos_token_id")}
+    ids = {"bos": meta.bos_id if meta.bos_id is not None else hf.get("bos_token_id"),
+           "eos": stops[0] if stops else hf.get("eos_token_id"),
+           "pad": meta.pad_id if meta.pad_id is not None else hf.get("pad_token_id")}
     ids = {k: v[0] if isinstance(v, list) else v for k, v in ids.items()}
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL}
     for key, names in (("eos", EOS_NAMES), ("bos", BOS_NAMES)):
@@ -286,10 +291,10 @@ def _special_ids(cfg: ModelConfig, tokenizer: Any, tokens: list[str],
     never = tokens.index(bytes_to_unicode()[0xFF]) if bytes_to_unicode()[0xFF] in tokens else 0
     eos = ids["eos"] if ids["eos"] is not None else never
     bos = ids["bos"] if ids["bos"] is not None else eos
-    # A second end id (Llama 3 instruct's <|eot_id|>) is llama.cpp's end-of-turn token.
-    eot = eos_ids[1] if len(eos_ids) > 1 else None
-    return {"bos": int(bos), "eos": int(eos), "eot": eot,
-            "add_bos": bool(getattr(tokenizer, "add_bos", False))}
+    # A second end id (Llama 3 instruct's <|eot_id|>, a chat template's end of turn) is
+    # llama.cpp's end-of-turn token.
+    eot = stops[1] if len(stops) > 1 else None
+    return {"bos": int(bos), "eos": int(eos), "eot": eot, "pad": ids["pad"], "add_bos": meta.add_bos}
 
 
 # Writing --------------------------------------------------------------------------------------
@@ -302,8 +307,9 @@ def _gguf() -> Any:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: str = "f16",
-               name: str = "bardlm") -> dict[str, Any]:
-    """Write `model` (+ its byte-level BPE tokenizer) to the GGUF file `out`, all or nothing.
+               name: str = "bardlm", meta: ModelMeta | None = None) -> dict[str, Any]:
+    """Write `model` (+ its byte-level BPE tokenizer and `meta`: special ids, chat template) to
+    the GGUF file `out`, all or nothing.
 
     Returns a summary: architecture, type, tensor count and bytes."""
     if qtype not in TYPES:
@@ -316,7 +322,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     gguf = _gguf()
     cfg = model.config
     family = check_exportable(cfg)
-    vocab = tokenizer_metadata(tokenizer, cfg)
+    vocab = tokenizer_metadata(tokenizer, cfg, meta)
     tensors = gguf_tensors(model, family)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
@@ -357,6 +363,10 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.add_eos_token_id(vocab["eos"])
         if vocab["eot"] is not None:
             w.add_eot_token_id(vocab["eot"])
+        if vocab["pad"] is not None:
+            w.add_pad_token_id(vocab["pad"])
+        if vocab["chat_template"] is not None:
+            w.add_chat_template(vocab["chat_template"])
         # Said explicitly: llama.cpp's default for a BPE vocabulary differs between versions.
         w.add_add_bos_token(vocab["add_bos"])
         w.add_add_eos_token(False)
@@ -389,7 +399,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
                           "before `bardlm quantize` (use --type q8_0 for a quantized GGUF)")
     model, tokenizer = load(ckpt)
     check_exportable(model.config)  # shape errors before tokenizer errors
-    return write_gguf(model, tokenizer, out, qtype, name=Path(ckpt).resolve().name)
+    return write_gguf(model, tokenizer, out, qtype, name=Path(ckpt).resolve().name,
+                      meta=read_meta(ckpt, tokenizer))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
