@@ -13,12 +13,11 @@ from bardlm.errors import BardlmError
 from bardlm.infer.chat import (
     builtin_template,
     encode_chat,
-    hf_chat_template,
     prepare_vocab,
     prompt_ids,
-    template_for,
 )
 from bardlm.io.hf import load_hf_tokenizer
+from bardlm.io.metadata import hf_chat_template, template_for
 from bardlm.tokenizers import CharTokenizer, train_bpe
 from bardlm.train.sft import encode_examples, pad_rows, read_chat_jsonl
 

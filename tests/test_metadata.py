@@ -22,10 +22,11 @@ pytest.importorskip("jinja2")
 from tokenizers import processors  # noqa: E402
 
 import bardlm  # noqa: E402
-from bardlm.infer.chat import prompt_ids, template_for  # noqa: E402
+from bardlm.infer.chat import prompt_ids  # noqa: E402
 from bardlm.infer.generate import encode_prompt, generate_text  # noqa: E402
 from bardlm.io.hf import convert, export_hf  # noqa: E402
 from bardlm.io.load import quantize_checkpoint  # noqa: E402
+from bardlm.io.metadata import template_for  # noqa: E402
 from bardlm.tokenizers import train_bpe  # noqa: E402
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")

@@ -79,7 +79,8 @@ def test_playground_streams_text(tmp_path: Path) -> None:
 def test_playground_chat_tab(tmp_path: Path) -> None:
     """The chat tab sends the conversation to /v1/chat/completions and shows the streamed
     reply: the same text as a greedy ChatSession reply, for two turns (history kept)."""
-    from bardlm.infer.chat import ChatSession, template_for
+    from bardlm.infer.chat import ChatSession
+    from bardlm.io.metadata import template_for
 
     ckpt = make_checkpoint(tmp_path / "tiny-chat")
     model, tok, _ = load_checkpoint(ckpt)

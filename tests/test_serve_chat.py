@@ -13,8 +13,9 @@ openai = pytest.importorskip("openai")
 
 from serve_helpers import ThreadServer, make_checkpoint  # noqa: E402
 
-from bardlm.infer.chat import ChatSession, template_for  # noqa: E402
+from bardlm.infer.chat import ChatSession  # noqa: E402
 from bardlm.io.checkpoint import load_checkpoint  # noqa: E402
+from bardlm.io.metadata import template_for  # noqa: E402
 from bardlm.serve import build_app  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]

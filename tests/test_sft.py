@@ -14,9 +14,10 @@ import torch
 from bardlm import GPT, ModelConfig
 from bardlm.cli import main
 from bardlm.errors import BardlmError
-from bardlm.infer.chat import ChatSession, builtin_template, template_for
+from bardlm.infer.chat import ChatSession, builtin_template
 from bardlm.io.checkpoint import read_config, save_checkpoint
 from bardlm.io.load import kind_of, load
+from bardlm.io.metadata import template_for
 from bardlm.lab.assistant import shout_task, write_jsonl
 from bardlm.tokenizers import CharTokenizer
 

@@ -684,8 +684,9 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .infer.chat import ChatSession, template_for
+    from .infer.chat import ChatSession
     from .io.load import load
+    from .io.metadata import template_for
 
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
     if tokenizer is None:

@@ -2,8 +2,8 @@
 
 Two sources of templates:
 
-* a Hugging Face checkpoint's own `chat_template` (tokenizer_config.json, or chat_template.jinja),
-  rendered with Jinja2 the way `transformers`' `apply_chat_template` renders it: a sandboxed
+* a Hugging Face checkpoint's own `chat_template` (tokenizer_config.json, or chat_template.jinja;
+  `bardlm.io.metadata.template_for` finds a model directory's template), rendered with Jinja2 the way `transformers`' `apply_chat_template` renders it: a sandboxed
   environment with trim_blocks and lstrip_blocks, its `tojson` (no HTML escaping),
   `raise_exception`, `strftime_now` and a `{% generation %}` tag, and the tokenizer's special
   tokens (bos_token, eos_token, ...) as variables. Text is tokenized without adding any special
@@ -28,7 +28,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from ..errors import BardlmError
@@ -195,41 +194,6 @@ def prepare_vocab(template: ChatTemplate, tokenizer: Any) -> tuple[Any, int]:
             new = [w for w in PLAIN_PIECES if w not in tokenizer.stoi]
             return (WordTokenizer(tokenizer.words + new), len(new)) if new else (tokenizer, 0)
     return tokenizer, 0
-
-
-def hf_chat_template(src: Path) -> ChatTemplate | None:
-    """The chat template of a Hugging Face directory (tokenizer_config.json's `chat_template`,
-    or chat_template.jinja), with its special tokens as variables; None when it has none."""
-    cfg_path = src / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    source = cfg.get("chat_template")
-    if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-    if source is None and (src / "chat_template.jinja").is_file():
-        source = (src / "chat_template.jinja").read_text(encoding="utf-8")
-    if not isinstance(source, str):
-        return None
-
-    def text(v: Any) -> str | None:
-        return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
-
-    variables = {k: text(cfg[k]) for k in HF_SPECIAL_KEYS if text(cfg.get(k)) is not None}
-    return ChatTemplate(source, variables.get("eos_token", ""), "hf", variables)
-
-
-def template_for(path: str | Path, tokenizer: Any) -> ChatTemplate:
-    """The chat template of a model directory: the one a bardlm finetune saved in config.json,
-    a Hugging Face checkpoint's own, else the built-in one for its tokenizer."""
-    path = Path(path)
-    cfg_path = path / "config.json"
-    meta = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    if isinstance(meta.get("chat_template"), dict):
-        return ChatTemplate.from_dict(meta["chat_template"])
-    if "model" not in meta:  # a Hugging Face directory
-        found = hf_chat_template(path)
-        if found is not None:
-            return found
-    return builtin_template(tokenizer)
 
 
 def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str]]:

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BardlmError
-from ..infer.chat import HF_SPECIAL_KEYS, ChatTemplate, hf_chat_template
+from ..infer.chat import HF_SPECIAL_KEYS, ChatTemplate, builtin_template
 from ..tokenizers import HFTokenizer
 
 CONFIG_FILE = "config.json"  # a bardlm checkpoint's and a HF directory's config alike
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # token names, add_bos_token, chat_template
 GENERATION_CONFIG_FILE = "generation_config.json"  # the ids generation stops at, sampling defaults
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer HF directories keep the template
 ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # generation_config.json keys that are bookkeeping (or ids, kept apart), not sampling defaults.
 NOT_DEFAULTS = ("transformers_version", "_from_model_config", *ID_KEYS)
@@ -121,6 +122,21 @@ def hf_special_tokens(src: Path, tokenizer: HFTokenizer) -> dict[str, Any]:
         pad_id = first_ids("pad_token_id")[0]
     return {"bos_id": bos_id, "add_bos": bool(add_bos), "pad_id": pad_id,
             "eos_ids": tuple(dict.fromkeys(eos_ids + ([] if eos is None else [eos])))}
+
+
+def hf_chat_template(src: Path) -> ChatTemplate | None:
+    """The chat template of a Hugging Face directory (tokenizer_config.json's `chat_template`,
+    or chat_template.jinja), with its special tokens as variables; None when it has none."""
+    cfg = _optional_json(src / TOKENIZER_CONFIG_FILE)
+    source = cfg.get("chat_template")
+    if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    if source is None and (src / CHAT_TEMPLATE_FILE).is_file():
+        source = (src / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if not isinstance(source, str):
+        return None
+    variables = {k: _token_text(cfg[k]) for k in HF_SPECIAL_KEYS if _token_text(cfg.get(k)) is not None}
+    return ChatTemplate(source, variables.get("eos_token", ""), "hf", variables)
 
 
 @dataclass
@@ -236,4 +252,14 @@ class ModelMeta:
         return {name: data for name, data in files.items() if data}
 
 
-__all__ = ["ModelMeta", "hf_special_tokens"]
+def template_for(path: str | Path, tokenizer: Any) -> ChatTemplate:
+    """The chat template of a model directory: the one its metadata holds (a bardlm finetune's
+    or converted checkpoint's config.json, a Hugging Face directory's own), else the built-in
+    one for its tokenizer."""
+    path = Path(path)
+    cfg = _optional_json(path / CONFIG_FILE)
+    meta = ModelMeta.from_checkpoint(cfg) if "model" in cfg else ModelMeta.from_hf_dir(path, None)
+    return meta.chat_template or builtin_template(tokenizer)
+
+
+__all__ = ["ModelMeta", "hf_chat_template", "hf_special_tokens", "template_for"]

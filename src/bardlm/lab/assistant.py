@@ -67,7 +67,7 @@ def run_assistant_demo(out: str | Path, text: str, model: dict[str, Any], pretra
     test_rows = shout_task(n_test, 2, words, letters, lengths)  # words never seen in training
     test = read_chat_jsonl(write_jsonl(test_rows, out / "test.jsonl"))
     base, base_tok = load(out / "pretrained")
-    from ..infer.chat import template_for
+    from ..io.metadata import template_for
 
     result: dict[str, Any] = {"before": exact_match(base, base_tok, template_for(out / "pretrained", base_tok), test)}
     for name, cfg, rank in (("full", full, None), ("lora", lora, lora_rank)):

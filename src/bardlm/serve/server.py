@@ -136,7 +136,7 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
     name = model_name or Path(ckpt).resolve().name
-    from ..infer.chat import template_for
+    from ..io.metadata import template_for
 
     app = build_app(model, tokenizer, model_name=name, max_queue=max_queue, max_batch=max_batch,
                     api_key=api_key, allowed_hosts=allowed_hosts_for(host, allowed_hosts),

@@ -28,9 +28,10 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import BardlmError
-from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab, template_for
+from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab
 from ..io.adapter import load_base
 from ..io.load import read_meta
+from ..io.metadata import template_for
 from ..nn.lora import TARGETS, apply_lora, count_trainable
 from ..nn.resize import resize_vocab
 from .distributed import Dist
