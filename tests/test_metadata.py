@@ -160,3 +160,31 @@ def test_gguf_carries_template_and_ids(chain: dict[str, Path], tmp_path: Path) -
         assert md["tokenizer.ggml.eot_token_id"] == ref.convert_tokens_to_ids("<|endoftext|>")
         assert md["tokenizer.ggml.padding_token_id"] == ref.pad_token_id
         assert md["tokenizer.ggml.add_bos_token"] is True
+
+
+def test_finetuned_template_exports_with_its_end_of_turn(tmp_path: Path) -> None:
+    """A bardlm finetune's built-in template (<|end|> ends a turn, no tokenizer_config names it)
+    exports so that transformers renders the same prompt and stops at <|end|>."""
+    from bardlm import GPT, ModelConfig
+    from bardlm.infer.chat import builtin_template, prepare_vocab
+    from bardlm.io.checkpoint import save_checkpoint
+    from bardlm.io.metadata import ModelMeta
+    from bardlm.tokenizers import HFTokenizer
+
+    bpe = train_bpe("Hello there, how are you? Fine thanks. Tell me a joke, be terse. " * 30, 300)
+    template = builtin_template(bpe)
+    bpe, _ = prepare_vocab(template, bpe)
+    tok = HFTokenizer(bpe.hf)  # a tokenizer.json, which transformers reads
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2,
+                            n_embd=32, pos="rope", norm="rmsnorm", ffn="swiglu", bias=False))
+    meta = ModelMeta(chat_template=template).to_checkpoint()
+    save_checkpoint(tmp_path / "ft", model, tok, meta)
+    export_hf(tmp_path / "ft", tmp_path / "hf")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    expected = list(ref.apply_chat_template(CONV, tokenize=True, add_generation_prompt=True,
+                                            return_dict=False))
+    assert prompt_ids(template, tok, CONV) == expected
+    end = tok.token_id("<|end|>")
+    assert transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf")).eos_token_id == end
+    _, back = bardlm.load(tmp_path / "hf")
+    assert back.eos_ids == (end,) and template_for(tmp_path / "hf", back).end == "<|end|>"
