@@ -181,7 +181,7 @@ class Finetuner:
         meta: dict[str, Any] = {
             "init_from": str(self.init_from.resolve()), "data": str(self.data),
             "train": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer.kind,
-            "chat_template": self.template.to_dict(), "world_size": 1,
+            "world_size": 1,
         }
         # The base's special tokens and generation defaults, with the template trained here.
         base = read_meta(self.init_from, self.tokenizer)
