@@ -51,19 +51,24 @@ class Attention(nn.Module):
     def _project(
         self, x: torch.Tensor, kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, T, H*D), k and v (B, S, H_kv*D) from the fused projection."""
+        """q (B, T, H*D), k and v (B, S, H_kv*D) from the fused projection.
+
+        Always through the module `c_attn`, never its `.weight`: it may have been swapped for
+        a layout (FastLinear), INT8 weights (Int8Linear) or a LoRA adapter, each of which
+        computes its own output.
+        """
         if kv_source is None:
             return self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
-        w, b = self.c_attn.weight, self.c_attn.bias
-        q = F.linear(x, w[: self.q_dim], None if b is None else b[: self.q_dim])
+        # Cross-attention: only the query rows of the decoder stream are kept. Projecting the
+        # whole fused matrix costs the (unused) k/v rows too, but works for every swap.
+        q = self.c_attn(x)[..., : self.q_dim]
         # A (k, v) pair was projected earlier by `project_kv`: a decoder reuses it every step.
         k, v = kv_source if isinstance(kv_source, tuple) else self.project_kv(kv_source)
         return q, k, v
 
     def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values, each (B, S, H_kv*D), of an encoder output (B, S, C)."""
-        w, b = self.c_attn.weight, self.c_attn.bias
-        kv = F.linear(source, w[self.q_dim :], None if b is None else b[self.q_dim :])
+        kv = self.c_attn(source)[..., self.q_dim :]  # the module, as in `_project`
         return kv.split([self.kv_dim, self.kv_dim], dim=-1)
 
     def forward(
