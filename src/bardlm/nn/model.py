@@ -107,7 +107,10 @@ class GPT(nn.Module):
 
     # Positions ------------------------------------------------------------------------------
     def _positions(self, T: int, start_pos: int | torch.Tensor, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
-        table = self.config.pos in ("learned", "sinusoidal")  # only tables have an end
+        """The positions (T,) or (B, T) of this pass, checked against the context: the one
+        check, with or without a cache. Only a position table (learned, sinusoidal) has an end;
+        rotary and position-free models run past `block_size` (up to the cache they are given)."""
+        table = self.config.pos in ("learned", "sinusoidal")
         if isinstance(start_pos, torch.Tensor):
             # The static step: positions are the cache indices unless given. No range check:
             # it would read a tensor (a device sync and a graph break); callers size the cache.
@@ -170,11 +173,6 @@ class GPT(nn.Module):
         if logits_rows is not None and logits_rows <= 0:
             raise BardlmError(f"logits_rows must be positive, got {logits_rows}; pass None for all rows")
         B, T = idx.shape
-        if cache is None and positions is None and isinstance(start_pos, int) and start_pos + T > self.config.block_size and self.config.pos != "rope":
-            raise BardlmError(
-                f"input of {start_pos + T} tokens is longer than the context length "
-                f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens"
-            )
         positions = self._positions(T, start_pos, positions, idx.device)
         x = self.embed(idx, positions)
         rope = self.rope(positions) if self.config.pos == "rope" else None
