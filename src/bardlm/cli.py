@@ -193,6 +193,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="re-read the whole context each step")
+    p.add_argument("--max-context", type=int,
+                   help="positions one pass may see (default: the model's context); rotary and "
+                        "position-free models may pass more, and slide past it")
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -212,7 +215,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, use_cache=not args.no_cache, stop=args.stop,
+        seed=args.seed, use_cache=not args.no_cache, stop=args.stop, max_context=args.max_context,
     )
 
 
@@ -573,6 +576,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests that may wait for a free slot; more get 503 (default 16)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests generated together, each in its own KV cache slot (default 8)")
+    p.add_argument("--max-context", type=int,
+                   help="KV cache positions per slot: prompt + completion at most (default: the "
+                        "model's context, or what half the free memory holds, shared by the slots)")
     p.add_argument("--api-key", default=os.environ.get("BARDLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $BARDLM_API_KEY)")
     p.add_argument("--allowed-host", action="append", default=[],
@@ -595,7 +601,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           model_name=args.model_name, log_level=args.log_level, max_batch=args.max_batch,
           api_key=args.api_key, allowed_hosts=args.allowed_host,
           max_connections=args.max_connections, docs=args.docs, compile=args.compile,
-          dtype=args.dtype)
+          dtype=args.dtype, max_context=args.max_context)
     return 0
 
 

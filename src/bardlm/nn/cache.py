@@ -66,6 +66,11 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    def rows(self, rows: list[int], length: int) -> SlotView:
+        """Buffer rows `rows`, reading their first `length` positions: a cache of their own
+        for a static-shape step (see `SlotView`)."""
+        return SlotView(self, rows, length)
+
 
 def write_at(
     k_buf: torch.Tensor, v_buf: torch.Tensor, rows: torch.Tensor | None, pos: torch.Tensor,

@@ -196,11 +196,16 @@ class GPT(nn.Module):
         """One preallocated `KVCache` per layer for `batch` rows of up to `max_len` positions."""
         p = next(self.parameters())
         max_len = max_len or self.config.block_size
-        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        dtype = dtype or self.cache_dtype()
         return [
             KVCache(batch, max_len, self.config.n_kv_head, self.config.head_dim, dtype, p.device)
             for _ in range(self.config.n_layer)
         ]
+
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype `make_cache` stores keys and values in: the weights' (fp32 when integer)."""
+        p = next(self.parameters())
+        return p.dtype if p.is_floating_point() else torch.float32
 
     # Counting -------------------------------------------------------------------------------
     def num_params(self, count_tied_head_twice: bool = False) -> int:
