@@ -305,6 +305,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .config import parse_overrides, preset
+    from .infer.budget import kv_bytes_per_token
     from .io.load import read_model_config
     from .nn.model import GPT
 
@@ -314,7 +315,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = GPT(cfg)
     n = model.num_params()
     head = model.lm_head.weight.numel()  # V x C: the matrix tying saves
-    kv_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim
+    kv_token = kv_bytes_per_token(cfg, 1)  # elements: bytes at one byte each
     if cfg.tie_embeddings:
         counts = [("parameters", f"{n:,} (head tied to the embedding)"),
                   ("parameters, head counted separately", f"{n + head:,}")]

@@ -102,9 +102,10 @@ def plan_cache(cfg, slots: int, element_size: int, available: int,  # noqa: ANN0
         plan = CachePlan(slots, tokens, per_token)
         if plan.nbytes > available:
             most = available // (slots * per_token)
+            fix = f"pass --max-context {most} or less, or a smaller --max-batch" if most else \
+                "pass a smaller --max-batch"
             raise BardlmError(
-                f"{plan.describe()} does not fit in the {available / GiB:.2f} GiB available; "
-                f"pass --max-context {most} or less, or a smaller --max-batch")
+                f"{plan.describe()} does not fit in the {available / GiB:.2f} GiB available; {fix}")
         return plan
     fit = int(available * share) // (slots * per_token)
     tokens = min(cfg.block_size, fit)

@@ -105,10 +105,12 @@ class Attention(nn.Module):
             k, v = cache.update(start_pos, k, v)
         S = k.shape[2]
         if isinstance(start_pos, torch.Tensor):
-            # Static shapes: the whole cache is read; a query sees the keys at cache indices up
-            # to its own, which hides both the future and whatever an earlier request left there.
+            # Static shapes: a prefix of the cache is read; a query sees the keys at cache
+            # indices up to its own, which hides both the future and whatever an earlier request
+            # left there.
             is_causal = False
-            mask = _seen_mask(start_pos, S) if mask is None else mask & _seen_mask(start_pos, S)
+            seen = causal_mask(start_pos, S)
+            mask = seen if mask is None else mask & seen
         else:
             # Plain causal self-attention (no cache prefix, no padding): the kernel builds the mask.
             is_causal = self.causal and mask is None and T == S and T > 1
@@ -128,8 +130,7 @@ class Attention(nn.Module):
         """
         if not self.causal or T == 1:
             return mask
-        q_pos = torch.arange(start_pos, start_pos + T, device=device).unsqueeze(1)
-        causal = torch.arange(S, device=device).unsqueeze(0) <= q_pos  # (T, S)
+        causal = causal_mask(torch.arange(start_pos, start_pos + T, device=device), S)  # (T, S)
         return causal if mask is None else mask & causal
 
     def _attend(
@@ -153,13 +154,16 @@ class Attention(nn.Module):
             )
         if is_causal:
             T = q.shape[2]
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = causal_mask(torch.arange(T, device=q.device), T)
         return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout)
 
 
-def _seen_mask(cache_pos: torch.Tensor, S: int) -> torch.Tensor:
-    """True where a query at cache index cache_pos may read key index j (j <= cache_pos):
-    cache_pos (T,) -> (T, S); (B, T) -> (B, 1, T, S)."""
+def causal_mask(cache_pos: torch.Tensor, S: int) -> torch.Tensor:
+    """The one causal mask: True where a query at cache index cache_pos may read key index j
+    (j <= cache_pos), over keys 0..S-1: cache_pos (T,) -> (T, S); (B, T) -> (B, 1, T, S).
+
+    Every causal path builds it here: the eager cache (cache_pos = start_pos + 0..T-1), the
+    static-shape step (cache_pos given per row) and the explicit formula's plain causal case."""
     seen = torch.arange(S, device=cache_pos.device) <= cache_pos.unsqueeze(-1)
     return seen.unsqueeze(1) if seen.dim() == 3 else seen
 
