@@ -140,3 +140,27 @@ def test_generate_max_context_lets_rope_pass_block_size() -> None:
     ids = torch.tensor([tok.encode(prompt)])
     want = generate(model, ids, 3, temperature=0, max_context=32, use_cache=False)[0, 20:]
     assert tok.encode(got) == want.tolist()
+
+
+def test_server_refuses_what_does_not_fit_a_slot_with_a_400() -> None:
+    """`build_app(max_context=32)` on a context-96 model: slots of 32 positions, reported as
+    max_model_len; a prompt + max_tokens past them is a 400 naming --max-context."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from bardlm.serve import build_app
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=65, block_size=96, n_layer=1, n_head=2, n_embd=16)).eval()
+    tok = CharTokenizer([chr(0x4E00 + i) for i in range(65)])
+    app = build_app(model, tok, model_name="m", max_batch=2, max_context=32, allowed_hosts=None)
+    with TestClient(app) as client:
+        assert app.state.engine.cache[0].k.shape[2] == 32
+        assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 32
+        prompt = "".join(chr(0x4E00 + i) for i in range(10))
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 23})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert "leaves room for 22" in r.json()["error"]["message"]
+        assert "--max-context" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 22, "temperature": 0})
+        assert r.status_code == 200, r.text
