@@ -4,9 +4,14 @@ Two ways to address it:
   * `start_pos` an int: the new keys go to positions start_pos.. and attention reads the filled
     prefix (its length grows step by step: the eager path).
   * `start_pos` a tensor of cache indices, (T,) shared by every row or (B, T) one per row: the
-    keys are written with an index (`index_put_`) and attention reads the whole buffer under a
-    mask (gpt-fast's recipe). No shape depends on how far decoding has got, so one step can be
-    compiled once, and rows of one batch can sit at different positions (continuous batching).
+    keys are written with an index (`index_put_`) and attention reads the whole buffer, or
+    the prefix of some rows that `KVCache.rows` (a `SlotView`) gives, under a mask (gpt-fast's
+    recipe). No shape depends on how far decoding has got, so one step compiles once per read
+    length (infer/budget.py `read_length` keeps those few), and rows of one batch can sit at
+    different positions (continuous batching).
+
+How long the buffers are, and how many rows, is decided outside the network, from the memory
+available (infer/budget.py `plan_cache`).
 """
 
 from __future__ import annotations

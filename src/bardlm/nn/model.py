@@ -158,8 +158,9 @@ class GPT(nn.Module):
 
         start_pos: absolute position of idx[:, 0] (tokens already in `cache`); or, for the
               static-shape step, a tensor of cache indices (T,) or (B, T) where the new keys
-              are written: attention then reads the whole cache under a mask, so no shape
-              changes from step to step (nn/cache.py). Positions default to those indices.
+              are written: attention then reads the cache (or the prefix a `SlotView` gives)
+              under a mask, so no shape depends on how far decoding has got (nn/cache.py).
+              Positions default to those indices.
         cache: one `KVCache` per layer, from `make_cache` (or a `SlotView` of one).
         mask: extra bool attention mask, True = may attend, broadcastable to (B, 1, T, S), e.g.
               to hide left padding; positions: (T,) or (B, T) ids overriding start_pos's.
