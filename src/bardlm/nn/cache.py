@@ -121,9 +121,11 @@ class SlotView:
     def update(
         self, start_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, H_kv, T, D) written at cache indices start_pos (B, T) -> (B, H_kv, length, D)."""
+        """k, v (B, H_kv, T, D) written at cache indices start_pos (T,) or (B, T) -> (B, H_kv, length, D)."""
         c = self.cache
-        write_at(c.k, c.v, self.rows, start_pos, k, v)
+        # Rows 0..B-1 in order need no row index: a plain index_copy when positions are shared.
+        in_order = self.consecutive and self.first == 0
+        write_at(c.k, c.v, None if in_order else self.rows, start_pos, k, v)
         if self.consecutive:
             end = self.first + len(self.rows)
             return c.k[self.first:end, :, :self.length], c.v[self.first:end, :, :self.length]
