@@ -220,12 +220,14 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .infer.budget import context_window
     from .infer.generate import generate_text, interactive
     from .io.load import load
 
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
+    context_window(model.config, args.max_context)  # a bad --max-context: before any output
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)

@@ -81,9 +81,10 @@ class CachePlan:
         return self.total_tokens * self.bytes_per_token
 
     def describe(self) -> str:
-        """e.g. "kv cache: 8 slots x 4,096 tokens = 32,768 tokens, 3.50 GiB"."""
+        """e.g. "kv cache: 8 slots x 4,096 tokens = 32,768 tokens, 3.50 GiB" (MiB under 1 GiB)."""
+        size = f"{self.nbytes / GiB:.2f} GiB" if self.nbytes >= GiB else f"{self.nbytes / 2**20:.1f} MiB"
         return (f"kv cache: {self.slots} slots x {self.tokens:,} tokens = {self.total_tokens:,} "
-                f"tokens, {self.nbytes / GiB:.2f} GiB")
+                f"tokens, {size}")
 
 
 def plan_cache(cfg, slots: int, element_size: int, available: int,  # noqa: ANN001
