@@ -98,3 +98,34 @@ def test_qk_norm_follows_fused_ops() -> None:
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 7, 32) * 3
     torch.testing.assert_close(fused(x), plain(x), atol=1e-6, rtol=1e-6)
+
+
+def test_cross_attention_calls_a_swapped_projection() -> None:
+    """Cross-attention goes through the `c_attn` module, not its `.weight`: a LoRA adapter on
+    it computes what its merged weights do, and an INT8 swap its dequantized weights do."""
+    from bardlm.infer.quantize import Int8Linear, dequantize
+    from bardlm.nn.lora import LoRALinear
+
+    attn = Attention(_cfg(), causal=False).eval()
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    lora = LoRALinear(attn.c_attn, rank=4, alpha=8.0)
+    with torch.no_grad():
+        lora.lora_B.normal_()  # a non-zero update (B starts at zero)
+        merged = nn.Linear(32, attn.c_attn.out_features)
+        merged.weight.copy_(attn.c_attn.weight + lora.delta())
+        merged.bias.copy_(attn.c_attn.bias)
+    attn.c_attn = merged
+    want = attn(x, kv_source=memory)
+    attn.c_attn = lora
+    torch.testing.assert_close(attn(x, kv_source=memory), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, kv_source=attn.project_kv(memory)), want, atol=1e-5, rtol=1e-5)
+
+    q8 = Int8Linear.from_linear(merged)
+    with torch.no_grad():
+        merged.weight.copy_(dequantize(q8.weight, q8.scales))
+        merged.bias.copy_(q8.bias.float())
+    attn.c_attn = merged
+    want_kv = attn.project_kv(memory.bfloat16().float())
+    attn.c_attn = q8
+    for got, ref in zip(attn.project_kv(memory), want_kv):
+        torch.testing.assert_close(got.float(), ref, atol=0.05, rtol=0.02)

@@ -126,3 +126,22 @@ def test_init_is_gpt2_and_a_function_of_the_seed_alone() -> None:
     assert abs(a.transformer.wte.weight.std().item() - 0.02) < 0.002
     c_attn, c_fc = a.transformer.h[0].attn.c_attn.weight, a.transformer.h[0].mlp.c_fc.weight
     assert not torch.equal(c_attn[:32], c_fc[:32])  # different names, different draws
+
+
+@pytest.mark.parametrize("pos", ["none", "rope", "learned", "sinusoidal"])
+def test_one_context_check_with_or_without_the_cache(pos: str) -> None:
+    """Only a position table ends at block_size: without one a pass of 20 tokens on a context of
+    16 runs, and equals the cached path token by token; with one both paths refuse it."""
+    model = GPT(ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16, pos=pos)).eval()
+    idx = torch.randint(0, 23, (2, 20), generator=torch.Generator().manual_seed(0))
+    cache = model.make_cache(2, 20)
+    if pos in ("learned", "sinusoidal"):
+        with pytest.raises(BardlmError, match="context length 16"):
+            model(idx)
+        with pytest.raises(BardlmError, match="context length 16"):
+            model(idx, cache=cache)
+        return
+    full, _ = model(idx)
+    steps = [model(idx[:, :12], cache=cache)[0]]
+    steps += [model(idx[:, t:t + 1], start_pos=t, cache=cache)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -93,7 +93,7 @@ def test_compiled_step_equals_eager() -> None:
 @pytest.mark.skipif(not os.environ.get("BARDLM_TEST_COMPILE"),
                     reason="compiling takes ~20-40 s on 2 cores; set BARDLM_TEST_COMPILE=1")
 def test_compiled_engine_equals_eager() -> None:
-    """The server's compiled step (all slots, whole cache, one shape) gives the eager ids."""
+    """The server's compiled step (all slots, a bucketed prefix of the cache) gives the eager ids."""
     from bardlm.serve.engine import Engine, Job
     from bardlm.tokenizers import CharTokenizer
 

@@ -193,6 +193,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="re-read the whole context each step")
+    p.add_argument("--max-context", type=int,
+                   help="positions one pass may see (default: the model's context); rotary and "
+                        "position-free models may pass more, and slide past it")
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -212,17 +215,19 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, use_cache=not args.no_cache, stop=args.stop,
+        seed=args.seed, use_cache=not args.no_cache, stop=args.stop, max_context=args.max_context,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .infer.budget import context_window
     from .infer.generate import generate_text, interactive
     from .io.load import load
 
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
+    context_window(model.config, args.max_context)  # a bad --max-context: before any output
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
@@ -302,6 +307,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .config import parse_overrides, preset
+    from .infer.budget import kv_bytes_per_token
     from .io.load import read_model_config
     from .nn.model import GPT
 
@@ -311,7 +317,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = GPT(cfg)
     n = model.num_params()
     head = model.lm_head.weight.numel()  # V x C: the matrix tying saves
-    kv_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim
+    kv_token = kv_bytes_per_token(cfg, 1)  # elements: bytes at one byte each
     if cfg.tie_embeddings:
         counts = [("parameters", f"{n:,} (head tied to the embedding)"),
                   ("parameters, head counted separately", f"{n + head:,}")]
@@ -573,6 +579,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests that may wait for a free slot; more get 503 (default 16)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests generated together, each in its own KV cache slot (default 8)")
+    p.add_argument("--max-context", type=int,
+                   help="KV cache positions per slot: prompt + completion at most (default: the "
+                        "model's context, or what half the free memory holds, shared by the slots)")
     p.add_argument("--api-key", default=os.environ.get("BARDLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $BARDLM_API_KEY)")
     p.add_argument("--allowed-host", action="append", default=[],
@@ -595,7 +604,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           model_name=args.model_name, log_level=args.log_level, max_batch=args.max_batch,
           api_key=args.api_key, allowed_hosts=args.allowed_host,
           max_connections=args.max_connections, docs=args.docs, compile=args.compile,
-          dtype=args.dtype)
+          dtype=args.dtype, max_context=args.max_context)
     return 0
 
 

@@ -269,9 +269,10 @@ class ChatSession:
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """The assistant's answer to `text`, streamed to `on_text`; both join the history."""
+        from .budget import context_window
         from .generate import generate_text
 
-        ctx = self.model.config.block_size
+        ctx = context_window(self.model.config, self.sampling.get("max_context"))
         alone = prompt_ids(self.template, self.tokenizer, self.messages()[: bool(self.system)]
                            + [{"role": "user", "content": text}])
         if len(alone) >= ctx:  # refused before any history is dropped

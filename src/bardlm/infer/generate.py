@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import BardlmError
+from .budget import available_memory, context_window, plan_cache, read_length
 from .sampling import apply_repetition_penalty, check_sampling, sample
 
 
@@ -39,24 +40,6 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
         ids[b, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
         real[b, L - len(p):] = True
     return ids, real
-
-
-def context_window(cfg, max_context: int | None) -> int:  # noqa: ANN001
-    """How many positions one forward pass may see.
-
-    Learned and sinusoidal tables end at `block_size`; rotary (and position-free) models can run
-    past it, up to `max_context` when given.
-    """
-    if max_context is None:
-        return cfg.block_size
-    if max_context <= 0:
-        raise BardlmError(f"max_context must be positive, got {max_context}")
-    if cfg.pos in ("learned", "sinusoidal") and max_context > cfg.block_size:
-        raise BardlmError(
-            f"{cfg.pos} positions end at the context length {cfg.block_size}; "
-            f"max_context {max_context} needs a rope model, or pass at most {cfg.block_size}"
-        )
-    return max_context
 
 
 def _prefill_inputs(
@@ -137,7 +120,14 @@ def stream_ids(
     window = context_window(cfg, max_context)
     padded = not bool(real.all())
     seq = idx
-    cache = model.make_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens)) if use_cache else None
+    cache = None
+    if use_cache:
+        cache_len = min(window, idx.shape[1] + max_new_tokens)
+        if hasattr(model, "cache_dtype"):  # refuse a cache the memory cannot hold, in one line
+            plan_cache(cfg, idx.shape[0], model.cache_dtype().itemsize, available_memory(device),
+                       max_context=cache_len)
+        cache = model.make_cache(idx.shape[0], cache_len)
+    rows = list(range(idx.shape[0]))
     cached = 0  # cache slots in use
     # filled[b, j]: cache index j of row b holds a real token (not padding). Static (B, S).
     filled = torch.zeros(idx.shape[0], cache[0].max_len, dtype=torch.bool, device=device) if cache else None
@@ -151,12 +141,15 @@ def stream_ids(
                 # The static-shape step: one new column written at cache index `cached`; pad
                 # slots stay hidden by the real-key mask.
                 filled[:, cached] = True
-                mask = filled[:, None, None, :] if padded else None
+                # Attention reads the filled prefix only; compiled, one of a few bucket lengths
+                # (`read_length`), so the step compiles a bounded number of times.
+                length = read_length(cached + 1, cache[0].max_len) if compile else cached + 1
+                mask = filled[:, None, None, :length] if padded else None
                 pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
                 cache_pos = torch.tensor([cached], device=device)
                 # `last`, not seq[:, -1:]: a column of the growing `seq` has a new stride every
                 # step, and a compiled step would recompile for each.
-                logits = step(last, cache_pos, cache, mask, pos)
+                logits = step(last, cache_pos, [c.rows(rows, length) for c in cache], mask, pos)
                 cached += 1
             else:  # first step, no cache, or the cache is full: read the (cropped) window whole
                 ctx, ctx_real = seq[:, -window:], real[:, -window:]
@@ -262,10 +255,10 @@ def generate_text(
     held back until it is known not to be.
     """
     ids = encode_prompt(tokenizer, prompt) if prompt_ids is None else prompt_ids  # ids: as given
-    if len(ids) > model.config.block_size:
+    window = context_window(model.config, kwargs.get("max_context"))
+    if len(ids) > window:
         raise BardlmError(
-            f"the prompt is {len(ids)} tokens, longer than the context of "
-            f"{model.config.block_size}; shorten it"
+            f"the prompt is {len(ids)} tokens, longer than the context of {window}; shorten it"
         )
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)

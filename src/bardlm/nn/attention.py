@@ -51,19 +51,24 @@ class Attention(nn.Module):
     def _project(
         self, x: torch.Tensor, kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, T, H*D), k and v (B, S, H_kv*D) from the fused projection."""
+        """q (B, T, H*D), k and v (B, S, H_kv*D) from the fused projection.
+
+        Always through the module `c_attn`, never its `.weight`: it may have been swapped for
+        a layout (FastLinear), INT8 weights (Int8Linear) or a LoRA adapter, each of which
+        computes its own output.
+        """
         if kv_source is None:
             return self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
-        w, b = self.c_attn.weight, self.c_attn.bias
-        q = F.linear(x, w[: self.q_dim], None if b is None else b[: self.q_dim])
+        # Cross-attention: only the query rows of the decoder stream are kept. Projecting the
+        # whole fused matrix costs the (unused) k/v rows too, but works for every swap.
+        q = self.c_attn(x)[..., : self.q_dim]
         # A (k, v) pair was projected earlier by `project_kv`: a decoder reuses it every step.
         k, v = kv_source if isinstance(kv_source, tuple) else self.project_kv(kv_source)
         return q, k, v
 
     def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values, each (B, S, H_kv*D), of an encoder output (B, S, C)."""
-        w, b = self.c_attn.weight, self.c_attn.bias
-        kv = F.linear(source, w[self.q_dim :], None if b is None else b[self.q_dim :])
+        kv = self.c_attn(source)[..., self.q_dim :]  # the module, as in `_project`
         return kv.split([self.kv_dim, self.kv_dim], dim=-1)
 
     def forward(
@@ -100,10 +105,12 @@ class Attention(nn.Module):
             k, v = cache.update(start_pos, k, v)
         S = k.shape[2]
         if isinstance(start_pos, torch.Tensor):
-            # Static shapes: the whole cache is read; a query sees the keys at cache indices up
-            # to its own, which hides both the future and whatever an earlier request left there.
+            # Static shapes: a prefix of the cache is read; a query sees the keys at cache
+            # indices up to its own, which hides both the future and whatever an earlier request
+            # left there.
             is_causal = False
-            mask = _seen_mask(start_pos, S) if mask is None else mask & _seen_mask(start_pos, S)
+            seen = causal_mask(start_pos, S)
+            mask = seen if mask is None else mask & seen
         else:
             # Plain causal self-attention (no cache prefix, no padding): the kernel builds the mask.
             is_causal = self.causal and mask is None and T == S and T > 1
@@ -123,8 +130,7 @@ class Attention(nn.Module):
         """
         if not self.causal or T == 1:
             return mask
-        q_pos = torch.arange(start_pos, start_pos + T, device=device).unsqueeze(1)
-        causal = torch.arange(S, device=device).unsqueeze(0) <= q_pos  # (T, S)
+        causal = causal_mask(torch.arange(start_pos, start_pos + T, device=device), S)  # (T, S)
         return causal if mask is None else mask & causal
 
     def _attend(
@@ -148,13 +154,16 @@ class Attention(nn.Module):
             )
         if is_causal:
             T = q.shape[2]
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = causal_mask(torch.arange(T, device=q.device), T)
         return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout)
 
 
-def _seen_mask(cache_pos: torch.Tensor, S: int) -> torch.Tensor:
-    """True where a query at cache index cache_pos may read key index j (j <= cache_pos):
-    cache_pos (T,) -> (T, S); (B, T) -> (B, 1, T, S)."""
+def causal_mask(cache_pos: torch.Tensor, S: int) -> torch.Tensor:
+    """The one causal mask: True where a query at cache index cache_pos may read key index j
+    (j <= cache_pos), over keys 0..S-1: cache_pos (T,) -> (T, S); (B, T) -> (B, 1, T, S).
+
+    Every causal path builds it here: the eager cache (cache_pos = start_pos + 0..T-1), the
+    static-shape step (cache_pos given per row) and the explicit formula's plain causal case."""
     seen = torch.arange(S, device=cache_pos.device) <= cache_pos.unsqueeze(-1)
     return seen.unsqueeze(1) if seen.dim() == 3 else seen
 

@@ -4,9 +4,14 @@ Two ways to address it:
   * `start_pos` an int: the new keys go to positions start_pos.. and attention reads the filled
     prefix (its length grows step by step: the eager path).
   * `start_pos` a tensor of cache indices, (T,) shared by every row or (B, T) one per row: the
-    keys are written with an index (`index_put_`) and attention reads the whole buffer under a
-    mask (gpt-fast's recipe). No shape depends on how far decoding has got, so one step can be
-    compiled once, and rows of one batch can sit at different positions (continuous batching).
+    keys are written with an index (`index_put_`) and attention reads the whole buffer, or
+    the prefix of some rows that `KVCache.rows` (a `SlotView`) gives, under a mask (gpt-fast's
+    recipe). No shape depends on how far decoding has got, so one step compiles once per read
+    length (infer/budget.py `read_length` keeps those few), and rows of one batch can sit at
+    different positions (continuous batching).
+
+How long the buffers are, and how many rows, is decided outside the network, from the memory
+available (infer/budget.py `plan_cache`).
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ class KVCache(nn.Module):
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    def rows(self, rows: list[int], length: int) -> SlotView:
+        """Buffer rows `rows`, reading their first `length` positions: a cache of their own
+        for a static-shape step (see `SlotView`)."""
+        return SlotView(self, rows, length)
+
 
 def write_at(
     k_buf: torch.Tensor, v_buf: torch.Tensor, rows: torch.Tensor | None, pos: torch.Tensor,
@@ -111,9 +121,11 @@ class SlotView:
     def update(
         self, start_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, H_kv, T, D) written at cache indices start_pos (B, T) -> (B, H_kv, length, D)."""
+        """k, v (B, H_kv, T, D) written at cache indices start_pos (T,) or (B, T) -> (B, H_kv, length, D)."""
         c = self.cache
-        write_at(c.k, c.v, self.rows, start_pos, k, v)
+        # Rows 0..B-1 in order need no row index: a plain index_copy when positions are shared.
+        in_order = self.consecutive and self.first == 0
+        write_at(c.k, c.v, None if in_order else self.rows, start_pos, k, v)
         if self.consecutive:
             end = self.first + len(self.rows)
             return c.k[self.first:end, :, :self.length], c.v[self.first:end, :, :self.length]

@@ -107,7 +107,10 @@ class GPT(nn.Module):
 
     # Positions ------------------------------------------------------------------------------
     def _positions(self, T: int, start_pos: int | torch.Tensor, positions: torch.Tensor | None, device) -> torch.Tensor:  # noqa: ANN001
-        table = self.config.pos in ("learned", "sinusoidal")  # only tables have an end
+        """The positions (T,) or (B, T) of this pass, checked against the context: the one
+        check, with or without a cache. Only a position table (learned, sinusoidal) has an end;
+        rotary and position-free models run past `block_size` (up to the cache they are given)."""
+        table = self.config.pos in ("learned", "sinusoidal")
         if isinstance(start_pos, torch.Tensor):
             # The static step: positions are the cache indices unless given. No range check:
             # it would read a tensor (a device sync and a graph break); callers size the cache.
@@ -155,8 +158,9 @@ class GPT(nn.Module):
 
         start_pos: absolute position of idx[:, 0] (tokens already in `cache`); or, for the
               static-shape step, a tensor of cache indices (T,) or (B, T) where the new keys
-              are written: attention then reads the whole cache under a mask, so no shape
-              changes from step to step (nn/cache.py). Positions default to those indices.
+              are written: attention then reads the cache (or the prefix a `SlotView` gives)
+              under a mask, so no shape depends on how far decoding has got (nn/cache.py).
+              Positions default to those indices.
         cache: one `KVCache` per layer, from `make_cache` (or a `SlotView` of one).
         mask: extra bool attention mask, True = may attend, broadcastable to (B, 1, T, S), e.g.
               to hide left padding; positions: (T,) or (B, T) ids overriding start_pos's.
@@ -170,11 +174,6 @@ class GPT(nn.Module):
         if logits_rows is not None and logits_rows <= 0:
             raise BardlmError(f"logits_rows must be positive, got {logits_rows}; pass None for all rows")
         B, T = idx.shape
-        if cache is None and positions is None and isinstance(start_pos, int) and start_pos + T > self.config.block_size and self.config.pos != "rope":
-            raise BardlmError(
-                f"input of {start_pos + T} tokens is longer than the context length "
-                f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens"
-            )
         positions = self._positions(T, start_pos, positions, idx.device)
         x = self.embed(idx, positions)
         rope = self.rope(positions) if self.config.pos == "rope" else None
@@ -198,11 +197,16 @@ class GPT(nn.Module):
         """One preallocated `KVCache` per layer for `batch` rows of up to `max_len` positions."""
         p = next(self.parameters())
         max_len = max_len or self.config.block_size
-        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        dtype = dtype or self.cache_dtype()
         return [
             KVCache(batch, max_len, self.config.n_kv_head, self.config.head_dim, dtype, p.device)
             for _ in range(self.config.n_layer)
         ]
+
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype `make_cache` stores keys and values in: the weights' (fp32 when integer)."""
+        p = next(self.parameters())
+        return p.dtype if p.is_floating_point() else torch.float32
 
     # Counting -------------------------------------------------------------------------------
     def num_params(self, count_tied_head_twice: bool = False) -> int:

@@ -201,7 +201,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
               max_batch: int = 1, api_key: str | None = None,
               allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES, docs: bool = False,
               prefill_chunk: int = 128, compile: bool = False,
-              chat_template: Any = None) -> FastAPI:
+              chat_template: Any = None, max_context: int | None = None) -> FastAPI:
     """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer.
 
     max_batch: requests generated together (continuous batching); max_queue: more that may wait.
@@ -209,10 +209,11 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
     allowed_hosts: host names the Host header may carry (None: any); the default, loopback
     names only, stops a web page on another site from reaching the server through DNS
     rebinding. docs: serve /docs and /openapi.json. chat_template: an `infer.chat.ChatTemplate`
-    (default: the built-in one for the tokenizer) renders chats.
+    (default: the built-in one for the tokenizer) renders chats. max_context: KV cache
+    positions per slot (default: sized to the memory available, `Engine`).
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, max_batch=max_batch,
-                    prefill_chunk=prefill_chunk, compile=compile)
+                    prefill_chunk=prefill_chunk, compile=compile, max_context=max_context)
     # Parsing and tokenising run here, off the event loop. Two threads: more would only fight
     # the event loop (and the generation thread) for the GIL.
     prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bardlm-parse")
@@ -253,7 +254,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
 
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "bardlm",
-                "max_model_len": engine.block_size}
+                "max_model_len": engine.context}
 
     # The tokenizer endpoints lm-eval's local-completions model uses (tokenizer_backend=remote),
     # so a client counts context tokens with the server's own tokenizer, whatever its kind.
@@ -261,7 +262,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
     async def tokenizer_info() -> dict[str, Any]:
         return {"eos_token": None, "bos_token": None, "pad_token": None,
                 "kind": getattr(tokenizer, "kind", None), "vocab_size": tokenizer.vocab_size,
-                "max_model_len": engine.block_size}
+                "max_model_len": engine.context}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
@@ -273,7 +274,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
             ids = await loop_free(tokenizer.encode, text)
         except BardlmError as e:
             return error_response(400, str(e), param="prompt")
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.block_size})
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.context})
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
@@ -377,7 +378,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
             return error_response(400, str(e), param="messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:  # OpenAI's default: as much as the context leaves
-            max_tokens = max(1, engine.block_size - len(ids))
+            max_tokens = max(1, engine.context - len(ids))
         # The end of the turn is one more stop string: the reply ends there, without it.
         job = Job(prompt=tokenizer.decode(ids), prompt_ids=ids, max_tokens=max_tokens,
                   stop=[*(req.stop or []), template.end],

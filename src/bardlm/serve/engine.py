@@ -4,7 +4,8 @@ Generation is CPU-bound and the model is not safe to share between threads, so o
 thread owns the model and runs a loop; the event loop only hands it jobs. Each loop turn:
 
   1. admit waiting jobs into free slots (a slot is one row of a static KV cache of
-     `max_batch` rows x the context length, preallocated once);
+     `max_batch` rows x `context` positions, preallocated once and sized to the memory
+     available: infer/budget.py);
   2. drop jobs whose client went away (their slot is free at once);
   3. prefill: one pass over the next pieces of new jobs' prompts, oldest first, at most
      `prefill_chunk` tokens in all, so a long prompt delays the others by one chunk, not by
@@ -33,9 +34,9 @@ import torch
 
 from ..errors import BardlmError
 from ..eval.score import forward_logprobs
+from ..infer.budget import CachePlan, available_memory, plan_cache, read_length
 from ..infer.generate import TextStream, decode_step, encode_prompt, eval_mode
 from ..infer.sampling import apply_repetition_penalty, check_sampling, sample
-from ..nn.cache import SlotView
 from ..tokenizers.base import check_ids
 
 
@@ -86,11 +87,15 @@ class Engine:
     """Runs completion jobs on a worker thread, up to `max_batch` at once and `max_queue` waiting.
 
     prefill_chunk: prompt tokens per prefill pass. compile: `torch.compile` the decode step
-    (then every step runs all slots over the whole cache: one shape, compiled once).
+    (then every step runs all slots over a prefix of the cache of one of a few lengths:
+    `read_length`). max_context: positions per slot (default: the model's context, or what
+    half the memory available holds: `plan_cache`); memory: the bytes available (default:
+    measured on the model's device).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_queue: int = 16,
-                 max_batch: int = 1, prefill_chunk: int = 128, compile: bool = False) -> None:
+                 max_batch: int = 1, prefill_chunk: int = 128, compile: bool = False,
+                 max_context: int | None = None, memory: int | None = None) -> None:
         if max_queue < 0:
             raise BardlmError(f"max_queue must be >= 0, got {max_queue}")
         if max_batch < 1:
@@ -101,9 +106,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
         self.capacity = max_batch + max_queue  # running + waiting
-        self.block_size = model.config.block_size
         self.device = next(model.parameters()).device
-        self.cache = model.make_cache(max_batch, self.block_size)  # one row per slot, reused
+        if memory is None:
+            memory = available_memory(self.device)
+        self.plan: CachePlan = plan_cache(model.config, max_batch, model.cache_dtype().itemsize,
+                                          memory, max_context)
+        self.context = self.plan.tokens  # positions per slot: prompt + completion at most
+        self.cache = model.make_cache(max_batch, self.context)  # one row per slot, reused
         self._step = decode_step(model, compile)
         self._lock = threading.Condition()  # guards everything below (event loop + worker)
         self._waiting: deque[tuple[Job, Future]] = deque()
@@ -134,16 +143,16 @@ class Engine:
             ids = job.prompt_ids
         except BardlmError as e:
             raise RequestError(str(e), "prompt") from None
-        room = self.block_size - len(ids)
+        room = self.context - len(ids)
         if room < 0 or (room == 0 and job.max_tokens > 0):
             raise RequestError(
-                f"the prompt is {len(ids)} tokens but the model's context is {self.block_size}; "
-                "shorten the prompt", "prompt")
+                f"the prompt is {len(ids)} tokens but the server's context is {self.context}; "
+                "shorten the prompt" + self._context_hint(), "prompt")
         if job.max_tokens > room:
             raise RequestError(
-                f"max_tokens is {job.max_tokens} but the context of {self.block_size} tokens "
-                f"leaves room for {room} after the {len(ids)}-token prompt; ask for at most {room}",
-                "max_tokens")
+                f"max_tokens is {job.max_tokens} but the context of {self.context} tokens "
+                f"leaves room for {room} after the {len(ids)}-token prompt; ask for at most {room}"
+                + self._context_hint(), "max_tokens")
         s = job.sampling
         try:
             check_sampling(s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"),
@@ -154,15 +163,22 @@ class Engine:
             raise RequestError(str(e), name if name in s else None) from None
         job.prompt_tokens = len(ids)
 
+    def _context_hint(self) -> str:
+        """Where the context was cut below the model's: how to get more."""
+        if self.context >= self.model.config.block_size:
+            return ""
+        return (f" (the server holds {self.context} of the model's {self.model.config.block_size} "
+                "positions per slot: start it with a larger --max-context or a smaller --max-batch)")
+
     def _refuse_huge(self, prompt: str) -> None:
         """Refuse a prompt far longer than the context from its beginning alone: tokenising a
         1 MiB string costs far more than reading the first 32 characters per context token.
         (Twice the context in tokens leaves room for a last word split differently.)"""
-        head = prompt[: 32 * self.block_size]
-        if len(head) < len(prompt) and len(encode_prompt(self.tokenizer, head)) > 2 * self.block_size:
+        head = prompt[: 32 * self.context]
+        if len(head) < len(prompt) and len(encode_prompt(self.tokenizer, head)) > 2 * self.context:
             raise RequestError(
-                f"the prompt is far longer than the model's context of {self.block_size} tokens "
-                f"(its first {len(head)} characters alone are more than {2 * self.block_size}); "
+                f"the prompt is far longer than the model's context of {self.context} tokens "
+                f"(its first {len(head)} characters alone are more than {2 * self.context}); "
                 "shorten the prompt", "prompt")
 
     # Queue --------------------------------------------------------------------------------
@@ -274,13 +290,13 @@ class Engine:
         takes = [min(r.n_prompt - r.prefilled, self.prefill_chunk) for r in rows]
         T = max(takes)
         ids = torch.zeros(len(rows), T, dtype=torch.long)
-        cache_pos = torch.full((len(rows), T), self.block_size - 1)
+        cache_pos = torch.full((len(rows), T), self.context - 1)
         for b, (r, n) in enumerate(zip(rows, takes)):
             ids[b, T - n:] = torch.tensor(r.ids[r.prefilled:r.prefilled + n])
             cache_pos[b, T - n:] = torch.arange(r.prefilled, r.prefilled + n)
         ids, cache_pos = ids.to(self.device), cache_pos.to(self.device)
         length = max(r.prefilled + n for r, n in zip(rows, takes))
-        view = [SlotView(c, [r.slot for r in rows], length) for c in self.cache]
+        view = [c.rows([r.slot for r in rows], length) for c in self.cache]
         logits, _ = self.model(ids, start_pos=cache_pos, cache=view, logits_rows=1)
         for r, n, row in zip(rows, takes, logits[:, -1]):
             r.prefilled += n
@@ -294,23 +310,25 @@ class Engine:
         """One new token for each generating job: (B, 1) ids at their own cache indices.
 
         Eager, the batch is the generating jobs and attention reads as far as the furthest.
-        Compiled, every step has one shape: all `max_batch` slots, the whole cache; a slot with
-        no generating job gets a dummy token parked at its last cache index (past any prompt,
-        never read unmasked), and its logits are dropped.
+        Compiled, every step has one of a few shapes: all `max_batch` slots, reading the
+        shortest of the `read_length` buckets that holds the furthest job (at most twice what
+        it needs); a slot with no generating job gets a dummy token parked at its last cache
+        index (past any prompt, never read unmasked), and its logits are dropped.
         """
         if self.compile:
             by_slot = {r.slot: r for r in rows}
             slots = list(range(self.max_batch))
             ids = [[by_slot[i].ids[-1] if i in by_slot else 0] for i in slots]
-            pos = [[len(by_slot[i].ids) - 1 if i in by_slot else self.block_size - 1] for i in slots]
-            length, picked = self.block_size, [r.slot for r in rows]
+            pos = [[len(by_slot[i].ids) - 1 if i in by_slot else self.context - 1] for i in slots]
+            length = read_length(max(len(r.ids) for r in rows), self.context)
+            picked = [r.slot for r in rows]
         else:
             slots = [r.slot for r in rows]
             ids, pos = [[r.ids[-1]] for r in rows], [[len(r.ids) - 1] for r in rows]
             length, picked = max(len(r.ids) for r in rows), list(range(len(rows)))
         ids = torch.tensor(ids, device=self.device)
         cache_pos = torch.tensor(pos, device=self.device)  # (B, 1)
-        view = [SlotView(c, slots, length) for c in self.cache]
+        view = [c.rows(slots, length) for c in self.cache]
         logits = self._step(ids, cache_pos, view, None, None)[picked, -1]  # (len(rows), V)
         for r, row in zip(rows, logits):
             try:

@@ -122,10 +122,12 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
           max_queue: int = 16, model_name: str | None = None, log_level: str = "info",
           max_batch: int = 8, api_key: str | None = None, allowed_hosts: list[str] | None = None,
           max_connections: int = 256, docs: bool = False, compile: bool = False,
-          dtype: str | None = "fp32") -> None:
+          dtype: str | None = "fp32", max_context: int | None = None) -> None:
     """Load a checkpoint and serve it on http://host:port until interrupted (blocks).
 
-    max_batch: requests generated together (each holds a context-long KV cache row);
+    max_batch: requests generated together (each holds one KV cache row, a slot);
+    max_context: positions per slot (default: the model's context, or as many as half the
+    memory available holds, divided among the slots: infer/budget.py);
     api_key: require `Authorization: Bearer <api_key>`; allowed_hosts: extra names for the
     Host header (beyond those of `host`); docs: serve /docs and /openapi.json; dtype: the
     inference layout (fp32, bf16, int8; None: the weights as saved).
@@ -140,14 +142,13 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
 
     app = build_app(model, tokenizer, model_name=name, max_queue=max_queue, max_batch=max_batch,
                     api_key=api_key, allowed_hosts=allowed_hosts_for(host, allowed_hosts),
-                    docs=docs, compile=compile, chat_template=template_for(ckpt, tokenizer))
+                    docs=docs, compile=compile, chat_template=template_for(ckpt, tokenizer),
+                    max_context=max_context)
     sock = bind(host, port)
     where = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}"
-    cache = app.state.engine.cache
-    mib = sum(c.nbytes() for c in cache) / 2**20
-    print(f"bardlm: serving {name!r} at {url}/v1 (playground: {url}/); {max_batch} slots, "
-          f"KV cache {mib:.0f} MiB", file=sys.stderr, flush=True)
+    print(f"bardlm: serving {name!r} at {url}/v1 (playground: {url}/); "
+          f"{app.state.engine.plan.describe()}", file=sys.stderr, flush=True)
     if not is_loopback(host) and not api_key:
         print(f"bardlm: warning: {host} is reachable from other machines and the API has no "
               "authentication; pass --api-key", file=sys.stderr, flush=True)
