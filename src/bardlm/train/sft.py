@@ -164,11 +164,11 @@ class Finetuner:
         model, tokenizer = load_base(self.init_from)
         self.template = template_for(self.init_from, tokenizer)
         tokenizer, added = prepare_vocab(self.template, tokenizer)
-        if added:
-            log(f"the chat template adds {added} token(s) to the vocabulary")
         self.tokenizer = tokenizer
         self.model = resize_vocab(model, max(model.config.vocab_size, tokenizer.vocab_size))
-        self.load_data()
+        self.load_data()  # first: bad data is the one line said, before any note
+        if added:
+            log(f"the chat template adds {added} token(s) to the vocabulary")
         if lora is not None:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
