@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--rl-iters", type=int, default=150)
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--dpo-lr", type=float, default=1e-3)
+    p.add_argument("--sft-weight", type=float, default=1.0, help="DPO's weight on the chosen answers' NLL")
     p.add_argument("--rl-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -45,7 +46,8 @@ def main() -> None:
                eval_interval=max(args.dpo_iters // 5, 1), weight_decay=0.0, val_fraction=0.1)
     rl = dict(max_iters=args.rl_iters, batch_size=8, lr=args.rl_lr, min_lr=args.rl_lr / 10, warmup_iters=10,
               eval_interval=max(args.rl_iters // 10, 1), weight_decay=0.0)
-    r = run_post_training_demo(args.out, text, model, pre, sft, dpo, rl, digits=args.digits)
+    r = run_post_training_demo(args.out, text, model, pre, sft, dpo, rl, digits=args.digits,
+                               sft_weight=args.sft_weight)
     print(f"\n{'held-out (' + str(r['n_val']) + ' questions)':<34}{'SFT':>8}{'after':>8}")
     print(f"{'DPO preference accuracy':<34}{r['sft_likelihood_preference']:>8.3f}{r['dpo_pref_accuracy']:>8.3f}")
     print(f"{'DPO exact match':<34}{r['sft_exact_match']:>8.3f}{r['dpo_exact_match']:>8.3f}")

@@ -16,7 +16,7 @@ from test_sft import base_ckpt
 from bardlm.cli import main
 from bardlm.errors import BardlmError
 from bardlm.io.hf import from_pretrained
-from bardlm.train.dpo import dpo_loss, read_pref_jsonl
+from bardlm.train.dpo import dpo_loss, read_pref_jsonl, sft_term
 from bardlm.train.grpo import (
     builtin_prompts,
     builtin_reward,
@@ -78,7 +78,8 @@ def test_sequence_logps_match_transformers(tmp_path: Path) -> None:
 
 
 # DPO against TRL ------------------------------------------------------------------------------
-def trl_dpo(hf: torch.nn.Module, ids, att, comp, ref_c, ref_r, beta: float, kind: str):  # noqa: ANN001, ANN201
+def trl_dpo(hf: torch.nn.Module, ids, att, comp, ref_c, ref_r, beta: float, kind: str,  # noqa: ANN001, ANN201
+            sft_weight: float = 0.0):
     """TRL's DPOTrainer loss computation itself, on `hf` (its fused head added), with the
     reference log-probabilities precomputed. Returns (loss, metrics)."""
     from trl.trainer.dpo_trainer import DPOTrainer
@@ -88,7 +89,7 @@ def trl_dpo(hf: torch.nn.Module, ids, att, comp, ref_c, ref_r, beta: float, kind
     acc = SimpleNamespace(device=ids.device, gather=lambda t: t, gather_for_metrics=lambda t: t)
     trainer = SimpleNamespace(
         model=hf, accelerator=acc, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[kind], loss_weights=[1.0], beta=beta,
+        f_divergence_type="reverse_kl", loss_types=[kind, "sft"], loss_weights=[1.0, sft_weight], beta=beta,
         use_weighting=False, label_smoothing=0.0, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": ids, "attention_mask": att, "completion_mask": comp,
@@ -97,8 +98,11 @@ def trl_dpo(hf: torch.nn.Module, ids, att, comp, ref_c, ref_r, beta: float, kind
     return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
 
-@pytest.mark.parametrize(("kind", "trl_kind"), [("sigmoid", "sigmoid"), ("ipo", "ipo"), ("norm", "sigmoid_norm")])
-def test_dpo_loss_rewards_and_gradients_match_trl(tmp_path: Path, kind: str, trl_kind: str) -> None:
+@pytest.mark.parametrize(("kind", "trl_kind", "sft_weight"),
+                         [("sigmoid", "sigmoid", 0.0), ("ipo", "ipo", 0.0), ("norm", "sigmoid_norm", 0.0),
+                          ("sigmoid", "sigmoid", 0.5)])
+def test_dpo_loss_rewards_and_gradients_match_trl(tmp_path: Path, kind: str, trl_kind: str,
+                                                  sft_weight: float) -> None:
     pytest.importorskip("trl", reason="the DPO reference: pip install trl (dev extra)")
     hf, ours = hf_gpt2(tmp_path)
     hf.train()  # no dropout in this config; TRL logs under "train"
@@ -106,15 +110,16 @@ def test_dpo_loss_rewards_and_gradients_match_trl(tmp_path: Path, kind: str, trl
     B = ids.shape[0] // 2
     ref_c, ref_r = -torch.rand(B) * 3 - 30, -torch.rand(B) * 3 - 30
     beta = 0.3
-    loss_trl, metrics = trl_dpo(hf, ids, att, comp, ref_c, ref_r, beta, trl_kind)
+    loss_trl, metrics = trl_dpo(hf, ids, att, comp, ref_c, ref_r, beta, trl_kind, sft_weight)
     loss_trl.backward()
 
     x, y = ours_xy(ids, comp)
     logp, n = sequence_logps(ours, x, y)
     losses, r_c, r_r = dpo_loss(logp[:B], logp[B:], ref_c, ref_r, beta, kind, n[:B], n[B:])
-    losses.mean().backward()
+    loss = losses.mean() + sft_weight * sft_term(logp[:B], n[:B])
+    loss.backward()
 
-    torch.testing.assert_close(losses.mean(), loss_trl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, loss_trl, atol=1e-5, rtol=1e-5)
     assert abs(r_c.mean().item() - metrics["rewards/chosen"]) < 1e-5
     assert abs(r_r.mean().item() - metrics["rewards/rejected"]) < 1e-5
     assert abs((r_c - r_r).mean().item() - metrics["rewards/margins"]) < 1e-5

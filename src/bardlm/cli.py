@@ -680,6 +680,8 @@ def add_dpo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference (default 0.1)")
     p.add_argument("--loss", choices=("sigmoid", "ipo", "norm"), default="sigmoid",
                    help="sigmoid (DPO), ipo, or norm (length-normalised, SimPO-style); default sigmoid")
+    p.add_argument("--sft-weight", type=float, default=0.0,
+                   help="add this weight x the chosen answers' NLL (keeps them likely; default 0)")
 
 
 DPO_DEFAULTS = dict(FINETUNE_DEFAULTS, max_iters=200, eval_interval=50)
@@ -690,7 +692,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
     out, cfg, lora, log = tuning_setup(args, DPO_DEFAULTS)
     t = DPOTuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume,
-                 beta=args.beta, loss=args.loss)
+                 beta=args.beta, loss=args.loss, sft_weight=args.sft_weight)
     log(f"{t.n_train} training and {t.n_val} held-out pairs; template: {t.template.kind}")
     print(json.dumps({"out": str(out), **t.fit()}))
     return 0

@@ -2,8 +2,9 @@
 
 The chain: pretrain a char model on text -> SFT it on "a+b" / "a-b" questions (user) and their
 values (assistant) -> from that SFT model,
-  - DPO on pairs (chosen: the right value; rejected: a plausible wrong one, off by 1 or 10):
-    held-out preference accuracy and exact match, before and after;
+  - DPO on pairs (chosen: the right value; rejected: a plausible wrong one, off by 1 or 10),
+    with an SFT term on the chosen answers (`sft_weight`) so that they stay likely: held-out
+    preference accuracy and exact match, before and after;
   - GRPO on the built-in `arithmetic` task: held-out exact match (pass@1, greedy) before and
     after, and the reward curve (rl/rl.png).
 SFT is kept short on purpose: a model that already answers everything leaves RL nothing to do.
@@ -68,7 +69,7 @@ def likelihood_preference(model: torch.nn.Module, tokenizer: Any, template: Any,
 def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pretrain: dict[str, Any],
                            sft: dict[str, Any], dpo: dict[str, Any], rl: dict[str, Any], digits: int = 2,
                            n_sft: int = 2000, n_pairs: int = 1000, n_val: int = 200, beta: float = 0.1,
-                           group: int = 8, log: Any = print) -> dict[str, Any]:
+                           group: int = 8, sft_weight: float = 1.0, log: Any = print) -> dict[str, Any]:
     """Pretrain on `text`, SFT, then DPO and GRPO from the SFT model. pretrain/sft/dpo/rl:
     TrainConfig fields of each stage (rl's seed fixes the questions). Returns the figures."""
     out = Path(out)
@@ -99,7 +100,8 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     log(f"SFT: held-out exact match {r['sft_exact_match']:.3f}")
 
     t0 = time.time()
-    d = DPOTuner(out / "sft", out / "prefs.jsonl", out / "dpo", TrainConfig(**dpo), log=log, beta=beta)
+    d = DPOTuner(out / "sft", out / "prefs.jsonl", out / "dpo", TrainConfig(**dpo), log=log, beta=beta,
+                 sft_weight=sft_weight)
     d.fit()
     times["dpo_s"] = time.time() - t0
     d.model.eval()

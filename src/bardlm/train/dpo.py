@@ -15,7 +15,10 @@ the base with adapters off, as the adapters start at zero: no second copy in mem
     ipo:      (d - 1 / (2 beta))^2,  d = Δ(chosen)/|chosen| - Δ(rejected)/|rejected|   (IPO)
     norm:     -log sigmoid(beta * d)            (length-normalised, SimPO-style, with a reference)
 
-where Δ = log pi - log pi_ref and |y| counts y's tokens. Logged on held-out pairs: the loss, the
+where Δ = log pi - log pi_ref and |y| counts y's tokens. DPO can lower the likelihood of the
+chosen answers too (only their margin over the rejected ones is pulled up); `sft_weight` > 0 adds
+that weight times the chosen tokens' mean negative log-likelihood (TRL's "sft" loss term, as in
+RPO, Pang et al., 2024), which keeps the right answers likely. Logged on held-out pairs: the loss, the
 mean rewards of chosen and rejected, their margin, and the preference accuracy (the share of
 pairs where r(chosen) > r(rejected)). Training is `sft.Finetuner`'s: the same `Loop`, saves
 and resume.
@@ -148,16 +151,24 @@ def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor, re
     return losses, beta * d_c, beta * d_r
 
 
+def sft_term(logp_c: torch.Tensor, n_c: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per chosen token over the batch: TRL's "sft" loss term."""
+    return -logp_c.sum() / n_c.sum().clamp(min=1)
+
+
 # The run ------------------------------------------------------------------------------------
 class DPOTuner(Finetuner):
     """A DPO run: base model + preference pairs -> `out` (a checkpoint, or a LoRA adapter)."""
 
-    def __init__(self, *args: Any, beta: float = 0.1, loss: str = "sigmoid", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, beta: float = 0.1, loss: str = "sigmoid", sft_weight: float = 0.0,
+                 **kwargs: Any) -> None:
         if loss not in LOSSES:
             raise BardlmError(f"unknown --loss {loss!r}; use one of {', '.join(LOSSES)}")
         if not beta > 0:
             raise BardlmError(f"--beta must be positive, got {beta}")
-        self.beta, self.loss_kind = beta, loss
+        if sft_weight < 0:
+            raise BardlmError(f"--sft-weight must be >= 0, got {sft_weight}")
+        self.beta, self.loss_kind, self.sft_weight = beta, loss, sft_weight
         super().__init__(*args, **kwargs)
 
     def load_data(self) -> None:
@@ -199,14 +210,15 @@ class DPOTuner(Finetuner):
         logp, n = sequence_logps(self.model, x, y)
         (lc, lr), (rc, rr), (nc, nr) = logp.chunk(2), ref.chunk(2), n.chunk(2)
         losses, _, _ = dpo_loss(lc, lr, rc, rr, self.beta, self.loss_kind, nc, nr)
-        return None, losses.mean()
+        return None, losses.mean() + self.sft_weight * sft_term(lc, nc)
 
     def eval_metrics(self) -> dict[str, float]:
         logp, lens = self._logps(self.val_pairs)
         ref = self.ref_val
         losses, r_c, r_r = dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], self.beta,
                                     self.loss_kind, lens[:, 0], lens[:, 1])
-        return {"val_loss": losses.mean().item(), "reward_chosen": r_c.mean().item(),
+        loss = losses.mean() + self.sft_weight * sft_term(logp[:, 0], lens[:, 0])
+        return {"val_loss": loss.item(), "reward_chosen": r_c.mean().item(),
                 "reward_rejected": r_r.mean().item(), "margin": (r_c - r_r).mean().item(),
                 "pref_accuracy": (r_c > r_r).float().mean().item()}
 
@@ -220,13 +232,16 @@ class DPOTuner(Finetuner):
                 f"margin {row['margin']:+.3f} accuracy {row['pref_accuracy']:.2f}")
 
     def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "dpo": {"beta": self.beta, "loss": self.loss_kind}}
+        return {**super().meta(), "dpo": self._settings()}
+
+    def _settings(self) -> dict[str, Any]:
+        return {"beta": self.beta, "loss": self.loss_kind, "sft_weight": self.sft_weight}
 
     def resume(self) -> None:
         from ..io.checkpoint import read_config
 
         was = read_config(self.out).get("dpo", {})
-        now = {"beta": self.beta, "loss": self.loss_kind}
+        now = self._settings()
         for key in now:
             if key in was and was[key] != now[key]:
                 raise BardlmError(f"--resume: {key} was {was[key]!r} in this run and is now {now[key]!r}; "
