@@ -320,3 +320,23 @@ def test_reward_function_failures_are_one_line(tmp_path: Path, capsys) -> None: 
                  "--out", str(tmp_path / "m")]) == 2
     assert "has no function 'missing'" in capsys.readouterr().err
     assert main(["rl", "--init-from", str(base), "--task", "sort", "--group", "1", "--out", str(tmp_path / "g")]) == 2
+
+
+# the demonstration, tiny -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> None:
+    """The whole chain of bench/post_training.py at a toy budget: every stage writes its run,
+    the figures are in range, the held-out questions are the same for SFT and GRPO."""
+    from bardlm.lab.post_training import run_post_training_demo
+
+    model = dict(vocab_size=80, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=False)
+    pre = dict(max_iters=4, batch_size=8, eval_interval=4, eval_batches=1)
+    stage = dict(max_iters=4, batch_size=8, eval_interval=2, lr=1e-3, warmup_iters=1, weight_decay=0.0)
+    r = run_post_training_demo(tmp_path, tiny_text[:20_000], model, pre, stage, stage, dict(stage, batch_size=2),
+                               digits=1, n_sft=40, n_pairs=20, n_val=10, group=2, log=lambda m: None)
+    for run in ("pretrained", "sft", "dpo", "rl"):
+        assert (tmp_path / run / "config.json").is_file()
+    assert (tmp_path / "rl" / "rl.png").is_file()
+    assert r["rl_before_pass_at_1"] == r["sft_exact_match"]  # the same questions, greedy both times
+    assert len(r["rl_curve"]) == 2 and all(0 <= row["reward"] <= 1 for row in r["rl_curve"])
+    assert 0 <= r["dpo_pref_accuracy"] <= 1 and r["n_val"] == 10
