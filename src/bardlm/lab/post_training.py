@@ -56,14 +56,21 @@ def preference_rows(questions: list[str], seed: int) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def likelihood_preference(model: torch.nn.Module, tokenizer: Any, template: Any, path: Path) -> float:
-    """Share of pairs in `path` whose chosen completion the model finds likelier than the
-    rejected one (no reference: what the model itself prefers)."""
+def pair_logps(model: torch.nn.Module, tokenizer: Any, template: Any, path: Path) -> torch.Tensor:
+    """Summed log-probabilities (N, 2) of the chosen and rejected completions of the pairs in
+    `path`, under `model` (eval mode)."""
     pairs, _ = encode_pairs(read_pref_jsonl(path), template, tokenizer, model.config.block_size)
     model.eval()
     x, y = pad_rows([c for c, _ in pairs] + [r for _, r in pairs])
     logp, _ = sequence_logps(model, x, y)
-    return (logp[: len(pairs)] > logp[len(pairs):]).float().mean().item()
+    return torch.stack(logp.chunk(2), dim=1)
+
+
+def preference_accuracy(logp: torch.Tensor, ref: torch.Tensor | None = None) -> float:
+    """Share of pairs preferred right: by likelihood (chosen likelier), or with a reference by
+    DPO's implicit reward (chosen's log-ratio to the reference higher)."""
+    d = logp if ref is None else logp - ref
+    return (d[:, 0] > d[:, 1]).float().mean().item()
 
 
 def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pretrain: dict[str, Any],
@@ -94,9 +101,9 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     ft.fit()
     times["sft_s"] = time.time() - t0
     sft_model, sft_tok = load(out / "sft")
+    sft_pairs = pair_logps(sft_model, sft_tok, ft.template, out / "prefs_val.jsonl")
     r: dict[str, Any] = {"sft_exact_match": exact_match(sft_model, sft_tok, ft.template, val_convs),
-                         "sft_likelihood_preference": likelihood_preference(sft_model, sft_tok, ft.template,
-                                                                            out / "prefs_val.jsonl")}
+                         "sft_likelihood_preference": preference_accuracy(sft_pairs)}
     log(f"SFT: held-out exact match {r['sft_exact_match']:.3f}")
 
     t0 = time.time()
@@ -105,9 +112,12 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     d.fit()
     times["dpo_s"] = time.time() - t0
     d.model.eval()
-    r.update(dpo_pref_accuracy=d.history[-1]["pref_accuracy"], dpo_margin=d.history[-1]["margin"],
-             dpo_likelihood_preference=likelihood_preference(d.model, d.tokenizer, d.template,
-                                                             out / "prefs_val.jsonl"),
+    # On the held-out questions (never trained on by any stage): DPO's reward accuracy against
+    # the SFT model, and what the model itself finds likelier.
+    dpo_pairs = pair_logps(d.model, d.tokenizer, d.template, out / "prefs_val.jsonl")
+    r.update(dpo_pref_accuracy=preference_accuracy(dpo_pairs, sft_pairs),
+             dpo_split_pref_accuracy=d.history[-1]["pref_accuracy"], dpo_margin=d.history[-1]["margin"],
+             dpo_likelihood_preference=preference_accuracy(dpo_pairs),
              dpo_exact_match=exact_match(d.model, d.tokenizer, d.template, val_convs))
     log(f"DPO: preference accuracy {r['dpo_pref_accuracy']:.3f}, exact match {r['dpo_exact_match']:.3f}")
 
