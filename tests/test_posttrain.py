@@ -340,3 +340,25 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     assert r["rl_before_pass_at_1"] == r["sft_exact_match"]  # the same questions, greedy both times
     assert len(r["rl_curve"]) == 2 and all(0 <= row["reward"] <= 1 for row in r["rl_curve"])
     assert 0 <= r["dpo_pref_accuracy"] <= 1 and r["n_val"] == 10
+
+
+def test_rl_ctrl_c_saves_and_resumes(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """SIGINT in the middle of a step (here: from the reward function) finishes the step, saves
+    it and says how to resume; --resume then continues from that step."""
+    base = base_ckpt(tmp_path / "base")
+    flag = tmp_path / "sent"  # once only: the resumed run loads the module afresh
+    (tmp_path / "r.py").write_text("import os, signal, pathlib\n"
+                                   f"flag = pathlib.Path({str(flag)!r})\n"
+                                   "def f(p, c):\n    if not flag.exists():\n        flag.touch()\n"
+                                   "        os.kill(os.getpid(), signal.SIGINT)\n    return float(len(c))\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in ["ab", "cd", "abc", "bcd"]))
+    argv = ["rl", "--init-from", str(base), "--task", f"{tmp_path / 'r.py'}:f", "--prompts", str(prompts),
+            "--out", str(tmp_path / "run"), "--group", "2", "--max-new-tokens", "2", "--max-iters", "3",
+            "--set", "batch_size=2", "--set", "val_fraction=0.25"]
+    assert main(argv) == 2
+    assert "interrupted at step 1; checkpoint saved" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 1
+    assert main([*argv, "--resume"]) == 0
+    assert "resumed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 3
