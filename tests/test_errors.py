@@ -178,6 +178,14 @@ CASES = [
      "already holds a run; pass --resume to continue it or --overwrite"),
     ("train-resume-nothing", lambda t, c, w: ["train", "--resume", "--out", str(t / "fresh")],
      "holds no checkpoint to resume"),
+    ("dpo-missing-chosen", lambda t, c, w: ["dpo", "--init-from", str(c), "--out", str(t / "d"), "--data",
+                                            _file(t, "p.jsonl", b'{"prompt": "hear", "rejected": "me"}\n')],
+     'p.jsonl:1: missing "chosen"; each line needs "prompt", "chosen" and "rejected"'),
+    ("dpo-empty-completion", lambda t, c, w: ["dpo", "--init-from", str(c), "--out", str(t / "d"), "--data",
+                                              _file(t, "p.jsonl", b'{"prompt": "hear", "chosen": "", "rejected": "me"}\n')],
+     '"chosen" is empty; each completion needs some text'),
+    ("rl-unknown-task", lambda t, c, w: ["rl", "--init-from", str(c), "--out", str(t / "r"), "--task", "chess"],
+     "use one of arithmetic, reverse, sort or module.py:function"),
 ]
 
 

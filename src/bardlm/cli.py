@@ -611,9 +611,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # finetune ----------------------------------------------------------------------------------
 def add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="supervised finetuning on chat JSONL (full, or LoRA)")
-    p.add_argument("--init-from", required=True, metavar="DIR",
-                   help="the model to finetune: a bardlm run or a Hugging Face GPT-2/Llama/Qwen3 folder")
     p.add_argument("--data", required=True, help='JSONL, one {"messages": [{"role", "content"}, ...]} a line')
+    add_tuning_args(p)
+    p.add_argument("--merge", action="store_true", help="with LoRA: also write base + adapter merged to OUT/merged")
+
+
+def add_tuning_args(p: argparse.ArgumentParser) -> None:
+    """The flags finetune, dpo and rl share: model, output, run length, LoRA, --set, resume."""
+    p.add_argument("--init-from", required=True, metavar="DIR",
+                   help="the model to tune: a bardlm run or a Hugging Face GPT-2/Llama/Qwen3 folder")
     p.add_argument("--out", required=True, help="run directory (a checkpoint, or with LoRA an adapter)")
     p.add_argument("--max-iters", type=int, help="optimizer steps (default 500)")
     p.add_argument("--seed", type=int)
@@ -622,7 +628,6 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha = 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
                    help="linear layers to adapt (default: c_attn c_proj c_fc)")
-    p.add_argument("--merge", action="store_true", help="with LoRA: also write base + adapter merged to OUT/merged")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training field, e.g. --set lr=1e-4 --set batch_size=8")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -634,10 +639,11 @@ FINETUNE_DEFAULTS = dict(max_iters=500, lr=1e-4, min_lr=1e-5, warmup_iters=20, b
                          eval_interval=100, weight_decay=0.0, val_fraction=0.1)
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def tuning_setup(args: argparse.Namespace, defaults: dict) -> tuple:  # noqa: ANN001
+    """(out, TrainConfig, LoRASpec or None, log) of a finetune, dpo or rl command."""
     from .config import TrainConfig, parse_overrides, train_config_keys
     from .io.checkpoint import read_config
-    from .train.sft import Finetuner, LoRASpec
+    from .train.sft import LoRASpec
     from .train.trainer import prepare_out
 
     out = Path(args.out)
@@ -647,14 +653,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     saved = read_config(out).get("train", {}) if args.resume else {}
-    cfg = TrainConfig.from_dict({**FINETUNE_DEFAULTS, **saved, **over})
+    cfg = TrainConfig.from_dict({**defaults, **saved, **over})
     lora = None
     if args.lora_rank is not None:
         alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
         lora = LoRASpec(args.lora_rank, alpha, tuple(args.lora_targets))
-    elif args.merge or args.lora_alpha is not None:
+    elif getattr(args, "merge", False) or args.lora_alpha is not None:
         raise BardlmError("--merge and --lora-alpha need --lora-rank")
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    return out, cfg, lora, lambda m: print(m, file=sys.stderr)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train.sft import Finetuner
+
+    out, cfg, lora, log = tuning_setup(args, FINETUNE_DEFAULTS)
     ft = Finetuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume)
     log(f"{ft.n_train} training and {ft.n_val} held-out conversations; template: {ft.template.kind}")
     log(f"trainable parameters: {ft.trainable:,} of {ft.total:,} ({100 * ft.trainable / ft.total:.2f}%)")
@@ -664,6 +676,64 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
         final["merged"] = merge_adapter(out, out / "merged")["out"]
     print(json.dumps({"out": str(out), **final}))
+    return 0
+
+
+# dpo and rl --------------------------------------------------------------------------------
+def add_dpo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dpo", help="preference tuning (DPO, IPO) on prompt/chosen/rejected JSONL")
+    p.add_argument("--data", required=True,
+                   help='JSONL, one {"prompt": [messages], "chosen": [messages], "rejected": [messages]} '
+                        "a line (or the three as plain strings)")
+    add_tuning_args(p)
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference (default 0.1)")
+    p.add_argument("--loss", choices=("sigmoid", "ipo", "norm"), default="sigmoid",
+                   help="sigmoid (DPO), ipo, or norm (length-normalised, SimPO-style); default sigmoid")
+    p.add_argument("--sft-weight", type=float, default=0.0,
+                   help="add this weight x the chosen answers' NLL (keeps them likely; default 0)")
+
+
+DPO_DEFAULTS = dict(FINETUNE_DEFAULTS, max_iters=200, eval_interval=50)
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from .train.dpo import DPOTuner
+
+    out, cfg, lora, log = tuning_setup(args, DPO_DEFAULTS)
+    t = DPOTuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume,
+                 beta=args.beta, loss=args.loss, sft_weight=args.sft_weight)
+    log(f"{t.n_train} training and {t.n_val} held-out pairs; template: {t.template.kind}")
+    print(json.dumps({"out": str(out), **t.fit()}))
+    return 0
+
+
+def add_rl(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rl", help="reinforcement learning with a verifiable reward (GRPO)")
+    p.add_argument("--task", required=True,
+                   help="arithmetic, reverse, sort, or module.py:function (prompt, completion) -> float")
+    p.add_argument("--prompts", help='with module.py:function: JSONL, one {"prompt": "..."} a line')
+    p.add_argument("--digits", type=int, default=2, help="built-in tasks: digits of each number, letters of a word")
+    add_tuning_args(p)
+    p.add_argument("--group", type=int, default=8, help="completions sampled per prompt (default 8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest completion (default 16)")
+    p.add_argument("--kl", type=float, default=0.0, help="weight of the KL term to the starting model (default 0)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="clip range of the ratio (default 0.2)")
+    p.add_argument("--n-val", type=int, default=100, help="built-in tasks: held-out prompts (default 100)")
+
+
+RL_DEFAULTS = dict(FINETUNE_DEFAULTS, max_iters=100, eval_interval=20, batch_size=4, warmup_iters=5)
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .train.grpo import GRPOTuner
+
+    out, cfg, lora, log = tuning_setup(args, RL_DEFAULTS)
+    t = GRPOTuner(args.init_from, args.task, out, cfg, lora, log, resume=args.resume, prompts=args.prompts,
+                  digits=args.digits, group=args.group, temperature=args.temperature,
+                  max_new_tokens=args.max_new_tokens, kl_coef=args.kl, epsilon=args.epsilon, n_val=args.n_val)
+    log(f"{t.n_train} training and {t.n_val} held-out prompts; {args.group} completions a prompt")
+    print(json.dumps({"out": str(out), **t.fit()}))
     return 0
 
 
@@ -755,6 +825,8 @@ COMMANDS = {
     "lm-eval": (add_lm_eval, cmd_lm_eval),
     "serve": (add_serve, cmd_serve),
     "finetune": (add_finetune, cmd_finetune),
+    "dpo": (add_dpo, cmd_dpo),
+    "rl": (add_rl, cmd_rl),
     "merge": (add_merge, cmd_merge),
     "chat": (add_chat, cmd_chat),
 }

@@ -231,10 +231,13 @@ def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     return ids, starts
 
 
-def encode_chat(template: ChatTemplate, tokenizer: Any,
-                messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
-    """(ids of the rendered conversation, per id: was it written by the assistant?)."""
+def encode_chat(template: ChatTemplate, tokenizer: Any, messages: list[dict[str, Any]],
+                skip_turns: int = 0) -> tuple[list[int], list[bool]]:
+    """(ids of the rendered conversation, per id: was it written by the assistant?).
+    skip_turns: the first assistant turns that count as not written (a preference pair's
+    prompt may hold earlier answers: only the completion after it is the model's)."""
     text, spans = template.assistant_spans(messages)
+    spans = spans[skip_turns:]
     ids, starts = _offsets(tokenizer, text)
     mine = [any(a <= s < b for a, b in spans) for s in starts]
     return ids, mine

@@ -19,6 +19,8 @@ A stacked and B block-diagonal (the test of equality with peft builds exactly th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -94,6 +96,21 @@ def apply_lora(model: nn.Module, rank: int, alpha: float,
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run the body with every adapter's update switched off (scale 0): the model computes what
+    its frozen base does, with no second copy of the weights (the reference model of DPO/RL)."""
+    layers = list(lora_layers(model).values())
+    scales = [layer.scale for layer in layers]
+    for layer in layers:
+        layer.scale = 0.0
+    try:
+        yield
+    finally:
+        for layer, scale in zip(layers, scales):
+            layer.scale = scale
 
 
 @torch.no_grad()

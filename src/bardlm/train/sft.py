@@ -68,20 +68,29 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     return convs
 
 
+def target_row(ids: list[int], mine: list[bool], block_size: int) -> tuple[torch.Tensor | None, bool]:
+    """(row (2, L), was it cut?): ids and targets (the next id where the assistant wrote it,
+    else -1), cut to L <= block_size + 1; None when no assistant token is left."""
+    cut = len(ids) > block_size + 1
+    ids, mine = ids[: block_size + 1], mine[: block_size + 1]
+    targets = [t if m else -1 for t, m in zip(ids[1:], mine[1:])] + [-1]
+    if not any(t >= 0 for t in targets):
+        return None, cut
+    return torch.tensor([ids, targets], dtype=torch.long), cut
+
+
 def encode_examples(convs: list[list[dict[str, str]]], template: ChatTemplate, tokenizer: Any,
                     block_size: int) -> tuple[list[torch.Tensor], int]:
     """Each conversation as one row (2, L): its ids and its targets (next id, or -1 where the
     next id is not the assistant's). L <= block_size + 1: longer conversations are cut (their
     count is returned); one with no assistant token left is dropped."""
-    rows, cut = [], 0
+    rows, n_cut = [], 0
     for messages in convs:
-        ids, mine = encode_chat(template, tokenizer, messages)
-        if len(ids) > block_size + 1:
-            ids, mine, cut = ids[: block_size + 1], mine[: block_size + 1], cut + 1
-        targets = [t if m else -1 for t, m in zip(ids[1:], mine[1:])] + [-1]
-        if any(t >= 0 for t in targets):
-            rows.append(torch.tensor([ids, targets], dtype=torch.long))
-    return rows, cut
+        row, cut = target_row(*encode_chat(template, tokenizer, messages), block_size)
+        n_cut += cut
+        if row is not None:
+            rows.append(row)
+    return rows, n_cut
 
 
 def split_conversations(convs: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -106,22 +115,23 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ChatBatches:
-    """Batches of conversations in a fresh random order every epoch, a pure function of
-    (seed, step, micro): resuming needs only the step."""
+    """Batches of examples in a fresh random order every epoch, a pure function of
+    (seed, step, micro): resuming needs only the step. `collate` makes the picked examples
+    one batch (default: conversations padded by `pad_rows`)."""
 
-    def __init__(self, rows: list[torch.Tensor], seed: int) -> None:
+    def __init__(self, rows: list[Any], seed: int, collate: Callable[[list[Any]], Any] | None = None) -> None:
         if not rows:
             raise BardlmError("no training conversation has an assistant token within the context")
-        self.rows, self.seed = rows, seed
+        self.rows, self.seed, self.collate = rows, seed, collate or pad_rows
 
-    def batch(self, step: int, micro: int, batch_size: int, n_micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int, batch_size: int, n_micro: int) -> Any:
         first = (step * n_micro + micro) * batch_size
         picked = []
         for s in range(first, first + batch_size):
             epoch, i = divmod(s, len(self.rows))
             perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
             picked.append(self.rows[int(perm[i])])
-        return pad_rows(picked)
+        return self.collate(picked)
 
 
 def val_batches(rows: list[torch.Tensor], batch_size: int):  # noqa: ANN201
@@ -138,7 +148,12 @@ class LoRASpec:
 
 
 class Finetuner:
-    """A finetuning run: base model + chat data -> `out` (a checkpoint, or a LoRA adapter)."""
+    """A finetuning run: base model + chat data -> `out` (a checkpoint, or a LoRA adapter).
+
+    Preference tuning (`train.dpo`) and RL (`train.grpo`) are subclasses: they read other data
+    (`load_data`), compute another loss (`step_loss`) and evaluate other things
+    (`eval_metrics`), on the same model set-up, `Loop`, `RunState` and Ctrl-C handling.
+    """
 
     def __init__(self, init_from: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig,
                  lora: LoRASpec | None = None, log: Callable[[str], None] = print,
@@ -150,32 +165,56 @@ class Finetuner:
         model, tokenizer = load_base(self.init_from)
         self.template = template_for(self.init_from, tokenizer)
         tokenizer, added = prepare_vocab(self.template, tokenizer)
-        if added:
-            log(f"the chat template adds {added} token(s) to the vocabulary")
         self.tokenizer = tokenizer
         self.model = resize_vocab(model, max(model.config.vocab_size, tokenizer.vocab_size))
-        convs = read_chat_jsonl(self.data)
-        train, val = split_conversations(convs, cfg.val_fraction, cfg.seed)
-        T = self.model.config.block_size
-        train_rows, cut = encode_examples(train, self.template, tokenizer, T)
-        self.val_rows, cut_val = encode_examples(val, self.template, tokenizer, T)
-        if cut + cut_val:
-            log(f"note: {cut + cut_val} conversation(s) longer than the context ({T}) were cut")
-        if not self.val_rows:
-            raise BardlmError("no held-out conversation has an assistant token within the context")
-        self.batches = ChatBatches(train_rows, cfg.seed)
-        self.n_train, self.n_val = len(train_rows), len(self.val_rows)
+        self.load_data()  # first: bad data is the one line said, before any note
+        if added:
+            log(f"the chat template adds {added} token(s) to the vocabulary")
         if lora is not None:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
+        self.prepare()
         self.trainable, self.total = count_trainable(self.model)
-        self.loop = Loop(self.model, cfg, device=self.device)
+        self.loop = Loop(self.model, cfg, forward=self.step_loss, device=self.device)
         self.state = RunState(self.out, self.model, self.loop.optimizer, tokenizer, Dist(), self.device,
                               False, log, trainable_only=lora is not None)
         self.signals = StopSignals()
         if resume:
             self.resume()
+
+    # What a subclass changes ------------------------------------------------------------------
+    def load_data(self) -> None:
+        """Read and encode `self.data`: sets `batches`, `n_train`, `n_val` (and `val_rows`)."""
+        convs = read_chat_jsonl(self.data)
+        train, val = split_conversations(convs, self.cfg.val_fraction, self.cfg.seed)
+        T = self.model.config.block_size
+        train_rows, cut = encode_examples(train, self.template, self.tokenizer, T)
+        self.val_rows, cut_val = encode_examples(val, self.template, self.tokenizer, T)
+        if cut + cut_val:
+            self.log(f"note: {cut + cut_val} conversation(s) longer than the context ({T}) were cut")
+        if not self.val_rows:
+            raise BardlmError("no held-out conversation has an assistant token within the context")
+        self.batches = ChatBatches(train_rows, self.cfg.seed)
+        self.n_train, self.n_val = len(train_rows), len(self.val_rows)
+
+    def prepare(self) -> None:
+        """Called once the model is on its device, before training or resuming (the weights are
+        still the starting model's): e.g. the reference log-probabilities of DPO."""
+
+    def step_loss(self, *batch: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """What `Loop.train_step` calls on one micro-batch: (anything, loss)."""
+        return self.model(*batch)
+
+    def eval_metrics(self) -> dict[str, float]:
+        """The held-out figures logged every eval_interval steps."""
+        return {"val_loss": self.val_loss()}
+
+    def describe(self, row: dict[str, Any]) -> str:
+        return f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f}"
+
+    def after_record(self) -> None:
+        """Called after each evaluation is saved (e.g. to draw a plot)."""
 
     def meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -241,13 +280,14 @@ class Finetuner:
                 "trainable_params": self.trainable, "total_params": self.total}
 
     def _record(self, train_loss: float, elapsed: float) -> None:
-        row = {"step": self.loop.step, "train_loss": train_loss, "val_loss": self.val_loss(),
+        row = {"step": self.loop.step, "train_loss": train_loss, **self.eval_metrics(),
                "lr": self.loop.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
         self.history.append(row)
         self.state.save(self.loop.step, self.history, self.meta())  # before metrics mention it
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        self.log(f"step {row['step']}: train {train_loss:.4f} val {row['val_loss']:.4f}")
+        self.after_record()
+        self.log(self.describe(row))
 
 
 # Scoring ------------------------------------------------------------------------------------
