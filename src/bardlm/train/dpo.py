@@ -26,7 +26,6 @@ and resume.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from ..errors import BardlmError
 from ..infer.chat import _encode, check_messages, encode_chat
 from ..infer.generate import eval_mode
 from .logps import sequence_logps
-from .sft import ChatBatches, Finetuner, pad_rows, split_conversations, target_row
+from .sft import ChatBatches, Finetuner, jsonl_rows, pad_rows, split_conversations, target_row
 
 LOSSES = ("sigmoid", "ipo", "norm")
 
@@ -73,28 +72,17 @@ def _completion(value: Any, key: str, where: str, text: bool) -> Any:
 
 def read_pref_jsonl(path: str | Path) -> list[Pair]:
     """The preference pairs of a JSONL file; a bad line is a one-line error naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise BardlmError(f"--data {path} does not exist; pass a .jsonl file of preference pairs")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BardlmError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise BardlmError(f'{where}: expected an object {{"prompt", "chosen", "rejected"}}')
-            for key in ("prompt", "chosen", "rejected"):
-                if key not in row:
-                    raise BardlmError(f'{where}: missing "{key}"; each line needs "prompt", "chosen" and "rejected"')
-            text = isinstance(row["prompt"], str)
-            prompt = row["prompt"] if text else check_messages(row["prompt"], f'{where}: "prompt"')
-            pairs.append(Pair(prompt, _completion(row["chosen"], "chosen", where, text),
-                              _completion(row["rejected"], "rejected", where, text)))
+    for where, row in jsonl_rows(path, "preference pairs"):
+        if not isinstance(row, dict):
+            raise BardlmError(f'{where}: expected an object {{"prompt", "chosen", "rejected"}}')
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise BardlmError(f'{where}: missing "{key}"; each line needs "prompt", "chosen" and "rejected"')
+        text = isinstance(row["prompt"], str)
+        prompt = row["prompt"] if text else check_messages(row["prompt"], f'{where}: "prompt"')
+        pairs.append(Pair(prompt, _completion(row["chosen"], "chosen", where, text),
+                          _completion(row["rejected"], "rejected", where, text)))
     if not pairs:
         raise BardlmError(f"{path} holds no preference pairs")
     return pairs

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,12 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # Data ---------------------------------------------------------------------------------------
-def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
-    """The conversations of a chat JSONL file; a bad line is a one-line error naming file:line."""
+def jsonl_rows(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
+    """(file:line, parsed row) for each non-blank line of a JSONL file of `what`; a missing
+    file or a line that is not JSON is a one-line error naming file:line."""
     path = Path(path)
     if not path.is_file():
-        raise BardlmError(f"--data {path} does not exist; pass a .jsonl file of conversations")
-    convs = []
+        raise BardlmError(f"--data {path} does not exist; pass a .jsonl file of {what}")
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -57,12 +57,19 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BardlmError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise BardlmError(f'{where}: expected an object {{"messages": [...]}}')
-            messages = check_messages(row["messages"], where)
-            if not any(m["role"] == "assistant" for m in messages):
-                raise BardlmError(f"{where}: no assistant message, so nothing to learn from")
-            convs.append(messages)
+            yield where, row
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
+    """The conversations of a chat JSONL file; a bad line is a one-line error naming file:line."""
+    convs = []
+    for where, row in jsonl_rows(path, "conversations"):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise BardlmError(f'{where}: expected an object {{"messages": [...]}}')
+        messages = check_messages(row["messages"], where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BardlmError(f"{where}: no assistant message, so nothing to learn from")
+        convs.append(messages)
     if not convs:
         raise BardlmError(f"{path} holds no conversations")
     return convs
