@@ -253,7 +253,7 @@ def val_windows(ids: np.ndarray, block_size: int) -> torch.Tensor:
 
     For shards (`ShardedIds`) a `ShardWindows` view of the same rows, read when indexed.
     """
-    n = (len(ids) - 1) // (block_size + 1) if len(ids) > block_size else 0
+    n = len(ids) // (block_size + 1)  # each window is T + 1 tokens: x = w[:-1], y = w[1:]
     if n == 0:
         raise BardlmError(
             f"the validation split has {len(ids)} tokens, not one full sequence of "
