@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import BardlmError
+from ..io.atomic import default_mode
 
 # name -> (file name, download URL or None, is it a Project Gutenberg edition whose licence must
 # be stripped)
@@ -183,6 +184,7 @@ def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: 
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.save(f, ids)
+            default_mode(tmp)  # shared by every user's runs, like the corpus itself
             os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
         except OSError:
             if tmp is not None:
