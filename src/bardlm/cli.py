@@ -614,10 +614,16 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
                    help="linear layers to adapt (default: c_attn c_proj c_fc)")
     p.add_argument("--merge", action="store_true", help="with LoRA: also write base + adapter merged to OUT/merged")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (--no-compile for eager)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the model with FSDP2 instead of DDP (full finetuning)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training field, e.g. --set lr=1e-4 --set batch_size=8")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
 
 
 # Finetuning defaults: a smaller step than pretraining, on fewer, shorter sequences.
@@ -634,7 +640,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite)
     over = parse_overrides(args.set, train_config_keys())
-    for key in ("max_iters", "seed", "device"):
+    for key in ("max_iters", "seed", "device", "dtype", "compile", "fsdp"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     saved = read_config(out).get("train", {}) if args.resume else {}
@@ -646,10 +652,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     elif args.merge or args.lora_alpha is not None:
         raise BardlmError("--merge and --lora-alpha need --lora-rank")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    ft = Finetuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume)
-    log(f"{ft.n_train} training and {ft.n_val} held-out conversations; template: {ft.template.kind}")
-    log(f"trainable parameters: {ft.trainable:,} of {ft.total:,} ({100 * ft.trainable / ft.total:.2f}%)")
-    final = ft.fit()
+    ft = Finetuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume,
+                   progress=not args.no_progress)
+    try:  # under torchrun every rank trains; rank 0 alone logs, writes and merges
+        ft.log(f"{ft.n_train} training and {ft.n_val} held-out conversations; template: {ft.template.kind}")
+        ft.log(f"trainable parameters: {ft.trainable:,} of {ft.total:,} "
+               f"({100 * ft.trainable / ft.total:.2f}%); {ft.dist.world} process(es)")
+        final = ft.fit()
+    finally:
+        ft.dist.close()
+    if not ft.dist.is_main:
+        return 0
     if args.merge:
         from .io.adapter import merge_adapter
 

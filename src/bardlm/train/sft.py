@@ -9,8 +9,11 @@ model learns to answer, not to predict its users.
 Batches: conversations padded on the right to the longest in the batch (targets -1 on the
 padding). Attention is causal, so a real token never sees the padding after it, and one row is
 one conversation: nothing attends across examples. Validation: whole held-out conversations.
+Losses, in training and in validation, are means over target tokens, never means of per-batch
+means: a step's gradient is the same whatever grad_accum and the number of processes.
 
-Training is `loop.Loop` (the one optimizer step), saved and resumed by `state.RunState`; with
+Training is `loop.Loop` (the one optimizer step) through `distributed.Parallel` (compile, and
+DDP or FSDP2 under torchrun, as pretraining), saved and resumed by `state.RunState`; with
 LoRA (`nn.lora`) only the adapters train and only they are saved (`io.adapter`).
 """
 
@@ -21,6 +24,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +36,11 @@ from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_voca
 from ..io.adapter import load_base
 from ..nn.lora import TARGETS, apply_lora, count_trainable
 from ..nn.resize import resize_vocab
+from ..progress import progress_bar, show_progress
 from ..tokenizers import HFTokenizer
-from .distributed import Dist
-from .loop import Diverged, Loop, evaluate
+from .distributed import Dist, Parallel
+from .loop import Diverged, Loop, autocast, count_targets, evaluate
+from .speed import describe, flops_per_token, speed
 from .state import RunState, StopSignals, check_plan
 
 METRICS_FILE = "metrics.jsonl"
@@ -113,8 +119,12 @@ class ChatBatches:
             raise BardlmError("no training conversation has an assistant token within the context")
         self.rows, self.seed = rows, seed
 
-    def batch(self, step: int, micro: int, batch_size: int, n_micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = (step * n_micro + micro) * batch_size
+    def batch(self, step: int, micro: int, batch_size: int, n_micro: int, rank: int = 0,
+              world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each (batch_size, L), of one micro-batch of one rank: rank r of w takes the
+        r-th slice of the global micro-batch, so w ranks see what one process with a w times
+        larger batch_size sees."""
+        first = ((step * n_micro + micro) * world + rank) * batch_size
         picked = []
         for s in range(first, first + batch_size):
             epoch, i = divmod(s, len(self.rows))
@@ -141,11 +151,15 @@ class Finetuner:
 
     def __init__(self, init_from: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig,
                  lora: LoRASpec | None = None, log: Callable[[str], None] = print,
-                 resume: bool = False) -> None:
+                 resume: bool = False, progress: bool = False, dist: Dist | None = None) -> None:
         self.init_from, self.data, self.out, self.cfg, self.lora = Path(init_from), Path(data), Path(out), cfg, lora
-        self.log, self.history = log, []
-        torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        self.dist = dist if dist is not None else Dist.from_env(cfg.device)
+        self.log = log if self.dist.is_main else (lambda msg: None)  # only rank 0 speaks
+        self.progress, self.history = show_progress(progress and self.dist.is_main), []
+        if cfg.fsdp and lora is not None:
+            raise BardlmError("fsdp with --lora-rank is not supported (the adapter is small): drop fsdp (DDP)")
+        torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA adapters) on every rank
+        self.device = self.dist.device(cfg.device)
         model, tokenizer = load_base(self.init_from)
         self.template = template_for(self.init_from, tokenizer)
         tokenizer, added = prepare_vocab(self.template, tokenizer)
@@ -169,10 +183,18 @@ class Finetuner:
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
         self.trainable, self.total = count_trainable(self.model)
-        self.loop = Loop(self.model, cfg, device=self.device)
-        self.state = RunState(self.out, self.model, self.loop.optimizer, tokenizer, Dist(), self.device,
-                              False, log, trainable_only=lora is not None)
-        self.signals = StopSignals()
+        mc = self.model.config
+        self.flops_per_token = flops_per_token(self.total, mc.n_layer, mc.n_embd, mc.block_size)
+        if self.dist.enabled:
+            torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # own dropout masks per rank
+        self.signals, self._tokens = StopSignals(), 0
+        self.parallel = Parallel(self.model, cfg, self.dist, self.device,
+                                 stop=lambda: self.signals.signum is not None)
+        self.loop = Loop(self.model, cfg, forward=self.parallel.forward, grad_sync=self.parallel.grad_sync,
+                         reduce=self.parallel.reduce, device=self.device, targets=count_targets,
+                         all_sum=self.dist.all_reduce_sum, world=self.dist.world)
+        self.state = RunState(self.out, self.model, self.loop.optimizer, tokenizer, self.dist, self.device,
+                              cfg.fsdp, self.log, trainable_only=lora is not None)
         if resume:
             self.resume()
 
@@ -180,7 +202,7 @@ class Finetuner:
         meta: dict[str, Any] = {
             "init_from": str(self.init_from.resolve()), "data": str(self.data),
             "train": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer.kind,
-            "chat_template": self.template.to_dict(), "world_size": 1,
+            "chat_template": self.template.to_dict(), "world_size": self.dist.world,
         }
         if isinstance(self.tokenizer, HFTokenizer):  # what generation stops at, as converted HF runs
             meta["special_tokens"] = {"bos_id": self.tokenizer.bos_id, "add_bos": self.tokenizer.add_bos,
@@ -197,7 +219,8 @@ class Finetuner:
         from ..io.checkpoint import read_config
 
         saved = read_config(self.out)
-        self.cfg = self.loop.cfg = check_plan(saved.get("train", {}), self.cfg, 1, 1, self.log)
+        self.cfg = self.loop.cfg = check_plan(saved.get("train", {}), self.cfg, self.dist.world,
+                                              saved.get("world_size", 1), self.log)
         was = (saved.get("adapter") or {}).get("rank")
         now = self.lora.rank if self.lora else None
         if was != now:
@@ -207,45 +230,68 @@ class Finetuner:
         self.log(f"resumed {self.out} at step {step}")
 
     def val_loss(self) -> float:
-        return evaluate(self.model, val_batches(self.val_rows, self.cfg.batch_size), self.device)
+        """Mean loss over every target token of the held-out conversations (every rank
+        evaluates all of them: FSDP needs all ranks in every forward)."""
+        return evaluate(self.model, val_batches(self.val_rows, self.cfg.batch_size), self.device,
+                        partial(autocast, self.cfg, self.device), count=count_targets)
 
     def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batches.batch(step, micro, self.cfg.batch_size, self.cfg.grad_accum)
+        d = self.dist
+        x, y = self.batches.batch(step, micro, self.cfg.batch_size, self.cfg.grad_accum, d.rank, d.world)
+        self._tokens += x.numel()
+        return x, y
 
     def fit(self) -> dict[str, Any]:
         """Train to max_iters, evaluating and saving every eval_interval steps (and at the end)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        start = time.time()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        start = t0 = time.time()
         before = self.history[-1]["elapsed_s"] if self.history else 0.0
         loss = float("nan")
+        bar = progress_bar(self.progress, cfg.max_iters, "finetune", initial=self.loop.step)
         try:
             with self.signals:
                 while self.loop.step < cfg.max_iters:
+                    self._tokens = 0
                     try:
                         loss = self.loop.train_step(self._batch)
                     except Diverged as e:
                         raise BardlmError(f"{e}; the last good checkpoint in {self.out} is kept") from None
+                    now = time.time()
+                    # The tokens the model ran over (padding included), as this rank's x ranks.
+                    tok_s, t0 = self._tokens * self.dist.world / max(now - t0, 1e-9), now
                     step = self.loop.step
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", grad_norm=f"{self.loop.grad_norm:.3g}")
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                        self._record(loss, before + time.time() - start)
-                    if self.signals.signum is not None:
+                        self._record(loss, tok_s, before + time.time() - start)
+                    alone_told = not self.dist.enabled and self.signals.signum is not None
+                    if self.parallel.stop_agreed or alone_told:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.state.save(self.loop.step, self.history, self.meta())
             raise BardlmError(f"interrupted at step {self.loop.step}; checkpoint saved, continue "
                               f"with --resume (--out {self.out})") from None
+        finally:
+            if bar is not None:
+                bar.close()
         return {"step": self.loop.step, **(self.history[-1] if self.history else {}),
                 "trainable_params": self.trainable, "total_params": self.total}
 
-    def _record(self, train_loss: float, elapsed: float) -> None:
+    def _record(self, train_loss: float, tok_s: float, elapsed: float) -> None:
         row = {"step": self.loop.step, "train_loss": train_loss, "val_loss": self.val_loss(),
-               "lr": self.loop.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
+               "lr": self.loop.optimizer.param_groups[0]["lr"], "grad_norm": self.loop.grad_norm,
+               **speed(tok_s, self.flops_per_token, self.device), "elapsed_s": elapsed}
         self.history.append(row)
         self.state.save(self.loop.step, self.history, self.meta())  # before metrics mention it
-        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        self.log(f"step {row['step']}: train {train_loss:.4f} val {row['val_loss']:.4f}")
+        if self.dist.is_main:
+            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        if not self.progress:
+            self.log(f"step {row['step']}: train {train_loss:.4f} val {row['val_loss']:.4f}, "
+                     f"grad norm {self.loop.grad_norm:.3g}, {describe(row)}")
 
 
 # Scoring ------------------------------------------------------------------------------------
