@@ -360,3 +360,25 @@ def test_finetune_metrics_carry_grad_norm_and_throughput(tmp_path: Path, capsys)
         assert r["tokens_per_sec"] > 0 and r["flops_per_sec"] > 0 and "mfu" not in r  # a CPU: no peak
     err = capsys.readouterr().err
     assert "grad norm" in err and "GFLOP/s" in err and "finetune:" not in err  # no bar
+
+
+@pytest.mark.parametrize("command, label", [("finetune", "finetune:"), ("prepare", "prepare:"), ("eval", "eval:")])
+def test_progress_bar_on_a_terminal_unless_no_progress(tmp_path: Path, capsys, monkeypatch, command, label) -> None:  # noqa: ANN001
+    """finetune, prepare and eval draw a bar on stderr when it is a terminal; --no-progress, or a
+    stderr that is not a terminal (a log file, a pipe), gives none."""
+    base = base_ckpt(tmp_path / "base")
+    text = tmp_path / "t.txt"
+    text.write_text("shout abc. " * 200)
+    argv = {"finetune": ["finetune", "--init-from", str(base), "--data", str(chat_data(tmp_path / "c.jsonl")),
+                         "--max-iters", "2", "--set", "eval_interval=1", "--set", "batch_size=4"],
+            "prepare": ["prepare", "--data", str(text), "--tokenizer", "char", "--workers", "1"],
+            "eval": ["eval", "--ckpt", str(base), "--data", str(text)]}[command]
+    runs = {"tty": (True, []), "flag": (True, ["--no-progress"]), "pipe": (False, [])}
+    for name, (tty, extra) in runs.items():
+        out = [] if command == "eval" else ["--out", str(tmp_path / name)]
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert main([*argv, *out, *extra]) == 0
+        err = capsys.readouterr().err
+        assert (label in err) == (name == "tty"), (name, err[-500:])
+        if command == "finetune":  # without a bar, log lines say what the bar would
+            assert ("step 2: train" in err) == (name != "tty")

@@ -168,6 +168,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad files, lines and rows (counted in meta.json) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -176,7 +177,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     meta = prepare(args.data, args.tokenizer, args.out, text_field=args.text_field,
                    val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
                    skip_bad=args.skip_bad, overwrite=args.overwrite, workers=args.workers,
-                   sample_mb=args.sample_mb, log=lambda m: print(m, file=sys.stderr))
+                   sample_mb=args.sample_mb, log=lambda m: print(m, file=sys.stderr),
+                   progress=not args.no_progress)
     keys = ("documents", "tokens", "train_tokens", "val_tokens", "dtype", "skipped", "elapsed_s")
     print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}, "shards": len(meta["shards"])}))
     return 0
@@ -508,6 +510,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -517,7 +520,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = read_text(args.data)
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
     result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
-                        batch_size=args.batch_size).to_dict()
+                        batch_size=args.batch_size, progress=not args.no_progress).to_dict()
     if args.json:
         print(json.dumps({"ckpt": args.ckpt, "data": args.data, **result}))
         return 0
@@ -539,6 +542,7 @@ def add_lm_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
@@ -552,7 +556,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     if args.include_path and not Path(args.include_path).is_dir():
         raise BardlmError(f"--include-path {args.include_path} is not a folder")
     results = run_harness(args.ckpt, tasks, args.include_path, args.limit, args.batch_size,
-                          device=args.device, dtype=args.dtype)
+                          progress=not args.no_progress, device=args.device, dtype=args.dtype)
     if args.json:
         print(json.dumps({"ckpt": args.ckpt, "results": results}))
         return 0
