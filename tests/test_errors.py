@@ -172,6 +172,9 @@ CASES = [
      "already holds a run; pass --resume to continue it or --overwrite"),
     ("train-resume-nothing", lambda t, c, w: ["train", "--resume", "--out", str(t / "fresh")],
      "holds no checkpoint to resume"),
+    ("finetune-fsdp-lora", lambda t, c, w: ["finetune", "--init-from", str(c), "--out", str(t / "f"), "--fsdp",
+                                            "--lora-rank", "2", "--data", _file(t, "c.jsonl", b'{"messages": []}\n')],
+     "fsdp with --lora-rank is not supported"),
 ]
 
 
