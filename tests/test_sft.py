@@ -382,3 +382,15 @@ def test_progress_bar_on_a_terminal_unless_no_progress(tmp_path: Path, capsys, m
         assert (label in err) == (name == "tty"), (name, err[-500:])
         if command == "finetune":  # without a bar, log lines say what the bar would
             assert ("step 2: train" in err) == (name != "tty")
+
+
+def test_finetune_compiles_when_asked(tmp_path: Path) -> None:
+    """compile=true puts the training forward through torch.compile, as in pretraining (the
+    compiled step itself is exercised by the pretraining tests; compiling here would be slow)."""
+    from bardlm.config import TrainConfig
+    from bardlm.train.sft import Finetuner
+
+    base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
+    ft = Finetuner(base, data, tmp_path / "o", TrainConfig(compile=True), log=lambda m: None)
+    assert isinstance(ft.loop.forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert ft.loop.forward._orig_mod is ft.model

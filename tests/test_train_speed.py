@@ -274,7 +274,7 @@ def record_fit(trainer: Trainer) -> list[float]:
 
 def test_fsdp_builds_on_meta_then_each_rank_its_shard(tmp_path: Path) -> None:
     """Under FSDP the model is built on the meta device (no rank ever holds all of it); the
-    shards are materialised by `_parallelize` and filled by `init_weights`, which gives the
+    shards are materialised by `distributed.Parallel` and filled by `init_weights`, which gives the
     weights of GPT(cfg) under the same seed (checked on one process: meta -> to_empty -> init)."""
     from types import SimpleNamespace
 
@@ -293,3 +293,10 @@ def test_fsdp_builds_on_meta_then_each_rank_its_shard(tmp_path: Path) -> None:
     assert model.lm_head.weight is model.transformer.wte.weight
     for (name, p), q in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_compile_switch_builds_a_compiled_step(tmp_path: Path) -> None:
+    """compile=true gives the loop a compiled forward (a compiled module has no truth value:
+    `forward or model` used to raise "GPT does not support len()")."""
+    trainer = make_trainer(tmp_path, compile=True)
+    assert isinstance(trainer.loop.forward, torch._dynamo.eval_frame.OptimizedModule)

@@ -70,8 +70,8 @@ class Loop:
         world: int = 1,
     ) -> None:
         self.model, self.cfg = model, cfg
-        self.forward = forward or model
-        self.optimizer = optimizer or make_optimizer(model, cfg)
+        self.forward = forward if forward is not None else model  # (a compiled module has no truth value)
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
         self.grad_sync = grad_sync or (lambda last: nullcontext())
         self.reduce = reduce or (lambda loss: loss.item())
         self.device = torch.device(device or cfg.device)
