@@ -183,8 +183,7 @@ class Finetuner:
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
         self.trainable, self.total = count_trainable(self.model)
-        mc = self.model.config
-        self.flops_per_token = flops_per_token(self.total, mc.n_layer, mc.n_embd, mc.block_size)
+        self.flops_per_token = flops_per_token(self.model)
         if self.dist.enabled:
             torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # own dropout masks per rank
         self.signals, self._tokens = StopSignals(), 0

@@ -16,9 +16,14 @@ PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e
              ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12))
 
 
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
-    """Training FLOPs (forward + backward) per token of a decoder with n_params parameters."""
-    return 6.0 * n_params + 12.0 * n_layer * n_embd * block_size
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs (forward + backward) per token of a `GPT` (any device, meta included).
+
+    N counts every parameter once (the tied embedding is the lm_head matmul) but the position
+    table, which is looked up, not multiplied: nanoGPT's convention."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -114,8 +114,7 @@ class Trainer:
         self.loop = Loop(self.model, train_cfg, forward=self.parallel.forward,
                          grad_sync=self.parallel.grad_sync, reduce=self.parallel.reduce, device=self.device)
         self.optimizer = self.loop.optimizer
-        self.flops_per_token = flops_per_token(self.model.num_params(), model_cfg.n_layer,
-                                               model_cfg.n_embd, model_cfg.block_size)
+        self.flops_per_token = flops_per_token(self.model)
         self.state = RunState(self.out, self.model, self.optimizer, tokenizer, self.dist,
                               self.device, train_cfg.fsdp, self.log)
         self.history: list[dict[str, Any]] = []
