@@ -266,6 +266,7 @@ class Finetuner:
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", grad_norm=f"{self.loop.grad_norm:.3g}")
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                         self._record(loss, tok_s, before + time.time() - start)
+                        t0 = time.time()  # the next step's tokens/s leaves out evaluating and saving
                     alone_told = not self.dist.enabled and self.signals.signum is not None
                     if self.parallel.stop_agreed or alone_told:
                         raise KeyboardInterrupt

@@ -232,6 +232,7 @@ class Trainer:
                                         grad_norm=f"{self.loop.grad_norm:.3g}")
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                         self._record(last_loss, tok_s, elapsed_before + time.time() - start)
+                        t0 = time.time()  # the next step's tokens/s leaves out evaluating and saving
                     # Alone, stop at once; with other ranks, at the step they all heard of it.
                     alone_told = not self.dist.enabled and self.signals.signum is not None
                     if self.parallel.stop_agreed or alone_told:
