@@ -24,6 +24,7 @@ from bardlm.config import ModelConfig
 from bardlm.tokenizers import CharTokenizer
 from bardlm.train import TrainConfig, Trainer
 from bardlm.train.data import load_corpus
+from bardlm.train.speed import flops_per_token as model_flops_per_token
 
 # name -> (model fields, batch size); vocab 65 (tiny Shakespeare's characters).
 SHAPES = {
@@ -52,21 +53,11 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
-    """nanoGPT/PaLM estimate: 6 N for the weights (forward + backward) + 12 L C T for attention.
-
-    N counts the (tied) token embedding, since it is the lm_head matmul; not the position table.
-    """
-    n = sum(
-        p.numel() for name, p in _params(cfg) if "wpe" not in name
-    )
-    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-
-def _params(cfg: ModelConfig):  # noqa: ANN202
+    """nanoGPT/PaLM estimate (`bardlm.train.speed.flops_per_token`), on a meta model of `cfg`."""
     from bardlm.nn.model import GPT
 
     with torch.device("meta"):
-        return list(GPT(cfg).named_parameters())
+        return model_flops_per_token(GPT(cfg))
 
 
 def shape_config(shape: str, vocab_size: int, **overrides: object) -> ModelConfig:

@@ -71,3 +71,27 @@ def test_pickle_is_refused_never_unpickled(tmp_path) -> None:
     with pytest.raises(BardlmError, match="pickle"):
         load_checkpoint(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_honour_the_umask(tmp_path, umask, monkeypatch) -> None:
+    """Files of a save get 0666 & ~umask, as `open` gives, not mkstemp's 0600 (issue 26 item 3):
+    a checkpoint must be readable by a server running as another account."""
+    import os
+    import stat
+
+    from bardlm.train.data import token_ids
+
+    old = os.umask(umask)
+    try:
+        _saved(tmp_path / "ckpt")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        corpus = tmp_path / "c.txt"
+        corpus.write_text("abcabc")
+        token_ids(corpus, "abcabc", CharTokenizer.train("abc"))
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "ckpt").iterdir(), *(tmp_path / "cache").rglob("*.npy")]
+    assert len(files) >= 3
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name

@@ -57,6 +57,18 @@ def test_too_short_corpus_and_val_errors() -> None:
         D.val_windows(np.arange(5, dtype=np.int32), 9)
 
 
+def test_val_windows_keep_every_full_window() -> None:
+    """len // (T + 1) windows fit: 5 tokens at T=4 are one window, 14 at T=4 two, 15 three."""
+    ids = np.arange(15, dtype=np.int32)
+    assert D.val_windows(ids[:5], 4).tolist() == [[0, 1, 2, 3, 4]]
+    for n in (9, 10, 14, 15):
+        w = D.val_windows(ids[:n], 4)
+        assert len(w) == n // 5
+        assert w.flatten().tolist() == list(range(len(w) * 5))  # from the start, none overlapping
+    with pytest.raises(BardlmError, match="validation split"):
+        D.val_windows(ids[:4], 4)
+
+
 def test_read_text_errors(tmp_path) -> None:
     with pytest.raises(BardlmError, match="does not exist"):
         D.read_text(tmp_path / "nope.txt")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -263,3 +264,135 @@ def test_lora_resume_and_bad_rank(tmp_path: Path) -> None:
         from bardlm.nn.lora import apply_lora
 
         apply_lora(load(base)[0], 0, 1.0)
+
+
+# Token-weighted accumulation, several processes, metrics (issue 26 items 4, 5, 9) -------------
+def uneven_chat(path: Path, n: int = 24) -> Path:
+    """Conversations whose answers are 1 to 8 letters long: micro-batches of unequal target counts."""
+    return write_jsonl(shout_task(n, 1, letters="abcd", lengths=(1, 8)), path)
+
+
+def step_grads(ft) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The gradients one training step applies (the optimizer's step is skipped)."""
+    grads: dict[str, torch.Tensor] = {}
+    ft.loop.optimizer.step = lambda *a, **k: grads.update(
+        {n: p.grad.clone() for n, p in ft.model.named_parameters() if p.grad is not None})
+    ft.loop.train_step(ft._batch)
+    return grads
+
+
+def test_accumulation_equals_one_larger_batch(tmp_path: Path) -> None:
+    """grad_accum=3 of 2 conversations gives the gradients of one batch of 6 (a mean over all its
+    target tokens), though the micro-batches hold unequal numbers of target tokens and padding."""
+    from bardlm.config import TrainConfig
+    from bardlm.train.sft import Finetuner
+
+    base, data = base_ckpt(tmp_path / "base"), uneven_chat(tmp_path / "chat.jsonl")
+    runs = {}
+    for name, (bs, accum) in {"accum": (2, 3), "one": (6, 1)}.items():
+        cfg = TrainConfig(batch_size=bs, grad_accum=accum, max_iters=1, grad_clip=0.0, val_fraction=0.2)
+        runs[name] = Finetuner(base, data, tmp_path / name, cfg, log=lambda m: None)
+    ft = runs["accum"]
+    counts = [int((ft.batches.batch(0, m, 2, 3)[1] >= 0).sum()) for m in range(3)]
+    assert len(set(counts)) > 1, counts  # the case that equal weights get wrong
+    got, ref = step_grads(runs["accum"]), step_grads(runs["one"])
+    assert got.keys() == ref.keys() and len(got) > 0
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_validation_is_a_mean_over_target_tokens(tmp_path: Path) -> None:
+    """The held-out loss is the mean over every target token, whatever the batch size: the sum of
+    each conversation's own loss x its targets, over all targets."""
+    from bardlm.config import TrainConfig
+    from bardlm.train.sft import Finetuner
+
+    base, data = base_ckpt(tmp_path / "base"), uneven_chat(tmp_path / "chat.jsonl")
+    ft = Finetuner(base, data, tmp_path / "o", TrainConfig(batch_size=3, val_fraction=0.5), log=lambda m: None)
+    total = n = 0.0
+    with torch.no_grad():
+        for row in ft.val_rows:  # one conversation at a time: no padding, no batch means
+            x, y = row[0, :-1][None], row[1, :-1][None]
+            k = int((y >= 0).sum())
+            total, n = total + ft.model(x, y)[1].item() * k, n + k
+    assert len({int((r[1] >= 0).sum()) for r in ft.val_rows}) > 1
+    assert ft.val_loss() == pytest.approx(total / n, rel=1e-6)
+
+
+def test_two_process_finetune_matches_one(tmp_path: Path) -> None:
+    """torchrun, 2 processes on gloo: full finetuning with DDP and with FSDP2, and LoRA with DDP,
+    give the losses of one process with the same global batch (2 x 2 ranks x 2 accumulation)."""
+    import os
+
+    from sft_worker import RUNS, tiny_finetune
+
+    base, data = base_ckpt(tmp_path / "base"), uneven_chat(tmp_path / "chat.jsonl", 30)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tests / "sft_worker.py"), str(base), str(data), str(tmp_path / "runs"), str(tmp_path / "got.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "got.json").read_text())
+    for name, kw in RUNS.items():  # the reference: one process, no FSDP (it needs several)
+        _, ref = tiny_finetune(str(base), str(data), str(tmp_path / f"one-{name}"), batch_size=4, lora=kw["lora"])
+        assert got[name]["world"] == 2 and len(ref) == 4
+        np.testing.assert_allclose(got[name]["losses"], ref, rtol=0, atol=1e-5, err_msg=name)
+        assert ref[-1] < ref[0]  # it trained: the comparison is not between constants
+        rows = got[name]["metrics"]
+        assert [r["step"] for r in rows] == [2, 4]  # rank 0 alone wrote
+        refrows = [json.loads(r) for r in (tmp_path / f"one-{name}" / "metrics.jsonl").read_text().splitlines()]
+        np.testing.assert_allclose([r["val_loss"] for r in rows], [r["val_loss"] for r in refrows], atol=1e-5)
+        np.testing.assert_allclose([r["grad_norm"] for r in rows], [r["grad_norm"] for r in refrows], rtol=1e-4)
+
+
+def test_finetune_metrics_carry_grad_norm_and_throughput(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """metrics.jsonl rows hold the gradient norm (before clipping) and tokens/s with FLOP/s (or
+    MFU where the device's peak is known); --no-progress gives log lines, no bar."""
+    base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
+    rc = main(["finetune", "--init-from", str(base), "--data", str(data), "--out", str(tmp_path / "o"),
+               "--max-iters", "2", "--set", "eval_interval=1", "--set", "batch_size=4", "--no-progress"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["grad_norm"] > 0 and np.isfinite(r["grad_norm"])
+        assert r["tokens_per_sec"] > 0 and r["flops_per_sec"] > 0 and "mfu" not in r  # a CPU: no peak
+    err = capsys.readouterr().err
+    assert "grad norm" in err and "GFLOP/s" in err and "finetune:" not in err  # no bar
+
+
+@pytest.mark.parametrize("command, label", [("finetune", "finetune:"), ("prepare", "prepare:"), ("eval", "eval:")])
+def test_progress_bar_on_a_terminal_unless_no_progress(tmp_path: Path, capsys, monkeypatch, command, label) -> None:  # noqa: ANN001
+    """finetune, prepare and eval draw a bar on stderr when it is a terminal; --no-progress, or a
+    stderr that is not a terminal (a log file, a pipe), gives none."""
+    base = base_ckpt(tmp_path / "base")
+    text = tmp_path / "t.txt"
+    text.write_text("shout abc. " * 200)
+    argv = {"finetune": ["finetune", "--init-from", str(base), "--data", str(chat_data(tmp_path / "c.jsonl")),
+                         "--max-iters", "2", "--set", "eval_interval=1", "--set", "batch_size=4"],
+            "prepare": ["prepare", "--data", str(text), "--tokenizer", "char", "--workers", "1"],
+            "eval": ["eval", "--ckpt", str(base), "--data", str(text)]}[command]
+    runs = {"tty": (True, []), "flag": (True, ["--no-progress"]), "pipe": (False, [])}
+    for name, (tty, extra) in runs.items():
+        out = [] if command == "eval" else ["--out", str(tmp_path / name)]
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert main([*argv, *out, *extra]) == 0
+        err = capsys.readouterr().err
+        assert (label in err) == (name == "tty"), (name, err[-500:])
+        if command == "finetune":  # without a bar, log lines say what the bar would
+            assert ("step 2: train" in err) == (name != "tty")
+
+
+def test_finetune_compiles_when_asked(tmp_path: Path) -> None:
+    """compile=true puts the training forward through torch.compile, as in pretraining (the
+    compiled step itself is exercised by the pretraining tests; compiling here would be slow)."""
+    from bardlm.config import TrainConfig
+    from bardlm.train.sft import Finetuner
+
+    base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
+    ft = Finetuner(base, data, tmp_path / "o", TrainConfig(compile=True), log=lambda m: None)
+    assert ft.loop.forward == ft.step_loss  # which trains through parallel.forward
+    assert isinstance(ft.parallel.forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert ft.parallel.forward._orig_mod is ft.model

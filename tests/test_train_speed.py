@@ -274,7 +274,7 @@ def record_fit(trainer: Trainer) -> list[float]:
 
 def test_fsdp_builds_on_meta_then_each_rank_its_shard(tmp_path: Path) -> None:
     """Under FSDP the model is built on the meta device (no rank ever holds all of it); the
-    shards are materialised by `_parallelize` and filled by `init_weights`, which gives the
+    shards are materialised by `distributed.Parallel` and filled by `init_weights`, which gives the
     weights of GPT(cfg) under the same seed (checked on one process: meta -> to_empty -> init)."""
     from types import SimpleNamespace
 
@@ -293,3 +293,29 @@ def test_fsdp_builds_on_meta_then_each_rank_its_shard(tmp_path: Path) -> None:
     assert model.lm_head.weight is model.transformer.wte.weight
     for (name, p), q in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_compile_switch_builds_a_compiled_step(tmp_path: Path) -> None:
+    """compile=true gives the loop a compiled forward (a compiled module has no truth value:
+    `forward or model` used to raise "GPT does not support len()")."""
+    trainer = make_trainer(tmp_path, compile=True)
+    assert isinstance(trainer.loop.forward, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_model_flops_per_token_match_torch_flop_counter() -> None:
+    """6N + 12 L d T (PaLM's count, behind MFU and flops_per_sec) against the FLOPs PyTorch's
+    own counter sees in one forward and backward (matmuls and attention; norms are not counted;
+    the attention written out, since the counter does not see the CPU's fused SDPA kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bardlm.nn.model import GPT
+    from bardlm.train.speed import flops_per_token
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=False,
+                            attn_impl="explicit"))
+    x, y = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(x, y)[1].backward()
+    measured = counter.get_total_flops() / x.numel()
+    assert flops_per_token(model) == pytest.approx(measured, rel=0.01)

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import BardlmError
 
@@ -168,6 +169,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad files, lines and rows (counted in meta.json) instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -176,7 +178,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     meta = prepare(args.data, args.tokenizer, args.out, text_field=args.text_field,
                    val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
                    skip_bad=args.skip_bad, overwrite=args.overwrite, workers=args.workers,
-                   sample_mb=args.sample_mb, log=lambda m: print(m, file=sys.stderr))
+                   sample_mb=args.sample_mb, log=lambda m: print(m, file=sys.stderr),
+                   progress=not args.no_progress)
     keys = ("documents", "tokens", "train_tokens", "val_tokens", "dtype", "skipped", "elapsed_s")
     print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}, "shards": len(meta["shards"])}))
     return 0
@@ -514,6 +517,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -523,7 +527,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = read_text(args.data)
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
     result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
-                        batch_size=args.batch_size).to_dict()
+                        batch_size=args.batch_size, progress=not args.no_progress).to_dict()
     if args.json:
         print(json.dumps({"ckpt": args.ckpt, "data": args.data, **result}))
         return 0
@@ -545,6 +549,7 @@ def add_lm_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
@@ -558,7 +563,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     if args.include_path and not Path(args.include_path).is_dir():
         raise BardlmError(f"--include-path {args.include_path} is not a folder")
     results = run_harness(args.ckpt, tasks, args.include_path, args.limit, args.batch_size,
-                          device=args.device, dtype=args.dtype)
+                          progress=not args.no_progress, device=args.device, dtype=args.dtype)
     if args.json:
         print(json.dumps({"ckpt": args.ckpt, "results": results}))
         return 0
@@ -628,10 +633,16 @@ def add_tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha = 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
                    help="linear layers to adapt (default: c_attn c_proj c_fc)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (--no-compile for eager)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the model with FSDP2 instead of DDP (full finetuning)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training field, e.g. --set lr=1e-4 --set batch_size=8")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
 
 
 # Finetuning defaults: a smaller step than pretraining, on fewer, shorter sequences.
@@ -649,7 +660,7 @@ def tuning_setup(args: argparse.Namespace, defaults: dict) -> tuple:  # noqa: AN
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite)
     over = parse_overrides(args.set, train_config_keys())
-    for key in ("max_iters", "seed", "device"):
+    for key in ("max_iters", "seed", "device", "dtype", "compile", "fsdp"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     saved = read_config(out).get("train", {}) if args.resume else {}
@@ -663,14 +674,30 @@ def tuning_setup(args: argparse.Namespace, defaults: dict) -> tuple:  # noqa: AN
     return out, cfg, lora, lambda m: print(m, file=sys.stderr)
 
 
+def run_tuner(tuner: Any, lines: list[str]) -> dict | None:
+    """Log `lines` and train; under torchrun every rank trains, and rank 0 alone logs and gets
+    the final figures (the others get None)."""
+    try:
+        for line in lines:
+            tuner.log(line)
+        final = tuner.fit()
+    finally:
+        tuner.dist.close()
+    return final if tuner.dist.is_main else None
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.sft import Finetuner
 
     out, cfg, lora, log = tuning_setup(args, FINETUNE_DEFAULTS)
-    ft = Finetuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume)
-    log(f"{ft.n_train} training and {ft.n_val} held-out conversations; template: {ft.template.kind}")
-    log(f"trainable parameters: {ft.trainable:,} of {ft.total:,} ({100 * ft.trainable / ft.total:.2f}%)")
-    final = ft.fit()
+    ft = Finetuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume,
+                   progress=not args.no_progress)
+    final = run_tuner(ft, [
+        f"{ft.n_train} training and {ft.n_val} held-out conversations; template: {ft.template.kind}",
+        f"trainable parameters: {ft.trainable:,} of {ft.total:,} "
+        f"({100 * ft.trainable / ft.total:.2f}%); {ft.dist.world} process(es)"])
+    if final is None:
+        return 0
     if args.merge:
         from .io.adapter import merge_adapter
 
@@ -701,9 +728,10 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
     out, cfg, lora, log = tuning_setup(args, DPO_DEFAULTS)
     t = DPOTuner(args.init_from, args.data, out, cfg, lora, log, resume=args.resume,
-                 beta=args.beta, loss=args.loss, sft_weight=args.sft_weight)
-    log(f"{t.n_train} training and {t.n_val} held-out pairs; template: {t.template.kind}")
-    print(json.dumps({"out": str(out), **t.fit()}))
+                 beta=args.beta, loss=args.loss, sft_weight=args.sft_weight, progress=not args.no_progress)
+    final = run_tuner(t, [f"{t.n_train} training and {t.n_val} held-out pairs; template: {t.template.kind}"])
+    if final is not None:
+        print(json.dumps({"out": str(out), **final}))
     return 0
 
 
@@ -731,9 +759,11 @@ def cmd_rl(args: argparse.Namespace) -> int:
     out, cfg, lora, log = tuning_setup(args, RL_DEFAULTS)
     t = GRPOTuner(args.init_from, args.task, out, cfg, lora, log, resume=args.resume, prompts=args.prompts,
                   digits=args.digits, group=args.group, temperature=args.temperature,
-                  max_new_tokens=args.max_new_tokens, kl_coef=args.kl, epsilon=args.epsilon, n_val=args.n_val)
-    log(f"{t.n_train} training and {t.n_val} held-out prompts; {args.group} completions a prompt")
-    print(json.dumps({"out": str(out), **t.fit()}))
+                  max_new_tokens=args.max_new_tokens, kl_coef=args.kl, epsilon=args.epsilon, n_val=args.n_val,
+                  progress=not args.no_progress)
+    final = run_tuner(t, [f"{t.n_train} training and {t.n_val} held-out prompts; {args.group} completions a prompt"])
+    if final is not None:
+        print(json.dumps({"out": str(out), **final}))
     return 0
 
 

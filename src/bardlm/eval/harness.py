@@ -28,6 +28,7 @@ from typing import Any
 from ..errors import BardlmError
 from ..infer.generate import generate_text
 from ..io.load import load
+from ..progress import progress_bar
 from ..tokenizers import WordTokenizer, split_words
 from .score import score_rows
 
@@ -84,7 +85,7 @@ class BardlmLM(LM):
     def __init__(self, ckpt: str | None = None, pretrained: str | None = None,
                  dtype: str | None = None, device: str = "cpu", batch_size: int | str = 8,
                  max_length: int | str | None = None, prefix_token_id: int | str | None = None,
-                 max_gen_toks: int | str = 256, **_ignored: Any) -> None:
+                 max_gen_toks: int | str = 256, progress: bool = False, **_ignored: Any) -> None:
         super().__init__()
         path = ckpt or pretrained
         if path is None:
@@ -94,6 +95,7 @@ class BardlmLM(LM):
             raise BardlmError(f"{path} has no tokenizer.json; the harness needs text -> ids")
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> 8
         self.max_length = int(max_length) if max_length else self.model.config.block_size
+        self.progress = progress  # a bar of rows scored (`bardlm.progress`), unless the harness says no
         if not 1 <= self.max_length <= self.model.config.block_size:
             raise BardlmError(f"max_length must be 1..{self.model.config.block_size}, got {max_length}")
         given = prefix_token_id not in (None, "", "None")
@@ -133,8 +135,11 @@ class BardlmLM(LM):
             row = (ctx + cont)[-(self.max_length + 1):]  # crop the context on the left, like hf
             rows.append(row)
             starts.append(len(row) - len(cont))
-        scored = score_rows(self.model, rows, starts, self.batch_size)
+        scored = score_rows(self.model, rows, starts, self.batch_size, self._bar("loglikelihood", disable_tqdm))
         return [(s.total, bool(s.greedy.all())) for s in scored]
+
+    def _bar(self, label: str, disable_tqdm: bool) -> str | None:
+        return label if self.progress and not disable_tqdm else None
 
     def rolling_rows(self, ids: list[int]) -> tuple[list[list[int]], list[int]]:
         """Rows scoring every token of `ids` once, each with as much context as fits: the
@@ -158,13 +163,17 @@ class BardlmLM(LM):
             starts += s
             owner += [i] * len(r)
         totals = [0.0] * len(requests)
-        for i, s in zip(owner, score_rows(self.model, rows, starts, self.batch_size)):
+        bar = self._bar("loglikelihood_rolling", disable_tqdm)
+        for i, s in zip(owner, score_rows(self.model, rows, starts, self.batch_size, bar)):
             totals[i] += s.total
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         out = []
+        bar = progress_bar(self.progress and not disable_tqdm, len(requests), "generate_until", unit="request")
         for req in requests:
+            if bar is not None:
+                bar.update(1)
             context, kwargs = req.args
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -176,16 +185,19 @@ class BardlmLM(LM):
                 continue
             out.append(generate_text(self.model, self.tokenizer, context, max_new_tokens=max_new,
                                      stop=until, temperature=0.0))
+        if bar is not None:
+            bar.close()
         return out
 
 
 def run_harness(ckpt: str, tasks: list[str], include_path: str | None = None,
-                limit: float | None = None, batch_size: int = 8, **model_args: Any) -> dict[str, Any]:
+                limit: float | None = None, batch_size: int = 8, progress: bool = False,
+                **model_args: Any) -> dict[str, Any]:
     """Evaluate a model directory on lm-eval tasks; returns {task: {metric: value}}."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    lm = BardlmLM(ckpt=ckpt, batch_size=batch_size, **model_args)
+    lm = BardlmLM(ckpt=ckpt, batch_size=batch_size, progress=progress, **model_args)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                               log_samples=False)

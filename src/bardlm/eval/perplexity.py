@@ -99,7 +99,7 @@ def token_bytes(tokenizer: Any, ids: list[int], p: int) -> int:
 
 def perplexity_of_ids(
     model: torch.nn.Module, ids: list[int], n_bytes: int, max_length: int | None = None,
-    stride: int | None = None, batch_size: int = 8, tokenizer: Any = None,
+    stride: int | None = None, batch_size: int = 8, tokenizer: Any = None, progress: bool = False,
 ) -> PerplexityResult:
     """Sliding-window perplexity of token ids (defaults: L = the model's context, S = L).
 
@@ -115,7 +115,7 @@ def perplexity_of_ids(
     windows = sliding_windows(len(ids), L, S)
     # The rows for `score_rows` hold one more token than the model reads: the window itself.
     scored = score_rows(model, [ids[b:e] for b, e, _ in windows],
-                        [f - b for b, _, f in windows], batch_size)
+                        [f - b for b, _, f in windows], batch_size, "eval" if progress else None)
     nll = -sum(s.total for s in scored)
     n = sum(len(s.logprobs) for s in scored)
     loss = nll / n
@@ -131,7 +131,7 @@ def perplexity_of_ids(
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, **kwargs: Any) -> PerplexityResult:
     """Sliding-window perplexity of `text` (see the module docstring); kwargs: max_length,
-    stride, batch_size."""
+    stride, batch_size, progress (a bar of windows scored, on a terminal)."""
     ids = encode_text(tokenizer, text)
     return perplexity_of_ids(model, ids, len(utf8(text)), tokenizer=tokenizer, **kwargs)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BardlmError
+from ..progress import progress_bar
 
 
 @dataclass
@@ -51,11 +52,12 @@ def forward_logprobs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_rows(
     model: torch.nn.Module, rows: Sequence[Sequence[int]], starts: Sequence[int],
-    batch_size: int = 8,
+    batch_size: int = 8, progress: str | None = None,
 ) -> list[Scored]:
     """Score rows[i][t] for t in [max(starts[i], 1), len(rows[i])), one `Scored` per row.
 
     Rows are batched longest first (less padding) and the results put back in the input order.
+    progress: a label for a bar of rows scored (`bardlm.progress`: on a terminal only), or None.
     """
     if batch_size <= 0:
         raise BardlmError(f"batch size must be positive, got {batch_size}")
@@ -64,6 +66,7 @@ def score_rows(
         raise BardlmError(f"a row is longer than the context + 1 = {limit} tokens; crop it")
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[Scored | None] = [None] * len(rows)
+    bar = progress_bar(progress is not None, len(rows), progress or "", unit="row")
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         T = max(max(len(rows[i]) for i in idx) - 1, 1)
@@ -77,4 +80,8 @@ def score_rows(
             pred = logp[j, first - 1 : len(rows[i]) - 1]  # (n, V)
             out[i] = Scored(pred.gather(1, targets[:, None])[:, 0],
                             pred.argmax(-1) == targets, first)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
     return out  # type: ignore[return-value]

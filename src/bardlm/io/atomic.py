@@ -42,6 +42,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def default_mode(path: str | Path) -> None:
+    """Give a file made by `tempfile.mkstemp` (always 0600) the mode an ordinary `open` would:
+    0666 less the umask, so a saved checkpoint is as readable to other accounts (a server user)
+    as any other file this user writes. The mode survives the rename into place."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_many(writes: list[tuple[Path, Writer]]) -> None:
     """Write several files of one folder so that either all of them are replaced or none is."""
     if not writes:
@@ -59,6 +68,7 @@ def atomic_write_many(writes: list[tuple[Path, Writer]]) -> None:
             os.close(fd)
             temps.append((tmp, path))
             write(tmp)
+            default_mode(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         journal = json.dumps([[Path(t).name, p.name] for t, p in temps])
@@ -81,6 +91,7 @@ def _replace_with(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    default_mode(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

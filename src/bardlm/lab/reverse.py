@@ -33,8 +33,8 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..errors import BardlmError
 from ..nn.model import GPT
+from ..progress import progress_bar
 from ..train.loop import Loop
-from ..train.trainer import _progress
 
 RESULT_FILE = "reverse.json"
 PLOT_FILE = "reverse.png"
@@ -181,7 +181,7 @@ def train_probe(
     loop = Loop(model, cfg.train_config())
     _, train_seed, _ = _seeds(cfg.seed)
     gen = torch.Generator().manual_seed(train_seed)
-    bar = _progress(progress, cfg.steps, 0)
+    bar = progress_bar(progress, cfg.steps, "train")
     tail = max(1, cfg.steps // 10)
     recent: list[float] = []
     model.train()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import BardlmError
+from ..io.atomic import default_mode
 
 # name -> (file name, download URL or None, is it a Project Gutenberg edition whose licence must
 # be stripped)
@@ -183,6 +184,7 @@ def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: 
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.save(f, ids)
+            default_mode(tmp)  # shared by every user's runs, like the corpus itself
             os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
         except OSError:
             if tmp is not None:
@@ -253,7 +255,7 @@ def val_windows(ids: np.ndarray, block_size: int) -> torch.Tensor:
 
     For shards (`ShardedIds`) a `ShardWindows` view of the same rows, read when indexed.
     """
-    n = (len(ids) - 1) // (block_size + 1) if len(ids) > block_size else 0
+    n = len(ids) // (block_size + 1)  # each window is T + 1 tokens: x = w[:-1], y = w[1:]
     if n == 0:
         raise BardlmError(
             f"the validation split has {len(ids)} tokens, not one full sequence of "

@@ -148,6 +148,8 @@ def sft_term(logp_c: torch.Tensor, n_c: torch.Tensor) -> torch.Tensor:
 class DPOTuner(Finetuner):
     """A DPO run: base model + preference pairs -> `out` (a checkpoint, or a LoRA adapter)."""
 
+    token_weighted = False  # the loss is a mean over pairs already
+
     def __init__(self, *args: Any, beta: float = 0.1, loss: str = "sigmoid", sft_weight: float = 0.0,
                  **kwargs: Any) -> None:
         if loss not in LOSSES:
@@ -195,7 +197,7 @@ class DPOTuner(Finetuner):
         self.ref_val, self.val_lens = self._logps(self.val_pairs)
 
     def step_loss(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor) -> tuple[None, torch.Tensor]:
-        logp, n = sequence_logps(self.model, x, y)
+        logp, n = sequence_logps(self.parallel.forward, x, y)
         (lc, lr), (rc, rr), (nc, nr) = logp.chunk(2), ref.chunk(2), n.chunk(2)
         losses, _, _ = dpo_loss(lc, lr, rc, rr, self.beta, self.loss_kind, nc, nr)
         return None, losses.mean() + self.sft_weight * sft_term(lc, nc)

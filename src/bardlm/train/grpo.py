@@ -208,6 +208,8 @@ class GRPOTuner(Finetuner):
     """A GRPO run: a (finetuned) model + a task -> `out` (a checkpoint, or a LoRA adapter).
     `batch_size` prompts a micro-batch, each sampled `group` times."""
 
+    token_weighted = False  # the loss is a mean over sequences already
+
     def __init__(self, init_from: str | Path, task: str, out: str | Path, cfg: Any, *args: Any,
                  prompts: str | Path | None = None, digits: int = 2, group: int = 8,
                  temperature: float = 1.0, max_new_tokens: int = 16, kl_coef: float = 0.0,
@@ -267,9 +269,10 @@ class GRPOTuner(Finetuner):
         """Sample and score one micro-batch of groups: x, y (N, L), ref log-probs (N, L),
         advantages (N,), N = batch_size * group."""
         s, cfg = self.settings, self.cfg
-        questions = self.batches.batch(step, micro, cfg.batch_size, cfg.grad_accum)
+        d = self.dist
+        questions = self.batches.batch(step, micro, cfg.batch_size, cfg.grad_accum, d.rank, d.world)
         group = [q for q in questions for _ in range(s["group"])]
-        seed = (cfg.seed * 1_000_003 + step * cfg.grad_accum + micro) * 4099
+        seed = (cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * d.world + d.rank) * 4099
         done = self.complete(group, s["temperature"], seed)
         rewards = torch.tensor([self.task.score(q, text) for q, (_, text) in zip(group, done)])
         adv = group_advantages(rewards.view(-1, s["group"])).view(-1)
@@ -282,6 +285,7 @@ class GRPOTuner(Finetuner):
                                   "tokens): no room for a completion; use shorter prompts")
             rows.append(row)
         x, y = pad_rows(rows)
+        self._tokens += x.numel()
         ref = self._ref_logps(x.to(self.device), y.to(self.device)).cpu() if s["kl"] > 0 else torch.zeros(x.shape)
         self.stats.append({"reward": rewards.mean().item(),
                            "completion_len": sum(len(ids) for ids, _ in done) / len(done)})
@@ -289,7 +293,7 @@ class GRPOTuner(Finetuner):
 
     def step_loss(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor,
                   adv: torch.Tensor) -> tuple[None, torch.Tensor]:
-        logp = token_logps(self.model, x, y)
+        logp = token_logps(self.parallel.forward, x, y)
         s = self.settings
         loss, kl = grpo_loss(logp, logp.detach(), adv, y >= 0, s["epsilon"], None, s["kl"],
                              ref if s["kl"] > 0 else None)

@@ -5,7 +5,13 @@ Every model bardlm trains goes through `Loop.train_step`: language-model pretrai
 A model is anything called as `model(*batch) -> (logits, loss)`.
 
     lr <- schedule(step) --> for each of grad_accum micro-batches: forward (autocast) -> loss
-    -> backward(loss / grad_accum) --> [average across ranks] --> clip --> optimizer step
+    -> backward(loss x weight) --> [average across ranks] --> clip --> optimizer step
+
+The weight of a micro-batch is 1 / grad_accum, or, given `targets` (how many target tokens a
+micro-batch has), its share of the target tokens of the whole step on every rank: then a step's
+gradient is that of the mean loss over all its target tokens, whatever the accumulation and the
+number of processes (masked, padded chat data has unequal counts; transformers 4.46 made the
+same fix).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class Loop:
     forward:   what a step calls (the model itself, or its DDP / compiled wrapper).
     grad_sync: micro-batch -> context; with DDP/FSDP, gradients are averaged only after the last.
     reduce:    the step's mean loss (a 0-d tensor) -> float, e.g. averaged across ranks.
+    targets:   micro-batch -> its number of target tokens (a 0-d tensor); None: all weigh alike.
+    all_sum:   a 0-d tensor -> its sum over the ranks (in place); world: the number of ranks.
+    After a step, `grad_norm` is the gradients' global L2 norm before clipping.
     """
 
     def __init__(
@@ -56,14 +65,19 @@ class Loop:
         grad_sync: Callable[[bool], AbstractContextManager] | None = None,
         reduce: Callable[[torch.Tensor], float] | None = None,
         device: torch.device | str | None = None,
+        targets: Callable[[Batch], torch.Tensor] | None = None,
+        all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        world: int = 1,
     ) -> None:
         self.model, self.cfg = model, cfg
-        self.forward = forward or model
-        self.optimizer = optimizer or make_optimizer(model, cfg)
+        self.forward = forward if forward is not None else model  # (a compiled module has no truth value)
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
         self.grad_sync = grad_sync or (lambda last: nullcontext())
         self.reduce = reduce or (lambda loss: loss.item())
         self.device = torch.device(device or cfg.device)
+        self.targets, self.all_sum, self.world = targets, all_sum, world
         self.step = 0
+        self.grad_norm = float("nan")
 
     def lr(self) -> float:
         return lr_at(self.step, self.cfg)
@@ -74,14 +88,15 @@ class Loop:
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr()
+        micros = [[t.to(self.device) for t in batch(self.step, m)] for m in range(cfg.grad_accum)]
+        weights = self._weights(micros)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            args = [t.to(self.device) for t in batch(self.step, micro)]
+        for micro, (args, weight) in enumerate(zip(micros, weights)):
             with self.grad_sync(micro == cfg.grad_accum - 1):
                 with autocast(cfg, self.device):
                     _, loss = self.forward(*args)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float() / cfg.grad_accum
+                (loss * weight).backward()
+            loss_sum += loss.detach().float() * weight
         total = self.reduce(loss_sum)
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
@@ -89,36 +104,61 @@ class Loop:
                 f"loss became {total} at step {self.step}; lower the learning rate "
                 "(--set lr=...), lengthen the warm-up (--set warmup_iters=...) or use fp32", total
             )
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # The norm is computed either way (to log it); max_norm=inf leaves the gradients as they are.
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None],
+            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total
+
+    def _weights(self, micros: list[list[torch.Tensor]]) -> list[torch.Tensor | float]:
+        """Each micro-batch's weight in the step's loss (see the module docstring). With ranks,
+        DDP/FSDP average the gradients, so a rank's weights sum to world x its share."""
+        if self.targets is None:
+            return [1.0 / len(micros)] * len(micros)
+        counts = [self.targets(m).float() for m in micros]
+        total = self.all_sum(torch.stack(counts).sum()).clamp(min=1)
+        return [c * self.world / total for c in counts]
+
+
+def count_rows(batch: Batch) -> int:
+    """Rows of a batch: the weight of its mean loss in `evaluate` by default."""
+    return len(batch[0])
+
+
+def count_targets(batch: Batch) -> torch.Tensor:
+    """Target tokens of an (x, y) batch, y = -1 where ignored: the weight of its mean loss."""
+    return (batch[1] >= 0).sum()
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu",
     context: Callable[[], AbstractContextManager] = nullcontext,
+    count: Callable[[Batch], int | torch.Tensor] = count_rows,
 ) -> float:
-    """Mean loss of `model(*batch) -> (_, loss)` over batches, weighted by their rows; the model
-    is in eval mode meanwhile (dropout off) and put back in the mode it had."""
+    """Mean loss of `model(*batch) -> (_, loss)` over batches, each batch's mean weighted by
+    `count` (its rows; `count_targets` for a mean over target tokens); the model is in eval
+    mode meanwhile (dropout off) and put back in the mode it had."""
     was_training = model.training
     model.eval()
-    total, rows = 0.0, 0
+    total, n = 0.0, 0
     try:
         for batch in batches:
             args = [t.to(device) for t in batch]
             with context():
                 _, loss = model(*args)
-            total += loss.item() * len(args[0])
-            rows += len(args[0])
+            k = int(count(args))
+            total += loss.item() * k
+            n += k
     finally:
         model.train(was_training)
-    if rows == 0:
+    if n == 0:
         raise BardlmError("nothing to evaluate: no validation batches")
-    return total / rows
+    return total / n
 
 
 def window_batches(windows: torch.Tensor, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BardlmError
+from ..progress import progress_bar
 from ..tokenizers import CharTokenizer, Tokenizer, WordTokenizer, build, split_words, train_bpe_iter
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -544,8 +545,10 @@ def prepare(
     workers: int | None = None,
     sample_mb: float = DEFAULT_SAMPLE_MB,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Prepare `sources` into the folder `out` (see the module docstring); returns meta.json."""
+    """Prepare `sources` into the folder `out` (see the module docstring); returns meta.json.
+    progress: a bar of text bytes encoded, against the sources' estimated size (a terminal only)."""
     from ..io.checkpoint import save_tokenizer
 
     out = Path(out)
@@ -570,6 +573,9 @@ def prepare(
     stats = {s: SplitStats() for s in writers}
     rng = random.Random(seed)
     t0 = time.time()
+    bar = progress_bar(progress, sum(_size_estimate(p) for p in paths), "prepare", unit="B")
+    if bar is not None:
+        bar.unit_scale = True  # kB, MB, ...
     try:
         cur: str | None = None  # split of the document being written, None between documents
         mark, doc_chars, doc_bytes = 0, 0, 0
@@ -584,7 +590,10 @@ def prepare(
                 if kind == "text":
                     writers[cur].write(next(ids))
                     doc_chars += len(piece)
-                    doc_bytes += len(piece.encode("utf-8", "surrogatepass"))
+                    n_bytes = len(piece.encode("utf-8", "surrogatepass"))
+                    doc_bytes += n_bytes
+                    if bar is not None:
+                        bar.update(n_bytes)
                 elif kind == "end" and cur is not None:
                     writers[cur].write(np.array([eos]))
                     st = stats[cur]
@@ -641,6 +650,8 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        if bar is not None:
+            bar.close()
         encoder.close()
         for w in writers.values():
             w.close()

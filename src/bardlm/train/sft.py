@@ -9,8 +9,11 @@ model learns to answer, not to predict its users.
 Batches: conversations padded on the right to the longest in the batch (targets -1 on the
 padding). Attention is causal, so a real token never sees the padding after it, and one row is
 one conversation: nothing attends across examples. Validation: whole held-out conversations.
+Losses, in training and in validation, are means over target tokens, never means of per-batch
+means: a step's gradient is the same whatever grad_accum and the number of processes.
 
-Training is `loop.Loop` (the one optimizer step), saved and resumed by `state.RunState`; with
+Training is `loop.Loop` (the one optimizer step) through `distributed.Parallel` (compile, and
+DDP or FSDP2 under torchrun, as pretraining), saved and resumed by `state.RunState`; with
 LoRA (`nn.lora`) only the adapters train and only they are saved (`io.adapter`).
 """
 
@@ -21,6 +24,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +38,11 @@ from ..io.load import read_meta
 from ..io.metadata import template_for
 from ..nn.lora import TARGETS, apply_lora, count_trainable
 from ..nn.resize import resize_vocab
-from .distributed import Dist
-from .loop import Diverged, Loop, evaluate
+from ..progress import progress_bar, show_progress
+from .distributed import Dist, Parallel
+from .loop import Diverged, Loop, autocast, count_targets, evaluate
+from .speed import describe as describe_speed
+from .speed import flops_per_token, speed
 from .state import RunState, StopSignals, check_plan
 
 METRICS_FILE = "metrics.jsonl"
@@ -131,8 +138,12 @@ class ChatBatches:
             raise BardlmError("no training conversation has an assistant token within the context")
         self.rows, self.seed, self.collate = rows, seed, collate or pad_rows
 
-    def batch(self, step: int, micro: int, batch_size: int, n_micro: int) -> Any:
-        first = (step * n_micro + micro) * batch_size
+    def batch(self, step: int, micro: int, batch_size: int, n_micro: int, rank: int = 0,
+              world: int = 1) -> Any:
+        """One micro-batch of one rank (by default (x, y), each (batch_size, L)): rank r of w
+        takes the r-th slice of the global micro-batch, so w ranks see what one process with a
+        w times larger batch_size sees."""
+        first = ((step * n_micro + micro) * world + rank) * batch_size
         picked = []
         for s in range(first, first + batch_size):
             epoch, i = divmod(s, len(self.rows))
@@ -159,16 +170,25 @@ class Finetuner:
 
     Preference tuning (`train.dpo`) and RL (`train.grpo`) are subclasses: they read other data
     (`load_data`), compute another loss (`step_loss`) and evaluate other things
-    (`eval_metrics`), on the same model set-up, `Loop`, `RunState` and Ctrl-C handling.
+    (`eval_metrics`), on the same model set-up, `Loop`, `Parallel`, `RunState` and Ctrl-C
+    handling.
     """
+
+    #: Weigh micro-batches by their target tokens (a mean over tokens); False: all alike, for
+    #: losses that are already a mean over sequences (DPO, GRPO).
+    token_weighted = True
 
     def __init__(self, init_from: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig,
                  lora: LoRASpec | None = None, log: Callable[[str], None] = print,
-                 resume: bool = False) -> None:
+                 resume: bool = False, progress: bool = False, dist: Dist | None = None) -> None:
         self.init_from, self.data, self.out, self.cfg, self.lora = Path(init_from), Path(data), Path(out), cfg, lora
-        self.log, self.history = log, []
-        torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        self.dist = dist if dist is not None else Dist.from_env(cfg.device)
+        self.log = log if self.dist.is_main else (lambda msg: None)  # only rank 0 speaks
+        self.progress, self.history = show_progress(progress and self.dist.is_main), []
+        if cfg.fsdp and lora is not None:
+            raise BardlmError("fsdp with --lora-rank is not supported (the adapter is small): drop fsdp (DDP)")
+        torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA adapters) on every rank
+        self.device = self.dist.device(cfg.device)
         model, tokenizer = load_base(self.init_from)
         self.template = template_for(self.init_from, tokenizer)
         tokenizer, added = prepare_vocab(self.template, tokenizer)
@@ -176,17 +196,25 @@ class Finetuner:
         self.model = resize_vocab(model, max(model.config.vocab_size, tokenizer.vocab_size))
         self.load_data()  # first: bad data is the one line said, before any note
         if added:
-            log(f"the chat template adds {added} token(s) to the vocabulary")
+            self.log(f"the chat template adds {added} token(s) to the vocabulary")
         if lora is not None:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
         self.prepare()
         self.trainable, self.total = count_trainable(self.model)
-        self.loop = Loop(self.model, cfg, forward=self.step_loss, device=self.device)
-        self.state = RunState(self.out, self.model, self.loop.optimizer, tokenizer, Dist(), self.device,
-                              False, log, trainable_only=lora is not None)
-        self.signals = StopSignals()
+        self.flops_per_token = flops_per_token(self.model)
+        if self.dist.enabled:
+            torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # own dropout masks per rank
+        self.signals, self._tokens = StopSignals(), 0
+        self.parallel = Parallel(self.model, cfg, self.dist, self.device,
+                                 stop=lambda: self.signals.signum is not None)
+        self.loop = Loop(self.model, cfg, forward=self.step_loss, grad_sync=self.parallel.grad_sync,
+                         reduce=self.parallel.reduce, device=self.device,
+                         targets=count_targets if self.token_weighted else None,
+                         all_sum=self.dist.all_reduce_sum, world=self.dist.world)
+        self.state = RunState(self.out, self.model, self.loop.optimizer, tokenizer, self.dist, self.device,
+                              cfg.fsdp, self.log, trainable_only=lora is not None)
         if resume:
             self.resume()
 
@@ -210,15 +238,17 @@ class Finetuner:
         still the starting model's): e.g. the reference log-probabilities of DPO."""
 
     def step_loss(self, *batch: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """What `Loop.train_step` calls on one micro-batch: (anything, loss)."""
-        return self.model(*batch)
+        """What `Loop.train_step` calls on one micro-batch: (anything, loss). Train through
+        `self.parallel.forward` (compiled, DDP/FSDP-wrapped), not `self.model`."""
+        return self.parallel.forward(*batch)
 
     def eval_metrics(self) -> dict[str, float]:
         """The held-out figures logged every eval_interval steps."""
         return {"val_loss": self.val_loss()}
 
     def describe(self, row: dict[str, Any]) -> str:
-        return f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f}"
+        return (f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f}, "
+                f"grad norm {row['grad_norm']:.3g}, {describe_speed(row)}")
 
     def after_record(self) -> None:
         """Called after each evaluation is saved (e.g. to draw a plot)."""
@@ -227,7 +257,7 @@ class Finetuner:
         meta: dict[str, Any] = {
             "init_from": str(self.init_from.resolve()), "data": str(self.data),
             "train": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer.kind,
-            "world_size": 1,
+            "world_size": self.dist.world,
         }
         # The base's special tokens and generation defaults, with the template trained here.
         base = read_meta(self.init_from, self.tokenizer)
@@ -245,7 +275,8 @@ class Finetuner:
         from ..io.checkpoint import read_config
 
         saved = read_config(self.out)
-        self.cfg = self.loop.cfg = check_plan(saved.get("train", {}), self.cfg, 1, 1, self.log)
+        self.cfg = self.loop.cfg = check_plan(saved.get("train", {}), self.cfg, self.dist.world,
+                                              saved.get("world_size", 1), self.log)
         was = (saved.get("adapter") or {}).get("rank")
         now = self.lora.rank if self.lora else None
         if was != now:
@@ -255,46 +286,70 @@ class Finetuner:
         self.log(f"resumed {self.out} at step {step}")
 
     def val_loss(self) -> float:
-        return evaluate(self.model, val_batches(self.val_rows, self.cfg.batch_size), self.device)
+        """Mean loss over every target token of the held-out conversations (every rank
+        evaluates all of them: FSDP needs all ranks in every forward)."""
+        return evaluate(self.model, val_batches(self.val_rows, self.cfg.batch_size), self.device,
+                        partial(autocast, self.cfg, self.device), count=count_targets)
 
-    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batches.batch(step, micro, self.cfg.batch_size, self.cfg.grad_accum)
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """This rank's micro-batch: (x, y, ...), x (B, L) the ids the model runs over."""
+        d = self.dist
+        batch = self.batches.batch(step, micro, self.cfg.batch_size, self.cfg.grad_accum, d.rank, d.world)
+        self._tokens += batch[0].numel()
+        return batch
 
     def fit(self) -> dict[str, Any]:
         """Train to max_iters, evaluating and saving every eval_interval steps (and at the end)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        start = time.time()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        start = t0 = time.time()
         before = self.history[-1]["elapsed_s"] if self.history else 0.0
         loss = float("nan")
+        bar = progress_bar(self.progress, cfg.max_iters, "finetune", initial=self.loop.step)
         try:
             with self.signals:
                 while self.loop.step < cfg.max_iters:
+                    self._tokens = 0
                     try:
                         loss = self.loop.train_step(self._batch)
                     except Diverged as e:
                         raise BardlmError(f"{e}; the last good checkpoint in {self.out} is kept") from None
+                    now = time.time()
+                    # The tokens the model ran over (padding included), as this rank's x ranks.
+                    tok_s, t0 = self._tokens * self.dist.world / max(now - t0, 1e-9), now
                     step = self.loop.step
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", grad_norm=f"{self.loop.grad_norm:.3g}")
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                        self._record(loss, before + time.time() - start)
-                    if self.signals.signum is not None:
+                        self._record(loss, tok_s, before + time.time() - start)
+                        t0 = time.time()  # the next step's tokens/s leaves out evaluating and saving
+                    alone_told = not self.dist.enabled and self.signals.signum is not None
+                    if self.parallel.stop_agreed or alone_told:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.state.save(self.loop.step, self.history, self.meta())
             raise BardlmError(f"interrupted at step {self.loop.step}; checkpoint saved, continue "
                               f"with --resume (--out {self.out})") from None
+        finally:
+            if bar is not None:
+                bar.close()
         return {"step": self.loop.step, **(self.history[-1] if self.history else {}),
                 "trainable_params": self.trainable, "total_params": self.total}
 
-    def _record(self, train_loss: float, elapsed: float) -> None:
+    def _record(self, train_loss: float, tok_s: float, elapsed: float) -> None:
         row = {"step": self.loop.step, "train_loss": train_loss, **self.eval_metrics(),
-               "lr": self.loop.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
+               "lr": self.loop.optimizer.param_groups[0]["lr"], "grad_norm": self.loop.grad_norm,
+               **speed(tok_s, self.flops_per_token, self.device), "elapsed_s": elapsed}
         self.history.append(row)
         self.state.save(self.loop.step, self.history, self.meta())  # before metrics mention it
-        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.dist.is_main:
+            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         self.after_record()
-        self.log(self.describe(row))
+        if not self.progress:
+            self.log(self.describe(row))
 
 
 # Scoring ------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,12 @@ from ..config import ModelConfig, TrainConfig
 from ..errors import BardlmError
 from ..io.checkpoint import CONFIG_FILE
 from ..nn.model import GPT
+from ..progress import progress_bar, show_progress
 from ..tokenizers import Tokenizer
 from .data import Batches, Prepared, Split, split_ids, val_windows
-from .distributed import Dist
+from .distributed import Dist, Parallel
 from .loop import Diverged, Loop, autocast, evaluate, window_batches
+from .speed import describe, flops_per_token, speed
 from .state import (
     FREE_WITH_INIT,
     OPTIMIZER_FILE,
@@ -80,7 +81,7 @@ class Trainer:
         self.cfg, self.tokenizer, self.out = train_cfg, tokenizer, Path(out)
         self.dist = dist if dist is not None else Dist.from_env(train_cfg.device)
         main = self.dist.is_main
-        self.progress, self.meta = progress and main, dict(meta or {})
+        self.progress, self.meta = show_progress(progress and main), dict(meta or {})
         self.log = log if main else (lambda msg: None)  # only rank 0 speaks
         # A model started from a checkpoint keeps its (maybe padded) vocabulary: see init_config.
         if model_cfg.vocab_size != tokenizer.vocab_size and not keep_vocab:
@@ -107,65 +108,27 @@ class Trainer:
         self.model = self._build(model_cfg)  # the plain module: eval, save, count
         if self.dist.enabled:
             torch.manual_seed(train_cfg.seed + 1000 * self.dist.rank)  # own dropout masks per rank
-        self.loop = Loop(self.model, train_cfg, forward=self._parallelize(self.model),
-                         grad_sync=self._grad_sync, reduce=self._reduce, device=self.device)
+        self.signals = StopSignals()
+        self.parallel = Parallel(self.model, train_cfg, self.dist, self.device, self.model.init_weights,
+                                 stop=lambda: self.signals.signum is not None)
+        self.loop = Loop(self.model, train_cfg, forward=self.parallel.forward,
+                         grad_sync=self.parallel.grad_sync, reduce=self.parallel.reduce, device=self.device)
         self.optimizer = self.loop.optimizer
+        self.flops_per_token = flops_per_token(self.model)
         self.state = RunState(self.out, self.model, self.optimizer, tokenizer, self.dist,
                               self.device, train_cfg.fsdp, self.log)
         self.history: list[dict[str, Any]] = []
-        self.signals = StopSignals()
-        self._stop_agreed = False
 
     @property
     def step(self) -> int:
         return self.loop.step
 
     def _build(self, cfg: ModelConfig) -> GPT:
-        """The model on this rank's device (under FSDP see `_parallelize`: built on meta)."""
+        """The model on this rank's device (under FSDP built on meta, see `distributed.Parallel`)."""
         if self.cfg.fsdp:
             with torch.device("meta"):
                 return GPT(cfg)
         return GPT(cfg).to(self.device)
-
-    def _parallelize(self, model: GPT) -> torch.nn.Module:
-        """Shard (FSDP2) or replicate (DDP) across ranks, and compile if asked."""
-        cfg = self.cfg
-        if cfg.fsdp:
-            if not self.dist.enabled:
-                raise BardlmError("fsdp=true needs several processes: start the run with torchrun")
-            from torch.distributed.fsdp import fully_shard
-
-            # One unit per block: a block's weights are gathered just before it runs and freed
-            # after, so a rank holds 1/world of the model plus one whole block at a time.
-            for block in model.transformer.h:
-                fully_shard(block)
-            fully_shard(model)
-            # Built on meta and sharded: only now does each rank allocate its own shard.
-            model.to_empty(device=self.device)
-            model.init_weights()
-        train_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
-        if self.dist.enabled and not cfg.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            train_model = DDP(train_model, device_ids=ids)
-        return train_model
-
-    def _grad_sync(self, last_micro: bool):  # noqa: ANN202
-        """Average gradients across ranks only after the last micro-batch of a step."""
-        if self.cfg.fsdp:
-            self.model.set_requires_gradient_sync(last_micro)
-        elif self.dist.enabled and not last_micro:
-            return self.loop.forward.no_sync()
-        return nullcontext()
-
-    def _reduce(self, loss: torch.Tensor) -> float:
-        """The global batch's mean loss; one all-reduce also carries "some rank was told to
-        stop", so that every rank stops at the same step boundary."""
-        stop = float(self.signals.signum is not None)
-        stats = self.dist.all_reduce_sum(torch.stack([loss, torch.tensor(stop, device=self.device)]))
-        self._stop_agreed = stats[1].item() > 0
-        return stats[0].item() / self.dist.world
 
     def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         d, cfg = self.dist, self.cfg
@@ -252,7 +215,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world * self.model_cfg.block_size
-        bar = _progress(self.progress, cfg.max_iters, self.step)
+        bar = progress_bar(self.progress, cfg.max_iters, "train", initial=self.step)
         start, t0, last_loss = time.time(), time.time(), float("nan")
         elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         try:
@@ -265,12 +228,14 @@ class Trainer:
                     t0 = now
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                                        grad_norm=f"{self.loop.grad_norm:.3g}")
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                         self._record(last_loss, tok_s, elapsed_before + time.time() - start)
+                        t0 = time.time()  # the next step's tokens/s leaves out evaluating and saving
                     # Alone, stop at once; with other ranks, at the step they all heard of it.
                     alone_told = not self.dist.enabled and self.signals.signum is not None
-                    if self._stop_agreed or alone_told:
+                    if self.parallel.stop_agreed or alone_told:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             if bar is not None:
@@ -310,7 +275,8 @@ class Trainer:
             "val_loss": val,
             "val_bpc": self.bpc(val, self.val_split),
             "lr": self.loop.optimizer.param_groups[0]["lr"],
-            "tokens_per_sec": tok_s,
+            "grad_norm": self.loop.grad_norm,
+            **speed(tok_s, self.flops_per_token, self.device),
             "elapsed_s": elapsed,
         }
         self.history.append(row)
@@ -319,19 +285,12 @@ class Trainer:
             self._append_metrics(row)
             plot_losses(self.history, self.out / "loss.png")
         if not self.progress:
-            self.log(f"step {self.step}: train {train_loss:.4f} val {val:.4f}")
+            self.log(f"step {self.step}: train {train_loss:.4f} val {val:.4f}, grad norm "
+                     f"{self.loop.grad_norm:.3g}, {describe(row)}")
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def _progress(enabled: bool, total: int, initial: int):  # noqa: ANN202
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:

@@ -1,0 +1,52 @@
+"""Throughput of a training run: tokens/s, the model FLOP/s they mean, and the MFU.
+
+Model FLOPs per token follow PaLM (appendix B) and nanoGPT's `estimate_mfu`: 6N for the
+matrix multiplies of forward and backward over N parameters, plus 12 x n_layer x n_embd x T
+for attention over a context of T. MFU = those FLOP/s over the device's peak (bf16 dense, from
+the vendor's sheet); a device not in the table (a CPU, an unknown GPU) gets no MFU, only the
+achieved FLOP/s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# bf16 dense peak FLOP/s by a word of the CUDA device name (first match wins).
+PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12))
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs (forward + backward) per token of a `GPT` (any device, meta included).
+
+    N counts every parameter once (the tied embedding is the lm_head matmul) but the position
+    table, which is looked up, not multiplied: nanoGPT's convention."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's bf16 dense peak FLOP/s, or None where unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for word, peak in PEAK_BF16 if word in name), None)
+
+
+def speed(tokens_per_s: float, per_token: float, device: torch.device) -> dict[str, float]:
+    """{"tokens_per_sec", "flops_per_sec"} plus "mfu" (a fraction) where the peak is known."""
+    achieved = tokens_per_s * per_token
+    row = {"tokens_per_sec": tokens_per_s, "flops_per_sec": achieved}
+    peak = peak_flops(device)
+    if peak is not None:
+        row["mfu"] = achieved / peak
+    return row
+
+
+def describe(row: dict[str, float]) -> str:
+    """'1,234 tok/s, MFU 12.3%' or '1,234 tok/s, 5.6 GFLOP/s' (no known peak), for a log line."""
+    head = f"{row['tokens_per_sec']:,.0f} tok/s"
+    if "mfu" in row:
+        return f"{head}, MFU {100 * row['mfu']:.1f}%"
+    return f"{head}, {row['flops_per_sec'] / 1e9:,.1f} GFLOP/s"
