@@ -239,12 +239,12 @@ def closed(s: socket.socket) -> bool:
 
 def trickle(port: int, piece: bytes, every: float, limit: float) -> tuple[bytes, float]:
     """Send a body `piece` every `every` seconds until the server answers (or `limit` passes):
-    (the first line of its answer, seconds it took)."""
+    (the start of its answer, seconds it took)."""
     s, t0 = slow_post(port), time.monotonic()
     try:
         while time.monotonic() - t0 < limit:
             if select.select([s], [], [], every)[0]:
-                return s.recv(65536).split(b"\r\n", 1)[0], time.monotonic() - t0
+                return s.recv(65536), time.monotonic() - t0
             s.sendall(piece)
         return b"", time.monotonic() - t0
     finally:
@@ -280,6 +280,7 @@ def test_a_slow_body_is_cut_at_its_minimum_rate_and_its_deadline(loaded) -> None
         # 20 bytes/s: far under the minimum rate, cut soon after the grace, before the deadline
         status, took = trickle(srv.port, b" ", every=0.05, limit=10)
         assert status.startswith(b"HTTP/1.1 408") and took < 1.2, (status, took)
+        assert b"the request body came too slowly" in status and b"1000 bytes/s" in status
         # 4,000 bytes/s: fast enough, but 100 kB will not be whole by the deadline
         status, took = trickle(srv.port, b" " * 400, every=0.1, limit=10)
         assert status.startswith(b"HTTP/1.1 408") and 1.4 < took < 3, (status, took)
@@ -297,7 +298,7 @@ def test_a_client_hanging_up_mid_body_logs_one_line(server, caplog) -> None:  # 
         time.sleep(0.2)
     records = [r for r in caplog.records if r.name.startswith("bardlm")]
     assert len(records) == 1 and records[0].exc_info is None, [r.getMessage() for r in records]
-    assert "hung up during the body of POST /v1/completions" in records[0].getMessage()
+    assert "closed during the body of POST /v1/completions (1 of 100000 bytes" in records[0].getMessage()
 
 
 @pytest.mark.parametrize("body,status,message", [
@@ -305,7 +306,7 @@ def test_a_client_hanging_up_mid_body_logs_one_line(server, caplog) -> None:  # 
     (b'{"prompt": "caf\xe9"}', 400, "not UTF-8 (bad byte at offset 15)"),
     (b'{"prompt": "hi"', 400, "not valid JSON"),
     (b'{"prompt": 3}', 400, "prompt must be a string"),
-])
+], ids=["nested", "latin-1", "cut-off", "not-a-string"])
 def test_tokenize_says_what_is_wrong_with_a_body(server, body: bytes, status: int, message: str) -> None:  # noqa: ANN001
     r = httpx.post(f"{server.base_url}/tokenize", content=body, timeout=30,
                    headers={"Content-Type": "application/json"})

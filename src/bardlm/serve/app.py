@@ -538,8 +538,9 @@ def _host_name(host: str) -> str:
 async def read_body(request: Request) -> bytes | Response:
     """The request body, counted while it arrives: refused (413) as soon as it passes MAX_BODY,
     without reading the rest (a chunked upload has no Content-Length to check first), and
-    refused (408) when it comes too slowly for the app's `BodyLimits`. A client that hangs up
-    mid-body gets one log line and an empty 499 that nobody reads."""
+    refused (408) when it comes too slowly for the app's `BodyLimits`. A connection that closes
+    mid-body (the client hung up, or server.py made room) is one log line, and an empty 499 that
+    nobody reads."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY:
         return _too_large()
@@ -557,14 +558,15 @@ async def read_body(request: Request) -> bytes | Response:
             return b"".join(chunks)
         except asyncio.TimeoutError:
             return error_response(
-                408, f"the request body came too slowly ({n} bytes in {time.monotonic() - start:.0f} s); "
+                408, f"the request body came too slowly ({n} byte{'s' * (n != 1)} in "
+                f"{time.monotonic() - start:.1f} s); "
                 f"send it whole, within {limits.deadline:.0f} s and at {limits.min_rate:.0f} bytes/s at "
                 "least", code="body_timeout", headers={"Connection": "close"})
         except ClientDisconnect:
             client = request.client
-            LOG.info("%s hung up during the body of %s %s (%d bytes received)",
-                     f"{client.host}:{client.port}" if client else "a client", request.method,
-                     request.url.path, n)
+            LOG.info("%s: the connection closed during the body of %s %s (%d of %s bytes received)",
+                     f"{client.host}:{client.port}" if client else "client", request.method,
+                     request.url.path, n, length or "?")
             return Response(status_code=499)
         n += len(chunk)
         if n > MAX_BODY:

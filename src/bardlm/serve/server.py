@@ -7,6 +7,7 @@ Binding first (rather than letting uvicorn do it) turns "port in use" into a one
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..errors import BardlmError
 from .app import LOOPBACK_NAMES, MAX_HEAD, build_app
 
 LOOPBACK = "127.0.0.1"
+LOG = logging.getLogger("bardlm.serve")
 
 
 def bind(host: str = LOOPBACK, port: int = 8000) -> socket.socket:
@@ -65,7 +67,7 @@ class GuardedProtocol(H11Protocol):
     body, or idle between requests); connections holding a whole request (being answered,
     streaming) are never closed. So clients that trickle bodies delay nobody who sends
     requests promptly: they are the oldest waiting, and go first. Only when every connection
-    holds a whole request is the new one turned away.
+    holds a whole request is the new one turned away (uvicorn's 503).
     """
 
     head_timeout = 10.0
@@ -82,8 +84,14 @@ class GuardedProtocol(H11Protocol):
         waiting = [c for c in self.connections if c is not self
                    and getattr(c, "_waiting_since", None) is not None
                    and not c.transport.is_closing()]
-        victim = min(waiting, key=lambda c: c._waiting_since, default=self)
-        victim.transport.close()  # uvicorn's connection_lost tells the app, which logs one line
+        if not waiting:  # all busy: this one stays, and uvicorn answers its request with a 503
+            return
+        victim = min(waiting, key=lambda c: c._waiting_since)
+        client = victim.client
+        LOG.warning("%d connections open, the limit: closed %s, which waited %.0f s for its "
+                    "request", len(self.connections) - 1, f"{client[0]}:{client[1]}" if client
+                    else "a client", self.loop.time() - victim._waiting_since)
+        victim.transport.close()  # a body being read: the app sees the disconnect (one line)
 
     def handle_events(self) -> None:
         super().handle_events()
