@@ -53,7 +53,9 @@ def raw(port: int, request: bytes, sock: socket.socket | None = None) -> tuple[b
     s.sendall(request)
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
+        more = s.recv(65536)
+        assert more, f"the server closed the connection after {data!r}"
+        data += more
     head, body = data.split(b"\r\n\r\n", 1)
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length")))
@@ -186,6 +188,22 @@ def test_a_trickled_request_head_is_cut(loaded) -> None:  # noqa: ANN001
         s.close()
         assert closed and time.monotonic() - t0 < 3
         assert httpx.get(f"{srv.base_url}/health", timeout=10).status_code == 200
+
+
+def test_the_head_deadline_counts_from_the_last_response(loaded) -> None:  # noqa: ANN001
+    """A keep-alive client's deadline for its next head starts at its previous response: the
+    timer of an earlier request must not cut it."""
+    app = build_app(*loaded, model_name=NAME)
+    with ThreadServer(app, uvicorn_config(app, "warning", head_timeout=2.0)) as srv:
+        get = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        head, _, s = raw(srv.port, get)  # t = 0: the first request's timer fires at 2 s
+        time.sleep(1.2)
+        head, _, s = raw(srv.port, get, s)  # t = 1.2: the next head is due by 3.2 s
+        s.sendall(get[:20])
+        time.sleep(1.4)  # t = 2.6: past the first timer, within the second
+        head, _, s = raw(srv.port, get[20:], s)
+        s.close()
+        assert head.startswith(b"HTTP/1.1 200")
 
 
 def test_big_prompts_are_tokenised_off_the_event_loop(server) -> None:  # noqa: ANN001

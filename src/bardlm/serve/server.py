@@ -104,6 +104,8 @@ class GuardedProtocol(H11Protocol):
         self._arm()
 
     def _arm(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()  # the previous request's timer must not cut this one
         self._waiting_since = self.loop.time()
         self._deadline = self.loop.call_later(self.head_timeout, self._head_late)
 
