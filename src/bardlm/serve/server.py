@@ -120,6 +120,7 @@ class GuardedProtocol(H11Protocol):
 
 
 def check_max_connections(max_connections: int) -> None:
+    """Refuse a connection limit under 1 (0 would turn every client away), before loading."""
     if max_connections < 1:
         raise BardlmError(f"--max-connections must be at least 1, got {max_connections}; it bounds "
                           "the open connections (default 256)")
