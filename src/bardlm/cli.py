@@ -592,7 +592,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-host", action="append", default=[],
                    help="another name clients may reach the server by (Host header); repeatable")
     p.add_argument("--max-connections", type=int, default=256,
-                   help="open connections at most; more get 503 at once (default 256)")
+                   help="open connections at most; one more closes the one waiting longest for "
+                   "its request, or gets 503 when all are busy (default 256)")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",

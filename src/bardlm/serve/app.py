@@ -13,9 +13,10 @@ full. The app only translates between HTTP and `Engine`; generation lives in the
 
 In front of every route (`Guard`): the Host header must be one of the server's names (DNS
 rebinding), an optional API key (Bearer), JSON content type on POST (415), and any unexpected
-error becomes a 500 that names no exception and keeps the connection usable. Bodies are
-counted while they arrive (413 at MAX_BODY, 408 when they stall), and parsing and tokenising
-run on a small thread pool, off the event loop.
+error becomes a 500 that names no exception and keeps the connection usable; a request head
+over MAX_HEAD is refused (431). Bodies are counted while they arrive (413 at MAX_BODY) and
+must arrive whole within a deadline and at a minimum rate (408, `BodyLimits`); parsing and
+tokenising run on a small thread pool, off the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import BardlmError
 from ..tokenizers.base import check_ids
@@ -46,7 +49,8 @@ STATIC = Path(__file__).parent / "static"
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_LOGPROBS = 20  # alternatives per token: bounded work and response size
 MAX_BODY = 1 << 20  # bytes; far more than any prompt that fits a context, far less than a DoS
-BODY_TIMEOUT = 30.0  # seconds a client may take between two pieces of a request body
+MAX_HEAD = 16 * 1024  # bytes of request line and headers (what uvicorn's h11 limit allows a
+# head arriving in pieces; a head arriving in one read escapes that limit, so Guard counts too)
 MAX_SEED = 2**63 - 1
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 MAX_STOP_CHARS = 1000  # per stop string: each is searched for at every token
@@ -197,11 +201,31 @@ def sampling_of(req: Any) -> dict[str, Any]:
                 repetition_penalty=req.repetition_penalty, seed=req.seed)
 
 
+@dataclass(frozen=True)
+class BodyLimits:
+    """How long a client may take to send a request body (the head has its own deadline, server.py).
+
+    A body must be whole within `deadline` seconds of its head, and, after `grace` seconds,
+    have arrived at `min_rate` bytes per second on average: a client sending a byte now and
+    then is cut within seconds, not at the deadline, and one that stops is cut at the same
+    point. Real clients send a body in one go; the slowest allowed (1 MiB in 30 s) is ~35 KB/s.
+    """
+
+    deadline: float = 30.0
+    grace: float = 5.0
+    min_rate: float = 1024.0  # bytes per second
+
+    def time_left(self, elapsed: float, received: int) -> float:
+        """Seconds until the body is late, given `received` bytes after `elapsed` seconds."""
+        return min(self.deadline, self.grace + received / self.min_rate) - elapsed
+
+
 def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue: int = 16,
               max_batch: int = 1, api_key: str | None = None,
               allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES, docs: bool = False,
               prefill_chunk: int = 128, compile: bool = False,
-              chat_template: Any = None, max_context: int | None = None) -> FastAPI:
+              chat_template: Any = None, max_context: int | None = None,
+              body_limits: BodyLimits = BodyLimits()) -> FastAPI:
     """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer.
 
     max_batch: requests generated together (continuous batching); max_queue: more that may wait.
@@ -210,7 +234,8 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
     names only, stops a web page on another site from reaching the server through DNS
     rebinding. docs: serve /docs and /openapi.json. chat_template: an `infer.chat.ChatTemplate`
     (default: the built-in one for the tokenizer) renders chats. max_context: KV cache
-    positions per slot (default: sized to the memory available, `Engine`).
+    positions per slot (default: sized to the memory available, `Engine`). body_limits: how
+    fast a request body must arrive (`BodyLimits`).
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, max_batch=max_batch,
                     prefill_chunk=prefill_chunk, compile=compile, max_context=max_context)
@@ -231,6 +256,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
     app = FastAPI(title="bardlm", lifespan=lifespan, docs_url="/docs" if docs else None,
                   openapi_url="/openapi.json" if docs else None, redoc_url=None)
     app.state.engine = engine
+    app.state.body_limits = body_limits
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(StarletteHTTPException)
@@ -266,7 +292,9 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        body = await _small_json(request)
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
         text = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(text, str):
             return error_response(400, "prompt must be a string", param="prompt")
@@ -278,7 +306,9 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        body = await _small_json(request)
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
         ids = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             return error_response(400, "tokens must be a list of token ids", param="tokens")
@@ -466,6 +496,13 @@ class Guard:
             await response(scope, receive, send)
 
     def refusal(self, scope: dict) -> JSONResponse | None:
+        # Request line and headers as sent, give or take their spacing.
+        head = (len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope["query_string"])
+                + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + 16)
+        if head > MAX_HEAD:
+            return error_response(431, f"the request head is about {head} bytes, over the "
+                                  f"{MAX_HEAD >> 10} KiB limit; send fewer or shorter headers",
+                                  code="head_too_large", headers={"Connection": "close"})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = _host_name(headers.get("host", ""))
         if self.hosts is not None and host not in self.hosts:
@@ -500,38 +537,63 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-async def read_body(request: Request) -> bytes | JSONResponse:
+async def read_body(request: Request) -> bytes | Response:
     """The request body, counted while it arrives: refused (413) as soon as it passes MAX_BODY,
     without reading the rest (a chunked upload has no Content-Length to check first), and
-    refused (408) when the client stalls for BODY_TIMEOUT seconds between pieces."""
+    refused (408) when it comes too slowly for the app's `BodyLimits`. A connection that closes
+    mid-body (the client hung up, or server.py made room) is one log line, and an empty 499 that
+    nobody reads."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY:
         return _too_large()
+    limits: BodyLimits = request.app.state.body_limits
     chunks, n = [], 0
     pieces = request.stream().__aiter__()
+    start = time.monotonic()
     while True:
         try:
-            chunk = await asyncio.wait_for(pieces.__anext__(), BODY_TIMEOUT)
+            left = limits.time_left(time.monotonic() - start, n)
+            if left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(pieces.__anext__(), left)
         except StopAsyncIteration:
             return b"".join(chunks)
         except asyncio.TimeoutError:
-            return error_response(408, f"the request body stalled for {BODY_TIMEOUT:.0f} s; "
-                                  "send it whole", code="body_timeout", headers={"Connection": "close"})
+            return error_response(
+                408, f"the request body came too slowly ({n} byte{'s' * (n != 1)} in "
+                f"{time.monotonic() - start:.1f} s); "
+                f"send it whole, within {limits.deadline:.0f} s and at {limits.min_rate:.0f} bytes/s at "
+                "least", code="body_timeout", headers={"Connection": "close"})
+        except ClientDisconnect:
+            client = request.client
+            LOG.info("%s: the connection closed during the body of %s %s (%d of %s bytes received)",
+                     f"{client.host}:{client.port}" if client else "client", request.method,
+                     request.url.path, n, length or "?")
+            return Response(status_code=499)
         n += len(chunk)
         if n > MAX_BODY:
             return _too_large()
         chunks.append(chunk)
 
 
-async def _small_json(request: Request) -> Any:
-    """The JSON body of a request of at most MAX_BODY bytes (None when too large or invalid)."""
+async def read_json(request: Request) -> Any:
+    """The JSON body of a request, or the error response saying why there is none (too large,
+    too slow, not UTF-8, not JSON, nested too deeply)."""
     body = await read_body(request)
     if isinstance(body, Response):
-        return None
+        return body
     try:
-        return json.loads(body)
-    except ValueError:
-        return None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return error_response(400, f"the request body is not UTF-8 (bad byte at offset {e.start}); "
+                              "send JSON encoded as UTF-8")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        return error_response(400, f"the request body is not valid JSON ({e})")
+    except RecursionError:
+        return error_response(400, "the request body is not valid JSON (nested too deeply); send "
+                              "a flat JSON object")
 
 
 async def _wait_unless_gone(request: Request, future: Future, job: Job) -> None:

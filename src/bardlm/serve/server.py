@@ -7,6 +7,7 @@ Binding first (rather than letting uvicorn do it) turns "port in use" into a one
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import BardlmError
-from .app import build_app
+from .app import LOOPBACK_NAMES, MAX_HEAD, build_app
 
 LOOPBACK = "127.0.0.1"
+LOG = logging.getLogger("bardlm.serve")
 
 
 def bind(host: str = LOOPBACK, port: int = 8000) -> socket.socket:
@@ -50,27 +52,61 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-class HeadDeadline(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head.
+class GuardedProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head, and room kept for
+    requests that arrive whole.
 
-    uvicorn closes a keep-alive connection that stays silent, but any byte resets that timer,
-    and a new connection has none: a client trickling a header a byte at a time holds a
-    connection for ever. Here a client has `head_timeout` seconds, from connecting or from its
-    previous response, to finish a request line and headers; the body has its own stall limit
-    (app.py). One timer per connection, checked when it fires.
+    Head deadline: uvicorn closes a keep-alive connection that stays silent, but any byte
+    resets that timer, and a new connection has none: a client trickling a header a byte at a
+    time would hold a connection for ever. Here a client has `head_timeout` seconds, from
+    connecting or from its previous response, to finish a request line and headers; the body
+    has its own deadline and minimum rate (app.py, `BodyLimits`).
+
+    Room: at most `max_connections` connections are open. One more arriving at the limit
+    closes the connection that has been *waiting* longest (for a head or for the rest of a
+    body, or idle between requests); connections holding a whole request (being answered,
+    streaming) are never closed. So clients that trickle bodies delay nobody who sends
+    requests promptly: they are the oldest waiting, and go first. Only when every connection
+    holds a whole request is the new one turned away (uvicorn's 503).
     """
 
     head_timeout = 10.0
+    max_connections = 256
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._waiting_since: float | None = None
         self._arm()
+        if len(self.connections) > self.max_connections:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        waiting = [c for c in self.connections if c is not self
+                   and getattr(c, "_waiting_since", None) is not None
+                   and not c.transport.is_closing()]
+        if not waiting:  # all busy: this one stays, and uvicorn answers its request with a 503
+            return
+        victim = min(waiting, key=lambda c: c._waiting_since)
+        client = victim.client
+        LOG.warning("%d connections open, the limit: closed %s, which waited %.0f s for its "
+                    "request", len(self.connections) - 1, f"{client[0]}:{client[1]}" if client
+                    else "a client", self.loop.time() - victim._waiting_since)
+        victim.transport.close()  # a body being read: the app sees the disconnect (one line)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            self._waiting_since = None  # a whole request in hand: real work, never evicted
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._arm()
 
     def _arm(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()  # the previous request's timer must not cut this one
+        self._waiting_since = self.loop.time()
         self._deadline = self.loop.call_later(self.head_timeout, self._head_late)
 
     def _head_late(self) -> None:
@@ -83,30 +119,93 @@ class HeadDeadline(H11Protocol):
         super().connection_lost(exc)
 
 
+def check_max_connections(max_connections: int) -> None:
+    """Refuse a connection limit under 1 (0 would turn every client away), before loading."""
+    if max_connections < 1:
+        raise BardlmError(f"--max-connections must be at least 1, got {max_connections}; it bounds "
+                          "the open connections (default 256)")
+
+
 def uvicorn_config(app: Any, log_level: str = "info", max_connections: int = 256,
                    head_timeout: float = 10.0) -> uvicorn.Config:
     """uvicorn's settings for a server facing untrusted clients.
 
-    max_connections: connections plus requests in progress; past it uvicorn answers 503 at
-    once. timeout_keep_alive: an idle keep-alive connection is closed after 5 s. head_timeout:
-    seconds a client has to send a request's head (`HeadDeadline`). The h11 limit caps a
-    request's headers at 16 KiB; the body has its own size and stall limits (app.py).
+    max_connections: open connections at most (`GuardedProtocol` makes room for a new one by
+    closing the longest waiting; uvicorn's own limit, one above, counts requests in progress
+    and answers 503 past it). timeout_keep_alive: an idle keep-alive connection is closed after
+    5 s. head_timeout: seconds a client has to send a request's head. The h11 limit caps a
+    request head arriving in pieces at 16 KiB (Guard, app.py, one arriving at once); the body
+    has its own size and time limits (app.py).
     """
-    protocol = type("Protocol", (HeadDeadline,), {"head_timeout": head_timeout})
+    check_max_connections(max_connections)
+    protocol = type("Protocol", (GuardedProtocol,),
+                    {"head_timeout": head_timeout, "max_connections": max_connections})
     return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
-                          timeout_keep_alive=5, limit_concurrency=max_connections,
-                          h11_max_incomplete_event_size=16 * 1024, server_header=False,
+                          timeout_keep_alive=5, limit_concurrency=max_connections + 1,
+                          h11_max_incomplete_event_size=MAX_HEAD, server_header=False,
                           proxy_headers=False, http=protocol)
 
 
-def allowed_hosts_for(host: str, extra: list[str] | None = None) -> list[str] | None:
-    """The Host header names a server bound to `host` answers to: loopback names for a
-    loopback bind, the address itself otherwise, plus `extra`; None (any) for a wildcard bind
-    (0.0.0.0 or ::) with no `extra`, where the names cannot be known."""
-    if host in ("0.0.0.0", "::", ""):
-        return list(extra) if extra else None
-    names = ["localhost", "127.0.0.1", "::1", host] if is_loopback(host) else [host]
-    return names + list(extra or [])
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def machine_names() -> list[str]:
+    """This machine's names and addresses: loopback, host name, FQDN, what they resolve to, and
+    every interface address (Linux: ioctl for IPv4, /proc/net/if_inet6 for IPv6)."""
+    names = list(LOOPBACK_NAMES)
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        names.append(name)
+        try:
+            names += [info[4][0] for info in socket.getaddrinfo(name, None)]
+        except OSError:
+            pass  # a host name that does not resolve: its addresses come from the interfaces
+    names += _interface_addresses()
+    return list(dict.fromkeys(n.lower().split("%")[0] for n in names if n))
+
+
+def _interface_addresses() -> list[str]:
+    found = []
+    try:
+        import fcntl
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915,  # SIOCGIFADDR
+                                         struct.pack("256s", name.encode()[:15]))
+                    found.append(socket.inet_ntoa(packed[20:24]))
+                except OSError:
+                    pass  # an interface without an IPv4 address
+    except (ImportError, OSError, AttributeError):
+        pass  # not Linux: the resolved addresses above are what we have
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            raw = line.split()[0]
+            found.append(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+def allowed_hosts_for(host: str, extra: list[str] | None = None) -> list[str]:
+    """The Host header names a server bound to `host` answers to, plus `extra`: loopback names
+    for a loopback bind; the address itself otherwise; for a wildcard bind (0.0.0.0 or ::),
+    this machine's own names and addresses (`machine_names`). Never "any": a page elsewhere
+    that rebinds its DNS name to this machine sends its own name, and is refused."""
+    if host in WILDCARDS:
+        names = machine_names()
+    elif is_loopback(host):
+        names = [*LOOPBACK_NAMES, host]
+    else:
+        names = [host]
+    return list(dict.fromkeys([*names, *(extra or [])]))
+
+
+def host_rule(host: str, names: list[str]) -> str:
+    """The start-up line saying which Host headers a wildcard-bound server answers to."""
+    return (f"bardlm: bound to {host or '0.0.0.0'} (every address): requests must name this machine in "
+            f"their Host header ({', '.join(names)}); add other names with --allowed-host")
 
 
 def serve_app(app: Any, sock: socket.socket, log_level: str = "info", max_connections: int = 256) -> None:
@@ -134,14 +233,16 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     """
     from ..io.load import load
 
+    check_max_connections(max_connections)
     model, tokenizer = load(ckpt, dtype, device=device)
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
     name = model_name or Path(ckpt).resolve().name
     from ..io.metadata import template_for
 
+    hosts = allowed_hosts_for(host, allowed_hosts)
     app = build_app(model, tokenizer, model_name=name, max_queue=max_queue, max_batch=max_batch,
-                    api_key=api_key, allowed_hosts=allowed_hosts_for(host, allowed_hosts),
+                    api_key=api_key, allowed_hosts=hosts,
                     docs=docs, compile=compile, chat_template=template_for(ckpt, tokenizer),
                     max_context=max_context)
     sock = bind(host, port)
@@ -149,6 +250,8 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}"
     print(f"bardlm: serving {name!r} at {url}/v1 (playground: {url}/); "
           f"{app.state.engine.plan.describe()}", file=sys.stderr, flush=True)
+    if host in WILDCARDS:
+        print(host_rule(host, hosts), file=sys.stderr, flush=True)
     if not is_loopback(host) and not api_key:
         print(f"bardlm: warning: {host} is reachable from other machines and the API has no "
               "authentication; pass --api-key", file=sys.stderr, flush=True)
