@@ -42,6 +42,30 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+# What a training run keeps beside its checkpoint (train/); a new model in the folder drops them,
+# or `train --resume` would pair the new weights with the old run's optimizer.
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (OPTIMIZER_FILE, STATE_FILE, METRICS_FILE, "loss.png")
+
+
+def claim_out(out: str | Path, overwrite: bool, held: str = "a model",
+              also: str = "") -> Path:
+    """The one rule of every verb that writes a model folder (train, finetune, convert, export,
+    quantize, merge): `out` must not be a file, and a folder already holding a checkpoint is
+    refused unless `overwrite`; overwriting drops the run files of the old model with it.
+    held: what the folder is said to hold; also: other ways out, e.g. "--resume to continue it or ".
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BardlmError(f"--out {out} is a file; pass a folder (or remove the file)")
+    if (out / CONFIG_FILE).exists():
+        if not overwrite:
+            raise BardlmError(f"{out} already holds {held}; pass {also}--overwrite to replace it")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    return out
 
 
 # Writing --------------------------------------------------------------------------------------

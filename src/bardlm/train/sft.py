@@ -28,6 +28,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import BardlmError
+from ..io.checkpoint import METRICS_FILE
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab, template_for
 from ..io.adapter import load_base
 from ..nn.lora import TARGETS, apply_lora, count_trainable
@@ -35,9 +36,8 @@ from ..nn.resize import resize_vocab
 from ..tokenizers import HFTokenizer
 from .distributed import Dist
 from .loop import Diverged, Loop, evaluate
-from .state import RunState, StopSignals, check_plan
+from .state import RunState, StopSignals, check_plan, diverged, interrupted, resume_command
 
-METRICS_FILE = "metrics.jsonl"
 
 
 # Data ---------------------------------------------------------------------------------------
@@ -176,6 +176,14 @@ class Finetuner:
         if resume:
             self.resume()
 
+    def run_flags(self) -> list[str]:
+        """The `bardlm finetune` flags that a resumed run must repeat (the rest is saved)."""
+        flags = ["--init-from", str(self.init_from), "--data", str(self.data)]
+        if self.lora is not None:
+            flags += ["--lora-rank", str(self.lora.rank), "--lora-alpha", f"{self.lora.alpha:g}",
+                      "--lora-targets", *self.lora.targets]
+        return flags
+
     def meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "init_from": str(self.init_from.resolve()), "data": str(self.data),
@@ -225,7 +233,7 @@ class Finetuner:
                     try:
                         loss = self.loop.train_step(self._batch)
                     except Diverged as e:
-                        raise BardlmError(f"{e}; the last good checkpoint in {self.out} is kept") from None
+                        raise diverged(e, self.out) from None
                     step = self.loop.step
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                         self._record(loss, before + time.time() - start)
@@ -233,8 +241,7 @@ class Finetuner:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.state.save(self.loop.step, self.history, self.meta())
-            raise BardlmError(f"interrupted at step {self.loop.step}; checkpoint saved, continue "
-                              f"with --resume (--out {self.out})") from None
+            raise interrupted(self.loop.step, resume_command("finetune", self.out, *self.run_flags())) from None
         return {"step": self.loop.step, **(self.history[-1] if self.history else {}),
                 "trainable_params": self.trainable, "total_params": self.total}
 
@@ -242,10 +249,11 @@ class Finetuner:
         row = {"step": self.loop.step, "train_loss": train_loss, "val_loss": self.val_loss(),
                "lr": self.loop.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
         self.history.append(row)
-        self.state.save(self.loop.step, self.history, self.meta())  # before metrics mention it
+        # The line before the save, as in `Trainer._record` (resuming drops a line past the save).
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         self.log(f"step {row['step']}: train {train_loss:.4f} val {row['val_loss']:.4f}")
+        self.state.save(self.loop.step, self.history, self.meta())
 
 
 # Scoring ------------------------------------------------------------------------------------
