@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import BardlmError
-from ..io.checkpoint import METRICS_FILE
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab, template_for
 from ..io.adapter import load_base
+from ..io.checkpoint import METRICS_FILE
 from ..nn.lora import TARGETS, apply_lora, count_trainable
 from ..nn.resize import resize_vocab
 from ..tokenizers import HFTokenizer
@@ -39,19 +40,30 @@ from .loop import Diverged, Loop, evaluate
 from .state import RunState, StopSignals, check_plan, diverged, interrupted, resume_command
 
 
-
 # Data ---------------------------------------------------------------------------------------
 def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     """The conversations of a chat JSONL file; a bad line is a one-line error naming file:line."""
+    return [messages for _, messages in read_numbered_chat_jsonl(path)]
+
+
+def read_numbered_chat_jsonl(path: str | Path) -> list[tuple[int, list[dict[str, str]]]]:
+    """(line number, conversation) for each conversation of a chat JSONL file."""
     path = Path(path)
+    if path.is_dir():
+        raise BardlmError(f"--data {path} is a folder; pass a .jsonl file of conversations")
     if not path.is_file():
         raise BardlmError(f"--data {path} does not exist; pass a .jsonl file of conversations")
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BardlmError(f"{where}: not UTF-8 (bad byte at column {e.start + 1}); "
+                                  "convert the file to UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -61,20 +73,26 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
             messages = check_messages(row["messages"], where)
             if not any(m["role"] == "assistant" for m in messages):
                 raise BardlmError(f"{where}: no assistant message, so nothing to learn from")
-            convs.append(messages)
+            convs.append((n, messages))
     if not convs:
         raise BardlmError(f"{path} holds no conversations")
     return convs
 
 
 def encode_examples(convs: list[list[dict[str, str]]], template: ChatTemplate, tokenizer: Any,
-                    block_size: int) -> tuple[list[torch.Tensor], int]:
+                    block_size: int, where: list[str] | None = None) -> tuple[list[torch.Tensor], int]:
     """Each conversation as one row (2, L): its ids and its targets (next id, or -1 where the
     next id is not the assistant's). L <= block_size + 1: longer conversations are cut (their
-    count is returned); one with no assistant token left is dropped."""
+    count is returned); one with no assistant token left is dropped. where: each conversation's
+    place (file:line), named when its text cannot be encoded."""
     rows, cut = [], 0
-    for messages in convs:
-        ids, mine = encode_chat(template, tokenizer, messages)
+    for i, messages in enumerate(convs):
+        try:
+            ids, mine = encode_chat(template, tokenizer, messages)
+        except BardlmError as e:
+            if where is None:
+                raise
+            raise BardlmError(f"{where[i]}: {e}") from None
         if len(ids) > block_size + 1:
             ids, mine, cut = ids[: block_size + 1], mine[: block_size + 1], cut + 1
         targets = [t if m else -1 for t, m in zip(ids[1:], mine[1:])] + [-1]
@@ -135,6 +153,13 @@ class LoRASpec:
     alpha: float
     targets: tuple[str, ...] = TARGETS
 
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise BardlmError(f"--lora-rank must be a positive integer, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise BardlmError(f"--lora-alpha must be a positive finite number, got {self.alpha} "
+                              "(default 2 x rank)")
+
 
 class Finetuner:
     """A finetuning run: base model + chat data -> `out` (a checkpoint, or a LoRA adapter)."""
@@ -153,11 +178,15 @@ class Finetuner:
             log(f"the chat template adds {added} token(s) to the vocabulary")
         self.tokenizer = tokenizer
         self.model = resize_vocab(model, max(model.config.vocab_size, tokenizer.vocab_size))
-        convs = read_chat_jsonl(self.data)
-        train, val = split_conversations(convs, cfg.val_fraction, cfg.seed)
+        train, val = split_conversations(read_numbered_chat_jsonl(self.data), cfg.val_fraction, cfg.seed)
         T = self.model.config.block_size
-        train_rows, cut = encode_examples(train, self.template, tokenizer, T)
-        self.val_rows, cut_val = encode_examples(val, self.template, tokenizer, T)
+
+        def encode(part: list[tuple[int, list[dict[str, str]]]]) -> tuple[list[torch.Tensor], int]:
+            return encode_examples([m for _, m in part], self.template, tokenizer, T,
+                                   [f"{self.data}:{n}" for n, _ in part])
+
+        train_rows, cut = encode(train)
+        self.val_rows, cut_val = encode(val)
         if cut + cut_val:
             log(f"note: {cut + cut_val} conversation(s) longer than the context ({T}) were cut")
         if not self.val_rows:
