@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ def claim_out(out: str | Path, overwrite: bool, held: str = "a model",
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BardlmError(f"--out {out} is a file; pass a folder (or remove the file)")
+    there = out  # the folder that exists: `out`, or the one its missing folders are made in
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise BardlmError(f"--out {out}: {there} is a file, so no folder can be made in it; choose another --out")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise BardlmError(f"--out {out}: {there} is not writable; fix its permissions or choose another --out")
     if (out / CONFIG_FILE).exists():
         if not overwrite:
             raise BardlmError(f"{out} already holds {held}; pass {also}--overwrite to replace it")
