@@ -51,13 +51,8 @@ METRICS_FILE = "metrics.jsonl"
 RUN_FILES = (OPTIMIZER_FILE, STATE_FILE, METRICS_FILE, "loss.png")
 
 
-def claim_out(out: str | Path, overwrite: bool, held: str = "a model",
-              also: str = "") -> Path:
-    """The one rule of every verb that writes a model folder (train, finetune, convert, export,
-    quantize, merge): `out` must not be a file, and a folder already holding a checkpoint is
-    refused unless `overwrite`; overwriting drops the run files of the old model with it.
-    held: what the folder is said to hold; also: other ways out, e.g. "--resume to continue it or ".
-    """
+def check_writable(out: str | Path) -> Path:
+    """Refuse an --out folder that cannot be made or written, before any work is done."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BardlmError(f"--out {out} is a file; pass a folder (or remove the file)")
@@ -68,6 +63,17 @@ def claim_out(out: str | Path, overwrite: bool, held: str = "a model",
         raise BardlmError(f"--out {out}: {there} is a file, so no folder can be made in it; choose another --out")
     if not os.access(there, os.W_OK | os.X_OK):
         raise BardlmError(f"--out {out}: {there} is not writable; fix its permissions or choose another --out")
+    return out
+
+
+def claim_out(out: str | Path, overwrite: bool, held: str = "a model",
+              also: str = "") -> Path:
+    """The one rule of every verb that writes a model folder (train, finetune, convert, export,
+    quantize, merge): `out` must not be a file, and a folder already holding a checkpoint is
+    refused unless `overwrite`; overwriting drops the run files of the old model with it.
+    held: what the folder is said to hold; also: other ways out, e.g. "--resume to continue it or ".
+    """
+    out = check_writable(out)
     if (out / CONFIG_FILE).exists():
         if not overwrite:
             raise BardlmError(f"{out} already holds {held}; pass {also}--overwrite to replace it")

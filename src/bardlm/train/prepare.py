@@ -550,7 +550,7 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare `sources` into the folder `out` (see the module docstring); returns meta.json."""
-    from ..io.checkpoint import save_tokenizer
+    from ..io.checkpoint import check_writable, save_tokenizer
 
     out = Path(out)
     if not 0 <= val_fraction < 1:
@@ -562,6 +562,7 @@ def prepare(
                           f"(default {DEFAULT_SAMPLE_MB:g}): word and bpe tokenizers learn from that sample")
     if out.exists() and not overwrite:
         raise BardlmError(f"{out} already exists; pass --overwrite to replace it")
+    check_writable(out.parent if out.is_dir() else out)  # a folder replaced whole: its parent is written
     paths = find_sources(sources)
     workers = workers or os.cpu_count() or 1
     tok = make_tokenizer(tokenizer, paths, text_field, skip_bad, sample_mb, seed, log)
