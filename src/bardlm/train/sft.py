@@ -171,14 +171,13 @@ class Finetuner:
         self.log, self.history = log, []
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
+        convs = read_numbered_chat_jsonl(self.data)  # bad data is said before the model loads
         model, tokenizer = load_base(self.init_from)
         self.template = template_for(self.init_from, tokenizer)
         tokenizer, added = prepare_vocab(self.template, tokenizer)
-        if added:
-            log(f"the chat template adds {added} token(s) to the vocabulary")
         self.tokenizer = tokenizer
         self.model = resize_vocab(model, max(model.config.vocab_size, tokenizer.vocab_size))
-        train, val = split_conversations(read_numbered_chat_jsonl(self.data), cfg.val_fraction, cfg.seed)
+        train, val = split_conversations(convs, cfg.val_fraction, cfg.seed)
         T = self.model.config.block_size
 
         def encode(part: list[tuple[int, list[dict[str, str]]]]) -> tuple[list[torch.Tensor], int]:
@@ -187,6 +186,8 @@ class Finetuner:
 
         train_rows, cut = encode(train)
         self.val_rows, cut_val = encode(val)
+        if added:  # said once the data is known to encode
+            log(f"the chat template adds {added} token(s) to the vocabulary")
         if cut + cut_val:
             log(f"note: {cut + cut_val} conversation(s) longer than the context ({T}) were cut")
         if not self.val_rows:
