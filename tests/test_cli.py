@@ -135,7 +135,7 @@ def test_quantize_and_merge_refuse_a_run_and_overwrite_replaces_it_whole(tmp_pat
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("bardlm: error: ") and "\n" not in err
+    assert err.startswith("bardlm: error: ") and "holds a model but no training state" in err
 
 
 def test_merge_with_another_base_says_so(tmp_path, corpus_file, capsys) -> None:
@@ -152,6 +152,9 @@ def test_merge_with_another_base_says_so(tmp_path, corpus_file, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert f"{other} is not the base of adapter {adapter}: its n_embd is 48, the adapter's base had 32" in err
     assert main(["merge", "--adapter", str(adapter), "--base", str(base), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()  # a merged model has no training state to resume (it was a KeyError)
+    assert main(["train", "--resume", "--out", str(tmp_path / "m"), "--no-progress"]) == 2
+    assert "holds a model but no training state" in capsys.readouterr().err
 
 
 def test_eval_reads_gzip_like_train(tmp_path, corpus_file, capsys) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import BardlmError
-from ..io.checkpoint import CONFIG_FILE, METRICS_FILE, claim_out
+from ..io.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, claim_out
 from ..nn.model import GPT
 from ..tokenizers import Tokenizer
 from .data import Batches, Prepared, Split, split_ids, val_windows
@@ -389,3 +389,6 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     elif not (out.is_dir() and (out / CONFIG_FILE).exists()):
         claim_out(out, False)  # a file is named as such
         raise BardlmError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a run")
+    elif not (out / STATE_FILE).is_file():  # written by convert, export, quantize or merge
+        raise BardlmError(f"--resume: {out} holds a model but no training state ({STATE_FILE}); "
+                          f"start a new run from it with --init-from {out}")
