@@ -55,3 +55,120 @@ def test_tokenizer_train_and_bpe_model(tmp_path, corpus_file, capsys) -> None:
     assert json.loads((out / "tokenizer.json").read_text())["kind"] == "bpe"
     assert main(["generate", "--ckpt", str(out), "--prompt", "ROMEO: café", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO: café")
+
+
+# Issue 32 ------------------------------------------------------------------------------------
+CHAT = [{"role": "user", "content": "soft"}, {"role": "assistant", "content": "light"}]
+
+
+def _base(corpus_file, out, *sets: str) -> None:  # noqa: ANN001
+    """A 1-step model with room for a short conversation (context 64)."""
+    assert main(["train", "--data", str(corpus_file), "--out", str(out), "--max-iters", "1", *TINY,
+                 "--set", "block_size=64", *sets]) == 0
+
+
+def _chat_file(tmp_path):  # noqa: ANN001, ANN202
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(8)))
+    return path
+
+
+def _sigterm_at(monkeypatch, cls, step: int) -> None:  # noqa: ANN001
+    """Make `cls.train_step` send this process SIGTERM after optimizer step `step`."""
+    import os
+    import signal
+
+    real = cls.train_step
+
+    def step_then_term(self, *a):  # noqa: ANN001, ANN002, ANN202
+        loss = real(self, *a)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(cls, "train_step", step_then_term)
+
+
+@pytest.mark.parametrize("verb", ["train", "finetune"])
+def test_sigterm_is_a_note_and_its_resume_command_works(verb, tmp_path, corpus_file, capsys, monkeypatch) -> None:
+    """SIGTERM saves and says how to go on, as a note (exit 130, no "error:"); the command it
+    prints, run as printed, finishes the run."""
+    import shlex
+
+    from bardlm.train.loop import Loop
+
+    out = tmp_path / "run with space"
+    if verb == "train":
+        argv = ["train", "--data", str(corpus_file), "--out", str(out), "--max-iters", "6", *TINY]
+    else:
+        base = tmp_path / "base"
+        _base(corpus_file, base)
+        argv = ["finetune", "--init-from", str(base), "--data", str(_chat_file(tmp_path)), "--out", str(out),
+                "--max-iters", "6", "--set", "batch_size=2", "--set", "eval_interval=3", "--lora-rank", "2"]
+    _sigterm_at(monkeypatch, Loop, 2)
+    capsys.readouterr()
+    assert main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("bardlm: interrupted at step 2; checkpoint saved, continue with: bardlm ")
+    assert "error" not in last
+    monkeypatch.undo()
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert main(command[1:]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+
+
+def test_quantize_and_merge_refuse_a_run_and_overwrite_replaces_it_whole(tmp_path, corpus_file, capsys) -> None:
+    """`quantize --out RUN` used to replace RUN's weights and leave its optimizer, so that
+    `train --resume` died with KeyError: now it is refused, and --overwrite drops the run's
+    optimizer, state and metrics with the old model."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_file), "--out", str(run), "--max-iters", "3", *TINY]) == 0
+    other = tmp_path / "other"
+    assert main(["train", "--data", str(corpus_file), "--out", str(other), "--max-iters", "1", *TINY]) == 0
+    before = (run / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["quantize", "--ckpt", str(other), "--out", str(run)]) == 2
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == before
+    assert main(["quantize", "--ckpt", str(other), "--out", str(run), "--overwrite"]) == 0
+    assert not [n for n in ("optimizer.safetensors", "trainer_state.json", "metrics.jsonl") if (run / n).exists()]
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bardlm: error: ") and "holds a model but no training state" in err
+
+
+def test_merge_with_another_base_says_so(tmp_path, corpus_file, capsys) -> None:
+    """An adapter merged onto a base of another shape names the mismatch (it used to say "the
+    vocabulary can only grow")."""
+    base, other = tmp_path / "base", tmp_path / "other"
+    _base(corpus_file, base)
+    _base(corpus_file, other, "--set", "n_embd=48")
+    adapter = tmp_path / "adapter"
+    assert main(["finetune", "--init-from", str(base), "--data", str(_chat_file(tmp_path)), "--out", str(adapter),
+                 "--max-iters", "1", "--set", "batch_size=2", "--lora-rank", "2"]) == 0
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(adapter), "--base", str(other), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{other} is not the base of adapter {adapter}: its n_embd is 48, the adapter's base had 32" in err
+    assert main(["merge", "--adapter", str(adapter), "--base", str(base), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()  # a merged model has no training state to resume (it was a KeyError)
+    assert main(["train", "--resume", "--out", str(tmp_path / "m"), "--no-progress"]) == 2
+    assert "holds a model but no training state" in capsys.readouterr().err
+
+
+def test_eval_reads_gzip_like_train(tmp_path, corpus_file, capsys) -> None:
+    """`eval --data x.txt.gz` scores the decompressed text, exactly as the plain file."""
+    import gzip
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_file), "--out", str(run), "--max-iters", "1", *TINY]) == 0
+    gz = tmp_path / "romeo.txt.gz"
+    gz.write_bytes(gzip.compress(corpus_file.read_bytes()))
+    capsys.readouterr()
+    results = []
+    for data in (corpus_file, gz):
+        assert main(["eval", "--ckpt", str(run), "--data", str(data), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["bytes"] == len(TEXT.encode()) and results[0]["tokens"] > 0
+    assert {k: v for k, v in results[1].items() if k != "data"} == {k: v for k, v in results[0].items() if k != "data"}

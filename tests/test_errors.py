@@ -96,6 +96,48 @@ def _pickle(tmp: Path) -> str:
     return _file(tmp, "model.pt", pickle.dumps({"weights": [1, 2, 3]}))
 
 
+def _edited(ckpt: Path, tmp: Path, name: str, edit) -> str:  # noqa: ANN001
+    """A copy of the run with one of its JSON files changed by `edit(text) -> text`."""
+    d = _copy_ckpt(ckpt, tmp)
+    (d / name).write_text(edit((d / name).read_text()))
+    return str(d)
+
+
+def _lr_nan(text: str) -> str:
+    meta = json.loads(text)
+    meta["train"]["lr"] = float("nan")
+    return json.dumps(meta)  # writes NaN, which json.loads reads back
+
+
+def _no_cuda() -> str:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the case is a CPU-only build")
+    return "cuda"
+
+
+def _data(tmp: Path) -> str:
+    return _file(tmp, "d.txt", TEXT.encode())
+
+
+def _under_file(tmp: Path, *rest: str) -> str:
+    """A path inside a regular file: no folder can be made there (unlike a chmod, this holds
+    for root too)."""
+    return str(Path(_file(tmp, "plain", b"x"), *rest))
+
+
+def _chat(tmp: Path, *lines: bytes) -> str:
+    ok = b'{"messages": [{"role": "user", "content": "hear"}, {"role": "assistant", "content": "me"}]}'
+    return _file(tmp, "c.jsonl", b"\n".join([ok, *lines]) + b"\n")
+
+
+def _finetune(t: Path, c: Path, data: str, *extra: str) -> list[str]:
+    return ["finetune", "--init-from", str(c), "--data", data, "--out", str(t / "ft"), "--max-iters", "1", *extra]
+
+
+def _train(t: Path, *sets: str) -> list[str]:
+    return ["train", "--data", _data(t), "--out", str(t / "r"), *SMALL, *[a for k in sets for a in ("--set", k)]]
+
+
 # (id, argv builder (tmp, ckpt, word_ckpt) -> argv, expected fragment of the one-line message)
 CASES = [
     ("config-heads", lambda t, c, w: ["info", "--preset", "char-tiny", "--set", "n_embd=100", "--set", "n_head=3"],
@@ -189,6 +231,66 @@ CASES = [
     ("finetune-fsdp-lora", lambda t, c, w: ["finetune", "--init-from", str(c), "--out", str(t / "f"), "--fsdp",
                                             "--lora-rank", "2", "--data", _file(t, "c.jsonl", b'{"messages": []}\n')],
      "fsdp with --lora-rank is not supported"),
+    # issue 32: every verb that writes a model folder refuses an existing one the same way (3)
+    ("out-quantize-existing", lambda t, c, w: ["quantize", "--ckpt", str(c), "--out", str(_copy_ckpt(c, t))],
+     "already holds a model; pass --overwrite to replace it"),
+    ("out-merge-existing", lambda t, c, w: ["merge", "--adapter", str(t / "any"), "--out", str(_copy_ckpt(c, t))],
+     "already holds a model; pass --overwrite to replace it"),
+    # (5)
+    ("prepare-sample-mb", lambda t, c, w: ["prepare", "--data", _data(t), "--tokenizer", "bpe:300", "--out", str(t / "p"), "--sample-mb", "0"],
+     "--sample-mb 0.0 must be a positive number of megabytes"),
+    ("prepare-sample-mb-negative", lambda t, c, w: ["prepare", "--data", _data(t), "--tokenizer", "bpe:300", "--out", str(t / "p"), "--sample-mb", "-1"],
+     "--sample-mb -1.0 must be a positive number of megabytes"),
+    # (6, 8) values refused by TrainConfig
+    ("train-beta1", lambda t, c, w: _train(t, "beta1=1.5"), "train: beta1 must be in [0, 1)"),
+    ("train-beta2", lambda t, c, w: _train(t, "beta2=1.5"), "train: beta2 must be in [0, 1)"),
+    ("train-eps", lambda t, c, w: _train(t, "eps=-1"), "train: eps must be positive"),
+    ("train-weight-decay", lambda t, c, w: _train(t, "weight_decay=-0.1"), "train: weight_decay must be >= 0"),
+    ("train-grad-clip", lambda t, c, w: _train(t, "grad_clip=-1"), "train: grad_clip must be >= 0"),
+    ("train-lr-decay-iters", lambda t, c, w: _train(t, "lr_decay_iters=-5"), "train: lr_decay_iters must be >= 0"),
+    ("train-vocab-size", lambda t, c, w: _train(t, "vocab_size=100"), "the vocabulary size comes from the tokenizer"),
+    ("resume-config-nan", lambda t, c, w: ["train", "--resume", "--out", _edited(c, t, "config.json", _lr_nan)],
+     "train: lr must be a finite number, got nan"),
+    ("resume-state-corrupt", lambda t, c, w: ["train", "--resume", "--data", _data(t), "--no-progress", "--out", _edited(c, t, "trainer_state.json", lambda s: s[:40])],
+     "trainer_state.json is damaged"),
+    ("device-no-cuda", lambda t, c, w: ["generate", "--ckpt", str(c), "--device", _no_cuda()],
+     "use --device cpu (or install a CUDA build of torch)"),
+    ("device-bogus", lambda t, c, w: ["train", "--out", str(t / "r"), "--device", "bogus"],
+     "--device bogus is not a device"),
+    ("gen-temperature-nan", lambda t, c, w: ["generate", "--ckpt", str(c), "--temperature", "nan"],
+     "temperature must be >= 0 and finite"),
+    ("gen-temperature-inf", lambda t, c, w: ["generate", "--ckpt", str(c), "--temperature", "inf"],
+     "temperature must be >= 0 and finite"),
+    ("chat-temperature-nan", lambda t, c, w: ["chat", "--ckpt", str(c), "--temperature", "nan"],
+     "temperature must be >= 0 and finite"),
+    ("gen-penalty-nan", lambda t, c, w: ["generate", "--ckpt", str(c), "--repetition-penalty", "nan"],
+     "repetition_penalty must be in [0.01, 100]"),
+    ("gen-penalty-tiny", lambda t, c, w: ["chat", "--ckpt", str(c), "--repetition-penalty", "1e-38"],
+     "repetition_penalty must be in [0.01, 100]"),
+    ("gen-seed-big", lambda t, c, w: ["generate", "--ckpt", str(c), "--seed", "18446744073709551616"],
+     "seed must be an integer in [0, 2**63)"),
+    ("finetune-not-utf8", lambda t, c, w: _finetune(t, c, _chat(t, b"\xff")),
+     "c.jsonl:2: not UTF-8 (bad byte at column 1)"),
+    ("out-under-file", lambda t, c, w: ["train", "--data", _data(t), "--out", _under_file(t, "sub"), *SMALL],
+     "is a file, so no folder can be made in it"),
+    ("prepare-out-under-file", lambda t, c, w: ["prepare", "--data", _data(t), "--tokenizer", "char", "--out", _under_file(t, "sub")],
+     "is a file, so no folder can be made in it"),
+    ("tokenizer-out-under-file", lambda t, c, w: ["tokenizer", "train", "--data", _data(t), "--kind", "char", "--out", _under_file(t, "sub", "t.json")],
+     "Not a directory; check that the path exists"),
+    ("quantize-out-file", lambda t, c, w: ["quantize", "--ckpt", str(c), "--out", _file(t, "f", b"x")],
+     "is a file; pass a folder (or remove the file)"),
+    ("export-out-file", lambda t, c, w: ["export", "--format", "hf", "--ckpt", str(c), "--out", _file(t, "f", b"x")],
+     "is a file; pass a folder (or remove the file)"),
+    # (8)
+    ("finetune-lora-alpha-nan", lambda t, c, w: _finetune(t, c, _chat(t, b""), "--lora-rank", "2", "--lora-alpha", "nan"),
+     "--lora-alpha must be a positive finite number"),
+    # (9)
+    ("finetune-unknown-char", lambda t, c, w: _finetune(t, c, _chat(t, b"", b'{"messages": [{"role": "user", "content": "Zed"}, {"role": "assistant", "content": "me"}]}')),
+     "c.jsonl:3: character 'Z'"),
+    ("finetune-data-folder", lambda t, c, w: _finetune(t, c, str(t)),
+     "is a folder; pass a .jsonl file of conversations"),
+    ("eval-not-gzip", lambda t, c, w: ["eval", "--ckpt", str(c), "--data", _file(t, "x.txt.gz", TEXT.encode())],
+     "is not valid gzip; decompress it or pass the plain text file"),
 ]
 
 
@@ -227,8 +329,14 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(BardlmError, match="No space left on device.*previous files are intact"):
         tr.fit()
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name in before}
-    assert after == before
+    # metrics.jsonl got step 4's line before the save (so a completed save never lacks its
+    # line); resuming from step 2 drops it again
+    assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == {
+        k: v for k, v in before.items() if k != "metrics.jsonl"}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    _trainer(tmp_path, max_iters=4).resume()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
 
 
 def test_interrupt_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
@@ -261,9 +369,63 @@ def test_sigint_saves_and_says_how_to_resume(tmp_path) -> None:
         return loss
 
     tr.train_step = step_then_ctrl_c
-    with pytest.raises(BardlmError, match=r"interrupted at step 3; checkpoint saved, continue with --resume"):
+    with pytest.raises(BardlmError, match=r"interrupted at step 3; checkpoint saved, continue with: bardlm train --resume --out "):
         tr.fit()
     assert json.loads((tmp_path / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_prepare_counts_a_dangling_symlink(tmp_path, capsys) -> None:
+    """A broken link among the sources is an unreadable source: one line, or with --skip-bad
+    a count in `skipped` (it used to vanish from both)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(TEXT)
+    (src / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    argv = ["prepare", "--data", str(src), "--tokenizer", "char", "--workers", "1"]
+    assert main([*argv, "--out", str(tmp_path / "p1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bardlm: error: ") and "gone.txt: cannot read it" in err and "\n" not in err
+    assert main([*argv, "--out", str(tmp_path / "p2"), "--skip-bad"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"] == {"unreadable": 1} and summary["documents"] == 1
+
+
+def test_damaged_token_cache_is_encoded_again(tmp_path, monkeypatch) -> None:
+    """A cache file that cannot be read (cut short by a crash, or garbage) is replaced, not a
+    traceback."""
+    import numpy as np
+
+    from bardlm.train.data import token_cache_path, token_ids
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = Path(_file(tmp_path, "d.txt", TEXT.encode()))
+    tok = CharTokenizer.train(TEXT)
+    want = np.asarray(tok.encode(TEXT))
+    cache = token_cache_path(corpus, corpus.read_bytes(), tok.to_dict())
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"\x93NUMPY garbage")
+    assert np.array_equal(token_ids(corpus, TEXT, tok), want)
+    assert np.array_equal(np.load(cache), want)  # and the cache is whole again
+
+
+def test_nan_loss_before_any_save_says_there_is_no_checkpoint(tmp_path) -> None:
+    """A NaN at the first step: no "last good checkpoint is kept", since none was saved."""
+    from bardlm.train.loop import Diverged
+
+    tr = _trainer(tmp_path / "run")
+
+    def nan_step(batch) -> float:  # noqa: ANN001
+        raise Diverged("loss became nan at step 1", float("nan"))
+
+    tr.loop.train_step = nan_step
+    with pytest.raises(BardlmError, match="no checkpoint was saved before it") as e:
+        tr.fit()
+    assert "is kept" not in str(e.value)
+    tr = _trainer(tmp_path / "saved", max_iters=4)
+    tr.fit(until=2)
+    tr.loop.train_step = nan_step
+    with pytest.raises(BardlmError, match="the last good checkpoint in .* is kept"):
+        tr.fit()
 
 
 # Property tests: arbitrary input either works or raises BardlmError, nothing else.

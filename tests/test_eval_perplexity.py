@@ -147,7 +147,7 @@ def test_int8_and_bf16_run(converted, tmp_path, capsys) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--data", "MISSING"], "not found"),
+    (["--data", "MISSING"], "does not exist; check the --data path"),
     (["--data", "EMPTY"], "empty"),
     (["--max-length", str(BLOCK + 1)], "context of 64"),
     (["--max-length", "16", "--stride", "17"], "larger than --max-length"),

@@ -196,3 +196,87 @@ def test_crash_before_the_commit_point_keeps_the_old_save_whole(tmp_path, monkey
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     _assert_resumes_to(tmp_path, old)
+
+
+# Issue 32, item 4: kill -9 mid-save, and the metrics line of a saved step ----------------------
+def test_kill_9_mid_save_leaves_no_temp_files_after_the_next_load(tmp_path) -> None:
+    """A save killed (os._exit, as kill -9) after writing some temporary files and before its
+    journal: the next reader deletes those files, while a live writer's are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    t, old = _trained(tmp_path, 2)
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from bardlm.io.atomic import atomic_write_many, text_writer\n"
+        "def die(tmp):\n"
+        "    Path(tmp).write_text('partial')\n"
+        "    os._exit(9)\n"
+        "out = Path(sys.argv[1])\n"
+        "atomic_write_many([(out / 'config.json', text_writer('{}')), (out / 'model.safetensors', die)])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for _ in range(3):
+        assert subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env).returncode == 9
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 2  # each save cleared the files of the save killed before it
+    old_style = tmp_path / ".optimizer.safetensors.k2j4x9.tmp"  # named before pids were
+    old_style.write_text("x")
+    live = tmp_path / f".model.safetensors.{os.getppid()}-abc123.tmp"  # a save under way
+    live.write_text("x")
+    _assert_resumes_to(tmp_path, old)  # loading (read_config) clears them
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == [live.name]
+
+
+class _Killed(BaseException):
+    """The process killed at some point of `_record` (not an error the trainer handles)."""
+
+
+def _rows(out) -> list[dict]:  # noqa: ANN001
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_line_of_a_saved_step_survives_a_kill_after_the_save(tmp_path, monkeypatch) -> None:
+    """Killed right after step 2's save completed: metrics.jsonl has step 2's line."""
+    from bardlm.train.state import RunState
+
+    real_save = RunState.save
+
+    def save_then_die(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        real_save(self, *a, **k)
+        raise _Killed
+
+    t = _trainer(tmp_path)
+    t.cfg.eval_interval = t.loop.cfg.eval_interval = 2
+    monkeypatch.setattr(RunState, "save", save_then_die)
+    with pytest.raises(_Killed):
+        t.fit()
+    assert [r["step"] for r in _rows(tmp_path)] == [2]
+
+
+def test_metrics_line_past_the_checkpoint_is_dropped_on_resume(tmp_path, monkeypatch) -> None:
+    """Killed after step 4's line, before its save: resuming from step 2 drops that line, so
+    the finished run has one line per evaluated step."""
+    from bardlm.train.state import RunState
+
+    real_save, saves = RunState.save, []
+
+    def die_at_second_save(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        saves.append(1)
+        if len(saves) == 2:
+            raise _Killed
+        real_save(self, *a, **k)
+
+    t = _trainer(tmp_path)
+    t.cfg.eval_interval = t.loop.cfg.eval_interval = 2
+    monkeypatch.setattr(RunState, "save", die_at_second_save)
+    with pytest.raises(_Killed):
+        t.fit()
+    monkeypatch.undo()
+    assert [r["step"] for r in _rows(tmp_path)] == [2, 4]  # step 4 has no checkpoint
+    resumed = _trainer(tmp_path)
+    resumed.resume()
+    assert resumed.step == 2
+    assert [r["step"] for r in _rows(tmp_path)] == [2]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import BardlmError
+from .errors import BardlmError, Interrupted
 
 
 # train -------------------------------------------------------------------------------------
@@ -63,6 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite)
     model_over, train_over = _split_overrides(args.set)
+    if "vocab_size" in model_over:  # the model is built to the tokenizer's size, always
+        raise BardlmError("--set vocab_size: the vocabulary size comes from the tokenizer; drop it "
+                          "and choose the tokenizer instead (--tokenizer bpe:VOCAB, word:MIN_COUNT, ...)")
     for key in ("max_iters", "seed", "device", "dtype", "compile", "fsdp"):
         if getattr(args, key) is not None:
             train_over[key] = getattr(args, key)
@@ -214,7 +217,13 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    help="keep the model loaded and continue each line read from stdin")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
+def sampling_kwargs(args: argparse.Namespace, vocab_size: int) -> dict:
+    """The sampling flags as keyword arguments, checked at once (chat would otherwise report a
+    bad value at every line typed)."""
+    from .infer.sampling import check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.top_p, vocab_size, args.min_p,
+                   args.repetition_penalty, args.seed)
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -231,6 +240,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
     context_window(model.config, args.max_context)  # a bad --max-context: before any output
+    kwargs = sampling_kwargs(args, model.config.vocab_size)
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
@@ -238,10 +248,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.interactive:
         marker = (lambda: print("> ", end="", file=sys.stderr, flush=True)) if sys.stdin.isatty() else None
-        interactive(model, tokenizer, sys.stdin, emit, marker, **sampling_kwargs(args))
+        interactive(model, tokenizer, sys.stdin, emit, marker, **kwargs)
         return 0
     emit(args.prompt)
-    generate_text(model, tokenizer, args.prompt, on_text=emit, **sampling_kwargs(args))
+    generate_text(model, tokenizer, args.prompt, on_text=emit, **kwargs)
     emit("\n")
     return 0
 
@@ -253,12 +263,14 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
     p.add_argument("--no-embeddings", action="store_true",
                    help="keep the token embedding and head in bf16 (only the blocks in int8)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .io.load import quantize_checkpoint
 
-    print(json.dumps(quantize_checkpoint(args.ckpt, args.out, embeddings=not args.no_embeddings)))
+    print(json.dumps(quantize_checkpoint(args.ckpt, args.out, embeddings=not args.no_embeddings,
+                                         overwrite=args.overwrite)))
     return 0
 
 
@@ -521,8 +533,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.perplexity import perplexity, read_text
+    from .eval.perplexity import perplexity
     from .io.load import load
+    from .train.data import read_text  # the reader `train --data FILE` uses (.gz included)
 
     text = read_text(args.data)
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
@@ -702,7 +715,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.merge:
         from .io.adapter import merge_adapter
 
-        final["merged"] = merge_adapter(out, out / "merged")["out"]
+        final["merged"] = merge_adapter(out, out / "merged", overwrite=True)["out"]  # the run's own
     print(json.dumps({"out": str(out), **final}))
     return 0
 
@@ -774,12 +787,13 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", required=True, help="the adapter directory (bardlm finetune --lora-rank)")
     p.add_argument("--base", help="the base model (default: the one the adapter recorded)")
     p.add_argument("--out", required=True, help="directory for the merged checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .io.adapter import merge_adapter
 
-    print(json.dumps(merge_adapter(args.adapter, args.out, args.base)))
+    print(json.dumps(merge_adapter(args.adapter, args.out, args.base, args.overwrite)))
     return 0
 
 
@@ -801,7 +815,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
-    kw = sampling_kwargs(args)
+    kw = sampling_kwargs(args, model.config.vocab_size)
     session = ChatSession(model, tokenizer, template_for(args.ckpt, tokenizer), args.system,
                           kw.pop("max_new_tokens"), **kw)
     tty = sys.stdin.isatty()
@@ -871,16 +885,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(name: str) -> None:
+    """Refuse a --device that torch cannot parse or this machine does not have, in one line."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BardlmError(f"--device {name} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise BardlmError(f"--device {name}: {build}; use --device cpu (or install a CUDA build of torch)")
+        if device.index is not None and device.index >= count:
+            raise BardlmError(f"--device {name}: there are {count} GPU(s), numbered 0 to {count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise BardlmError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BardlmError(f"--device {name}: bardlm runs on cpu, cuda or mps")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         return COMMANDS[args.command][1](args)
+    except Interrupted as e:  # saved on Ctrl-C or SIGTERM: a note, not an error
+        print(f"bardlm: {e}", file=sys.stderr)
+        return 130
     except BardlmError as e:
         print(f"bardlm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bardlm: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a folder we may not write, a file we may not read: no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bardlm: error: {where}{e.strerror or e}; check that the path exists and that "
+              "you may read and write it", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

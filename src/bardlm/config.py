@@ -302,8 +302,16 @@ class TrainConfig:
                 raise BardlmError(f"train: {name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise BardlmError(f"train: lr must be positive and min_lr >= 0, got {self.lr}, {self.min_lr}")
-        if self.warmup_iters < 0:
-            raise BardlmError(f"train: warmup_iters must be >= 0, got {self.warmup_iters}")
+        for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise BardlmError(f"train: {name} must be >= 0, got {value}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise BardlmError(f"train: {name} must be in [0, 1), got {getattr(self, name)} "
+                                  "(AdamW's moving averages; 0.9 and 0.99 are usual)")
+        if self.eps <= 0:
+            raise BardlmError(f"train: eps must be positive, got {self.eps} (1e-8 is usual)")
         if self.dtype not in ("fp32", "bf16"):
             raise BardlmError(f"train: dtype must be fp32 or bf16, got {self.dtype!r} (fp16 is unusable on CPU)")
         _check_choice("schedule", self.schedule, SCHEDULES, "train")
@@ -381,6 +389,9 @@ def check_types(obj: Any, where: str) -> None:
         ) or Any in kinds
         if not ok:
             raise BardlmError(f"{where}: {f.name} must be {_type_name(kinds, optional)}, got {value!r}")
+        # NaN passes every `<` check unnoticed (a config.json may hold NaN or Infinity): refuse it.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BardlmError(f"{where}: {f.name} must be a finite number, got {value}")
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")

@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class BardlmError(Exception):
     """A user-facing error: the message is one line naming the problem and the fix."""
+
+
+class Interrupted(BardlmError):
+    """Ctrl-C or SIGTERM stopped a run after it saved: not a failure. The message says how to
+    continue; the CLI prints it as a note (not `error:`) and exits 130, as after Ctrl-C."""

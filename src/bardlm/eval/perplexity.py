@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,12 +134,3 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, **kwargs: Any)
     ids = encode_text(tokenizer, text)
     return perplexity_of_ids(model, ids, len(utf8(text)), tokenizer=tokenizer, **kwargs)
 
-
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise BardlmError(f"{path} not found; pass --data the path of a UTF-8 text file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise BardlmError(f"{path} is not UTF-8 text (byte {e.start}); convert it first") from None

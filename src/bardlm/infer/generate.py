@@ -115,7 +115,7 @@ def stream_ids(
         idx, real = left_pad(idx)
     idx, real = idx.to(device), real.to(device)
     check_prompt(idx.shape[1], max_new_tokens)
-    check_sampling(temperature, top_k, top_p, cfg.vocab_size, min_p, repetition_penalty)
+    check_sampling(temperature, top_k, top_p, cfg.vocab_size, min_p, repetition_penalty, seed)
     gens = _generators(seed, idx.shape[0], device)
     window = context_window(cfg, max_context)
     padded = not bool(real.all())

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import BardlmError
 
+# The repetition penalty divides logits: bounded so that it can neither blow them up nor
+# flatten them to nothing (the server's request models use the same bounds).
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; row b samples with seed + b
+
 
 def check_sampling(
     temperature: float, top_k: int | None, top_p: float | None, vocab_size: int,
-    min_p: float | None = None, repetition_penalty: float = 1.0,
+    min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
 ) -> None:
-    """Raise a one-line `BardlmError` for any out-of-range sampling argument."""
-    if temperature < 0:
-        raise BardlmError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    """Raise a one-line `BardlmError` for any out-of-range sampling argument (NaN included:
+    it passes every comparison and would reach `torch.multinomial`)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise BardlmError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise BardlmError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # NaN fails `0 < x` too
         raise BardlmError(f"top_p must be in (0, 1], got {top_p}")
     if min_p is not None and not 0 <= min_p <= 1:
         raise BardlmError(f"min_p must be in [0, 1], got {min_p}")
-    if repetition_penalty <= 0:
-        raise BardlmError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    if not MIN_PENALTY <= repetition_penalty <= MAX_PENALTY:
+        raise BardlmError(f"repetition_penalty must be in [{MIN_PENALTY}, {MAX_PENALTY:g}] (1 = off), "
+                          f"got {repetition_penalty}")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise BardlmError(f"seed must be an integer in [0, 2**63), got {seed}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

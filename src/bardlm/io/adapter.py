@@ -29,6 +29,7 @@ from .checkpoint import (
     MODEL_FILE,
     TOKENIZER_FILE,
     check_dir,
+    claim_out,
     load_checkpoint,
     load_tensors,
     read_config,
@@ -56,6 +57,24 @@ def load_base(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT
     return model, tokenizer
 
 
+# The fields that fix a model's weight shapes (the adapter's vocabulary may have grown).
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "n_kv_head", "head_dim", "ffn_hidden", "ffn", "norm",
+                "pos", "bias", "tie_embeddings")
+
+
+def check_base(base_cfg: ModelConfig, adapter_cfg: ModelConfig, base: Path, adapter: Path) -> None:
+    """Refuse a base model of another shape than the one the adapter was trained on."""
+    for name in SHAPE_FIELDS:
+        was, now = getattr(adapter_cfg, name, None), getattr(base_cfg, name, None)
+        if was != now:
+            raise BardlmError(f"{base} is not the base of adapter {adapter}: its {name} is {now}, "
+                              f"the adapter's base had {was}; pass the base it was trained on with --base")
+    if base_cfg.vocab_size > adapter_cfg.vocab_size:
+        raise BardlmError(f"{base} is not the base of adapter {adapter}: its vocabulary has "
+                          f"{base_cfg.vocab_size} tokens, the adapter's {adapter_cfg.vocab_size}; "
+                          "pass the base it was trained on with --base")
+
+
 def load_adapter(path: str | Path, base: str | Path | None = None, merge: bool = True,
                  device: str | torch.device = "cpu") -> tuple[GPT, Any, dict[str, Any]]:
     """(model in eval mode, the adapter's tokenizer, its config.json) of an adapter directory.
@@ -73,6 +92,7 @@ def load_adapter(path: str | Path, base: str | Path | None = None, merge: bool =
         raise BardlmError(f"the base model {base} of adapter {path} is not there; pass --base DIR")
     model, _ = load_base(base, device)
     cfg = ModelConfig.from_dict(meta["model"])
+    check_base(model.config, cfg, base, path)
     resize_vocab(model, cfg.vocab_size)
     apply_lora(model, a["rank"], a["alpha"], tuple(a["targets"]), tuple(a.get("train_also", ())))
     tensors = load_tensors(path / MODEL_FILE, meta.get("save_id"))
@@ -93,11 +113,14 @@ def load_adapter(path: str | Path, base: str | Path | None = None, merge: bool =
     return model.to(device).eval(), tokenizer, meta
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None) -> dict[str, Any]:
-    """Write base + adapter, merged, as an ordinary bardlm checkpoint in `out`."""
+def merge_adapter(adapter: str | Path, out: str | Path, base: str | Path | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """Write base + adapter, merged, as an ordinary bardlm checkpoint in `out` (a folder holding
+    a model already is replaced only with `overwrite`)."""
     out = Path(out)
     if out.resolve() == Path(adapter).resolve():
         raise BardlmError("--out must differ from the adapter directory")
+    claim_out(out, overwrite)
     model, tokenizer, meta = load_adapter(adapter, base, merge=True)
     keep = {k: v for k, v in meta.items()
             if k not in ("model", "adapter", "save_id", "tokenizer_fingerprint", "train")}

@@ -9,13 +9,16 @@ of two different saves. So a save is a small transaction:
 3. the temporary files are renamed into place, and the journal is removed.
 
 Whoever opens the folder next (`recover`) finishes the renames of a journal left by a crash
-between 2 and 3, so a reader sees the old save whole or the new save whole, never a mix.
+between 2 and 3, so a reader sees the old save whole or the new save whole, never a mix. It also
+deletes temporary files that no journal names and whose writer is dead (a crash before 2): a
+temporary name carries its writer's process id, so a save still being written is left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,16 @@ from ..errors import BardlmError
 
 JOURNAL = ".bardlm-commit.json"
 Writer = Callable[[str], None]
+# `.{target}.{pid}-{random}.tmp`; older versions wrote `.{target}.{random}.tmp` (no pid).
+_TEMP = re.compile(r"^\..+\.tmp$")
+_TEMP_PID = re.compile(r"\.(\d+)-[^.]+\.tmp$")
+
+
+def _mkstemp(path: Path) -> str:
+    """A new empty temporary file beside `path`, named after it and this process."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
+    os.close(fd)
+    return tmp
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -64,8 +77,7 @@ def atomic_write_many(writes: list[tuple[Path, Writer]]) -> None:
     path = folder
     try:
         for path, write in writes:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
+            tmp = _mkstemp(path)
             temps.append((tmp, path))
             write(tmp)
             default_mode(tmp)
@@ -86,8 +98,8 @@ def atomic_write_many(writes: list[tuple[Path, Writer]]) -> None:
 
 
 def _replace_with(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    tmp = _mkstemp(path)
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -101,6 +113,7 @@ def recover(folder: str | Path) -> None:
     folder = Path(folder)
     journal = folder / JOURNAL
     if not journal.is_file():
+        _clear_orphans(folder)
         return
     try:
         pairs = json.loads(journal.read_text(encoding="utf-8"))
@@ -111,6 +124,7 @@ def recover(folder: str | Path) -> None:
                 pass  # renamed already (before a crash, or by another process recovering too)
         _fsync_dir(folder)
         journal.unlink(missing_ok=True)
+        _clear_orphans(folder)
     except FileNotFoundError:
         return  # another process finished this save meanwhile
     except (OSError, ValueError) as e:
@@ -118,6 +132,39 @@ def recover(folder: str | Path) -> None:
             f"{folder} holds an unfinished save ({JOURNAL}) that cannot be completed ({e}); "
             "make the folder writable and retry"
         ) from None
+
+
+def _clear_orphans(folder: Path) -> None:
+    """Delete the temporary files of saves that died before their commit point (kill -9, power
+    loss): no journal names them (a journal's were just renamed), and their writer is gone."""
+    try:
+        names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return  # an unreadable folder is reported by whoever reads it
+    for name in names:
+        if not _TEMP.match(name) or _writer_alive(name):
+            continue
+        try:
+            (folder / name).unlink()
+        except OSError:
+            pass  # removed meanwhile, or a read-only folder: harmless leftovers
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process named in a temporary file's name still runs (False without a pid)."""
+    m = _TEMP_PID.search(name)
+    if m is None:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True  # a save of this very process (another thread) is under way
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def text_writer(text: str) -> Writer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,43 @@ from .metadata import CONFIG_FILE, ModelMeta
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+# What a training run keeps beside its checkpoint (train/); a new model in the folder drops them,
+# or `train --resume` would pair the new weights with the old run's optimizer.
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (OPTIMIZER_FILE, STATE_FILE, METRICS_FILE, "loss.png")
+
+
+def check_writable(out: str | Path) -> Path:
+    """Refuse an --out folder that cannot be made or written, before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BardlmError(f"--out {out} is a file; pass a folder (or remove the file)")
+    there = out  # the folder that exists: `out`, or the one its missing folders are made in
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise BardlmError(f"--out {out}: {there} is a file, so no folder can be made in it; choose another --out")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise BardlmError(f"--out {out}: {there} is not writable; fix its permissions or choose another --out")
+    return out
+
+
+def claim_out(out: str | Path, overwrite: bool, held: str = "a model",
+              also: str = "") -> Path:
+    """The one rule of every verb that writes a model folder (train, finetune, convert, export,
+    quantize, merge): `out` must not be a file, and a folder already holding a checkpoint is
+    refused unless `overwrite`; overwriting drops the run files of the old model with it.
+    held: what the folder is said to hold; also: other ways out, e.g. "--resume to continue it or ".
+    """
+    out = check_writable(out)
+    if (out / CONFIG_FILE).exists():
+        if not overwrite:
+            raise BardlmError(f"{out} already holds {held}; pass {also}--overwrite to replace it")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    return out
 
 
 # Writing --------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .checkpoint import (
     MODEL_FILE,
     TOKENIZER_FILE,
     build_model,
+    claim_out,
     load_tensors,
     read_config,
     save_checkpoint,
@@ -513,8 +514,7 @@ def _check_paths(src: str | Path, out: str | Path, overwrite: bool):  # noqa: AN
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise BardlmError(f"{src} is not a directory; pass a HF directory or a bardlm checkpoint")
-    if (out / CONFIG_FILE).exists() and not overwrite:
-        raise BardlmError(f"{out} already holds a model; pass --overwrite to replace it")
+    claim_out(out, overwrite)
     tok_path = _tokenizer_path(src)
     return src, out, tok_path, RawTokenizerJSON.read(tok_path) if tok_path else None
 

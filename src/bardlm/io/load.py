@@ -23,7 +23,14 @@ from ..infer.quantize import quantize_model, weight_bytes
 from ..nn.model import GPT
 from ..tokenizers import Tokenizer
 from .adapter import load_adapter
-from .checkpoint import CONFIG_FILE, check_dir, load_checkpoint, read_config, save_checkpoint
+from .checkpoint import (
+    CONFIG_FILE,
+    check_dir,
+    claim_out,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
 from .hf import config_from_hf, from_pretrained, is_hf_dir, read_hf_config
 from .metadata import ModelMeta
 
@@ -78,12 +85,15 @@ def read_meta(path: str | Path, tokenizer: Tokenizer | None) -> ModelMeta:
     return ModelMeta.from_checkpoint(read_config(path))
 
 
-def quantize_checkpoint(ckpt: str | Path, out: str | Path, embeddings: bool = True) -> dict[str, Any]:
+def quantize_checkpoint(ckpt: str | Path, out: str | Path, embeddings: bool = True,
+                        overwrite: bool = False) -> dict[str, Any]:
     """Write an INT8 copy of a float model directory (bardlm or Hugging Face) into `out`, as a
-    bardlm checkpoint; returns a summary (sizes in bytes)."""
+    bardlm checkpoint (a folder holding a model already is replaced only with `overwrite`);
+    returns a summary (sizes in bytes)."""
     ckpt, out = Path(ckpt), Path(out)
     if out.resolve() == ckpt.resolve():
         raise BardlmError("--out must differ from --ckpt; the float checkpoint is kept as it is")
+    claim_out(out, overwrite)
     if kind_of(ckpt) == "int8":
         raise BardlmError(f"{ckpt} is already quantized; pass the float checkpoint")
     model, tokenizer = load(ckpt)

@@ -175,22 +175,25 @@ def token_ids(corpus: str | Path, text: str, tokenizer) -> np.ndarray:  # noqa: 
     """
     corpus = Path(corpus)
     path = token_cache_path(corpus, corpus.read_bytes(), tokenizer.to_dict())
-    if not path.is_file():
-        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
-        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, ids)
-            default_mode(tmp)  # shared by every user's runs, like the corpus itself
-            os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
-        except OSError:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            return ids  # cache folder not writable: still train, just without the cache
-    return np.load(path, mmap_mode="r")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        pass  # not cached yet, or an unreadable or damaged cache file: encode (and replace it)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, ids)
+        default_mode(tmp)  # shared by every user's runs, like the corpus itself
+        os.replace(tmp, path)  # atomic: concurrent ranks write the same bytes, one wins
+        return np.load(path, mmap_mode="r")
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        return ids  # cache folder not writable: still train, just without the cache
 
 
 @dataclass

@@ -224,6 +224,12 @@ class DPOTuner(Finetuner):
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "dpo": self._settings()}
 
+    command = "dpo"
+
+    def run_flags(self) -> list[str]:
+        return [*super().run_flags(), "--beta", f"{self.beta:g}", "--loss", self.loss_kind,
+                "--sft-weight", f"{self.sft_weight:g}"]
+
     def _settings(self) -> dict[str, Any]:
         return {"beta": self.beta, "loss": self.loss_kind, "sft_weight": self.sft_weight}
 

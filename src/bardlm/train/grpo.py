@@ -327,6 +327,16 @@ class GRPOTuner(Finetuner):
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "rl": self.settings}
 
+    command = "rl"
+    FLAGS = {"digits": "--digits", "group": "--group", "temperature": "--temperature",
+             "max_new_tokens": "--max-new-tokens", "kl": "--kl", "epsilon": "--epsilon", "n_val": "--n-val"}
+
+    def run_flags(self) -> list[str]:
+        s = self.settings
+        flags = ["--task", s["task"], *(["--prompts", s["prompts"]] if s["prompts"] else [])]
+        flags += [x for key, flag in self.FLAGS.items() for x in (flag, f"{s[key]:g}")]
+        return ["--init-from", str(self.init_from), *flags, *super().run_flags()[4:]]
+
     def resume(self) -> None:
         from ..io.checkpoint import read_config
 

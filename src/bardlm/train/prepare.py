@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import queue
 import random
@@ -70,7 +71,10 @@ def find_sources(paths: Iterable[str | Path]) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+            # A broken symbolic link is a source too: reading it fails, so it is reported (or,
+            # with --skip-bad, counted as unreadable) rather than silently left out.
+            inside = sorted(f for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists()))
+                            and f.name.endswith(SUFFIXES))
             if not inside:
                 raise BardlmError(f"folder {p} holds no {', '.join(SUFFIXES)} files")
             found.extend(inside)
@@ -549,15 +553,19 @@ def prepare(
 ) -> dict[str, Any]:
     """Prepare `sources` into the folder `out` (see the module docstring); returns meta.json.
     progress: a bar of text bytes encoded, against the sources' estimated size (a terminal only)."""
-    from ..io.checkpoint import save_tokenizer
+    from ..io.checkpoint import check_writable, save_tokenizer
 
     out = Path(out)
     if not 0 <= val_fraction < 1:
         raise BardlmError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens < 1:
         raise BardlmError(f"--shard-tokens {shard_tokens} must be at least 1")
+    if not (math.isfinite(sample_mb) and sample_mb > 0):
+        raise BardlmError(f"--sample-mb {sample_mb} must be a positive number of megabytes "
+                          f"(default {DEFAULT_SAMPLE_MB:g}): word and bpe tokenizers learn from that sample")
     if out.exists() and not overwrite:
         raise BardlmError(f"{out} already exists; pass --overwrite to replace it")
+    check_writable(out.parent if out.is_dir() else out)  # a folder replaced whole: its parent is written
     paths = find_sources(sources)
     workers = workers or os.cpu_count() or 1
     tok = make_tokenizer(tokenizer, paths, text_field, skip_bad, sample_mb, seed, log)

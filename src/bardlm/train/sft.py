@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ..config import TrainConfig
 from ..errors import BardlmError
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab
 from ..io.adapter import load_base
+from ..io.checkpoint import METRICS_FILE
 from ..io.load import read_meta
 from ..io.metadata import template_for
 from ..nn.lora import TARGETS, apply_lora, count_trainable
@@ -43,9 +45,7 @@ from .distributed import Dist, Parallel
 from .loop import Diverged, Loop, autocast, count_targets, evaluate
 from .speed import describe as describe_speed
 from .speed import flops_per_token, speed
-from .state import RunState, StopSignals, check_plan
-
-METRICS_FILE = "metrics.jsonl"
+from .state import RunState, StopSignals, check_plan, diverged, interrupted, resume_command
 
 
 # Data ---------------------------------------------------------------------------------------
@@ -53,13 +53,20 @@ def jsonl_rows(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
     """(file:line, parsed row) for each non-blank line of a JSONL file of `what`; a missing
     file or a line that is not JSON is a one-line error naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise BardlmError(f"--data {path} is a folder; pass a .jsonl file of {what}")
     if not path.is_file():
         raise BardlmError(f"--data {path} does not exist; pass a .jsonl file of {what}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BardlmError(f"{where}: not UTF-8 (bad byte at column {e.start + 1}); "
+                                  "convert the file to UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -69,6 +76,11 @@ def jsonl_rows(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
 
 def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
     """The conversations of a chat JSONL file; a bad line is a one-line error naming file:line."""
+    return [messages for _, messages in read_placed_chat_jsonl(path)]
+
+
+def read_placed_chat_jsonl(path: str | Path) -> list[tuple[str, list[dict[str, str]]]]:
+    """(file:line, conversation) for each conversation of a chat JSONL file."""
     convs = []
     for where, row in jsonl_rows(path, "conversations"):
         if not isinstance(row, dict) or "messages" not in row:
@@ -76,7 +88,7 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
         messages = check_messages(row["messages"], where)
         if not any(m["role"] == "assistant" for m in messages):
             raise BardlmError(f"{where}: no assistant message, so nothing to learn from")
-        convs.append(messages)
+        convs.append((where, messages))
     if not convs:
         raise BardlmError(f"{path} holds no conversations")
     return convs
@@ -94,13 +106,20 @@ def target_row(ids: list[int], mine: list[bool], block_size: int) -> tuple[torch
 
 
 def encode_examples(convs: list[list[dict[str, str]]], template: ChatTemplate, tokenizer: Any,
-                    block_size: int) -> tuple[list[torch.Tensor], int]:
+                    block_size: int, where: list[str] | None = None) -> tuple[list[torch.Tensor], int]:
     """Each conversation as one row (2, L): its ids and its targets (next id, or -1 where the
     next id is not the assistant's). L <= block_size + 1: longer conversations are cut (their
-    count is returned); one with no assistant token left is dropped."""
+    count is returned); one with no assistant token left is dropped. where: each conversation's
+    place (file:line), named when its text cannot be encoded."""
     rows, n_cut = [], 0
-    for messages in convs:
-        row, cut = target_row(*encode_chat(template, tokenizer, messages), block_size)
+    for i, messages in enumerate(convs):
+        try:
+            ids, mine = encode_chat(template, tokenizer, messages)
+        except BardlmError as e:
+            if where is None:
+                raise
+            raise BardlmError(f"{where[i]}: {e}") from None
+        row, cut = target_row(ids, mine, block_size)
         n_cut += cut
         if row is not None:
             rows.append(row)
@@ -164,6 +183,13 @@ class LoRASpec:
     alpha: float
     targets: tuple[str, ...] = TARGETS
 
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise BardlmError(f"--lora-rank must be a positive integer, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise BardlmError(f"--lora-alpha must be a positive finite number, got {self.alpha} "
+                              "(default 2 x rank)")
+
 
 class Finetuner:
     """A finetuning run: base model + chat data -> `out` (a checkpoint, or a LoRA adapter).
@@ -221,11 +247,15 @@ class Finetuner:
     # What a subclass changes ------------------------------------------------------------------
     def load_data(self) -> None:
         """Read and encode `self.data`: sets `batches`, `n_train`, `n_val` (and `val_rows`)."""
-        convs = read_chat_jsonl(self.data)
-        train, val = split_conversations(convs, self.cfg.val_fraction, self.cfg.seed)
+        placed = read_placed_chat_jsonl(self.data)
+        train, val = split_conversations(placed, self.cfg.val_fraction, self.cfg.seed)
         T = self.model.config.block_size
-        train_rows, cut = encode_examples(train, self.template, self.tokenizer, T)
-        self.val_rows, cut_val = encode_examples(val, self.template, self.tokenizer, T)
+
+        def encode(part: list[tuple[str, list[dict[str, str]]]]) -> tuple[list[torch.Tensor], int]:
+            return encode_examples([m for _, m in part], self.template, self.tokenizer, T, [w for w, _ in part])
+
+        train_rows, cut = encode(train)
+        self.val_rows, cut_val = encode(val)
         if cut + cut_val:
             self.log(f"note: {cut + cut_val} conversation(s) longer than the context ({T}) were cut")
         if not self.val_rows:
@@ -252,6 +282,17 @@ class Finetuner:
 
     def after_record(self) -> None:
         """Called after each evaluation is saved (e.g. to draw a plot)."""
+
+    #: The command that runs this kind of tuning, and the flags a resumed run must repeat.
+    command = "finetune"
+
+    def run_flags(self) -> list[str]:
+        """The `bardlm <command>` flags that a resumed run must repeat (the rest is saved)."""
+        flags = ["--init-from", str(self.init_from), "--data", str(self.data)]
+        if self.lora is not None:
+            flags += ["--lora-rank", str(self.lora.rank), "--lora-alpha", f"{self.lora.alpha:g}",
+                      "--lora-targets", *self.lora.targets]
+        return flags
 
     def meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -314,7 +355,7 @@ class Finetuner:
                     try:
                         loss = self.loop.train_step(self._batch)
                     except Diverged as e:
-                        raise BardlmError(f"{e}; the last good checkpoint in {self.out} is kept") from None
+                        raise diverged(e, self.out) from None
                     now = time.time()
                     # The tokens the model ran over (padding included), as this rank's x ranks.
                     tok_s, t0 = self._tokens * self.dist.world / max(now - t0, 1e-9), now
@@ -330,8 +371,7 @@ class Finetuner:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.state.save(self.loop.step, self.history, self.meta())
-            raise BardlmError(f"interrupted at step {self.loop.step}; checkpoint saved, continue "
-                              f"with --resume (--out {self.out})") from None
+            raise interrupted(self.loop.step, resume_command(self.command, self.out, *self.run_flags())) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -343,10 +383,11 @@ class Finetuner:
                "lr": self.loop.optimizer.param_groups[0]["lr"], "grad_norm": self.loop.grad_norm,
                **speed(tok_s, self.flops_per_token, self.device), "elapsed_s": elapsed}
         self.history.append(row)
-        self.state.save(self.loop.step, self.history, self.meta())  # before metrics mention it
+        # The line before the save, as in `Trainer._record` (resuming drops a line past the save).
         if self.dist.is_main:
             with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        self.state.save(self.loop.step, self.history, self.meta())
         self.after_record()
         if not self.progress:
             self.log(self.describe(row))

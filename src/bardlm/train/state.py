@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,13 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, TrainConfig
-from ..errors import BardlmError
-from ..io.atomic import atomic_write_many, tensors_writer, text_writer
+from ..errors import BardlmError, Interrupted
+from ..io.atomic import atomic_write_many, atomic_write_text, tensors_writer, text_writer
 from ..io.checkpoint import (
+    METRICS_FILE,
     MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
     checkpoint_writes,
     load_state,
     load_tensors,
@@ -33,8 +37,6 @@ from ..io.checkpoint import (
 from ..tokenizers import Tokenizer
 from .distributed import Dist
 
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
 # TrainConfig fields that are the run's plan: changing one on resume would not continue the run.
 # (lr_decay_iters too, compared as the horizon it plans: see `check_plan`.)
 PLAN_FIELDS = ("grad_accum", "seed", "lr", "min_lr", "warmup_iters", "schedule", "weight_decay",
@@ -88,6 +90,42 @@ def check_model(saved: dict[str, Any], cfg: ModelConfig, flag: str = "--resume")
             f"{flag}: the model's {k} was {getattr(old, k)!r} and is now {getattr(cfg, k)!r}; "
             "resume with the run's own --preset and --set, or start a new run"
         )
+
+
+def resume_command(verb: str, out: Path, *flags: str) -> str:
+    """The shell command that continues the run in `out` (said when a signal stops it)."""
+    return shlex.join(["bardlm", verb, *flags, "--resume", "--out", str(out)])
+
+
+def interrupted(step: int, command: str) -> Interrupted:
+    return Interrupted(f"interrupted at step {step}; checkpoint saved, continue with: {command}")
+
+
+def diverged(error: Exception, out: Path) -> BardlmError:
+    """A NaN/inf loss: say whether a checkpoint from before it exists (none before the first save)."""
+    if (out / STATE_FILE).is_file():
+        return BardlmError(f"{error}; the last good checkpoint in {out} is kept")
+    return BardlmError(f"{error}; no checkpoint was saved before it (fix the settings and start again)")
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past the checkpoint's step: the trainer writes a step's line
+    before saving it (so a completed save never lacks its line), so a crash in between leaves
+    a line that the resumed run writes again."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _metrics_step(line) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+def _metrics_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return float("inf")  # a line cut by a crash
 
 
 class StopSignals:
@@ -193,7 +231,15 @@ class RunState:
         state_path = self.out / STATE_FILE
         if not state_path.is_file():
             raise BardlmError(f"{self.out} has no {STATE_FILE}; it cannot be resumed (train anew with --overwrite)")
-        state = json.loads(state_path.read_text())
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError("no step")
+            if not isinstance(state.get("history"), list) or not isinstance(state.get("param_groups"), list):
+                raise ValueError("no history or param_groups")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BardlmError(f"{state_path} is damaged ({e}); the run cannot be resumed: restore "
+                              "the folder whole, or start again with --overwrite") from None
         save_id = meta.get("save_id")
         if state.get("save_id") != save_id:
             raise BardlmError(
@@ -228,6 +274,8 @@ class RunState:
         else:
             load_state(self.model, weights, str(self.out))
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        if self.dist.is_main:
+            trim_metrics(self.out, state["step"])
         return state["step"], state["history"], meta
 
     def _restore_rng(self, tensors: dict[str, torch.Tensor], saved_world: int) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import BardlmError
-from ..io.checkpoint import CONFIG_FILE
+from ..io.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, claim_out
 from ..nn.model import GPT
 from ..progress import progress_bar, show_progress
 from ..tokenizers import Tokenizer
@@ -38,15 +38,14 @@ from .loop import Diverged, Loop, autocast, evaluate, window_batches
 from .speed import describe, flops_per_token, speed
 from .state import (
     FREE_WITH_INIT,
-    OPTIMIZER_FILE,
-    STATE_FILE,
     RunState,
     StopSignals,
     check_model,
     check_plan,
+    diverged,
+    interrupted,
+    resume_command,
 )
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def bits_per_char(loss: float, n_tokens: int, n_chars: int) -> float:
@@ -140,7 +139,7 @@ class Trainer:
         try:
             return self.loop.train_step(self._batch)
         except Diverged as e:
-            raise BardlmError(f"{e}; the last good checkpoint in {self.out} is kept") from None
+            raise diverged(e, self.out) from None
 
     # Evaluation -----------------------------------------------------------------------------
     def evaluate(self, windows: torch.Tensor, batch_size: int | None = None) -> float:
@@ -241,9 +240,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.save()
-            raise BardlmError(
-                f"interrupted at step {self.step}; checkpoint saved, continue with --resume {self.out}"
-            ) from None
+            raise interrupted(self.step, resume_command("train", self.out)) from None
         if bar is not None:
             bar.close()
         if stop < cfg.max_iters:
@@ -280,13 +277,16 @@ class Trainer:
             "elapsed_s": elapsed,
         }
         self.history.append(row)
-        self.save()  # first, so metrics.jsonl never mentions a step that has no checkpoint
+        # The line first: a kill right after the save must not lose it (a kill before the save
+        # leaves a line past the checkpoint, which resuming drops: `state.trim_metrics`).
         if self.dist.is_main:
             self._append_metrics(row)
-            plot_losses(self.history, self.out / "loss.png")
         if not self.progress:
             self.log(f"step {self.step}: train {train_loss:.4f} val {val:.4f}, grad norm "
                      f"{self.loop.grad_norm:.3g}, {describe(row)}")
+        self.save()
+        if self.dist.is_main:
+            plot_losses(self.history, self.out / "loss.png")
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
@@ -343,15 +343,11 @@ def init_config(path: str | Path, preset_name: str | None, overrides: dict[str, 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train into an existing run unless told to resume or overwrite it."""
-    if out.exists() and not out.is_dir():
-        raise BardlmError(f"--out {out} is a file; pass a directory")
-    exists = out.is_dir() and (out / CONFIG_FILE).exists()
-    if resume and not exists:
+    if not resume:
+        claim_out(out, overwrite, "a run", "--resume to continue it or ")
+    elif not (out.is_dir() and (out / CONFIG_FILE).exists()):
+        claim_out(out, False)  # a file is named as such
         raise BardlmError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a run")
-    if exists and not (resume or overwrite):
-        raise BardlmError(
-            f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
-        )
-    if overwrite and exists:
-        for name in (METRICS_FILE, STATE_FILE, OPTIMIZER_FILE, "loss.png"):
-            (out / name).unlink(missing_ok=True)
+    elif not (out / STATE_FILE).is_file():  # written by convert, export, quantize or merge
+        raise BardlmError(f"--resume: {out} holds a model but no training state ({STATE_FILE}); "
+                          f"start a new run from it with --init-from {out}")
