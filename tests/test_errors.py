@@ -237,8 +237,8 @@ def test_sigint_saves_and_says_how_to_resume(tmp_path) -> None:
     tr = _trainer(tmp_path, max_iters=50)
     real_step = tr.train_step
 
-    def step_then_ctrl_c() -> float:
-        loss = real_step()
+    def step_then_ctrl_c(sync: bool = True) -> float:
+        loss = real_step(sync)
         if tr.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return loss

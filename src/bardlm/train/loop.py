@@ -18,6 +18,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import BardlmError
+from ..infer.device import enable_tf32, to_device
 from .optim import lr_at, make_optimizer
 
 Batch = Sequence[torch.Tensor]
@@ -31,11 +32,23 @@ class Diverged(BardlmError):
         self.loss = loss
 
 
+def amp_dtype(cfg: TrainConfig, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of `cfg.dtype == "bf16"` on `device`: bf16, except on a CUDA GPU
+    without bf16 (before Ampere), where it is fp16 and `Loop` adds a gradient scaler; None
+    for fp32."""
+    if cfg.dtype != "bf16":
+        return None
+    if torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(cfg: TrainConfig, device: torch.device | str) -> AbstractContextManager:
-    """bf16 autocast when `cfg.dtype == "bf16"` (weights and optimizer stay fp32)."""
-    if cfg.dtype == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    """Mixed-precision autocast when `cfg.dtype == "bf16"` (weights and optimizer stay fp32)."""
+    dtype = amp_dtype(cfg, device)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class Loop:
@@ -45,6 +58,10 @@ class Loop:
     forward:   what a step calls (the model itself, or its DDP / compiled wrapper).
     grad_sync: micro-batch -> context; with DDP/FSDP, gradients are averaged only after the last.
     reduce:    the step's mean loss (a 0-d tensor) -> float, e.g. averaged across ranks.
+
+    On CUDA: TF32 matmuls, batches copied from pinned memory without blocking, and fp16 autocast
+    with a gradient scaler where the GPU lacks bf16. `train_step(sync=False)` never waits for
+    the GPU: the loss is read (and checked) only at the steps a caller logs.
     """
 
     def __init__(
@@ -63,35 +80,51 @@ class Loop:
         self.grad_sync = grad_sync or (lambda last: nullcontext())
         self.reduce = reduce or (lambda loss: loss.item())
         self.device = torch.device(device or cfg.device)
+        enable_tf32(self.device)
+        # fp16 gradients underflow: scale the loss up, unscale before clipping, skip inf steps.
+        fp16 = amp_dtype(cfg, self.device) == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.step = 0
 
     def lr(self) -> float:
         return lr_at(self.step, self.cfg)
 
-    def train_step(self, batch: Callable[[int, int], Batch]) -> float:
+    def train_step(self, batch: Callable[[int, int], Batch], sync: bool = True) -> float:
         """One optimizer step; `batch(step, micro)` gives the model's arguments for one
-        micro-batch. Returns the step's mean loss; raises `Diverged` on a non-finite loss."""
+        micro-batch. Returns the step's mean loss; raises `Diverged` on a non-finite loss.
+
+        sync=False: no host-device synchronisation at all; the loss is neither reduced nor
+        read (NaN is returned). A divergence then shows at the next synced step, whose loss is
+        non-finite too, since the weights are.
+        """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            args = [t.to(self.device) for t in batch(self.step, micro)]
+            args = [to_device(t, self.device) for t in batch(self.step, micro)]
             with self.grad_sync(micro == cfg.grad_accum - 1):
                 with autocast(cfg, self.device):
                     _, loss = self.forward(*args)
-                (loss / cfg.grad_accum).backward()
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
-        total = self.reduce(loss_sum)
-        if not math.isfinite(total):
+        total = self.reduce(loss_sum) if sync else math.nan
+        if sync and not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             raise Diverged(
                 f"loss became {total} at step {self.step}; lower the learning rate "
                 "(--set lr=...), lengthen the warm-up (--set warmup_iters=...) or use fp32", total
             )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total

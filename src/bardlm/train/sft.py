@@ -28,6 +28,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import BardlmError
+from ..infer.device import resolve_device
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab, template_for
 from ..io.adapter import load_base
 from ..nn.lora import TARGETS, apply_lora, count_trainable
@@ -145,7 +146,7 @@ class Finetuner:
         self.init_from, self.data, self.out, self.cfg, self.lora = Path(init_from), Path(data), Path(out), cfg, lora
         self.log, self.history = log, []
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        self.device = resolve_device(cfg.device)
         model, tokenizer = load_base(self.init_from)
         self.template = template_for(self.init_from, tokenizer)
         tokenizer, added = prepare_vocab(self.template, tokenizer)
