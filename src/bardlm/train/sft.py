@@ -28,8 +28,8 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import BardlmError
-from ..infer.device import resolve_device
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab, template_for
+from ..infer.device import resolve_device
 from ..io.adapter import load_base
 from ..nn.lora import TARGETS, apply_lora, count_trainable
 from ..nn.resize import resize_vocab
