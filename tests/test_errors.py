@@ -172,6 +172,11 @@ CASES = [
      "already holds a run; pass --resume to continue it or --overwrite"),
     ("train-resume-nothing", lambda t, c, w: ["train", "--resume", "--out", str(t / "fresh")],
      "holds no checkpoint to resume"),
+    ("device-bogus", lambda t, c, w: ["generate", "--ckpt", str(c), "--device", "bogus"],
+     "--device 'bogus' is not a device; use --device auto, cpu, cuda, cuda:N or mps"),
+    # No CUDA build, or no 100th GPU: one line either way (the message says which).
+    ("device-missing", lambda t, c, w: ["train", "--out", str(t / "r"), "--device", "cuda:99"],
+     "--device cuda:99: "),
 ]
 
 
