@@ -36,8 +36,8 @@ def corpus(name: str) -> Path:
 
 # Where each corpus the tests read comes from (nothing in the suite downloads it).
 HOW_TO_GET = {
-    "tiny_shakespeare.txt": "karpathy/char-rnn's data/tinyshakespeare/input.txt, or "
-                            "gunzip -c src/bardlm/data/tiny_shakespeare.txt.gz",
+    "tiny_shakespeare.txt": "the copy shipped with bardlm: gunzip -c src/bardlm/data/"
+                            "tiny_shakespeare.txt.gz > $BARDLM_DATA_DIR/tiny_shakespeare.txt",
     "shakespeare_complete.txt": "Project Gutenberg #100, https://www.gutenberg.org/cache/epub/100/pg100.txt; "
                                 "`bardlm train --data shakespeare` downloads it once",
 }
