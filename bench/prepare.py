@@ -41,9 +41,10 @@ from bardlm.train import prepare as P  # noqa: E402
 from bardlm.train.data import load_corpus  # noqa: E402
 
 
-def make_corpus(folder: Path, mb: float, seed: int = 0) -> int:
-    """Files of about 4 MB of shuffled Shakespeare paragraphs until `mb` MB; returns bytes."""
-    text, _ = load_corpus("shakespeare")
+def make_corpus(folder: Path, mb: float, source: str, seed: int = 0) -> int:
+    """Files of about 4 MB of shuffled paragraphs of `source` (a corpus name) until `mb` MB;
+    returns bytes."""
+    text, _ = load_corpus(source)
     paras = [p + "\n\n" for p in text.split("\n\n") if p.strip()]
     rng = random.Random(seed)
     target, total, k = int(mb * 1e6), 0, 0
@@ -138,14 +139,17 @@ def main() -> None:
     ap.add_argument("--raw-mb", type=float, default=64, help="MB the raw encoder is timed on, at most")
     ap.add_argument("--skip-raw", action="store_true", help="prepare only (memory at scale)")
     ap.add_argument("--workers", type=int, help="prepare --workers (default: every core)")
+    ap.add_argument("--corpus", default="shakespeare",
+                    help="the text sampled and the BPE trained on: shakespeare (the complete works, "
+                         "the default) or tiny-shakespeare (shipped with bardlm: offline smoke runs)")
     args = ap.parse_args()
     res: dict = {"mb": args.mb, "cores": os.cpu_count(), "load_before": round(os.getloadavg()[0], 2)}
     work = Path(tempfile.mkdtemp(prefix="bardlm-bench-prepare-"))
     try:
         corpus = work / "corpus"
         corpus.mkdir()
-        res["corpus_bytes"] = make_corpus(corpus, args.mb)
-        text, _ = load_corpus("shakespeare")
+        res["corpus_bytes"] = make_corpus(corpus, args.mb, args.corpus)
+        text, _ = load_corpus(args.corpus)
         tokenizers = {"hf_bpe": train_bpe(text, args.vocab)}
         del text
         tt, note = tiktoken_gpt2()

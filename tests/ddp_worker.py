@@ -33,7 +33,7 @@ def tiny_run(
         trainer.resume()
     losses: list[float] = []
     step = trainer.train_step
-    trainer.train_step = lambda: losses.append(step()) or losses[-1]  # record every step's loss
+    trainer.train_step = lambda sync=True: losses.append(step(sync)) or losses[-1]  # record every step's loss
     trainer.fit(until=until)
     return trainer, losses
 

@@ -43,7 +43,9 @@ def test_train_bench_smoke() -> None:
 
 
 def test_prepare_bench_smoke() -> None:
-    res = run_bench("bench/prepare.py", "--mb", "0.2", "--vocab", "300", "--raw-mb", "0.2")
+    # The corpus shipped with bardlm: the complete works may be absent, and must not download.
+    res = run_bench("bench/prepare.py", "--mb", "0.2", "--vocab", "300", "--raw-mb", "0.2",
+                    "--corpus", "tiny-shakespeare")
     row = res["hf_bpe"]
     assert row["prepare"]["tokens"] > 0 and row["prepare"]["peak_rss_mb"] > 0
     assert row["raw"]["mb_s"] > 0 and row["ratio"] > 0
@@ -64,3 +66,26 @@ def test_norm_speed_bench_smoke() -> None:
                     "--context", "8", "--n-embd", "16")
     assert set(res["ms_per_step"]) == {"layernorm", "rmsnorm"} and res["ratio_median"] > 0
     assert res["meaningful"] == (res["load"] < 1.0)
+
+
+def test_gpu_bench_smoke() -> None:
+    """bench/gpu.py's every section on the CPU with tiny shapes, so the GPU check cannot rot."""
+    res = run_bench("bench/gpu.py", "--device", "cpu", "--tiny")
+    sections = ("parity", "recipe", "throughput", "decode", "serve")
+    assert not [s for s in sections if "error" in res[s]], {s: res[s].get("error") for s in sections}
+    assert res["device"]["device"] == "cpu" and res["tiny"] is True
+    assert res["parity"]["ok"] is True and set(res["parity"]) >= {"gpt2", "llama", "qwen3"}
+    assert res["recipe"]["steps"] == 4 and len(res["recipe"]["curve"]) == 2
+    assert res["throughput"]["tokens_per_sec"] > 0 and res["throughput"]["step_waits_for_gpu"] is None
+    assert res["decode"]["fp32_ids_equal_hf"] is True and res["decode"]["fp32"] > 0
+    assert res["serve"]["requests"] == 4 and res["serve"]["tokens"] == 16
+    assert set(res["memory_mib"]) == set(sections) and all(v > 0 for v in res["memory_mib"].values())
+    assert set(res["goals"]) == {"recipe_1.4697_within_60s", "mfu_bf16_at_least_40pct",
+                                 "decode_at_least_1.5x_hf"}
+
+
+def test_gpu_bench_refuses_a_missing_device_in_one_line() -> None:
+    out = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cuda:7"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().startswith("bench/gpu.py: --device cuda:7")
+    assert len(out.stderr.strip().splitlines()) == 1

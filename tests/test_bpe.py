@@ -6,10 +6,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import pytest
+from conftest import corpus as corpus_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,16 +20,9 @@ from bardlm.tokenizers import bpe
 pytest.importorskip("tokenizers")
 pytest.importorskip("regex")
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("BARDLM_DATA_DIR", REPO.parent / "shared" / "data"))
-
-
-
 def corpus(name: str) -> str:
-    path = DATA_DIR / name
-    if not path.is_file():
-        pytest.skip(f"corpus {path} not found; set BARDLM_DATA_DIR to the folder holding {name}")
-    return path.read_text(encoding="utf-8")
+    """A corpus's text; skips (naming the file and where to get it) where it is absent."""
+    return corpus_path(name).read_text(encoding="utf-8")
 
 
 # Small fixed texts: 50 KB to train on, the next 30 KB held out.

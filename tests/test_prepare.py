@@ -245,7 +245,7 @@ def tiny_trainer(out: Path, data: Path, **train) -> Trainer:
 def losses_of(trainer: Trainer, until: int | None = None) -> list[float]:
     losses: list[float] = []
     step = trainer.train_step
-    trainer.train_step = lambda: losses.append(step()) or losses[-1]
+    trainer.train_step = lambda sync=True: losses.append(step(sync)) or losses[-1]
     trainer.fit(until=until)
     return losses
 

@@ -149,7 +149,7 @@ def test_cli_writes_json_and_png(tmp_path, capsys) -> None:
         (["--vocab", "1"], "vocab must be at least 2"),
         (["--vocab", "2", "--length", "3"], "too few to hold out"),
         (["--steps", "0"], "steps must be a positive integer"),
-        (["--device", "nonsense"], "unknown device"),
+        (["--device", "nonsense"], "is not a device"),
     ],
 )
 def test_cli_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:

@@ -42,7 +42,7 @@ def make_trainer(out: Path, **train: object) -> Trainer:
 def record(trainer: Trainer) -> list[float]:
     losses: list[float] = []
     step = trainer.train_step
-    trainer.train_step = lambda: losses.append(step()) or losses[-1]
+    trainer.train_step = lambda sync=True: losses.append(step(sync)) or losses[-1]
     return losses
 
 
@@ -86,8 +86,8 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path: Path) -> None:
     got = record(t)
     step = t.train_step
 
-    def step_then_signal() -> float:
-        loss = step()
+    def step_then_signal(sync: bool = True) -> float:
+        loss = step(sync)
         if t.step == 5:
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer, not fatal
         return loss

@@ -15,6 +15,12 @@ from typing import Any
 from .errors import BardlmError, Interrupted
 
 
+def add_device(p: argparse.ArgumentParser) -> None:
+    """--device, the same on every verb that runs a model; `main` resolves it once."""
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+
 # train -------------------------------------------------------------------------------------
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a text corpus")
@@ -31,7 +37,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, loss.png)")
     p.add_argument("--max-iters", type=int, help="number of optimizer steps")
     p.add_argument("--seed", type=int, help="random seed (data order, init, dropout)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    add_device(p)
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (--no-compile for eager)")
@@ -209,7 +215,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", required=True, help="a bardlm run, an INT8 or a Hugging Face model directory")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     add_sampling_args(p)
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
                    help="inference weights: fp32, bf16, or int8 quantized on load (int8 "
                         "checkpoints from `bardlm quantize` always run int8)")
@@ -425,7 +431,7 @@ def add_reverse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-examples", type=int, help="unseen examples scored (default 2000)")
     p.add_argument("--no-causal-mask", action="store_true",
                    help="debug: train this probe's model WITHOUT the causal mask, to see a leak")
-    p.add_argument("--device", help="cpu (default), cuda, ...")
+    add_device(p)
     p.add_argument("--out", required=True, help="directory for reverse.json and reverse.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -458,6 +464,7 @@ def add_seq2seq(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--norm", choices=["post", "pre"], help="norm placement (default post, the paper)")
     p.add_argument("--share-embeddings", action="store_true", help="one source/target embedding")
     p.add_argument("--seed", type=int)
+    add_device(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or training field, e.g. --set n_embd=128 --set lr=1e-3")
 
@@ -476,7 +483,7 @@ def cmd_seq2seq(args: argparse.Namespace) -> int:
                              types=field_types(TaskConfig, Seq2SeqConfig))
     task_over = {k: v for k, v in values.items() if k not in model_keys}
     model_over = {k: v for k, v in values.items() if k in model_keys}
-    for key in ("task", "length", "min_length", "vocab", "max_iters", "n_test", "beam", "seed"):
+    for key in ("task", "length", "min_length", "vocab", "max_iters", "n_test", "beam", "seed", "device"):
         if getattr(args, key) is not None:
             task_over[key] = getattr(args, key)
     if args.norm:
@@ -504,7 +511,7 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
                                              "norms, positions, gqa, tying, lstm)")
     p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare, shipped "
                                   "with bardlm)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -526,7 +533,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, help="window length L in tokens (default: the context)")
     p.add_argument("--stride", type=int, help="tokens between window starts S (default: L)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -559,7 +566,7 @@ def add_lm_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-path", help="a folder of your own task YAML files")
     p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction if < 1)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -612,7 +619,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
                    help="inference weights, as for generate (int8 checkpoints always run int8)")
     p.add_argument("--model-name", help="model id in the API (default: the checkpoint folder name)")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -642,7 +649,7 @@ def add_tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (a checkpoint, or with LoRA an adapter)")
     p.add_argument("--max-iters", type=int, help="optimizer steps (default 500)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, ...")
+    add_device(p)
     p.add_argument("--lora-rank", type=int, help="train rank-R adapters instead of every weight")
     p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha = 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
@@ -803,7 +810,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", required=True, help="a bardlm run, adapter, INT8 or Hugging Face model directory")
     p.add_argument("--system", help="a system message to start with")
     add_sampling_args(p)
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
 
 
@@ -885,32 +892,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_device(name: str) -> None:
-    """Refuse a --device that torch cannot parse or this machine does not have, in one line."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise BardlmError(f"--device {name} is not a device; use cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            build = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise BardlmError(f"--device {name}: {build}; use --device cpu (or install a CUDA build of torch)")
-        if device.index is not None and device.index >= count:
-            raise BardlmError(f"--device {name}: there are {count} GPU(s), numbered 0 to {count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise BardlmError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise BardlmError(f"--device {name}: bardlm runs on cpu, cuda or mps")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "device", None) is not None:
-            check_device(args.device)
+            from .infer.device import resolve_device
+
+            args.device = str(resolve_device(args.device))  # one line if this machine lacks it
         return COMMANDS[args.command][1](args)
     except Interrupted as e:  # saved on Ctrl-C or SIGTERM: a note, not an error
         print(f"bardlm: {e}", file=sys.stderr)

@@ -264,7 +264,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # Training ----------------------------------------------------------------------------------
-OPTIMIZERS = ("fused", "foreach", "loop", "muon")
+OPTIMIZERS = ("auto", "fused", "foreach", "loop", "muon")
 SCHEDULES = ("cosine", "noam", "constant")
 
 
@@ -292,7 +292,9 @@ class TrainConfig:
     dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
     device: str = "cpu"
     compile: bool = False  # torch.compile the training forward/backward (eval stays eager)
-    optimizer: str = "foreach"  # AdamW kernel: "fused" (one kernel), "foreach", "loop"; or "muon"
+    # AdamW kernel: "fused" (one kernel), "foreach", "loop", "auto" (fused on CUDA, else
+    # foreach); or "muon"
+    optimizer: str = "auto"
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of DDP
 
     def __post_init__(self) -> None:

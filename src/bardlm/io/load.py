@@ -18,6 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import BardlmError
+from ..infer.device import resolve_device
 from ..infer.layouts import prepare_for_inference
 from ..infer.quantize import quantize_model, weight_bytes
 from ..nn.model import GPT
@@ -62,7 +63,7 @@ def load(
     """(model in eval mode, tokenizer or None) from any model directory bardlm reads."""
     if dtype is not None and dtype not in DTYPES:
         raise BardlmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    device = device or "cpu"
+    device = resolve_device(device or "cpu")  # "auto", or a device this machine lacks: one line
     kind = kind_of(path)
     if kind == "hf":
         model, tokenizer = from_pretrained(path, device=device, with_tokenizer=True)

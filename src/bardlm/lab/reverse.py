@@ -32,6 +32,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import BardlmError
+from ..infer.device import resolve_device
 from ..nn.model import GPT
 from ..progress import progress_bar
 from ..train.loop import Loop
@@ -78,12 +79,7 @@ class ReverseConfig:
             )
         if not self.lr > 0:
             raise BardlmError(f"reverse: lr must be positive, got {self.lr}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise BardlmError(f"reverse: unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise BardlmError(f"reverse: device {self.device!r} asked for but CUDA is not available; use --device cpu")
+        self.device = str(resolve_device(self.device))  # "auto" -> this machine's best device
 
     @property
     def bos(self) -> int:

@@ -39,14 +39,15 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 def dropout(x: torch.Tensor, p: float, training: bool = True, fast: bool = True) -> torch.Tensor:
     """x (any shape) with each element zeroed with probability ~p, survivors scaled up.
 
-    fast=False is `F.dropout` itself (one random float per element). p == 1 (or a p the 16-bit
-    mask rounds to 1) gives zeros.
+    fast=False is `F.dropout` itself (one random float per element), and so is any tensor off
+    the CPU: a GPU draws F.dropout's floats at memory speed, and the fast mask is a CPU remedy.
+    p == 1 (or a p the 16-bit mask rounds to 1) gives zeros.
     """
     if not 0.0 <= p <= 1.0:
         raise BardlmError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
-    if not fast:
+    if not fast or x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     if round(p * LEVELS) >= LEVELS:
         # p' = 1 (p within 2**-17 of 1): every element is dropped and there is no 1 / (1 - p')

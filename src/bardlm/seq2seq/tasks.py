@@ -26,6 +26,7 @@ import torch
 
 from ..config import TrainConfig, check_types
 from ..errors import BardlmError
+from ..infer.device import resolve_device
 from ..train.loop import Loop
 from .model import (
     BOS,
@@ -196,7 +197,7 @@ def train_seq2seq(
     model into `out` (if given). Returns the model and the final metrics."""
     torch.manual_seed(cfg.seed)
     data = PairSampler(cfg)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model = EncoderDecoder(model_cfg).to(device)
     loop = Loop(model, train_config(cfg), device=device)
     out = Path(out) if out is not None else None

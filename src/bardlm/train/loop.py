@@ -24,6 +24,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import BardlmError
+from ..infer.device import enable_tf32, to_device
 from .optim import lr_at, make_optimizer
 
 Batch = Sequence[torch.Tensor]
@@ -37,11 +38,23 @@ class Diverged(BardlmError):
         self.loss = loss
 
 
+def amp_dtype(cfg: TrainConfig, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of `cfg.dtype == "bf16"` on `device`: bf16, except on a CUDA GPU
+    without bf16 (before Ampere), where it is fp16 and `Loop` adds a gradient scaler; None
+    for fp32."""
+    if cfg.dtype != "bf16":
+        return None
+    if torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(cfg: TrainConfig, device: torch.device | str) -> AbstractContextManager:
-    """bf16 autocast when `cfg.dtype == "bf16"` (weights and optimizer stay fp32)."""
-    if cfg.dtype == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    """Mixed-precision autocast when `cfg.dtype == "bf16"` (weights and optimizer stay fp32)."""
+    dtype = amp_dtype(cfg, device)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class Loop:
@@ -54,6 +67,10 @@ class Loop:
     targets:   micro-batch -> its number of target tokens (a 0-d tensor); None: all weigh alike.
     all_sum:   a 0-d tensor -> its sum over the ranks (in place); world: the number of ranks.
     After a step, `grad_norm` is the gradients' global L2 norm before clipping.
+
+    On CUDA: TF32 matmuls, batches copied from pinned memory without blocking, and fp16 autocast
+    with a gradient scaler where the GPU lacks bf16. `train_step(sync=False)` never waits for
+    the GPU: the loss is read (and checked) only at the steps a caller logs.
     """
 
     def __init__(
@@ -76,40 +93,64 @@ class Loop:
         self.reduce = reduce or (lambda loss: loss.item())
         self.device = torch.device(device or cfg.device)
         self.targets, self.all_sum, self.world = targets, all_sum, world
+        enable_tf32(self.device)
+        # fp16 gradients underflow: scale the loss up, unscale before clipping, skip inf steps.
+        fp16 = amp_dtype(cfg, self.device) == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.step = 0
-        self.grad_norm = float("nan")
+        self._grad_norm: torch.Tensor | None = None
+
+    @property
+    def grad_norm(self) -> float:
+        """The last step's gradient L2 norm before clipping (NaN before the first step)."""
+        norm = self._grad_norm
+        if norm is None:
+            return float("nan")
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
     def lr(self) -> float:
         return lr_at(self.step, self.cfg)
 
-    def train_step(self, batch: Callable[[int, int], Batch]) -> float:
+    def train_step(self, batch: Callable[[int, int], Batch], sync: bool = True) -> float:
         """One optimizer step; `batch(step, micro)` gives the model's arguments for one
-        micro-batch. Returns the step's mean loss; raises `Diverged` on a non-finite loss."""
+        micro-batch. Returns the step's mean loss; raises `Diverged` on a non-finite loss.
+
+        sync=False: no host-device synchronisation at all; the loss is neither reduced nor
+        read (NaN is returned). A divergence then shows at the next synced step, whose loss is
+        non-finite too, since the weights are.
+        """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr()
-        micros = [[t.to(self.device) for t in batch(self.step, m)] for m in range(cfg.grad_accum)]
+        micros = [[to_device(t, self.device) for t in batch(self.step, m)] for m in range(cfg.grad_accum)]
         weights = self._weights(micros)
         loss_sum = torch.zeros((), device=self.device)
         for micro, (args, weight) in enumerate(zip(micros, weights)):
             with self.grad_sync(micro == cfg.grad_accum - 1):
                 with autocast(cfg, self.device):
                     _, loss = self.forward(*args)
-                (loss * weight).backward()
+                scaled = loss * weight
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float() * weight
-        total = self.reduce(loss_sum)
-        if not math.isfinite(total):
+        total = self.reduce(loss_sum) if sync else math.nan
+        if sync and not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             raise Diverged(
                 f"loss became {total} at step {self.step}; lower the learning rate "
                 "(--set lr=...), lengthen the warm-up (--set warmup_iters=...) or use fp32", total
             )
-        # The norm is computed either way (to log it); max_norm=inf leaves the gradients as they are.
-        norm = torch.nn.utils.clip_grad_norm_(
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip (and log) the true gradients
+        # The norm is computed either way (to log it); max_norm=inf leaves the gradients as they
+        # are. It stays a tensor: reading it (`grad_norm`) is a host-device sync.
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.grad is not None],
             cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total

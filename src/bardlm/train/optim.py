@@ -53,8 +53,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     # the tensor ops across parameters, "loop" is the plain per-parameter Python loop.
     impl = dict(fused=dict(fused=True), foreach=dict(foreach=True), loop=dict(foreach=False),
                 muon=dict(fused=True))
+    kind = adamw_kernel(cfg.optimizer, params[0][1].device if params else torch.device("cpu"))
     return torch.optim.AdamW(_adamw_groups(decay, no_decay, cfg), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl[cfg.optimizer])
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl[kind])
+
+
+def adamw_kernel(optimizer: str, device: torch.device) -> str:
+    """optimizer="auto": the fused kernel on CUDA (one launch for every parameter), foreach
+    elsewhere (the faster of the two on a CPU); any other name is itself."""
+    if optimizer == "auto":
+        return "fused" if device.type == "cuda" else "foreach"
+    return optimizer
 
 
 def _adamw_groups(decay: list, no_decay: list, cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import BardlmError
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab
+from ..infer.device import resolve_device
 from ..io.adapter import load_base
 from ..io.checkpoint import METRICS_FILE
 from ..io.load import read_meta
@@ -208,6 +209,8 @@ class Finetuner:
                  lora: LoRASpec | None = None, log: Callable[[str], None] = print,
                  resume: bool = False, progress: bool = False, dist: Dist | None = None) -> None:
         self.init_from, self.data, self.out, self.cfg, self.lora = Path(init_from), Path(data), Path(out), cfg, lora
+        # "auto" (or a device this machine lacks: one line) becomes the device itself.
+        self.cfg = cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))
         self.dist = dist if dist is not None else Dist.from_env(cfg.device)
         self.log = log if self.dist.is_main else (lambda msg: None)  # only rank 0 speaks
         self.progress, self.history = show_progress(progress and self.dist.is_main), []

@@ -60,6 +60,8 @@ def check_plan(saved: dict[str, Any], new: TrainConfig, world: int, saved_world:
     if new.lr_decay_iters is None and new.max_iters != horizon:
         new = dataclasses.replace(new, lr_decay_iters=horizon)
     plan = {k: (getattr(old, k), getattr(new, k)) for k in PLAN_FIELDS}
+    # The AdamW kernels compute the same update from the same state: only muon is another plan.
+    plan["optimizer"] = tuple("muon" if o == "muon" else "adamw" for o in plan["optimizer"])
     plan["lr_decay_iters"] = (horizon, new.lr_decay_iters or new.max_iters)
     plan["global batch (batch_size x processes)"] = (saved_world * old.batch_size, world * new.batch_size)
     for k, (was, now) in plan.items():

@@ -28,6 +28,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import BardlmError
+from ..infer.device import resolve_device
 from ..io.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, claim_out
 from ..nn.model import GPT
 from ..progress import progress_bar, show_progress
@@ -46,6 +47,10 @@ from .state import (
     interrupted,
     resume_command,
 )
+
+# Off the CPU the loss is read (a host-device sync) only every SYNC_EVERY steps and at
+# evaluations; between them the host queues GPU work without waiting (nanoGPT: log_interval 10).
+SYNC_EVERY = 10
 
 
 def bits_per_char(loss: float, n_tokens: int, n_chars: int) -> float:
@@ -77,6 +82,8 @@ class Trainer:
         keep_vocab: bool = False,
         prepared: Prepared | None = None,
     ) -> None:
+        # "auto" (or a device this machine lacks: one line) becomes the device itself.
+        train_cfg = dataclasses.replace(train_cfg, device=str(resolve_device(train_cfg.device)))
         self.cfg, self.tokenizer, self.out = train_cfg, tokenizer, Path(out)
         self.dist = dist if dist is not None else Dist.from_env(train_cfg.device)
         main = self.dist.is_main
@@ -117,6 +124,7 @@ class Trainer:
         self.state = RunState(self.out, self.model, self.optimizer, tokenizer, self.dist,
                               self.device, train_cfg.fsdp, self.log)
         self.history: list[dict[str, Any]] = []
+        self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY  # a CPU never waits
 
     @property
     def step(self) -> int:
@@ -133,11 +141,12 @@ class Trainer:
         d, cfg = self.dist, self.cfg
         return self.batches.batch(step, cfg.batch_size, d.rank, d.world, micro, cfg.grad_accum)
 
-    def train_step(self) -> float:
+    def train_step(self, sync: bool = True) -> float:
         """One optimizer step over `grad_accum` micro-batches of every rank; returns the mean
-        loss over the global batch (per-rank batch x world x grad_accum sequences)."""
+        loss over the global batch (per-rank batch x world x grad_accum sequences), or NaN
+        with sync=False (the loss is not read: see `Loop.train_step`)."""
         try:
-            return self.loop.train_step(self._batch)
+            return self.loop.train_step(self._batch, sync=sync)
         except Diverged as e:
             raise diverged(e, self.out) from None
 
@@ -215,21 +224,27 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world * self.model_cfg.block_size
         bar = progress_bar(self.progress, cfg.max_iters, "train", initial=self.step)
-        start, t0, last_loss = time.time(), time.time(), float("nan")
+        start, t0, last_loss, tok_s = time.time(), time.time(), float("nan"), 0.0
+        synced_at = self.step
         elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         try:
             with self.signals:
                 self.model.train()
                 while self.step < stop:
-                    last_loss = self.train_step()
-                    now = time.time()
-                    tok_s = tokens_per_step / max(now - t0, 1e-9)
-                    t0 = now
+                    nxt = self.step + 1
+                    evaluating = nxt % cfg.eval_interval == 0 or nxt == cfg.max_iters
+                    sync = evaluating or nxt == stop or nxt % self.sync_every == 0
+                    loss = self.train_step(sync)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}",
-                                        grad_norm=f"{self.loop.grad_norm:.3g}")
-                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                    if sync:  # the loss has been read: the GPU has caught up, timings are true
+                        now = time.time()
+                        tok_s = tokens_per_step * (self.step - synced_at) / max(now - t0, 1e-9)
+                        t0, synced_at, last_loss = now, self.step, loss
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                                            grad_norm=f"{self.loop.grad_norm:.3g}")
+                    if evaluating:
                         self._record(last_loss, tok_s, elapsed_before + time.time() - start)
                         t0 = time.time()  # the next step's tokens/s leaves out evaluating and saving
                     # Alone, stop at once; with other ranks, at the step they all heard of it.
