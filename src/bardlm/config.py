@@ -294,6 +294,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
         head_dim=32, ffn_hidden=344, qk_norm=True, tie_embeddings=True, norm_eps=1e-6,
     ),
+    # qwen3-tiny with a mixture of experts (Qwen3-MoE's layout): the first FFN dense, the others
+    # 4 experts of half the dense width, top 2, so each token runs as many FFN weights as in
+    # qwen3-tiny; load-balancing and z-loss keep all experts in use.
+    "moe-tiny": dict(
+        _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        head_dim=32, ffn_hidden=344, qk_norm=True, tie_embeddings=True, norm_eps=1e-6,
+        n_expert=4, n_expert_active=2, expert_hidden=172, ffn_layers=["dense", "moe", "moe", "moe"],
+        router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+    ),
 }
 
 
@@ -378,6 +387,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "char-tiny": dict(batch_size=12, max_iters=2000, lr=2e-3, min_lr=2e-4, warmup_iters=100),
     "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
     "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
                       eval_interval=250, eval_batches=2, dtype="bf16", compile=True,

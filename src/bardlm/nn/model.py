@@ -186,7 +186,10 @@ class GPT(nn.Module):
             block = self.transformer.h[0 if self.config.share_layers else i]
             x = block(x, rope, mask, None if cache is None else cache[i], start_pos)
             if getattr(block.mlp, "router_logits", None) is not None:
+                # Taken, not left on the module: a kept graph would pin memory and break
+                # deepcopy of the model.
                 router_logits.append(block.mlp.router_logits)
+                block.mlp.router_logits = None
         if logits_rows is not None:
             x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
         x = self.transformer.ln_f(x)
