@@ -248,3 +248,17 @@ def test_moe_tiny_preset_generates_with_cache() -> None:
     cached = model.generate(idx, 12, temperature=0.0)
     full = model.generate(idx, 12, temperature=0.0, use_cache=False)
     assert torch.equal(cached, full)
+
+
+def test_export_refuses_moe_models_without_an_equivalent() -> None:
+    from bardlm.io.gguf import check_exportable
+    from bardlm.io.hf import family_of
+
+    assert family_of(preset("moe-tiny")) == "qwen3_moe"
+    assert family_of(moe_config(ffn_layers=None)) == "mixtral"  # no QK-norm, every layer MoE
+    with pytest.raises(BardlmError, match="need no shared expert"):
+        family_of(moe_config(qk_norm=True, shared_expert_hidden=8))
+    with pytest.raises(BardlmError, match="every layer MoE and router_renorm=true"):
+        family_of(moe_config())  # Mixtral has no dense layers
+    with pytest.raises(BardlmError, match="GGUF export of mixture-of-experts models"):
+        check_exportable(preset("moe-tiny"))
