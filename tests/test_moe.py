@@ -17,7 +17,7 @@ from bardlm.io.checkpoint import load_checkpoint, save_checkpoint
 from bardlm.io.load import quantize_checkpoint
 from bardlm.nn.lora import apply_lora, merge_lora
 from bardlm.nn.model import GPT
-from bardlm.nn.moe import MoE, load_balancing_loss, router_z_loss
+from bardlm.nn.moe import MoE, active_params, load_balancing_loss, router_z_loss
 from bardlm.tokenizers import CharTokenizer
 
 V = 61
@@ -238,6 +238,17 @@ def test_lora_adapts_expert_weights_but_not_the_router() -> None:
         before = model(idx)[0]
         merged = merge_lora(model)
         torch.testing.assert_close(merged(idx)[0], before, atol=1e-5, rtol=1e-5)
+
+
+def test_active_parameters_in_info(capsys) -> None:  # noqa: ANN001
+    from bardlm.cli import main
+
+    dense = GPT(preset("qwen3-tiny")).num_params()
+    moe = GPT(preset("moe-tiny"))
+    # moe-tiny: 2 of 4 experts of width 172 per MoE layer = one dense FFN of width 344.
+    assert active_params(moe) == dense + 3 * 128 * 4  # plus the 3 routers (128 x 4 each)
+    assert main(["info", "--preset", "moe-tiny"]) == 0
+    assert f"{active_params(moe):,} parameters active per token" in capsys.readouterr().out
 
 
 def test_moe_tiny_preset_generates_with_cache() -> None:

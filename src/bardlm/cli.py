@@ -304,6 +304,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import parse_overrides, preset
     from .io.load import read_model_config
     from .nn.model import GPT
+    from .nn.moe import active_params
 
     over = parse_overrides(args.set)
     cfg = preset(args.preset, **over) if args.preset else read_model_config(args.ckpt).replace(**over)
@@ -335,6 +336,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("dropout", f"embeddings {cfg.emb_dropout}, attention weights {cfg.attn_dropout}, "
                     f"residual {cfg.resid_dropout}"),
     ]
+    if "moe" in cfg.ffn_layers:
+        rows.append(("experts", f"{cfg.n_expert} per MoE layer ({cfg.ffn_layers.count('moe')} of "
+                                f"{cfg.n_layer} layers), top {cfg.n_expert_active}, width "
+                                f"{cfg.expert_hidden}; {active_params(model):,} parameters active per token"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -84,6 +84,14 @@ class MoE(nn.Module):
         return self.dropout(out.view(shape))
 
 
+def active_params(model: nn.Module) -> int:
+    """Parameters one token runs through: all but the experts its router does not pick (each
+    MoE layer skips n_expert - n_expert_active experts). A tied head is counted once."""
+    skipped = sum((m.n_expert - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
+                  for m in model.modules() if isinstance(m, MoE))
+    return sum(p.numel() for p in model.parameters()) - skipped
+
+
 def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, top_k: int) -> torch.Tensor:
     """Switch Transformer's auxiliary loss over the router logits of all MoE layers, each
     (N, E): E * sum_e f_e * P_e, f_e = (top-k assignments to e) / rows, P_e = (sum of p_e) / rows,
@@ -117,4 +125,4 @@ def router_losses(cfg: ModelConfig, router_logits: list[torch.Tensor]) -> torch.
     return total
 
 
-__all__ = ["MoE", "load_balancing_loss", "router_z_loss", "router_losses"]
+__all__ = ["MoE", "active_params", "load_balancing_loss", "router_z_loss", "router_losses"]
