@@ -259,6 +259,14 @@ def test_moe_tiny_preset_generates_with_cache() -> None:
     cached = model.generate(idx, 12, temperature=0.0)
     full = model.generate(idx, 12, temperature=0.0, use_cache=False)
     assert torch.equal(cached, full)
+    # Prompts of different lengths in one left-padded batch: each row as if alone (the padding
+    # rows pass through the experts too, and must not disturb the others).
+    from bardlm.infer.generate import generate_batch
+
+    prompts = [idx[0].tolist(), idx[1, :2].tolist()]
+    batched = generate_batch(model, prompts, 8, temperature=0.0)
+    alone = [model.generate(torch.tensor([p]), 8, temperature=0.0)[0, len(p):].tolist() for p in prompts]
+    assert batched == alone
 
 
 def test_export_refuses_moe_models_without_an_equivalent() -> None:

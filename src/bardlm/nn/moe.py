@@ -7,8 +7,8 @@
     y[n]   = sum_j w[n, j] * expert_{e[n, j]}(x[n])   [+ sigmoid(g . x[n]) * shared(x[n])]
 
 Only the chosen experts run. Tokens are grouped by expert: the N*k (token, expert) pairs are
-sorted by expert id, each expert runs once on the rows sent to it, and its weighted outputs are
-scattered back with `index_add_`. Decoding one token therefore reads the weights of k experts
+sorted by expert id, each expert runs once on the rows sent to it, and the weighted outputs are
+scattered back to their tokens with one `index_add_`. Decoding one token therefore reads the weights of k experts
 only, and a batch pays one matmul per used expert, not one per token.
 
 Training adds two losses on the router logits of every MoE layer (`router_losses`):
@@ -70,15 +70,15 @@ class MoE(nn.Module):
         tokens = order // self.top_k  # the token of each sorted pair
         pair_weights = weights.reshape(-1)[order]
         counts = torch.bincount(flat, minlength=self.n_expert).tolist()  # one sync per layer
-        out = torch.zeros_like(x)
-        start = 0
+        ys, start = [], 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue  # an expert no token chose: its weights are never read
-            rows = tokens[start : start + n]
-            y = self.experts[e](x[rows]) * pair_weights[start : start + n, None]
-            out.index_add_(0, rows, y.to(out.dtype))
+            ys.append(self.experts[e](x[tokens[start : start + n]]))
             start += n
+        # Weighted outputs in sorted order (N*k, C), summed into their tokens in one scatter.
+        y = torch.cat(ys) * pair_weights[:, None]
+        out = torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return self.dropout(out.view(shape))
