@@ -178,7 +178,7 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "re
 
 
 def hf_family(hf: dict[str, Any], where: str = "config.json") -> str:
-    """"gpt2", "llama" or "qwen3" from `model_type` (or `architectures`), else a clear error."""
+    """A key of ARCHITECTURES ("gpt2", "llama", "qwen3", "qwen3_moe", "mixtral") from `model_type` (or `architectures`), else a clear error."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         archs = hf.get("architectures") or []
@@ -210,7 +210,7 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a `transformers` config.json dict (GPT-2, Llama or Qwen3)."""
+    """A `ModelConfig` from a `transformers` config.json dict (a family of ARCHITECTURES)."""
     family = hf_family(hf, where)
     c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}}
     # Special-token ids mean nothing to the model but must survive a round trip back to HF.
@@ -478,7 +478,7 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     with_tokenizer: bool = False,
 ):  # noqa: ANN201
-    """Load a `transformers` directory (GPT-2, Llama or Qwen3) as a bardlm `GPT` in eval mode.
+    """Load a `transformers` directory (a family of ARCHITECTURES) as a bardlm `GPT` in eval mode.
 
     `src` holds config.json and model.safetensors (or shards with model.safetensors.index.json).
     With `with_tokenizer=True` returns (model, tokenizer or None), reading `tokenizer.json` (or a
