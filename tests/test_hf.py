@@ -1,5 +1,5 @@
 """Parity with Hugging Face `transformers`: GPT-2, Llama, Qwen3 and the mixtures of experts
-Qwen3-MoE and Mixtral built from small configs with
+Qwen3-MoE, Qwen2-MoE and Mixtral built from small configs with
 random weights (nothing is downloaded), loaded into bardlm, compared logit by logit and token by
 token, and written back."""
 
@@ -22,6 +22,8 @@ from transformers import (  # noqa: E402, I001
     MixtralConfig,
     MixtralForCausalLM,
     Qwen3Config,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
@@ -79,6 +81,20 @@ def qwen3_moe(renorm: bool = True, **layout) -> Qwen3MoeForCausalLM:  # noqa: AN
         tie_word_embeddings=False, **layout))
 
 
+def qwen2_moe(qkv_bias: bool = True) -> Qwen2MoeForCausalLM:
+    """A shared expert (sigmoid-gated) beside 4 routed experts; layer 1 dense."""
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+        qkv_bias=qkv_bias, max_position_embeddings=128, tie_word_embeddings=False))
+    with torch.no_grad():  # HF starts biases at zero: random ones show a dropped bias
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("shared_expert_gate.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
 def mixtral() -> MixtralForCausalLM:
     return MixtralForCausalLM(MixtralConfig(
         vocab_size=V, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
@@ -110,6 +126,8 @@ CASES = {
     "qwen3moe-dense-then-moe": lambda: qwen3_moe(mlp_only_layers=[0]),
     "qwen3moe-sparse-step2-raw-topk": lambda: qwen3_moe(renorm=False, decoder_sparse_step=2),
     "qwen3moe-all-moe": lambda: qwen3_moe(),
+    "qwen2moe-shared-qkv-bias": lambda: qwen2_moe(),
+    "qwen2moe-shared-no-bias": lambda: qwen2_moe(qkv_bias=False),
     "mixtral-tied": lambda: mixtral(),
 }
 

@@ -275,8 +275,11 @@ def test_export_refuses_moe_models_without_an_equivalent() -> None:
 
     assert family_of(preset("moe-tiny")) == "qwen3_moe"
     assert family_of(moe_config(ffn_layers=None)) == "mixtral"  # no QK-norm, every layer MoE
-    with pytest.raises(BardlmError, match="need no shared expert"):
+    assert family_of(moe_config(shared_expert_hidden=8, qkv_bias=True)) == "qwen2_moe"
+    with pytest.raises(BardlmError, match="no QK-norm with a shared expert"):
         family_of(moe_config(qk_norm=True, shared_expert_hidden=8))
+    with pytest.raises(BardlmError, match="no q/k/v biases without a shared expert"):
+        family_of(moe_config(qk_norm=True, qkv_bias=True))
     with pytest.raises(BardlmError, match="every layer MoE and router_renorm=true"):
         family_of(moe_config())  # Mixtral has no dense layers
     with pytest.raises(BardlmError, match="GGUF export of mixture-of-experts models"):

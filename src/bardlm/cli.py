@@ -356,7 +356,7 @@ def _mib(n_bytes: int) -> str:
 
 # convert -------------------------------------------------------------------------------------
 def add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="Hugging Face directory <-> bardlm checkpoint (GPT-2, Llama, Qwen3, Qwen3-MoE, Mixtral)")
+    p = sub.add_parser("convert", help="Hugging Face directory <-> bardlm checkpoint (GPT-2, Llama, Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral)")
     p.add_argument("src", help="a transformers save_pretrained directory, or a bardlm checkpoint")
     p.add_argument("--out", required=True, help="directory to write (the other format)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")

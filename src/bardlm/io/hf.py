@@ -1,7 +1,7 @@
 """The Hugging Face bridge: load `transformers` checkpoints into `GPT` and write them back.
 
-Five families are supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen3ForCausalLM` and the
-mixtures of experts `Qwen3MoeForCausalLM` and `MixtralForCausalLM`. The bridge is two tables and
+Six families are supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen3ForCausalLM` and the
+mixtures of experts `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM` and `MixtralForCausalLM`. The bridge is two tables and
 two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
@@ -53,8 +53,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"  # the ids generation stops at
 # HF files under this name so that bardlm -> HF -> bardlm keeps it.
 BARDLM_TOKENIZER_FILE = "bardlm_tokenizer.json"
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE tables).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -119,6 +120,14 @@ def _moe_table(moe: str, router: str, gate: str, up: str, down: str) -> list[Ent
 
 TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(),
           "qwen3_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+          "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + [
+              Entry("transformer.h.{i}.mlp.shared.c_fc.weight",
+                    ("model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+                     "model.layers.{i}.mlp.shared_expert.up_proj.weight")),
+              Entry("transformer.h.{i}.mlp.shared.c_proj.weight",
+                    ("model.layers.{i}.mlp.shared_expert.down_proj.weight",)),
+              Entry("transformer.h.{i}.mlp.shared_gate.weight",
+                    ("model.layers.{i}.mlp.shared_expert_gate.weight",))],
           "mixtral": _moe_table("block_sparse_moe", "gate", "w1", "w3", "w2")}
 
 
@@ -167,18 +176,23 @@ QWEN3_MOE_DEFAULTS = dict(QWEN3_DEFAULTS, hidden_size=2048, intermediate_size=61
                           moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                           norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
                           router_aux_loss_coef=0.001)
+QWEN2_MOE_DEFAULTS = dict(QWEN3_MOE_DEFAULTS, intermediate_size=5632, num_attention_heads=16,
+                          num_key_value_heads=16, head_dim=None, moe_intermediate_size=1408,
+                          shared_expert_intermediate_size=5632, num_experts=60,
+                          num_experts_per_tok=4, qkv_bias=True)
 MIXTRAL_DEFAULTS = dict(LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e6,
                         sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
                         router_aux_loss_coef=0.001)
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
-            "qwen3_moe": QWEN3_MOE_DEFAULTS, "mixtral": MIXTRAL_DEFAULTS}
+            "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
+            "mixtral": MIXTRAL_DEFAULTS}
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
 
 def hf_family(hf: dict[str, Any], where: str = "config.json") -> str:
-    """A key of ARCHITECTURES ("gpt2", "llama", "qwen3", "qwen3_moe", "mixtral") from `model_type` (or `architectures`), else a clear error."""
+    """A key of ARCHITECTURES ("gpt2", "llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral") from `model_type` (or `architectures`), else a clear error."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         archs = hf.get("architectures") or []
@@ -256,13 +270,14 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
 
 
 def _moe_from_hf(c: dict[str, Any], family: str) -> dict[str, Any]:
-    """The mixture-of-experts fields of `ModelConfig` from a HF config (with defaults) `c`."""
+    """The mixture-of-experts fields of `ModelConfig` from a HF config (with defaults) `c`, and
+    Qwen2-MoE's shared expert and q/k/v biases (its own `qkv_bias` key)."""
     if family == "mixtral":  # every layer is MoE; experts are `intermediate_size` wide
         return dict(n_expert=c["num_local_experts"], n_expert_active=c["num_experts_per_tok"],
                     expert_hidden=c["intermediate_size"], router_renorm=True,
                     ffn_layers=["moe"] * c["num_hidden_layers"],
                     router_aux_loss_coef=float(c["router_aux_loss_coef"]))
-    if family != "qwen3_moe":
+    if family not in ("qwen3_moe", "qwen2_moe"):
         return {}
     n_expert = c.get("num_local_experts", c["num_experts"])  # transformers 5 writes the former
     dense = set(c["mlp_only_layers"] or [])
@@ -270,9 +285,11 @@ def _moe_from_hf(c: dict[str, Any], family: str) -> dict[str, Any]:
     # decoder_sparse_step-th layer.
     layers = ["moe" if i not in dense and n_expert > 0 and (i + 1) % c["decoder_sparse_step"] == 0
               else "dense" for i in range(c["num_hidden_layers"])]
+    qwen2 = dict(shared_expert_hidden=c["shared_expert_intermediate_size"],
+                 qkv_bias=bool(c["qkv_bias"])) if family == "qwen2_moe" else {}
     return dict(n_expert=n_expert, n_expert_active=c["num_experts_per_tok"],
                 expert_hidden=c["moe_intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
-                ffn_layers=layers, router_aux_loss_coef=float(c["router_aux_loss_coef"]))
+                ffn_layers=layers, router_aux_loss_coef=float(c["router_aux_loss_coef"]), **qwen2)
 
 
 def family_of(cfg: ModelConfig) -> str:
@@ -321,20 +338,24 @@ def family_of(cfg: ModelConfig) -> str:
 
 
 def _moe_family(cfg: ModelConfig, llama_style: bool) -> str:
-    """qwen3_moe (QK-norm, dense layers allowed) or mixtral (no QK-norm, every layer MoE)."""
+    """qwen2_moe (a shared expert, no QK-norm, q/k/v biases optional), qwen3_moe (QK-norm, dense
+    layers allowed) or mixtral (no QK-norm, every layer MoE)."""
+    family = "qwen2_moe" if cfg.shared_expert_hidden else "qwen3_moe" if cfg.qk_norm else "mixtral"
     why = []
-    if not llama_style or cfg.bias or cfg.attn_bias or cfg.qkv_bias:
-        why.append("a Llama-style block without biases")
-    if cfg.shared_expert_hidden:
-        why.append("no shared expert")
-    if not cfg.qk_norm and ("dense" in cfg.ffn_layers or not cfg.router_renorm):
+    if not llama_style or cfg.bias or cfg.attn_bias:
+        why.append("a Llama-style block without MLP or output biases")
+    if cfg.qkv_bias and family != "qwen2_moe":
+        why.append("no q/k/v biases without a shared expert")
+    if family == "qwen2_moe" and cfg.qk_norm:
+        why.append("no QK-norm with a shared expert (Qwen2-MoE)")
+    if family == "mixtral" and ("dense" in cfg.ffn_layers or not cfg.router_renorm):
         why.append("with no QK-norm (Mixtral): every layer MoE and router_renorm=true")
     if why:
         raise BardlmError(
-            "this mixture-of-experts model has no transformers equivalent: Qwen3-MoE and Mixtral "
-            f"need {'; '.join(why)}; keep it as a bardlm checkpoint"
+            "this mixture-of-experts model has no transformers equivalent: Qwen3-MoE, Qwen2-MoE "
+            f"and Mixtral need {'; '.join(why)}; keep it as a bardlm checkpoint"
         )
-    return "qwen3_moe" if cfg.qk_norm else "mixtral"
+    return family
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -371,7 +392,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                    router_aux_loss_coef=cfg.router_aux_loss_coef)
     else:
         out["use_sliding_window"] = False
-    if family == "qwen3_moe":
+    if family == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.shared_expert_hidden, qkv_bias=cfg.qkv_bias)
+    if family in ("qwen3_moe", "qwen2_moe"):
         out.update(moe_intermediate_size=cfg.expert_hidden, num_experts=cfg.n_expert,
                    num_experts_per_tok=cfg.n_expert_active, norm_topk_prob=cfg.router_renorm,
                    decoder_sparse_step=1, router_aux_loss_coef=cfg.router_aux_loss_coef,
