@@ -1,4 +1,5 @@
-"""Parity with Hugging Face `transformers`: GPT-2, Llama and Qwen3 built from small configs with
+"""Parity with Hugging Face `transformers`: GPT-2, Llama, Qwen3 and the mixtures of experts
+Qwen3-MoE, Qwen2-MoE and Mixtral built from small configs with
 random weights (nothing is downloaded), loaded into bardlm, compared logit by logit and token by
 token, and written back."""
 
@@ -18,8 +19,14 @@ from transformers import (  # noqa: E402, I001
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen3Config,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 import bardlm  # noqa: E402
@@ -65,11 +72,44 @@ def qwen3(n_head: int = 4, n_kv: int = 2, head_dim: int = 32, tied: bool = True,
         tie_word_embeddings=tied))
 
 
+def qwen3_moe(renorm: bool = True, **layout) -> Qwen3MoeForCausalLM:  # noqa: ANN003
+    """4 experts, top 2; `layout` is mlp_only_layers / decoder_sparse_step (dense vs MoE layers)."""
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=renorm, max_position_embeddings=128,
+        tie_word_embeddings=False, **layout))
+
+
+def qwen2_moe(qkv_bias: bool = True) -> Qwen2MoeForCausalLM:
+    """A shared expert (sigmoid-gated) beside 4 routed experts; layer 1 dense."""
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+        qkv_bias=qkv_bias, max_position_embeddings=128, tie_word_embeddings=False))
+    with torch.no_grad():  # HF starts biases at zero: random ones show a dropped bias
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("shared_expert_gate.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def mixtral() -> MixtralForCausalLM:
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, tie_word_embeddings=True))
+
+
 def randomise_norms(model: torch.nn.Module) -> None:
     """HF initialises norm gains to 1 (and LayerNorm shifts to 0); random values make a
-    swapped or dropped norm tensor visible in the logits."""
+    swapped or dropped norm tensor visible in the logits. MoE routers get N(0, 1) weights, so
+    that tokens spread over the experts and each expert's weights show in the logits."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.endswith(".gate.weight"):  # a router (gate_proj is an expert's)
+                p.normal_(0.0, 1.0)
             if "norm" in name or "ln_" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
 
@@ -83,6 +123,12 @@ CASES = {
     "llama-mqa": lambda: llama(4, 1, theta=500000.0),
     "qwen3-gqa2-hd32-tied": lambda: qwen3(),  # head_dim 32 != 64 / 4
     "qwen3-mqa-untied-hd8": lambda: qwen3(8, 1, head_dim=8, tied=False, theta=10000.0),
+    "qwen3moe-dense-then-moe": lambda: qwen3_moe(mlp_only_layers=[0]),
+    "qwen3moe-sparse-step2-raw-topk": lambda: qwen3_moe(renorm=False, decoder_sparse_step=2),
+    "qwen3moe-all-moe": lambda: qwen3_moe(),
+    "qwen2moe-shared-qkv-bias": lambda: qwen2_moe(),
+    "qwen2moe-shared-no-bias": lambda: qwen2_moe(qkv_bias=False),
+    "mixtral-tied": lambda: mixtral(),
 }
 
 

@@ -331,6 +331,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .infer.budget import kv_bytes_per_token
     from .io.load import read_model_config
     from .nn.model import GPT
+    from .nn.moe import active_params
 
     over = parse_overrides(args.set)
     cfg = preset(args.preset, **over) if args.preset else read_model_config(args.ckpt).replace(**over)
@@ -362,6 +363,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("dropout", f"embeddings {cfg.emb_dropout}, attention weights {cfg.attn_dropout}, "
                     f"residual {cfg.resid_dropout}"),
     ]
+    if "moe" in cfg.ffn_layers:
+        rows.append(("experts", f"{cfg.n_expert} per MoE layer ({cfg.ffn_layers.count('moe')} of "
+                                f"{cfg.n_layer} layers), top {cfg.n_expert_active}, width "
+                                f"{cfg.expert_hidden}; {active_params(model):,} parameters active per token"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -378,7 +383,7 @@ def _mib(n_bytes: int) -> str:
 
 # convert -------------------------------------------------------------------------------------
 def add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="Hugging Face directory <-> bardlm checkpoint (GPT-2, Llama, Qwen3)")
+    p = sub.add_parser("convert", help="Hugging Face directory <-> bardlm checkpoint (GPT-2, Llama, Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral)")
     p.add_argument("src", help="a transformers save_pretrained directory, or a bardlm checkpoint")
     p.add_argument("--out", required=True, help="directory to write (the other format)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")

@@ -80,6 +80,23 @@ class ModelConfig:
     attn_score: str = "dot"  # "dot" q.k/sqrt(d), "dot_unscaled", "additive", "bilinear", "cosine"
     share_layers: bool = False  # ALBERT: one block's weights applied n_layer times
     residual: bool = True  # skip connections around attention and FFN (False: an ablation)
+    # Mixture of experts (nn/moe.py): a router sends each token to `n_expert_active` of
+    # `n_expert` SwiGLU experts. n_expert=0: every FFN is dense.
+    n_expert: int = 0
+    n_expert_active: int = 2  # top-k
+    expert_hidden: int | None = None  # each expert's SwiGLU width; None -> ffn_hidden
+    # Top-k weights renormalised to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob), or the
+    # softmax probabilities as they are (OLMoE).
+    router_renorm: bool = True
+    shared_expert_hidden: int = 0  # > 0: a SwiGLU every token runs, sigmoid-gated (Qwen2-MoE)
+    # Per layer "dense" (ffn_hidden wide) or "moe"; None -> every layer "moe" when n_expert > 0
+    # (transformers' mlp_only_layers / decoder_sparse_step, resolved once).
+    ffn_layers: list[str] | None = None
+    # Training-only losses on the router logits, added to the cross-entropy in training mode:
+    # the load-balancing loss (Switch Transformer; transformers' load_balancing_loss_func)
+    # and the router z-loss (ST-MoE: mean squared logsumexp of the logits).
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. HF architecture)
 
     def __post_init__(self) -> None:
@@ -96,7 +113,9 @@ class ModelConfig:
         attn_bias = self.bias if self.attn_bias is None else self.attn_bias
         return {"n_kv_head": self.n_head, "head_dim": head_dim, "ffn_hidden": 4 * self.n_embd,
                 "attn_bias": self.bias, "qkv_bias": attn_bias, "emb_dropout": self.dropout,
-                "attn_dropout": self.dropout, "resid_dropout": self.dropout}
+                "attn_dropout": self.dropout, "resid_dropout": self.dropout,
+                "expert_hidden": 4 * self.n_embd if self.ffn_hidden is None else self.ffn_hidden,
+                "ffn_layers": ["moe" if self.n_expert > 0 else "dense"] * self.n_layer}
 
     def resolve(self) -> None:
         for name, value in self.derived().items():
@@ -148,6 +167,32 @@ class ModelConfig:
             raise BardlmError(f"config: norm_eps must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise BardlmError(f"config: rope_theta must be positive, got {self.rope_theta}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        """The mixture-of-experts fields (n_expert, ffn_layers, ...) agree with each other."""
+        for name in ("n_expert", "shared_expert_hidden", "router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise BardlmError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.expert_hidden is not None and self.expert_hidden <= 0:
+            raise BardlmError(f"config: expert_hidden must be a positive integer or null, got {self.expert_hidden}")
+        if self.n_expert > 0:
+            if self.ffn != "swiglu":
+                raise BardlmError(f"config: experts are SwiGLU MLPs, so n_expert > 0 needs "
+                                  f"ffn=swiglu, got ffn={self.ffn}")
+            if not 1 <= self.n_expert_active <= self.n_expert:
+                raise BardlmError(f"config: n_expert_active must be in [1, n_expert={self.n_expert}], "
+                                  f"got {self.n_expert_active}")
+        if self.ffn_layers is None:
+            return
+        if len(self.ffn_layers) != self.n_layer or not set(self.ffn_layers) <= {"dense", "moe"}:
+            raise BardlmError(f"config: ffn_layers must list \"dense\" or \"moe\" for each of the "
+                              f"{self.n_layer} layers, got {self.ffn_layers}")
+        if "moe" in self.ffn_layers and self.n_expert == 0:
+            raise BardlmError("config: ffn_layers has \"moe\" layers but n_expert is 0; set n_expert")
+        if self.share_layers and len(set(self.ffn_layers)) > 1:
+            raise BardlmError("config: share_layers applies one block to every layer, so ffn_layers "
+                              "cannot mix dense and moe; drop share_layers or use one kind")
 
     # Serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -249,6 +294,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
         head_dim=32, ffn_hidden=344, qk_norm=True, tie_embeddings=True, norm_eps=1e-6,
     ),
+    # qwen3-tiny with a mixture of experts (Qwen3-MoE's layout): the first FFN dense, the others
+    # 4 experts of half the dense width, top 2, so each token runs as many FFN weights as in
+    # qwen3-tiny; load-balancing and z-loss keep all experts in use.
+    "moe-tiny": dict(
+        _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        head_dim=32, ffn_hidden=344, qk_norm=True, tie_embeddings=True, norm_eps=1e-6,
+        n_expert=4, n_expert_active=2, expert_hidden=172, ffn_layers=["dense", "moe", "moe", "moe"],
+        router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+    ),
 }
 
 
@@ -343,6 +397,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "char-tiny": dict(batch_size=12, max_iters=2000, lr=2e-3, min_lr=2e-4, warmup_iters=100),
     "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
     "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
                       eval_interval=250, eval_batches=2, dtype="bf16", compile=True,

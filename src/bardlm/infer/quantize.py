@@ -6,7 +6,8 @@ Only weights are quantized; activations run in bf16, because the CPU kernel
 `aten._weight_int8pack_mm` (int8 weights, bf16 activations, per-row scales) reads 4x fewer bytes
 than fp32 and decoding one token is bound by reading weights. Like gpt-fast, every `nn.Linear`
 (and optionally the token embedding, which a tied head shares) is replaced by an int8 module;
-the model code itself is untouched.
+the model code itself is untouched. A mixture of experts' router stays a float matrix: it is
+tiny, and rounding its logits would change which experts a token reaches.
 
 A quantized checkpoint is an ordinary checkpoint directory whose `model.safetensors` holds int8
 `*.weight` tensors, bf16 `*.scales` tensors and bf16 everything else; `config.json` gains a
@@ -25,6 +26,8 @@ COMPUTE_DTYPE = torch.bfloat16
 # `_weight_int8pack_mm` on CPU needs the input width to be a multiple of 16 (torch 2.13
 # segfaults otherwise); narrower layers take a slower dequantize-on-the-fly path.
 KERNEL_K_MULTIPLE = 16
+# Linear layers left in float: MoE routers (nn/moe.py) and the shared expert's gate.
+FLOAT_LINEARS = ("router", "shared_gate")
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +130,7 @@ def swap_int8(model: nn.Module, embeddings: bool, convert: bool) -> nn.Module:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and child_name not in FLOAT_LINEARS:
                 if full == "lm_head" and not embeddings:
                     continue  # the head stays a float matrix with the embedding
                 if full == "lm_head" and tied:

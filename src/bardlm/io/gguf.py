@@ -44,7 +44,7 @@ from ..errors import BardlmError
 from ..nn.position import rope_inv_freq
 from ..tokenizers.bpe import PRETOKENIZE_PATTERN, bytes_to_unicode
 from .atomic import atomic_write_many
-from .hf import family_of, name_map, row_splits
+from .hf import MOE_FAMILIES, family_of, name_map, row_splits
 from .load import kind_of, load, read_meta
 from .metadata import ModelMeta
 
@@ -106,6 +106,9 @@ def check_exportable(cfg: ModelConfig) -> str:
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
+    if family in MOE_FAMILIES:
+        raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
+                          "export --format hf writes one transformers loads")
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")
@@ -150,7 +153,7 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
         out["rope_freqs.weight"] = rope_freq_factors(cfg)
     for e in name_map(cfg, family, set(sd)):
         t = sd[e.ours]
-        parts = t.split(row_splits(cfg, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
+        parts = t.split(row_splits(cfg, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
         for hf_name, part in zip(e.theirs, parts):
             if family == "llama" and ".self_attn.q_proj." in hf_name:
                 part = permute_rope(part, cfg.n_head)

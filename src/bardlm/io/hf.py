@@ -1,12 +1,15 @@
 """The Hugging Face bridge: load `transformers` checkpoints into `GPT` and write them back.
 
-Three families are supported: `GPT2LMHeadModel`, `LlamaForCausalLM` and `Qwen3ForCausalLM`. The
-bridge is two tables and two config translators:
+Six families are supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen3ForCausalLM` and the
+mixtures of experts `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM` and `MixtralForCausalLM`. The bridge is two tables and
+two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
   `c_attn` is fused (rows [q | k | v]) and SwiGLU's `c_fc` is fused (rows [gate | up]), so one of
   our tensors may be several HF tensors concatenated along dim 0. GPT-2's HF `Conv1D` stores
   weights as (in, out), the transpose of `nn.Linear`, so those entries are marked `transpose`.
+  A MoE layer's experts are numbered ("{e}"): the files hold one gate/up/down per expert (the
+  Hub layout, which transformers 5 also writes), so they map one to one onto our experts.
 * CONFIG TRANSLATION reads `config.json` (any `transformers` version: missing keys take that
   family's defaults) into a `ModelConfig`, and writes one back from a `ModelConfig`.
 
@@ -50,7 +53,10 @@ INDEX_FILE = "model.safetensors.index.json"
 # A bardlm tokenizer (char/word/our BPE) has no `transformers` equivalent: it travels beside the
 # HF files under this name so that bardlm -> HF -> bardlm keeps it.
 BARDLM_TOKENIZER_FILE = "bardlm_tokenizer.json"
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE tables).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -58,7 +64,7 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 # Name tables ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Entry:
-    ours: str  # our state_dict name ("{i}" = layer index)
+    ours: str  # our state_dict name ("{i}" = layer index, "{e}" = expert index)
     theirs: tuple[str, ...]  # HF names, concatenated along dim 0 in this order
     transpose: bool = False  # HF Conv1D (GPT-2) stores the weight as (in, out)
 
@@ -101,31 +107,56 @@ def _llama_table() -> list[Entry]:
     return top + layer
 
 
-TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table()}
+def _moe_table(moe: str, router: str, gate: str, up: str, down: str) -> list[Entry]:
+    """The Llama table plus a MoE layer's router and numbered experts (dense layers keep the
+    Llama MLP names): `moe` is the block's module name, the others its tensors'."""
+    h, t = "transformer.h.{i}.mlp.", f"model.layers.{{i}}.{moe}."
+    return _llama_table() + [
+        Entry(h + "router.weight", (t + f"{router}.weight",)),
+        Entry(h + "experts.{e}.c_fc.weight", (t + f"experts.{{e}}.{gate}.weight",
+                                              t + f"experts.{{e}}.{up}.weight")),
+        Entry(h + "experts.{e}.c_proj.weight", (t + f"experts.{{e}}.{down}.weight",)),
+    ]
+
+
+TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(),
+          "qwen3_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+          "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + [
+              Entry("transformer.h.{i}.mlp.shared.c_fc.weight",
+                    ("model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+                     "model.layers.{i}.mlp.shared_expert.up_proj.weight")),
+              Entry("transformer.h.{i}.mlp.shared.c_proj.weight",
+                    ("model.layers.{i}.mlp.shared_expert.down_proj.weight",)),
+              Entry("transformer.h.{i}.mlp.shared_gate.weight",
+                    ("model.layers.{i}.mlp.shared_expert_gate.weight",))],
+          "mixtral": _moe_table("block_sparse_moe", "gate", "w1", "w3", "w2")}
 
 
 def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
-    """The table expanded for every layer, keeping only tensors our model actually has.
+    """The table expanded for every layer (and expert), keeping only tensors our model has.
 
-    `ours` is the set of our state_dict names; biases, q/k norms and an untied head appear in the
-    map only when the config gives the model those tensors. A tied head is `wte` itself.
+    `ours` is the set of our state_dict names; biases, q/k norms, a dense layer's MLP or a MoE
+    layer's experts, and an untied head appear in the map only when the config gives the model
+    those tensors. A tied head is `wte` itself.
     """
     out = []
     for e in TABLES[family]:
         layers = range(cfg.n_layer) if "{i}" in e.ours else [None]
+        experts = range(cfg.n_expert) if "{e}" in e.ours else [None]
         for i in layers:
-            name = e.ours.format(i=i) if i is not None else e.ours
-            if name not in ours or (name == "lm_head.weight" and cfg.tie_embeddings):
-                continue
-            theirs = tuple(n.format(i=i) for n in e.theirs) if i is not None else e.theirs
-            out.append(Entry(name, theirs, e.transpose))
+            for x in experts:
+                name = e.ours.format(i=i, e=x)
+                if name not in ours or (name == "lm_head.weight" and cfg.tie_embeddings):
+                    continue
+                out.append(Entry(name, tuple(n.format(i=i, e=x) for n in e.theirs), e.transpose))
     return out
 
 
-def row_splits(cfg: ModelConfig, n_parts: int) -> list[int]:
-    """Row sizes of a fused tensor: [q, k, v] for c_attn, [gate, up] for SwiGLU's c_fc."""
+def row_splits(cfg: ModelConfig, n_parts: int, rows: int | None = None) -> list[int]:
+    """Row sizes of a fused tensor of `rows` rows: [q, k, v] for c_attn, [gate, up] (two equal
+    halves: a dense layer's or an expert's width) for SwiGLU's c_fc."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    return [q, kv, kv] if n_parts == 3 else [cfg.ffn_hidden] * n_parts
+    return [q, kv, kv] if n_parts == 3 else [(rows or 2 * cfg.ffn_hidden) // 2] * 2
 
 
 # Config translation ---------------------------------------------------------------------------
@@ -141,12 +172,27 @@ LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=1100
                       rope_scaling=None, attention_bias=False, mlp_bias=False)
 QWEN3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
                       max_position_embeddings=32768, head_dim=128, use_sliding_window=False)
-DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS}
+QWEN3_MOE_DEFAULTS = dict(QWEN3_DEFAULTS, hidden_size=2048, intermediate_size=6144,
+                          num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                          router_aux_loss_coef=0.001)
+QWEN2_MOE_DEFAULTS = dict(QWEN3_MOE_DEFAULTS, intermediate_size=5632, num_attention_heads=16,
+                          num_key_value_heads=16, head_dim=None, moe_intermediate_size=1408,
+                          shared_expert_intermediate_size=5632, num_experts=60,
+                          num_experts_per_tok=4, qkv_bias=True)
+MIXTRAL_DEFAULTS = dict(LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e6,
+                        sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                        router_aux_loss_coef=0.001)
+DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
+            "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
+            "mixtral": MIXTRAL_DEFAULTS}
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
 
 def hf_family(hf: dict[str, Any], where: str = "config.json") -> str:
-    """"gpt2", "llama" or "qwen3" from `model_type` (or `architectures`), else a clear error."""
+    """A key of ARCHITECTURES ("gpt2", "llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral") from `model_type` (or `architectures`), else a clear error."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         archs = hf.get("architectures") or []
@@ -178,7 +224,7 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a `transformers` config.json dict (GPT-2, Llama or Qwen3)."""
+    """A `ModelConfig` from a `transformers` config.json dict (a family of ARCHITECTURES)."""
     family = hf_family(hf, where)
     c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}}
     # Special-token ids mean nothing to the model but must survive a round trip back to HF.
@@ -201,24 +247,49 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
-    if c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or []):
+    if c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or []) \
+            or (family == "mixtral" and c.get("sliding_window") is not None):
         raise BardlmError(f"{where}: sliding-window attention is not supported; use full attention")
     theta, scaling = _rope_from_hf(hf, where)
     n_head, n_embd = c["num_attention_heads"], c["hidden_size"]
     head_dim = c["head_dim"]
     mlp_bias = bool(c["mlp_bias"]) and family == "llama"  # Qwen3's MLP has no biases
+    moe = _moe_from_hf(c, family)
     return ModelConfig(
         vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
         n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
         n_kv_head=c["num_key_value_heads"] or n_head,
         head_dim=None if head_dim in (None, n_embd // n_head) and n_embd % n_head == 0 else head_dim,
         ffn_hidden=c["intermediate_size"], ffn="swiglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"],
-        pos="rope", rope_theta=theta, rope_scaling=scaling, qk_norm=family == "qwen3",
+        pos="rope", rope_theta=theta, rope_scaling=scaling, qk_norm=family in ("qwen3", "qwen3_moe"),
         bias=mlp_bias,
         attn_bias=None if bool(c["attention_bias"]) == mlp_bias else bool(c["attention_bias"]),
         tie_embeddings=bool(c["tie_word_embeddings"]),
-        extra=extra,
+        extra=extra, **moe,
     )
+
+
+def _moe_from_hf(c: dict[str, Any], family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of `ModelConfig` from a HF config (with defaults) `c`, and
+    Qwen2-MoE's shared expert and q/k/v biases (its own `qkv_bias` key)."""
+    if family == "mixtral":  # every layer is MoE; experts are `intermediate_size` wide
+        return dict(n_expert=c["num_local_experts"], n_expert_active=c["num_experts_per_tok"],
+                    expert_hidden=c["intermediate_size"], router_renorm=True,
+                    ffn_layers=["moe"] * c["num_hidden_layers"],
+                    router_aux_loss_coef=float(c["router_aux_loss_coef"]))
+    if family not in ("qwen3_moe", "qwen2_moe"):
+        return {}
+    n_expert = c.get("num_local_experts", c["num_experts"])  # transformers 5 writes the former
+    dense = set(c["mlp_only_layers"] or [])
+    # transformers' rule (Qwen3MoeDecoderLayer): MoE unless listed in mlp_only_layers, every
+    # decoder_sparse_step-th layer.
+    layers = ["moe" if i not in dense and n_expert > 0 and (i + 1) % c["decoder_sparse_step"] == 0
+              else "dense" for i in range(c["num_hidden_layers"])]
+    qwen2 = dict(shared_expert_hidden=c["shared_expert_intermediate_size"],
+                 qkv_bias=bool(c["qkv_bias"])) if family == "qwen2_moe" else {}
+    return dict(n_expert=n_expert, n_expert_active=c["num_experts_per_tok"],
+                expert_hidden=c["moe_intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
+                ffn_layers=layers, router_aux_loss_coef=float(c["router_aux_loss_coef"]), **qwen2)
 
 
 def family_of(cfg: ModelConfig) -> str:
@@ -233,6 +304,8 @@ def family_of(cfg: ModelConfig) -> str:
         )
     style = (cfg.pos, cfg.norm, cfg.ffn)
     pre = cfg.norm_placement == "pre"
+    if "moe" in cfg.ffn_layers:
+        return _moe_family(cfg, style == ("rope", "rmsnorm", "swiglu") and pre)
     family = None
     if style in (("learned", "layernorm", "gelu"), ("learned", "layernorm", "relu")) and pre \
             and cfg.bias and cfg.attn_bias and cfg.n_kv_head == cfg.n_head \
@@ -264,6 +337,27 @@ def family_of(cfg: ModelConfig) -> str:
     )
 
 
+def _moe_family(cfg: ModelConfig, llama_style: bool) -> str:
+    """qwen2_moe (a shared expert, no QK-norm, q/k/v biases optional), qwen3_moe (QK-norm, dense
+    layers allowed) or mixtral (no QK-norm, every layer MoE)."""
+    family = "qwen2_moe" if cfg.shared_expert_hidden else "qwen3_moe" if cfg.qk_norm else "mixtral"
+    why = []
+    if not llama_style or cfg.bias or cfg.attn_bias:
+        why.append("a Llama-style block without MLP or output biases")
+    if cfg.qkv_bias and family != "qwen2_moe":
+        why.append("no q/k/v biases without a shared expert")
+    if family == "qwen2_moe" and cfg.qk_norm:
+        why.append("no QK-norm with a shared expert (Qwen2-MoE)")
+    if family == "mixtral" and ("dense" in cfg.ffn_layers or not cfg.router_renorm):
+        why.append("with no QK-norm (Mixtral): every layer MoE and router_renorm=true")
+    if why:
+        raise BardlmError(
+            "this mixture-of-experts model has no transformers equivalent: Qwen3-MoE, Qwen2-MoE "
+            f"and Mixtral need {'; '.join(why)}; keep it as a bardlm checkpoint"
+        )
+    return family
+
+
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The `transformers` config.json dict of a model with this config."""
     family = family_of(cfg)
@@ -292,8 +386,19 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
     )
     if family == "llama":
         out["mlp_bias"] = cfg.bias
+    elif family == "mixtral":
+        out.update(intermediate_size=cfg.expert_hidden, num_local_experts=cfg.n_expert,
+                   num_experts_per_tok=cfg.n_expert_active, sliding_window=None,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef)
     else:
         out["use_sliding_window"] = False
+    if family == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.shared_expert_hidden, qkv_bias=cfg.qkv_bias)
+    if family in ("qwen3_moe", "qwen2_moe"):
+        out.update(moe_intermediate_size=cfg.expert_hidden, num_experts=cfg.n_expert,
+                   num_experts_per_tok=cfg.n_expert_active, norm_topk_prob=cfg.router_renorm,
+                   decoder_sparse_step=1, router_aux_loss_coef=cfg.router_aux_loss_coef,
+                   mlp_only_layers=[i for i, kind in enumerate(cfg.ffn_layers) if kind == "dense"])
     return out
 
 
@@ -360,7 +465,7 @@ def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Ten
     out = {}
     for e in name_map(model.config, family, set(sd)):
         t = sd[e.ours].detach()
-        parts = t.split(row_splits(model.config, len(e.theirs)), dim=0) if len(e.theirs) > 1 else [t]
+        parts = t.split(row_splits(model.config, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
         for name, part in zip(e.theirs, parts):
             out[name] = (part.t() if e.transpose else part).contiguous()
     return out
@@ -396,7 +501,7 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     with_tokenizer: bool = False,
 ):  # noqa: ANN201
-    """Load a `transformers` directory (GPT-2, Llama or Qwen3) as a bardlm `GPT` in eval mode.
+    """Load a `transformers` directory (a family of ARCHITECTURES) as a bardlm `GPT` in eval mode.
 
     `src` holds config.json and model.safetensors (or shards with model.safetensors.index.json).
     With `with_tokenizer=True` returns (model, tokenizer or None), reading `tokenizer.json` (or a

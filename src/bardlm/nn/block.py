@@ -18,9 +18,10 @@ from .norm import make_norm
 
 
 class Block(nn.Module):
-    """One transformer layer; with `cross=True` it also attends to an encoder output."""
+    """One transformer layer; with `cross=True` it also attends to an encoder output. `layer`
+    (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers`."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
         super().__init__()
         self.pre = cfg.norm_placement == "pre"
         self.residual = cfg.residual
@@ -32,7 +33,7 @@ class Block(nn.Module):
         else:
             self.ln_cross, self.cross_attn = None, None
         self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
-        self.mlp = make_ffn(cfg)
+        self.mlp = make_ffn(cfg, layer)
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:  # noqa: ANN001
         skip = x if self.residual else 0.0  # residual=False: the ablation of docs/concepts.md

@@ -40,17 +40,26 @@ class SwiGLU(nn.Module):
     """W2(silu(W1 x) * W3 x). W1 (gate) and W3 (up) are fused into one `c_fc` of 2*hidden rows,
     gate first, so decoding reads the input once."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None, dropout: bool = True) -> None:
+        """hidden: the width (default ffn_hidden; an expert's is expert_hidden). dropout=False
+        for a mixture's experts, whose sum is dropped once (nn/moe.py)."""
         super().__init__()
-        self.hidden = cfg.ffn_hidden
-        self.c_fc = nn.Linear(cfg.n_embd, 2 * cfg.ffn_hidden, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # before the residual add
+        self.hidden = hidden or cfg.ffn_hidden
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * self.hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.bias)
+        # before the residual add
+        self.dropout = Dropout(cfg.resid_dropout if dropout else 0.0, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up = self.c_fc(x).split(self.hidden, dim=-1)
         return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
-def make_ffn(cfg: ModelConfig) -> nn.Module:
+def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
+    """Layer `layer`'s feed-forward network: a mixture of experts where `cfg.ffn_layers` says
+    "moe" (it also records router logits for the auxiliary losses), else a dense MLP."""
+    if cfg.ffn_layers[layer] == "moe":
+        from .moe import MoE  # moe.py builds its experts from SwiGLU above
+
+        return MoE(cfg)
     return SwiGLU(cfg) if cfg.ffn == "swiglu" else MLP(cfg)

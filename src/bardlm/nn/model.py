@@ -19,6 +19,7 @@ from .attention import AttentionScore
 from .block import Block
 from .cache import KVCache
 from .dropout import Dropout
+from .moe import router_losses
 from .norm import LayerNorm, RMSNorm, make_norm
 from .position import rope_cos_sin, rope_inv_freq, sinusoidal_table
 
@@ -37,7 +38,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 drop=Dropout(cfg.emb_dropout, cfg.fast_dropout),  # on token + position sum
                 # share_layers (ALBERT): one block, applied n_layer times in `forward`.
-                h=nn.ModuleList([Block(cfg) for _ in range(1 if cfg.share_layers else cfg.n_layer)]),
+                h=nn.ModuleList([Block(cfg, layer=i) for i in range(1 if cfg.share_layers else cfg.n_layer)]),
                 ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops),
             )
         )
@@ -164,7 +165,9 @@ class GPT(nn.Module):
         cache: one `KVCache` per layer, from `make_cache` (or a `SlotView` of one).
         mask: extra bool attention mask, True = may attend, broadcastable to (B, 1, T, S), e.g.
               to hide left padding; positions: (T,) or (B, T) ids overriding start_pos's.
-        targets: (B, T) next-token ids; -1 marks positions that do not count in the loss.
+        targets: (B, T) next-token ids; -1 marks positions that do not count in the loss. In
+              training mode a MoE model's loss adds the router losses its config weights
+              (router_aux_loss_coef, router_z_loss_coef); in eval mode it is cross-entropy only.
         logits_rows: compute logits (B, logits_rows, V) for the last positions only. Decoding
               reads one row: a 2k-token prompt on a 128k vocabulary is ~1 GB of fp32 logits
               otherwise. None (all rows) is the only choice with targets.
@@ -177,9 +180,15 @@ class GPT(nn.Module):
         positions = self._positions(T, start_pos, positions, idx.device)
         x = self.embed(idx, positions)
         rope = self.rope(positions) if self.config.pos == "rope" else None
+        router_logits = []  # (B*T, E) per MoE layer, for the auxiliary losses of training
         for i in range(self.config.n_layer):
             block = self.transformer.h[0 if self.config.share_layers else i]
             x = block(x, rope, mask, None if cache is None else cache[i], start_pos)
+            if getattr(block.mlp, "router_logits", None) is not None:
+                # Taken, not left on the module: a kept graph would pin memory and break
+                # deepcopy of the model.
+                router_logits.append(block.mlp.router_logits)
+                block.mlp.router_logits = None
         if logits_rows is not None:
             x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
         x = self.transformer.ln_f(x)
@@ -189,6 +198,8 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
+            if self.training and router_logits:  # MoE: load-balancing and z-loss (nn/moe.py)
+                loss = loss + router_losses(self.config, router_logits)
         return logits, loss
 
     def make_cache(

@@ -1,0 +1,128 @@
+"""Mixture of experts: a router picks, for each token, k of E SwiGLU experts and mixes their outputs.
+
+    logits = router(x)                     (N, E)   one linear map, no bias
+    p      = softmax(logits)               (N, E)   in fp32
+    w, e   = top-k(p)                      (N, k)   weights and expert ids
+    w      = w / sum(w)   if router_renorm         (Mixtral, Qwen3-MoE; OLMoE keeps raw p)
+    y[n]   = sum_j w[n, j] * expert_{e[n, j]}(x[n])   [+ sigmoid(g . x[n]) * shared(x[n])]
+
+Only the chosen experts run. Tokens are grouped by expert: the N*k (token, expert) pairs are
+sorted by expert id, each expert runs once on the rows sent to it, and the weighted outputs are
+scattered back to their tokens with one `index_add_`. Decoding one token therefore reads the weights of k experts
+only, and a batch pays one matmul per used expert, not one per token.
+
+Training adds two losses on the router logits of every MoE layer (`router_losses`):
+* load balancing (Switch Transformer, eqs. 4-6): E * sum_e f_e * P_e, with f_e the fraction of
+  top-k assignments to expert e and P_e its mean router probability, both over the tokens of
+  all layers together, as transformers' `load_balancing_loss_func` computes it;
+* z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, which keeps the logits small.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .dropout import Dropout
+from .feedforward import SwiGLU
+
+
+class MoE(nn.Module):
+    """A sparse mixture of SwiGLU experts (plus an optional gated shared expert); x (B, T, C) ->
+    (B, T, C). In training mode the last forward's router logits (B*T, E) stay in
+    `router_logits` for the auxiliary losses; in eval mode they are not kept."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_expert, self.top_k, self.renorm = cfg.n_expert, cfg.n_expert_active, cfg.router_renorm
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(
+            [SwiGLU(cfg, cfg.expert_hidden, dropout=False) for _ in range(cfg.n_expert)]
+        )
+        if cfg.shared_expert_hidden > 0:  # Qwen2-MoE: every token also runs a gated shared MLP
+            self.shared = SwiGLU(cfg, cfg.shared_expert_hidden, dropout=False)
+            self.shared_gate = nn.Linear(cfg.n_embd, 1, bias=False)
+        else:
+            self.shared, self.shared_gate = None, None
+        self.dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # before the residual add
+        self.router_logits: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C) -> (logits (N, E), weights (N, k) in x's dtype, expert ids (N, k))."""
+        logits = self.router(x)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.renorm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C)
+        logits, weights, experts = self.route(x)
+        self.router_logits = logits if self.training else None
+        # Group the N*k (token, expert) pairs by expert: after a stable sort, expert e's pairs
+        # are one contiguous run of counts[e] entries.
+        flat = experts.reshape(-1)  # (N*k,)
+        order = flat.argsort(stable=True)
+        tokens = order // self.top_k  # the token of each sorted pair
+        pair_weights = weights.reshape(-1)[order]
+        counts = torch.bincount(flat, minlength=self.n_expert).tolist()  # one sync per layer
+        ys, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue  # an expert no token chose: its weights are never read
+            ys.append(self.experts[e](x[tokens[start : start + n]]))
+            start += n
+        # Weighted outputs in sorted order (N*k, C), summed into their tokens in one scatter.
+        y = torch.cat(ys) * pair_weights[:, None]
+        out = torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return self.dropout(out.view(shape))
+
+
+def active_params(model: nn.Module) -> int:
+    """Parameters one token runs through: all but the experts its router does not pick (each
+    MoE layer skips n_expert - n_expert_active experts). A tied head is counted once."""
+    skipped = sum((m.n_expert - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
+                  for m in model.modules() if isinstance(m, MoE))
+    return sum(p.numel() for p in model.parameters()) - skipped
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over the router logits of all MoE layers, each
+    (N, E): E * sum_e f_e * P_e, f_e = (top-k assignments to e) / rows, P_e = (sum of p_e) / rows,
+    rows counted over all layers together. The counts carry no gradient; P does."""
+    counts = torch.zeros(n_expert, device=router_logits[0].device)
+    prob_sum = torch.zeros(n_expert, device=router_logits[0].device)
+    rows = 0
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), dim=-1)
+        chosen = probs.topk(top_k, dim=-1).indices.reshape(-1)
+        counts = counts + torch.bincount(chosen, minlength=n_expert).float()
+        prob_sum = prob_sum + probs.sum(dim=0)
+        rows += logits.shape[0]
+    return n_expert * torch.sum((counts / rows) * (prob_sum / rows))
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE's z-loss: mean over the tokens of all layers of logsumexp(logits)^2."""
+    z = torch.cat([torch.logsumexp(logits.float(), dim=-1) for logits in router_logits])
+    return z.pow(2).mean()
+
+
+def router_losses(cfg: ModelConfig, router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The weighted sum of the auxiliary losses the config asks for (a 0-d tensor)."""
+    total = torch.zeros((), device=router_logits[0].device)
+    if cfg.router_aux_loss_coef > 0:
+        total = total + cfg.router_aux_loss_coef * load_balancing_loss(
+            router_logits, cfg.n_expert, cfg.n_expert_active)
+    if cfg.router_z_loss_coef > 0:
+        total = total + cfg.router_z_loss_coef * router_z_loss(router_logits)
+    return total
+
+
+__all__ = ["MoE", "active_params", "load_balancing_loss", "router_z_loss", "router_losses"]
