@@ -80,8 +80,8 @@ def _sigterm_at(monkeypatch, cls, step: int) -> None:  # noqa: ANN001
 
     real = cls.train_step
 
-    def step_then_term(self, *a):  # noqa: ANN001, ANN002, ANN202
-        loss = real(self, *a)
+    def step_then_term(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        loss = real(self, *a, **kw)
         if self.step == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return loss

@@ -188,3 +188,65 @@ def test_finetuned_template_exports_with_its_end_of_turn(tmp_path: Path) -> None
     assert transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf")).eos_token_id == end
     _, back = bardlm.load(tmp_path / "hf")
     assert back.eos_ids == (end,) and template_for(tmp_path / "hf", back).end == "<|end|>"
+
+
+@pytest.mark.parametrize("gen", [
+    DEFAULTS,
+    {"do_sample": True, "temperature": 0.6},  # unset fields: transformers' defaults (top_k 50)
+    {"do_sample": False, "temperature": 0.6, "repetition_penalty": 1.2},  # greedy, as transformers
+    {"temperature": 0.6},  # no do_sample: transformers decodes greedily
+    {"do_sample": True, "top_k": 0},  # 0 turns top-k off
+])
+def test_sampling_defaults_read_as_transformers_does(gen: dict) -> None:
+    """What generation_config.json asks of the sampler, read against transformers' own
+    GenerationConfig (its defaults, and greedy unless do_sample)."""
+    from bardlm.io.metadata import ModelMeta
+
+    config = transformers.GenerationConfig(**gen)
+    unset = config._get_default_generation_params()  # what generate() fills in (transformers 5)
+    ref = {k: getattr(config, k) if getattr(config, k) is not None else unset[k]
+           for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")}
+    ours = ModelMeta(generation=dict(gen)).sampling_defaults()
+    assert ours["repetition_penalty"] == ref["repetition_penalty"]
+    if not ref["do_sample"]:
+        assert ours["temperature"] == 0.0
+        return
+    assert (ours["temperature"], ours["top_p"]) == (ref["temperature"], ref["top_p"])
+    assert ours["top_k"] == (ref["top_k"] or None)
+
+
+@pytest.mark.parametrize("step", ["hf", "int8", "hf_export"])
+def test_generate_chat_and_serve_use_the_models_defaults(chain: dict[str, Path], step: str,
+                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    """Sampler flags left unset take generation_config.json's values (said on stderr), in
+    `generate`, `chat` and a server request; a flag or a request field overrides each."""
+    import bardlm.infer.chat as chat_mod
+    import bardlm.infer.generate as gen_mod
+    from bardlm.cli import main
+    from bardlm.io.load import read_meta
+    from bardlm.serve.app import ChatRequest, CompletionRequest, sampling_of
+
+    seen: list[dict] = []
+    monkeypatch.setattr(gen_mod, "generate_text", lambda *a, **kw: seen.append(kw) or "")
+    model_says = {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": None, "repetition_penalty": 1.0}
+    args = ["--ckpt", str(chain[step]), "--max-new-tokens", "2"]
+    assert main(["generate", *args, "--prompt", PROMPT]) == 0
+    assert {k: seen[-1][k] for k in model_says} == model_says
+    assert "the model's generation_config: temperature 0.7" in capsys.readouterr().err
+    assert main(["generate", *args, "--prompt", PROMPT, "--temperature", "0", "--top-k", "5"]) == 0
+    assert (seen[-1]["temperature"], seen[-1]["top_k"], seen[-1]["top_p"]) == (0.0, 5, 0.9)
+
+    class Session:  # records what `bardlm chat` would sample with
+        def __init__(self, *a, **kw) -> None:  # noqa: ANN002, ANN003
+            seen.append(kw)
+
+    monkeypatch.setattr(chat_mod, "ChatSession", Session)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(""))
+    assert main(["chat", *args]) == 0
+    assert {k: seen[-1][k] for k in model_says} == model_says
+
+    defaults = read_meta(chain[step], None if step == "hf" else bardlm.load(chain[step])[1]).sampling_defaults()
+    assert sampling_of(CompletionRequest(prompt="x"), defaults) == {**model_says, "seed": None}
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.0)
+    assert sampling_of(req, defaults)["temperature"] == 0.0 and sampling_of(req, defaults)["top_k"] == 20
+    assert sampling_of(req, {})["top_p"] == 1.0  # no model defaults: the OpenAI API's

@@ -197,11 +197,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 # generate ----------------------------------------------------------------------------------
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    # Unset sampler flags take the model's generation_config.json defaults, then bardlm's.
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, else 0.8)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, help="1 = off (default: the model's, else 1)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="re-read the whole context each step")
@@ -223,18 +224,40 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    help="keep the model loaded and continue each line read from stdin")
 
 
-def sampling_kwargs(args: argparse.Namespace, vocab_size: int) -> dict:
+BARDLM_SAMPLING = {"temperature": 0.8, "repetition_penalty": 1.0}  # when neither flag nor model says
+
+
+def sampling_kwargs(args: argparse.Namespace, vocab_size: int, model_defaults: dict | None = None) -> dict:
     """The sampling flags as keyword arguments, checked at once (chat would otherwise report a
-    bad value at every line typed)."""
+    bad value at every line typed). A flag left unset takes `model_defaults` (the model's
+    generation_config.json, `ModelMeta.sampling_defaults`), else bardlm's default; what was
+    taken from the model is said on stderr."""
     from .infer.sampling import check_sampling
 
-    check_sampling(args.temperature, args.top_k, args.top_p, vocab_size, args.min_p,
-                   args.repetition_penalty, args.seed)
+    model_defaults = model_defaults or {}
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    chosen, taken = {}, []
+    for key in keys:
+        value = getattr(args, key)
+        if value is None and model_defaults.get(key) is not None:
+            value = model_defaults[key]
+            taken.append(f"{key} {value:g}")
+        chosen[key] = value if value is not None else BARDLM_SAMPLING.get(key)
+    if taken:
+        print(f"bardlm: the model's generation_config: {', '.join(taken)} (flags override)", file=sys.stderr)
+    check_sampling(chosen["temperature"], chosen["top_k"], chosen["top_p"], vocab_size, chosen["min_p"],
+                   chosen["repetition_penalty"], args.seed)
     return dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, **chosen,
         seed=args.seed, use_cache=not args.no_cache, stop=args.stop, max_context=args.max_context,
     )
+
+
+def model_sampling(ckpt: str, tokenizer: Any) -> dict:
+    """The sampler defaults of the model directory `ckpt` (see `sampling_kwargs`)."""
+    from .io.load import read_meta
+
+    return read_meta(ckpt, tokenizer).sampling_defaults()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -246,7 +269,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
     context_window(model.config, args.max_context)  # a bad --max-context: before any output
-    kwargs = sampling_kwargs(args, model.config.vocab_size)
+    kwargs = sampling_kwargs(args, model.config.vocab_size, model_sampling(args.ckpt, tokenizer))
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
@@ -827,7 +850,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.ckpt, args.dtype, args.device)
     if tokenizer is None:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
-    kw = sampling_kwargs(args, model.config.vocab_size)
+    kw = sampling_kwargs(args, model.config.vocab_size, model_sampling(args.ckpt, tokenizer))
     session = ChatSession(model, tokenizer, template_for(args.ckpt, tokenizer), args.system,
                           kw.pop("max_new_tokens"), **kw)
     tty = sys.stdin.isatty()

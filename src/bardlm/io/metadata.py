@@ -38,6 +38,9 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # token names, add_bos_token, c
 GENERATION_CONFIG_FILE = "generation_config.json"  # the ids generation stops at, sampling defaults
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer HF directories keep the template
 ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# transformers' GenerationConfig defaults of the sampler fields bardlm has (min_p: off).
+SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None,
+                                     "repetition_penalty": 1.0}
 # generation_config.json keys that are bookkeeping (or ids, kept apart), not sampling defaults.
 NOT_DEFAULTS = ("transformers_version", "_from_model_config", *ID_KEYS)
 
@@ -232,6 +235,24 @@ class ModelMeta:
             out["add_bos_token"] = self.add_bos
         if self.chat_template is not None:
             out["chat_template"] = self.chat_template.source
+        return out
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampler settings the model's authors chose (generation_config.json), read as
+        `transformers`' `generate` reads them: without `do_sample: true` decoding is greedy
+        (temperature 0); with it, an unset field takes transformers' default (temperature 1,
+        top_k 50, top_p 1). {} when the file sets no sampling field: then bardlm's own defaults.
+        Flags (`--temperature`, ...) and request fields override each value."""
+        g = self.generation
+        if not any(k in g for k in ("do_sample", *SAMPLING_DEFAULTS)):
+            return {}
+        penalty = g.get("repetition_penalty") or 1.0
+        if not g.get("do_sample"):
+            return {"temperature": 0.0, "repetition_penalty": penalty}
+        out = {k: g[k] if g.get(k) is not None else v for k, v in SAMPLING_DEFAULTS.items()}
+        out["repetition_penalty"] = penalty
+        if not out["top_k"]:  # 0 turns it off in transformers; None does here
+            out["top_k"] = None
         return out
 
     def generation_config(self, tokenizer: Any = None) -> dict[str, Any]:

@@ -81,12 +81,13 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: Any  # a string, or a list holding one string (checked below)
     max_tokens: int | None = Field(16, ge=0)  # 0: score the prompt only (with echo)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    # Unset (None): the model's generation_config.json default, else OpenAI's (`sampling_of`).
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     min_p: float | None = Field(None, ge=0, le=1)
     # Bounded so that dividing or multiplying a logit by it stays finite (1e-38 made inf - inf).
-    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, ge=MIN_PENALTY, le=MAX_PENALTY)
     stop: Any = None  # a string or a list of up to 4 strings (checked below)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)  # what a torch generator takes
     stream: bool = False
@@ -145,11 +146,11 @@ class ChatRequest(BaseModel):
     messages: list[dict[str, Any]]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, ge=MIN_PENALTY, le=MAX_PENALTY)
     stop: Any = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
@@ -195,10 +196,21 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
 
 
-def sampling_of(req: Any) -> dict[str, Any]:
-    """The sampler settings of a completion or chat request (same fields in both)."""
-    return dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                repetition_penalty=req.repetition_penalty, seed=req.seed)
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}  # the API's defaults
+
+
+def sampling_of(req: Any, model_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sampler settings of a completion or chat request (same fields in both): each field
+    the request leaves out takes the model's generation_config.json default
+    (`ModelMeta.sampling_defaults`), else the OpenAI API's."""
+    model_defaults = model_defaults or {}
+    out: dict[str, Any] = {}
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(req, key)
+        if value is None:
+            value = model_defaults.get(key)
+        out[key] = value if value is not None else OPENAI_SAMPLING.get(key)
+    return {**out, "seed": req.seed}
 
 
 @dataclass(frozen=True)
@@ -225,7 +237,8 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
               allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES, docs: bool = False,
               prefill_chunk: int = 128, compile: bool = False,
               chat_template: Any = None, max_context: int | None = None,
-              body_limits: BodyLimits = BodyLimits()) -> FastAPI:
+              body_limits: BodyLimits = BodyLimits(),
+              sampling_defaults: dict[str, Any] | None = None) -> FastAPI:
     """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer.
 
     max_batch: requests generated together (continuous batching); max_queue: more that may wait.
@@ -235,7 +248,8 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
     rebinding. docs: serve /docs and /openapi.json. chat_template: an `infer.chat.ChatTemplate`
     (default: the built-in one for the tokenizer) renders chats. max_context: KV cache
     positions per slot (default: sized to the memory available, `Engine`). body_limits: how
-    fast a request body must arrive (`BodyLimits`).
+    fast a request body must arrive (`BodyLimits`). sampling_defaults: the model's sampler
+    defaults (`ModelMeta.sampling_defaults`), for the fields a request leaves out.
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, max_batch=max_batch,
                     prefill_chunk=prefill_chunk, compile=compile, max_context=max_context)
@@ -257,6 +271,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
                   openapi_url="/openapi.json" if docs else None, redoc_url=None)
     app.state.engine = engine
     app.state.body_limits = body_limits
+    app.state.sampling_defaults = dict(sampling_defaults or {})
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(StarletteHTTPException)
@@ -355,7 +370,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
             prompt = req.prompt
         job = Job(prompt=prompt, prompt_ids=ids, logprobs=req.logprobs, echo=req.echo,
                   max_tokens=16 if req.max_tokens is None else req.max_tokens, stop=req.stop or [],
-                  sampling=sampling_of(req))
+                  sampling=sampling_of(req, app.state.sampling_defaults))
         try:
             engine.check(job)
         except RequestError as e:
@@ -412,7 +427,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
         # The end of the turn is one more stop string: the reply ends there, without it.
         job = Job(prompt=tokenizer.decode(ids), prompt_ids=ids, max_tokens=max_tokens,
                   stop=[*(req.stop or []), template.end],
-                  sampling=sampling_of(req))
+                  sampling=sampling_of(req, app.state.sampling_defaults))
         try:
             engine.check(job)
         except RequestError as e:

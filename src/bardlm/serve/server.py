@@ -238,13 +238,14 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
     name = model_name or Path(ckpt).resolve().name
+    from ..io.load import read_meta
     from ..io.metadata import template_for
 
     hosts = allowed_hosts_for(host, allowed_hosts)
     app = build_app(model, tokenizer, model_name=name, max_queue=max_queue, max_batch=max_batch,
                     api_key=api_key, allowed_hosts=hosts,
                     docs=docs, compile=compile, chat_template=template_for(ckpt, tokenizer),
-                    max_context=max_context)
+                    max_context=max_context, sampling_defaults=read_meta(ckpt, tokenizer).sampling_defaults())
     sock = bind(host, port)
     where = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}"
