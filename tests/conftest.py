@@ -54,11 +54,33 @@ def is_loopback(host: object) -> bool:
     host = (host.decode() if isinstance(host, bytes) else str(host)).strip("[]").split("%")[0]
     if host.lower() in ("", "localhost", "ip6-localhost", "ip6-loopback"):
         return True
+    if host.lower() in own_names():
+        return True  # this machine's own name and addresses (a server on 0.0.0.0 lists them)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return False  # a name other than localhost: its lookup is the network
     return ip.is_loopback or ip.is_unspecified
+
+
+_OWN: set[str] = set()
+
+
+def own_names() -> set[str]:
+    """This machine's host name, fully qualified name and the addresses they resolve to (read
+    once, before any guard is installed: /etc/hosts or the resolver's answer for ourselves)."""
+    if not _OWN:
+        names = {socket.gethostname(), socket.getfqdn()}
+        for name in list(names):
+            try:
+                names |= {info[4][0] for info in socket.getaddrinfo(name, None)}
+            except OSError:
+                pass
+        _OWN.update(n.lower() for n in names if n)
+    return _OWN
+
+
+own_names()  # at import: the guard's own lookups must not go through the guard
 
 
 # The environment of every subprocess a test starts (see the module docstring).
