@@ -163,3 +163,26 @@ def test_engine_serves_a_windowed_model_as_generate_does() -> None:
         engine.shutdown()
     assert [j.text for j in jobs] == [generate_text(model, tok, p, n, temperature=0)
                                       for p, n in prompts]
+
+
+def test_info_and_server_hold_a_gemma3_sequence_as_global_length_plus_local_window(capsys) -> None:  # noqa: ANN001
+    """Gemma 3 1B's layout (4 global, 22 local layers of window 512) at a 32k context: one
+    sequence's cache is the global layers' 32,768 positions plus the local layers' 512, in
+    `bardlm info`, in `make_cache` and in the server's plan."""
+    from bardlm import preset
+    from bardlm.cli import main
+
+    cfg = preset("gemma-3-1b")
+    per_position = 2 * cfg.n_kv_head * cfg.head_dim * 4  # one layer's fp32 key + value
+    assert (cfg.attn_layers.count("global"), cfg.attn_layers.count("local")) == (4, 22)
+    want = (4 * 32768 + 22 * 512) * per_position
+    assert main(["info", "--preset", "gemma-3-1b"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "one sequence" in line)
+    assert f"{want:,} B" in row and "4 global layers x 32,768 + 22 local layers x 512" in row
+    # the same layout at toy widths: real buffers
+    small = preset("gemma-3-1b", vocab_size=64, n_embd=32, n_head=2, head_dim=8, ffn_hidden=32)
+    with torch.device("meta"):
+        model = GPT(small)
+    held = sum(c.nbytes() for c in model.make_cache(1, 32768))
+    assert held == (4 * 32768 + 22 * 512) * 2 * 1 * 8 * 4
+    assert plan_cache(small, 1, 4, 2**40, max_context=32768).slot_bytes == held

@@ -304,6 +304,9 @@ def _suggest(word: str, options: list[str]) -> str:
 # Model shapes only; training budgets live in `TRAIN_PRESETS` under the same names.
 _GPT2 = dict(vocab_size=50257, block_size=1024, bias=True, tie_embeddings=True)
 _LLAMA = dict(norm="rmsnorm", ffn="swiglu", pos="rope", bias=False)
+_GEMMA3 = dict(norm="rmsnorm", norm_unit_offset=True, norm_placement="sandwich", ffn="geglu",
+               pos="rope", rope_theta=1000000.0, rope_local_theta=10000.0, qk_norm=True,
+               embed_scale=True, bias=False, tie_embeddings=True, norm_eps=1e-6)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
@@ -343,6 +346,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_dim=128, n_embd=1024, ffn_hidden=3072, norm_eps=1e-6, rope_theta=1000000.0,
         qk_norm=True, tie_embeddings=True,
     ),
+    # Gemma 3 1B (text): 26 layers, five sliding-window (512) layers to one global, each kind
+    # with its own RoPE base; GeGLU, sandwich (1 + w) RMSNorms, QK-norm, embeddings x sqrt(d).
+    "gemma-3-1b": dict(
+        _GEMMA3, vocab_size=262144, block_size=32768, n_layer=26, n_head=4, n_kv_head=1,
+        head_dim=256, n_embd=1152, ffn_hidden=6912, sliding_window=512,
+        attn_layers=[("global" if (i + 1) % 6 == 0 else "local") for i in range(26)],
+    ),
     # Small CPU models of each style (same budget as char-tiny).
     "llama-tiny": dict(
         _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
@@ -351,6 +361,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-tiny": dict(
         _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
         head_dim=32, ffn_hidden=344, qk_norm=True, tie_embeddings=True, norm_eps=1e-6,
+    ),
+    # Gemma 3's block at char-tiny's budget: three local layers (window 16) then a global one.
+    "gemma3-tiny": dict(
+        _GEMMA3, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        head_dim=32, ffn_hidden=344, sliding_window=16,
+        attn_layers=["local", "local", "local", "global"],
     ),
     # qwen3-tiny with a mixture of experts (Qwen3-MoE's layout): the first FFN dense, the others
     # 4 experts of half the dense width, top 2, so each token runs as many FFN weights as in
@@ -456,6 +472,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "gemma3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
     "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
                       eval_interval=250, eval_batches=2, dtype="bf16", compile=True,
