@@ -186,3 +186,32 @@ def test_info_and_server_hold_a_gemma3_sequence_as_global_length_plus_local_wind
     held = sum(c.nbytes() for c in model.make_cache(1, 32768))
     assert held == (4 * 32768 + 22 * 512) * 2 * 1 * 8 * 4
     assert plan_cache(small, 1, 4, 2**40, max_context=32768).slot_bytes == held
+
+
+def test_attention_sinks_take_their_share_of_the_softmax() -> None:
+    """Sinks: a per-head logit in the denominator. Reference: the weights exp(s_j) /
+    (sum_j exp(s_j) + exp(sink_h)), written with exp directly; a sink of -inf is no sink."""
+    from bardlm.nn.attention import explicit_attention
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    sinks = torch.randn(4)
+    mask = torch.ones(5, 5).tril().bool()
+    got = explicit_attention(q, k, v, mask, sinks=sinks)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    e = torch.exp(q @ kk.transpose(-2, -1) / 8**0.5) * mask
+    w = e / (e.sum(-1, keepdim=True) + torch.exp(sinks).view(1, 4, 1, 1))
+    torch.testing.assert_close(got, w @ vv, atol=1e-5, rtol=1e-5)
+    none = explicit_attention(q, k, v, mask, sinks=torch.full((4,), float("-inf")))
+    torch.testing.assert_close(none, explicit_attention(q, k, v, mask), atol=1e-6, rtol=1e-6)
+
+
+def test_sinks_and_caps_decode_with_the_cache_as_without() -> None:
+    model = windowed(attn_sinks=True, attn_softcap=3.0, logit_softcap=5.0, attn_scale_dim=20.0)
+    assert model.transformer.h[0].attn.impl == "explicit"
+    with torch.no_grad():
+        for blk in model.transformer.h:
+            blk.attn.sinks.normal_(0.0, 1.0)
+    idx = torch.randint(0, 40, (1, 4))
+    assert generate(model, idx, 4 * W, temperature=0).equal(
+        generate(model, idx, 4 * W, temperature=0, use_cache=False))
