@@ -181,3 +181,33 @@ def test_export_refuses_what_the_family_cannot_express() -> None:
                             (dict(attn_sinks=True), "attn_sinks")]:
         with pytest.raises(BardlmError, match=message):
             save_pretrained(GPT(preset("llama-tiny", **change)), "/nonexistent/never-written")
+
+
+@pytest.mark.parametrize("extra", [{}, {"beta_fast": 16, "beta_slow": 2, "attention_factor": 1.3},
+                                   {"mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False}])
+def test_yarn_matches_transformers(tmp_path, extra) -> None:  # noqa: ANN001
+    """YaRN RoPE: frequencies and the cos/sin factor against transformers' own function, and a
+    Llama with YaRN read past its original context gives transformers' logits."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from bardlm.nn.position import rope_attention_factor, rope_inv_freq
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+            "rope_theta": 10000.0, **extra}
+    hf_cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_parameters=dict(rope))
+    want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    torch.testing.assert_close(rope_inv_freq(16, 10000.0, scaling), want_inv, atol=1e-7, rtol=1e-6)
+    assert rope_attention_factor(scaling) == pytest.approx(want_factor)
+    assert want_factor != 1.0
+    torch.manual_seed(5)
+    ref = transformers.LlamaForCausalLM(hf_cfg).eval()
+    randomise(ref)
+    ref.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    idx = torch.randint(0, V, (1, 48))  # three times the original context
+    with torch.no_grad():
+        assert (ours(idx)[0] - ref(idx).logits).abs().max().item() < 1e-4

@@ -258,10 +258,10 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
         raise BardlmError(f"{where}: partial_rotary_factor is not supported (rotary on all dims only)")
     if kind == "default":
         return theta, None
-    if kind not in ("llama3", "linear"):
+    if kind not in ("llama3", "linear", "yarn"):
         raise BardlmError(
             f"{where}: rope scaling type {kind!r} is not supported; bardlm implements "
-            "'default', 'linear' and 'llama3'"
+            "'default', 'linear', 'llama3' and 'yarn'"
         )
     return theta, {"rope_type": kind, **params}
 

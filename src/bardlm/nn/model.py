@@ -21,7 +21,7 @@ from .cache import KVCache, RingKVCache
 from .dropout import Dropout
 from .moe import router_losses
 from .norm import LayerNorm, RMSNorm, make_norm
-from .position import rope_cos_sin, rope_inv_freq, sinusoidal_table
+from .position import rope_attention_factor, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
 class GPT(nn.Module):
@@ -136,8 +136,12 @@ class GPT(nn.Module):
         return positions
 
     def rope(self, positions: torch.Tensor, inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` (T,) -> (T, D) or (B, T) -> (B, 1, T, D)."""
+        """cos, sin for `positions` (T,) -> (T, D) or (B, T) -> (B, 1, T, D); the global table
+        (inv_freq None) times YaRN's attention factor when rope_scaling is YaRN."""
         cos, sin = rope_cos_sin(positions, self.rope_inv_freq if inv_freq is None else inv_freq)
+        factor = rope_attention_factor(self.config.rope_scaling) if inv_freq is None else 1.0
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
         return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
     def layer_ropes(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -151,7 +155,7 @@ class GPT(nn.Module):
 
         def table(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             if name not in tables:
-                tables[name] = self.rope(positions, getattr(self, name))
+                tables[name] = self.rope(positions, None if name == "rope_inv_freq" else getattr(self, name))
             return tables[name]
 
         local = "rope_local_inv_freq" if hasattr(self, "rope_local_inv_freq") else "rope_inv_freq"
