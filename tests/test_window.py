@@ -215,3 +215,13 @@ def test_sinks_and_caps_decode_with_the_cache_as_without() -> None:
     idx = torch.randint(0, 40, (1, 4))
     assert generate(model, idx, 4 * W, temperature=0).equal(
         generate(model, idx, 4 * W, temperature=0, use_cache=False))
+
+
+def test_compiled_decode_step_with_a_ring_cache_equals_eager() -> None:
+    """The torch.compile'd static step (`generate(compile=True)`) over a ring cache, past the
+    window: the same tokens as the eager loop. (One local layer: every cache is a ring, whose
+    shapes never change, so the step compiles once.)"""
+    model = windowed(n_layer=1)
+    idx = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+    eager = generate(model, idx, 3 * W, temperature=0)
+    assert generate(model, idx, 3 * W, temperature=0, compile=True).equal(eager)
