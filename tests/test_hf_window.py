@@ -134,6 +134,10 @@ def test_int8_and_lora_on_gemma3(tmp_path) -> None:  # noqa: ANN001
     model = from_pretrained(tmp_path)
     idx = torch.randint(0, V, (2, 3 * W))
     want = model(idx)[0]
+    from bardlm.infer.layouts import prepare_for_inference
+
+    fast = prepare_for_inference(copy.deepcopy(model), "fp32")  # what bardlm.load(dtype=...) runs
+    torch.testing.assert_close(fast(idx)[0], want, atol=1e-4, rtol=1e-4)
     q = quantize_model(copy.deepcopy(model))
     err = (q(idx)[0].float() - want).abs()
     # bf16 activations alone are 3% off here (transformers' bf16 too), int8 weights add as much
