@@ -351,7 +351,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .config import parse_overrides, preset
-    from .infer.budget import kv_bytes_per_token
+    from .infer.budget import kv_bytes_per_sequence, kv_bytes_per_token
     from .io.load import read_model_config
     from .nn.model import GPT
     from .nn.moe import active_params
@@ -375,12 +375,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("weights fp32", f"{n * 4:,} B = {n * 4 / 1e6:,.2f} MB = {n * 4 / 2**20:,.2f} MiB"),
         ("weights bf16 / int8", f"{_mib(n * 2)} / {_mib(n)}"),
         ("KV cache per token fp32 / bf16", f"{kv_token * 4:,} B / {kv_token * 2:,} B"),
-        ("KV cache at full context fp32", _mib(kv_token * 4 * cfg.block_size)),
+        ("KV cache of one sequence at full context fp32",
+         f"{kv_bytes_per_sequence(cfg, cfg.block_size, 4):,} B = "
+         f"{_mib(kv_bytes_per_sequence(cfg, cfg.block_size, 4))}{_cache_layout(cfg)}"),
         ("shape", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} KV), "
                   f"{cfg.n_embd} dims, head_dim {cfg.head_dim}, context {cfg.block_size}, "
                   f"vocab {cfg.vocab_size}"),
         ("style", f"{cfg.pos} positions, {cfg.norm}, {cfg.ffn}"
                   + (", QK-norm" if cfg.qk_norm else "")),
+        ("attention", _attention_layout(cfg)),
         ("biases", f"q/k/v {_yn(cfg.qkv_bias)}, attention output {_yn(cfg.attn_bias)}, "
                    f"MLP and norms {_yn(cfg.bias)}"),
         ("dropout", f"embeddings {cfg.emb_dropout}, attention weights {cfg.attn_dropout}, "
@@ -394,6 +397,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _cache_layout(cfg) -> str:  # noqa: ANN001
+    """" (G global layers x N + L local layers x W positions)" when some layers are local."""
+    local = cfg.attn_layers.count("local")
+    if not local:
+        return ""
+    n_global, window = cfg.n_layer - local, min(cfg.sliding_window, cfg.block_size)
+    return (f" ({n_global} global layers x {cfg.block_size:,} + {local} local layers x "
+            f"{window:,} positions)")
+
+
+def _attention_layout(cfg) -> str:  # noqa: ANN001
+    """Which layers are local (sliding window) and which have no RoPE."""
+    local = [i for i, k in enumerate(cfg.attn_layers) if k == "local"]
+    text = "global in every layer" if not local else \
+        f"sliding window {cfg.sliding_window} in {len(local)} of {cfg.n_layer} layers {local}"
+    nope = [i for i, r in enumerate(cfg.rope_layers) if not r]
+    if cfg.pos == "rope" and nope:
+        text += f"; no RoPE in layers {nope}"
+    return text
 
 
 def _yn(flag: bool) -> str:

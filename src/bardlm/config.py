@@ -23,8 +23,10 @@ from .errors import BardlmError
 
 NORMS = ("layernorm", "rmsnorm", "none")  # "none": no normalisation (an ablation)
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
-FFNS = ("gelu", "relu", "swiglu")
-NORM_PLACEMENTS = ("pre", "post")
+FFNS = ("gelu", "relu", "swiglu", "geglu")
+# "sandwich" (Gemma 2/3): a norm before each sublayer and another on its output, before the add.
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+ATTN_KINDS = ("global", "local")  # per layer: every earlier key, or the last `sliding_window`
 ATTN_IMPLS = ("sdpa", "explicit")
 # How a query scores a key; everything but "dot" runs on the explicit path (docs/concepts.md).
 ATTN_SCORES = ("dot", "dot_unscaled", "additive", "bilinear", "cosine")
@@ -48,14 +50,34 @@ class ModelConfig:
     n_kv_head: int | None = None  # None -> n_head (MHA); 1 -> MQA; in between -> GQA
     head_dim: int | None = None  # None -> n_embd // n_head (Qwen3 decouples the two)
     ffn_hidden: int | None = None  # None -> 4 * n_embd
-    ffn: str = "gelu"  # "gelu" (tanh approx, GPT-2), "relu", or "swiglu" (Llama)
+    ffn: str = "gelu"  # "gelu" (tanh approx, GPT-2), "relu", "swiglu" (Llama) or "geglu" (Gemma)
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"  # "pre" (GPT-2 onwards) or "post" (the 2017 paper)
+    norm_placement: str = "pre"  # "pre" (GPT-2 onwards), "post" (the 2017 paper) or "sandwich"
+    # Gemma's RMSNorm scales by (1 + w) with w initialised to 0, instead of by w from 1.
+    norm_unit_offset: bool = False
     pos: str = "learned"  # "learned", "sinusoidal", "rope" or "none"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # e.g. Llama 3.x {"rope_type": "llama3", ...}
     qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3)
+    # Attention per layer (transformers' `layer_types`): "global" sees every earlier key,
+    # "local" only the last `sliding_window` (itself included: Mistral, Gemma 2/3). None ->
+    # every layer "local" when sliding_window is set (Mistral), else "global".
+    attn_layers: list[str] | None = None
+    sliding_window: int | None = None
+    # Per layer, whether attention rotates q and k (pos="rope"); False is a NoPE layer
+    # (SmolLM3's no_rope_layers). None -> every layer True when pos="rope".
+    rope_layers: list[bool] | None = None
+    rope_local_theta: float | None = None  # local layers' RoPE base, unscaled (Gemma 3); None -> rope_theta
+    # Attention logits: scaled by 1/sqrt(attn_scale_dim) (None -> head_dim; Gemma's
+    # query_pre_attn_scalar), then soft-capped to (-cap, cap) by cap * tanh(x / cap) (Gemma 2).
+    attn_scale_dim: float | None = None
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None  # the same cap on the output logits (Gemma 2)
+    embed_scale: bool = False  # token embeddings times sqrt(n_embd) (Gemma)
+    # A learned logit per head in each softmax's denominator (gpt-oss): a query may attend to
+    # "nothing" instead of being forced to spread its weight over the keys.
+    attn_sinks: bool = False
     bias: bool = True  # biases in the linear layers (and the shift of LayerNorm)
     # Attention biases. `attn_bias` is the output projection's (c_proj) and the default of
     # `qkv_bias`, the query/key/value projection's (c_attn): GPT-2 has both, Llama neither,
@@ -115,7 +137,9 @@ class ModelConfig:
                 "attn_bias": self.bias, "qkv_bias": attn_bias, "emb_dropout": self.dropout,
                 "attn_dropout": self.dropout, "resid_dropout": self.dropout,
                 "expert_hidden": 4 * self.n_embd if self.ffn_hidden is None else self.ffn_hidden,
-                "ffn_layers": ["moe" if self.n_expert > 0 else "dense"] * self.n_layer}
+                "ffn_layers": ["moe" if self.n_expert > 0 else "dense"] * self.n_layer,
+                "attn_layers": ["local" if self.sliding_window else "global"] * self.n_layer,
+                "rope_layers": [self.pos == "rope"] * self.n_layer}
 
     def resolve(self) -> None:
         for name, value in self.derived().items():
@@ -168,6 +192,40 @@ class ModelConfig:
         if self.rope_theta <= 0:
             raise BardlmError(f"config: rope_theta must be positive, got {self.rope_theta}")
         self._validate_moe()
+        self._validate_attention()
+
+    def _validate_attention(self) -> None:
+        """The per-layer attention fields (attn_layers, sliding_window, rope_layers, caps)."""
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise BardlmError(f"config: sliding_window must be a positive integer or null, "
+                              f"got {self.sliding_window}")
+        for name in ("attn_scale_dim", "attn_softcap", "logit_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BardlmError(f"config: {name} must be positive or null, got {value}")
+        if self.attn_layers is not None:
+            if len(self.attn_layers) != self.n_layer or not set(self.attn_layers) <= set(ATTN_KINDS):
+                raise BardlmError(f"config: attn_layers must list \"global\" or \"local\" for each "
+                                  f"of the {self.n_layer} layers, got {self.attn_layers}")
+            if "local" in self.attn_layers and self.sliding_window is None:
+                raise BardlmError("config: attn_layers has \"local\" layers but sliding_window "
+                                  "is null; set sliding_window (the keys a local layer sees)")
+        if self.rope_layers is not None:
+            if len(self.rope_layers) != self.n_layer or not all(isinstance(r, bool) for r in self.rope_layers):
+                raise BardlmError(f"config: rope_layers must list true or false for each of the "
+                                  f"{self.n_layer} layers, got {self.rope_layers}")
+            if any(self.rope_layers) and self.pos != "rope":
+                raise BardlmError(f"config: rope_layers has rotary layers but pos={self.pos}; "
+                                  "set pos=rope or rope_layers=null")
+        if self.share_layers and (len(set(self.attn_layers or [])) > 1 or len(set(self.rope_layers or [])) > 1):
+            raise BardlmError("config: share_layers applies one block to every layer, so "
+                              "attn_layers and rope_layers cannot vary; drop share_layers")
+
+    def layer_cache_lengths(self, tokens: int) -> list[int]:
+        """Positions the KV cache of one sequence holds per layer for a `tokens` context: all of
+        them for a global layer, at most `sliding_window` for a local one (a ring buffer)."""
+        return [min(tokens, self.sliding_window) if kind == "local" else tokens
+                for kind in self.attn_layers]
 
     def _validate_moe(self) -> None:
         """The mixture-of-experts fields (n_expert, ffn_layers, ...) agree with each other."""
@@ -246,6 +304,9 @@ def _suggest(word: str, options: list[str]) -> str:
 # Model shapes only; training budgets live in `TRAIN_PRESETS` under the same names.
 _GPT2 = dict(vocab_size=50257, block_size=1024, bias=True, tie_embeddings=True)
 _LLAMA = dict(norm="rmsnorm", ffn="swiglu", pos="rope", bias=False)
+_GEMMA3 = dict(norm="rmsnorm", norm_unit_offset=True, norm_placement="sandwich", ffn="geglu",
+               pos="rope", rope_theta=1000000.0, rope_local_theta=10000.0, qk_norm=True,
+               embed_scale=True, bias=False, tie_embeddings=True, norm_eps=1e-6)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
@@ -285,6 +346,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_dim=128, n_embd=1024, ffn_hidden=3072, norm_eps=1e-6, rope_theta=1000000.0,
         qk_norm=True, tie_embeddings=True,
     ),
+    # Gemma 3 1B (text): 26 layers, five sliding-window (512) layers to one global, each kind
+    # with its own RoPE base; GeGLU, sandwich (1 + w) RMSNorms, QK-norm, embeddings x sqrt(d).
+    "gemma-3-1b": dict(
+        _GEMMA3, vocab_size=262144, block_size=32768, n_layer=26, n_head=4, n_kv_head=1,
+        head_dim=256, n_embd=1152, ffn_hidden=6912, sliding_window=512,
+        attn_layers=[("global" if (i + 1) % 6 == 0 else "local") for i in range(26)],
+    ),
     # Small CPU models of each style (same budget as char-tiny).
     "llama-tiny": dict(
         _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
@@ -293,6 +361,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-tiny": dict(
         _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
         head_dim=32, ffn_hidden=344, qk_norm=True, tie_embeddings=True, norm_eps=1e-6,
+    ),
+    # Gemma 3's block at char-tiny's budget: three local layers (window 16) then a global one.
+    "gemma3-tiny": dict(
+        _GEMMA3, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        head_dim=32, ffn_hidden=344, sliding_window=16,
+        attn_layers=["local", "local", "local", "global"],
     ),
     # qwen3-tiny with a mixture of experts (Qwen3-MoE's layout): the first FFN dense, the others
     # 4 experts of half the dense width, top 2, so each token runs as many FFN weights as in
@@ -398,6 +472,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "gemma3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
     "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
                       eval_interval=250, eval_batches=2, dtype="bf16", compile=True,

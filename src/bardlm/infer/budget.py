@@ -7,6 +7,10 @@ Reserving every slot a full context does not fit real models (llama-3.2-1b: 131,
 vLLM and llama.cpp do: a total token budget shared by the slots, each slot getting
 budget / slots positions (`plan_cache`), and a request longer than a slot is refused.
 
+A sliding-window layer holds at most its window per slot whatever the slot's length
+(nn/cache.py `RingKVCache`), so a slot of a model with local layers costs
+`kv_bytes_per_sequence`, less than tokens x `kv_bytes_per_token`.
+
 One slot length for every row keeps the decode step's shapes static (so it compiles once per
 shape); `read_length` bounds how much of it attention reads while only a prefix is filled.
 """
@@ -49,6 +53,13 @@ def kv_bytes_per_token(cfg, element_size: int) -> int:  # noqa: ANN001
     return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * element_size
 
 
+def kv_bytes_per_sequence(cfg, tokens: int, element_size: int) -> int:  # noqa: ANN001
+    """Bytes of keys and values one sequence of `tokens` positions holds: every position in a
+    global layer, at most `sliding_window` in a local one (`ModelConfig.layer_cache_lengths`)."""
+    per_position = 2 * cfg.n_kv_head * cfg.head_dim * element_size  # one layer's key + value
+    return sum(cfg.layer_cache_lengths(tokens)) * per_position
+
+
 def available_memory(device: torch.device | str = "cpu") -> int:
     """Bytes free for new tensors on `device`: free accelerator memory, or the RAM the OS can
     hand out (MemAvailable, which counts reclaimable page cache; free pages if psutil is
@@ -66,11 +77,13 @@ def available_memory(device: torch.device | str = "cpu") -> int:
 
 @dataclass(frozen=True)
 class CachePlan:
-    """`slots` cache rows of `tokens` positions each, `bytes_per_token` bytes a position."""
+    """`slots` cache rows of `tokens` positions each: `bytes_per_token` bytes a position when
+    every layer holds every position, `slot_bytes` a slot (less with sliding-window layers)."""
 
     slots: int
     tokens: int
     bytes_per_token: int
+    slot_bytes: int
 
     @property
     def total_tokens(self) -> int:
@@ -78,7 +91,7 @@ class CachePlan:
 
     @property
     def nbytes(self) -> int:
-        return self.total_tokens * self.bytes_per_token
+        return self.slots * self.slot_bytes
 
     def describe(self) -> str:
         """e.g. "kv cache: 8 slots x 4,096 tokens = 32,768 tokens, 3.50 GiB" (MiB under 1 GiB)."""
@@ -98,27 +111,39 @@ def plan_cache(cfg, slots: int, element_size: int, available: int,  # noqa: ANN0
     refused when not even min(block_size, 256) positions fit a slot.
     """
     per_token = kv_bytes_per_token(cfg, element_size)
+
+    def plan_for(tokens: int) -> CachePlan:
+        return CachePlan(slots, tokens, per_token, kv_bytes_per_sequence(cfg, tokens, element_size))
+
+    def most_tokens(budget: int, limit: int) -> int:
+        """The most positions (<= limit) a slot may have with `slots` of them in `budget` bytes
+        (a slot's bytes grow with its length, so: a binary search)."""
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if plan_for(mid).nbytes <= budget else (lo, mid - 1)
+        return lo
+
     if max_context is not None:
         tokens = context_window(cfg, max_context)
-        plan = CachePlan(slots, tokens, per_token)
+        plan = plan_for(tokens)
         if plan.nbytes > available:
-            most = available // (slots * per_token)
+            most = most_tokens(available, tokens)
             fix = f"pass --max-context {most} or less, or a smaller --max-batch" if most else \
                 "pass a smaller --max-batch"
             raise BardlmError(
                 f"{plan.describe()} does not fit in the {available / GiB:.2f} GiB available; {fix}")
         return plan
-    fit = int(available * share) // (slots * per_token)
-    tokens = min(cfg.block_size, fit)
+    tokens = most_tokens(int(available * share), cfg.block_size)
     if tokens > ROUND and tokens < cfg.block_size:
         tokens -= tokens % ROUND
     least = min(cfg.block_size, ROUND)
     if tokens < least:
         raise BardlmError(
-            f"kv cache: {slots} slots of {least} tokens ({slots * least * per_token / GiB:.2f} "
+            f"kv cache: {slots} slots of {least} tokens ({plan_for(least).nbytes / GiB:.2f} "
             f"GiB) do not fit in {share:.0%} of the {available / GiB:.2f} GiB available; "
             "pass a smaller --max-batch or --max-context, or free memory")
-    return CachePlan(slots, tokens, per_token)
+    return plan_for(tokens)
 
 
 def read_length(filled: int, cache_len: int, buckets: int = READ_BUCKETS) -> int:

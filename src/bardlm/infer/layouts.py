@@ -63,7 +63,7 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     dtype: "fp32", "bf16" (weights and activations) or "int8" (int8 weights, bf16 activations).
     The model can no longer be trained afterwards: keep the original if you need to.
     """
-    from ..nn.feedforward import MLP, fused_gelu_tanh, gelu_tanh
+    from ..nn.feedforward import MLP, SwiGLU, fused_gelu_tanh, gelu_tanh
     from ..nn.norm import RMSNorm
     from .quantize import quantize_model
 
@@ -82,7 +82,7 @@ def prepare_for_inference(model: nn.Module, dtype: str = "fp32") -> nn.Module:
                 setattr(module, name, nn.Identity())  # eval dropout is the identity anyway
         if isinstance(module, (LayerNorm, RMSNorm)):
             module.fused = True  # one kernel instead of ~8 small ops: a decode step has ~50 norms
-        if isinstance(module, MLP) and module.act is gelu_tanh:
+        if isinstance(module, (MLP, SwiGLU)) and module.act is gelu_tanh:  # SwiGLU: GeGLU
             module.act = fused_gelu_tanh
     model.prepared = dtype
     return model

@@ -109,6 +109,10 @@ def check_exportable(cfg: ModelConfig) -> str:
     if family in MOE_FAMILIES:
         raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
                           "export --format hf writes one transformers loads")
+    if family not in GGUF_NAMES:  # llama.cpp hard-codes Gemma's window pattern and scales
+        raise BardlmError(f"GGUF export of {family} models (sliding windows, NoPE layers or "
+                          "Gemma's blocks) is not implemented; export --format hf writes one "
+                          "transformers loads")
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")

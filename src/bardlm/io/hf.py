@@ -1,8 +1,10 @@
 """The Hugging Face bridge: load `transformers` checkpoints into `GPT` and write them back.
 
-Six families are supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen3ForCausalLM` and the
-mixtures of experts `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM` and `MixtralForCausalLM`. The bridge is two tables and
-two config translators:
+The families: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen3ForCausalLM`, the mixtures of
+experts `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM` and `MixtralForCausalLM`, and the
+sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` (text)
+and `SmolLM3ForCausalLM` (with NoPE layers). The bridge is two tables and two config
+translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
   `c_attn` is fused (rows [q | k | v]) and SwiGLU's `c_fc` is fused (rows [gate | up]), so one of
@@ -55,7 +57,12 @@ INDEX_FILE = "model.safetensors.index.json"
 BARDLM_TOKENIZER_FILE = "bardlm_tokenizer.json"
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "mixtral": "MixtralForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "smollm3": "SmolLM3ForCausalLM"}
+GEMMA_FAMILIES = ("gemma2", "gemma3_text")
+# Families whose attention may be sliding-window (per layer); the others refuse windows.
+WINDOW_FAMILIES = ("mistral", "smollm3", *GEMMA_FAMILIES)
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE tables).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -119,7 +126,22 @@ def _moe_table(moe: str, router: str, gate: str, up: str, down: str) -> list[Ent
     ]
 
 
+def _gemma_table() -> list[Entry]:
+    """Gemma 2/3: Llama's names, with sandwich norms around attention and the MLP (Gemma 3 adds
+    q_norm/k_norm, skipped when absent). Gemma's (1 + w) norms store w, as we do."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    norms = [Entry(h + ours, (t + theirs,)) for ours, theirs in (
+        ("ln_1.weight", "input_layernorm.weight"),
+        ("ln_1_post.weight", "post_attention_layernorm.weight"),
+        ("ln_2.weight", "pre_feedforward_layernorm.weight"),
+        ("ln_2_post.weight", "post_feedforward_layernorm.weight"))]
+    llama = [e for e in _llama_table() if not e.ours.startswith((h + "ln_1", h + "ln_2"))]
+    return llama + norms
+
+
 TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(),
+          "mistral": _llama_table(), "smollm3": _llama_table(),
+          "gemma2": _gemma_table(), "gemma3_text": _gemma_table(),
           "qwen3_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
           "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + [
               Entry("transformer.h.{i}.mlp.shared.c_fc.weight",
@@ -185,14 +207,35 @@ MIXTRAL_DEFAULTS = dict(LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_h
                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e6,
                         sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
                         router_aux_loss_coef=0.001)
+MISTRAL_DEFAULTS = dict(LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                        max_position_embeddings=131072, rms_norm_eps=1e-6, sliding_window=4096)
+SMOLLM3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=128256, hidden_size=2048, intermediate_size=11008,
+                        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
+                        max_position_embeddings=32768, rope_theta=2000000.0, tie_word_embeddings=True,
+                        use_sliding_window=False, sliding_window=None, no_rope_layers=None,
+                        no_rope_layer_interval=4, layer_types=None)
+GEMMA2_DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                       num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                       max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                       rope_theta=10000.0, attention_bias=False, query_pre_attn_scalar=256,
+                       sliding_window=4096, layer_types=None, final_logit_softcapping=30.0,
+                       attn_logit_softcapping=50.0)
+GEMMA3_DEFAULTS = dict(GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddings=131072,
+                       rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       final_logit_softcapping=None, attn_logit_softcapping=None,
+                       sliding_window_pattern=6, use_bidirectional_attention=False)
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
             "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
-            "mixtral": MIXTRAL_DEFAULTS}
+            "mixtral": MIXTRAL_DEFAULTS, "mistral": MISTRAL_DEFAULTS, "smollm3": SMOLLM3_DEFAULTS,
+            "gemma2": GEMMA2_DEFAULTS, "gemma3_text": GEMMA3_DEFAULTS}
+GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both GELU's tanh approximation
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
 
 def hf_family(hf: dict[str, Any], where: str = "config.json") -> str:
-    """A key of ARCHITECTURES ("gpt2", "llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral") from `model_type` (or `architectures`), else a clear error."""
+    """A key of ARCHITECTURES ("gpt2", "llama", "gemma2", ...) from `model_type` (or
+    `architectures`), else a clear error."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         archs = hf.get("architectures") or []
@@ -215,10 +258,10 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
         raise BardlmError(f"{where}: partial_rotary_factor is not supported (rotary on all dims only)")
     if kind == "default":
         return theta, None
-    if kind not in ("llama3", "linear"):
+    if kind not in ("llama3", "linear", "yarn"):
         raise BardlmError(
             f"{where}: rope scaling type {kind!r} is not supported; bardlm implements "
-            "'default', 'linear' and 'llama3'"
+            "'default', 'linear', 'llama3' and 'yarn'"
         )
     return theta, {"rope_type": kind, **params}
 
@@ -226,7 +269,7 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """A `ModelConfig` from a `transformers` config.json dict (a family of ARCHITECTURES)."""
     family = hf_family(hf, where)
-    c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}}
+    c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}, "_hf": hf}
     # Special-token ids mean nothing to the model but must survive a round trip back to HF.
     extra = {"hf": {k: hf[k] for k in ID_KEYS if hf.get(k) is not None}}
     if family == "gpt2":
@@ -245,16 +288,20 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             norm_eps=c["layer_norm_epsilon"], pos="learned", bias=True,
             tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra,
         )
+    if family in GEMMA_FAMILIES:
+        return _gemma_config(hf, c, family, extra, where)
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
-    if c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or []) \
-            or (family == "mixtral" and c.get("sliding_window") is not None):
-        raise BardlmError(f"{where}: sliding-window attention is not supported; use full attention")
+    if family not in WINDOW_FAMILIES and (
+            c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or [])
+            or (family == "mixtral" and c.get("sliding_window") is not None)):
+        raise BardlmError(f"{where}: sliding-window attention is not supported for {family}; "
+                          "use full attention (bardlm has windows for Mistral, Gemma 2/3 and SmolLM3)")
     theta, scaling = _rope_from_hf(hf, where)
     n_head, n_embd = c["num_attention_heads"], c["hidden_size"]
     head_dim = c["head_dim"]
-    mlp_bias = bool(c["mlp_bias"]) and family == "llama"  # Qwen3's MLP has no biases
-    moe = _moe_from_hf(c, family)
+    mlp_bias = bool(c["mlp_bias"]) and family in ("llama", "smollm3")  # Qwen3's MLP has none
+    moe = {**_moe_from_hf(c, family), **_window_from_hf(c, family, where)}
     return ModelConfig(
         vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
         n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
@@ -266,6 +313,89 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         attn_bias=None if bool(c["attention_bias"]) == mlp_bias else bool(c["attention_bias"]),
         tie_embeddings=bool(c["tie_word_embeddings"]),
         extra=extra, **moe,
+    )
+
+
+def _given(c: dict[str, Any], key: str) -> Any:
+    """c[key] as config.json gives it: an explicit null there (no window, no cap) is None, not
+    the family default that `config_from_hf`'s merge puts in its place."""
+    return c["_hf"][key] if key in c["_hf"] else c[key]
+
+
+def _layer_types(c: dict[str, Any], where: str) -> list[str] | None:
+    """transformers' `layer_types` as our `attn_layers` ("local"/"global"), or None."""
+    types = c.get("layer_types")
+    if types is None:
+        return None
+    kinds = {"sliding_attention": "local", "full_attention": "global"}
+    if len(types) != c["num_hidden_layers"] or not set(types) <= set(kinds):
+        raise BardlmError(f"{where}: layer_types must list sliding_attention or full_attention "
+                          f"for each of the {c['num_hidden_layers']} layers, got {types}")
+    return [kinds[t] for t in types]
+
+
+def _window_from_hf(c: dict[str, Any], family: str, where: str) -> dict[str, Any]:
+    """Mistral's sliding window (every layer), SmolLM3's per-layer windows and NoPE layers."""
+    if family == "mistral":  # an explicit null is full attention, not the default window
+        return dict(sliding_window=_given(c, "sliding_window"))
+    if family != "smollm3":
+        return {}
+    n = c["num_hidden_layers"]
+    rope = c["no_rope_layers"]  # 1: the layer uses RoPE (transformers' naming)
+    if rope is None:
+        rope = [int((i + 1) % c["no_rope_layer_interval"] != 0) for i in range(n)]
+    if len(rope) != n:
+        raise BardlmError(f"{where}: no_rope_layers must have one entry per layer ({n}), got {len(rope)}")
+    kinds = _layer_types(c, where) or ["global"] * n
+    window = _given(c, "sliding_window") if c["use_sliding_window"] else None
+    if window is None:
+        kinds = ["global"] * n  # transformers ignores layer_types without use_sliding_window
+    return dict(sliding_window=window if "local" in kinds else None,
+                attn_layers=kinds, rope_layers=[bool(r) for r in rope])
+
+
+def _gemma_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dict[str, Any],
+                  where: str) -> ModelConfig:
+    """Gemma 2 and Gemma 3 (text): GeGLU, (1 + w) RMSNorms in a sandwich around each sublayer,
+    embeddings times sqrt(n_embd), query_pre_attn_scalar, local/global layers; Gemma 2's
+    logit soft-caps; Gemma 3's QK-norm and the local layers' own RoPE base."""
+    act = c.get("hidden_activation") or c.get("hidden_act")
+    if act not in GEMMA_ACTIVATIONS:
+        raise BardlmError(f"{where}: hidden_activation {act!r} is not supported; GeGLU needs "
+                          "'gelu_pytorch_tanh'")
+    if c.get("use_bidirectional_attention"):
+        raise BardlmError(f"{where}: use_bidirectional_attention is not supported; bardlm "
+                          "models are causal decoders")
+    n = c["num_hidden_layers"]
+    kinds = _layer_types(c, where)
+    if kinds is None:  # the pattern older config.json files give instead
+        pattern = c.get("sliding_window_pattern", 2)
+        kinds = ["global" if (i + 1) % pattern == 0 else "local" for i in range(n)]
+    params = c.get("rope_parameters") or {}
+    local_theta = None
+    if family == "gemma3_text":
+        if "full_attention" in params:  # transformers 5: one RoPE per layer type
+            local = dict(params.get("sliding_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise BardlmError(f"{where}: scaled RoPE on sliding-window layers is not supported")
+            local_theta = float(local.get("rope_theta", 10000.0))
+            hf = {**hf, "rope_parameters": params["full_attention"]}
+        else:
+            local_theta = float(c["rope_local_base_freq"])
+    theta, scaling = _rope_from_hf({"rope_theta": c["rope_theta"], **hf}, where)
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n,
+        n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+        n_kv_head=c["num_key_value_heads"], head_dim=c["head_dim"],
+        ffn_hidden=c["intermediate_size"], ffn="geglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"],
+        norm_placement="sandwich", norm_unit_offset=True, embed_scale=True, pos="rope",
+        rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
+        qk_norm=family == "gemma3_text", bias=False, attn_bias=bool(c["attention_bias"]),
+        sliding_window=_given(c, "sliding_window") if "local" in kinds else None, attn_layers=kinds,
+        attn_scale_dim=float(c["query_pre_attn_scalar"]),
+        attn_softcap=_given(c, "attn_logit_softcapping"),
+        logit_softcap=_given(c, "final_logit_softcapping"),
+        tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra,
     )
 
 
@@ -302,8 +432,21 @@ def family_of(cfg: ModelConfig) -> str:
             f"this model has no transformers equivalent ({', '.join(k for k, v in odd.items() if v)}"
             "); keep it as a bardlm checkpoint, or train without those options to export it"
         )
+    if cfg.norm_unit_offset or cfg.embed_scale or cfg.norm_placement == "sandwich" or cfg.ffn == "geglu":
+        return _gemma_family(cfg)
+    _refuse(cfg, "Gemma-only or gpt-oss options", {
+        f"attn_softcap={cfg.attn_softcap}": cfg.attn_softcap is not None,
+        f"logit_softcap={cfg.logit_softcap}": cfg.logit_softcap is not None,
+        f"attn_scale_dim={cfg.attn_scale_dim}": cfg.attn_scale_dim is not None,
+        f"rope_local_theta={cfg.rope_local_theta}": cfg.rope_local_theta is not None,
+        "attn_sinks=true": cfg.attn_sinks})
     style = (cfg.pos, cfg.norm, cfg.ffn)
     pre = cfg.norm_placement == "pre"
+    windows = {"local layers (sliding_window)": "local" in cfg.attn_layers,
+               "layers without RoPE (rope_layers)": cfg.pos == "rope" and not all(cfg.rope_layers)}
+    if style == ("rope", "rmsnorm", "swiglu") and pre and not cfg.qk_norm and any(windows.values()):
+        return _windowed_llama_family(cfg)
+    _refuse(cfg, "Mistral, SmolLM3 or Gemma", windows)
     if "moe" in cfg.ffn_layers:
         return _moe_family(cfg, style == ("rope", "rmsnorm", "swiglu") and pre)
     family = None
@@ -335,6 +478,41 @@ def family_of(cfg: ModelConfig) -> str:
         f"(Llama + QK-norm, no MLP bias); got pos={cfg.pos}, norm={cfg.norm}, ffn={cfg.ffn}, "
         f"qk_norm={cfg.qk_norm}, bias={cfg.bias}, norm_placement={cfg.norm_placement}"
     )
+
+
+def _refuse(cfg: ModelConfig, families: str, why: dict[str, bool]) -> None:
+    """Refuse an export whose config has options (the true keys of `why`) only `families` have."""
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"this model has no transformers equivalent in its family: "
+                          f"{', '.join(found)} need {families}; keep it as a bardlm checkpoint")
+
+
+def _windowed_llama_family(cfg: ModelConfig) -> str:
+    """A Llama block with sliding windows or NoPE layers: Mistral (every layer local, RoPE in
+    every layer, no biases) or SmolLM3 (any mix, Llama's biases)."""
+    if all(k == "local" for k in cfg.attn_layers) and all(cfg.rope_layers) \
+            and not (cfg.bias or cfg.attn_bias or cfg.qkv_bias):
+        return "mistral"
+    if cfg.qkv_bias != cfg.attn_bias:
+        raise BardlmError(f"this model has qkv_bias={str(cfg.qkv_bias).lower()}, but "
+                          "transformers' smollm3 has one attention_bias for q, k, v and o; keep "
+                          "it as a bardlm checkpoint")
+    return "smollm3"
+
+
+def _gemma_family(cfg: ModelConfig) -> str:
+    """gemma3_text (QK-norm) or gemma2, when the config has every Gemma trait."""
+    _refuse(cfg, "transformers' Gemma 2/3 traits (or no Gemma traits at all)", {
+        "ffn other than geglu": cfg.ffn != "geglu", "norm other than rmsnorm": cfg.norm != "rmsnorm",
+        "norm_unit_offset=false": not cfg.norm_unit_offset, "embed_scale=false": not cfg.embed_scale,
+        "norm_placement other than sandwich": cfg.norm_placement != "sandwich",
+        "pos other than rope": cfg.pos != "rope", "layers without RoPE": not all(cfg.rope_layers),
+        "MLP biases": cfg.bias, "qkv_bias != attn_bias": cfg.qkv_bias != cfg.attn_bias,
+        "mixture of experts": "moe" in cfg.ffn_layers, "attn_sinks=true": cfg.attn_sinks,
+        "rope_local_theta without qk_norm (Gemma 2 has one RoPE base)":
+            not cfg.qk_norm and cfg.rope_local_theta not in (None, cfg.rope_theta)})
+    return "gemma3_text" if cfg.qk_norm else "gemma2"
 
 
 def _moe_family(cfg: ModelConfig, llama_style: bool) -> str:
@@ -373,6 +551,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                 "attn_pdrop": 0.0}
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
+    if family in GEMMA_FAMILIES:
+        return _gemma_config_to_hf(cfg, family, out, rope)
     out.update(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
@@ -386,6 +566,14 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
     )
     if family == "llama":
         out["mlp_bias"] = cfg.bias
+    elif family == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    elif family == "smollm3":
+        local = "local" in cfg.attn_layers
+        out.update(mlp_bias=cfg.bias, use_sliding_window=local, sliding_window=cfg.sliding_window,
+                   layer_types=[f"{'sliding' if k == 'local' else 'full'}_attention"
+                                for k in cfg.attn_layers],
+                   no_rope_layers=[int(r) for r in cfg.rope_layers])
     elif family == "mixtral":
         out.update(intermediate_size=cfg.expert_hidden, num_local_experts=cfg.n_expert,
                    num_experts_per_tok=cfg.n_expert_active, sliding_window=None,
@@ -399,6 +587,33 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                    num_experts_per_tok=cfg.n_expert_active, norm_topk_prob=cfg.router_renorm,
                    decoder_sparse_step=1, router_aux_loss_coef=cfg.router_aux_loss_coef,
                    mlp_only_layers=[i for i, kind in enumerate(cfg.ffn_layers) if kind == "dense"])
+    return out
+
+
+def _gemma_config_to_hf(cfg: ModelConfig, family: str, out: dict[str, Any],
+                        rope: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2 / Gemma 3 (text) config.json: `rope` is the global layers' RoPE; Gemma 3's local
+    layers have their own unscaled base."""
+    scale = cfg.attn_scale_dim or cfg.head_dim
+    out.update(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, hidden_size=cfg.n_embd,
+        intermediate_size=cfg.ffn_hidden, hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias, attention_dropout=0.0,
+        query_pre_attn_scalar=int(scale) if float(scale).is_integer() else scale,
+        # transformers wants a window even with no local layer; then none reads it
+        sliding_window=cfg.sliding_window or cfg.block_size,
+        layer_types=[f"{'sliding' if k == 'local' else 'full'}_attention" for k in cfg.attn_layers],
+        attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap,
+        rope_theta=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+    )
+    if family == "gemma2":
+        out["rope_parameters"] = rope
+        return out
+    local = cfg.rope_local_theta or cfg.rope_theta
+    out.update(rope_local_base_freq=local, rope_parameters={
+        "full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local}})
     return out
 
 

@@ -1,5 +1,6 @@
 """One attention module for every case: causal self-attention, bidirectional self-attention and
-cross-attention; MHA, GQA and MQA; optional QK-RMSNorm and rotary positions; a KV cache.
+cross-attention; MHA, GQA and MQA; optional QK-RMSNorm and rotary positions; a KV cache;
+global or sliding-window (local) layers; attention sinks and soft-capped logits.
 
 Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V. The explicit path writes that formula out; the
 "sdpa" path calls PyTorch's fused kernel, and a test holds the two to 1e-5 of each other.
@@ -30,23 +31,32 @@ class Attention(nn.Module):
     applied to the decoder stream and the key/value rows to the encoder output.
     """
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True, layer: int = 0) -> None:
         super().__init__()
         self.causal = causal
+        # A local layer's query sees its last `window` keys (itself included); None: all of them.
+        self.window = cfg.sliding_window if causal and cfg.attn_layers[layer] == "local" else None
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.q_dim = self.n_head * self.head_dim
         self.kv_dim = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.attn_bias)
         # Qwen3 normalises each head's q and k before RoPE: keeps logits bounded in deep stacks.
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
+        # Logits q.k / sqrt(attn_scale_dim) (Gemma's query_pre_attn_scalar; default head_dim),
+        # soft-capped to (-cap, cap) (Gemma 2), a learned sink logit per head (gpt-oss).
+        self.scale = 1.0 / math.sqrt(cfg.attn_scale_dim or self.head_dim)
+        self.softcap = cfg.attn_softcap
+        self.sinks = nn.Parameter(torch.zeros(self.n_head)) if cfg.attn_sinks else None
         self.dropout = cfg.attn_dropout  # on the attention weights (B, H, T, S)
         self.fast_dropout = cfg.fast_dropout
         self.resid_dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # on c_proj's output
         # Scores other than the scaled dot product have no fused kernel: explicit path.
         self.score = AttentionScore(cfg) if cfg.attn_score != "dot" else None
-        self.impl = cfg.attn_impl if self.score is None else "explicit"
+        # Caps and sinks change the softmax itself: no fused kernel has them.
+        fused_ok = self.score is None and self.softcap is None and self.sinks is None
+        self.impl = cfg.attn_impl if fused_ok else "explicit"
 
     def _project(
         self, x: torch.Tensor, kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
@@ -101,37 +111,41 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_pos = None  # cache indices of the keys; None: 0..S-1 (a linear cache, or none)
         if cache is not None:
-            k, v = cache.update(start_pos, k, v)
-        S = k.shape[2]
-        if isinstance(start_pos, torch.Tensor):
-            # Static shapes: a prefix of the cache is read; a query sees the keys at cache
-            # indices up to its own, which hides both the future and whatever an earlier request
-            # left there.
-            is_causal = False
-            seen = causal_mask(start_pos, S)
-            mask = seen if mask is None else mask & seen
-        else:
-            # Plain causal self-attention (no cache prefix, no padding): the kernel builds the mask.
-            is_causal = self.causal and mask is None and T == S and T > 1
-            if not is_causal:
-                mask = self._full_mask(mask, T, S, start_pos, x.device)
+            k, v, k_pos = cache.update(start_pos, k, v)
+        mask, is_causal = self._mask(mask, T, k.shape[2], start_pos, k_pos, x.device)
         y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)
         return self.resid_dropout(self.c_proj(y))
 
-    def _full_mask(
-        self, mask: torch.Tensor | None, T: int, S: int, start_pos: int, device: torch.device
-    ) -> torch.Tensor | None:
-        """The bool mask (.., T, S) to apply, or None for "attend everything".
+    def _mask(
+        self, mask: torch.Tensor | None, T: int, S: int, start_pos: int | torch.Tensor,
+        k_pos: torch.Tensor | None, device: torch.device,
+    ) -> tuple[torch.Tensor | None, bool]:
+        """(the bool mask (.., T, S) to apply or None, whether the kernel's own causal mask does).
 
-        Query i sits at absolute position start_pos + i and may see keys 0..start_pos + i. A
-        single new token (T == 1) sees the whole cache, so it needs no causal mask at all.
+        Query i sits at cache index start_pos + i (or start_pos[.., i] for the static-shape
+        step) and key j at k_pos[.., j] (j when the cache is linear); `attention_mask` decides
+        from those indices alone, so the eager cache, the static step, a ring buffer and the
+        uncached pass all use one rule. A caller's `mask` is indexed by cache index: a ring
+        buffer's keys pick their columns of it.
         """
-        if not self.causal or T == 1:
-            return mask
-        causal = causal_mask(torch.arange(start_pos, start_pos + T, device=device), S)  # (T, S)
-        return causal if mask is None else mask & causal
+        if not self.causal:
+            return mask, False
+        static = isinstance(start_pos, torch.Tensor)
+        if not static and k_pos is None and mask is None and (self.window is None or self.window >= S):
+            if T == S and T > 1:
+                return None, True  # plain causal self-attention: the kernel builds the mask
+            if T == 1:
+                return None, False  # one new token sees the whole (linear) cache
+        q_pos = start_pos if static else torch.arange(start_pos, start_pos + T, device=device)
+        if k_pos is None:
+            k_pos = torch.arange(S, device=device)
+        elif mask is not None:
+            mask = mask_columns(mask, k_pos)
+        seen = attention_mask(q_pos, k_pos, self.window)
+        return (seen if mask is None else mask & seen), False
 
     def _attend(
         self,
@@ -141,7 +155,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         is_causal: bool,
     ) -> torch.Tensor:
-        """softmax(q k^T / sqrt(D)) v with q (B, H, T, D), k and v (B, H_kv, S, D)."""
+        """softmax(q k^T * scale) v with q (B, H, T, D), k and v (B, H_kv, S, D)."""
         p_drop = self.dropout if self.training else 0.0
         # SDPA cannot take our dropout mask, and on CPU attention dropout sends it to its math
         # path anyway: so CPU training with fast dropout runs the written-out formula, which is
@@ -150,22 +164,47 @@ class Attention(nn.Module):
         if self.impl == "sdpa" and not own_dropout:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=is_causal,
-                enable_gqa=self.n_kv_head != self.n_head,
+                enable_gqa=self.n_kv_head != self.n_head, scale=self.scale,
             )
         if is_causal:
             T = q.shape[2]
             mask = causal_mask(torch.arange(T, device=q.device), T)
-        return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout)
+        return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout,
+                                  self.scale, self.softcap, self.sinks)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """The one mask builder: True where a query at cache index q_pos may read a key at cache
+    index k_pos. Causal (k <= q), within the window when one is given (k > q - window: the last
+    `window` keys, the query's own included) and never an empty slot (k < 0).
+
+    q_pos (T,) or (B, T); k_pos (S,) or (B, S) -> (T, S), or (B, 1, T, S) when either has rows.
+    Every causal path builds its mask here: the uncached pass, the eager cache (q = start_pos +
+    0..T-1, k = 0..S-1), the static-shape step (q given per row) and a ring buffer (k = the
+    cache indices its slots hold).
+    """
+    q, k = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)  # (.., T, 1), (.., 1, S)
+    seen = (k <= q) & (k >= 0)
+    if window is not None:
+        seen = seen & (k > q - window)
+    return seen.unsqueeze(1) if seen.dim() == 3 else seen
 
 
 def causal_mask(cache_pos: torch.Tensor, S: int) -> torch.Tensor:
-    """The one causal mask: True where a query at cache index cache_pos may read key index j
-    (j <= cache_pos), over keys 0..S-1: cache_pos (T,) -> (T, S); (B, T) -> (B, 1, T, S).
+    """`attention_mask` over keys 0..S-1: cache_pos (T,) -> (T, S); (B, T) -> (B, 1, T, S)."""
+    return attention_mask(cache_pos, torch.arange(S, device=cache_pos.device))
 
-    Every causal path builds it here: the eager cache (cache_pos = start_pos + 0..T-1), the
-    static-shape step (cache_pos given per row) and the explicit formula's plain causal case."""
-    seen = torch.arange(S, device=cache_pos.device) <= cache_pos.unsqueeze(-1)
-    return seen.unsqueeze(1) if seen.dim() == 3 else seen
+
+def mask_columns(mask: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """A mask over cache indices, (.., T, L), read at the keys' cache indices k_pos (S,) or
+    (B, S) -> (.., T, S). Indices outside 0..L-1 (an empty or parked ring slot) read column 0 or
+    L-1: `attention_mask` hides those keys anyway."""
+    idx = k_pos.clamp(0, mask.shape[-1] - 1)
+    if idx.dim() == 1:
+        return mask.index_select(-1, idx)
+    B, S = idx.shape
+    mask = mask.expand(B, *mask.shape[-3:]) if mask.dim() == 4 else mask.expand(B, 1, *mask.shape[-2:])
+    return mask.gather(-1, idx[:, None, None, :].expand(B, mask.shape[1], mask.shape[2], S))
 
 
 class AttentionScore(nn.Module):
@@ -228,10 +267,15 @@ def explicit_attention(
     dropout_p: float = 0.0,
     score: AttentionScore | None = None,
     fast_dropout: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The formula written out: q (B, H, T, D), k and v (B, H_kv, S, D) -> (B, H, T, D).
 
-    score: another way to score (q, k) pairs; None is the scaled dot product.
+    score: another way to score (q, k) pairs; None is the scaled dot product, with `scale`
+    (default 1/sqrt(D)). softcap: logits -> softcap * tanh(logits / softcap) before the mask.
+    sinks (H,): one more logit per head in each softmax, whose weight goes to no value.
     fast_dropout: draw the dropout mask on the attention weights with `dropout.keep_mask`.
     """
     n_rep = q.shape[1] // k.shape[1]
@@ -239,11 +283,18 @@ def explicit_attention(
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     if score is None:
         # sqrt(d_k) keeps the logits' variance near 1, so softmax does not saturate as D grows.
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        att = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     else:
         att = score(q, k)
+    if softcap is not None:  # bounded logits: tanh keeps them in (-softcap, softcap)
+        att = torch.tanh(att / softcap) * softcap
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))
-    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    if sinks is None:
+        att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    else:  # the sink's column takes its share of the softmax, then is dropped
+        sink = sinks.float().view(1, -1, 1, 1).expand(*att.shape[:-1], 1)
+        att = F.softmax(torch.cat([att.float(), sink], dim=-1), dim=-1)[..., :-1].to(q.dtype)
     att = dropout(att, dropout_p, training=True, fast=fast_dropout)
     return att @ v

@@ -2,6 +2,7 @@
 
 Pre-norm (GPT-2 onwards):  x = x + attn(norm(x));  x = x + ffn(norm(x))
 Post-norm (2017 paper):    x = norm(x + attn(x));  x = norm(x + ffn(x))
+Sandwich (Gemma 2/3):      x = x + norm'(attn(norm(x)));  x = x + norm'(ffn(norm(x)))
 The skip connections give gradients a path around every layer, so deep stacks still train.
 """
 
@@ -19,25 +20,38 @@ from .norm import make_norm
 
 class Block(nn.Module):
     """One transformer layer; with `cross=True` it also attends to an encoder output. `layer`
-    (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers`."""
+    (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers` and global or
+    local (sliding-window) attention from `cfg.attn_layers`."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
         super().__init__()
-        self.pre = cfg.norm_placement == "pre"
+        self.pre = cfg.norm_placement in ("pre", "sandwich")
         self.residual = cfg.residual
-        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
-        self.attn = Attention(cfg, causal=causal)
+
+        def norm() -> nn.Module:
+            return make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops,
+                             cfg.norm_unit_offset)
+
+        self.ln_1 = norm()
+        self.attn = Attention(cfg, causal=causal, layer=layer)
         if cross:
-            self.ln_cross = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
+            self.ln_cross = norm()
             self.cross_attn = Attention(cfg, causal=False)
         else:
             self.ln_cross, self.cross_attn = None, None
-        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
+        self.ln_2 = norm()
         self.mlp = make_ffn(cfg, layer)
+        # Sandwich norms: each sublayer's output is normalised before it joins the stream.
+        sandwich = cfg.norm_placement == "sandwich"
+        self.ln_1_post = norm() if sandwich else None
+        self.ln_2_post = norm() if sandwich else None
 
-    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:  # noqa: ANN001
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn, post: nn.Module | None = None) -> torch.Tensor:  # noqa: ANN001
         skip = x if self.residual else 0.0  # residual=False: the ablation of docs/concepts.md
-        return skip + fn(norm(x)) if self.pre else norm(skip + fn(x))
+        if not self.pre:
+            return norm(skip + fn(x))
+        out = fn(norm(x))
+        return skip + (out if post is None else post(out))
 
     def forward(
         self,
@@ -51,9 +65,10 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); memory (B, S, C) is the encoder output for cross-attention
         (or this layer's cached (k, v) of it, see `Attention.project_kv`)."""
-        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, mask, cache, start_pos))
+        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, mask, cache, start_pos),
+                           self.ln_1_post)
         if self.cross_attn is not None and memory is not None:
             x = self._sublayer(
                 x, self.ln_cross, lambda h: self.cross_attn(h, mask=memory_mask, kv_source=memory)
             )
-        return self._sublayer(x, self.ln_2, self.mlp)
+        return self._sublayer(x, self.ln_2, self.mlp, self.ln_2_post)

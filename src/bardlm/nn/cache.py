@@ -12,6 +12,11 @@ Two ways to address it:
 
 How long the buffers are, and how many rows, is decided outside the network, from the memory
 available (infer/budget.py `plan_cache`).
+
+A sliding-window layer keeps a `RingKVCache`: the last `window` positions of each row and
+nothing older, whatever the context. Every cache's `update` returns the keys and values to attend
+over and the cache index of each key (None when key j is cache index j), from which attention
+builds its mask (`attention.attention_mask`).
 """
 
 from __future__ import annotations
@@ -47,26 +52,21 @@ class KVCache(nn.Module):
 
     def update(
         self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D); return the keys/values to attend over (B, H_kv, S, D).
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Write k, v (B, H_kv, T, D); return the keys/values to attend over (B, H_kv, S, D)
+        and None (key j is cache index j).
 
         start_pos int: write at start_pos..start_pos+T, return the prefix (S = start_pos + T).
         start_pos tensor (T,) or (B, T): cache indices; return the whole buffer (S = max_len).
         """
         if isinstance(start_pos, torch.Tensor):
             write_at(self.k, self.v, None, start_pos, k, v)
-            return self.k, self.v
+            return self.k, self.v, None
         end = start_pos + k.shape[2]
-        if end > self.max_len:
-            from ..errors import BardlmError
-
-            raise BardlmError(
-                f"KV cache holds {self.max_len} positions but {end} were needed; "
-                "make the cache longer or crop the context"
-            )
+        _check_room(end, self.max_len)
         self.k[:, :, start_pos:end] = k.to(self.k.dtype)
         self.v[:, :, start_pos:end] = v.to(self.v.dtype)
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end], self.v[:, :, :end], None
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -120,13 +120,148 @@ class SlotView:
 
     def update(
         self, start_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, H_kv, T, D) written at cache indices start_pos (T,) or (B, T) -> (B, H_kv, length, D)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """k, v (B, H_kv, T, D) written at cache indices start_pos (T,) or (B, T) -> keys and
+        values (B, H_kv, length, D), None (key j is cache index j)."""
         c = self.cache
         # Rows 0..B-1 in order need no row index: a plain index_copy when positions are shared.
         in_order = self.consecutive and self.first == 0
         write_at(c.k, c.v, None if in_order else self.rows, start_pos, k, v)
         if self.consecutive:
             end = self.first + len(self.rows)
-            return c.k[self.first:end, :, :self.length], c.v[self.first:end, :, :self.length]
-        return c.k[self.rows, :, :self.length], c.v[self.rows, :, :self.length]
+            return c.k[self.first:end, :, :self.length], c.v[self.first:end, :, :self.length], None
+        return c.k[self.rows, :, :self.length], c.v[self.rows, :, :self.length], None
+
+
+def _check_room(end: int, max_len: int) -> None:
+    if end > max_len:
+        from ..errors import BardlmError
+
+        raise BardlmError(
+            f"KV cache holds {max_len} positions but {end} were needed; "
+            "make the cache longer or crop the context"
+        )
+
+
+class RingKVCache(nn.Module):
+    """Keys and values of a sliding-window layer: the last `window` positions of each row.
+
+    A query at cache index q reads keys q - window + 1 .. q, so older keys are never read again
+    and the buffers (B, n_kv_head, window, head_dim) hold cache index p in slot p % window, with
+    `pos` (B, window) saying which index each slot holds (-1: none yet). The cache serves
+    sequences of up to `max_len` positions (the linear caches' length), in `window` slots.
+
+    `update` attends over the slots as they were plus the new keys (so a chunk longer than the
+    window still sees its own earlier keys), then keeps the last `window` new ones. Two rules
+    make a slot reused by the server (a new request in an old row) safe without clearing it:
+    a slot holding an index at or past the row's first new one is stale (an earlier request's)
+    and hidden; and cache index max_len - 1, where the server parks a chunk's padding
+    (serve/engine.py), is never kept (no later query exists to read it).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        window: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.window, self._max_len = window, max_len
+        shape = (batch, n_kv_head, window, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("pos", torch.full((batch, window), -1, dtype=torch.long, device=device),
+                             persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        """The positions a sequence may span (not the slots held: `window`)."""
+        return self._max_len
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values (the (B, window) index table aside)."""
+        return self.k.numel() * self.k.element_size() * 2
+
+    def rows(self, rows: list[int], length: int) -> RingSlotView:
+        """Buffer rows `rows` as a cache of their own (`length` is the linear caches' read
+        length; a ring always reads its `window` slots)."""
+        return RingSlotView(self, rows)
+
+    def update(
+        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, D) at cache indices start_pos.. (int) or start_pos (T,) or
+        (B, T); rows (B,): buffer rows, None = 0..B-1. Returns the keys and values to attend
+        over (B, H_kv, S, D) and their cache indices, (S,) or (B, S)."""
+        if isinstance(start_pos, int):
+            return self._update_eager(start_pos, k, v)
+        B, H, T, D = k.shape
+        W = self.window
+        pos = start_pos.expand(B, T)
+        k_old = self.k[:B] if rows is None else self.k[rows]  # (B, H, W, D)
+        v_old = self.v[:B] if rows is None else self.v[rows]
+        slot_pos = self.pos[:B] if rows is None else self.pos[rows]  # (B, W)
+        first = pos.min(-1, keepdim=True).values  # padding sits at max_len - 1, past real tokens
+        seen_pos = torch.where(slot_pos >= first, -1, slot_pos)  # stale slots hidden
+        keys = torch.cat([k_old, k.to(k_old.dtype)], dim=2)
+        values = torch.cat([v_old, v.to(v_old.dtype)], dim=2)
+        k_pos = torch.cat([seen_pos, pos], dim=1)
+        # Keep each row's last W real keys: slot s takes the new key whose index is s mod W.
+        # (A where over the ring, not an indexed write: a chunk may map two keys to one slot.)
+        real = pos < self._max_len - 1
+        top = torch.where(real, pos, -1).max(-1, keepdim=True).values
+        hit = ((real & (pos > top - W)).unsqueeze(-1)
+               & ((pos % W).unsqueeze(-1) == torch.arange(W, device=pos.device)))  # (B, T, W)
+        has = hit.any(1)  # (B, W)
+        src = hit.to(torch.uint8).argmax(1)  # (B, W): the new key each slot takes
+        take = src[:, None, :, None].expand(B, H, W, D)
+        new_k = torch.where(has[:, None, :, None], k.to(k_old.dtype).gather(2, take), k_old)
+        new_v = torch.where(has[:, None, :, None], v.to(v_old.dtype).gather(2, take), v_old)
+        new_pos = torch.where(has, pos.gather(1, src), slot_pos)
+        if rows is None:
+            self.k[:B], self.v[:B], self.pos[:B] = new_k, new_v, new_pos
+        else:
+            self.k[rows], self.v[rows], self.pos[rows] = new_k, new_v, new_pos
+        return keys, values, k_pos
+
+    def _update_eager(
+        self, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int path (rows 0..B-1, all at the same indices): the window's earlier keys in
+        order, then the new ones; S = min(start_pos, window - 1) + T."""
+        B, _, T, _ = k.shape
+        W, end = self.window, start_pos + k.shape[2]
+        _check_room(end, self._max_len)
+        device = self.k.device
+        old = torch.arange(max(0, start_pos - W + 1), start_pos, device=device)
+        keys = torch.cat([self.k[:B, :, old % W], k.to(self.k.dtype)], dim=2)
+        values = torch.cat([self.v[:B, :, old % W], v.to(self.v.dtype)], dim=2)
+        kept = torch.arange(max(start_pos, end - W), end, device=device)
+        slots = kept % W
+        self.k[:B, :, slots] = k[:, :, kept - start_pos].to(self.k.dtype)
+        self.v[:B, :, slots] = v[:, :, kept - start_pos].to(self.v.dtype)
+        self.pos[:B, slots] = kept
+        return keys, values, torch.arange(start_pos - len(old), end, device=device)
+
+
+class RingSlotView:
+    """Some rows of a RingKVCache, seen as a cache of their own (a server's slots)."""
+
+    def __init__(self, cache: RingKVCache, rows: list[int]) -> None:
+        self.cache = cache
+        in_order = rows == list(range(len(rows)))
+        self.rows = None if in_order else torch.tensor(rows, device=cache.k.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def update(
+        self, start_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.cache.update(start_pos, k, v, self.rows)

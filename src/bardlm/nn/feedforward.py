@@ -1,4 +1,5 @@
-"""Position-wise feed-forward networks: a GELU/ReLU MLP (GPT-2) and SwiGLU (Llama, Qwen3)."""
+"""Position-wise feed-forward networks: a GELU/ReLU MLP (GPT-2), SwiGLU (Llama, Qwen3) and
+GeGLU (Gemma: the same gated MLP with GELU in place of SiLU)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class MLP(nn.Module):
 
 class SwiGLU(nn.Module):
     """W2(silu(W1 x) * W3 x). W1 (gate) and W3 (up) are fused into one `c_fc` of 2*hidden rows,
-    gate first, so decoding reads the input once."""
+    gate first, so decoding reads the input once. With cfg.ffn="geglu" the gate's nonlinearity
+    is GELU (tanh approximation): W2(gelu(W1 x) * W3 x)."""
 
     def __init__(self, cfg: ModelConfig, hidden: int | None = None, dropout: bool = True) -> None:
         """hidden: the width (default ffn_hidden; an expert's is expert_hidden). dropout=False
@@ -49,10 +51,13 @@ class SwiGLU(nn.Module):
         self.c_proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.bias)
         # before the residual add
         self.dropout = Dropout(cfg.resid_dropout if dropout else 0.0, cfg.fast_dropout)
+        self.act = F.silu
+        if cfg.ffn == "geglu":
+            self.act = fused_gelu_tanh if cfg.fused_ops else gelu_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up = self.c_fc(x).split(self.hidden, dim=-1)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        return self.dropout(self.c_proj(self.act(gate) * up))
 
 
 def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
@@ -62,4 +67,4 @@ def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
         from .moe import MoE  # moe.py builds its experts from SwiGLU above
 
         return MoE(cfg)
-    return SwiGLU(cfg) if cfg.ffn == "swiglu" else MLP(cfg)
+    return SwiGLU(cfg) if cfg.ffn in ("swiglu", "geglu") else MLP(cfg)

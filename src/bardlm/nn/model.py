@@ -17,11 +17,11 @@ from ..config import ModelConfig
 from ..errors import BardlmError
 from .attention import AttentionScore
 from .block import Block
-from .cache import KVCache
+from .cache import KVCache, RingKVCache
 from .dropout import Dropout
 from .moe import router_losses
 from .norm import LayerNorm, RMSNorm, make_norm
-from .position import rope_cos_sin, rope_inv_freq, sinusoidal_table
+from .position import rope_attention_factor, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
 class GPT(nn.Module):
@@ -39,7 +39,8 @@ class GPT(nn.Module):
                 drop=Dropout(cfg.emb_dropout, cfg.fast_dropout),  # on token + position sum
                 # share_layers (ALBERT): one block, applied n_layer times in `forward`.
                 h=nn.ModuleList([Block(cfg, layer=i) for i in range(1 if cfg.share_layers else cfg.n_layer)]),
-                ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops),
+                ln_f=make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops,
+                               cfg.norm_unit_offset),
             )
         )
         if cfg.pos == "learned":
@@ -73,7 +74,7 @@ class GPT(nn.Module):
             if isinstance(owner, AttentionScore):
                 full = owner.initial(attr, self._generator(name))
             elif isinstance(owner, (LayerNorm, RMSNorm)) and attr == "weight":
-                full = torch.ones(p.shape, device="cpu")
+                full = torch.full(p.shape, getattr(owner, "initial_value", 1.0), device="cpu")
             elif attr == "bias":
                 full = torch.zeros(p.shape, device="cpu")
             else:  # Linear and Embedding weights
@@ -88,11 +89,15 @@ class GPT(nn.Module):
 
     @staticmethod
     def buffers_for(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        """Position tables computed from the config: sinusoidal (P, C) or RoPE inv_freq (D/2,)."""
+        """Position tables computed from the config: sinusoidal (P, C) or RoPE inv_freq (D/2,),
+        and the local layers' own RoPE inv_freq when they have another base (Gemma 3)."""
         if cfg.pos == "sinusoidal":
             return {"pos_table": sinusoidal_table(cfg.block_size, cfg.n_embd)}
         if cfg.pos == "rope":
-            return {"rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+            out = {"rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+            if cfg.rope_local_theta is not None and "local" in cfg.attn_layers:
+                out["rope_local_inv_freq"] = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta)
+            return out
         return {}
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
@@ -130,14 +135,38 @@ class GPT(nn.Module):
             )
         return positions
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` (T,) -> (T, D) or (B, T) -> (B, 1, T, D)."""
-        cos, sin = rope_cos_sin(positions, self.rope_inv_freq)
+    def rope(self, positions: torch.Tensor, inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` (T,) -> (T, D) or (B, T) -> (B, 1, T, D); the global table
+        (inv_freq None) times YaRN's attention factor when rope_scaling is YaRN."""
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq if inv_freq is None else inv_freq)
+        factor = rope_attention_factor(self.config.rope_scaling) if inv_freq is None else 1.0
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
         return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+
+    def layer_ropes(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each layer's (cos, sin): None for a layer without rotary positions (NoPE), the local
+        table for a local layer when local layers have their own base. Each table is computed
+        once per pass."""
+        cfg = self.config
+        if cfg.pos != "rope":
+            return [None] * cfg.n_layer
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def table(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if name not in tables:
+                tables[name] = self.rope(positions, None if name == "rope_inv_freq" else getattr(self, name))
+            return tables[name]
+
+        local = "rope_local_inv_freq" if hasattr(self, "rope_local_inv_freq") else "rope_inv_freq"
+        return [None if not rotary else table(local if kind == "local" else "rope_inv_freq")
+                for rotary, kind in zip(cfg.rope_layers, cfg.attn_layers)]
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token (+ absolute position) embeddings: idx (B, T) -> (B, T, C)."""
         x = self.transformer.wte(idx)
+        if self.config.embed_scale:  # Gemma: sqrt(C), rounded to the activations' dtype first
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(positions)
         elif self.config.pos == "sinusoidal":
@@ -179,11 +208,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         positions = self._positions(T, start_pos, positions, idx.device)
         x = self.embed(idx, positions)
-        rope = self.rope(positions) if self.config.pos == "rope" else None
+        ropes = self.layer_ropes(positions)
         router_logits = []  # (B*T, E) per MoE layer, for the auxiliary losses of training
         for i in range(self.config.n_layer):
             block = self.transformer.h[0 if self.config.share_layers else i]
-            x = block(x, rope, mask, None if cache is None else cache[i], start_pos)
+            x = block(x, ropes[i], mask, None if cache is None else cache[i], start_pos)
             if getattr(block.mlp, "router_logits", None) is not None:
                 # Taken, not left on the module: a kept graph would pin memory and break
                 # deepcopy of the model.
@@ -193,6 +222,9 @@ class GPT(nn.Module):
             x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:  # Gemma 2: logits kept in (-cap, cap)
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
@@ -204,14 +236,18 @@ class GPT(nn.Module):
 
     def make_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> list[KVCache]:
-        """One preallocated `KVCache` per layer for `batch` rows of up to `max_len` positions."""
+    ) -> list[KVCache | RingKVCache]:
+        """One preallocated cache per layer for `batch` rows of up to `max_len` positions: a
+        `KVCache` of max_len positions, or for a local layer whose window is shorter a
+        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`)."""
         p = next(self.parameters())
         max_len = max_len or self.config.block_size
         dtype = dtype or self.cache_dtype()
+        H, D = self.config.n_kv_head, self.config.head_dim
         return [
-            KVCache(batch, max_len, self.config.n_kv_head, self.config.head_dim, dtype, p.device)
-            for _ in range(self.config.n_layer)
+            RingKVCache(batch, n, max_len, H, D, dtype, p.device) if n < max_len
+            else KVCache(batch, max_len, H, D, dtype, p.device)
+            for n in self.config.layer_cache_lengths(max_len)
         ]
 
     def cache_dtype(self) -> torch.dtype:

@@ -44,15 +44,23 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring or shift (Llama)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring or shift (Llama).
 
-    def __init__(self, dim: int, eps: float = 1e-6, fused: bool = False) -> None:
+    unit_offset (Gemma): y = x / sqrt(mean(x^2) + eps) * (1 + weight), the weight starting at
+    0, the whole product in fp32 before the cast back (Gemma's order of operations)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, fused: bool = False, unit_offset: bool = False) -> None:
         super().__init__()
-        self.eps, self.fused = eps, fused
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.fused, self.unit_offset = eps, fused, unit_offset
+        self.weight = nn.Parameter(torch.full((dim,), self.initial_value))
+
+    @property
+    def initial_value(self) -> float:
+        """The weight's initial value: the scale 1 either way."""
+        return 0.0 if self.unit_offset else 1.0
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, self.initial_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
         dtype = x.dtype
@@ -61,12 +69,18 @@ class RMSNorm(nn.Module):
             y = F.rms_norm(x, x.shape[-1:], None, self.eps)
         else:
             y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + self.weight.float())).to(dtype)
         # HF Llama/Qwen3 cast back before the scale; we do the same for bit-level parity.
         return self.weight * y.to(dtype) if dtype != torch.float32 else self.weight * y
 
 
-def make_norm(kind: str, dim: int, eps: float, bias: bool = True, fused: bool = False) -> nn.Module:
-    """The norm a config names: "layernorm", "rmsnorm" or "none" (identity, for ablations)."""
+def make_norm(kind: str, dim: int, eps: float, bias: bool = True, fused: bool = False,
+              unit_offset: bool = False) -> nn.Module:
+    """The norm a config names: "layernorm", "rmsnorm" or "none" (identity, for ablations);
+    unit_offset: Gemma's (1 + w) RMSNorm."""
     if kind == "none":
         return nn.Identity()
-    return LayerNorm(dim, eps, bias, fused) if kind == "layernorm" else RMSNorm(dim, eps, fused)
+    if kind == "layernorm":
+        return LayerNorm(dim, eps, bias, fused)
+    return RMSNorm(dim, eps, fused, unit_offset)

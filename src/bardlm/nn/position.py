@@ -40,10 +40,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
         return inv.float()
     if kind == "linear":
         return (inv / scaling["factor"]).float()
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     if kind != "llama3":
         from ..errors import BardlmError
 
-        raise BardlmError(f"rope_scaling type {kind!r} is not supported; use 'llama3' or 'linear'")
+        raise BardlmError(f"rope_scaling type {kind!r} is not supported; use 'llama3', 'yarn' or 'linear'")
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
@@ -54,6 +56,50 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     mid = (1 - smooth) * scaled / factor + smooth * scaled
     is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_mid, mid, scaled).float()
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (Peng et al. 2023; gpt-oss, Qwen long-context): frequencies that turn fewer than
+    `beta_slow` times over the original context are divided by `factor` (interpolated), those
+    that turn more than `beta_fast` times are kept (extrapolated), with a linear ramp between,
+    over channel pairs. (The cos/sin are also scaled: `rope_attention_factor`.)"""
+    from ..errors import BardlmError
+
+    if not scaling.get("factor") or not scaling.get("original_max_position_embeddings"):
+        raise BardlmError("yarn rope_scaling needs 'factor' and 'original_max_position_embeddings'")
+    factor, old_len = float(scaling["factor"]), scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def pair_index(rotations: float) -> float:
+        """The channel pair whose wavelength fits `rotations` times in the original context."""
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    keep = 1 - ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor YaRN multiplies cos and sin by (its "mscale", 0.1 ln(factor) + 1 by default):
+    it sharpens attention at the longer context. 1.0 for every other scaling."""
+    if not scaling or scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    factor = float(scaling["factor"])
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+    return mscale(factor)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
