@@ -24,7 +24,8 @@ from .errors import BardlmError
 NORMS = ("layernorm", "rmsnorm", "none")  # "none": no normalisation (an ablation)
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 FFNS = ("gelu", "relu", "swiglu")
-NORM_PLACEMENTS = ("pre", "post")
+NORM_PLACEMENTS = ("pre", "post", "output")
+QK_NORM_SCOPES = ("head", "proj")
 ATTN_IMPLS = ("sdpa", "explicit")
 # How a query scores a key; everything but "dot" runs on the explicit path (docs/concepts.md).
 ATTN_SCORES = ("dot", "dot_unscaled", "additive", "bilinear", "cosine")
@@ -51,11 +52,16 @@ class ModelConfig:
     ffn: str = "gelu"  # "gelu" (tanh approx, GPT-2), "relu", or "swiglu" (Llama)
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"  # "pre" (GPT-2 onwards) or "post" (the 2017 paper)
+    # "pre" (GPT-2 onwards): x + f(norm(x)); "post" (the 2017 paper): norm(x + f(x));
+    # "output" (OLMo 2): x + norm(f(x)), the sublayer's output normalised before the residual add.
+    norm_placement: str = "pre"
     pos: str = "learned"  # "learned", "sinusoidal", "rope" or "none"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # e.g. Llama 3.x {"rope_type": "llama3", ...}
-    qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3)
+    qk_norm: bool = False  # RMSNorm on q and k before RoPE
+    # What that RMSNorm spans: "head" (each head's head_dim channels: Qwen3) or "proj" (the
+    # whole q and k projections, n_head*head_dim and n_kv_head*head_dim wide: OLMo 2, OLMoE).
+    qk_norm_scope: str = "head"
     bias: bool = True  # biases in the linear layers (and the shift of LayerNorm)
     # Attention biases. `attn_bias` is the output projection's (c_proj) and the default of
     # `qkv_bias`, the query/key/value projection's (c_attn): GPT-2 has both, Llama neither,
@@ -138,6 +144,7 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("pos", self.pos, POSITIONS)
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("attn_score", self.attn_score, ATTN_SCORES)
         if self.head_dim is None and self.n_embd % self.n_head != 0:  # before resolve()

@@ -2,6 +2,7 @@
 
 Pre-norm (GPT-2 onwards):  x = x + attn(norm(x));  x = x + ffn(norm(x))
 Post-norm (2017 paper):    x = norm(x + attn(x));  x = norm(x + ffn(x))
+Output norm (OLMo 2):      x = x + norm(attn(x));  x = x + norm(ffn(x))
 The skip connections give gradients a path around every layer, so deep stacks still train.
 """
 
@@ -23,7 +24,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
         super().__init__()
-        self.pre = cfg.norm_placement == "pre"
+        self.placement = cfg.norm_placement
         self.residual = cfg.residual
         self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias, cfg.fused_ops)
         self.attn = Attention(cfg, causal=causal)
@@ -37,7 +38,11 @@ class Block(nn.Module):
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:  # noqa: ANN001
         skip = x if self.residual else 0.0  # residual=False: the ablation of docs/concepts.md
-        return skip + fn(norm(x)) if self.pre else norm(skip + fn(x))
+        if self.placement == "pre":
+            return skip + fn(norm(x))
+        if self.placement == "output":  # the residual stream itself is never normalised
+            return skip + norm(fn(x))
+        return norm(skip + fn(x))
 
     def forward(
         self,
