@@ -63,6 +63,20 @@ def test_grouped_dispatch_equals_dense_mixture(renorm: bool) -> None:
     assert (dense_reference(moe, x.view(-1, 32)).view_as(x) - got).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("shared", [0, 24])
+def test_one_token_path_equals_dense_mixture(shared: int) -> None:
+    """Decoding one token skips the grouping (MoE._one_token); it must mix the same experts."""
+    torch.manual_seed(9)
+    moe = MoE(moe_config(n_expert=6, n_expert_active=3, shared_expert_hidden=shared)).eval()
+    torch.nn.init.normal_(moe.router.weight)
+    for _ in range(5):
+        x = torch.randn(1, 1, 32)
+        want = dense_reference(moe, x.view(1, 32))
+        if shared:
+            want = want + torch.sigmoid(moe.shared_gate(x.view(1, 32))) * moe.shared(x.view(1, 32))
+        torch.testing.assert_close(moe(x).view(1, 32), want, atol=1e-6, rtol=1e-5)
+
+
 def test_shared_expert_matches_transformers_qwen2_moe_block() -> None:
     transformers = pytest.importorskip("transformers")
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
