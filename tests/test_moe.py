@@ -265,6 +265,15 @@ def test_active_parameters_in_info(capsys) -> None:  # noqa: ANN001
     assert f"{active_params(moe):,} parameters active per token" in capsys.readouterr().out
 
 
+def test_training_flops_count_only_the_active_experts() -> None:
+    from bardlm.train.speed import flops_per_token
+
+    dense, moe = GPT(preset("qwen3-tiny")), GPT(preset("moe-tiny"))
+    # As many FFN weights per token (the routers aside): the same 6N training FLOPs.
+    assert flops_per_token(moe) - flops_per_token(dense) == 6 * 3 * 128 * 4
+    assert moe.num_params() > 1.5 * dense.num_params()  # while holding half again as many weights
+
+
 def test_moe_tiny_preset_generates_with_cache() -> None:
     torch.manual_seed(8)
     model = GPT(preset("moe-tiny")).eval()
