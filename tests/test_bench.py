@@ -89,3 +89,11 @@ def test_gpu_bench_refuses_a_missing_device_in_one_line() -> None:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and out.stderr.strip().startswith("bench/gpu.py: --device cuda:7")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_moe_bench_smoke() -> None:
+    res = run_bench("bench/moe.py", "--tiny")
+    assert set(res["tokens_per_sec"]) == {"ours", "hf", "dense"}
+    assert res["greedy_ids_equal_hf"] is True and res["aux_loss"]["equal"] is True
+    # The dense control runs as many parameters per token as the MoE (but for the routers).
+    assert 0 < res["params"]["moe_active"] - res["params"]["dense"] < 0.05 * res["params"]["dense"]

@@ -63,6 +63,20 @@ def test_grouped_dispatch_equals_dense_mixture(renorm: bool) -> None:
     assert (dense_reference(moe, x.view(-1, 32)).view_as(x) - got).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("shared", [0, 24])
+def test_one_token_path_equals_dense_mixture(shared: int) -> None:
+    """Decoding one token skips the grouping (MoE._one_token); it must mix the same experts."""
+    torch.manual_seed(9)
+    moe = MoE(moe_config(n_expert=6, n_expert_active=3, shared_expert_hidden=shared)).eval()
+    torch.nn.init.normal_(moe.router.weight)
+    for _ in range(5):
+        x = torch.randn(1, 1, 32)
+        want = dense_reference(moe, x.view(1, 32))
+        if shared:
+            want = want + torch.sigmoid(moe.shared_gate(x.view(1, 32))) * moe.shared(x.view(1, 32))
+        torch.testing.assert_close(moe(x).view(1, 32), want, atol=1e-6, rtol=1e-5)
+
+
 def test_shared_expert_matches_transformers_qwen2_moe_block() -> None:
     transformers = pytest.importorskip("transformers")
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
@@ -249,6 +263,15 @@ def test_active_parameters_in_info(capsys) -> None:  # noqa: ANN001
     assert active_params(moe) == dense + 3 * 128 * 4  # plus the 3 routers (128 x 4 each)
     assert main(["info", "--preset", "moe-tiny"]) == 0
     assert f"{active_params(moe):,} parameters active per token" in capsys.readouterr().out
+
+
+def test_training_flops_count_only_the_active_experts() -> None:
+    from bardlm.train.speed import flops_per_token
+
+    dense, moe = GPT(preset("qwen3-tiny")), GPT(preset("moe-tiny"))
+    # As many FFN weights per token (the routers aside): the same 6N training FLOPs.
+    assert flops_per_token(moe) - flops_per_token(dense) == 6 * 3 * 128 * 4
+    assert moe.num_params() > 1.5 * dense.num_params()  # while holding half again as many weights
 
 
 def test_moe_tiny_preset_generates_with_cache() -> None:

@@ -24,9 +24,11 @@ from .errors import BardlmError
 NORMS = ("layernorm", "rmsnorm", "none")  # "none": no normalisation (an ablation)
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 FFNS = ("gelu", "relu", "swiglu", "geglu")
-# "sandwich" (Gemma 2/3): a norm before each sublayer and another on its output, before the add.
-NORM_PLACEMENTS = ("pre", "post", "sandwich")
+# "sandwich" (Gemma 2/3): a norm before each sublayer and another on its output, before the add;
+# "output" (OLMo 2): only the norm on the output.
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "output")
 ATTN_KINDS = ("global", "local")  # per layer: every earlier key, or the last `sliding_window`
+QK_NORM_SCOPES = ("head", "proj")
 ATTN_IMPLS = ("sdpa", "explicit")
 # How a query scores a key; everything but "dot" runs on the explicit path (docs/concepts.md).
 ATTN_SCORES = ("dot", "dot_unscaled", "additive", "bilinear", "cosine")
@@ -53,13 +55,18 @@ class ModelConfig:
     ffn: str = "gelu"  # "gelu" (tanh approx, GPT-2), "relu", "swiglu" (Llama) or "geglu" (Gemma)
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"  # "pre" (GPT-2 onwards), "post" (the 2017 paper) or "sandwich"
+    # "pre" (GPT-2 onwards): x + f(norm(x)); "post" (the 2017 paper): norm(x + f(x));
+    # "sandwich" (Gemma 2/3): x + norm'(f(norm(x))); "output" (OLMo 2): x + norm(f(x)).
+    norm_placement: str = "pre"
     # Gemma's RMSNorm scales by (1 + w) with w initialised to 0, instead of by w from 1.
     norm_unit_offset: bool = False
     pos: str = "learned"  # "learned", "sinusoidal", "rope" or "none"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # e.g. Llama 3.x {"rope_type": "llama3", ...}
-    qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3)
+    qk_norm: bool = False  # RMSNorm on q and k before RoPE
+    # What that RMSNorm spans: "head" (each head's head_dim channels: Qwen3) or "proj" (the
+    # whole q and k projections, n_head*head_dim and n_kv_head*head_dim wide: OLMo 2, OLMoE).
+    qk_norm_scope: str = "head"
     # Attention per layer (transformers' `layer_types`): "global" sees every earlier key,
     # "local" only the last `sliding_window` (itself included: Mistral, Gemma 2/3). None ->
     # every layer "local" when sliding_window is set (Mistral), else "global".
@@ -162,6 +169,7 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("pos", self.pos, POSITIONS)
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("attn_score", self.attn_score, ATTN_SCORES)
         if self.head_dim is None and self.n_embd % self.n_head != 0:  # before resolve()

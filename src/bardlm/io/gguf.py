@@ -44,7 +44,7 @@ from ..errors import BardlmError
 from ..nn.position import rope_inv_freq
 from ..tokenizers.bpe import PRETOKENIZE_PATTERN, bytes_to_unicode
 from .atomic import atomic_write_many
-from .hf import MOE_FAMILIES, family_of, name_map, row_splits
+from .hf import MOE_FAMILIES, SAME_FUNCTION, family_of, name_map, row_splits
 from .load import kind_of, load, read_meta
 from .metadata import ModelMeta
 
@@ -103,6 +103,7 @@ def check_exportable(cfg: ModelConfig) -> str:
     one-line `BardlmError` naming what llama.cpp lacks."""
     try:
         family = family_of(cfg)  # the same three shapes transformers has
+        family = SAME_FUNCTION.get(family, family)  # a Phi-3 is written as the Llama it equals
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
@@ -110,9 +111,8 @@ def check_exportable(cfg: ModelConfig) -> str:
         raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
                           "export --format hf writes one transformers loads")
     if family not in GGUF_NAMES:  # llama.cpp hard-codes Gemma's window pattern and scales
-        raise BardlmError(f"GGUF export of {family} models (sliding windows, NoPE layers or "
-                          "Gemma's blocks) is not implemented; export --format hf writes one "
-                          "transformers loads")
+        raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
+                          f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")

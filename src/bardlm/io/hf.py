@@ -1,15 +1,17 @@
 """The Hugging Face bridge: load `transformers` checkpoints into `GPT` and write them back.
 
-The families: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen3ForCausalLM`, the mixtures of
-experts `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM` and `MixtralForCausalLM`, and the
-sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` (text)
-and `SmolLM3ForCausalLM` (with NoPE layers). The bridge is two tables and two config
+The families: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` (Qwen2 and 2.5),
+`Qwen3ForCausalLM`, `Olmo2ForCausalLM`, `Phi3ForCausalLM`, the mixtures of experts
+`Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`, `MixtralForCausalLM` and `OlmoeForCausalLM`, and
+the sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`
+(text) and `SmolLM3ForCausalLM` (with NoPE layers). The bridge is two tables and two config
 translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
   `c_attn` is fused (rows [q | k | v]) and SwiGLU's `c_fc` is fused (rows [gate | up]), so one of
   our tensors may be several HF tensors concatenated along dim 0. GPT-2's HF `Conv1D` stores
   weights as (in, out), the transpose of `nn.Linear`, so those entries are marked `transpose`.
+  Phi-3 fuses the same way (qkv_proj, gate_up_proj), so its fused tensors map one to one.
   A MoE layer's experts are numbered ("{e}"): the files hold one gate/up/down per expert (the
   Hub layout, which transformers 5 also writes), so they map one to one onto our experts.
 * CONFIG TRANSLATION reads `config.json` (any `transformers` version: missing keys take that
@@ -59,11 +61,15 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
                  "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM",
                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                 "smollm3": "SmolLM3ForCausalLM"}
+                 "smollm3": "SmolLM3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "olmoe": "OlmoeForCausalLM"}
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 # Families whose attention may be sliding-window (per layer); the others refuse windows.
 WINDOW_FAMILIES = ("mistral", "smollm3", *GEMMA_FAMILIES)
-MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+# Families that compute exactly what another one does: a model imported from one is exported
+# back to it (`family_of` reads the family recorded at import), a bardlm model to the other.
+SAME_FUNCTION = {"phi3": "llama"}
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE tables).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -114,6 +120,25 @@ def _llama_table() -> list[Entry]:
     return top + layer
 
 
+def _olmo2_table() -> list[Entry]:
+    """Llama's names, but OLMo 2's two block norms act on the sublayers' outputs:
+    post_attention_layernorm normalises attention's output, post_feedforward_layernorm the MLP's
+    (our ln_1 and ln_2 under norm_placement="output")."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    renamed = {h + "ln_1.weight": (t + "post_attention_layernorm.weight",),
+               h + "ln_2.weight": (t + "post_feedforward_layernorm.weight",)}
+    return [Entry(e.ours, renamed.get(e.ours, e.theirs)) for e in _llama_table()]
+
+
+def _phi3_table() -> list[Entry]:
+    """Phi-3 stores q/k/v as one `qkv_proj` (rows [q | k | v]) and gate/up as one `gate_up_proj`
+    (rows [gate | up]): our fused `c_attn` and `c_fc` exactly, so every tensor maps one to one."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    fused = {h + "attn.c_attn.weight": (t + "self_attn.qkv_proj.weight",),
+             h + "mlp.c_fc.weight": (t + "mlp.gate_up_proj.weight",)}
+    return [Entry(e.ours, fused.get(e.ours, e.theirs)) for e in _llama_table()]
+
+
 def _moe_table(moe: str, router: str, gate: str, up: str, down: str) -> list[Entry]:
     """The Llama table plus a MoE layer's router and numbered experts (dense layers keep the
     Llama MLP names): `moe` is the block's module name, the others its tensors'."""
@@ -151,7 +176,9 @@ TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(
                     ("model.layers.{i}.mlp.shared_expert.down_proj.weight",)),
               Entry("transformer.h.{i}.mlp.shared_gate.weight",
                     ("model.layers.{i}.mlp.shared_expert_gate.weight",))],
-          "mixtral": _moe_table("block_sparse_moe", "gate", "w1", "w3", "w2")}
+          "mixtral": _moe_table("block_sparse_moe", "gate", "w1", "w3", "w2"),
+          "qwen2": _llama_table(), "olmo2": _olmo2_table(), "phi3": _phi3_table(),
+          "olmoe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
 
 
 def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
@@ -225,10 +252,20 @@ GEMMA3_DEFAULTS = dict(GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddin
                        rope_theta=1000000.0, rope_local_base_freq=10000.0,
                        final_logit_softcapping=None, attn_logit_softcapping=None,
                        sliding_window_pattern=6, use_bidirectional_attention=False)
+QWEN2_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                      max_position_embeddings=32768, use_sliding_window=False)
+OLMO2_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=50304, rms_norm_eps=1e-5)
+PHI3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                     max_position_embeddings=4096, rms_norm_eps=1e-5, sliding_window=None)
+OLMOE_DEFAULTS = dict(OLMO2_DEFAULTS, hidden_size=2048, intermediate_size=2048,
+                      num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096,
+                      clip_qkv=None, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+                      router_aux_loss_coef=0.01)
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
             "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
             "mixtral": MIXTRAL_DEFAULTS, "mistral": MISTRAL_DEFAULTS, "smollm3": SMOLLM3_DEFAULTS,
-            "gemma2": GEMMA2_DEFAULTS, "gemma3_text": GEMMA3_DEFAULTS}
+            "gemma2": GEMMA2_DEFAULTS, "gemma3_text": GEMMA3_DEFAULTS, "qwen2": QWEN2_DEFAULTS,
+            "olmo2": OLMO2_DEFAULTS, "phi3": PHI3_DEFAULTS, "olmoe": OLMOE_DEFAULTS}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both GELU's tanh approximation
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
@@ -254,10 +291,14 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.pop("rope_type", params.pop("type", "default"))
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+    # transformers 5 keeps the factor inside rope_parameters (Phi-3 always writes 1.0 there).
+    if params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise BardlmError(f"{where}: partial_rotary_factor is not supported (rotary on all dims only)")
     if kind == "default":
         return theta, None
+    if kind == "longrope":  # Phi-3 128k, Phi-3.5, Phi-4-mini
+        raise BardlmError(f"{where}: rope scaling type 'longrope' (Phi-3 long-context) is not "
+                          "supported; load a Phi-3 with plain RoPE (the 4k-context models)")
     if kind not in ("llama3", "linear", "yarn"):
         raise BardlmError(
             f"{where}: rope scaling type {kind!r} is not supported; bardlm implements "
@@ -271,7 +312,9 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     family = hf_family(hf, where)
     c = {**DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None}, "_hf": hf}
     # Special-token ids mean nothing to the model but must survive a round trip back to HF.
-    extra = {"hf": {k: hf[k] for k in ID_KEYS if hf.get(k) is not None}}
+    extra: dict[str, Any] = {"hf": {k: hf[k] for k in ID_KEYS if hf.get(k) is not None}}
+    if family in SAME_FUNCTION:  # exported back to this family, not to its twin
+        extra["hf_family"] = family
     if family == "gpt2":
         if c["activation_function"] not in GPT2_ACTIVATIONS:
             raise BardlmError(
@@ -292,11 +335,17 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         return _gemma_config(hf, c, family, extra, where)
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
+    # Mixtral and Phi-3 slide whenever sliding_window is set (a window as long as the context
+    # never hides a key, so it is full attention).
+    window = c.get("sliding_window") if family in ("mixtral", "phi3") else None
     if family not in WINDOW_FAMILIES and (
             c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or [])
-            or (family == "mixtral" and c.get("sliding_window") is not None)):
+            or (window is not None and window < c["max_position_embeddings"])):
         raise BardlmError(f"{where}: sliding-window attention is not supported for {family}; "
                           "use full attention (bardlm has windows for Mistral, Gemma 2/3 and SmolLM3)")
+    if family == "olmoe" and c["clip_qkv"] is not None:
+        raise BardlmError(f"{where}: clip_qkv (clamping q, k and v) is not supported; only "
+                          "OLMoE models with clip_qkv null load")
     theta, scaling = _rope_from_hf(hf, where)
     n_head, n_embd = c["num_attention_heads"], c["hidden_size"]
     head_dim = c["head_dim"]
@@ -308,11 +357,10 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         n_kv_head=c["num_key_value_heads"] or n_head,
         head_dim=None if head_dim in (None, n_embd // n_head) and n_embd % n_head == 0 else head_dim,
         ffn_hidden=c["intermediate_size"], ffn="swiglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"],
-        pos="rope", rope_theta=theta, rope_scaling=scaling, qk_norm=family in ("qwen3", "qwen3_moe"),
-        bias=mlp_bias,
+        pos="rope", rope_theta=theta, rope_scaling=scaling, bias=mlp_bias,
         attn_bias=None if bool(c["attention_bias"]) == mlp_bias else bool(c["attention_bias"]),
         tie_embeddings=bool(c["tie_word_embeddings"]),
-        extra=extra, **moe,
+        extra=extra, **_block_from_hf(family), **moe,
     )
 
 
@@ -399,12 +447,29 @@ def _gemma_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dic
     )
 
 
+def _block_from_hf(family: str) -> dict[str, Any]:
+    """The attention and norm fields each Llama-like family fixes (not read from config.json)."""
+    if family in ("qwen3", "qwen3_moe"):  # RMSNorm on each head of q and k
+        return dict(qk_norm=True)
+    if family in ("olmo2", "olmoe"):  # RMSNorm over the whole q and k projections
+        return dict(qk_norm=True, qk_norm_scope="proj",
+                    norm_placement="output" if family == "olmo2" else "pre")
+    if family == "qwen2":  # biases on q, k and v only (not on o_proj, not in the MLP)
+        return dict(qkv_bias=True)
+    return {}
+
+
 def _moe_from_hf(c: dict[str, Any], family: str) -> dict[str, Any]:
     """The mixture-of-experts fields of `ModelConfig` from a HF config (with defaults) `c`, and
     Qwen2-MoE's shared expert and q/k/v biases (its own `qkv_bias` key)."""
     if family == "mixtral":  # every layer is MoE; experts are `intermediate_size` wide
         return dict(n_expert=c["num_local_experts"], n_expert_active=c["num_experts_per_tok"],
                     expert_hidden=c["intermediate_size"], router_renorm=True,
+                    ffn_layers=["moe"] * c["num_hidden_layers"],
+                    router_aux_loss_coef=float(c["router_aux_loss_coef"]))
+    if family == "olmoe":  # every layer MoE, no shared expert
+        return dict(n_expert=c["num_experts"], n_expert_active=c["num_experts_per_tok"],
+                    expert_hidden=c["intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
                     ffn_layers=["moe"] * c["num_hidden_layers"],
                     router_aux_loss_coef=float(c["router_aux_loss_coef"]))
     if family not in ("qwen3_moe", "qwen2_moe"):
@@ -449,6 +514,12 @@ def family_of(cfg: ModelConfig) -> str:
     _refuse(cfg, "Mistral, SmolLM3 or Gemma", windows)
     if "moe" in cfg.ffn_layers:
         return _moe_family(cfg, style == ("rope", "rmsnorm", "swiglu") and pre)
+    proj_qk = cfg.qk_norm and cfg.qk_norm_scope == "proj"
+    if style == ("rope", "rmsnorm", "swiglu") and (cfg.norm_placement == "output" or proj_qk):
+        return _olmo2_family(cfg)
+    if style == ("rope", "rmsnorm", "swiglu") and pre and not cfg.qk_norm and not cfg.bias \
+            and not cfg.attn_bias and cfg.qkv_bias:
+        return "qwen2"  # biases on q, k and v only
     family = None
     if style in (("learned", "layernorm", "gelu"), ("learned", "layernorm", "relu")) and pre \
             and cfg.bias and cfg.attn_bias and cfg.n_kv_head == cfg.n_head \
@@ -471,7 +542,8 @@ def family_of(cfg: ModelConfig) -> str:
                                "has one attention_bias for q, k, v and o") +
                 f" (here attn_bias={str(cfg.attn_bias).lower()}); keep it as a bardlm checkpoint"
             )
-        return family
+        twin = cfg.extra.get("hf_family")  # Phi-3 is Llama without biases
+        return twin if SAME_FUNCTION.get(twin) == family and not cfg.bias and not cfg.attn_bias else family
     raise BardlmError(
         "this model has no transformers equivalent: save_pretrained writes GPT-2 (learned "
         "positions, LayerNorm, GELU, biases, MHA), Llama (RoPE, RMSNorm, SwiGLU) or Qwen3 "
@@ -515,10 +587,25 @@ def _gemma_family(cfg: ModelConfig) -> str:
     return "gemma3_text" if cfg.qk_norm else "gemma2"
 
 
+def _olmo2_family(cfg: ModelConfig) -> str:
+    """olmo2: norm_placement="output" with QK-norm over the whole q and k projections."""
+    if cfg.norm_placement != "output" or not cfg.qk_norm or cfg.qk_norm_scope != "proj" \
+            or cfg.bias or cfg.qkv_bias != cfg.attn_bias:
+        raise BardlmError(
+            "this model has no transformers equivalent: OLMo 2 needs norm_placement=output, "
+            "qk_norm=true with qk_norm_scope=proj, no MLP bias and one attention_bias for q, k, "
+            f"v and o; got norm_placement={cfg.norm_placement}, qk_norm={cfg.qk_norm}, "
+            f"qk_norm_scope={cfg.qk_norm_scope}; keep it as a bardlm checkpoint")
+    return "olmo2"
+
+
 def _moe_family(cfg: ModelConfig, llama_style: bool) -> str:
-    """qwen2_moe (a shared expert, no QK-norm, q/k/v biases optional), qwen3_moe (QK-norm, dense
-    layers allowed) or mixtral (no QK-norm, every layer MoE)."""
-    family = "qwen2_moe" if cfg.shared_expert_hidden else "qwen3_moe" if cfg.qk_norm else "mixtral"
+    """qwen2_moe (a shared expert, no QK-norm, q/k/v biases optional), qwen3_moe (QK-norm per
+    head, dense layers allowed), olmoe (QK-norm over the projections, every layer MoE) or mixtral
+    (no QK-norm, every layer MoE)."""
+    proj_qk = cfg.qk_norm and cfg.qk_norm_scope == "proj"
+    family = ("qwen2_moe" if cfg.shared_expert_hidden else "olmoe" if proj_qk
+              else "qwen3_moe" if cfg.qk_norm else "mixtral")
     why = []
     if not llama_style or cfg.bias or cfg.attn_bias:
         why.append("a Llama-style block without MLP or output biases")
@@ -528,10 +615,13 @@ def _moe_family(cfg: ModelConfig, llama_style: bool) -> str:
         why.append("no QK-norm with a shared expert (Qwen2-MoE)")
     if family == "mixtral" and ("dense" in cfg.ffn_layers or not cfg.router_renorm):
         why.append("with no QK-norm (Mixtral): every layer MoE and router_renorm=true")
+    if family == "olmoe" and ("dense" in cfg.ffn_layers or cfg.head_dim * cfg.n_head != cfg.n_embd):
+        why.append("with QK-norm over the projections (OLMoE): every layer MoE and "
+                   "head_dim * n_head == n_embd")
     if why:
         raise BardlmError(
-            "this mixture-of-experts model has no transformers equivalent: Qwen3-MoE, Qwen2-MoE "
-            f"and Mixtral need {'; '.join(why)}; keep it as a bardlm checkpoint"
+            "this mixture-of-experts model has no transformers equivalent: Qwen3-MoE, Qwen2-MoE, "
+            f"OLMoE and Mixtral need {'; '.join(why)}; keep it as a bardlm checkpoint"
         )
     return family
 
@@ -578,7 +668,14 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
         out.update(intermediate_size=cfg.expert_hidden, num_local_experts=cfg.n_expert,
                    num_experts_per_tok=cfg.n_expert_active, sliding_window=None,
                    router_aux_loss_coef=cfg.router_aux_loss_coef)
-    else:
+    elif family == "phi3":  # no window; the context it was trained at is the whole context
+        out.update(sliding_window=None, original_max_position_embeddings=cfg.block_size,
+                   resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=out.get("pad_token_id"))
+    elif family == "olmoe":
+        out.update(intermediate_size=cfg.expert_hidden, num_experts=cfg.n_expert,
+                   num_experts_per_tok=cfg.n_expert_active, norm_topk_prob=cfg.router_renorm,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef, clip_qkv=None)
+    elif family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         out["use_sliding_window"] = False
     if family == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.shared_expert_hidden, qkv_bias=cfg.qkv_bias)

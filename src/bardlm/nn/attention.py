@@ -42,8 +42,11 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.attn_bias)
         # Qwen3 normalises each head's q and k before RoPE: keeps logits bounded in deep stacks.
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
+        # OLMo 2 / OLMoE normalise the whole q and k projections instead ("proj").
+        self.qk_norm_proj = cfg.qk_norm_scope == "proj"
+        q_width, k_width = (self.q_dim, self.kv_dim) if self.qk_norm_proj else (self.head_dim,) * 2
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
         # Logits q.k / sqrt(attn_scale_dim) (Gemma's query_pre_attn_scalar; default head_dim),
         # soft-capped to (-cap, cap) (Gemma 2), a learned sink logit per head (gpt-oss).
         self.scale = 1.0 / math.sqrt(cfg.attn_scale_dim or self.head_dim)
@@ -103,10 +106,12 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         q, k, v = self._project(x, kv_source)
+        if self.q_norm is not None and self.qk_norm_proj:  # over all heads: (B, T, H*D)
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, k.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         v = v.view(B, v.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_proj:  # per head: (B, H, T, D)
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope

@@ -3,6 +3,7 @@
 Pre-norm (GPT-2 onwards):  x = x + attn(norm(x));  x = x + ffn(norm(x))
 Post-norm (2017 paper):    x = norm(x + attn(x));  x = norm(x + ffn(x))
 Sandwich (Gemma 2/3):      x = x + norm'(attn(norm(x)));  x = x + norm'(ffn(norm(x)))
+Output norm (OLMo 2):      x = x + norm(attn(x));  x = x + norm(ffn(x))
 The skip connections give gradients a path around every layer, so deep stacks still train.
 """
 
@@ -25,7 +26,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
         super().__init__()
-        self.pre = cfg.norm_placement in ("pre", "sandwich")
+        self.placement = cfg.norm_placement
         self.residual = cfg.residual
 
         def norm() -> nn.Module:
@@ -48,10 +49,12 @@ class Block(nn.Module):
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn, post: nn.Module | None = None) -> torch.Tensor:  # noqa: ANN001
         skip = x if self.residual else 0.0  # residual=False: the ablation of docs/concepts.md
-        if not self.pre:
-            return norm(skip + fn(x))
-        out = fn(norm(x))
-        return skip + (out if post is None else post(out))
+        if self.placement in ("pre", "sandwich"):
+            out = fn(norm(x))
+            return skip + (out if post is None else post(out))
+        if self.placement == "output":  # the residual stream itself is never normalised
+            return skip + norm(fn(x))
+        return norm(skip + fn(x))
 
     def forward(
         self,

@@ -9,7 +9,7 @@
 Only the chosen experts run. Tokens are grouped by expert: the N*k (token, expert) pairs are
 sorted by expert id, each expert runs once on the rows sent to it, and the weighted outputs are
 scattered back to their tokens with one `index_add_`. Decoding one token therefore reads the weights of k experts
-only, and a batch pays one matmul per used expert, not one per token.
+only (and skips the sort: `_one_token`), and a batch pays one matmul per used expert, not one per token.
 
 Training adds two losses on the router logits of every MoE layer (`router_losses`):
 * load balancing (Switch Transformer, eqs. 4-6): E * sum_e f_e * P_e, with f_e the fraction of
@@ -63,6 +63,13 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, C)
         logits, weights, experts = self.route(x)
         self.router_logits = logits if self.training else None
+        out = self._one_token(x, weights[0], experts[0]) if x.shape[0] == 1 else self._grouped(x, weights, experts)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return self.dropout(out.view(shape))
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (N, C), weights and expert ids (N, k) -> (N, C): each used expert runs once."""
         # Group the N*k (token, expert) pairs by expert: after a stable sort, expert e's pairs
         # are one contiguous run of counts[e] entries.
         flat = experts.reshape(-1)  # (N*k,)
@@ -78,10 +85,16 @@ class MoE(nn.Module):
             start += n
         # Weighted outputs in sorted order (N*k, C), summed into their tokens in one scatter.
         y = torch.cat(ys) * pair_weights[:, None]
-        out = torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
-        if self.shared is not None:
-            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
-        return self.dropout(out.view(shape))
+        return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Decoding one token, x (1, C), its k weights and expert ids (k,): the chosen experts
+        applied in turn, in expert order as `_grouped` sums them, without its sort, bincount
+        and scatter (most of a MoE layer's small-op time at B=1)."""
+        out = torch.zeros_like(x)
+        for e, w in sorted(zip(experts.tolist(), weights.unbind())):
+            out = out + w * self.experts[e](x)
+        return out
 
 
 def active_params(model: nn.Module) -> int:

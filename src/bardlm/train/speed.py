@@ -1,7 +1,8 @@
 """Throughput of a training run: tokens/s, the model FLOP/s they mean, and the MFU.
 
 Model FLOPs per token follow PaLM (appendix B) and nanoGPT's `estimate_mfu`: 6N for the
-matrix multiplies of forward and backward over N parameters, plus 12 x n_layer x n_embd x T
+matrix multiplies of forward and backward over N parameters (a mixture of experts counts the
+parameters a token runs through: its k chosen experts, not all of them), plus 12 x n_layer x n_embd x T
 for attention over a context of T. MFU = those FLOP/s over the device's peak (bf16 dense, from
 the vendor's sheet); a device not in the table (a CPU, an unknown GPU) gets no MFU, only the
 achieved FLOP/s.
@@ -10,6 +11,8 @@ achieved FLOP/s.
 from __future__ import annotations
 
 import torch
+
+from ..nn.moe import active_params
 
 # bf16 dense peak FLOP/s by a word of the CUDA device name (first match wins).
 PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
@@ -20,9 +23,10 @@ def flops_per_token(model: torch.nn.Module) -> float:
     """Training FLOPs (forward + backward) per token of a `GPT` (any device, meta included).
 
     N counts every parameter once (the tied embedding is the lm_head matmul) but the position
-    table, which is looked up, not multiplied: nanoGPT's convention."""
+    table, which is looked up, not multiplied: nanoGPT's convention. Experts a token's router
+    does not pick do no work for it, so they are left out (`active_params`)."""
     cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
+    n = active_params(model) - sum(p.numel() for name, p in model.named_parameters() if "wpe" in name)
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
