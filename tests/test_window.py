@@ -225,3 +225,27 @@ def test_compiled_decode_step_with_a_ring_cache_equals_eager() -> None:
     idx = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(3))
     eager = generate(model, idx, 3 * W, temperature=0)
     assert generate(model, idx, 3 * W, temperature=0, compile=True).equal(eager)
+
+
+def test_gemma3_tiny_trains_from_the_cli(tmp_path) -> None:  # noqa: ANN001
+    """`bardlm train --preset gemma3-tiny` runs (a few steps on a small corpus: the loss falls)
+    and its checkpoint generates with the ring cache."""
+    import json
+
+    from bardlm.cli import main
+    from bardlm.io.checkpoint import load_checkpoint
+
+    corpus_file = tmp_path / "romeo.txt"
+    corpus_file.write_text("But soft, what light through yonder window breaks? It is the east, "
+                           "and Juliet is the sun. Arise, fair sun, and kill the envious moon.\n" * 40)
+    out = tmp_path / "g3"
+    assert main(["train", "--preset", "gemma3-tiny", "--data", str(corpus_file), "--out", str(out),
+                 "--max-iters", "8", "--set", "eval_interval=4", "--set", "eval_batches=1",
+                 "--set", "batch_size=4", "--set", "lr=0.003", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    model, _, _ = load_checkpoint(out)
+    assert model.config.attn_layers == ["local", "local", "local", "global"]
+    assert any(isinstance(c, RingKVCache) for c in model.make_cache(1, 64))
+    assert model.generate(torch.tensor([[1, 2, 3]]), 40, temperature=0).shape == (1, 43)
