@@ -319,7 +319,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 # Training ----------------------------------------------------------------------------------
 OPTIMIZERS = ("auto", "fused", "foreach", "loop", "muon")
-SCHEDULES = ("cosine", "noam", "constant")
+SCHEDULES = ("cosine", "noam", "constant", "wsd")
 
 
 @dataclass
@@ -332,7 +332,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None -> max_iters
-    schedule: str = "cosine"  # warm-up, then "cosine" to min_lr, "noam" 1/sqrt(step), or "constant"
+    schedule: str = "cosine"  # warm-up, then "cosine" to min_lr, "noam" 1/sqrt(step), "constant" or "wsd"
+    decay_fraction: float = 0.2  # wsd: the share of the steps after warm-up spent decaying to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -371,6 +372,9 @@ class TrainConfig:
         if self.dtype not in ("fp32", "bf16"):
             raise BardlmError(f"train: dtype must be fp32 or bf16, got {self.dtype!r} (fp16 is unusable on CPU)")
         _check_choice("schedule", self.schedule, SCHEDULES, "train")
+        if not 0 < self.decay_fraction <= 1:
+            raise BardlmError(f"train: decay_fraction must be in (0, 1], got {self.decay_fraction} "
+                              "(the share of the run that wsd spends decaying; 0.2 is usual)")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS, "train")
         if self.optimizer == "muon" and self.fsdp:
             raise BardlmError("train: optimizer=muon orthogonalises whole matrices, which FSDP "
