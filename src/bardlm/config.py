@@ -351,10 +351,15 @@ class TrainConfig:
     # foreach); or "muon"
     optimizer: str = "auto"
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of DDP
+    # Memory (train/memory.py). They change what a step keeps for backward, never what it
+    # computes: a run may turn them on or off when it resumes.
+    checkpoint_activations: bool = False  # recompute blocks' activations in backward
+    checkpoint_every: int = 1  # with checkpoint_activations: every k-th block (0, k, 2k, ...)
+    loss_chunk: int = 0  # > 0: the loss through the head this many tokens at a time (no full logits)
 
     def __post_init__(self) -> None:
         check_types(self, "train")
-        for name in ("batch_size", "max_iters", "grad_accum", "eval_interval", "eval_batches"):
+        for name in ("batch_size", "max_iters", "grad_accum", "eval_interval", "eval_batches", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise BardlmError(f"train: {name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
@@ -379,6 +384,8 @@ class TrainConfig:
         if self.optimizer == "muon" and self.fsdp:
             raise BardlmError("train: optimizer=muon orthogonalises whole matrices, which FSDP "
                               "shards; use DDP (drop fsdp) or optimizer=fused")
+        if self.loss_chunk < 0:
+            raise BardlmError(f"train: loss_chunk must be >= 0 (0: the whole logits at once), got {self.loss_chunk}")
         if not 0 < self.val_fraction < 1:
             raise BardlmError(f"train: val_fraction must be in (0, 1), got {self.val_fraction}")
 

@@ -44,6 +44,7 @@ from ..nn.resize import resize_vocab
 from ..progress import progress_bar, show_progress
 from .distributed import Dist, Parallel
 from .loop import Diverged, Loop, autocast, count_targets, evaluate
+from .memory import configure as configure_memory
 from .speed import describe as describe_speed
 from .speed import flops_per_token, speed
 from .state import RunState, StopSignals, check_plan, diverged, interrupted, resume_command
@@ -230,6 +231,7 @@ class Finetuner:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
+        configure_memory(self.model, cfg)  # activation checkpointing, chunked loss
         self.prepare()
         self.trainable, self.total = count_trainable(self.model)
         self.flops_per_token = flops_per_token(self.model)

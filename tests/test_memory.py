@@ -1,0 +1,178 @@
+"""Training memory: activation checkpointing and the chunked loss compute what the plain path
+computes (loss and gradients to 1e-5), with dropout, MoE, LoRA, bf16 autocast, compile and resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bardlm.config import TrainConfig, preset
+from bardlm.nn.lora import apply_lora
+from bardlm.nn.loss import chunked_cross_entropy, chunked_token_nll
+from bardlm.nn.model import GPT
+from bardlm.tokenizers import CharTokenizer
+from bardlm.train import Trainer
+from bardlm.train.logps import token_logps
+from bardlm.train.memory import configure
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 60
+
+
+def _data(n: int = 3, t: int = 24, v: int = 65, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(v, (n, t), generator=g)
+    y = torch.randint(v, (n, t), generator=g)
+    y[0, :5] = -1  # a prompt that does not count
+    y[2, -3:] = -1  # padding
+    return x, y
+
+
+def test_chunked_cross_entropy_equals_f_cross_entropy() -> None:
+    """Loss and both gradients against F.cross_entropy on the full logits, chunks that do not
+    divide the tokens, ignored targets included."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 13, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(50, (2, 13), generator=g)
+    y[0, :4] = -1
+    ref = F.cross_entropy((h @ w.t()).view(-1, 50), y.view(-1), ignore_index=-1)
+    ref_h, ref_w = torch.autograd.grad(3.0 * ref, (h, w))  # an upstream gradient other than 1
+    for chunk in (1, 5, 26, 100):
+        loss = chunked_cross_entropy(h, w, y, chunk)
+        gh, gw = torch.autograd.grad(3.0 * loss, (h, w))
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gh, ref_h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, ref_w, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # evaluation: no gradient is worked out, the loss is the same
+        torch.testing.assert_close(chunked_cross_entropy(h, w, y, 5), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_token_nll_equals_f_cross_entropy_per_token() -> None:
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    y = torch.randint(40, (3, 7), generator=g)
+    y[1, 2:] = -1
+    up = torch.randn(3, 7, generator=g)  # per-token upstream gradients, as DPO/GRPO's are
+    ref = F.cross_entropy((h @ w.t()).view(-1, 40), y.view(-1), ignore_index=-1, reduction="none").view(3, 7)
+    ref_h, ref_w = torch.autograd.grad((ref * up).sum(), (h, w))
+    nll = chunked_token_nll(h, w, y, 4)
+    gh, gw = torch.autograd.grad((nll * up).sum(), (h, w))
+    torch.testing.assert_close(nll, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, ref_w, atol=1e-5, rtol=1e-5)
+    assert (nll[1, 2:] == 0).all()
+
+
+def _loss_and_grads(model: GPT, x: torch.Tensor, y: torch.Tensor, seed: int = 3,
+                    forward=None) -> tuple[float, dict[str, torch.Tensor]]:  # noqa: ANN001
+    torch.manual_seed(seed)  # the same dropout masks in both paths
+    model.zero_grad(set_to_none=True)
+    _, loss = (forward if forward is not None else model)(x, y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def _assert_same(a: tuple[float, dict], b: tuple[float, dict], tol: float = 1e-5) -> None:
+    assert a[0] == pytest.approx(b[0], abs=tol, rel=tol)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("name", ["qwen3-tiny", "char-tiny", "moe-tiny"])
+@pytest.mark.parametrize(("every", "chunk"), [(2, 0), (0, 7), (1, 7)])
+def test_checkpointing_and_chunking_equal_the_plain_model(name: str, every: int, chunk: int) -> None:
+    """Dropout on (the recomputed blocks must draw the same masks), MoE's router losses kept,
+    every block or every 2nd checkpointed, the loss in chunks of 7 of 72 tokens."""
+    torch.manual_seed(0)
+    model = GPT(preset(name, dropout=0.1)).train()
+    x, y = _data()
+    plain = _loss_and_grads(model, x, y)
+    configure(model, TrainConfig(checkpoint_activations=every > 0, checkpoint_every=max(every, 1), loss_chunk=chunk))
+    _assert_same(_loss_and_grads(model, x, y), plain)
+
+
+def test_checkpointing_and_chunking_with_lora() -> None:
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3-tiny")).train()
+    apply_lora(model, 4, 8.0)
+    with torch.no_grad():  # B = 0 would hide a wrong gradient of A
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x, y = _data()
+    plain = _loss_and_grads(model, x, y)
+    assert all("lora_" in n for n in plain[1])
+    configure(model, TrainConfig(checkpoint_activations=True, loss_chunk=5))
+    _assert_same(_loss_and_grads(model, x, y), plain)
+
+
+def test_checkpointing_and_chunking_under_bf16_autocast() -> None:
+    """The same bf16 matmuls: equal to bf16's rounding of the chunk sizes' sums (not 1e-5)."""
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3-tiny")).train()
+    x, y = _data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _loss_and_grads(model, x, y)
+        configure(model, TrainConfig(checkpoint_activations=True, loss_chunk=8))
+        both = _loss_and_grads(model, x, y)
+    _assert_same(both, plain, tol=2e-2)
+
+
+def test_checkpointing_and_chunking_under_compile() -> None:
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3-tiny")).train()
+    x, y = _data()
+    plain = _loss_and_grads(model, x, y)
+    configure(model, TrainConfig(checkpoint_activations=True, loss_chunk=16))
+    _assert_same(_loss_and_grads(model, x, y, forward=torch.compile(model, backend="aot_eager")), plain)
+
+
+def test_token_logps_chunked_equal_plain_with_gradients() -> None:
+    """DPO/GRPO's scoring: the per-token log-probabilities and their gradients."""
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3-tiny")).train()
+    chunked = copy.deepcopy(model)
+    configure(chunked, TrainConfig(loss_chunk=5, checkpoint_activations=True))
+    x, y = _data()
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    logits, _ = model(x)  # the reference: log_softmax of the full logits, gathered
+    ref = F.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y >= 0)
+    (ref * up).sum().backward()
+    ours = token_logps(chunked, x, y)
+    (ours * up).sum().backward()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for (n, p), q in zip(model.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def _trainer(out, **kw) -> Trainer:
+    cfg = preset("qwen3-tiny", block_size=16, dropout=0.1)
+    tcfg = TrainConfig(**{**dict(batch_size=4, max_iters=6, eval_interval=2, eval_batches=2, warmup_iters=1,
+                                 grad_accum=2), **kw})
+    return Trainer(cfg, tcfg, CharTokenizer.train(TEXT), TEXT, out, progress=False, log=lambda m: None)
+
+
+def test_training_with_both_equals_plain_and_resumes_exactly(tmp_path) -> None:
+    """Six steps (dropout on) with checkpointing every 2nd block and the loss in chunks: the
+    losses (train and validation) and weights of the plain run; stopped at step 2 and resumed,
+    the same again."""
+    memory = dict(checkpoint_activations=True, checkpoint_every=2, loss_chunk=7)
+    plain = _trainer(tmp_path / "plain")
+    plain.fit()
+    both = _trainer(tmp_path / "both", **memory)
+    assert both.model.checkpoint_every == 2 and both.model.loss_chunk == 7
+    both.fit(until=2)
+    resumed = _trainer(tmp_path / "both", **memory)
+    resumed.resume()
+    resumed.fit()
+    rows = lambda t: [r[k] for r in t.history for k in ("train_loss", "val_loss")]  # noqa: E731
+    assert len(rows(resumed)) == 6
+    assert rows(resumed) == pytest.approx(rows(plain), abs=1e-5)
+    for p, q in zip(plain.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=0)
