@@ -250,6 +250,8 @@ CASES = [
     ("train-lr-decay-iters", lambda t, c, w: _train(t, "lr_decay_iters=-5"), "train: lr_decay_iters must be >= 0"),
     ("train-decay-fraction", lambda t, c, w: _train(t, "decay_fraction=0"), "train: decay_fraction must be in (0, 1]"),
     ("train-loss-chunk", lambda t, c, w: _train(t, "loss_chunk=-1"), "train: loss_chunk must be >= 0"),
+    ("info-int8-without-lora", lambda t, c, w: ["info", "--preset", "char-tiny", "--train", "--base-dtype", "int8"],
+     "--base-dtype int8 is a frozen base under LoRA: add --lora-rank R"),
     ("train-checkpoint-every", lambda t, c, w: _train(t, "checkpoint_every=0"), "train: checkpoint_every must be positive"),
     ("train-vocab-size", lambda t, c, w: _train(t, "vocab_size=100"), "the vocabulary size comes from the tokenizer"),
     ("resume-config-nan", lambda t, c, w: ["train", "--resume", "--out", _edited(c, t, "config.json", _lr_nan)],

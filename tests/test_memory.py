@@ -4,6 +4,10 @@ computes (loss and gradients to 1e-5), with dropout, MoE, LoRA, bf16 autocast, c
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,3 +180,49 @@ def test_training_with_both_equals_plain_and_resumes_exactly(tmp_path) -> None:
     assert rows(resumed) == pytest.approx(rows(plain), abs=1e-5)
     for p, q in zip(plain.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=0)
+
+
+MEASURE = """
+import json, sys, torch
+from bardlm.config import preset
+from bardlm.nn.lora import apply_lora
+from bardlm.nn.model import GPT
+from bardlm.train import TrainConfig
+from bardlm.train.loop import Loop
+from bardlm.train.memory import estimate
+rank = int(sys.argv[1])
+cfg = preset("qwen3-tiny", vocab_size=32000, n_embd=256, n_head=4, head_dim=64, ffn_hidden=768, block_size=512)
+model = GPT(cfg).train()
+if rank:
+    apply_lora(model, rank, 2 * rank)
+tcfg = TrainConfig(warmup_iters=0, max_iters=1)
+loop, ids = Loop(model, tcfg), torch.randint(32000, (2, 513))
+open("/proc/self/clear_refs", "w").write("5")  # the step's own peak, not building's
+loop.train_step(lambda s, m: (ids[:, :-1], ids[:, 1:]))
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) * 1024
+print(json.dumps([peak, estimate(cfg, tcfg, 2, 512, rank).first_step]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resets the peak RSS through Linux's /proc")
+@pytest.mark.parametrize("rank", [0, 8])
+def test_estimate_is_within_15_percent_of_the_measured_peak(rank: int) -> None:
+    """One step of a 4-layer model with a 32,000 vocabulary (the logits dominate, as in real
+    models) in a fresh process, full and LoRA: `bardlm info --train`'s estimate vs the peak RSS."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(rank)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    peak, est = json.loads(out.stdout)
+    assert abs(est / peak - 1) < 0.15, (peak, est)
+
+
+def test_info_train_prints_the_parts_and_refuses_int8_without_lora(capsys) -> None:
+    from bardlm.cli import main
+
+    assert main(["info", "--preset", "qwen3-tiny", "--train", "--set", "batch_size=2",
+                 "--set", "loss_chunk=16", "--set", "checkpoint_activations=true"]) == 0
+    out = capsys.readouterr().out
+    for part in ("weights", "gradients", "optimizer state", "activations", "logits", "estimated peak, first step"):
+        assert part in out
+    assert "checkpointing every 1, loss_chunk 16" in out
+    assert main(["info", "--preset", "qwen3-tiny", "--train", "--base-dtype", "int8"]) == 2
+    assert "--base-dtype int8 is a frozen base under LoRA" in capsys.readouterr().err

@@ -55,7 +55,8 @@ def test_run_writes_all_files_and_learns(tmp_path) -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png"):
         assert (tmp_path / name).is_file()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "train_loss", "val_loss", "val_bpc", "lr", "tokens_per_sec", "elapsed_s"} <= set(rows[0])
+    assert {"step", "train_loss", "val_loss", "val_bpc", "lr", "tokens_per_sec", "peak_mem_gib", "elapsed_s"} <= set(rows[0])
+    assert 0.05 < rows[0]["peak_mem_gib"] < 64  # this process's peak RSS, in GiB (not KiB or bytes)
     assert rows[-1]["final"] and rows[1]["val_loss"] < rows[0]["val_loss"] < math.log(tr.tokenizer.vocab_size)
     assert final["val_bpc_full"] == pytest.approx(final["val_loss_full"] / math.log(2), rel=0.05)
     model, tok, meta = load_checkpoint(tmp_path)

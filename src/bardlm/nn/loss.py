@@ -70,15 +70,17 @@ class _MeanCrossEntropy(Function):
                         grad_h[s : s + chunk] = g @ wc
                     if need_w:
                         grad_w += (g.t() @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.w_dtype = w.dtype
+        # Kept on ctx, not saved: backward scales them in place and hands them on, so the head's
+        # gradient (V x C, as large as the head) exists once, not twice.
+        ctx.grads, ctx.w_dtype = [grad_h, grad_w], w.dtype
         return total / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN205, ANN001
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad).to(ctx.w_dtype), None, None)
+        grad_h, grad_w = ctx.grads
+        ctx.grads = [None, None]  # (backward runs once: a second call has nothing to return)
+        return (None if grad_h is None else grad_h.mul_(grad.to(grad_h.dtype)),
+                None if grad_w is None else grad_w.mul_(grad).to(ctx.w_dtype), None, None)
 
 
 class _TokenNLL(Function):
