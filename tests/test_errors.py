@@ -231,6 +231,8 @@ CASES = [
     ("finetune-fsdp-lora", lambda t, c, w: ["finetune", "--init-from", str(c), "--out", str(t / "f"), "--fsdp",
                                             "--lora-rank", "2", "--data", _file(t, "c.jsonl", b'{"messages": []}\n')],
      "fsdp with --lora-rank is not supported"),
+    ("finetune-base-dtype-without-lora", lambda t, c, w: _finetune(t, c, _chat(t), "--base-dtype", "int8"),
+     "--merge, --lora-alpha and --base-dtype need --lora-rank"),
     # issue 32: every verb that writes a model folder refuses an existing one the same way (3)
     ("out-quantize-existing", lambda t, c, w: ["quantize", "--ckpt", str(c), "--out", str(_copy_ckpt(c, t))],
      "already holds a model; pass --overwrite to replace it"),

@@ -226,3 +226,79 @@ def test_info_train_prints_the_parts_and_refuses_int8_without_lora(capsys) -> No
     assert "checkpointing every 1, loss_chunk 16" in out
     assert main(["info", "--preset", "qwen3-tiny", "--train", "--base-dtype", "int8"]) == 2
     assert "--base-dtype int8 is a frozen base under LoRA" in capsys.readouterr().err
+
+
+# QLoRA ---------------------------------------------------------------------------------------
+def _adapters_randomized(model: GPT) -> GPT:
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("memory", [{}, dict(checkpoint_activations=True, loss_chunk=9)])
+def test_qlora_equals_lora_on_the_dequantized_base(memory: dict) -> None:
+    """LoRA over an int8 base computes what LoRA over the float weights those int8 values stand
+    for computes (loss and adapter gradients to 1e-5); our LoRA equals peft's (test_lora.py)."""
+    from bardlm.infer.quantize import Int8Linear, dequantize, quantize_base, quantize_per_channel
+
+    torch.manual_seed(0)
+    base = GPT(preset("qwen3-tiny", n_embd=64, n_head=2, head_dim=32)).train()
+    plain = copy.deepcopy(base)
+    with torch.no_grad():  # the reference: float weights rounded through int8
+        for name, m in plain.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                m.weight.copy_(dequantize(*quantize_per_channel(m.weight)))
+    quantize_base(base, "int8")
+    assert isinstance(base.transformer.h[0].attn.c_attn, Int8Linear)
+    for model in (base, plain):
+        apply_lora(model, 4, 8.0)
+        _adapters_randomized(model)
+        configure(model, TrainConfig(**memory))
+    x, y = _data()
+    _assert_same(_loss_and_grads(base, x, y), _loss_and_grads(plain, x, y))
+
+
+def test_qlora_keeps_no_dequantized_weight_for_backward() -> None:
+    """Autograd saves no float copy of any layer's weight: each is dequantized when a matmul
+    needs it (forward, then again in backward) and dropped."""
+    from bardlm.infer.quantize import quantize_base
+
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3-tiny")).train()
+    quantize_base(model, "int8")
+    apply_lora(model, 4, 8.0)
+    shapes = {tuple(b.shape) for n, b in model.named_buffers() if n.endswith("base.weight")}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        _, loss = model(*_data())
+    loss.backward()
+    assert shapes and not [s for s, dt in saved if s in shapes and dt.is_floating_point]
+
+
+def test_finetune_qlora_cli_trains_and_merges_into_the_float_base(tmp_path, capsys) -> None:
+    from bardlm.cli import main
+    from bardlm.io.adapter import load_adapter
+    from bardlm.io.load import kind_of, load
+    from tests.test_sft import CHARS, base_ckpt, chat_data
+
+    base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
+    out = tmp_path / "qlora"
+    rc = main(["finetune", "--init-from", str(base), "--data", str(data), "--out", str(out), "--max-iters", "3",
+               "--set", "eval_interval=3", "--set", "batch_size=4", "--set", "lr=1e-2",
+               "--lora-rank", "2", "--base-dtype", "int8", "--set", "loss_chunk=16",
+               "--set", "checkpoint_activations=true"])
+    assert rc == 0, capsys.readouterr().err
+    assert kind_of(out) == "adapter"
+    assert main(["merge", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = load(tmp_path / "merged")
+    unmerged = load_adapter(out, merge=False)[0]  # the adapters over the float base
+    idx = torch.randint(0, len(CHARS), (2, 20))
+    assert merged.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+    assert (merged(idx)[0] - unmerged(idx)[0]).abs().max() < 1e-5
+    assert (merged(idx)[0] - load(base)[0](idx)[0]).abs().max() > 1e-4  # the adapters learned
+    assert main(["finetune", "--init-from", str(base), "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--base-dtype", "int8"]) == 2
+    assert "--base-dtype need --lora-rank" in capsys.readouterr().err  # (tests/test_errors.py too)

@@ -698,6 +698,8 @@ def add_tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha = 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
                    help="linear layers to adapt (default: c_attn c_proj c_fc)")
+    p.add_argument("--base-dtype", choices=["fp32", "int8"], default=None,
+                   help="with --lora-rank: hold the frozen base's linear layers in int8 (QLoRA)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (--no-compile for eager)")
@@ -733,9 +735,9 @@ def tuning_setup(args: argparse.Namespace, defaults: dict) -> tuple:  # noqa: AN
     lora = None
     if args.lora_rank is not None:
         alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        lora = LoRASpec(args.lora_rank, alpha, tuple(args.lora_targets))
-    elif getattr(args, "merge", False) or args.lora_alpha is not None:
-        raise BardlmError("--merge and --lora-alpha need --lora-rank")
+        lora = LoRASpec(args.lora_rank, alpha, tuple(args.lora_targets), args.base_dtype or "fp32")
+    elif getattr(args, "merge", False) or args.lora_alpha is not None or args.base_dtype is not None:
+        raise BardlmError("--merge, --lora-alpha and --base-dtype need --lora-rank")
     return out, cfg, lora, lambda m: print(m, file=sys.stderr)
 
 

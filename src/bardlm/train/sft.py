@@ -35,6 +35,7 @@ from ..config import TrainConfig
 from ..errors import BardlmError
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab
 from ..infer.device import resolve_device
+from ..infer.quantize import quantize_base
 from ..io.adapter import load_base
 from ..io.checkpoint import METRICS_FILE
 from ..io.load import read_meta
@@ -184,6 +185,7 @@ class LoRASpec:
     rank: int
     alpha: float
     targets: tuple[str, ...] = TARGETS
+    base_dtype: str = "fp32"  # the frozen base's weights: "int8" is QLoRA
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -229,6 +231,7 @@ class Finetuner:
             self.log(f"the chat template adds {added} token(s) to the vocabulary")
         if lora is not None:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
+            quantize_base(self.model, lora.base_dtype)  # QLoRA: the frozen base held in int8
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
         configure_memory(self.model, cfg)  # activation checkpointing, chunked loss
@@ -297,6 +300,8 @@ class Finetuner:
         if self.lora is not None:
             flags += ["--lora-rank", str(self.lora.rank), "--lora-alpha", f"{self.lora.alpha:g}",
                       "--lora-targets", *self.lora.targets]
+            if self.lora.base_dtype != "fp32":
+                flags += ["--base-dtype", self.lora.base_dtype]
         return flags
 
     def meta(self) -> dict[str, Any]:
