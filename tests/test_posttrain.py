@@ -203,7 +203,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-CLOCK = ("elapsed_s", "tokens_per_sec", "flops_per_sec", "mfu")  # timings: differ run to run
+CLOCK = ("elapsed_s", "tokens_per_sec", "flops_per_sec", "mfu", "peak_mem_gib")  # differ run to run
 
 
 def untimed(rows: list[dict]) -> list[dict]:

@@ -280,3 +280,21 @@ def test_metrics_line_past_the_checkpoint_is_dropped_on_resume(tmp_path, monkeyp
     resumed.resume()
     assert resumed.step == 2
     assert [r["step"] for r in _rows(tmp_path)] == [2]
+
+
+def test_wsd_resumed_across_the_decay_boundary_gets_the_same_rates(tmp_path) -> None:
+    """wsd over 8 steps decays over its last half (from step 5, after a 2-step warm-up): a run
+    stopped at step 4 (still stable) and resumed to 8 logs the lrs of the uninterrupted run,
+    and those are lr_at's, which the decay has started to lower."""
+    data = tmp_path / "romeo.txt"
+    data.write_text(TEXT)
+    wsd = [*RUN, "--set", "schedule=wsd", "--set", "decay_fraction=0.5", "--set", "lr_decay_iters=8"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "a"), "--max-iters", "8", *wsd]) == 0
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "b"), "--max-iters", "4", *wsd]) == 0
+    assert _resume(tmp_path / "b", "--max-iters", "8") == 0
+    plan = TrainConfig.from_dict(json.loads((tmp_path / "a" / "config.json").read_text())["train"])
+    whole, resumed = _lrs(tmp_path / "a"), _lrs(tmp_path / "b")
+    assert resumed == whole == pytest.approx([lr_at(s, plan) for s in range(8)], rel=1e-12)
+    assert whole[4] == whole[5] == plan.lr > whole[6] > whole[7]  # the decay began after the stop
+    # Changing the decay on resume would change the plan: refused.
+    assert _resume(tmp_path / "b", "--max-iters", "9", "--set", "decay_fraction=0.3") == 2

@@ -18,6 +18,22 @@ def _trainer(out, **kw) -> Trainer:
     return Trainer(cfg, tcfg, CharTokenizer.train(TEXT), TEXT, out, progress=False, log=lambda m: None)
 
 
+def test_lr_schedule_wsd_is_warmup_stable_then_linear_decay() -> None:
+    """wsd: linear warm-up over 10 steps, lr until the last 20% of steps 10..110, then a
+    straight line to min_lr at step 110 (each value written out, not recomputed by lr_at)."""
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(0, cfg) == pytest.approx(1 / 11)
+    assert [lr_at(s, cfg) for s in (10, 50, 89)] == [1.0, 1.0, 1.0]  # stable
+    assert lr_at(90, cfg) == 1.0  # the decay's first step
+    assert lr_at(100, cfg) == pytest.approx(0.55)  # half way down
+    assert lr_at(109, cfg) == pytest.approx(1.0 - 0.9 * 19 / 20)
+    assert lr_at(110, cfg) == lr_at(500, cfg) == 0.1
+    steps = [lr_at(s, cfg) for s in range(90, 111)]
+    assert all(b < a for a, b in zip(steps, steps[1:]))
+    with pytest.raises(BardlmError, match="decay_fraction"):
+        TrainConfig(schedule="wsd", decay_fraction=0.0)
+
+
 def test_lr_schedule_warmup_then_cosine() -> None:
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert lr_at(0, cfg) < lr_at(9, cfg) <= 1.0
@@ -39,7 +55,8 @@ def test_run_writes_all_files_and_learns(tmp_path) -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png"):
         assert (tmp_path / name).is_file()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "train_loss", "val_loss", "val_bpc", "lr", "tokens_per_sec", "elapsed_s"} <= set(rows[0])
+    assert {"step", "train_loss", "val_loss", "val_bpc", "lr", "tokens_per_sec", "peak_mem_gib", "elapsed_s"} <= set(rows[0])
+    assert 0.05 < rows[0]["peak_mem_gib"] < 64  # this process's peak RSS, in GiB (not KiB or bytes)
     assert rows[-1]["final"] and rows[1]["val_loss"] < rows[0]["val_loss"] < math.log(tr.tokenizer.vocab_size)
     assert final["val_bpc_full"] == pytest.approx(final["val_loss_full"] / math.log(2), rel=0.05)
     model, tok, meta = load_checkpoint(tmp_path)

@@ -344,19 +344,28 @@ def add_info(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--preset")
     g.add_argument("--ckpt")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model field, or with --train a training field (batch_size, dtype, optimizer, "
+                        "checkpoint_activations, checkpoint_every, loss_chunk)")
+    p.add_argument("--train", action="store_true",
+                   help="also estimate the peak memory of one training step")
+    p.add_argument("--context", type=int, default=None, help="--train: tokens per row (default: block_size)")
+    p.add_argument("--lora-rank", type=int, default=0, help="--train: LoRA of this rank (0: full finetuning)")
+    p.add_argument("--base-dtype", choices=["fp32", "int8"], default="fp32",
+                   help="--train with --lora-rank: the frozen base's weights (int8: QLoRA)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import parse_overrides, preset
+    from .config import TrainConfig, config_keys, parse_overrides, preset, train_config_keys
     from .infer.budget import kv_bytes_per_sequence, kv_bytes_per_token
     from .io.load import read_model_config
     from .nn.model import GPT
     from .nn.moe import active_params
 
-    over = parse_overrides(args.set)
+    over = parse_overrides(args.set, config_keys() + (train_config_keys() if args.train else []))
+    train_over = {k: over.pop(k) for k in list(over) if k in train_config_keys() and k not in config_keys()}
     cfg = preset(args.preset, **over) if args.preset else read_model_config(args.ckpt).replace(**over)
     with torch.device("meta"):  # shapes only: even gpt2-xl costs no memory
         model = GPT(cfg)
@@ -393,6 +402,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append(("experts", f"{cfg.n_expert} per MoE layer ({cfg.ffn_layers.count('moe')} of "
                                 f"{cfg.n_layer} layers), top {cfg.n_expert_active}, width "
                                 f"{cfg.expert_hidden}; {active_params(model):,} parameters active per token"))
+    if args.train:
+        rows += _train_memory_rows(cfg, TrainConfig(**train_over), args)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -418,6 +429,34 @@ def _attention_layout(cfg) -> str:  # noqa: ANN001
     if cfg.pos == "rope" and nope:
         text += f"; no RoPE in layers {nope}"
     return text
+
+
+def _train_memory_rows(cfg, train_cfg, args: argparse.Namespace) -> list[tuple[str, str]]:  # noqa: ANN001
+    """`info --train`: the estimated memory of one training step, part by part."""
+    from .train.memory import estimate
+
+    context = args.context or cfg.block_size
+    if context <= 0 or args.lora_rank < 0:
+        raise BardlmError(f"--context must be positive and --lora-rank >= 0, got {context} and {args.lora_rank}")
+    if args.base_dtype != "fp32" and not args.lora_rank:
+        raise BardlmError("--base-dtype int8 is a frozen base under LoRA: add --lora-rank R")
+    est = estimate(cfg, train_cfg, train_cfg.batch_size, context, args.lora_rank, base_dtype=args.base_dtype)
+    what = f"LoRA rank {args.lora_rank} on a {args.base_dtype} base" if args.lora_rank else "full"
+    ckpt = f"every {train_cfg.checkpoint_every}" if train_cfg.checkpoint_activations else "off"
+    gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
+    return [
+        ("training step", f"{what}, batch {train_cfg.batch_size} x {context} tokens, {train_cfg.dtype}, "
+                          f"optimizer {train_cfg.optimizer}, checkpointing {ckpt}, "
+                          f"loss_chunk {train_cfg.loss_chunk or 'off'}"),
+        ("  weights", gib(est.weights)),
+        ("  gradients", gib(est.grads)),
+        ("  optimizer state (+ step temporaries)", f"{gib(est.optimizer)} (+ {gib(est.optimizer_temp)})"),
+        ("  activations kept for backward", gib(est.activations)),
+        ("  logits, their gradient, head gradient", gib(est.logits)),
+        ("  runtime (interpreter, libraries)", gib(est.runtime)),
+        ("estimated peak, first step", gib(est.first_step)),
+        ("estimated peak, later steps", gib(est.later_steps)),
+    ]
 
 
 def _yn(flag: bool) -> str:
@@ -706,6 +745,8 @@ def add_tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha = 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
                    help="linear layers to adapt (default: c_attn c_proj c_fc)")
+    p.add_argument("--base-dtype", choices=["fp32", "int8"], default=None,
+                   help="with --lora-rank: hold the frozen base's linear layers in int8 (QLoRA)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (--no-compile for eager)")
@@ -741,9 +782,9 @@ def tuning_setup(args: argparse.Namespace, defaults: dict) -> tuple:  # noqa: AN
     lora = None
     if args.lora_rank is not None:
         alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        lora = LoRASpec(args.lora_rank, alpha, tuple(args.lora_targets))
-    elif getattr(args, "merge", False) or args.lora_alpha is not None:
-        raise BardlmError("--merge and --lora-alpha need --lora-rank")
+        lora = LoRASpec(args.lora_rank, alpha, tuple(args.lora_targets), args.base_dtype or "fp32")
+    elif getattr(args, "merge", False) or args.lora_alpha is not None or args.base_dtype is not None:
+        raise BardlmError("--merge, --lora-alpha and --base-dtype need --lora-rank")
     return out, cfg, lora, lambda m: print(m, file=sys.stderr)
 
 

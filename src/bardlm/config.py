@@ -401,7 +401,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 # Training ----------------------------------------------------------------------------------
 OPTIMIZERS = ("auto", "fused", "foreach", "loop", "muon")
-SCHEDULES = ("cosine", "noam", "constant")
+SCHEDULES = ("cosine", "noam", "constant", "wsd")
 
 
 @dataclass
@@ -414,7 +414,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None -> max_iters
-    schedule: str = "cosine"  # warm-up, then "cosine" to min_lr, "noam" 1/sqrt(step), or "constant"
+    schedule: str = "cosine"  # warm-up, then "cosine" to min_lr, "noam" 1/sqrt(step), "constant" or "wsd"
+    decay_fraction: float = 0.2  # wsd: the share of the steps after warm-up spent decaying to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -432,10 +433,15 @@ class TrainConfig:
     # foreach); or "muon"
     optimizer: str = "auto"
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of DDP
+    # Memory (train/memory.py). They change what a step keeps for backward, never what it
+    # computes: a run may turn them on or off when it resumes.
+    checkpoint_activations: bool = False  # recompute blocks' activations in backward
+    checkpoint_every: int = 1  # with checkpoint_activations: every k-th block (0, k, 2k, ...)
+    loss_chunk: int = 0  # > 0: the loss through the head this many tokens at a time (no full logits)
 
     def __post_init__(self) -> None:
         check_types(self, "train")
-        for name in ("batch_size", "max_iters", "grad_accum", "eval_interval", "eval_batches"):
+        for name in ("batch_size", "max_iters", "grad_accum", "eval_interval", "eval_batches", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise BardlmError(f"train: {name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
@@ -453,10 +459,15 @@ class TrainConfig:
         if self.dtype not in ("fp32", "bf16"):
             raise BardlmError(f"train: dtype must be fp32 or bf16, got {self.dtype!r} (fp16 is unusable on CPU)")
         _check_choice("schedule", self.schedule, SCHEDULES, "train")
+        if not 0 < self.decay_fraction <= 1:
+            raise BardlmError(f"train: decay_fraction must be in (0, 1], got {self.decay_fraction} "
+                              "(the share of the run that wsd spends decaying; 0.2 is usual)")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS, "train")
         if self.optimizer == "muon" and self.fsdp:
             raise BardlmError("train: optimizer=muon orthogonalises whole matrices, which FSDP "
                               "shards; use DDP (drop fsdp) or optimizer=fused")
+        if self.loss_chunk < 0:
+            raise BardlmError(f"train: loss_chunk must be >= 0 (0: the whole logits at once), got {self.loss_chunk}")
         if not 0 < self.val_fraction < 1:
             raise BardlmError(f"train: val_fraction must be in (0, 1), got {self.val_fraction}")
 

@@ -57,6 +57,9 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None) -> None:  # noqa: ANN001
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # True (quantize_base): the frozen base of QLoRA, computed in its input's dtype through
+        # FrozenQuantMatmul; False: inference, the int8 kernel with bf16 activations.
+        self.frozen_base = False
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=COMPUTE_DTYPE, device=device))
         self.register_buffer(
@@ -73,7 +76,14 @@ class Int8Linear(nn.Module):
             q.bias.copy_(lin.bias.detach())
         return q
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (out, in) as `dtype`: this layer's alone, made when asked, never kept."""
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out) bf16
+        if self.frozen_base or x.requires_grad:  # a base under LoRA (QLoRA): x's dtype, a backward
+            y = FrozenQuantMatmul.apply(x, self)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
         if self.in_features % KERNEL_K_MULTIPLE == 0:
@@ -86,6 +96,44 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+class FrozenQuantMatmul(torch.autograd.Function):
+    """y = x W^T for a frozen quantized layer: gradients for x only, and W dequantized (by
+    `layer.dequantized(dtype)`) for the one matmul that needs it, in forward and again in
+    backward, never saved. So a QLoRA step holds at most one layer's float weight at a time.
+    Any layer with `dequantized(dtype)` plugs in (INT8 here; 4-bit layers the same way)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:  # noqa: ANN001
+        ctx.layer = layer
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        ctx.dtype = dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return x.to(dtype) @ layer.dequantized(dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205, ANN001
+        return grad.to(ctx.dtype) @ ctx.layer.dequantized(ctx.dtype), None
+
+
+# Frozen bases LoRA trains over (`bardlm finetune --base-dtype`): name -> in-place conversion.
+BASE_DTYPES = ("fp32", "int8")
+
+
+def quantize_base(model: nn.Module, base_dtype: str) -> nn.Module:
+    """Hold a model's linear layers (not the embedding and head, nor MoE routers) in `base_dtype`
+    as frozen quantized layers, for LoRA on top (QLoRA); "fp32" leaves it as it is."""
+    if base_dtype == "int8":
+        swap_int8(model, embeddings=False, convert=True)
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.frozen_base = True
+    elif base_dtype != "fp32":
+        from ..errors import BardlmError
+
+        raise BardlmError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {base_dtype!r}")
+    return model
 
 
 class Int8Embedding(nn.Module):

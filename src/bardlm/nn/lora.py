@@ -31,7 +31,8 @@ TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
 class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a trainable low-rank update; x (..., in) -> (..., out)."""
+    """A frozen `nn.Linear` (or a frozen quantized layer: QLoRA) plus a trainable low-rank
+    update; x (..., in) -> (..., out)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
@@ -43,8 +44,9 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha = rank, float(alpha)
         self.scale = self.alpha / rank
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        dtype = w.dtype if w.is_floating_point() else torch.float32  # a quantized base: fp32 adapters
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=dtype))
         if not w.is_meta:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's (and nn.Linear's) init
 
@@ -65,6 +67,11 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """A plain linear layer, or a frozen quantized one (it has `dequantized`: QLoRA)."""
+    return isinstance(module, nn.Linear) or hasattr(module, "dequantized")
+
+
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -82,7 +89,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float,
         p.requires_grad_(n in train_also or ".lora_" in n)
     swapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and _matches(name, targets):
+        if _adaptable(module) and _matches(name, targets):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, LoRALinear(module, rank, alpha))
@@ -119,6 +126,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     the model then computes what the adapted one did, at the base model's cost."""
     for name, layer in lora_layers(model).items():
         base = layer.base
+        if not isinstance(base, nn.Linear):
+            raise BardlmError("the adapters sit on a quantized base: merge them into the float base "
+                              "the run started from (bardlm merge --adapter RUN --out DIR)")
         base.weight += layer.delta().to(base.weight.dtype)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..errors import BardlmError
@@ -19,6 +20,7 @@ from .attention import AttentionScore
 from .block import Block
 from .cache import KVCache, RingKVCache
 from .dropout import Dropout
+from .loss import chunked_cross_entropy, chunked_token_nll
 from .moe import router_losses
 from .norm import LayerNorm, RMSNorm, make_norm
 from .position import rope_attention_factor, rope_cos_sin, rope_inv_freq, sinusoidal_table
@@ -51,6 +53,11 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             # One matrix maps tokens to vectors and vectors back to token scores.
             self.lm_head.weight = self.transformer.wte.weight
+        # Memory switches of training (`train.memory.configure` sets them from the TrainConfig):
+        # they change what is kept for backward, never what is computed, so they are not part
+        # of the config or the checkpoint.
+        self.checkpoint_every = 0  # k > 0: blocks 0, k, 2k, ... recompute their activations in backward
+        self.loss_chunk = 0  # n > 0: the loss over n tokens at a time, never the whole logits
         self.init_weights()
 
     @torch.no_grad()
@@ -183,7 +190,8 @@ class GPT(nn.Module):
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         logits_rows: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss_reduction: str = "mean",
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         start_pos: absolute position of idx[:, 0] (tokens already in `cache`); or, for the
@@ -200,6 +208,10 @@ class GPT(nn.Module):
         logits_rows: compute logits (B, logits_rows, V) for the last positions only. Decoding
               reads one row: a 2k-token prompt on a 128k vocabulary is ~1 GB of fp32 logits
               otherwise. None (all rows) is the only choice with targets.
+        loss_reduction: "mean" over counted targets, or "none": the per-token losses (B, T), 0
+              where the target is -1 (no router losses), for DPO/GRPO's log-probabilities.
+        With `loss_chunk` set and targets given, the loss goes through the head in chunks of
+        tokens (nn/loss.py) and the logits returned are None.
         """
         if logits_rows is not None and targets is not None:
             raise BardlmError("logits_rows with targets: the loss needs every row; pass logits_rows=None")
@@ -210,28 +222,41 @@ class GPT(nn.Module):
         x = self.embed(idx, positions)
         ropes = self.layer_ropes(positions)
         router_logits = []  # (B*T, E) per MoE layer, for the auxiliary losses of training
+        k = self.checkpoint_every if self.training and cache is None and torch.is_grad_enabled() else 0
         for i in range(self.config.n_layer):
             block = self.transformer.h[0 if self.config.share_layers else i]
-            x = block(x, ropes[i], mask, None if cache is None else cache[i], start_pos)
-            if getattr(block.mlp, "router_logits", None) is not None:
-                # Taken, not left on the module: a kept graph would pin memory and break
-                # deepcopy of the model.
-                router_logits.append(block.mlp.router_logits)
-                block.mlp.router_logits = None
+            layer_cache = None if cache is None else cache[i]
+            if k and i % k == 0:
+                # Activation checkpointing: keep only the block's input; backward runs the block
+                # again (same dropout masks: the RNG state is replayed) to get the rest.
+                x, routed = checkpoint(_run_block, block, x, ropes[i], mask, layer_cache, start_pos,
+                                       use_reentrant=False)
+            else:
+                x, routed = _run_block(block, x, ropes[i], mask, layer_cache, start_pos)
+            if routed is not None:
+                router_logits.append(routed)
         if logits_rows is not None:
             x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
-        if self.config.logit_softcap is not None:  # Gemma 2: logits kept in (-cap, cap)
-            cap = self.config.logit_softcap
-            logits = torch.tanh(logits / cap) * cap
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-            if self.training and router_logits:  # MoE: load-balancing and z-loss (nn/moe.py)
-                loss = loss + router_losses(self.config, router_logits)
+        logits, loss = None, None
+        # (A LoRA or quantized head computes its logits itself, and a soft-cap acts on whole
+        # logits: those take the plain path.)
+        chunked = targets is not None and self.loss_chunk > 0 and type(self.lm_head) is nn.Linear \
+            and self.config.logit_softcap is None
+        if chunked:
+            loss_fn = chunked_token_nll if loss_reduction == "none" else chunked_cross_entropy
+            loss = loss_fn(x, self.lm_head.weight, targets, self.loss_chunk)
+        else:
+            logits = self.lm_head(x)
+            if self.config.logit_softcap is not None:  # Gemma 2: logits kept in (-cap, cap)
+                cap = self.config.logit_softcap
+                logits = torch.tanh(logits / cap) * cap
+        if targets is not None and not chunked:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=loss_reduction)
+            loss = loss.view(B, T) if loss_reduction == "none" else loss
+        if loss is not None and loss_reduction == "mean" and self.training and router_logits:
+            loss = loss + router_losses(self.config, router_logits)  # MoE: load balance, z-loss
         return logits, loss
 
     def make_cache(
@@ -274,6 +299,17 @@ class GPT(nn.Module):
         from ..infer.generate import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)
+
+
+def _run_block(block: Block, x: torch.Tensor, rope, mask, cache, start_pos) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN001
+    """One block: (its output (B, T, C), its router logits (B*T, E) or None for a dense FFN).
+    The router logits are taken, not left on the module: a kept graph would pin memory and
+    break deepcopy of the model (and a checkpointed block sets them again in backward)."""
+    x = block(x, rope, mask, cache, start_pos)
+    routed = getattr(block.mlp, "router_logits", None)
+    if routed is not None:
+        block.mlp.router_logits = None
+    return x, routed
 
 
 def _copy_whole(p: torch.Tensor, full: torch.Tensor) -> None:

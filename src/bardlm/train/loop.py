@@ -128,7 +128,7 @@ class Loop:
         for micro, (args, weight) in enumerate(zip(micros, weights)):
             with self.grad_sync(micro == cfg.grad_accum - 1):
                 with autocast(cfg, self.device):
-                    _, loss = self.forward(*args)
+                    loss = self.forward(*args)[1]  # (the logits, (B, T, V), are not kept alive)
                 scaled = loss * weight
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float() * weight

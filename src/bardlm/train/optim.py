@@ -2,7 +2,7 @@
 
 `make_optimizer`: AdamW (weight decay on matrices only) in one of three kernels, or Muon for the
 blocks' weight matrices with AdamW for the rest (`MuonAdamW`). `lr_at`: warm-up, then cosine,
-noam or constant.
+noam, constant or warmup-stable-decay (wsd).
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     A linear warm-up to `lr` over `warmup_iters` steps, then
       cosine    decay to `min_lr` at `lr_decay_iters` (default `max_iters`), `min_lr` after;
       noam      lr * sqrt(warmup / step), the 1/sqrt(step) decay of "Attention Is All You Need";
-      constant  `lr`.
+      constant  `lr`;
+      wsd       warmup-stable-decay (MiniCPM; nanochat, torchtitan): `lr` until the last
+                `decay_fraction` of the steps to `lr_decay_iters` (default `max_iters`), then a
+                linear decay to `min_lr` there, `min_lr` after.
+    A pure function of the step (and the plan): a resumed run gets the same rates, mid-decay too.
     """
     w = cfg.warmup_iters
     if step < w:
@@ -33,6 +37,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     decay = cfg.lr_decay_iters or cfg.max_iters
     if step >= decay:
         return cfg.min_lr
+    if cfg.schedule == "wsd":
+        # The decay's first step is still at lr, its last (decay - 1) one step short of min_lr.
+        start = max(w, decay - round(cfg.decay_fraction * (decay - w)))
+        if step < start:
+            return cfg.lr
+        return cfg.lr - (cfg.lr - cfg.min_lr) * (step - start) / max(1, decay - start)
     ratio = (step - w) / max(1, decay - w)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 

@@ -35,6 +35,7 @@ from ..config import TrainConfig
 from ..errors import BardlmError
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab
 from ..infer.device import resolve_device
+from ..infer.quantize import quantize_base
 from ..io.adapter import load_base
 from ..io.checkpoint import METRICS_FILE
 from ..io.load import read_meta
@@ -44,6 +45,7 @@ from ..nn.resize import resize_vocab
 from ..progress import progress_bar, show_progress
 from .distributed import Dist, Parallel
 from .loop import Diverged, Loop, autocast, count_targets, evaluate
+from .memory import configure as configure_memory
 from .speed import describe as describe_speed
 from .speed import flops_per_token, speed
 from .state import RunState, StopSignals, check_plan, diverged, interrupted, resume_command
@@ -183,6 +185,7 @@ class LoRASpec:
     rank: int
     alpha: float
     targets: tuple[str, ...] = TARGETS
+    base_dtype: str = "fp32"  # the frozen base's weights: "int8" is QLoRA
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -228,8 +231,10 @@ class Finetuner:
             self.log(f"the chat template adds {added} token(s) to the vocabulary")
         if lora is not None:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
+            quantize_base(self.model, lora.base_dtype)  # QLoRA: the frozen base held in int8
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
+        configure_memory(self.model, cfg)  # activation checkpointing, chunked loss
         self.prepare()
         self.trainable, self.total = count_trainable(self.model)
         self.flops_per_token = flops_per_token(self.model)
@@ -295,6 +300,8 @@ class Finetuner:
         if self.lora is not None:
             flags += ["--lora-rank", str(self.lora.rank), "--lora-alpha", f"{self.lora.alpha:g}",
                       "--lora-targets", *self.lora.targets]
+            if self.lora.base_dtype != "fp32":
+                flags += ["--base-dtype", self.lora.base_dtype]
         return flags
 
     def meta(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Throughput of a training run: tokens/s, the model FLOP/s they mean, and the MFU.
+"""Throughput of a training run: tokens/s, the model FLOP/s they mean, the MFU, and the peak
+memory (resident set size on a CPU, max_memory_allocated on CUDA).
 
 Model FLOPs per token follow PaLM (appendix B) and nanoGPT's `estimate_mfu`: 6N for the
 matrix multiplies of forward and backward over N parameters (a mixture of experts counts the
@@ -38,10 +39,23 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for word, peak in PEAK_BF16 if word in name), None)
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """The process's peak memory so far (GiB): max_memory_allocated on CUDA (tensors only), the
+    peak resident set size elsewhere (everything, the interpreter and libraries too)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def speed(tokens_per_s: float, per_token: float, device: torch.device) -> dict[str, float]:
-    """{"tokens_per_sec", "flops_per_sec"} plus "mfu" (a fraction) where the peak is known."""
+    """{"tokens_per_sec", "flops_per_sec", "peak_mem_gib"} plus "mfu" (a fraction) where the
+    peak FLOP/s is known."""
     achieved = tokens_per_s * per_token
-    row = {"tokens_per_sec": tokens_per_s, "flops_per_sec": achieved}
+    row = {"tokens_per_sec": tokens_per_s, "flops_per_sec": achieved, "peak_mem_gib": peak_memory_gib(device)}
     peak = peak_flops(device)
     if peak is not None:
         row["mfu"] = achieved / peak
@@ -49,8 +63,10 @@ def speed(tokens_per_s: float, per_token: float, device: torch.device) -> dict[s
 
 
 def describe(row: dict[str, float]) -> str:
-    """'1,234 tok/s, MFU 12.3%' or '1,234 tok/s, 5.6 GFLOP/s' (no known peak), for a log line."""
+    """'1,234 tok/s, peak 1.23 GiB, MFU 12.3%' or '..., 5.6 GFLOP/s' (no known peak FLOP/s)."""
     head = f"{row['tokens_per_sec']:,.0f} tok/s"
+    if "peak_mem_gib" in row:
+        head += f", peak {row['peak_mem_gib']:.2f} GiB"
     if "mfu" in row:
         return f"{head}, MFU {100 * row['mfu']:.1f}%"
     return f"{head}, {row['flops_per_sec'] / 1e9:,.1f} GFLOP/s"

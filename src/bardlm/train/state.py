@@ -39,7 +39,8 @@ from .distributed import Dist
 
 # TrainConfig fields that are the run's plan: changing one on resume would not continue the run.
 # (lr_decay_iters too, compared as the horizon it plans: see `check_plan`.)
-PLAN_FIELDS = ("grad_accum", "seed", "lr", "min_lr", "warmup_iters", "schedule", "weight_decay",
+PLAN_FIELDS = ("grad_accum", "seed", "lr", "min_lr", "warmup_iters", "schedule", "decay_fraction",
+               "weight_decay",
                "beta1", "beta2", "eps", "grad_clip", "optimizer", "val_fraction")
 
 

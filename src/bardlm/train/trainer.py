@@ -36,6 +36,7 @@ from ..tokenizers import Tokenizer
 from .data import Batches, Prepared, Split, split_ids, val_windows
 from .distributed import Dist, Parallel
 from .loop import Diverged, Loop, autocast, evaluate, window_batches
+from .memory import configure as configure_memory
 from .speed import describe, flops_per_token, speed
 from .state import (
     FREE_WITH_INIT,
@@ -112,6 +113,7 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
         self.device = self.dist.device(train_cfg.device)
         self.model = self._build(model_cfg)  # the plain module: eval, save, count
+        configure_memory(self.model, train_cfg)  # activation checkpointing, chunked loss
         if self.dist.enabled:
             torch.manual_seed(train_cfg.seed + 1000 * self.dist.rank)  # own dropout masks per rank
         self.signals = StopSignals()
