@@ -1,9 +1,9 @@
-"""Beyond SFT, measured: DPO and GRPO on 2-digit arithmetic (issue 30's demonstration).
+"""Beyond SFT, measured: DPO and GRPO on 1-digit arithmetic (issue 30's demonstration).
 
     python bench/post_training.py          # the docs/benchmarks.md run
 
 Pretrains a char model on tiny Shakespeare (digits and +/- added to its vocabulary), SFTs it
-briefly on "a+b" / "a-b" -> value, then from that SFT model runs DPO (chosen: the value;
+briefly on one-digit "a+b" / "a-b" -> value, then from that SFT model runs DPO (chosen: the value;
 rejected: off by 1 or 10) and GRPO on the built-in `arithmetic` task (`bardlm.lab.post_training`).
 Prints the figures and one JSON line; writes OUT/rl/rl.png (the reward curve). Wall times
 depend on the machine and its load: say both when quoting them.
@@ -24,14 +24,15 @@ from bardlm.train.data import load_corpus
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/post_training")
-    p.add_argument("--pretrain-iters", type=int, default=300)
-    p.add_argument("--sft-iters", type=int, default=300)
-    p.add_argument("--dpo-iters", type=int, default=150)
+    p.add_argument("--pretrain-iters", type=int, default=100)
+    p.add_argument("--sft-iters", type=int, default=400)
+    p.add_argument("--dpo-iters", type=int, default=600)
     p.add_argument("--rl-iters", type=int, default=150)
-    p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--dpo-lr", type=float, default=1e-3)
-    p.add_argument("--sft-weight", type=float, default=1.0, help="DPO's weight on the chosen answers' NLL")
-    p.add_argument("--rl-lr", type=float, default=1e-3)
+    p.add_argument("--digits", type=int, default=1)
+    p.add_argument("--dpo-lr", type=float, default=3e-4)
+    p.add_argument("--beta", type=float, default=0.5, help="DPO's beta")
+    p.add_argument("--sft-weight", type=float, default=0.2, help="DPO's weight on the chosen answers' NLL")
+    p.add_argument("--rl-lr", type=float, default=3e-4)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,7 +48,7 @@ def main() -> None:
     rl = dict(max_iters=args.rl_iters, batch_size=8, lr=args.rl_lr, min_lr=args.rl_lr / 10, warmup_iters=10,
               eval_interval=max(args.rl_iters // 10, 1), weight_decay=0.0)
     r = run_post_training_demo(args.out, text, model, pre, sft, dpo, rl, digits=args.digits,
-                               sft_weight=args.sft_weight)
+                               beta=args.beta, sft_weight=args.sft_weight)
     print(f"\n{'held-out (' + str(r['n_val']) + ' questions)':<34}{'SFT':>8}{'after':>8}")
     print(f"{'DPO preference accuracy':<34}{r['sft_likelihood_preference']:>8.3f}{r['dpo_pref_accuracy']:>8.3f}")
     print(f"{'DPO exact match':<34}{r['sft_exact_match']:>8.3f}{r['dpo_exact_match']:>8.3f}")
