@@ -397,9 +397,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
     out = Path(out)
     if out.exists() and not overwrite:
         raise BardlmError(f"{out} exists; pass --overwrite to replace it")
-    if kind_of(ckpt) == "int8":
-        raise BardlmError(f"{ckpt} holds bardlm int8 weights; export the float checkpoint saved "
-                          "before `bardlm quantize` (use --type q8_0 for a quantized GGUF)")
+    if kind_of(ckpt) in ("int8", "int4"):
+        raise BardlmError(f"{ckpt} holds bardlm {kind_of(ckpt)} weights; export the float checkpoint "
+                          "saved before `bardlm quantize` (use --type q8_0 or q4_0 for a quantized GGUF)")
     model, tokenizer = load(ckpt)
     check_exportable(model.config)  # shape errors before tokenizer errors
     return write_gguf(model, tokenizer, out, qtype, name=Path(ckpt).resolve().name,
