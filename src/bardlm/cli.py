@@ -408,7 +408,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["gguf", "hf"],
                    help="gguf: one .gguf file; hf: a transformers save_pretrained directory")
     p.add_argument("--out", required=True, help="the .gguf file, or the directory for --format hf")
-    p.add_argument("--type", choices=["f32", "f16", "q8_0"],
+    p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"],
                    help="GGUF weight type (default f16); --format hf keeps the checkpoint's dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
