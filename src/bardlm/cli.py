@@ -221,6 +221,29 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         "on load (checkpoints from `bardlm quantize` always run as saved)")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="keep the model loaded and continue each line read from stdin")
+    p.add_argument("--draft", metavar="DIR|ngram",
+                   help="speculative decoding: a smaller model with the same tokenizer, or "
+                        "'ngram' (prompt lookup, no second model); same output distribution")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="guesses the drafter makes per step with --draft (default 4)")
+
+
+def draft_stream(args: argparse.Namespace, tokenizer) -> dict:  # noqa: ANN001
+    """{"stream": a speculative stream} for --draft (its model loaded and checked), else {}."""
+    if args.draft is None:
+        return {}
+    from .infer.speculative import speculative_stream
+
+    if args.draft == "ngram":
+        return {"stream": speculative_stream("ngram", args.draft_tokens)}
+    from .io.checkpoint import tokenizer_fingerprint
+    from .io.load import load
+
+    draft, draft_tok = load(args.draft, args.dtype, args.device)
+    if draft_tok is None or tokenizer_fingerprint(draft_tok) != tokenizer_fingerprint(tokenizer):
+        raise BardlmError(f"--draft {args.draft}: its tokenizer is not the model's; a draft "
+                          "model must share the tokenizer (or use --draft ngram)")
+    return {"stream": speculative_stream(draft, args.draft_tokens)}
 
 
 def sampling_kwargs(args: argparse.Namespace, vocab_size: int) -> dict:
@@ -247,6 +270,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
     context_window(model.config, args.max_context)  # a bad --max-context: before any output
     kwargs = sampling_kwargs(args, model.config.vocab_size)
+    kwargs.update(draft_stream(args, tokenizer))
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
