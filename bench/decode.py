@@ -2,11 +2,17 @@
 
     PYTHONPATH=src python bench/decode.py                 # the full run (several minutes)
     PYTHONPATH=src python bench/decode.py --preset char-tiny --tokens 32 --runs 2   # smoke test
+    PYTHONPATH=src python bench/decode.py --vs-llama-cpp   # + llama.cpp on the same weights
 
 Batch 1, a 16-token prompt, 256 new greedy tokens, 2 threads, after a warm-up; the median of
 --runs runs per variant. Variants: ours fp32 with and without the KV cache, `transformers`
-`generate` (greedy, use_cache=True) on the same fp32 weights, ours bf16 and ours int8, and with
---compile ours fp32 with the static-shape decode step compiled (`generate(compile=True)`). Each is
+`generate` (greedy, use_cache=True) on the same fp32 weights, ours bf16, int8 and int4 (groups of
+32 and of 128), prompt-lookup speculative decoding (`--draft ngram`, 4 guesses) on fp32 and on
+int4 with a prompt that repeats itself (its greedy ids must equal plain greedy decoding's), and
+with --compile ours fp32 with the static-shape decode step compiled (`generate(compile=True)`).
+With --vs-llama-cpp, llama.cpp (llama-cpp-python) decodes the same weights exported to GGUF
+f32 / q8_0 / q4_0 with the same prompt, greedy, the same threads; it is skipped, and the JSON
+says why, where llama-cpp-python is not installed. Each is
 also given as a fraction of its memory-bandwidth bound: (bytes of weights + KV cache read per
 token) / (read bandwidth measured in this run), and against its kernel ceiling: the time the
 weight matmuls alone take when every linear layer is applied to one token's activation in model
@@ -27,8 +33,10 @@ from pathlib import Path
 import torch
 
 from bardlm import GPT, preset
+from bardlm.infer.int4 import quantize_model4
 from bardlm.infer.layouts import prepare_for_inference
 from bardlm.infer.quantize import weight_bytes
+from bardlm.infer.speculative import generate_speculative
 
 
 def read_bandwidth(n_bytes: int = 512 * 2**20, reps: int = 5) -> float:
@@ -73,10 +81,12 @@ def to_hf(model: GPT):  # noqa: ANN201
 
 def kernel_ceiling(model: torch.nn.Module, reps: int = 20) -> float:
     """Tokens/s if a decode step were its weight matmuls alone (median of `reps` passes)."""
+    from bardlm.infer.int4 import Int4Linear
     from bardlm.infer.layouts import FastLinear, model_dtype
     from bardlm.infer.quantize import Int8Linear
 
-    lins = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, FastLinear, Int8Linear))]
+    lins = [m for m in model.modules()
+            if isinstance(m, (torch.nn.Linear, FastLinear, Int8Linear, Int4Linear))]
     xs = [torch.randn(1, 1, m.in_features, dtype=model_dtype(model)) for m in lins]
 
     def step() -> None:
@@ -113,7 +123,9 @@ def main() -> None:
     ap.add_argument("--nocache-runs", type=int, default=1, help="the uncached run is slow")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", action="append", default=[],
-                    help="variant to leave out: nocache, hf, bf16, int8")
+                    help="variant to leave out: nocache, hf, bf16, int8, int4, spec")
+    ap.add_argument("--vs-llama-cpp", action="store_true",
+                    help="also time llama.cpp (llama-cpp-python) on the same weights as GGUF")
     ap.add_argument("--compile", action="store_true",
                     help="also time fp32 with the decode step under torch.compile (compiles first)")
     args = ap.parse_args()
@@ -134,16 +146,24 @@ def main() -> None:
     results: dict[str, dict] = {}
 
     def ours(name: str, dtype: str, use_cache: bool = True, runs: int = args.runs,
-             compile: bool = False) -> torch.Tensor:
-        model = prepare_for_inference(copy.deepcopy(base), dtype)
+             compile: bool = False, group_size: int | None = None, prompt: torch.Tensor = idx,
+             draft: str | None = None) -> torch.Tensor:
+        model = copy.deepcopy(base)
+        if group_size is not None:  # int4 with a chosen group size (`--dtype int4` is G=32)
+            quantize_model4(model, group_size)
+        model = prepare_for_inference(model, dtype)
         gc.collect()
         reset_peak_rss()
 
         def run(warm: bool) -> torch.Tensor:
             # The warm-up call has the timed call's length: a compiled step is compiled for
             # the cache size it sees (prompt + new tokens).
-            return model.generate(idx, n if warm and compile else 8 if warm else n, temperature=0,
-                                  use_cache=use_cache, compile=compile)
+            length = n if warm and compile else 8 if warm else n
+            if draft is not None:
+                return generate_speculative(model, prompt, length, draft=draft, draft_tokens=4,
+                                            temperature=0, stats=spec_stats.setdefault(name, {}))
+            return model.generate(prompt, length, temperature=0, use_cache=use_cache,
+                                  compile=compile)
 
         sec, out = time_decode(run, runs)
         act = 4 if dtype == "fp32" else 2
@@ -187,6 +207,25 @@ def main() -> None:
         if dtype not in args.skip:
             out = ours(dtype, dtype)
             agree[dtype] = (out[0, args.prompt:] == ids_fp32[0, args.prompt:]).float().mean().item()
+    if "int4" not in args.skip:
+        for g in (32, 128):
+            out = ours(f"int4_g{g}", "int4", group_size=g)
+            agree[f"int4_g{g}"] = (out[0, args.prompt:] == ids_fp32[0, args.prompt:]).float().mean().item()
+    spec_equal = {}
+    spec_stats: dict[str, dict] = {}
+    if "spec" not in args.skip:
+        # A prompt that repeats itself (a passage quoted back), the case prompt lookup is for.
+        rep = idx.repeat(1, max(1, min(4, (cfg.block_size - n) // args.prompt)))  # fits the context
+        plain = ours("fp32_repeat", "fp32", prompt=rep)
+        spec = ours("fp32_ngram", "fp32", prompt=rep, draft="ngram")
+        spec_equal["fp32"] = bool(torch.equal(plain, spec))
+        if "int4" not in args.skip:
+            plain = ours("int4_repeat", "int4", prompt=rep)
+            spec = ours("int4_ngram", "int4", prompt=rep, draft="ngram")
+            spec_equal["int4"] = bool(torch.equal(plain, spec))
+        for name in [k for k in results if k.endswith(("_repeat", "_ngram"))]:
+            results[name]["ceiling"] = None  # speculative steps read the weights once per K+1
+    llama = llama_cpp_results(base, idx, n, args) if args.vs_llama_cpp else None
 
     print(f"\n{'variant':<14}{'tokens/s':>10}{'of bound':>10}{'ceiling':>9}{'of ceiling':>12}"
           f"{'weights MiB':>13}{'peak RSS MiB':>14}")
@@ -210,6 +249,15 @@ def main() -> None:
         int8_vs_fp32=ratio("int8", "fp32_cache"),
         bf16_vs_hf=ratio("bf16", "hf_fp32"),
         int8_vs_hf=ratio("int8", "hf_fp32"),
+        int4_g32_vs_int8=ratio("int4_g32", "int8"),
+        int4_g128_vs_int8=ratio("int4_g128", "int8"),
+        int4_g32_vs_fp32=ratio("int4_g32", "fp32_cache"),
+        ngram_vs_plain_fp32=ratio("fp32_ngram", "fp32_repeat"),
+        ngram_vs_plain_int4=ratio("int4_ngram", "int4_repeat"),
+        ngram_ids_equal_plain=spec_equal,
+        ngram_acceptance={k: round(v["accepted"] / max(1, v["drafted"]), 3)
+                          for k, v in spec_stats.items()},
+        llama_cpp=llama,
         # the matmuls-only speed of each variant over transformers' measured speed: the most
         # that variant could reach against transformers on this CPU's kernels
         kernel_ceiling_vs_hf={k: round(v["ceiling"] / results["hf_fp32"]["tokens_per_sec"], 3)
@@ -223,11 +271,66 @@ def main() -> None:
                                        if v["ceiling"]},
         peak_rss_mib={k: round(v["peak_rss"] / 2**20, 1) for k, v in results.items()},
     )
+    if llama and "tokens_per_sec" in llama:
+        theirs = llama["tokens_per_sec"]
+        llama["ours_vs_llama_cpp"] = {
+            f"{a}/{b}": round(tps[a] / theirs[b], 3)
+            for a, b in (("fp32_cache", "f32"), ("int8", "q8_0"), ("int4_g32", "q4_0"))
+            if a in tps and b in theirs}
     print(f"\nwith cache / without: {summary['cache_vs_nocache']}; ours / transformers: "
           f"{summary['ours_vs_hf']}; bf16 / fp32: {summary['bf16_vs_fp32']}; int8 / fp32: "
           f"{summary['int8_vs_fp32']}; int8 bytes / fp32 bytes: {summary['int8_bytes_ratio']}; "
           f"greedy ids equal transformers': {summary['greedy_ids_equal_hf']}")
     print(json.dumps(summary))
+
+
+def llama_cpp_results(base: GPT, idx: torch.Tensor, n: int, args: argparse.Namespace) -> dict:
+    """llama.cpp's tokens/s on `base` exported as GGUF f32 / q8_0 / q4_0 (the same prompt ids,
+    greedy, n new tokens, the same threads), with ours / llama.cpp ratios for each matched pair;
+    or {"skipped": why}."""
+    try:
+        import llama_cpp
+    except ImportError:
+        why = "llama-cpp-python is not installed (pip install llama-cpp-python)"
+        print(f"  llama.cpp: skipped, {why}")
+        return {"skipped": why}
+    import tempfile
+
+    from bardlm.io.gguf import write_gguf
+    from bardlm.tokenizers import train_bpe
+
+    # The file needs a byte-level BPE vocabulary; token ids are fed directly, so any will do
+    # (padded to the model's vocab_size by the exporter).
+    tok = train_bpe("the quick brown fox jumps over the lazy dog " * 50, 300)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for qtype in ("f32", "q8_0", "q4_0"):
+            path = f"{tmp}/m-{qtype}.gguf"
+            write_gguf(base, tok, path, qtype)
+            llm = llama_cpp.Llama(model_path=path, n_ctx=idx.shape[1] + n + 8, n_threads=args.threads,
+                                  n_threads_batch=args.threads, verbose=False, seed=0)
+            prompt = idx[0].tolist()
+            _llama_decode(llm, prompt, 8)  # warm-up
+            times = []
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                _llama_decode(llm, prompt, n)
+                times.append(time.perf_counter() - t)
+            out[qtype] = round(n / statistics.median(times), 2)
+            print(f"  llama.cpp {qtype}: {out[qtype]:.1f} tokens/s", flush=True)
+            del llm
+    return {"tokens_per_sec": out}
+
+
+def _llama_decode(llm, prompt: list[int], k: int) -> list[int]:  # noqa: ANN001
+    """k greedy tokens after `prompt` from a llama_cpp.Llama, from a fresh context."""
+    llm.reset()
+    ids: list[int] = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        ids.append(int(t))
+        if len(ids) == k:
+            break
+    return ids
 
 
 def _wpe_bytes(model: torch.nn.Module) -> int:

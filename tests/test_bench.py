@@ -22,10 +22,28 @@ def run_bench(*args: str) -> dict:
 def test_decode_bench_smoke() -> None:
     res = run_bench("bench/decode.py", "--preset", "qwen3-tiny", "--tokens", "8", "--runs", "1",
                     "--skip", "nocache")
-    assert set(res["tokens_per_sec"]) == {"fp32_cache", "hf_fp32", "bf16", "int8"}
+    assert set(res["tokens_per_sec"]) == {"fp32_cache", "hf_fp32", "bf16", "int8", "int4_g32",
+                                          "int4_g128", "fp32_repeat", "fp32_ngram",
+                                          "int4_repeat", "int4_ngram"}
     assert res["greedy_ids_equal_hf"] is True
-    assert set(res["kernel_ceiling_vs_hf"]) == {"fp32_cache", "bf16", "int8"}
+    assert set(res["kernel_ceiling_vs_hf"]) == {"fp32_cache", "bf16", "int8", "int4_g32", "int4_g128"}
     assert 0.2 < res["int8_bytes_ratio"] < 0.5
+    assert res["ngram_ids_equal_plain"] == {"fp32": True, "int4": True}
+    assert res["int4_g32_vs_int8"] > 0 and res["ngram_vs_plain_fp32"] > 0
+
+
+def test_decode_bench_vs_llama_cpp_says_why_it_skips() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        res = run_bench("bench/decode.py", "--preset", "qwen3-tiny", "--tokens", "4", "--runs", "1",
+                        "--skip", "nocache", "--skip", "hf", "--skip", "bf16", "--skip", "int4",
+                        "--skip", "spec", "--vs-llama-cpp")
+        assert "llama-cpp-python is not installed" in res["llama_cpp"]["skipped"]
+        return
+    import pytest
+
+    pytest.skip("llama-cpp-python is installed: the full comparison is bench/decode.py's own run")
 
 
 def test_dropout_bench_smoke() -> None:

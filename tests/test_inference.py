@@ -98,7 +98,7 @@ def test_prepared_fp32_and_bf16_match_the_training_model(style: dict) -> None:
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     with pytest.raises(BardlmError, match="already prepared"):
         prepare_for_inference(bf16, "fp32")
-    with pytest.raises(BardlmError, match="fp32, bf16 or int8"):
+    with pytest.raises(BardlmError, match="fp32, bf16, int8 or int4"):
         prepare_for_inference(model, "fp16")
 
 

@@ -217,11 +217,34 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     add_sampling_args(p)
     add_device(p)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="inference weights: fp32, bf16, or int8 quantized on load (int8 "
-                        "checkpoints from `bardlm quantize` always run int8)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
+                   help="inference weights: fp32, bf16, or int8 / int4 (groups of 32) quantized "
+                        "on load (checkpoints from `bardlm quantize` always run as saved)")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="keep the model loaded and continue each line read from stdin")
+    p.add_argument("--draft", metavar="DIR|ngram",
+                   help="speculative decoding: a smaller model with the same tokenizer, or "
+                        "'ngram' (prompt lookup, no second model); same output distribution")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="guesses the drafter makes per step with --draft (default 4)")
+
+
+def draft_stream(args: argparse.Namespace, tokenizer) -> dict:  # noqa: ANN001
+    """{"stream": a speculative stream} for --draft (its model loaded and checked), else {}."""
+    if args.draft is None:
+        return {}
+    from .infer.speculative import speculative_stream
+
+    if args.draft == "ngram":
+        return {"stream": speculative_stream("ngram", args.draft_tokens)}
+    from .io.checkpoint import tokenizer_fingerprint
+    from .io.load import load
+
+    draft, draft_tok = load(args.draft, args.dtype, args.device)
+    if draft_tok is None or tokenizer_fingerprint(draft_tok) != tokenizer_fingerprint(tokenizer):
+        raise BardlmError(f"--draft {args.draft}: its tokenizer is not the model's; a draft "
+                          "model must share the tokenizer (or use --draft ngram)")
+    return {"stream": speculative_stream(draft, args.draft_tokens)}
 
 
 BARDLM_SAMPLING = {"temperature": 0.8, "repetition_penalty": 1.0}  # when neither flag nor model says
@@ -270,6 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise BardlmError(f"{args.ckpt} has no tokenizer.json; it cannot turn text into ids")
     context_window(model.config, args.max_context)  # a bad --max-context: before any output
     kwargs = sampling_kwargs(args, model.config.vocab_size, model_sampling(args.ckpt, tokenizer))
+    kwargs.update(draft_stream(args, tokenizer))
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
@@ -287,11 +311,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # quantize ----------------------------------------------------------------------------------
 def add_quantize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="write an int8 weight-only copy of a checkpoint")
+    p = sub.add_parser("quantize", help="write an int8 or int4 weight-only copy of a checkpoint")
     p.add_argument("--ckpt", required=True, help="a float bardlm run or Hugging Face model directory")
-    p.add_argument("--out", required=True, help="directory for the int8 checkpoint")
+    p.add_argument("--out", required=True, help="directory for the quantized checkpoint")
+    p.add_argument("--bits", type=int, default=8, help="8 (one scale per row) or 4 (group-wise)")
+    p.add_argument("--group-size", type=int,
+                   help="--bits 4: weights per scale, 32 (default), 64 or 128")
     p.add_argument("--no-embeddings", action="store_true",
-                   help="keep the token embedding and head in bf16 (only the blocks in int8)")
+                   help="keep the token embedding and head in bf16 (only the blocks quantized)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
 
 
@@ -299,7 +326,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .io.load import quantize_checkpoint
 
     print(json.dumps(quantize_checkpoint(args.ckpt, args.out, embeddings=not args.no_embeddings,
-                                         overwrite=args.overwrite)))
+                                         overwrite=args.overwrite, bits=args.bits,
+                                         group_size=args.group_size)))
     return 0
 
 
@@ -490,7 +518,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["gguf", "hf"],
                    help="gguf: one .gguf file; hf: a transformers save_pretrained directory")
     p.add_argument("--out", required=True, help="the .gguf file, or the directory for --format hf")
-    p.add_argument("--type", choices=["f32", "f16", "q8_0"],
+    p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"],
                    help="GGUF weight type (default f16); --format hf keeps the checkpoint's dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -625,7 +653,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, help="tokens between window starts S (default: L)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     add_device(p)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -658,7 +686,7 @@ def add_lm_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction if < 1)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     add_device(p)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], help="inference weights (default: as saved)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -707,7 +735,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    "its request, or gets 503 when all are busy (default 256)")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
                    help="inference weights, as for generate (int8 checkpoints always run int8)")
     p.add_argument("--model-name", help="model id in the API (default: the checkpoint folder name)")
     add_device(p)
@@ -904,7 +932,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", help="a system message to start with")
     add_sampling_args(p)
     add_device(p)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="inference weights (default: as saved)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], help="inference weights (default: as saved)")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

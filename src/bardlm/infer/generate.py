@@ -246,13 +246,15 @@ def generate_text(
     stop: list[str] | None = None,
     on_text: Callable[[str], None] | None = None,
     prompt_ids: list[int] | None = None,
+    stream: Callable[..., Iterator[torch.Tensor]] | None = None,
     **kwargs,  # noqa: ANN003
 ) -> str:
     """The continuation of `prompt` as text; `on_text` receives pieces as they are decoded.
 
     Generation ends at the tokenizer's EOS (`eos_ids`, from a Hugging Face directory) or at the
     first stop string; neither is included. Text that might be the start of a stop string is
-    held back until it is known not to be.
+    held back until it is known not to be. `stream`: what produces the ids, `stream_ids` by
+    default (`speculative.speculative_stream` gives one that decodes speculatively).
     """
     ids = encode_prompt(tokenizer, prompt) if prompt_ids is None else prompt_ids  # ids: as given
     window = context_window(model.config, kwargs.get("max_context"))
@@ -264,7 +266,7 @@ def generate_text(
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     eos_ids = (*getattr(tokenizer, "eos_ids", ()), *kwargs.pop("eos_ids", ()))
     out = TextStream(tokenizer, stop, eos_ids)
-    for nxt in stream_ids(model, idx, max_new_tokens, eos_ids=eos_ids, **kwargs):
+    for nxt in (stream or stream_ids)(model, idx, max_new_tokens, eos_ids=eos_ids, **kwargs):
         piece = out.push(int(nxt[0]))
         if on_text is not None and piece:
             on_text(piece)

@@ -9,6 +9,8 @@ reading the weights (see ../shared/CPU.md). Three ways to read fewer bytes, or r
   bf16  weights and activations in bf16, (out, in) layout kept: half the bytes (norm statistics
         stay fp32).
   int8  int8 weights with per-channel scales and bf16 activations (`quantize.py`): a quarter.
+  int4  4-bit weights with a bf16 scale per 32 weights and bf16 activations (`int4.py`): an
+        eighth (plus the scales).
 
 All of them are module swaps, like gpt-fast: `prepare_for_inference` returns the same GPT object
 with some children replaced, so `forward`, the KV cache and `generate` work unchanged.
@@ -60,20 +62,24 @@ class TiedEmbedding(nn.Module):
 def prepare_for_inference(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     """Swap `model`'s layers for fast decoding ones, in place; returns it in eval mode.
 
-    dtype: "fp32", "bf16" (weights and activations) or "int8" (int8 weights, bf16 activations).
+    dtype: "fp32", "bf16" (weights and activations), "int8" (int8 weights, bf16 activations) or
+    "int4" (4-bit weights in groups of 32, bf16 activations).
     The model can no longer be trained afterwards: keep the original if you need to.
     """
     from ..nn.feedforward import MLP, SwiGLU, fused_gelu_tanh, gelu_tanh
     from ..nn.norm import RMSNorm
+    from .int4 import quantize_model4
     from .quantize import quantize_model
 
-    if dtype not in (*DTYPES, "int8"):
-        raise BardlmError(f"inference dtype must be fp32, bf16 or int8, got {dtype!r}")
+    if dtype not in (*DTYPES, "int8", "int4"):
+        raise BardlmError(f"inference dtype must be fp32, bf16, int8 or int4, got {dtype!r}")
     if getattr(model, "prepared", None):
         raise BardlmError(f"the model is already prepared for {model.prepared} inference")
     model.eval()
     if getattr(model, "quantization", None) is None and dtype == "int8":
         quantize_model(model)
+    elif getattr(model, "quantization", None) is None and dtype == "int4":
+        quantize_model4(model)
     elif getattr(model, "quantization", None) is None:
         _swap_linears(model, DTYPES[dtype])
     for module in list(model.modules()):
@@ -106,7 +112,7 @@ def _swap_linears(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype activations (and the KV cache) use: bf16 for int8 models."""
+    """The dtype activations (and the KV cache) use: bf16 for int8 and int4 models."""
     if getattr(model, "quantization", None):
         return torch.bfloat16
     return model.transformer.ln_f.weight.dtype

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from ..config import ModelConfig
 from ..errors import BardlmError
+from ..infer.int4 import GROUP_SIZES, Int4Linear, swap_int4, tie_int4_head
+from ..infer.int4 import METHOD as INT4_METHOD
 from ..infer.quantize import (
     COMPUTE_DTYPE,
     quantized_state_dict,
@@ -236,6 +238,8 @@ def build_model(
 
 
 def _adopt_int8(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dict[str, Any]) -> GPT:
+    if q.get("method") == INT4_METHOD:
+        return _adopt_int4(model, tensors, where, q)
     if q.get("method") != "int8-weight-only":
         raise BardlmError(
             f"{where} holds int8 tensors but its config.json has no int8-weight-only "
@@ -269,6 +273,40 @@ def _adopt_int8(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dic
     for name, table in GPT.buffers_for(model.config).items():  # the position tables, fp32, on CPU
         model.register_buffer(name, table, persistent=False)
     model.quantization = {"method": "int8-weight-only", "embeddings": embeddings}
+    return model.eval()
+
+
+def _adopt_int4(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dict[str, Any]) -> GPT:
+    """An INT4 checkpoint: int4 modules on meta, then filled (each linear layer repacks its
+    stored nibbles into the CPU kernel's layout as it loads them)."""
+    group_size, embeddings = q.get("group_size"), bool(q.get("embeddings", True))
+    if group_size not in GROUP_SIZES:
+        raise BardlmError(f"{where}: int4 group size {group_size!r} is not one of {GROUP_SIZES}; "
+                          "re-run `bardlm quantize --bits 4`")
+    swap_int4(model, group_size, embeddings, convert=False)
+    model = model.to(COMPUTE_DTYPE)  # still on meta; uint8 codes stay uint8
+    expected = quantized_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise BardlmError(f"{where}: the int4 checkpoint does not match its config: missing "
+                          f"{missing[:3]} unexpected {unexpected[:3]}; re-run `bardlm quantize`")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+            raise BardlmError(
+                f"{where}: int4 tensor {k} is {v.dtype} {tuple(v.shape)} but the config needs "
+                f"{expected[k].dtype} {tuple(expected[k].shape)}; re-run `bardlm quantize`")
+    for module in model.modules():  # kernel buffers are built, not loaded: give them memory
+        if isinstance(module, Int4Linear):
+            module.to_empty(device="cpu")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        if embeddings:
+            tie_int4_head(model)
+        else:
+            model.lm_head.weight = model.transformer.wte.weight
+    for name, table in GPT.buffers_for(model.config).items():
+        model.register_buffer(name, table, persistent=False)
+    model.quantization = {"method": INT4_METHOD, "group_size": group_size, "embeddings": embeddings}
     return model.eval()
 
 

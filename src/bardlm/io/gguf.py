@@ -1,6 +1,6 @@
 """GGUF export: one file that llama.cpp, Ollama and LM Studio run.
 
-    bardlm export --ckpt DIR --format gguf --out model.gguf [--type f32|f16|q8_0]
+    bardlm export --ckpt DIR --format gguf --out model.gguf [--type f32|f16|q8_0|q4_0]
 
 GGUF is llama.cpp's container: a header of typed key/value metadata (architecture sizes, the
 tokenizer) followed by named tensors. llama.cpp's own converter (`convert_hf_to_gguf.py`) reads a
@@ -22,9 +22,11 @@ Three families, as llama.cpp names them:
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
 
-Types: `f32` keeps everything float32; `f16` and `q8_0` store 2-D weights as float16 / Q8_0 and
-keep 1-D tensors (norms, biases) and tables added to activations (positions, RoPE factors) in
-float32, as llama.cpp's converter does. Q8_0 is packed here (`quantize_q8_0`).
+Types: `f32` keeps everything float32; `f16`, `q8_0` and `q4_0` store 2-D weights as float16 /
+Q8_0 / Q4_0 and keep 1-D tensors (norms, biases) and tables added to activations (positions,
+RoPE factors) in float32, as llama.cpp's converter does. Q8_0 and Q4_0 are packed here
+(`quantize_q8_0`, `quantize_q4_0`, byte for byte ggml's reference quantizers); a row that does
+not split into blocks of 32 is stored f16.
 
 The tokenizer must be byte-level BPE (bardlm's `bpe`, or a Hugging Face tokenizer.json such as
 GPT-2's, Llama 3's or Qwen's): llama.cpp's "gpt2" tokenizer model with its pre-tokenizer named.
@@ -48,7 +50,7 @@ from .hf import MOE_FAMILIES, SAME_FUNCTION, family_of, name_map, row_splits
 from .load import kind_of, load, read_meta
 from .metadata import ModelMeta
 
-TYPES = ("f32", "f16", "q8_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0")
 GGUF_SUFFIX = ".gguf"
 
 # HF name (without ".weight"/".bias") -> GGUF name, per family. "{i}" is the layer index.
@@ -194,12 +196,42 @@ def dequantize_q8_0(packed: np.ndarray) -> np.ndarray:
     return (d * q).reshape(rows, -1)
 
 
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """GGUF Q4_0 packing of float32 (rows, cols) with cols % 32 == 0 -> uint8 (rows, cols/32*18).
+
+    ggml's quantize_row_q4_0_ref: each block of 32 values becomes 18 bytes, the scale
+    d = m / -8 (m the value of largest magnitude, the first such, sign kept) as float16, then 16
+    bytes of 4-bit codes q = min(15, trunc(x / d + 8.5)): byte j holds value j in its low nibble
+    and value j + 16 in its high one (not neighbours). x * (1/d) in float32, as ggml computes it.
+    The value is (q - 8) * d, the rule `bardlm.infer.int4` quantizes by (with a bf16 d)."""
+    rows, cols = x.shape
+    if cols % 32:
+        raise ValueError(f"Q4_0 needs rows of a multiple of 32 values, got {cols}")
+    blocks = x.astype(np.float32).reshape(-1, 32)
+    m = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)
+    d = m / np.float32(-8)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.minimum(15, np.trunc(blocks * inv + np.float32(8.5))).astype(np.uint8)
+    nibbles = q[:, :16] | (q[:, 16:] << 4)
+    packed = np.concatenate([d.astype(np.float16).view(np.uint8), nibbles], axis=1)
+    return packed.reshape(rows, cols // 32 * 18)
+
+
+def dequantize_q4_0(packed: np.ndarray) -> np.ndarray:
+    """The inverse of `quantize_q4_0`: uint8 (rows, n*18) -> float32 (rows, n*32)."""
+    rows = packed.shape[0]
+    blocks = packed.reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    q = np.concatenate([blocks[:, 2:] & 15, blocks[:, 2:] >> 4], axis=1).astype(np.float32)
+    return (d * (q - 8)).reshape(rows, -1)
+
+
 def _storage_type(name: str, t: torch.Tensor, qtype: str) -> str:
-    """"f32", "f16" or "q8_0" for one tensor of a file of type `qtype`."""
+    """"f32", "f16", "q8_0" or "q4_0" for one tensor of a file of type `qtype`."""
     if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")):
         return "f32"  # llama.cpp reads 1-D tensors as f32 only; positions are added as is
-    if qtype == "q8_0" and t.shape[-1] % 32 == 0:
-        return "q8_0"
+    if qtype in ("q8_0", "q4_0") and t.shape[-1] % 32 == 0:
+        return qtype
     return "f16"  # what llama.cpp's converter falls back to when a row does not split into blocks
 
 
@@ -324,15 +356,16 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     if Path(out).suffix != GGUF_SUFFIX:
         raise BardlmError(f"--out should name a {GGUF_SUFFIX} file, got {out}")
     if getattr(model, "quantization", None):
-        raise BardlmError("this model holds bardlm int8 weights; export the float checkpoint "
-                          "saved before `bardlm quantize` (GGUF has its own q8_0)")
+        raise BardlmError("this model holds bardlm quantized weights; export the float checkpoint "
+                          "saved before `bardlm quantize` (GGUF has its own q8_0 and q4_0)")
     gguf = _gguf()
     cfg = model.config
     family = check_exportable(cfg)
     vocab = tokenizer_metadata(tokenizer, cfg, meta)
     tensors = gguf_tensors(model, family)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
     out = Path(out)
 
     def write(tmp: str) -> None:
@@ -345,7 +378,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.add_head_count(cfg.n_head)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(file_type)
-        if qtype == "q8_0":
+        if qtype in ("q8_0", "q4_0"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if family == "gpt2":
             w.add_layer_norm_eps(cfg.norm_eps)
@@ -382,6 +415,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             x = t.numpy()
             if kind == "q8_0":
                 w.add_tensor(tname, quantize_q8_0(x), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            elif kind == "q4_0":
+                w.add_tensor(tname, quantize_q4_0(x), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
             else:
                 w.add_tensor(tname, x.astype(np.float16 if kind == "f16" else np.float32))
         w.write_header_to_file()
@@ -401,9 +436,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
     out = Path(out)
     if out.exists() and not overwrite:
         raise BardlmError(f"{out} exists; pass --overwrite to replace it")
-    if kind_of(ckpt) == "int8":
-        raise BardlmError(f"{ckpt} holds bardlm int8 weights; export the float checkpoint saved "
-                          "before `bardlm quantize` (use --type q8_0 for a quantized GGUF)")
+    if kind_of(ckpt) in ("int8", "int4"):
+        raise BardlmError(f"{ckpt} holds bardlm {kind_of(ckpt)} weights; export the float checkpoint "
+                          "saved before `bardlm quantize` (use --type q8_0 or q4_0 for a quantized GGUF)")
     model, tokenizer = load(ckpt)
     check_exportable(model.config)  # shape errors before tokenizer errors
     return write_gguf(model, tokenizer, out, qtype, name=Path(ckpt).resolve().name,
@@ -417,4 +452,5 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = ["TYPES", "check_exportable", "export_gguf", "gguf_name", "permute_rope",
-           "quantize_q8_0", "dequantize_q8_0", "read_metadata", "write_gguf"]
+           "quantize_q8_0", "dequantize_q8_0", "quantize_q4_0", "dequantize_q4_0", "read_metadata",
+           "write_gguf"]

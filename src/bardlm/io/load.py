@@ -2,11 +2,11 @@
 
     model, tokenizer = bardlm.load(path, dtype=None, device=None)
 
-`path` is a bardlm run directory (float), an INT8 directory from `bardlm quantize`, a LoRA
+`path` is a bardlm run directory (float), an INT8 or INT4 directory from `bardlm quantize`, a LoRA
 adapter directory from `bardlm finetune --lora-rank` (loaded onto its base), or a Hugging
 Face directory (GPT-2, Llama, Qwen3; `config.json` + safetensors). The model comes back in eval
-mode; `dtype` ("fp32", "bf16", "int8", or None for the weights as trained) lays it out for fast
-inference (`bardlm.infer.layouts`). An INT8 directory always runs int8.
+mode; `dtype` ("fp32", "bf16", "int8", "int4", or None for the weights as trained) lays it out
+for fast inference (`bardlm.infer.layouts`). An INT8 (INT4) directory always runs int8 (int4).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import BardlmError
 from ..infer.device import resolve_device
+from ..infer.int4 import METHOD as INT4_METHOD
+from ..infer.int4 import check_group_size, quantize_model4
 from ..infer.layouts import prepare_for_inference
 from ..infer.quantize import quantize_model, weight_bytes
 from ..nn.model import GPT
@@ -35,19 +37,22 @@ from .checkpoint import (
 from .hf import config_from_hf, from_pretrained, is_hf_dir, read_hf_config
 from .metadata import ModelMeta
 
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "int4")
 
 
 def kind_of(path: str | Path) -> str:
-    """"hf", "int8", "adapter" or "bardlm": what `load` will read at `path` (checked, one-line
-    errors)."""
+    """"hf", "int8", "int4", "adapter" or "bardlm": what `load` will read at `path` (checked,
+    one-line errors)."""
     path = check_dir(path)
     if is_hf_dir(path):
         return "hf"
     meta = read_config(path)
     if "adapter" in meta:
         return "adapter"
-    return "int8" if meta.get("quantization") else "bardlm"
+    q = meta.get("quantization")
+    if not q:
+        return "bardlm"
+    return "int4" if q.get("method") == INT4_METHOD else "int8"
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
@@ -72,7 +77,7 @@ def load(
     else:
         model, tokenizer, _ = load_checkpoint(path, device)
     if getattr(model, "quantization", None):
-        dtype = "int8"
+        dtype = "int4" if model.quantization["method"] == INT4_METHOD else "int8"
     if dtype is not None:
         prepare_for_inference(model, dtype)
     return model, tokenizer
@@ -87,25 +92,36 @@ def read_meta(path: str | Path, tokenizer: Tokenizer | None) -> ModelMeta:
 
 
 def quantize_checkpoint(ckpt: str | Path, out: str | Path, embeddings: bool = True,
-                        overwrite: bool = False) -> dict[str, Any]:
-    """Write an INT8 copy of a float model directory (bardlm or Hugging Face) into `out`, as a
-    bardlm checkpoint (a folder holding a model already is replaced only with `overwrite`);
-    returns a summary (sizes in bytes)."""
+                        overwrite: bool = False, bits: int = 8,
+                        group_size: int | None = None) -> dict[str, Any]:
+    """Write an INT8 (bits=8) or INT4 (bits=4, `group_size` 32/64/128) copy of a float model
+    directory (bardlm or Hugging Face) into `out`, as a bardlm checkpoint (a folder holding a
+    model already is replaced only with `overwrite`); returns a summary (sizes in bytes)."""
+    if bits not in (4, 8):
+        raise BardlmError(f"--bits must be 4 or 8, got {bits}")
+    if bits == 8 and group_size is not None:
+        raise BardlmError("--group-size applies to --bits 4 only (int8 has one scale per row)")
+    if bits == 4:
+        group_size = 32 if group_size is None else group_size
+        check_group_size(group_size)
     ckpt, out = Path(ckpt), Path(out)
     if out.resolve() == ckpt.resolve():
         raise BardlmError("--out must differ from --ckpt; the float checkpoint is kept as it is")
     claim_out(out, overwrite)
-    if kind_of(ckpt) == "int8":
+    if kind_of(ckpt) in ("int8", "int4"):
         raise BardlmError(f"{ckpt} is already quantized; pass the float checkpoint")
     model, tokenizer = load(ckpt)
     meta = {} if kind_of(ckpt) == "hf" else read_config(ckpt)
     fp32_bytes = weight_bytes(model)
-    quantize_model(model, embeddings)
+    if bits == 4:
+        quantize_model4(model, group_size, embeddings)
+    else:
+        quantize_model(model, embeddings)
     keep = {k: v for k, v in meta.items()
             if k not in ("model", "save_id", "tokenizer_fingerprint", "adapter")}
     keep.update(read_meta(ckpt, tokenizer).to_checkpoint())  # what it stops at, how it chats
     save_checkpoint(out, model, tokenizer, {**keep, "source": str(ckpt)})
-    int8_bytes = weight_bytes(model)
-    return {"out": str(out), "fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,
-            "bytes_ratio": round(int8_bytes / fp32_bytes, 4), "embeddings": embeddings,
-            "step": meta.get("step")}
+    q_bytes = weight_bytes(model)
+    return {"out": str(out), "bits": bits, "group_size": group_size, "fp32_bytes": fp32_bytes,
+            f"int{bits}_bytes": q_bytes, "bytes_ratio": round(q_bytes / fp32_bytes, 4),
+            "embeddings": embeddings, "step": meta.get("step")}

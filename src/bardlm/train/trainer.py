@@ -338,7 +338,7 @@ def init_config(path: str | Path, preset_name: str | None, overrides: dict[str, 
     from ..io.load import kind_of, read_model_config
     from ..io.load import load as load_model
 
-    if kind_of(path) in ("int8", "adapter"):
+    if kind_of(path) in ("int8", "int4", "adapter"):
         raise BardlmError(f"--init-from {path}: pass a float checkpoint (merge or de-quantize first)")
     cfg = read_model_config(path)
     if tokenizer_spec is not None:
