@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import KVCache
-from .feedforward import make_ffn
+from .moe import make_ffn
 from .norm import make_norm
 
 

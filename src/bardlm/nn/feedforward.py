@@ -58,13 +58,3 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up = self.c_fc(x).split(self.hidden, dim=-1)
         return self.dropout(self.c_proj(self.act(gate) * up))
-
-
-def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
-    """Layer `layer`'s feed-forward network: a mixture of experts where `cfg.ffn_layers` says
-    "moe" (it also records router logits for the auxiliary losses), else a dense MLP."""
-    if cfg.ffn_layers[layer] == "moe":
-        from .moe import MoE  # moe.py builds its experts from SwiGLU above
-
-        return MoE(cfg)
-    return SwiGLU(cfg) if cfg.ffn in ("swiglu", "geglu") else MLP(cfg)

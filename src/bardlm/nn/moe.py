@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .dropout import Dropout
-from .feedforward import SwiGLU
+from .feedforward import MLP, SwiGLU
 
 
 class MoE(nn.Module):
@@ -139,3 +139,12 @@ def router_losses(cfg: ModelConfig, router_logits: list[torch.Tensor]) -> torch.
 
 
 __all__ = ["MoE", "active_params", "load_balancing_loss", "router_z_loss", "router_losses"]
+
+
+def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
+    """Layer `layer`'s feed-forward network: a mixture of experts where `cfg.ffn_layers` says
+    "moe" (it also records router logits for the auxiliary losses), else a dense MLP. (Here, not
+    in feedforward.py: the mixture is built from the dense SwiGLU, so it sits above it.)"""
+    if cfg.ffn_layers[layer] == "moe":
+        return MoE(cfg)
+    return SwiGLU(cfg) if cfg.ffn in ("swiglu", "geglu") else MLP(cfg)
