@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BardlmError
-from .quantize import COMPUTE_DTYPE, FLOAT_LINEARS
+from .quantize import COMPUTE_DTYPE, swap_weights
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
@@ -222,23 +222,16 @@ def swap_int4(model: nn.Module, group_size: int, embeddings: bool, convert: bool
     """
     check_group_size(group_size)
     tied = model.config.tie_embeddings
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and child_name not in FLOAT_LINEARS:
-                if full == "lm_head" and not embeddings:
-                    continue  # the head stays a float matrix with the embedding
-                if convert and not (full == "lm_head" and tied):
-                    new = Int4Linear.from_linear(child, group_size)
-                else:
-                    device = child.weight.device if convert else "meta"
-                    new = Int4Linear(child.in_features, child.out_features,
-                                     child.bias is not None, group_size, device)
-                setattr(module, child_name, new)
-            elif isinstance(child, nn.Embedding) and full == "transformer.wte" and embeddings:
-                new = (Int4Embedding.from_embedding(child, group_size) if convert else
-                       Int4Embedding(child.num_embeddings, child.embedding_dim, group_size, "meta"))
-                setattr(module, child_name, new)
+
+    def linear(full: str, child: nn.Linear) -> nn.Module:
+        if convert and not (full == "lm_head" and tied):
+            return Int4Linear.from_linear(child, group_size)
+        device = child.weight.device if convert else "meta"
+        return Int4Linear(child.in_features, child.out_features, child.bias is not None, group_size, device)
+
+    swap_weights(model, embeddings, linear, lambda child: (
+        Int4Embedding.from_embedding(child, group_size) if convert
+        else Int4Embedding(child.num_embeddings, child.embedding_dim, group_size, "meta")))
     if embeddings and tied and convert:
         tie_int4_head(model)
     return model

@@ -17,6 +17,8 @@ and adopts the stored tensors as they are, so no fp32 copy of the weights ever e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,31 +169,40 @@ def tie_int8_head(model: nn.Module) -> None:
     head.weight, head.scales = wte.weight, wte.scales
 
 
-def swap_int8(model: nn.Module, embeddings: bool, convert: bool) -> nn.Module:
-    """Replace nn.Linear (and, with `embeddings`, the token embedding) by int8 modules.
-
-    convert=True quantizes the existing weights; convert=False only builds empty modules of the
-    right shapes (for loading a quantized checkpoint).
-    """
-    cfg = model.config
-    tied = cfg.tie_embeddings
+def swap_weights(model: nn.Module, embeddings: bool, linear: Callable[[str, nn.Linear], nn.Module],
+                 embedding: Callable[[nn.Embedding], nn.Module]) -> None:
+    """The one module swap of weight-only quantization (INT8 here, INT4 in `int4.py`): each
+    nn.Linear but FLOAT_LINEARS becomes `linear(full name, layer)`, and with `embeddings` the
+    token embedding becomes `embedding(layer)`; without, the head stays float with it."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and child_name not in FLOAT_LINEARS:
                 if full == "lm_head" and not embeddings:
                     continue  # the head stays a float matrix with the embedding
-                if full == "lm_head" and tied:
-                    new = Int8Linear(child.in_features, child.out_features, False, "meta")
-                elif convert:
-                    new = Int8Linear.from_linear(child)
-                else:
-                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None, "meta")
-                setattr(module, child_name, new)
+                setattr(module, child_name, linear(full, child))
             elif isinstance(child, nn.Embedding) and full == "transformer.wte" and embeddings:
-                new = (Int8Embedding.from_embedding(child) if convert
-                       else Int8Embedding(child.num_embeddings, child.embedding_dim, "meta"))
-                setattr(module, child_name, new)
+                setattr(module, child_name, embedding(child))
+
+
+def swap_int8(model: nn.Module, embeddings: bool, convert: bool) -> nn.Module:
+    """Replace nn.Linear (and, with `embeddings`, the token embedding) by int8 modules.
+
+    convert=True quantizes the existing weights; convert=False only builds empty modules of the
+    right shapes (for loading a quantized checkpoint).
+    """
+    tied = model.config.tie_embeddings
+
+    def linear(full: str, child: nn.Linear) -> nn.Module:
+        if full == "lm_head" and tied:
+            return Int8Linear(child.in_features, child.out_features, False, "meta")
+        if convert:
+            return Int8Linear.from_linear(child)
+        return Int8Linear(child.in_features, child.out_features, child.bias is not None, "meta")
+
+    swap_weights(model, embeddings, linear, lambda child: (
+        Int8Embedding.from_embedding(child) if convert
+        else Int8Embedding(child.num_embeddings, child.embedding_dim, "meta")))
     if embeddings and tied:
         tie_int8_head(model)
     return model
