@@ -279,10 +279,11 @@ def test_qlora_keeps_no_dequantized_weight_for_backward() -> None:
 
 
 def test_finetune_qlora_cli_trains_and_merges_into_the_float_base(tmp_path, capsys) -> None:
+    from test_sft import CHARS, base_ckpt, chat_data
+
     from bardlm.cli import main
     from bardlm.io.adapter import load_adapter
     from bardlm.io.load import kind_of, load
-    from tests.test_sft import CHARS, base_ckpt, chat_data
 
     base, data = base_ckpt(tmp_path / "base"), chat_data(tmp_path / "chat.jsonl")
     out = tmp_path / "qlora"
