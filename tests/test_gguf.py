@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,13 +343,29 @@ def test_cli_export_gguf_hf_and_convert(tmp_path, bpe, capsys) -> None:  # noqa:
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+LLAMA_PROMPT = "ROMEO: the quick brown fox jumps over the lazy dog, and then"
+
+
+def llama_cpp_logits(path: Path, prompt: list[int]) -> torch.Tensor:
+    """llama.cpp's logits (T, V) at every position of `prompt`, from the GGUF file `path` (the
+    test skips, saying why, where llama-cpp-python is not installed)."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
+                            "builds llama.cpp from source, ~10 min on 2 cores)")
+    kwargs = dict(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                  seed=0, type_k=0, type_v=0)
+    try:
+        llm = llama_cpp.Llama(**kwargs, use_extra_bufts=False)
+    except TypeError:  # older llama-cpp-python
+        llm = llama_cpp.Llama(**kwargs)
+    llm.eval(prompt)
+    return torch.tensor(np.array(llm.scores[: len(prompt)]), dtype=torch.float32)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: str) -> None:  # noqa: ANN001
     """Every family's f32 file, run by llama.cpp itself: the same logits as ours (random weights
     scaled up so the distribution is far from uniform, and any layout error shows)."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
-                            "builds llama.cpp from source, ~10 min on 2 cores)")
     torch.manual_seed(0)
     model = GPT(configs(bpe.vocab_size)[family]).eval()
     with torch.no_grad():
@@ -357,15 +374,8 @@ def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: st
                 p.mul_(5.0)
     path = tmp_path / f"{family}.gguf"
     write_gguf(model, bpe, path, "f32")
-    kwargs = dict(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                  seed=0, type_k=0, type_v=0)
-    try:
-        llm = llama_cpp.Llama(**kwargs, use_extra_bufts=False)
-    except TypeError:
-        llm = llama_cpp.Llama(**kwargs)
-    prompt = bpe.encode("ROMEO: the quick brown fox jumps over the lazy dog, and then")[:24]
-    llm.eval(prompt)
-    theirs = torch.tensor(np.array(llm.scores[: len(prompt)]), dtype=torch.float32)
+    prompt = bpe.encode(LLAMA_PROMPT)[:24]
+    theirs = llama_cpp_logits(path, prompt)
     with torch.no_grad():
         ours = logits(model, torch.tensor([prompt]))[0]
     assert ours.std().item() > 0.5  # far from uniform: a wrong layout would not pass below

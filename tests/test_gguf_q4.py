@@ -110,9 +110,8 @@ def test_cli_export_q4_0_and_int4_refusal(tmp_path, bpe, capsys) -> None:  # noq
 
 
 def test_llama_cpp_runs_q4_0_like_our_int4(tmp_path, bpe) -> None:  # noqa: ANN001
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
-                            "builds llama.cpp from source, ~10 min on 2 cores)")
+    from test_gguf import LLAMA_PROMPT, llama_cpp_logits
+
     cfg = preset("char-tiny", vocab_size=bpe.vocab_size, n_layer=2, n_embd=64, bias=True,
                  block_size=128)
     torch.manual_seed(0)
@@ -123,15 +122,8 @@ def test_llama_cpp_runs_q4_0_like_our_int4(tmp_path, bpe) -> None:  # noqa: ANN0
                 p.mul_(5.0)
     path = tmp_path / "m.gguf"
     write_gguf(model, bpe, path, "q4_0")
-    kwargs = dict(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                  seed=0, type_k=0, type_v=0)
-    try:
-        llm = llama_cpp.Llama(**kwargs, use_extra_bufts=False)
-    except TypeError:
-        llm = llama_cpp.Llama(**kwargs)
-    prompt = bpe.encode("ROMEO: the quick brown fox jumps over the lazy dog, and then")[:24]
-    llm.eval(prompt)
-    theirs = torch.tensor(np.array(llm.scores[: len(prompt)]), dtype=torch.float32)
+    prompt = bpe.encode(LLAMA_PROMPT)[:24]
+    theirs = llama_cpp_logits(path, prompt)
     with torch.no_grad():
         ours = quantize_model4(_copy(model), 32)(torch.tensor([prompt]))[0][0].float()
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()

@@ -237,6 +237,21 @@ def build_model(
     return model
 
 
+def _check_quantized(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str,
+                     kind: str) -> None:
+    """The saved tensors of a quantized checkpoint are the ones its config builds: the same names,
+    shapes and dtypes (`expected` from the modules on meta), else one line."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise BardlmError(f"{where}: the {kind} checkpoint does not match its config: missing "
+                          f"{missing[:3]} unexpected {unexpected[:3]}; re-run `bardlm quantize`")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+            raise BardlmError(
+                f"{where}: {kind} tensor {k} is {v.dtype} {tuple(v.shape)} but the config needs "
+                f"{expected[k].dtype} {tuple(expected[k].shape)}; re-run `bardlm quantize`")
+
+
 def _adopt_int8(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dict[str, Any]) -> GPT:
     if q.get("method") == INT4_METHOD:
         return _adopt_int4(model, tensors, where, q)
@@ -248,19 +263,7 @@ def _adopt_int8(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dic
     embeddings = bool(q.get("embeddings", True))
     swap_int8(model, embeddings, convert=False)
     model = model.to(COMPUTE_DTYPE)  # still on meta: costs nothing; int8 buffers stay int8
-    expected = quantized_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise BardlmError(
-            f"{where}: the int8 checkpoint does not match its config: missing {missing[:3]} "
-            f"unexpected {unexpected[:3]}; re-run `bardlm quantize`"
-        )
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
-            raise BardlmError(
-                f"{where}: int8 tensor {k} is {v.dtype} {tuple(v.shape)} but the config needs "
-                f"{expected[k].dtype} {tuple(expected[k].shape)}; re-run `bardlm quantize`"
-            )
+    _check_quantized(tensors, quantized_state_dict(model), where, "int8")
     # Adopt the loaded tensors rather than copying them; the int8 kernel uses aligned vector loads
     # and crashes on tensors that sit at an odd offset of the file, so only those are re-homed.
     tensors = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in tensors.items()}
@@ -285,16 +288,7 @@ def _adopt_int4(model: GPT, tensors: dict[str, torch.Tensor], where: str, q: dic
                           "re-run `bardlm quantize --bits 4`")
     swap_int4(model, group_size, embeddings, convert=False)
     model = model.to(COMPUTE_DTYPE)  # still on meta; uint8 codes stay uint8
-    expected = quantized_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise BardlmError(f"{where}: the int4 checkpoint does not match its config: missing "
-                          f"{missing[:3]} unexpected {unexpected[:3]}; re-run `bardlm quantize`")
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
-            raise BardlmError(
-                f"{where}: int4 tensor {k} is {v.dtype} {tuple(v.shape)} but the config needs "
-                f"{expected[k].dtype} {tuple(expected[k].shape)}; re-run `bardlm quantize`")
+    _check_quantized(tensors, quantized_state_dict(model), where, "int4")
     for module in model.modules():  # kernel buffers are built, not loaded: give them memory
         if isinstance(module, Int4Linear):
             module.to_empty(device="cpu")
