@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -151,3 +152,18 @@ def test_cli_quantize_bits4_and_dtype_int4(tmp_path, capsys) -> None:
         assert outs[-1].startswith("abc") and len(outs[-1]) == 3 + 8 + 1
     assert cli.main([*args, "--group-size", "48", "--overwrite"]) == 2
     assert "--group-size must be one of 32, 64, 128" in capsys.readouterr().err
+
+
+def test_int4_off_the_cpu_is_one_line(tmp_path, monkeypatch) -> None:
+    """The int4 kernel is aten's CPU one: asking for int4 on a GPU (found on a CUDA machine:
+    a NotImplementedError traceback from the repacking op) is refused before any weight is
+    read, for a float checkpoint with --dtype int4 and for an int4 checkpoint alike."""
+    tok = CharTokenizer.train(CHARS)
+    save_checkpoint(tmp_path / "fp32", _model(vocab_size=tok.vocab_size), tok, {})
+    quantize_checkpoint(tmp_path / "fp32", tmp_path / "int4", bits=4)
+    # This machine has no GPU: a device that is not the CPU stands in for one.
+    loader = sys.modules["bardlm.io.load"]  # the module (bardlm.io.load is also the function)
+    monkeypatch.setattr(loader, "resolve_device", lambda name: torch.device("meta"))
+    for path, dtype in ((tmp_path / "fp32", "int4"), (tmp_path / "int4", None)):
+        with pytest.raises(BardlmError, match="int4 weights run on the CPU only.*--dtype int8"):
+            bardlm.load(path, dtype, "cuda")

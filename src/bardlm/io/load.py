@@ -70,6 +70,9 @@ def load(
         raise BardlmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = resolve_device(device or "cpu")  # "auto", or a device this machine lacks: one line
     kind = kind_of(path)
+    if "int4" in (dtype, kind) and device.type != "cpu":  # the kernel is aten's CPU int4 matmul
+        raise BardlmError(f"int4 weights run on the CPU only (PyTorch's CPU int4 kernel); on "
+                          f"{device} use --dtype int8 or bf16, or pass --device cpu")
     if kind == "hf":
         model, tokenizer = from_pretrained(path, device=device, with_tokenizer=True)
     elif kind == "adapter":  # a LoRA adapter: its base with the adapters merged in
