@@ -139,10 +139,13 @@ def shakespeare(tiny: bool) -> tuple[str, CharTokenizer]:
     return (text[:20_000] if tiny else text), tok
 
 
-def recipe(device: torch.device, tiny: bool, iters: int) -> dict[str, Any]:
-    """char-5min with a GPU batch: training seconds to nanoGPT's 1.4697, and the final loss."""
+def recipe(device: torch.device, tiny: bool, iters: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """char-5min with a GPU batch: training seconds to nanoGPT's 1.4697, and the final loss.
+    `overrides`: model or training fields (--recipe-set), e.g. nanoGPT's shape and dropout."""
     text, tok = shakespeare(tiny)
     model_over: dict[str, Any] = dict(block_size=32, n_layer=1, n_embd=64, ffn_hidden=160) if tiny else {}
+    model_fields = set(ModelConfig.__dataclass_fields__)
+    model_over.update({k: v for k, v in overrides.items() if k in model_fields})
     cfg = preset("char-5min", vocab_size=tok.vocab_size, **model_over)
     train = {**TRAIN_PRESETS["char-5min"], "device": str(device)}
     if tiny:
@@ -150,12 +153,14 @@ def recipe(device: torch.device, tiny: bool, iters: int) -> dict[str, Any]:
     else:
         train.update(batch_size=64, max_iters=iters, eval_interval=100, eval_batches=8,
                      warmup_iters=50)
+    train.update({k: v for k, v in overrides.items() if k not in model_fields})
     with tempfile.TemporaryDirectory() as outdir:
         trainer = Trainer(cfg, TrainConfig(**train), tok, text, outdir, progress=False,
                           log=lambda m: None)
         final = trainer.fit()
     hit = next((h for h in trainer.history if h["val_loss"] <= NANOGPT_CHAR_LOSS), None)
-    return {"steps": final["step"], "batch": train["batch_size"], "train_s": round(final["elapsed_s"], 1),
+    return {"overrides": overrides, "params": sum(p.numel() for p in trainer.model.parameters()),
+            "steps": final["step"], "batch": train["batch_size"], "train_s": round(final["elapsed_s"], 1),
             "val_loss_full": round(final["val_loss_full"], 4),
             "seconds_to_1.4697": None if hit is None else round(hit["elapsed_s"], 1),
             "step_at_1.4697": None if hit is None else hit["step"],
@@ -164,13 +169,13 @@ def recipe(device: torch.device, tiny: bool, iters: int) -> dict[str, Any]:
 
 
 def throughput(device: torch.device, tiny: bool, peak_tflops: float | None,
-               measured_tflops: float) -> dict[str, Any]:
+               measured_tflops: float, batch_size: int | None = None) -> dict[str, Any]:
     """Training tokens/s and MFU of nanoGPT's shakespeare_char shape (bf16, compiled on GPU)."""
     text, tok = shakespeare(tiny)
     shape = "baby" if tiny else "shakespeare_char"
     fields, batch = SHAPES[shape]
     cfg = ModelConfig(vocab_size=tok.vocab_size, bias=False, **fields)
-    tc = TrainConfig(batch_size=2 if tiny else batch, max_iters=10**6, warmup_iters=10, dtype="bf16",
+    tc = TrainConfig(batch_size=2 if tiny else batch_size or batch, max_iters=10**6, warmup_iters=10, dtype="bf16",
                      compile=device.type == "cuda", device=str(device))
     warmup, steps = (1, 2) if tiny else (10, 50)
     with tempfile.TemporaryDirectory() as outdir:
@@ -208,7 +213,7 @@ def step_waits(trainer: Trainer, device: torch.device) -> bool | None:
 
 # Decode ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def decode(device: torch.device, tiny: bool) -> dict[str, Any]:
+def decode(device: torch.device, tiny: bool, only: list[str] | None = None) -> dict[str, Any]:
     """B=1 greedy tokens/s, bardlm vs transformers' generate, same weights and device."""
     torch.manual_seed(0)
     cfg = preset("qwen3-tiny", vocab_size=65) if tiny else preset("gpt2-124m")
@@ -234,19 +239,27 @@ def decode(device: torch.device, tiny: bool) -> dict[str, Any]:
 
     res: dict[str, Any] = {"model": "qwen3-tiny" if tiny else "gpt2-124m", "new_tokens": n}
     res["hf_fp32"], hf_ids = timed(hf_run)
-    variants = [("fp32", "fp32", False), ("bf16", "bf16", False)]
-    if device.type == "cuda":
-        variants.append(("bf16_compiled", "bf16", True))  # static KV cache, compiled step
+    variants: list[tuple[str, str, bool | str]] = [("fp32", "fp32", False), ("bf16", "bf16", False)]
+    if device.type == "cuda":  # static KV cache, compiled step; then replayed as a CUDA graph
+        variants += [("bf16_compiled", "bf16", True), ("bf16_cuda_graph", "bf16", "reduce-overhead")]
+    variants = [v for v in variants if not only or v[0] in only]
     for name, dtype, compiled in variants:
         model = prepare_for_inference(copy.deepcopy(base), dtype).to(device)
-        res[name], ids = timed(lambda m=model, c=compiled: m.generate(idx, n, temperature=0, compile=c))
+        try:  # one variant's failure is recorded, the others still run
+            res[name], ids = timed(lambda m=model, c=compiled: m.generate(idx, n, temperature=0, compile=c))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
+            res[name + "_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            continue
         if name == "fp32":
             res["fp32_ids_equal_hf"] = bool(torch.equal(ids, hf_ids))
+        else:  # bf16 rounding may flip a near-tie: how many of the n ids agree with fp32 HF
+            res[name + "_ids_agree"] = int((ids == hf_ids).sum()) - prompt
     hf.to(torch.bfloat16)
     res["hf_bf16"], _ = timed(hf_run)
-    best = max(res[k] for k, *_ in variants)
-    res["best_vs_hf_best"] = round(best / max(res["hf_fp32"], res["hf_bf16"]), 3)
-    for k in ("hf_fp32", "hf_bf16", *(v[0] for v in variants)):
+    ran = [k for k, *_ in variants if k in res]
+    res["best_vs_hf_best"] = round(max(res[k] for k in ran) / max(res["hf_fp32"], res["hf_bf16"]), 3)
+    for k in ("hf_fp32", "hf_bf16", *ran):
         res[k] = round(res[k], 1)
     return res
 
@@ -299,6 +312,13 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda:N, ...")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and budgets (the test suite's run)")
     ap.add_argument("--recipe-iters", type=int, default=1500, help="char-5min steps at batch 64")
+    ap.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a model or training field of the recipe (JSON values), "
+                    "e.g. --recipe-set dropout=0.2 --recipe-set n_layer=6")
+    ap.add_argument("--batch", type=int, default=None, help="throughput batch (default nanoGPT's 64)")
+    ap.add_argument("--decode-variants", nargs="*", default=None,
+                    choices=["fp32", "bf16", "bf16_compiled", "bf16_cuda_graph"],
+                    help="bardlm decode variants to time (default: all this device has)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent server clients")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["parity", "recipe", "throughput", "decode", "serve"])
@@ -307,16 +327,25 @@ def main() -> None:
         device = resolve_device(args.device)
     except BardlmError as e:
         raise SystemExit(f"bench/gpu.py: {e}") from None
+    overrides = {}
+    for item in args.recipe_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bench/gpu.py: --recipe-set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare word: a string (e.g. optimizer=adamw)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     info = device_info(device, args.tiny)
     res: dict[str, Any] = {"device": info, "tiny": args.tiny}
     sections: dict[str, Callable[[], dict]] = {
         "parity": lambda: parity(device, args.tiny),
-        "recipe": lambda: recipe(device, args.tiny, args.recipe_iters),
+        "recipe": lambda: recipe(device, args.tiny, args.recipe_iters, overrides),
         "throughput": lambda: throughput(device, args.tiny, info["spec_bf16_tflops"],
-                                         info["measured_bf16_tflops"]),
-        "decode": lambda: decode(device, args.tiny),
+                                         info["measured_bf16_tflops"], args.batch),
+        "decode": lambda: decode(device, args.tiny, args.decode_variants),
         "serve": lambda: serve(device, args.tiny, args.clients),
     }
     for name, fn in sections.items():

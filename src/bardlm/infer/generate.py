@@ -92,7 +92,7 @@ def stream_ids(
     use_cache: bool = True,
     max_context: int | None = None,
     eos_ids: Iterable[int] = (),
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time.
 
@@ -105,7 +105,8 @@ def stream_ids(
     eos_ids: ids that end a row. The EOS is yielded; a finished row then repeats its EOS, and the
     stream ends once every row has finished (or after max_new_tokens).
     compile: run the decode step through `torch.compile` (its shapes never change: see
-    `decode_step`); the first call compiles (seconds to minutes), later ones reuse it.
+    `decode_step`); the first call compiles (seconds to minutes), later ones reuse it. A
+    string is a `torch.compile` mode ("reduce-overhead": CUDA graphs on a GPU).
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -127,8 +128,12 @@ def stream_ids(
             plan_cache(cfg, idx.shape[0], model.cache_dtype().itemsize, available_memory(device),
                        max_context=cache_len)
         cache = model.make_cache(idx.shape[0], cache_len)
+        if compile and device.type == "cuda":  # CUDA graphs may write the buffers in place
+            for b in (b for c in cache for b in c.buffers()):
+                torch._dynamo.mark_static_address(b)
     rows = list(range(idx.shape[0]))
     cached = 0  # cache slots in use
+    cache_pos = None  # (1,) the cache index of the next decode step, on the device
     # filled[b, j]: cache index j of row b holds a real token (not padding). Static (B, S).
     filled = torch.zeros(idx.shape[0], cache[0].max_len, dtype=torch.bool, device=device) if cache else None
     step = decode_step(model, compile)
@@ -146,17 +151,19 @@ def stream_ids(
                 length = read_length(cached + 1, cache[0].max_len) if compile else cached + 1
                 mask = filled[:, None, None, :length] if padded else None
                 pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
-                cache_pos = torch.tensor([cached], device=device)
+                if cache_pos is None:  # made once, then advanced on the device: a tensor made
+                    cache_pos = torch.tensor([cached], device=device)  # from a list waits for the GPU
                 # `last`, not seq[:, -1:]: a column of the growing `seq` has a new stride every
                 # step, and a compiled step would recompile for each.
                 logits = step(last, cache_pos, [c.rows(rows, length) for c in cache], mask, pos)
                 cached += 1
+                cache_pos += 1
             else:  # first step, no cache, or the cache is full: read the (cropped) window whole
                 ctx, ctx_real = seq[:, -window:], real[:, -window:]
                 mask, pos = _prefill_inputs(ctx_real) if padded else (None, None)
                 # Only the last row is sampled from: no (B, T, V) logits for the prompt.
                 logits, _ = model(ctx, cache=cache, mask=mask, positions=pos, logits_rows=1)
-                cached = ctx.shape[1]
+                cached, cache_pos = ctx.shape[1], None
                 if filled is not None:
                     filled.zero_()
                     filled[:, :cached] = ctx_real
@@ -174,7 +181,7 @@ def stream_ids(
             return
 
 
-def decode_step(model: torch.nn.Module, compile: bool = False):  # noqa: ANN201
+def decode_step(model: torch.nn.Module, compile: bool | str = False):  # noqa: ANN201
     """The static-shape decode step, `step(ids, cache_pos, cache, mask, positions) -> logits`.
 
     ids (B, T) new tokens; cache_pos (T,) or (B, T) the cache indices they are written at;
@@ -182,7 +189,8 @@ def decode_step(model: torch.nn.Module, compile: bool = False):  # noqa: ANN201
     positions (B, T) or None (= cache_pos). Returns the last position's logits (B, 1, V).
     Every shape is fixed by the batch and the cache size, never by how far decoding has got,
     so under `compile=True` the step is compiled once per (batch, cache) shape (gpt-fast's
-    recipe). The compiled function is kept on the model and reused.
+    recipe). The compiled function is kept on the model and reused. `compile` may name a
+    `torch.compile` mode ("reduce-overhead" replays the step as one CUDA graph).
     """
 
     def step(ids, cache_pos, cache, mask, positions):  # noqa: ANN001, ANN202
@@ -191,11 +199,11 @@ def decode_step(model: torch.nn.Module, compile: bool = False):  # noqa: ANN201
 
     if not compile:
         return step
-    compiled = getattr(model, "_compiled_step", None)
-    if compiled is None:
-        compiled = torch.compile(step, dynamic=False)
-        model._compiled_step = compiled  # not a Module attribute: plain object attribute
-    return compiled
+    mode = compile if isinstance(compile, str) else None
+    steps = model.__dict__.setdefault("_compiled_steps", {})  # plain attribute, not a Module's
+    if mode not in steps:
+        steps[mode] = torch.compile(step, dynamic=False, mode=mode)
+    return steps[mode]
 
 
 @torch.no_grad()

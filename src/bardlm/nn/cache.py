@@ -109,10 +109,12 @@ class SlotView:
     """
 
     def __init__(self, cache: KVCache, rows: list[int], length: int) -> None:
-        self.cache, self.length = cache, length
+        self.cache, self.length, self.n = cache, length, len(rows)
         self.first = rows[0]
         self.consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        self.rows = torch.tensor(rows, device=cache.k.device)
+        # A row index tensor only where one is read: building it is a host-to-device copy, and
+        # on a GPU every such copy waits for the queued kernels (12 layers: 12 waits a token).
+        self.rows = None if self.consecutive else torch.tensor(rows, device=cache.k.device)
 
     @property
     def max_len(self) -> int:
@@ -125,10 +127,12 @@ class SlotView:
         values (B, H_kv, length, D), None (key j is cache index j)."""
         c = self.cache
         # Rows 0..B-1 in order need no row index: a plain index_copy when positions are shared.
-        in_order = self.consecutive and self.first == 0
-        write_at(c.k, c.v, None if in_order else self.rows, start_pos, k, v)
+        rows = self.rows
+        if self.consecutive and self.first != 0:
+            rows = torch.arange(self.first, self.first + self.n, device=c.k.device)
+        write_at(c.k, c.v, rows, start_pos, k, v)
         if self.consecutive:
-            end = self.first + len(self.rows)
+            end = self.first + self.n
             return c.k[self.first:end, :, :self.length], c.v[self.first:end, :, :self.length], None
         return c.k[self.rows, :, :self.length], c.v[self.rows, :, :self.length], None
 
