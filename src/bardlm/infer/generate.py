@@ -106,10 +106,15 @@ def stream_ids(
     stream ends once every row has finished (or after max_new_tokens).
     compile: run the decode step through `torch.compile` (its shapes never change: see
     `decode_step`); the first call compiles (seconds to minutes), later ones reuse it. A
-    string is a `torch.compile` mode ("reduce-overhead": CUDA graphs on a GPU).
+    string is a `torch.compile` mode; True on a CUDA device means "reduce-overhead" (the step
+    replayed as a CUDA graph).
     """
     cfg = model.config
     device = next(model.parameters()).device
+    if compile is True and device.type == "cuda":
+        # A B=1 step on a GPU is launch-bound: replayed as one CUDA graph it ran 4.4x the plain
+        # compiled step's tokens/s on an H200 (docs/benchmarks.md, "GPU").
+        compile = "reduce-overhead"
     if isinstance(idx, torch.Tensor):
         real = torch.ones_like(idx, dtype=torch.bool)
     else:
