@@ -238,21 +238,35 @@ def _adapters_randomized(model: GPT) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("memory", [{}, dict(checkpoint_activations=True, loss_chunk=9)])
-def test_qlora_equals_lora_on_the_dequantized_base(memory: dict) -> None:
-    """LoRA over an int8 base computes what LoRA over the float weights those int8 values stand
+def _int4_round_trip(w: torch.Tensor) -> torch.Tensor:
+    """w through int4.py's group rule (G = 32) and back to float, by the rule's formula."""
+    from bardlm.infer.int4 import quantize_groups
+
+    codes, scales = quantize_groups(w, 32)
+    d = scales.float().repeat_interleave(32, dim=-1)
+    return ((codes.float() - 8) * d)[:, :w.shape[1]]
+
+
+@pytest.mark.parametrize("bits,memory", [(8, {}), (8, dict(checkpoint_activations=True, loss_chunk=9)),
+                                         (4, {}), (4, dict(checkpoint_activations=True, loss_chunk=9))])
+def test_qlora_equals_lora_on_the_dequantized_base(bits: int, memory: dict) -> None:
+    """LoRA over an int8 or int4 base computes what LoRA over the float weights those codes stand
     for computes (loss and adapter gradients to 1e-5); our LoRA equals peft's (test_lora.py)."""
+    from bardlm.infer.int4 import Int4Linear
     from bardlm.infer.quantize import Int8Linear, dequantize, quantize_base, quantize_per_channel
 
     torch.manual_seed(0)
-    base = GPT(preset("qwen3-tiny", n_embd=64, n_head=2, head_dim=32)).train()
+    # n_embd 80: not a multiple of the int4 group (32), so the padded columns are exercised too.
+    base = GPT(preset("qwen3-tiny", n_embd=80, n_head=2, head_dim=32)).train()
     plain = copy.deepcopy(base)
-    with torch.no_grad():  # the reference: float weights rounded through int8
+    with torch.no_grad():  # the reference: float weights rounded through the codes
         for name, m in plain.named_modules():
             if isinstance(m, torch.nn.Linear) and name != "lm_head":
-                m.weight.copy_(dequantize(*quantize_per_channel(m.weight)))
-    quantize_base(base, "int8")
-    assert isinstance(base.transformer.h[0].attn.c_attn, Int8Linear)
+                m.weight.copy_(dequantize(*quantize_per_channel(m.weight)) if bits == 8
+                               else _int4_round_trip(m.weight))
+    quantize_base(base, f"int{bits}")
+    assert isinstance(base.transformer.h[0].attn.c_attn, Int8Linear if bits == 8 else Int4Linear)
+    assert type(base.lm_head) is torch.nn.Linear  # the head (tied) stays float
     for model in (base, plain):
         apply_lora(model, 4, 8.0)
         _adapters_randomized(model)
@@ -261,16 +275,17 @@ def test_qlora_equals_lora_on_the_dequantized_base(memory: dict) -> None:
     _assert_same(_loss_and_grads(base, x, y), _loss_and_grads(plain, x, y))
 
 
-def test_qlora_keeps_no_dequantized_weight_for_backward() -> None:
+@pytest.mark.parametrize("base_dtype", ["int8", "int4"])
+def test_qlora_keeps_no_dequantized_weight_for_backward(base_dtype: str) -> None:
     """Autograd saves no float copy of any layer's weight: each is dequantized when a matmul
     needs it (forward, then again in backward) and dropped."""
     from bardlm.infer.quantize import quantize_base
 
     torch.manual_seed(0)
     model = GPT(preset("qwen3-tiny")).train()
-    quantize_base(model, "int8")
+    quantize_base(model, base_dtype)
     apply_lora(model, 4, 8.0)
-    shapes = {tuple(b.shape) for n, b in model.named_buffers() if n.endswith("base.weight")}
+    shapes = {(m.base.out_features, m.base.in_features) for m in model.modules() if hasattr(m, "base")}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
         _, loss = model(*_data())
@@ -278,7 +293,8 @@ def test_qlora_keeps_no_dequantized_weight_for_backward() -> None:
     assert shapes and not [s for s, dt in saved if s in shapes and dt.is_floating_point]
 
 
-def test_finetune_qlora_cli_trains_and_merges_into_the_float_base(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("base_dtype", ["int8", "int4"])
+def test_finetune_qlora_cli_trains_and_merges_into_the_float_base(tmp_path, capsys, base_dtype: str) -> None:
     from test_sft import CHARS, base_ckpt, chat_data
 
     from bardlm.cli import main
@@ -289,7 +305,7 @@ def test_finetune_qlora_cli_trains_and_merges_into_the_float_base(tmp_path, caps
     out = tmp_path / "qlora"
     rc = main(["finetune", "--init-from", str(base), "--data", str(data), "--out", str(out), "--max-iters", "3",
                "--set", "eval_interval=3", "--set", "batch_size=4", "--set", "lr=1e-2",
-               "--lora-rank", "2", "--base-dtype", "int8", "--set", "loss_chunk=16",
+               "--lora-rank", "2", "--base-dtype", base_dtype, "--set", "loss_chunk=16",
                "--set", "checkpoint_activations=true"])
     assert rc == 0, capsys.readouterr().err
     assert kind_of(out) == "adapter"

@@ -379,8 +379,8 @@ def add_info(sub: argparse._SubParsersAction) -> None:
                    help="also estimate the peak memory of one training step")
     p.add_argument("--context", type=int, default=None, help="--train: tokens per row (default: block_size)")
     p.add_argument("--lora-rank", type=int, default=0, help="--train: LoRA of this rank (0: full finetuning)")
-    p.add_argument("--base-dtype", choices=["fp32", "int8"], default="fp32",
-                   help="--train with --lora-rank: the frozen base's weights (int8: QLoRA)")
+    p.add_argument("--base-dtype", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="--train with --lora-rank: the frozen base's weights (int8 or int4: QLoRA)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -467,7 +467,7 @@ def _train_memory_rows(cfg, train_cfg, args: argparse.Namespace) -> list[tuple[s
     if context <= 0 or args.lora_rank < 0:
         raise BardlmError(f"--context must be positive and --lora-rank >= 0, got {context} and {args.lora_rank}")
     if args.base_dtype != "fp32" and not args.lora_rank:
-        raise BardlmError("--base-dtype int8 is a frozen base under LoRA: add --lora-rank R")
+        raise BardlmError(f"--base-dtype {args.base_dtype} is a frozen base under LoRA: add --lora-rank R")
     est = estimate(cfg, train_cfg, train_cfg.batch_size, context, args.lora_rank, base_dtype=args.base_dtype)
     what = f"LoRA rank {args.lora_rank} on a {args.base_dtype} base" if args.lora_rank else "full"
     ckpt = f"every {train_cfg.checkpoint_every}" if train_cfg.checkpoint_activations else "off"
@@ -773,8 +773,9 @@ def add_tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default alpha = 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["c_attn", "c_proj", "c_fc"],
                    help="linear layers to adapt (default: c_attn c_proj c_fc)")
-    p.add_argument("--base-dtype", choices=["fp32", "int8"], default=None,
-                   help="with --lora-rank: hold the frozen base's linear layers in int8 (QLoRA)")
+    p.add_argument("--base-dtype", choices=["fp32", "int8", "int4"], default=None,
+                   help="with --lora-rank: hold the frozen base's linear layers in int8 or int4 "
+                        "(QLoRA; int4: groups of 32)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or plain fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (--no-compile for eager)")

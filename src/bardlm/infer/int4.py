@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BardlmError
-from .quantize import COMPUTE_DTYPE, swap_weights
+from .quantize import COMPUTE_DTYPE, FrozenQuantMatmul, swap_weights
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
@@ -92,7 +92,13 @@ class Int4Linear(nn.Module):
     `scales_zeros` (K / G, out_pad, 2) bf16, out_pad = out rounded up to 16 and K = in rounded
     up to a multiple of G. Saved (see `_save_to_state_dict`): weight (out, K / 2) uint8 nibbles,
     scales (out, K / G) bf16, bias.
+
+    As the frozen base of QLoRA (`frozen`), the layer keeps the portable form instead (buffers
+    `weight`, the nibbles, and `scales`, as saved) and computes through `FrozenQuantMatmul`, which dequantizes
+    for each matmul: the CPU kernel has no backward, and LoRA needs the gradient of x.
     """
+
+    frozen_base = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
                  device=None) -> None:  # noqa: ANN001
@@ -118,6 +124,24 @@ class Int4Linear(nn.Module):
             q.bias.copy_(lin.bias.detach())
         return q
 
+    @classmethod
+    def frozen(cls, lin: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
+        """A frozen 4-bit copy of `lin` for LoRA on top (QLoRA): 0.5 byte a weight plus a bf16
+        scale a group, never packed for the inference kernel."""
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size, lin.weight.device)
+        q.frozen_base = True
+        q.packed, q.scales_zeros = None, None  # the kernel's buffers: not used, not held
+        codes, scales = quantize_groups(lin.weight, group_size)
+        q.register_buffer("weight", pack_nibbles(codes))
+        q.register_buffer("scales", scales)
+        if lin.bias is not None:
+            q.bias.copy_(lin.bias.detach())
+        return q
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen base's weight (out, in) as `dtype`, made when a matmul asks, never kept."""
+        return dequantize(self.weight, self.scales)[:, :self.in_features].to(dtype)
+
     def set_codes(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Pack codes (out, K) uint8 and scales (out, K / G) into the kernel's buffers."""
         pad = self.packed.shape[0] - self.out_features
@@ -142,6 +166,11 @@ class Int4Linear(nn.Module):
         return (cols[:, :n].t() + 8).to(torch.uint8), scales
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
+        if self.frozen_base:  # already in the portable form
+            destination[prefix + "weight"], destination[prefix + "scales"] = self.weight, self.scales
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias
+            return
         codes, scales = self._codes()
         destination[prefix + "weight"] = pack_nibbles(codes) if not codes.is_meta else \
             torch.empty(self.out_features, self.k // 2, dtype=torch.uint8, device="meta")
@@ -163,6 +192,9 @@ class Int4Linear(nn.Module):
             missing_keys.extend(k for k in keys if k not in state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out) bf16
+        if self.frozen_base:  # QLoRA's base: x's dtype, with a backward
+            y = FrozenQuantMatmul.apply(x, self)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
         if self.k != self.in_features:  # zero inputs meet the zero columns of the padding

@@ -115,6 +115,11 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
     if base_dtype == "int8":  # an adapted layer's weight: 1 byte an entry and a bf16 scale a row
         for layer in lora_layers(model).values():
             weights += layer.base.weight.numel() * (1 - 4) + layer.base.out_features * 2
+    elif base_dtype == "int4":  # half a byte an entry and a bf16 scale a group of 32
+        for layer in lora_layers(model).values():
+            out_f, in_f = layer.base.weight.shape
+            k = -(-in_f // 32) * 32
+            weights += out_f * k // 2 + out_f * (k // 32) * 2 - layer.base.weight.numel() * 4
     per_block, rest = _saved_bytes(model, idx)
     if cfg.checkpoint_activations:
         kept = [batch * context * model_cfg.n_embd * 4 if i % cfg.checkpoint_every == 0 else n
