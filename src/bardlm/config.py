@@ -23,7 +23,7 @@ from .errors import BardlmError
 
 NORMS = ("layernorm", "rmsnorm", "none")  # "none": no normalisation (an ablation)
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
-FFNS = ("gelu", "relu", "swiglu", "geglu")
+FFNS = ("gelu", "relu", "swiglu", "geglu", "swiglu_clamped")
 # "sandwich" (Gemma 2/3): a norm before each sublayer and another on its output, before the add;
 # "output" (OLMo 2): only the norm on the output.
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "output")
@@ -53,6 +53,10 @@ class ModelConfig:
     head_dim: int | None = None  # None -> n_embd // n_head (Qwen3 decouples the two)
     ffn_hidden: int | None = None  # None -> 4 * n_embd
     ffn: str = "gelu"  # "gelu" (tanh approx, GPT-2), "relu", "swiglu" (Llama) or "geglu" (Gemma)
+    # or "swiglu_clamped" (gpt-oss): gate clamped to <= swiglu_limit, up to [-limit, limit],
+    # then (up + 1) * gate * sigmoid(swiglu_alpha * gate). The two numbers are read only then.
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     norm_eps: float = 1e-5
     # "pre" (GPT-2 onwards): x + f(norm(x)); "post" (the 2017 paper): norm(x + f(x));
@@ -117,6 +121,7 @@ class ModelConfig:
     # Top-k weights renormalised to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob), or the
     # softmax probabilities as they are (OLMoE).
     router_renorm: bool = True
+    router_bias: bool = False  # a bias on the router's logits (gpt-oss)
     shared_expert_hidden: int = 0  # > 0: a SwiGLU every token runs, sigmoid-gated (Qwen2-MoE)
     # Per layer "dense" (ffn_hidden wide) or "moe"; None -> every layer "moe" when n_expert > 0
     # (transformers' mlp_only_layers / decoder_sparse_step, resolved once).
@@ -199,6 +204,10 @@ class ModelConfig:
             raise BardlmError(f"config: norm_eps must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise BardlmError(f"config: rope_theta must be positive, got {self.rope_theta}")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            if getattr(self, name) <= 0:
+                raise BardlmError(f"config: {name} must be positive, got {getattr(self, name)} "
+                                  "(gpt-oss uses swiglu_alpha=1.702, swiglu_limit=7.0)")
         self._validate_moe()
         self._validate_attention()
 
@@ -243,9 +252,9 @@ class ModelConfig:
         if self.expert_hidden is not None and self.expert_hidden <= 0:
             raise BardlmError(f"config: expert_hidden must be a positive integer or null, got {self.expert_hidden}")
         if self.n_expert > 0:
-            if self.ffn != "swiglu":
+            if self.ffn not in ("swiglu", "swiglu_clamped"):
                 raise BardlmError(f"config: experts are SwiGLU MLPs, so n_expert > 0 needs "
-                                  f"ffn=swiglu, got ffn={self.ffn}")
+                                  f"ffn=swiglu or swiglu_clamped, got ffn={self.ffn}")
             if not 1 <= self.n_expert_active <= self.n_expert:
                 raise BardlmError(f"config: n_expert_active must be in [1, n_expert={self.n_expert}], "
                                   f"got {self.n_expert_active}")
@@ -385,6 +394,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_expert=4, n_expert_active=2, expert_hidden=172, ffn_layers=["dense", "moe", "moe", "moe"],
         router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
     ),
+    # gpt-oss's block at the same budget: sliding-window (16) and full layers alternating,
+    # a sink logit per head, q/k/v/o biases, every FFN 4 clamped-SwiGLU experts with biases
+    # (top 2) behind a router with a bias. Plain RoPE: YaRN matters only past a 4k context.
+    "gpt-oss-tiny": dict(
+        _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        head_dim=32, ffn="swiglu_clamped", bias=True, attn_sinks=True, tie_embeddings=False,
+        sliding_window=16, attn_layers=["local", "global", "local", "global"],
+        n_expert=4, n_expert_active=2, expert_hidden=172, ffn_hidden=172, router_bias=True,
+        router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+    ),
 }
 
 
@@ -492,6 +511,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gemma3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "gpt-oss-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
     "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
                       eval_interval=250, eval_batches=2, dtype="bf16", compile=True,

@@ -2,10 +2,10 @@
 
 The families: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` (Qwen2 and 2.5),
 `Qwen3ForCausalLM`, `Olmo2ForCausalLM`, `Phi3ForCausalLM`, the mixtures of experts
-`Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`, `MixtralForCausalLM` and `OlmoeForCausalLM`, and
+`Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`, `MixtralForCausalLM` and `OlmoeForCausalLM`,
 the sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`
-(text) and `SmolLM3ForCausalLM` (with NoPE layers). The bridge is two tables and two config
-translators:
+(text) and `SmolLM3ForCausalLM` (with NoPE layers), and `GptOssForCausalLM` (both: experts,
+sinks, alternating windows). The bridge is two tables and two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
   `c_attn` is fused (rows [q | k | v]) and SwiGLU's `c_fc` is fused (rows [gate | up]), so one of
@@ -14,6 +14,9 @@ translators:
   Phi-3 fuses the same way (qkv_proj, gate_up_proj), so its fused tensors map one to one.
   A MoE layer's experts are numbered ("{e}"): the files hold one gate/up/down per expert (the
   Hub layout, which transformers 5 also writes), so they map one to one onto our experts.
+  gpt-oss is the exception: its files stack each layer's experts into one tensor per kind,
+  transposed, gate and up interleaved; `_unstack_experts` / `_stack_experts` turn that into the
+  per-expert names (and back) around the same table.
 * CONFIG TRANSLATION reads `config.json` (any `transformers` version: missing keys take that
   family's defaults) into a `ModelConfig`, and writes one back from a `ModelConfig`.
 
@@ -62,11 +65,12 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
                  "mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM",
                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "gpt_oss": "GptOssForCausalLM", "olmo3": "Olmo3ForCausalLM"}
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 # Families whose attention may be sliding-window (per layer); the others refuse windows.
-WINDOW_FAMILIES = ("mistral", "smollm3", *GEMMA_FAMILIES)
-MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+WINDOW_FAMILIES = ("mistral", "smollm3", "gpt_oss", "olmo3", *GEMMA_FAMILIES)
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 # Families that compute exactly what another one does: a model imported from one is exported
 # back to it (`family_of` reads the family recorded at import), a bardlm model to the other.
 SAME_FUNCTION = {"phi3": "llama"}
@@ -151,6 +155,63 @@ def _moe_table(moe: str, router: str, gate: str, up: str, down: str) -> list[Ent
     ]
 
 
+def _gpt_oss_table() -> list[Entry]:
+    """Llama's attention and norm names (q/k/v/o with biases), a sink logit per head, a router
+    with a bias, and experts with biases under the per-expert names `_unstack_experts` makes."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    x = t + "mlp.experts.{e}."
+    experts = [Entry(h + "attn.sinks", (t + "self_attn.sinks",)),
+               Entry(h + "mlp.router.bias", (t + "mlp.router.bias",))]
+    for p in ("weight", "bias"):
+        experts += [Entry(h + f"mlp.experts.{{e}}.c_fc.{p}", (x + f"gate_proj.{p}", x + f"up_proj.{p}")),
+                    Entry(h + f"mlp.experts.{{e}}.c_proj.{p}", (x + f"down_proj.{p}",))]
+    moe = _moe_table("mlp", "router", "gate_proj", "up_proj", "down_proj")
+    return [e for e in moe if ".experts." not in e.ours] + experts
+
+
+def _unstack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss's stacked experts -> one tensor per expert, in nn.Linear's (out, in) layout.
+
+    Per layer the files hold gate_up_proj (E, C, 2F) with gate in the even columns and up in
+    the odd ones, gate_up_proj_bias (E, 2F), down_proj (E, F, C) and down_proj_bias (E, C);
+    they become experts.{e}.{gate,up}_proj.{weight (F, C), bias (F,)} and
+    experts.{e}.down_proj.{weight (C, F), bias (C,)}."""
+    out = {}
+    for name, t in tensors.items():
+        head, sep, kind = name.rpartition(".experts.")
+        if not sep or kind not in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+            out[name] = t
+            continue
+        for e, te in enumerate(t):
+            x = f"{head}.experts.{e}."
+            if kind == "gate_up_proj":
+                out[x + "gate_proj.weight"], out[x + "up_proj.weight"] = te[:, 0::2].t(), te[:, 1::2].t()
+            elif kind == "gate_up_proj_bias":
+                out[x + "gate_proj.bias"], out[x + "up_proj.bias"] = te[0::2], te[1::2]
+            elif kind == "down_proj":
+                out[x + "down_proj.weight"] = te.t()
+            else:
+                out[x + "down_proj.bias"] = te
+    return out
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor], n_expert: int) -> dict[str, torch.Tensor]:
+    """The inverse of `_unstack_experts`: per-expert tensors -> gpt-oss's stacked layout."""
+    out = {k: v for k, v in tensors.items() if ".experts." not in k}
+    heads = sorted({k.partition(".experts.")[0] for k in tensors if ".experts." in k})
+    for head in heads:
+        def each(proj: str, p: str, head: str = head) -> torch.Tensor:  # (E, ...): every expert's
+            return torch.stack([tensors[f"{head}.experts.{e}.{proj}.{p}"] for e in range(n_expert)])
+        # (E, F, C) gate and up -> (E, C, F, 2) -> (E, C, 2F): column 2j is gate j, 2j + 1 up j
+        gate_up = torch.stack([each("gate_proj", "weight"), each("up_proj", "weight")], dim=-1)
+        out[f"{head}.experts.gate_up_proj"] = gate_up.transpose(1, 2).reshape(n_expert, -1, 2 * gate_up.shape[1]).contiguous()
+        out[f"{head}.experts.gate_up_proj_bias"] = torch.stack(
+            [each("gate_proj", "bias"), each("up_proj", "bias")], dim=-1).reshape(n_expert, -1).contiguous()
+        out[f"{head}.experts.down_proj"] = each("down_proj", "weight").transpose(1, 2).contiguous()
+        out[f"{head}.experts.down_proj_bias"] = each("down_proj", "bias")
+    return out
+
+
 def _gemma_table() -> list[Entry]:
     """Gemma 2/3: Llama's names, with sandwich norms around attention and the MLP (Gemma 3 adds
     q_norm/k_norm, skipped when absent). Gemma's (1 + w) norms store w, as we do."""
@@ -178,7 +239,8 @@ TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(
                     ("model.layers.{i}.mlp.shared_expert_gate.weight",))],
           "mixtral": _moe_table("block_sparse_moe", "gate", "w1", "w3", "w2"),
           "qwen2": _llama_table(), "olmo2": _olmo2_table(), "phi3": _phi3_table(),
-          "olmoe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
+          "olmoe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+          "gpt_oss": _gpt_oss_table(), "olmo3": _olmo2_table()}
 
 
 def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
@@ -255,8 +317,20 @@ GEMMA3_DEFAULTS = dict(GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddin
 QWEN2_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
                       max_position_embeddings=32768, use_sliding_window=False)
 OLMO2_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=50304, rms_norm_eps=1e-5)
+OLMO3_DEFAULTS = dict(OLMO2_DEFAULTS, rope_theta=500000.0, sliding_window=4096, layer_types=None)
 PHI3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                      max_position_embeddings=4096, rms_norm_eps=1e-5, sliding_window=None)
+# gpt-oss-20b's shape is 24 layers of 32 experts; these are transformers' GptOssConfig defaults.
+GPT_OSS_DEFAULTS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=36, num_attention_heads=64, num_key_value_heads=8,
+                        head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        tie_word_embeddings=False, rope_theta=150000.0, sliding_window=128,
+                        layer_types=None, num_local_experts=128, num_experts_per_tok=4,
+                        swiglu_alpha=1.702, swiglu_limit=7.0, router_aux_loss_coef=0.001,
+                        attention_bias=True)
+# What transformers puts in a gpt-oss config.json that names no RoPE scaling.
+GPT_OSS_YARN = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                    original_max_position_embeddings=4096)
 OLMOE_DEFAULTS = dict(OLMO2_DEFAULTS, hidden_size=2048, intermediate_size=2048,
                       num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096,
                       clip_qkv=None, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
@@ -265,7 +339,8 @@ DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAU
             "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
             "mixtral": MIXTRAL_DEFAULTS, "mistral": MISTRAL_DEFAULTS, "smollm3": SMOLLM3_DEFAULTS,
             "gemma2": GEMMA2_DEFAULTS, "gemma3_text": GEMMA3_DEFAULTS, "qwen2": QWEN2_DEFAULTS,
-            "olmo2": OLMO2_DEFAULTS, "phi3": PHI3_DEFAULTS, "olmoe": OLMOE_DEFAULTS}
+            "olmo2": OLMO2_DEFAULTS, "phi3": PHI3_DEFAULTS, "olmoe": OLMOE_DEFAULTS,
+            "gpt_oss": GPT_OSS_DEFAULTS, "olmo3": OLMO3_DEFAULTS}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both GELU's tanh approximation
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
@@ -333,6 +408,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     if family in GEMMA_FAMILIES:
         return _gemma_config(hf, c, family, extra, where)
+    if family == "gpt_oss":
+        return _gpt_oss_config(hf, c, extra, where)
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
     # Mixtral and Phi-3 slide whenever sliding_window is set (a window as long as the context
@@ -342,10 +419,13 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or [])
             or (window is not None and window < c["max_position_embeddings"])):
         raise BardlmError(f"{where}: sliding-window attention is not supported for {family}; "
-                          "use full attention (bardlm has windows for Mistral, Gemma 2/3 and SmolLM3)")
+                          "use full attention (bardlm has windows for Mistral, Gemma 2/3, SmolLM3, "
+                          "OLMo 3 and gpt-oss)")
     if family == "olmoe" and c["clip_qkv"] is not None:
         raise BardlmError(f"{where}: clip_qkv (clamping q, k and v) is not supported; only "
                           "OLMoE models with clip_qkv null load")
+    if family == "olmo3":  # the global layers' RoPE; the local layers' base is in _window_from_hf
+        hf = {"rope_theta": c["rope_theta"], **_per_type_rope(hf, c, where)[0]}
     theta, scaling = _rope_from_hf(hf, where)
     n_head, n_embd = c["num_attention_heads"], c["hidden_size"]
     head_dim = c["head_dim"]
@@ -382,10 +462,32 @@ def _layer_types(c: dict[str, Any], where: str) -> list[str] | None:
     return [kinds[t] for t in types]
 
 
+def _per_type_rope(hf: dict[str, Any], c: dict[str, Any], where: str) -> tuple[dict[str, Any], float | None]:
+    """transformers 5 gives Gemma 3 and OLMo 3 one RoPE per layer type in `rope_parameters`:
+    (hf with the global layers' RoPE as its rope_parameters, the local layers' base), or (hf,
+    None) for a config.json with one RoPE (transformers 4)."""
+    params = c.get("rope_parameters") or {}
+    if "full_attention" not in params:
+        return hf, None
+    local = dict(params.get("sliding_attention") or {})
+    if local.get("rope_type", "default") != "default":
+        raise BardlmError(f"{where}: scaled RoPE on sliding-window layers is not supported")
+    return {**hf, "rope_parameters": params["full_attention"]}, float(local.get("rope_theta", 10000.0))
+
+
 def _window_from_hf(c: dict[str, Any], family: str, where: str) -> dict[str, Any]:
-    """Mistral's sliding window (every layer), SmolLM3's per-layer windows and NoPE layers."""
+    """Mistral's sliding window (every layer), SmolLM3's per-layer windows and NoPE layers,
+    OLMo 3's local layers (three of every four by default) and their unscaled RoPE."""
     if family == "mistral":  # an explicit null is full attention, not the default window
         return dict(sliding_window=_given(c, "sliding_window"))
+    if family == "olmo3":
+        n = c["num_hidden_layers"]
+        kinds = _layer_types(c, where) or ["local" if (i + 1) % 4 else "global" for i in range(n)]
+        if "local" not in kinds:
+            return dict(attn_layers=kinds)
+        local_theta = _per_type_rope(c["_hf"], c, where)[1]
+        return dict(attn_layers=kinds, sliding_window=_given(c, "sliding_window"),
+                    rope_local_theta=local_theta if local_theta is not None else float(c["rope_theta"]))
     if family != "smollm3":
         return {}
     n = c["num_hidden_layers"]
@@ -419,16 +521,10 @@ def _gemma_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dic
     if kinds is None:  # the pattern older config.json files give instead
         pattern = c.get("sliding_window_pattern", 2)
         kinds = ["global" if (i + 1) % pattern == 0 else "local" for i in range(n)]
-    params = c.get("rope_parameters") or {}
     local_theta = None
     if family == "gemma3_text":
-        if "full_attention" in params:  # transformers 5: one RoPE per layer type
-            local = dict(params.get("sliding_attention") or {})
-            if local.get("rope_type", "default") != "default":
-                raise BardlmError(f"{where}: scaled RoPE on sliding-window layers is not supported")
-            local_theta = float(local.get("rope_theta", 10000.0))
-            hf = {**hf, "rope_parameters": params["full_attention"]}
-        else:
+        hf, local_theta = _per_type_rope(hf, c, where)
+        if local_theta is None:  # transformers 4
             local_theta = float(c["rope_local_base_freq"])
     theta, scaling = _rope_from_hf({"rope_theta": c["rope_theta"], **hf}, where)
     return ModelConfig(
@@ -447,13 +543,45 @@ def _gemma_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dic
     )
 
 
+def _gpt_oss_config(hf: dict[str, Any], c: dict[str, Any], extra: dict[str, Any],
+                    where: str) -> ModelConfig:
+    """gpt-oss: a Llama attention with q/k/v/o biases and a sink logit per head, alternating
+    sliding-window and full layers, YaRN RoPE, and every FFN a mixture of clamped-SwiGLU experts
+    with biases behind a router with a bias (softmax over the top-k logits: renormalised)."""
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise BardlmError(f"{where}: quantized gpt-oss weights ({method}) are not supported; load a "
+                          "copy saved in bf16 or fp32 (transformers: Mxfp4Config(dequantize=True))")
+    n = c["num_hidden_layers"]
+    kinds = _layer_types(c, where) or ["local" if (i + 1) % 2 else "global" for i in range(n)]
+    if not (hf.get("rope_parameters") or hf.get("rope_scaling")):  # transformers' default
+        hf = {**hf, "rope_parameters": {**GPT_OSS_YARN, "rope_theta": c["rope_theta"]}}
+    theta, scaling = _rope_from_hf({"rope_theta": c["rope_theta"], **hf}, where)
+    n_head, n_embd, head_dim = c["num_attention_heads"], c["hidden_size"], c["head_dim"]
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n,
+        n_head=n_head, n_embd=n_embd, n_kv_head=c["num_key_value_heads"] or n_head,
+        head_dim=None if head_dim in (None, n_embd // n_head) and n_embd % n_head == 0 else head_dim,
+        ffn_hidden=c["intermediate_size"], ffn="swiglu_clamped",
+        swiglu_alpha=float(c["swiglu_alpha"]), swiglu_limit=float(c["swiglu_limit"]),
+        norm="rmsnorm", norm_eps=c["rms_norm_eps"], pos="rope", rope_theta=theta,
+        rope_scaling=scaling, bias=True, attn_bias=bool(c["attention_bias"]), attn_sinks=True,
+        sliding_window=_given(c, "sliding_window") if "local" in kinds else None, attn_layers=kinds,
+        n_expert=c["num_local_experts"], n_expert_active=c["num_experts_per_tok"],
+        expert_hidden=c["intermediate_size"], router_renorm=True, router_bias=True,
+        ffn_layers=["moe"] * n, router_aux_loss_coef=float(c["router_aux_loss_coef"]),
+        tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra,
+    )
+
+
 def _block_from_hf(family: str) -> dict[str, Any]:
     """The attention and norm fields each Llama-like family fixes (not read from config.json)."""
     if family in ("qwen3", "qwen3_moe"):  # RMSNorm on each head of q and k
         return dict(qk_norm=True)
-    if family in ("olmo2", "olmoe"):  # RMSNorm over the whole q and k projections
+    if family in ("olmo2", "olmo3", "olmoe"):  # RMSNorm over the whole q and k projections
         return dict(qk_norm=True, qk_norm_scope="proj",
-                    norm_placement="output" if family == "olmo2" else "pre")
+                    norm_placement="pre" if family == "olmoe" else "output")
     if family == "qwen2":  # biases on q, k and v only (not on o_proj, not in the MLP)
         return dict(qkv_bias=True)
     return {}
@@ -497,15 +625,20 @@ def family_of(cfg: ModelConfig) -> str:
             f"this model has no transformers equivalent ({', '.join(k for k, v in odd.items() if v)}"
             "); keep it as a bardlm checkpoint, or train without those options to export it"
         )
+    if cfg.attn_sinks or cfg.ffn == "swiglu_clamped" or cfg.router_bias:
+        return _gpt_oss_family(cfg)
     if cfg.norm_unit_offset or cfg.embed_scale or cfg.norm_placement == "sandwich" or cfg.ffn == "geglu":
         return _gemma_family(cfg)
-    _refuse(cfg, "Gemma-only or gpt-oss options", {
+    style = (cfg.pos, cfg.norm, cfg.ffn)
+    proj_qk = cfg.qk_norm and cfg.qk_norm_scope == "proj"
+    if style == ("rope", "rmsnorm", "swiglu") and (cfg.norm_placement == "output" or proj_qk) \
+            and "moe" not in cfg.ffn_layers:
+        return _olmo_family(cfg)
+    _refuse(cfg, "Gemma-only options", {
         f"attn_softcap={cfg.attn_softcap}": cfg.attn_softcap is not None,
         f"logit_softcap={cfg.logit_softcap}": cfg.logit_softcap is not None,
         f"attn_scale_dim={cfg.attn_scale_dim}": cfg.attn_scale_dim is not None,
-        f"rope_local_theta={cfg.rope_local_theta}": cfg.rope_local_theta is not None,
-        "attn_sinks=true": cfg.attn_sinks})
-    style = (cfg.pos, cfg.norm, cfg.ffn)
+        f"rope_local_theta={cfg.rope_local_theta}": cfg.rope_local_theta is not None})
     pre = cfg.norm_placement == "pre"
     windows = {"local layers (sliding_window)": "local" in cfg.attn_layers,
                "layers without RoPE (rope_layers)": cfg.pos == "rope" and not all(cfg.rope_layers)}
@@ -514,9 +647,6 @@ def family_of(cfg: ModelConfig) -> str:
     _refuse(cfg, "Mistral, SmolLM3 or Gemma", windows)
     if "moe" in cfg.ffn_layers:
         return _moe_family(cfg, style == ("rope", "rmsnorm", "swiglu") and pre)
-    proj_qk = cfg.qk_norm and cfg.qk_norm_scope == "proj"
-    if style == ("rope", "rmsnorm", "swiglu") and (cfg.norm_placement == "output" or proj_qk):
-        return _olmo2_family(cfg)
     if style == ("rope", "rmsnorm", "swiglu") and pre and not cfg.qk_norm and not cfg.bias \
             and not cfg.attn_bias and cfg.qkv_bias:
         return "qwen2"  # biases on q, k and v only
@@ -581,14 +711,42 @@ def _gemma_family(cfg: ModelConfig) -> str:
         "norm_placement other than sandwich": cfg.norm_placement != "sandwich",
         "pos other than rope": cfg.pos != "rope", "layers without RoPE": not all(cfg.rope_layers),
         "MLP biases": cfg.bias, "qkv_bias != attn_bias": cfg.qkv_bias != cfg.attn_bias,
-        "mixture of experts": "moe" in cfg.ffn_layers, "attn_sinks=true": cfg.attn_sinks,
+        "mixture of experts": "moe" in cfg.ffn_layers,
         "rope_local_theta without qk_norm (Gemma 2 has one RoPE base)":
             not cfg.qk_norm and cfg.rope_local_theta not in (None, cfg.rope_theta)})
     return "gemma3_text" if cfg.qk_norm else "gemma2"
 
 
-def _olmo2_family(cfg: ModelConfig) -> str:
-    """olmo2: norm_placement="output" with QK-norm over the whole q and k projections."""
+def _gpt_oss_family(cfg: ModelConfig) -> str:
+    """gpt_oss, when the config has every gpt-oss trait (sinks, clamped SwiGLU experts with
+    biases, a router bias) and nothing transformers' GptOss lacks."""
+    _refuse(cfg, "transformers' gpt-oss traits: attn_sinks, ffn=swiglu_clamped, router_bias, "
+            "expert biases and every layer MoE (or none of them)", {
+        "attn_sinks=false": not cfg.attn_sinks, "router_bias=false": not cfg.router_bias,
+        f"ffn={cfg.ffn}": cfg.ffn != "swiglu_clamped", "dense FFN layers": "dense" in cfg.ffn_layers,
+        "router_renorm=false": not cfg.router_renorm, "a shared expert": cfg.shared_expert_hidden > 0,
+        "bias=false (experts without biases)": not cfg.bias, "qkv_bias != attn_bias": cfg.qkv_bias != cfg.attn_bias,
+        "norm other than rmsnorm": cfg.norm != "rmsnorm", "pos other than rope": cfg.pos != "rope",
+        "layers without RoPE": not all(cfg.rope_layers), "qk_norm=true": cfg.qk_norm,
+        "norm_placement other than pre": cfg.norm_placement != "pre",
+        "Gemma options (soft-caps, attn_scale_dim, embed_scale, norm_unit_offset, rope_local_theta)":
+            any(v not in (None, False) for v in (cfg.attn_softcap, cfg.logit_softcap, cfg.attn_scale_dim,
+                                                 cfg.embed_scale, cfg.norm_unit_offset, cfg.rope_local_theta))})
+    return "gpt_oss"
+
+
+def _olmo_family(cfg: ModelConfig) -> str:
+    """olmo2: norm_placement="output" with QK-norm over the whole q and k projections; olmo3:
+    the same with sliding-window layers, whose RoPE is never scaled (rope_local_theta)."""
+    windowed = "local" in cfg.attn_layers
+    _refuse(cfg, "OLMo 2/3", {
+        f"attn_softcap={cfg.attn_softcap}": cfg.attn_softcap is not None,
+        f"logit_softcap={cfg.logit_softcap}": cfg.logit_softcap is not None,
+        f"attn_scale_dim={cfg.attn_scale_dim}": cfg.attn_scale_dim is not None,
+        "layers without RoPE (rope_layers)": not all(cfg.rope_layers),
+        "rope_local_theta without local layers": cfg.rope_local_theta is not None and not windowed,
+        "local layers with the global layers' scaled RoPE (OLMo 3 needs rope_local_theta set)":
+            windowed and cfg.rope_scaling is not None and cfg.rope_local_theta is None})
     if cfg.norm_placement != "output" or not cfg.qk_norm or cfg.qk_norm_scope != "proj" \
             or cfg.bias or cfg.qkv_bias != cfg.attn_bias:
         raise BardlmError(
@@ -596,7 +754,7 @@ def _olmo2_family(cfg: ModelConfig) -> str:
             "qk_norm=true with qk_norm_scope=proj, no MLP bias and one attention_bias for q, k, "
             f"v and o; got norm_placement={cfg.norm_placement}, qk_norm={cfg.qk_norm}, "
             f"qk_norm_scope={cfg.qk_norm_scope}; keep it as a bardlm checkpoint")
-    return "olmo2"
+    return "olmo3" if windowed else "olmo2"
 
 
 def _moe_family(cfg: ModelConfig, llama_style: bool) -> str:
@@ -671,6 +829,17 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
     elif family == "phi3":  # no window; the context it was trained at is the whole context
         out.update(sliding_window=None, original_max_position_embeddings=cfg.block_size,
                    resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=out.get("pad_token_id"))
+    elif family == "olmo3":  # the local layers' RoPE: their own base, never scaled
+        out.update(sliding_window=cfg.sliding_window, rope_parameters={
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}},
+                   layer_types=[f"{'sliding' if k == 'local' else 'full'}_attention" for k in cfg.attn_layers])
+    elif family == "gpt_oss":  # transformers wants a window even with no local layer
+        out.update(intermediate_size=cfg.expert_hidden, num_local_experts=cfg.n_expert,
+                   num_experts_per_tok=cfg.n_expert_active, swiglu_alpha=cfg.swiglu_alpha,
+                   swiglu_limit=cfg.swiglu_limit, router_aux_loss_coef=cfg.router_aux_loss_coef,
+                   sliding_window=cfg.sliding_window or cfg.block_size,
+                   layer_types=[f"{'sliding' if k == 'local' else 'full'}_attention" for k in cfg.attn_layers])
     elif family == "olmoe":
         out.update(intermediate_size=cfg.expert_hidden, num_experts=cfg.n_expert,
                    num_experts_per_tok=cfg.n_expert_active, norm_topk_prob=cfg.router_renorm,
@@ -745,6 +914,8 @@ def _normalise_hf_names(tensors: dict[str, torch.Tensor], family: str) -> dict[s
     if family == "gpt2":
         out = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
                for k, v in out.items()}
+    if family == "gpt_oss":
+        out = _unstack_experts(out)
     return out
 
 
@@ -780,7 +951,7 @@ def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Ten
         parts = t.split(row_splits(model.config, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
         for name, part in zip(e.theirs, parts):
             out[name] = (part.t() if e.transpose else part).contiguous()
-    return out
+    return _stack_experts(out, model.config.n_expert) if family == "gpt_oss" else out
 
 
 # Loading and saving ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Position-wise feed-forward networks: a GELU/ReLU MLP (GPT-2), SwiGLU (Llama, Qwen3) and
-GeGLU (Gemma: the same gated MLP with GELU in place of SiLU)."""
+"""Position-wise feed-forward networks: a GELU/ReLU MLP (GPT-2), SwiGLU (Llama, Qwen3),
+GeGLU (Gemma: the same gated MLP with GELU in place of SiLU) and gpt-oss's clamped SwiGLU."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ def fused_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gated unit, (..., F) and (..., F) -> (..., F):
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+
+    The clamps bound the product (the gate only from above: a very negative gate is silenced by
+    the sigmoid anyway); the + 1 lets a zero `up` pass the gate's value through unchanged."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(alpha * gate))
+
+
 class MLP(nn.Module):
     """c_proj(act(c_fc(x))): widen to `hidden` (4x by default), apply the nonlinearity, narrow."""
 
@@ -40,7 +51,8 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """W2(silu(W1 x) * W3 x). W1 (gate) and W3 (up) are fused into one `c_fc` of 2*hidden rows,
     gate first, so decoding reads the input once. With cfg.ffn="geglu" the gate's nonlinearity
-    is GELU (tanh approximation): W2(gelu(W1 x) * W3 x)."""
+    is GELU (tanh approximation): W2(gelu(W1 x) * W3 x); with "swiglu_clamped" the gated unit is
+    gpt-oss's `clamped_swiglu`."""
 
     def __init__(self, cfg: ModelConfig, hidden: int | None = None, dropout: bool = True) -> None:
         """hidden: the width (default ffn_hidden; an expert's is expert_hidden). dropout=False
@@ -54,7 +66,10 @@ class SwiGLU(nn.Module):
         self.act = F.silu
         if cfg.ffn == "geglu":
             self.act = fused_gelu_tanh if cfg.fused_ops else gelu_tanh
+        # (alpha, limit) of gpt-oss's clamped unit, or None for act(gate) * up
+        self.clamp = (cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.ffn == "swiglu_clamped" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         gate, up = self.c_fc(x).split(self.hidden, dim=-1)
-        return self.dropout(self.c_proj(self.act(gate) * up))
+        h = self.act(gate) * up if self.clamp is None else clamped_swiglu(gate, up, *self.clamp)
+        return self.dropout(self.c_proj(h))

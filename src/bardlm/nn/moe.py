@@ -1,6 +1,6 @@
 """Mixture of experts: a router picks, for each token, k of E SwiGLU experts and mixes their outputs.
 
-    logits = router(x)                     (N, E)   one linear map, no bias
+    logits = router(x)                     (N, E)   one linear map (a bias only in gpt-oss)
     p      = softmax(logits)               (N, E)   in fp32
     w, e   = top-k(p)                      (N, k)   weights and expert ids
     w      = w / sum(w)   if router_renorm         (Mixtral, Qwen3-MoE; OLMoE keeps raw p)
@@ -37,7 +37,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_expert, self.top_k, self.renorm = cfg.n_expert, cfg.n_expert_active, cfg.router_renorm
-        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.router_bias)
         self.experts = nn.ModuleList(
             [SwiGLU(cfg, cfg.expert_hidden, dropout=False) for _ in range(cfg.n_expert)]
         )
@@ -147,4 +147,4 @@ def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
     in feedforward.py: the mixture is built from the dense SwiGLU, so it sits above it.)"""
     if cfg.ffn_layers[layer] == "moe":
         return MoE(cfg)
-    return SwiGLU(cfg) if cfg.ffn in ("swiglu", "geglu") else MLP(cfg)
+    return SwiGLU(cfg) if cfg.ffn in ("swiglu", "geglu", "swiglu_clamped") else MLP(cfg)
