@@ -1,0 +1,149 @@
+"""DeepSeek-V3's multi-head latent attention (nn/mla.py) and its latent cache, against
+`transformers`' DeepseekV3Attention built from small configs with random weights (nothing is
+downloaded); the absorbed decode form against the expanded one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import DeepseekV3Config  # noqa: E402
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
+
+from bardlm import BardlmError, ModelConfig  # noqa: E402
+from bardlm.nn.cache import LatentCache  # noqa: E402
+from bardlm.nn.mla import LatentAttention  # noqa: E402
+from bardlm.nn.model import GPT  # noqa: E402
+
+V = 83
+# 4 heads, latent 16, RoPE key 8, no-RoPE query/key part 16, values 12 (all different: a swapped
+# split would not line up).
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+        "mscale": 0.9, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
+ATTN_NAMES = {"q_proj": "q_proj", "q_a_proj": "q_a_proj", "q_a_layernorm": "q_a_norm",
+              "q_b_proj": "q_b_proj", "kv_a_proj_with_mqa": "kv_a_proj",
+              "kv_a_layernorm": "kv_a_norm", "kv_b_proj": "kv_b_proj", "o_proj": "c_proj"}
+
+
+def hf_config(q_lora_rank: int | None = 24, interleave: bool = True, rope=None) -> DeepseekV3Config:  # noqa: ANN001
+    rope = rope or {"rope_type": "default", "rope_theta": 10000.0}
+    return DeepseekV3Config(vocab_size=V, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                            q_lora_rank=q_lora_rank, rope_interleave=interleave, max_position_embeddings=128,
+                            rope_parameters={"rope_theta": 10000.0, **rope}, attn_implementation="eager",
+                            **MLA)
+
+
+def our_config(hf: DeepseekV3Config, **over) -> ModelConfig:  # noqa: ANN003
+    rope = dict(hf.rope_parameters)
+    theta, kind = rope.pop("rope_theta"), rope.get("rope_type")
+    fields = dict(vocab_size=V, block_size=128, n_layer=2, n_head=4, n_embd=64, pos="rope", norm="rmsnorm",
+                  ffn="swiglu", bias=False, norm_eps=1e-6, rope_theta=theta,
+                  rope_scaling=rope if kind != "default" else None, attn_type="mla",
+                  q_lora_rank=hf.q_lora_rank, rope_interleave=hf.rope_interleave, **MLA)
+    return ModelConfig(**{**fields, **over})
+
+
+def randomised(module: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    return module.eval()
+
+
+def attention_pair(hf: DeepseekV3Config) -> tuple[DeepseekV3Attention, GPT]:
+    """(transformers' attention layer, a GPT of ours whose layer 0 holds the same weights)."""
+    ref = randomised(DeepseekV3Attention(hf, layer_idx=0))
+    ours = GPT(our_config(hf)).eval()
+    attn = ours.transformer.h[0].attn
+    sd = {ATTN_NAMES[name.rpartition(".")[0]] + ".weight": p for name, p in ref.named_parameters()}
+    attn.load_state_dict(sd)
+    return ref, ours
+
+
+@pytest.mark.parametrize("q_lora_rank,interleave,rope", [
+    (24, True, None), (None, True, None), (24, False, None), (24, True, YARN)],
+    ids=["low-rank-q", "full-q", "rotate-half", "yarn"])
+def test_latent_attention_matches_transformers(q_lora_rank, interleave, rope) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    hf = hf_config(q_lora_rank, interleave, rope)
+    ref, ours = attention_pair(hf)
+    B, T = 2, 40
+    x = torch.randn(B, T, 64)
+    positions = torch.arange(T)
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        cos_sin = DeepseekV3RotaryEmbedding(hf)(x, positions[None])
+        want, _ = ref(x, cos_sin, causal)
+        got = ours.transformer.h[0].attn(x, ours.rope(positions))
+    assert (got - want).abs().max().item() < 1e-4
+    assert want.abs().max().item() > 0.1  # not a trivially small output
+
+
+def test_yarn_sharpens_the_softmax_by_mscale_squared() -> None:
+    """DeepSeek's softmax scale 1/sqrt(24) * (0.1 * 0.8 * ln 4 + 1)^2 (yarn_apply_mscale)."""
+    attn = LatentAttention(our_config(hf_config(rope=YARN)))
+    assert attn.scale == pytest.approx(24 ** -0.5 * (0.1 * 0.8 * torch.log(torch.tensor(4.0)).item() + 1) ** 2)
+
+
+def test_cache_holds_only_the_latent_and_rope_key_and_decodes_as_the_full_pass() -> None:
+    torch.manual_seed(1)
+    model = GPT(our_config(hf_config())).eval()
+    cache = model.make_cache(2, 32)
+    assert all(isinstance(c, LatentCache) for c in cache)
+    assert cache[0].k.shape == (2, 1, 32, 16) and cache[0].v.shape == (2, 1, 32, 8)
+    assert sum(c.nbytes() for c in cache) == 2 * 32 * model.config.n_layer * (16 + 8) * 4
+    assert model.config.cache_width() == 16 + 8
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        steps = [model(idx[:, :12], cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(12, 20)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["int-start-pos", "tensor-start-pos"])
+def test_absorbed_decode_equals_the_expanded_form(static) -> None:  # noqa: ANN001
+    """Decoding with kv_b absorbed into the query and the output gives the expanded form's
+    logits, with the int start_pos (eager) and with cache indices (the static step)."""
+    torch.manual_seed(2)
+    model = GPT(our_config(hf_config())).eval()
+    idx = torch.randint(0, V, (2, 16))
+
+    def decode(absorb: str) -> torch.Tensor:
+        for block in model.transformer.h:
+            block.attn.absorb = absorb
+        cache = model.make_cache(2, 24)
+        out = [model(idx[:, :8], cache=cache)[0]]
+        for t in range(8, 16):
+            pos = torch.tensor([t]) if static else t
+            out.append(model(idx[:, t:t + 1], cache=cache, start_pos=pos)[0])
+        return torch.cat(out, 1)
+
+    with torch.no_grad():
+        expanded, absorbed = decode("never"), decode("always")
+    assert (absorbed - expanded).abs().max().item() < 1e-5
+    assert (expanded[:, 1:] - expanded[:, :-1]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(kv_lora_rank=None), "attn_type=mla needs kv_lora_rank"),
+    (dict(n_kv_head=2), "n_kv_head must equal n_head"),
+    (dict(pos="learned"), "does not combine with pos other than rope"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+     "supports rope_scaling yarn"),
+    (dict(attn_type="mha"), "only apply to latent attention"),
+])
+def test_mla_config_refusals(fields, message) -> None:  # noqa: ANN001
+    with pytest.raises(BardlmError, match=message) as err:
+        our_config(hf_config(), **fields)
+    assert "\n" not in str(err.value)
