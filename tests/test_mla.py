@@ -1,6 +1,7 @@
-"""DeepSeek-V3's multi-head latent attention (nn/mla.py) and its latent cache, against
-`transformers`' DeepseekV3Attention built from small configs with random weights (nothing is
-downloaded); the absorbed decode form against the expanded one."""
+"""DeepSeek-V3's multi-head latent attention (nn/mla.py), its latent cache and its routing
+(nn/moe.py), against `transformers`' DeepseekV3Attention and DeepseekV3MoE built from small
+configs with random weights (nothing is downloaded); the absorbed decode form against the expanded
+one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
     DeepseekV3Attention,
+    DeepseekV3MoE,
     DeepseekV3RotaryEmbedding,
 )
 
@@ -19,6 +21,7 @@ from bardlm import BardlmError, ModelConfig  # noqa: E402
 from bardlm.nn.cache import LatentCache  # noqa: E402
 from bardlm.nn.mla import LatentAttention  # noqa: E402
 from bardlm.nn.model import GPT  # noqa: E402
+from bardlm.nn.moe import MoE  # noqa: E402
 
 V = 83
 # 4 heads, latent 16, RoPE key 8, no-RoPE query/key part 16, values 12 (all different: a swapped
@@ -146,4 +149,73 @@ def test_absorbed_decode_equals_the_expanded_form(static) -> None:  # noqa: ANN0
 def test_mla_config_refusals(fields, message) -> None:  # noqa: ANN001
     with pytest.raises(BardlmError, match=message) as err:
         our_config(hf_config(), **fields)
+    assert "\n" not in str(err.value)
+
+
+def moe_pair(renorm: bool, groups: int = 4, topk_groups: int = 2) -> tuple[DeepseekV3MoE, MoE]:
+    """(transformers' DeepSeek-V3 MoE block with a random router and correction bias, ours with
+    the same weights): 8 experts in `groups` groups, top 3, a shared expert, scale 2.5."""
+    hf = DeepseekV3Config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8,
+                          num_experts_per_tok=3, n_group=groups, topk_group=topk_groups, n_shared_experts=2,
+                          routed_scaling_factor=2.5, norm_topk_prob=renorm)
+    ref = randomised(DeepseekV3MoE(hf))
+    with torch.no_grad():
+        ref.gate.weight.normal_(0.0, 1.0)
+        ref.gate.e_score_correction_bias.normal_(0.0, 0.5)  # big enough to change choices
+    cfg = ModelConfig(n_layer=1, n_head=4, n_embd=64, ffn="swiglu", norm="rmsnorm", pos="rope", bias=False,
+                      n_expert=8, n_expert_active=3, expert_hidden=32, shared_expert_hidden=64,
+                      shared_expert_gate=False, router_score="sigmoid", router_groups=groups,
+                      router_topk_groups=topk_groups, routed_scale=2.5, router_renorm=renorm)
+    ours = MoE(cfg).eval()
+    e = ref.experts
+    sd = {"router.weight": ref.gate.weight, "router_bias": ref.gate.e_score_correction_bias,
+          "shared.c_fc.weight": torch.cat([ref.shared_experts.gate_proj.weight, ref.shared_experts.up_proj.weight]),
+          "shared.c_proj.weight": ref.shared_experts.down_proj.weight}
+    for i in range(8):
+        sd[f"experts.{i}.c_fc.weight"] = e.gate_up_proj[i]  # rows [gate | up], as ours
+        sd[f"experts.{i}.c_proj.weight"] = e.down_proj[i]
+    ours.load_state_dict(sd)
+    return ref, ours
+
+
+@pytest.mark.parametrize("renorm,groups,topk_groups", [(True, 4, 2), (False, 4, 2), (True, 1, 1)],
+                         ids=["renorm-groups", "raw-groups", "renorm-one-group"])
+def test_deepseek_routing_matches_transformers(renorm, groups, topk_groups) -> None:  # noqa: ANN001
+    """Sigmoid scores, the correction bias (choice only), group-limited top-k, norm_topk_prob,
+    routed_scaling_factor and an ungated shared expert: equal to transformers' block, with many
+    tokens (the grouped path) and one (the decode path)."""
+    torch.manual_seed(3)
+    ref, ours = moe_pair(renorm, groups, topk_groups)
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        want = ref(x)
+        assert (ours(x) - want).abs().max().item() < 1e-4
+        assert (ours(x[:1, :1]) - want[:1, :1]).abs().max().item() < 1e-4
+        # The correction bias and the group limit both change which experts run.
+        _, _, chosen = ours.route(x.view(-1, 64))
+        ours.router_bias.zero_()
+        _, _, unbiased = ours.route(x.view(-1, 64))
+        assert not torch.equal(chosen.sort(-1).values, unbiased.sort(-1).values)
+
+
+def test_group_limit_keeps_experts_inside_the_best_groups() -> None:
+    torch.manual_seed(4)
+    _, ours = moe_pair(True)
+    _, _, experts = ours.route(torch.randn(200, 64))
+    groups = experts // 2  # 8 experts in 4 groups of 2
+    assert all(len(set(row.tolist())) <= 2 for row in groups)  # at most topk_group=2 groups
+    assert len(set(groups.flatten().tolist())) == 4  # yet every group is used by some token
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(router_groups=3), "router_groups must divide n_expert"),
+    (dict(router_groups=8, router_topk_groups=2), "needs >= 2 experts"),
+    (dict(router_groups=4, router_topk_groups=1, n_expert_active=3), "raise router_topk_groups"),
+    (dict(router_aux_loss_coef=0.01), "router_score=sigmoid set router_aux_loss_coef=0"),
+])
+def test_routing_config_refusals(fields, message) -> None:  # noqa: ANN001
+    base = dict(n_layer=1, n_head=4, n_embd=64, ffn="swiglu", pos="rope", n_expert=8, n_expert_active=2,
+                router_score="sigmoid")
+    with pytest.raises(BardlmError, match=message) as err:
+        ModelConfig(**{**base, **fields})
     assert "\n" not in str(err.value)
