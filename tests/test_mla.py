@@ -10,14 +10,18 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import DeepseekV3Config  # noqa: E402
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
     DeepseekV3Attention,
     DeepseekV3MoE,
     DeepseekV3RotaryEmbedding,
 )
 
+import bardlm  # noqa: E402
 from bardlm import BardlmError, ModelConfig  # noqa: E402
+from bardlm.infer.quantize import Int8Linear  # noqa: E402
+from bardlm.io.gguf import check_exportable  # noqa: E402
+from bardlm.io.hf import family_of, from_pretrained, save_pretrained  # noqa: E402
 from bardlm.nn.cache import LatentCache  # noqa: E402
 from bardlm.nn.mla import LatentAttention  # noqa: E402
 from bardlm.nn.model import GPT  # noqa: E402
@@ -218,4 +222,115 @@ def test_routing_config_refusals(fields, message) -> None:  # noqa: ANN001
                 router_score="sigmoid")
     with pytest.raises(BardlmError, match=message) as err:
         ModelConfig(**{**base, **fields})
+    assert "\n" not in str(err.value)
+
+
+# Whole models ---------------------------------------------------------------------------------
+SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
+             n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+             max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **MLA)
+CASES = {
+    "low-rank-q": dict(q_lora_rank=24),
+    "full-q-yarn-raw-topk-tied": dict(q_lora_rank=None, norm_topk_prob=False, tie_word_embeddings=True,
+                                      rope_parameters={"rope_theta": 1e4, **YARN}),
+    "rotate-half-attention-bias": dict(q_lora_rank=24, rope_interleave=False, attention_bias=True),
+}
+
+
+def deepseek(**over) -> DeepseekV3ForCausalLM:  # noqa: ANN003
+    """A random DeepSeek-V3: norms away from 1, biases away from 0, N(0, 1) routers and a
+    correction bias that changes choices (HF starts them at 1, 0, N(0, 0.02) and 0)."""
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**SMALL, **over}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 1.0)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def pair(request, tmp_path_factory):  # noqa: ANN001, ANN201
+    """(transformers' DeepSeek-V3, ours loaded from its save_pretrained directory, a scratch dir)."""
+    torch.manual_seed(sum(map(ord, request.param)))
+    ref = deepseek(**CASES[request.param])
+    tmp = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(tmp / "hf")
+    return ref, from_pretrained(tmp / "hf"), tmp
+
+
+def test_logits_match_transformers(pair) -> None:  # noqa: ANN001
+    ref, ours, _ = pair
+    assert ours.config.attn_type == "mla" and ours.config.ffn_layers == ["dense", "moe", "moe"]
+    idx = torch.randint(0, V, (2, 48))
+    with torch.no_grad():
+        want = ref(idx).logits
+        got, _ = ours(idx)
+    assert got.shape == want.shape == (2, 48, V)
+    assert (got - want).abs().max().item() < 1e-4
+    assert (want[:, 1:] - want[:, :-1]).abs().max().item() > 1e-2  # the logits do vary
+
+
+def test_greedy_64_tokens_with_the_latent_cache_match_transformers(pair) -> None:  # noqa: ANN001
+    """Our decode steps run the absorbed form over the latent cache; transformers' expand."""
+    ref, ours, _ = pair
+    idx = torch.randint(0, V, (2, 5))
+    ref.generation_config.eos_token_id = None  # greedy all the way: no early stop at EOS
+    want = ref.generate(idx, max_new_tokens=64, do_sample=False, pad_token_id=0,
+                        attention_mask=torch.ones_like(idx))
+    got = ours.generate(idx, 64, temperature=0.0)
+    assert got.shape == want.shape == (2, 69)
+    assert torch.equal(got, want)
+
+
+def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
+    ref, ours, tmp = pair
+    save_pretrained(ours, tmp / "back")
+    again = AutoModelForCausalLM.from_pretrained(tmp / "back").eval()
+    assert type(again) is type(ref)
+    ref_sd, again_sd = ref.state_dict(), again.state_dict()
+    assert ref_sd.keys() == again_sd.keys()
+    assert all(torch.equal(ref_sd[k], again_sd[k]) for k in ref_sd)
+    idx = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        assert (again(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+    assert from_pretrained(tmp / "back").config == ours.config
+
+
+def test_int8_runs_and_decodes_close_to_fp32(tmp_path) -> None:  # noqa: ANN001
+    """int8 weights (routers kept float), the absorbed decode reading kv_b dequantized."""
+    torch.manual_seed(5)
+    deepseek(q_lora_rank=24).save_pretrained(tmp_path)
+    fp32, _ = bardlm.load(tmp_path)
+    q, _ = bardlm.load(tmp_path, dtype="int8")
+    assert isinstance(q.transformer.h[1].attn.kv_b_proj, Int8Linear)
+    assert type(q.transformer.h[1].mlp.router) is torch.nn.Linear
+    idx = torch.randint(0, V, (1, 20))
+    with torch.no_grad():
+        want, got = fp32(idx)[0], q(idx)[0].float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert q.generate(idx, 8, temperature=0.0).shape == (1, 28)
+
+
+def test_multi_token_prediction_layers_are_skipped_and_gguf_is_refused(tmp_path) -> None:  # noqa: ANN001
+    """A real DeepSeek-V3 checkpoint carries its MTP module as layer n_layer: it loads without
+    it. GGUF export of the family is refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(6)
+    deepseek().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    cfg = from_pretrained(tmp_path).config
+    assert family_of(cfg) == "deepseek_v3"
+    with pytest.raises(BardlmError, match="GGUF export of deepseek_v3 models is not implemented") as err:
+        check_exportable(cfg)
     assert "\n" not in str(err.value)
