@@ -28,6 +28,10 @@ FFNS = ("gelu", "relu", "swiglu", "geglu", "swiglu_clamped")
 # "output" (OLMo 2): only the norm on the output.
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "output")
 ATTN_KINDS = ("global", "local")  # per layer: every earlier key, or the last `sliding_window`
+# How a layer makes its keys and values: "mha" (per KV head: MHA, GQA, MQA) or "mla" (DeepSeek's
+# multi-head latent attention: one compressed latent per token, nn/mla.py).
+ATTN_TYPES = ("mha", "mla")
+ROUTER_SCORES = ("softmax", "sigmoid")
 QK_NORM_SCOPES = ("head", "proj")
 ATTN_IMPLS = ("sdpa", "explicit")
 # How a query scores a key; everything but "dot" runs on the explicit path (docs/concepts.md).
@@ -111,6 +115,19 @@ class ModelConfig:
     # False runs; tests hold them equal). The written-out ones cost ~2x a CPU training step.
     fused_ops: bool = True
     attn_score: str = "dot"  # "dot" q.k/sqrt(d), "dot_unscaled", "additive", "bilinear", "cosine"
+    # Multi-head latent attention (DeepSeek-V2/V3, attn_type="mla"): keys and values come from a
+    # latent of kv_lora_rank values per token (RMS-normed), plus one RoPE key of qk_rope_head_dim
+    # shared by the heads; the cache holds only those two. Queries are low-rank too when
+    # q_lora_rank is set. Each head scores with qk_nope_head_dim + qk_rope_head_dim channels
+    # (head_dim resolves to that sum) and returns v_head_dim. rope_interleave: RoPE pairs
+    # channels (2i, 2i+1), as DeepSeek's checkpoints store them, instead of (i, i + d/2).
+    attn_type: str = "mha"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = False
     share_layers: bool = False  # ALBERT: one block's weights applied n_layer times
     residual: bool = True  # skip connections around attention and FFN (False: an ablation)
     # Mixture of experts (nn/moe.py): a router sends each token to `n_expert_active` of
@@ -123,6 +140,16 @@ class ModelConfig:
     router_renorm: bool = True
     router_bias: bool = False  # a bias on the router's logits (gpt-oss)
     shared_expert_hidden: int = 0  # > 0: a SwiGLU every token runs, sigmoid-gated (Qwen2-MoE)
+    shared_expert_gate: bool = True  # False: the shared expert's output is added as is (DeepSeek-V3)
+    # DeepSeek-V3 routing: "sigmoid" scores each expert alone (no softmax over experts) and picks
+    # the top k of score + a correction bias (a buffer, `correction_bias`; selection only, the
+    # weights are the scores). router_groups / router_topk_groups: experts split in groups, a
+    # token picks among the best topk groups only (a group's worth: its two best scores).
+    # routed_scale multiplies the routed experts' weights (routed_scaling_factor).
+    router_score: str = "softmax"
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    routed_scale: float = 1.0
     # Per layer "dense" (ffn_hidden wide) or "moe"; None -> every layer "moe" when n_expert > 0
     # (transformers' mlp_only_layers / decoder_sparse_step, resolved once).
     ffn_layers: list[str] | None = None
@@ -143,6 +170,8 @@ class ModelConfig:
     def derived(self) -> dict[str, Any]:
         """The value each "derive me" field takes when left as None."""
         head_dim = self.n_embd // self.n_head
+        if self.attn_type == "mla" and self.qk_nope_head_dim is not None and self.qk_rope_head_dim is not None:
+            head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim  # the width q.k spans
         # qkv_bias follows attn_bias, which may itself still be None (-> bias) at this point.
         attn_bias = self.bias if self.attn_bias is None else self.attn_bias
         return {"n_kv_head": self.n_head, "head_dim": head_dim, "ffn_hidden": 4 * self.n_embd,
@@ -177,7 +206,9 @@ class ModelConfig:
         _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("attn_score", self.attn_score, ATTN_SCORES)
-        if self.head_dim is None and self.n_embd % self.n_head != 0:  # before resolve()
+        _check_choice("attn_type", self.attn_type, ATTN_TYPES)
+        _check_choice("router_score", self.router_score, ROUTER_SCORES)
+        if self.head_dim is None and self.n_embd % self.n_head != 0 and self.attn_type != "mla":  # before resolve()
             raise BardlmError(
                 f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"pick n_head from {_divisors(self.n_embd)} or set head_dim explicitly"
@@ -187,7 +218,7 @@ class ModelConfig:
                 f"config: n_head ({self.n_head}) must be divisible by n_kv_head "
                 f"({self.n_kv_head}); pick n_kv_head from {_divisors(self.n_head)}"
             )
-        if self.pos == "rope" and self.head_dim is not None and self.head_dim % 2 != 0:
+        if self.pos == "rope" and self.attn_type != "mla" and self.head_dim is not None and self.head_dim % 2 != 0:
             raise BardlmError(
                 f"config: RoPE rotates pairs of channels, so head_dim must be even, got "
                 f"{self.head_dim}; change n_embd/n_head or head_dim"
@@ -210,6 +241,7 @@ class ModelConfig:
                                   "(gpt-oss uses swiglu_alpha=1.702, swiglu_limit=7.0)")
         self._validate_moe()
         self._validate_attention()
+        self._validate_mla()
 
     def _validate_attention(self) -> None:
         """The per-layer attention fields (attn_layers, sliding_window, rope_layers, caps)."""
@@ -238,6 +270,60 @@ class ModelConfig:
             raise BardlmError("config: share_layers applies one block to every layer, so "
                               "attn_layers and rope_layers cannot vary; drop share_layers")
 
+    def _validate_mla(self) -> None:
+        """The latent-attention fields: all sizes given for attn_type="mla", none otherwise."""
+        sizes = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for name in ("q_lora_rank", *sizes):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BardlmError(f"config: {name} must be a positive integer or null, got {value}")
+        if self.attn_type != "mla":
+            given = [n for n in ("q_lora_rank", *sizes) if getattr(self, n) is not None]
+            if given or self.rope_interleave:
+                raise BardlmError(f"config: {', '.join(given) or 'rope_interleave'} only apply to "
+                                  "latent attention; set attn_type=mla or drop them")
+            return
+        missing = [n for n in sizes if getattr(self, n) is None]
+        if missing:
+            raise BardlmError(f"config: attn_type=mla needs {', '.join(missing)} (e.g. DeepSeek-V3: "
+                              "kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)")
+        odd = {"pos other than rope": self.pos != "rope", "attn_score other than dot": self.attn_score != "dot",
+               "local layers": "local" in (self.attn_layers or []), "attn_sinks": self.attn_sinks,
+               "attn_softcap": self.attn_softcap is not None, "qk_norm": self.qk_norm,
+               "attn_scale_dim": self.attn_scale_dim is not None,
+               "layers without RoPE": self.rope_layers is not None and not all(self.rope_layers)}
+        found = [k for k, v in odd.items() if v]
+        if found:
+            raise BardlmError(f"config: attn_type=mla does not combine with {', '.join(found)}; "
+                              "latent attention is global, rotary, dot-product attention")
+        if self.qk_rope_head_dim % 2:
+            raise BardlmError(f"config: RoPE rotates pairs of channels, so qk_rope_head_dim must be "
+                              f"even, got {self.qk_rope_head_dim}")
+        if self.head_dim is not None and self.head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim:
+            raise BardlmError(f"config: with attn_type=mla head_dim is qk_nope_head_dim + "
+                              f"qk_rope_head_dim = {self.qk_nope_head_dim + self.qk_rope_head_dim}, "
+                              f"got {self.head_dim}; leave head_dim null")
+        if self.n_kv_head not in (None, self.n_head):
+            raise BardlmError(f"config: latent attention has no KV heads of its own (every head reads "
+                              f"the one latent), so n_kv_head must equal n_head, got {self.n_kv_head}")
+        if self.rope_scaling and (self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+                                  not in ("yarn", "default")):
+            raise BardlmError(f"config: attn_type=mla supports rope_scaling yarn (DeepSeek-V3's) "
+                              f"only, got {self.rope_scaling}")
+
+    @property
+    def rope_dim(self) -> int:
+        """The channels of each head that RoPE rotates: head_dim, or the decoupled RoPE key's
+        qk_rope_head_dim under latent attention."""
+        return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
+
+    def cache_width(self) -> int:
+        """Values one layer's cache holds per position: a key and a value per KV head, or under
+        latent attention the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim)."""
+        if self.attn_type == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.n_kv_head * self.head_dim
+
     def layer_cache_lengths(self, tokens: int) -> list[int]:
         """Positions the KV cache of one sequence holds per layer for a `tokens` context: all of
         them for a global layer, at most `sliding_window` for a local one (a ring buffer)."""
@@ -258,6 +344,7 @@ class ModelConfig:
             if not 1 <= self.n_expert_active <= self.n_expert:
                 raise BardlmError(f"config: n_expert_active must be in [1, n_expert={self.n_expert}], "
                                   f"got {self.n_expert_active}")
+            self._validate_groups()
         if self.ffn_layers is None:
             return
         if len(self.ffn_layers) != self.n_layer or not set(self.ffn_layers) <= {"dense", "moe"}:
@@ -268,6 +355,25 @@ class ModelConfig:
         if self.share_layers and len(set(self.ffn_layers)) > 1:
             raise BardlmError("config: share_layers applies one block to every layer, so ffn_layers "
                               "cannot mix dense and moe; drop share_layers or use one kind")
+
+    def _validate_groups(self) -> None:
+        """Group-limited routing: groups divide the experts, the kept groups hold the top k."""
+        groups, kept = self.router_groups, self.router_topk_groups
+        if groups <= 0 or self.n_expert % groups or not 1 <= kept <= groups:
+            raise BardlmError(f"config: router_groups must divide n_expert ({self.n_expert}) and "
+                              f"router_topk_groups be in [1, router_groups]; got {groups}, {kept}")
+        per_group = self.n_expert // groups
+        if groups > 1 and per_group < 2:
+            raise BardlmError(f"config: a group's score is its two best experts, so each of the "
+                              f"{groups} groups needs >= 2 experts; use fewer groups")
+        if self.n_expert_active > kept * per_group:
+            raise BardlmError(f"config: n_expert_active ({self.n_expert_active}) is more than the "
+                              f"{kept} kept groups hold ({kept * per_group}); raise router_topk_groups")
+        if self.routed_scale <= 0:
+            raise BardlmError(f"config: routed_scale must be positive, got {self.routed_scale}")
+        if self.router_score == "sigmoid" and self.router_aux_loss_coef > 0:
+            raise BardlmError("config: the load-balancing loss is written for softmax routers; "
+                              "with router_score=sigmoid set router_aux_loss_coef=0")
 
     # Serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

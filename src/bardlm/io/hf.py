@@ -4,8 +4,9 @@ The families: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` (Qwen2 a
 `Qwen3ForCausalLM`, `Olmo2ForCausalLM`, `Phi3ForCausalLM`, the mixtures of experts
 `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`, `MixtralForCausalLM` and `OlmoeForCausalLM`,
 the sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`
-(text) and `SmolLM3ForCausalLM` (with NoPE layers), and `GptOssForCausalLM` (both: experts,
-sinks, alternating windows). The bridge is two tables and two config translators:
+(text) and `SmolLM3ForCausalLM` (with NoPE layers), `GptOssForCausalLM` (both: experts,
+sinks, alternating windows) and `DeepseekV3ForCausalLM` (latent attention, group-limited sigmoid
+routing). The bridge is two tables and two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
   `c_attn` is fused (rows [q | k | v]) and SwiGLU's `c_fc` is fused (rows [gate | up]), so one of
@@ -66,7 +67,8 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "gpt_oss": "GptOssForCausalLM", "olmo3": "Olmo3ForCausalLM"}
+                 "gpt_oss": "GptOssForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 # Families whose attention may be sliding-window (per layer); the others refuse windows.
 WINDOW_FAMILIES = ("mistral", "smollm3", "gpt_oss", "olmo3", *GEMMA_FAMILIES)
@@ -225,22 +227,43 @@ def _gemma_table() -> list[Entry]:
     return llama + norms
 
 
+def _shared_expert_table(module: str) -> list[Entry]:
+    """A shared expert's SwiGLU (`module` its HF name under mlp.: shared_expert, shared_experts)."""
+    h, t = "transformer.h.{i}.mlp.shared.", f"model.layers.{{i}}.mlp.{module}."
+    return [Entry(h + "c_fc.weight", (t + "gate_proj.weight", t + "up_proj.weight")),
+            Entry(h + "c_proj.weight", (t + "down_proj.weight",))]
+
+
+def _deepseek_v3_table() -> list[Entry]:
+    """DeepSeek-V3: latent attention (nn/mla.py, HF's names but our norms' and output's), dense
+    first layers under Llama's MLP names, then MoE layers whose router keeps its correction bias
+    beside its weight and whose shared experts are one SwiGLU."""
+    h, t = "transformer.h.{i}.attn.", "model.layers.{i}.self_attn."
+    attn = [Entry(h + ours, (t + theirs,)) for ours, theirs in (
+        ("q_proj.weight", "q_proj.weight"), ("q_a_norm.weight", "q_a_layernorm.weight"),
+        ("q_b_proj.weight", "q_b_proj.weight"), ("kv_a_norm.weight", "kv_a_layernorm.weight"),
+        ("kv_b_proj.weight", "kv_b_proj.weight"),
+        *((f"{ours}.{p}", f"{theirs}.{p}") for p in ("weight", "bias") for ours, theirs in (
+            ("q_a_proj", "q_a_proj"), ("kv_a_proj", "kv_a_proj_with_mqa"), ("c_proj", "o_proj"))))]
+    correction_bias = Entry("transformer.h.{i}.mlp.correction_bias",
+                            ("model.layers.{i}.mlp.gate.e_score_correction_bias",))
+    return (_moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + attn + [correction_bias]
+            + _shared_expert_table("shared_experts"))
+
+
 TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(),
           "mistral": _llama_table(), "smollm3": _llama_table(),
           "gemma2": _gemma_table(), "gemma3_text": _gemma_table(),
           "qwen3_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
-          "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + [
-              Entry("transformer.h.{i}.mlp.shared.c_fc.weight",
-                    ("model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-                     "model.layers.{i}.mlp.shared_expert.up_proj.weight")),
-              Entry("transformer.h.{i}.mlp.shared.c_proj.weight",
-                    ("model.layers.{i}.mlp.shared_expert.down_proj.weight",)),
+          "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj")
+          + _shared_expert_table("shared_expert") + [
               Entry("transformer.h.{i}.mlp.shared_gate.weight",
                     ("model.layers.{i}.mlp.shared_expert_gate.weight",))],
           "mixtral": _moe_table("block_sparse_moe", "gate", "w1", "w3", "w2"),
           "qwen2": _llama_table(), "olmo2": _olmo2_table(), "phi3": _phi3_table(),
           "olmoe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
-          "gpt_oss": _gpt_oss_table(), "olmo3": _olmo2_table()}
+          "gpt_oss": _gpt_oss_table(), "olmo3": _olmo2_table(),
+          "deepseek_v3": _deepseek_v3_table()}
 
 
 def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
@@ -335,12 +358,20 @@ OLMOE_DEFAULTS = dict(OLMO2_DEFAULTS, hidden_size=2048, intermediate_size=2048,
                       num_hidden_layers=16, num_attention_heads=16, max_position_embeddings=4096,
                       clip_qkv=None, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
                       router_aux_loss_coef=0.01)
+DEEPSEEK_V3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                           moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                           num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+                           routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                           qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
+                           topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+                           norm_topk_prob=True, max_position_embeddings=4096, rope_interleave=True)
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
             "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
             "mixtral": MIXTRAL_DEFAULTS, "mistral": MISTRAL_DEFAULTS, "smollm3": SMOLLM3_DEFAULTS,
             "gemma2": GEMMA2_DEFAULTS, "gemma3_text": GEMMA3_DEFAULTS, "qwen2": QWEN2_DEFAULTS,
             "olmo2": OLMO2_DEFAULTS, "phi3": PHI3_DEFAULTS, "olmoe": OLMOE_DEFAULTS,
-            "gpt_oss": GPT_OSS_DEFAULTS, "olmo3": OLMO3_DEFAULTS}
+            "gpt_oss": GPT_OSS_DEFAULTS, "olmo3": OLMO3_DEFAULTS,
+            "deepseek_v3": DEEPSEEK_V3_DEFAULTS}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both GELU's tanh approximation
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
@@ -412,6 +443,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         return _gpt_oss_config(hf, c, extra, where)
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
+    if family == "deepseek_v3":
+        return _deepseek_v3_config(hf, c, extra, where)
     # Mixtral and Phi-3 slide whenever sliding_window is set (a window as long as the context
     # never hides a key, so it is full attention).
     window = c.get("sliding_window") if family in ("mixtral", "phi3") else None
@@ -575,6 +608,34 @@ def _gpt_oss_config(hf: dict[str, Any], c: dict[str, Any], extra: dict[str, Any]
     )
 
 
+def _deepseek_v3_config(hf: dict[str, Any], c: dict[str, Any], extra: dict[str, Any],
+                        where: str) -> ModelConfig:
+    """DeepSeek-V3: latent attention (every head reads one latent; num_key_value_heads is not
+    used), first_k_dense_replace dense layers, then MoE layers with sigmoid, group-limited
+    routing and ungated shared experts. The multi-token-prediction layers are not run."""
+    theta, scaling = _rope_from_hf(hf, where)
+    n, k_dense = c["num_hidden_layers"], c["first_k_dense_replace"] or 0
+    bias = bool(c["attention_bias"])  # on q_a, kv_a and o (never on q_proj, q_b, kv_b)
+    n_expert = c.get("num_local_experts", c["n_routed_experts"]) or 0
+    moe = dict(n_expert=n_expert, n_expert_active=c["num_experts_per_tok"],
+               expert_hidden=c["moe_intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
+               shared_expert_hidden=c["moe_intermediate_size"] * (c["n_shared_experts"] or 0),
+               shared_expert_gate=False, router_score="sigmoid", router_groups=c["n_group"] or 1,
+               router_topk_groups=c["topk_group"] or 1, routed_scale=float(c["routed_scaling_factor"]),
+               router_aux_loss_coef=0.0) if n_expert and k_dense < n else {}
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n,
+        n_head=c["num_attention_heads"], n_embd=c["hidden_size"], ffn_hidden=c["intermediate_size"],
+        ffn="swiglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"], pos="rope", rope_theta=theta,
+        rope_scaling=scaling, bias=False, attn_bias=bias, qkv_bias=bias,
+        tie_embeddings=bool(c["tie_word_embeddings"]), attn_type="mla", q_lora_rank=_given(c, "q_lora_rank"),
+        kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
+        qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+        rope_interleave=bool(c["rope_interleave"]),
+        ffn_layers=["dense" if i < k_dense or not moe else "moe" for i in range(n)], extra=extra, **moe,
+    )
+
+
 def _block_from_hf(family: str) -> dict[str, Any]:
     """The attention and norm fields each Llama-like family fixes (not read from config.json)."""
     if family in ("qwen3", "qwen3_moe"):  # RMSNorm on each head of q and k
@@ -627,6 +688,8 @@ def family_of(cfg: ModelConfig) -> str:
         )
     if cfg.attn_sinks or cfg.ffn == "swiglu_clamped" or cfg.router_bias:
         return _gpt_oss_family(cfg)
+    if cfg.attn_type == "mla":
+        return _deepseek_v3_family(cfg)
     if cfg.norm_unit_offset or cfg.embed_scale or cfg.norm_placement == "sandwich" or cfg.ffn == "geglu":
         return _gemma_family(cfg)
     style = (cfg.pos, cfg.norm, cfg.ffn)
@@ -701,6 +764,47 @@ def _windowed_llama_family(cfg: ModelConfig) -> str:
                           "transformers' smollm3 has one attention_bias for q, k, v and o; keep "
                           "it as a bardlm checkpoint")
     return "smollm3"
+
+
+def _deepseek_v3_family(cfg: ModelConfig) -> str:
+    """deepseek_v3: latent attention in a Llama block, dense layers first, then DeepSeek's MoE."""
+    moe = "moe" in cfg.ffn_layers
+    k_dense = cfg.ffn_layers.index("moe") if moe else cfg.n_layer
+    _refuse(cfg, "transformers' DeepSeek-V3 traits", {
+        "a block other than RMSNorm + SwiGLU, pre-norm, no MLP bias":
+            (cfg.norm, cfg.ffn, cfg.norm_placement, cfg.bias) != ("rmsnorm", "swiglu", "pre", False),
+        "qkv_bias != attn_bias": cfg.qkv_bias != cfg.attn_bias,
+        "Gemma-only options (norm_unit_offset, embed_scale, logit_softcap)":
+            cfg.norm_unit_offset or cfg.embed_scale or cfg.logit_softcap is not None,
+        "MoE layers before dense ones (only the first layers may be dense)":
+            any(kind == "dense" for kind in cfg.ffn_layers[k_dense:]),
+        "router_score=softmax (DeepSeek-V3 routes with sigmoid scores)": moe and cfg.router_score != "sigmoid",
+        "a gated shared expert or none": moe and (cfg.shared_expert_gate or not cfg.shared_expert_hidden),
+        "a shared expert not a multiple of expert_hidden wide":
+            moe and cfg.shared_expert_hidden % cfg.expert_hidden != 0})
+    return "deepseek_v3"
+
+
+def _deepseek_v3_config_to_hf(cfg: ModelConfig, out: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3 config.json. A model with no MoE layer is written with first_k_dense_replace
+    = n_layer (transformers then builds no router)."""
+    moe = "moe" in cfg.ffn_layers
+    expert = cfg.expert_hidden if moe else cfg.ffn_hidden
+    out.update(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, hidden_size=cfg.n_embd,
+        intermediate_size=cfg.ffn_hidden, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
+        attention_bias=cfg.attn_bias, attention_dropout=0.0, rope_parameters=rope,
+        rope_interleave=cfg.rope_interleave, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim, first_k_dense_replace=cfg.ffn_layers.index("moe") if moe else cfg.n_layer,
+        moe_intermediate_size=expert, n_routed_experts=cfg.n_expert if moe else 1,
+        num_experts_per_tok=cfg.n_expert_active if moe else 1,
+        n_shared_experts=cfg.shared_expert_hidden // expert if moe else 1,
+        n_group=cfg.router_groups if moe else 1, topk_group=cfg.router_topk_groups if moe else 1,
+        norm_topk_prob=cfg.router_renorm, routed_scaling_factor=cfg.routed_scale,
+        num_nextn_predict_layers=0)  # no multi-token-prediction layers: none are written
+    return out
 
 
 def _gemma_family(cfg: ModelConfig) -> str:
@@ -801,6 +905,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
     if family in GEMMA_FAMILIES:
         return _gemma_config_to_hf(cfg, family, out, rope)
+    if family == "deepseek_v3":
+        return _deepseek_v3_config_to_hf(cfg, out, rope)
     out.update(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
@@ -924,6 +1030,8 @@ def state_dict_from_hf(
 ) -> dict[str, torch.Tensor]:
     """Our state dict from HF tensors: fuse, transpose, and name every missing or extra tensor."""
     tensors = _normalise_hf_names(tensors, family)
+    if family == "deepseek_v3":  # layers past the last are multi-token-prediction modules: not run
+        tensors = {k: v for k, v in tensors.items() if not _layer_at_least(k, cfg.n_layer)}
     entries = name_map(cfg, family, ours)
     needed = {n for e in entries for n in e.theirs}
     missing = sorted(needed - set(tensors))
@@ -940,6 +1048,12 @@ def state_dict_from_hf(
         parts = [tensors[n].t() if e.transpose else tensors[n] for n in e.theirs]
         out[e.ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     return out
+
+
+def _layer_at_least(name: str, n: int) -> bool:
+    """Whether HF tensor `name` belongs to model.layers.{i} with i >= n."""
+    parts = name.split(".")
+    return name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= n
 
 
 def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:

@@ -128,29 +128,11 @@ class Attention(nn.Module):
         self, mask: torch.Tensor | None, T: int, S: int, start_pos: int | torch.Tensor,
         k_pos: torch.Tensor | None, device: torch.device,
     ) -> tuple[torch.Tensor | None, bool]:
-        """(the bool mask (.., T, S) to apply or None, whether the kernel's own causal mask does).
-
-        Query i sits at cache index start_pos + i (or start_pos[.., i] for the static-shape
-        step) and key j at k_pos[.., j] (j when the cache is linear); `attention_mask` decides
-        from those indices alone, so the eager cache, the static step, a ring buffer and the
-        uncached pass all use one rule. A caller's `mask` is indexed by cache index: a ring
-        buffer's keys pick their columns of it.
-        """
+        """(the bool mask (.., T, S) to apply or None, whether the kernel's own causal mask does):
+        the caller's mask alone when not causal, else `causal_layout`."""
         if not self.causal:
             return mask, False
-        static = isinstance(start_pos, torch.Tensor)
-        if not static and k_pos is None and mask is None and (self.window is None or self.window >= S):
-            if T == S and T > 1:
-                return None, True  # plain causal self-attention: the kernel builds the mask
-            if T == 1:
-                return None, False  # one new token sees the whole (linear) cache
-        q_pos = start_pos if static else torch.arange(start_pos, start_pos + T, device=device)
-        if k_pos is None:
-            k_pos = torch.arange(S, device=device)
-        elif mask is not None:
-            mask = mask_columns(mask, k_pos)
-        seen = attention_mask(q_pos, k_pos, self.window)
-        return (seen if mask is None else mask & seen), False
+        return causal_layout(mask, T, S, start_pos, k_pos, device, self.window)
 
     def _attend(
         self,
@@ -161,21 +143,59 @@ class Attention(nn.Module):
         is_causal: bool,
     ) -> torch.Tensor:
         """softmax(q k^T * scale) v with q (B, H, T, D), k and v (B, H_kv, S, D)."""
-        p_drop = self.dropout if self.training else 0.0
-        # SDPA cannot take our dropout mask, and on CPU attention dropout sends it to its math
-        # path anyway: so CPU training with fast dropout runs the written-out formula, which is
-        # faster then. (On CUDA SDPA's own fused dropout is the fast path.)
-        own_dropout = p_drop > 0 and self.fast_dropout and q.device.type == "cpu"
-        if self.impl == "sdpa" and not own_dropout:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=is_causal,
-                enable_gqa=self.n_kv_head != self.n_head, scale=self.scale,
-            )
-        if is_causal:
-            T = q.shape[2]
-            mask = causal_mask(torch.arange(T, device=q.device), T)
-        return explicit_attention(q, k, v, mask, p_drop, self.score, self.fast_dropout,
-                                  self.scale, self.softcap, self.sinks)
+        return attend(q, k, v, mask, is_causal, self.scale, self.impl,
+                      self.dropout if self.training else 0.0, self.fast_dropout,
+                      self.score, self.softcap, self.sinks)
+
+
+def causal_layout(
+    mask: torch.Tensor | None, T: int, S: int, start_pos: int | torch.Tensor,
+    k_pos: torch.Tensor | None, device: torch.device, window: int | None = None,
+) -> tuple[torch.Tensor | None, bool]:
+    """(the bool mask (.., T, S) to apply or None, whether the kernel's own causal mask does) for
+    causal self-attention of T queries over S keys.
+
+    Query i sits at cache index start_pos + i (or start_pos[.., i] for the static-shape
+    step) and key j at k_pos[.., j] (j when the cache is linear); `attention_mask` decides
+    from those indices alone, so the eager cache, the static step, a ring buffer and the
+    uncached pass all use one rule. A caller's `mask` is indexed by cache index: a ring
+    buffer's keys pick their columns of it.
+    """
+    static = isinstance(start_pos, torch.Tensor)
+    if not static and k_pos is None and mask is None and (window is None or window >= S):
+        if T == S and T > 1:
+            return None, True  # plain causal self-attention: the kernel builds the mask
+        if T == 1:
+            return None, False  # one new token sees the whole (linear) cache
+    q_pos = start_pos if static else torch.arange(start_pos, start_pos + T, device=device)
+    if k_pos is None:
+        k_pos = torch.arange(S, device=device)
+    elif mask is not None:
+        mask = mask_columns(mask, k_pos)
+    seen = attention_mask(q_pos, k_pos, window)
+    return (seen if mask is None else mask & seen), False
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    scale: float, impl: str = "sdpa", dropout_p: float = 0.0, fast_dropout: bool = False,
+    score: AttentionScore | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v: q (B, H, T, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv) ->
+    (B, H, T, Dv), through SDPA or the written-out formula (`explicit_attention`)."""
+    # SDPA cannot take our dropout mask, and on CPU attention dropout sends it to its math
+    # path anyway: so CPU training with fast dropout runs the written-out formula, which is
+    # faster then. (On CUDA SDPA's own fused dropout is the fast path.)
+    own_dropout = dropout_p > 0 and fast_dropout and q.device.type == "cpu"
+    if impl == "sdpa" and not own_dropout:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+            enable_gqa=k.shape[1] != q.shape[1], scale=scale,
+        )
+    if is_causal:
+        T = q.shape[2]
+        mask = causal_mask(torch.arange(T, device=q.device), T)
+    return explicit_attention(q, k, v, mask, dropout_p, score, fast_dropout, scale, softcap, sinks)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import KVCache
+from .mla import LatentAttention
 from .moe import make_ffn
 from .norm import make_norm
 
@@ -22,7 +23,8 @@ from .norm import make_norm
 class Block(nn.Module):
     """One transformer layer; with `cross=True` it also attends to an encoder output. `layer`
     (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers` and global or
-    local (sliding-window) attention from `cfg.attn_layers`."""
+    local (sliding-window) attention from `cfg.attn_layers`; `cfg.attn_type` picks per-head
+    attention or latent attention (nn/mla.py)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
         super().__init__()
@@ -34,7 +36,11 @@ class Block(nn.Module):
                              cfg.norm_unit_offset)
 
         self.ln_1 = norm()
-        self.attn = Attention(cfg, causal=causal, layer=layer)
+        # DeepSeek's latent attention (causal self-attention only) or the per-head kind.
+        if cfg.attn_type == "mla" and causal:
+            self.attn = LatentAttention(cfg)
+        else:
+            self.attn = Attention(cfg, causal=causal, layer=layer)
         if cross:
             self.ln_cross = norm()
             self.cross_attn = Attention(cfg, causal=False)

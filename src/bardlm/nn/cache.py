@@ -13,6 +13,9 @@ Two ways to address it:
 How long the buffers are, and how many rows, is decided outside the network, from the memory
 available (infer/budget.py `plan_cache`).
 
+A latent-attention layer (nn/mla.py) keeps a `LatentCache`: the same buffers, holding per position
+the compressed latent in place of keys and the shared RoPE key in place of values (one "head").
+
 A sliding-window layer keeps a `RingKVCache`: the last `window` positions of each row and
 nothing older, whatever the context. Every cache's `update` returns the keys and values to attend
 over and the cache index of each key (None when key j is cache index j), from which attention
@@ -40,11 +43,14 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        v_dim: int | None = None,
     ) -> None:
+        """v_dim: the width of the second buffer when it differs from head_dim (`LatentCache`)."""
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
+        v_shape = (batch, n_kv_head, max_len, v_dim or head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:
@@ -69,12 +75,25 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end], None
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
     def rows(self, rows: list[int], length: int) -> SlotView:
         """Buffer rows `rows`, reading their first `length` positions: a cache of their own
         for a static-shape step (see `SlotView`)."""
         return SlotView(self, rows, length)
+
+
+class LatentCache(KVCache):
+    """The cache of a latent-attention layer (DeepSeek's MLA): per position only the normalised
+    latent (kv_lora_rank values) and the rotated RoPE key shared by every head
+    (qk_rope_head_dim), never per-head keys and values: `k` is (B, 1, max_len, kv_lora_rank) and
+    `v` (B, 1, max_len, qk_rope_head_dim). `update(start_pos, latent, rope_key)` writes and returns
+    them as `KVCache.update` does keys and values (both addressing modes, `rows` slot views), and
+    attention expands or absorbs the latent itself (nn/mla.py)."""
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(batch, max_len, 1, kv_lora_rank, dtype, device, v_dim=rope_dim)
 
 
 def write_at(

@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..errors import BardlmError
 from .attention import AttentionScore
 from .block import Block
-from .cache import KVCache, RingKVCache
+from .cache import KVCache, LatentCache, RingKVCache
 from .dropout import Dropout
 from .loss import chunked_cross_entropy, chunked_token_nll
 from .moe import router_losses
@@ -101,9 +101,9 @@ class GPT(nn.Module):
         if cfg.pos == "sinusoidal":
             return {"pos_table": sinusoidal_table(cfg.block_size, cfg.n_embd)}
         if cfg.pos == "rope":
-            out = {"rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+            out = {"rope_inv_freq": rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)}
             if cfg.rope_local_theta is not None and "local" in cfg.attn_layers:
-                out["rope_local_inv_freq"] = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta)
+                out["rope_local_inv_freq"] = rope_inv_freq(cfg.rope_dim, cfg.rope_local_theta)
             return out
         return {}
 
@@ -264,11 +264,16 @@ class GPT(nn.Module):
     ) -> list[KVCache | RingKVCache]:
         """One preallocated cache per layer for `batch` rows of up to `max_len` positions: a
         `KVCache` of max_len positions, or for a local layer whose window is shorter a
-        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`)."""
+        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`); under latent
+        attention a `LatentCache` (latent + RoPE key per position)."""
         p = next(self.parameters())
         max_len = max_len or self.config.block_size
         dtype = dtype or self.cache_dtype()
-        H, D = self.config.n_kv_head, self.config.head_dim
+        cfg = self.config
+        if cfg.attn_type == "mla":
+            return [LatentCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, p.device)
+                    for _ in range(cfg.n_layer)]
+        H, D = cfg.n_kv_head, cfg.head_dim
         return [
             RingKVCache(batch, n, max_len, H, D, dtype, p.device) if n < max_len
             else KVCache(batch, max_len, H, D, dtype, p.device)

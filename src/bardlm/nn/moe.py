@@ -6,6 +6,14 @@
     w      = w / sum(w)   if router_renorm         (Mixtral, Qwen3-MoE; OLMoE keeps raw p)
     y[n]   = sum_j w[n, j] * expert_{e[n, j]}(x[n])   [+ sigmoid(g . x[n]) * shared(x[n])]
 
+DeepSeek-V3 (router_score="sigmoid") routes differently:
+
+    p      = sigmoid(logits)               (N, E)   each expert scored alone, in fp32
+    e      = top-k(p + b) over the best router_topk_groups groups   b: the correction bias,
+             a group's worth the sum of its two best p + b          used to choose only
+    w      = p[e] (/ sum, if router_renorm) * routed_scale
+    y[n]   = sum_j w[n, j] * expert_{e[n, j]}(x[n]) + shared(x[n])     (shared: no gate)
+
 Only the chosen experts run. Tokens are grouped by expert: the N*k (token, expert) pairs are
 sorted by expert id, each expert runs once on the rows sent to it, and the weighted outputs are
 scattered back to their tokens with one `index_add_`. Decoding one token therefore reads the weights of k experts
@@ -37,13 +45,20 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_expert, self.top_k, self.renorm = cfg.n_expert, cfg.n_expert_active, cfg.router_renorm
-        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.router_bias)
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.router_bias)  # gpt-oss: a bias
+        self.sigmoid = cfg.router_score == "sigmoid"
+        self.groups, self.topk_groups, self.routed_scale = cfg.router_groups, cfg.router_topk_groups, cfg.routed_scale
+        # DeepSeek-V3's correction bias: added to the scores to choose experts, never to weigh
+        # them. Trained by a rule outside backprop (the load-balancing update), so a buffer.
+        if self.sigmoid:
+            self.register_buffer("correction_bias", torch.zeros(cfg.n_expert))
         self.experts = nn.ModuleList(
             [SwiGLU(cfg, cfg.expert_hidden, dropout=False) for _ in range(cfg.n_expert)]
         )
-        if cfg.shared_expert_hidden > 0:  # Qwen2-MoE: every token also runs a gated shared MLP
+        if cfg.shared_expert_hidden > 0:  # every token also runs a shared MLP (Qwen2-MoE, DeepSeek)
             self.shared = SwiGLU(cfg, cfg.shared_expert_hidden, dropout=False)
-            self.shared_gate = nn.Linear(cfg.n_embd, 1, bias=False)
+            # Qwen2-MoE gates it by sigmoid(g . x); DeepSeek-V3 adds it as is.
+            self.shared_gate = nn.Linear(cfg.n_embd, 1, bias=False) if cfg.shared_expert_gate else None
         else:
             self.shared, self.shared_gate = None, None
         self.dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # before the residual add
@@ -52,11 +67,30 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> (logits (N, E), weights (N, k) in x's dtype, expert ids (N, k))."""
         logits = self.router(x)
+        if self.sigmoid:
+            return logits, *self._route_sigmoid(logits, x.dtype)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renorm:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(x.dtype), experts
+
+    def _route_sigmoid(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3: logits (N, E) -> (weights (N, k) in `dtype`, expert ids (N, k))."""
+        scores = logits.float().sigmoid()  # (N, E)
+        choice = scores + self.correction_bias.float()  # the bias picks experts, never weighs them
+        if self.groups > 1:  # keep the topk_groups groups whose two best experts score highest
+            N = choice.shape[0]
+            grouped = choice.view(N, self.groups, -1)  # (N, G, E/G)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
+            kept = group_score.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
+        experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, experts)
+        if self.renorm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # transformers' epsilon
+        return (weights * self.routed_scale).to(dtype), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         shape = x.shape
@@ -65,7 +99,8 @@ class MoE(nn.Module):
         self.router_logits = logits if self.training else None
         out = self._one_token(x, weights[0], experts[0]) if x.shape[0] == 1 else self._grouped(x, weights, experts)
         if self.shared is not None:
-            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+            shared = self.shared(x)
+            out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
         return self.dropout(out.view(shape))
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
