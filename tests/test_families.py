@@ -160,8 +160,9 @@ def test_bardlm_models_export_to_the_family_that_computes_them() -> None:
     for fields, message in refused:
         with pytest.raises(BardlmError, match=message):
             family_of(ModelConfig(**fields))
-    with pytest.raises(BardlmError, match="GGUF export of olmo2 models is not implemented"):
-        check_exportable(ModelConfig(**olmo))
+    assert check_exportable(ModelConfig(**olmo)) == "olmo2"  # llama.cpp parity: test_gguf.py
+    with pytest.raises(BardlmError, match="llama.cpp's olmo2 has no q/k/v/o biases"):
+        check_exportable(ModelConfig(**olmo, attn_bias=True))
 
 
 def test_phi3_export_keeps_phi3_and_gguf_writes_it_as_llama(tmp_path) -> None:  # noqa: ANN001

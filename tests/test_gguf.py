@@ -297,6 +297,8 @@ def test_llama_cpp_runs_the_file(tmp_path, trained, tiny_shakespeare) -> None:  
     (dict(share_layers=True), "share_layers"),
     (dict(residual=False), "residual=false"),
     (dict(attn_score="cosine"), "attn_score=cosine"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+     "YaRN RoPE scaling is not implemented"),
 ])
 def test_refuses_shapes_llama_cpp_cannot_run(tmp_path, bpe, change, words) -> None:  # noqa: ANN001
     cfg = configs(bpe.vocab_size)["llama"].replace(**change)
@@ -362,16 +364,29 @@ def llama_cpp_logits(path: Path, prompt: list[int]) -> torch.Tensor:
     return torch.tensor(np.array(llm.scores[: len(prompt)]), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+def more_configs(vocab: int) -> dict:
+    """Families only llama.cpp reads back here: Qwen2 (q/k/v biases, tied head) and OLMo 2
+    (norms on the sublayers' outputs, QK-norm over the projections, untied head)."""
+    llama = configs(vocab)["llama"]
+    return {"qwen2": llama.replace(qkv_bias=True, tie_embeddings=True),
+            "olmo2": llama.replace(norm_placement="output", qk_norm=True, qk_norm_scope="proj")}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2"])
 def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: str) -> None:  # noqa: ANN001
     """Every family's f32 file, run by llama.cpp itself: the same logits as ours (random weights
-    scaled up so the distribution is far from uniform, and any layout error shows)."""
+    scaled up so the distribution is far from uniform, and any layout error shows; biases and
+    norm gains away from their initial values)."""
     torch.manual_seed(0)
-    model = GPT(configs(bpe.vocab_size)[family]).eval()
+    model = GPT({**configs(bpe.vocab_size), **more_configs(bpe.vocab_size)}[family]).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(5.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif "norm" in name or "ln_" in name:
+                p.uniform_(0.5, 1.5)
     path = tmp_path / f"{family}.gguf"
     write_gguf(model, bpe, path, "f32")
     prompt = bpe.encode(LLAMA_PROMPT)[:24]

@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Three families, as llama.cpp names them:
+Five families, as llama.cpp names them:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -17,7 +17,9 @@ Three families, as llama.cpp names them:
 * "llama": llama.cpp rotates *adjacent* channel pairs (2i, 2i+1) ("normal" RoPE), while HF and
   we pair channel i with i + d/2 ("rotate half"). Permuting the rows of W_q and W_k within each
   head, [0, d/2, 1, d/2+1, ...], makes the one compute what the other does (`permute_rope`).
-* "qwen3": llama.cpp runs Qwen3 with "neox" RoPE, which *is* rotate-half: no permutation.
+* "qwen3", "qwen2" (q/k/v biases) and "olmo2" (norms on the sublayers' outputs, QK-norm over
+  the whole projections): llama.cpp runs them with "neox" RoPE, which *is* rotate-half: no
+  permutation.
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
@@ -71,6 +73,10 @@ _LLAMA_NAMES = {
     "model.layers.{i}.mlp.up_proj": "blk.{i}.ffn_up",
     "model.layers.{i}.mlp.down_proj": "blk.{i}.ffn_down",
 }
+# OLMo 2: no norm before the sublayers; the two block norms act on their outputs.
+_OLMO2_NAMES = {**{k: v for k, v in _LLAMA_NAMES.items() if "layernorm" not in k},
+                "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
+                "model.layers.{i}.post_feedforward_layernorm": "blk.{i}.post_ffw_norm"}
 GGUF_NAMES = {
     "gpt2": {
         "transformer.wte": "token_embd",
@@ -86,6 +92,8 @@ GGUF_NAMES = {
     },
     "llama": _LLAMA_NAMES,
     "qwen3": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,  # + q/k/v biases
+    "olmo2": _OLMO2_NAMES,
 }
 _LAYER = re.compile(r"^(transformer\.h|model\.layers)\.(\d+)\.(.+)$")
 
@@ -118,12 +126,15 @@ def check_exportable(cfg: ModelConfig) -> str:
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")
-    if family == "qwen3" and cfg.attn_bias:
-        raise BardlmError("llama.cpp's Qwen3 has no q/k/v/o biases; this model has attn_bias=true")
+    if family in ("qwen3", "olmo2") and cfg.attn_bias:
+        raise BardlmError(f"llama.cpp's {family} has no q/k/v/o biases; this model has attn_bias=true")
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
-    if family == "qwen3" and kind == "llama3":
-        raise BardlmError("llama.cpp's Qwen3 takes no per-frequency RoPE factors; llama3 rope "
+    if family != "llama" and kind == "llama3":
+        raise BardlmError(f"llama.cpp's {family} takes no per-frequency RoPE factors; llama3 rope "
                           "scaling exports only as a Llama model")
+    if kind == "yarn":
+        raise BardlmError("GGUF export of YaRN RoPE scaling is not implemented (plain, linear and "
+                          "llama3 RoPE are); export --format hf writes one transformers loads")
     return family
 
 
