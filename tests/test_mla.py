@@ -334,3 +334,53 @@ def test_multi_token_prediction_layers_are_skipped_and_gguf_is_refused(tmp_path)
     with pytest.raises(BardlmError, match="GGUF export of deepseek_v3 models is not implemented") as err:
         check_exportable(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_mla_tiny_trains_from_the_cli_decodes_and_exports(tmp_path, capsys) -> None:  # noqa: ANN001
+    """`bardlm train --preset mla-tiny` runs (a few steps on a small corpus: the loss falls), its
+    checkpoint decodes over latent caches, `bardlm info` reports the latent cache, and `export
+    --format hf` writes a DeepSeek-V3 transformers loads with equal logits."""
+    import json
+
+    from bardlm.cli import main
+    from bardlm.io.checkpoint import load_checkpoint
+
+    corpus_file = tmp_path / "romeo.txt"
+    corpus_file.write_text("But soft, what light through yonder window breaks? It is the east, "
+                           "and Juliet is the sun. Arise, fair sun, and kill the envious moon.\n" * 40)
+    out = tmp_path / "mla"
+    assert main(["train", "--preset", "mla-tiny", "--data", str(corpus_file), "--out", str(out),
+                 "--max-iters", "8", "--set", "eval_interval=4", "--set", "eval_batches=1",
+                 "--set", "batch_size=4", "--set", "lr=0.003", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    model, _, _ = load_checkpoint(out)
+    assert all(isinstance(c, LatentCache) for c in model.make_cache(1, 64))
+    assert model.generate(torch.tensor([[1, 2, 3]]), 40, temperature=0).shape == (1, 43)
+    capsys.readouterr()
+    assert main(["info", "--ckpt", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "kv_lora_rank 32 + qk_rope_head_dim 16 = 48 values per token per layer" in info
+    assert f"{4 * 48 * 4:,} B / {4 * 48 * 2:,} B" in info  # 4 layers x 48 values, fp32 / bf16
+    assert main(["export", "--ckpt", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(again) is DeepseekV3ForCausalLM and again.config.first_k_dense_replace == 1
+    idx = torch.randint(0, model.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        assert (again(idx).logits - model.eval()(idx)[0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(router_score="softmax"), "router_score=softmax \\(DeepSeek-V3 routes with sigmoid scores\\)"),
+    (dict(shared_expert_gate=True), "a gated shared expert or none"),
+    (dict(ffn_layers=["moe", "dense", "moe", "moe"]), "MoE layers before dense ones"),
+    (dict(expert_hidden=48), "not a multiple of expert_hidden"),
+])
+def test_export_refuses_what_deepseek_v3_cannot_express(fields, message) -> None:  # noqa: ANN001
+    from bardlm.config import preset
+
+    assert family_of(preset("mla-tiny")) == "deepseek_v3"
+    with pytest.raises(BardlmError, match=message) as err:
+        family_of(preset("mla-tiny", **fields))
+    assert "\n" not in str(err.value)
