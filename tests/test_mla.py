@@ -117,6 +117,22 @@ def test_cache_holds_only_the_latent_and_rope_key_and_decodes_as_the_full_pass()
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
 
 
+def decode_logits(model: GPT, idx: torch.Tensor, absorb: str, static: bool = False) -> torch.Tensor:
+    """Logits (B, T, V) of a prefill of idx's first half then one cached step per token, with
+    the decode form `absorb` ("never": expanded, "always": absorbed), start_pos an int or, with
+    `static`, a tensor of cache indices (the static step)."""
+    for block in model.transformer.h:
+        block.attn.absorb = absorb
+    B, T = idx.shape
+    cache = model.make_cache(B, T + 8)
+    with torch.no_grad():
+        out = [model(idx[:, : T // 2], cache=cache)[0]]
+        for t in range(T // 2, T):
+            pos = torch.tensor([t]) if static else t
+            out.append(model(idx[:, t:t + 1], cache=cache, start_pos=pos)[0])
+    return torch.cat(out, 1).float()
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["int-start-pos", "tensor-start-pos"])
 def test_absorbed_decode_equals_the_expanded_form(static) -> None:  # noqa: ANN001
     """Decoding with kv_b absorbed into the query and the output gives the expanded form's
@@ -124,19 +140,7 @@ def test_absorbed_decode_equals_the_expanded_form(static) -> None:  # noqa: ANN0
     torch.manual_seed(2)
     model = GPT(our_config(hf_config())).eval()
     idx = torch.randint(0, V, (2, 16))
-
-    def decode(absorb: str) -> torch.Tensor:
-        for block in model.transformer.h:
-            block.attn.absorb = absorb
-        cache = model.make_cache(2, 24)
-        out = [model(idx[:, :8], cache=cache)[0]]
-        for t in range(8, 16):
-            pos = torch.tensor([t]) if static else t
-            out.append(model(idx[:, t:t + 1], cache=cache, start_pos=pos)[0])
-        return torch.cat(out, 1)
-
-    with torch.no_grad():
-        expanded, absorbed = decode("never"), decode("always")
+    expanded, absorbed = decode_logits(model, idx, "never", static), decode_logits(model, idx, "always", static)
     assert (absorbed - expanded).abs().max().item() < 1e-5
     assert (expanded[:, 1:] - expanded[:, :-1]).abs().max().item() > 1e-2
 
@@ -334,3 +338,147 @@ def test_multi_token_prediction_layers_are_skipped_and_gguf_is_refused(tmp_path)
     with pytest.raises(BardlmError, match="GGUF export of deepseek_v3 models is not implemented") as err:
         check_exportable(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_mla_tiny_trains_from_the_cli_decodes_and_exports(tmp_path, capsys) -> None:  # noqa: ANN001
+    """`bardlm train --preset mla-tiny` runs (a few steps on a small corpus: the loss falls), its
+    checkpoint decodes over latent caches, `bardlm info` reports the latent cache, and `export
+    --format hf` writes a DeepSeek-V3 transformers loads with equal logits."""
+    import json
+
+    from bardlm.cli import main
+    from bardlm.io.checkpoint import load_checkpoint
+
+    corpus_file = tmp_path / "romeo.txt"
+    corpus_file.write_text("But soft, what light through yonder window breaks? It is the east, "
+                           "and Juliet is the sun. Arise, fair sun, and kill the envious moon.\n" * 40)
+    out = tmp_path / "mla"
+    assert main(["train", "--preset", "mla-tiny", "--data", str(corpus_file), "--out", str(out),
+                 "--max-iters", "8", "--set", "eval_interval=4", "--set", "eval_batches=1",
+                 "--set", "batch_size=4", "--set", "lr=0.003", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    model, _, _ = load_checkpoint(out)
+    assert all(isinstance(c, LatentCache) for c in model.make_cache(1, 64))
+    assert model.generate(torch.tensor([[1, 2, 3]]), 40, temperature=0).shape == (1, 43)
+    capsys.readouterr()
+    assert main(["info", "--ckpt", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "kv_lora_rank 32 + qk_rope_head_dim 16 = 48 values per token per layer" in info
+    assert f"{4 * 48 * 4:,} B / {4 * 48 * 2:,} B" in info  # 4 layers x 48 values, fp32 / bf16
+    assert main(["export", "--ckpt", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(again) is DeepseekV3ForCausalLM and again.config.first_k_dense_replace == 1
+    idx = torch.randint(0, model.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        assert (again(idx).logits - model.eval()(idx)[0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(router_score="softmax"), "router_score=softmax \\(DeepSeek-V3 routes with sigmoid scores\\)"),
+    (dict(shared_expert_gate=True), "a gated shared expert or none"),
+    (dict(ffn_layers=["moe", "dense", "moe", "moe"]), "MoE layers before dense ones"),
+    (dict(expert_hidden=48), "not a multiple of expert_hidden"),
+])
+def test_export_refuses_what_deepseek_v3_cannot_express(fields, message) -> None:  # noqa: ANN001
+    from bardlm.config import preset
+
+    assert family_of(preset("mla-tiny")) == "deepseek_v3"
+    with pytest.raises(BardlmError, match=message) as err:
+        family_of(preset("mla-tiny", **fields))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("swap,tol", [("lora", 1e-5), ("fp32-layouts", 1e-5), ("bf16", 0.03), ("int4", 0.03)])
+def test_absorbed_decode_reads_kv_b_through_every_layer_swap(swap, tol) -> None:  # noqa: ANN001
+    """The absorbed form needs kv_b's matrix: it is read from a LoRA adapter (base + B A), the
+    transposed fp32 layout, bf16 weights and int4 codes, and decodes as the expanded form does
+    (to rounding: a share `tol` of the largest logit)."""
+    from bardlm.infer.layouts import prepare_for_inference
+    from bardlm.nn.lora import apply_lora
+
+    torch.manual_seed(7)
+    model = GPT(our_config(hf_config())).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    if swap == "lora":
+        apply_lora(model, 4, 8.0, targets=("kv_b_proj",))
+        with torch.no_grad():
+            for block in model.transformer.h:  # a nonzero update: B starts at 0
+                block.attn.kv_b_proj.lora_B.normal_(0.0, 0.3)
+    else:
+        prepare_for_inference(model, swap.removesuffix("-layouts"))
+    kinds = {"lora": "LoRALinear", "fp32-layouts": "FastLinear", "bf16": "Linear", "int4": "Int4Linear"}
+    assert type(model.transformer.h[0].attn.kv_b_proj).__name__ == kinds[swap]
+    idx = torch.randint(0, V, (2, 16))
+    expanded, absorbed = decode_logits(model, idx, "never"), decode_logits(model, idx, "always")
+    assert (absorbed - expanded).abs().max().item() < tol * expanded.abs().max().item()
+    if swap == "lora":  # the adapter does change the model
+        from bardlm.nn.lora import adapters_off
+
+        with adapters_off(model):
+            assert not torch.allclose(decode_logits(model, idx, "always"), absorbed)
+
+
+def test_continuous_batching_over_latent_caches_equals_single_requests() -> None:
+    """The server's engine keeps one latent-cache row per slot: six requests of different
+    lengths through two slots (prefilled in chunks, decoded together, slots reused when a
+    request ends) give the tokens each gives alone."""
+    pytest.importorskip("fastapi", reason="the server needs fastapi")
+    from bardlm.infer.generate import generate_text
+    from bardlm.serve import Engine, Job
+    from bardlm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ROMEO:,.?!\n")
+    torch.manual_seed(8)
+    model = GPT(our_config(hf_config(), vocab_size=tok.vocab_size, block_size=96)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    assert all(isinstance(c, LatentCache) for c in model.make_cache(2, 96))
+    texts = ["ROMEO: but soft", "a", "what light through yonder window", "it is the east", "hi", "juliet"]
+    engine = Engine(model, tok, max_queue=8, max_batch=2, prefill_chunk=5)
+    try:
+        jobs = [Job(t, 12, sampling={"temperature": 0.0}) for t in texts]
+        futures = [engine.try_submit(j) for j in jobs]
+        for f in futures:
+            f.result(120)
+    finally:
+        engine.shutdown()
+    assert [j.text for j in jobs] == [generate_text(model, tok, t, 12, temperature=0) for t in texts]
+    assert len({j.text for j in jobs}) > 1
+
+
+def test_int8_generate_and_lora_finetune_from_the_cli(tmp_path, capsys) -> None:  # noqa: ANN001
+    """`generate --dtype int8` on a DeepSeek-V3 directory, and `finetune --lora-rank` with
+    adapters on the latent projections (kv_b_proj: read by the absorbed decode through the
+    adapter); the adapter loads and decodes."""
+    import json
+
+    from bardlm.cli import main
+    from bardlm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,;:!?<>|/ABCDEFGHIJKLMNOPQRSTUVWXYZ\n")
+    torch.manual_seed(9)
+    deepseek(vocab_size=tok.vocab_size).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "bardlm_tokenizer.json").write_text(json.dumps(tok.to_dict()))
+    assert main(["generate", "--ckpt", str(tmp_path / "hf"), "--dtype", "int8", "--prompt", "to be",
+                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("to be")
+    chat = tmp_path / "chat.jsonl"
+    turn = [{"role": "user", "content": "soft"}, {"role": "assistant", "content": "light"}]
+    chat.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(8)))
+    out = tmp_path / "adapter"
+    assert main(["finetune", "--init-from", str(tmp_path / "hf"), "--data", str(chat), "--out", str(out),
+                 "--max-iters", "2", "--set", "batch_size=2", "--lora-rank", "2", "--lora-targets",
+                 "q_b_proj", "kv_a_proj", "kv_b_proj", "c_proj", "--no-progress"]) == 0
+    tuned, _ = bardlm.load(out)
+    base, _ = bardlm.load(tmp_path / "hf")
+    idx = torch.randint(0, tok.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert not torch.allclose(tuned(idx)[0], base(idx)[0])  # the adapters trained
+    assert tuned.generate(idx, 6, temperature=0.0).shape == (1, 18)

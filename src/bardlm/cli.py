@@ -421,6 +421,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("style", f"{cfg.pos} positions, {cfg.norm}, {cfg.ffn}"
                   + (", QK-norm" if cfg.qk_norm else "")),
         ("attention", _attention_layout(cfg)),
+        *([("latent cache (MLA)", f"kv_lora_rank {cfg.kv_lora_rank} + qk_rope_head_dim "
+                                  f"{cfg.qk_rope_head_dim} = {cfg.cache_width()} values per token per layer "
+                                  f"(expanded keys and values: {cfg.n_head * (cfg.head_dim + cfg.v_head_dim)})")]
+          if cfg.attn_type == "mla" else []),
         ("biases", f"q/k/v {_yn(cfg.qkv_bias)}, attention output {_yn(cfg.attn_bias)}, "
                    f"MLP and norms {_yn(cfg.bias)}"),
         ("dropout", f"embeddings {cfg.emb_dropout}, attention weights {cfg.attn_dropout}, "
@@ -429,7 +433,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "moe" in cfg.ffn_layers:
         rows.append(("experts", f"{cfg.n_expert} per MoE layer ({cfg.ffn_layers.count('moe')} of "
                                 f"{cfg.n_layer} layers), top {cfg.n_expert_active}, width "
-                                f"{cfg.expert_hidden}; {active_params(model):,} parameters active per token"))
+                                f"{cfg.expert_hidden}{_routing(cfg)}; {active_params(model):,} parameters "
+                                "active per token"))
     if args.train:
         rows += _train_memory_rows(cfg, TrainConfig(**train_over), args)
     width = max(len(k) for k, _ in rows)
@@ -448,6 +453,18 @@ def _cache_layout(cfg) -> str:  # noqa: ANN001
             f"{window:,} positions)")
 
 
+def _routing(cfg) -> str:  # noqa: ANN001
+    """", sigmoid scores, ..." for DeepSeek-V3 routing and shared experts; "" otherwise."""
+    text = ""
+    if cfg.router_score == "sigmoid":
+        text += ", sigmoid scores" + (f" x {cfg.routed_scale:g}" if cfg.routed_scale != 1 else "")
+    if cfg.router_groups > 1:
+        text += f", within the best {cfg.router_topk_groups} of {cfg.router_groups} groups"
+    if cfg.shared_expert_hidden:
+        text += f", a {'gated ' if cfg.shared_expert_gate else ''}shared expert of width {cfg.shared_expert_hidden}"
+    return text
+
+
 def _attention_layout(cfg) -> str:  # noqa: ANN001
     """Which layers are local (sliding window) and which have no RoPE."""
     local = [i for i, k in enumerate(cfg.attn_layers) if k == "local"]
@@ -456,6 +473,10 @@ def _attention_layout(cfg) -> str:  # noqa: ANN001
     nope = [i for i, r in enumerate(cfg.rope_layers) if not r]
     if cfg.pos == "rope" and nope:
         text += f"; no RoPE in layers {nope}"
+    if cfg.attn_type == "mla":
+        text = (f"latent (MLA): q.k over {cfg.qk_nope_head_dim} + {cfg.qk_rope_head_dim} (RoPE) "
+                f"channels, values {cfg.v_head_dim}, queries {f'rank {cfg.q_lora_rank}' if cfg.q_lora_rank else 'full rank'}; "
+                + text)
     return text
 
 

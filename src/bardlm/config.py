@@ -510,6 +510,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_expert=4, n_expert_active=2, expert_hidden=172, ffn_hidden=172, router_bias=True,
         router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
     ),
+    # DeepSeek-V3's block at char-tiny's budget: latent attention (a cache of 32 + 16 = 48
+    # values per token and layer where llama-tiny's holds 128), the first FFN dense, then 8
+    # experts in 4 groups (top 2 of the best 2 groups, sigmoid scores) beside a shared expert:
+    # 3 x 112 FFN rows a token, as llama-tiny's 344. (Expert widths are multiples of 8:
+    # transformers' grouped expert kernel refuses rows that are not 16-byte aligned.)
+    "mla-tiny": dict(
+        _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, ffn_hidden=344,
+        tie_embeddings=False, norm_eps=1e-6, attn_type="mla", q_lora_rank=64, kv_lora_rank=32,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, rope_interleave=True,
+        n_expert=8, n_expert_active=2, expert_hidden=112, shared_expert_hidden=112,
+        shared_expert_gate=False, router_score="sigmoid", router_groups=4, router_topk_groups=2,
+        ffn_layers=["dense", "moe", "moe", "moe"],
+    ),
 }
 
 
@@ -618,6 +631,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gemma3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gpt-oss-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "mla-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
     "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
                       eval_interval=250, eval_batches=2, dtype="bf16", compile=True,

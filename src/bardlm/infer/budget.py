@@ -1,7 +1,9 @@
 """How long a KV cache may be: the context window, and the token budget that fits in memory.
 
 A cache is `slots` rows of `tokens` positions each, every position holding a key and a value
-per layer and KV head: 2 * n_layer * n_kv_head * head_dim elements (`kv_bytes_per_token`).
+per layer and KV head: 2 * n_layer * n_kv_head * head_dim elements (`kv_bytes_per_token`), or under
+latent attention (DeepSeek's MLA) a latent and a RoPE key per layer: n_layer * (kv_lora_rank +
+qk_rope_head_dim) (`ModelConfig.cache_width`).
 Reserving every slot a full context does not fit real models (llama-3.2-1b: 131,072 positions x
 32 KiB = 4 GiB per slot in fp32), so the server sizes its slots from the memory available, as
 vLLM and llama.cpp do: a total token budget shared by the slots, each slot getting
@@ -49,14 +51,15 @@ def context_window(cfg, max_context: int | None) -> int:  # noqa: ANN001
 
 
 def kv_bytes_per_token(cfg, element_size: int) -> int:  # noqa: ANN001
-    """Bytes one position takes in a model's cache: a key and a value per layer and KV head."""
-    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * element_size
+    """Bytes one position takes in a model's cache: a key and a value per layer and KV head (or a
+    latent and a RoPE key per layer: `ModelConfig.cache_width`)."""
+    return cfg.n_layer * cfg.cache_width() * element_size
 
 
 def kv_bytes_per_sequence(cfg, tokens: int, element_size: int) -> int:  # noqa: ANN001
     """Bytes of keys and values one sequence of `tokens` positions holds: every position in a
     global layer, at most `sliding_window` in a local one (`ModelConfig.layer_cache_lengths`)."""
-    per_position = 2 * cfg.n_kv_head * cfg.head_dim * element_size  # one layer's key + value
+    per_position = cfg.cache_width() * element_size  # one layer's key + value (or latent + RoPE key)
     return sum(cfg.layer_cache_lengths(tokens)) * per_position
 
 

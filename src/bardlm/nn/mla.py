@@ -65,15 +65,20 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 def linear_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) matrix a linear layer applies, whatever it was swapped for: an nn.Linear, an
-    INT8 layer (dequantized), the transposed fp32 layout (FastLinear) or a LoRA adapter (its
-    base plus B A). The absorbed form needs the matrix itself, not only its product with x."""
+    INT8 layer (dequantized), the transposed fp32 layout (FastLinear), a LoRA adapter (its base
+    plus B A) or int4. The absorbed form needs the matrix itself, not only its product with x."""
     if hasattr(module, "delta"):  # LoRALinear
         return linear_weight(module.base, dtype) + module.delta().to(dtype)
     if hasattr(module, "dequantized"):  # Int8Linear, int4
         return module.dequantized(dtype)
     if hasattr(module, "weight_t"):  # FastLinear
         return module.weight_t.t().to(dtype)
-    return module.weight.to(dtype)
+    if isinstance(module, nn.Linear):
+        return module.weight.to(dtype)
+    # Any other layer (int4's packed codes): its matrix is its output on the identity (kv_b,
+    # the one layer read this way, has no bias).
+    device = next(module.buffers()).device
+    return module(torch.eye(module.in_features, dtype=dtype, device=device)).t().to(dtype)
 
 
 class LatentAttention(nn.Module):
