@@ -417,7 +417,7 @@ def cmd_info(args: argparse.Namespace) -> int:
          f"{_mib(kv_bytes_per_sequence(cfg, cfg.block_size, 4))}{_cache_layout(cfg)}"),
         ("shape", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} KV), "
                   f"{cfg.n_embd} dims, head_dim {cfg.head_dim}, context {cfg.block_size}, "
-                  f"vocab {cfg.vocab_size}"),
+                  f"vocab {cfg.vocab_size}" + _global_heads(cfg)),
         ("style", f"{cfg.pos} positions, {cfg.norm}, {cfg.ffn}"
                   + (", QK-norm" if cfg.qk_norm else "")),
         ("attention", _attention_layout(cfg)),
@@ -430,8 +430,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("dropout", f"embeddings {cfg.emb_dropout}, attention weights {cfg.attn_dropout}, "
                     f"residual {cfg.resid_dropout}"),
     ]
-    if "moe" in cfg.ffn_layers:
-        rows.append(("experts", f"{cfg.n_expert} per MoE layer ({cfg.ffn_layers.count('moe')} of "
+    n_moe = sum(kind != "dense" for kind in cfg.ffn_layers)  # "moe" and Gemma 4's "dense+moe"
+    if n_moe:
+        rows.append(("experts", f"{cfg.n_expert} per MoE layer ({n_moe} of "
                                 f"{cfg.n_layer} layers), top {cfg.n_expert_active}, width "
                                 f"{cfg.expert_hidden}{_routing(cfg)}; {active_params(model):,} parameters "
                                 "active per token"))
@@ -444,13 +445,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cache_layout(cfg) -> str:  # noqa: ANN001
-    """" (G global layers x N + L local layers x W positions)" when some layers are local."""
-    local = cfg.attn_layers.count("local")
-    if not local:
+    """" (G global layers x N + L local layers x W positions)" when some cached layers are
+    local, and "; K KV-shared layers hold none" when the last layers read earlier ones' keys."""
+    kinds = [cfg.attn_layers[i] for i in cfg.cache_layers()]
+    local = kinds.count("local")
+    text = ""
+    if local:
+        window = min(cfg.sliding_window, cfg.block_size)
+        text = (f"{len(kinds) - local} global layers x {cfg.block_size:,} + {local} local layers x "
+                f"{window:,} positions")
+    if cfg.kv_shared_layers:
+        text += f"{'; ' if text else ''}{cfg.kv_shared_layers} KV-shared layers hold none"
+    return f" ({text})" if text else ""
+
+
+def _global_heads(cfg) -> str:  # noqa: ANN001
+    """"; global layers: head_dim D, K KV heads" when they differ from the others (Gemma 4)."""
+    if (cfg.global_head_dim, cfg.global_n_kv_head) == (cfg.head_dim, cfg.n_kv_head):
         return ""
-    n_global, window = cfg.n_layer - local, min(cfg.sliding_window, cfg.block_size)
-    return (f" ({n_global} global layers x {cfg.block_size:,} + {local} local layers x "
-            f"{window:,} positions)")
+    return f"; global layers: head_dim {cfg.global_head_dim}, {cfg.global_n_kv_head} KV heads"
 
 
 def _routing(cfg) -> str:  # noqa: ANN001

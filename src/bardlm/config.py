@@ -150,7 +150,8 @@ class ModelConfig:
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0
-    # Per layer "dense" (ffn_hidden wide) or "moe"; None -> every layer "moe" when n_expert > 0
+    # Per layer "dense" (ffn_hidden wide), "moe", or "dense+moe" (Gemma 4: both, side by side,
+    # each with its own norms, their outputs summed); None -> every layer "moe" when n_expert > 0
     # (transformers' mlp_only_layers / decoder_sparse_step, resolved once).
     ffn_layers: list[str] | None = None
     # Training-only losses on the router logits, added to the cross-entropy in training mode:
@@ -158,6 +159,26 @@ class ModelConfig:
     # and the router z-loss (ST-MoE: mean squared logsumexp of the logits).
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
+    # Gemma 4 (each off by default; docs in README "Gemma 4"):
+    # Global layers' head size and KV heads (Gemma 4 widens global heads); None -> head_dim, n_kv_head.
+    global_head_dim: int | None = None
+    global_n_kv_head: int | None = None
+    # Global layers project no values: a head's value is its key before k's norm and RoPE (K = V).
+    attn_k_eq_v: bool = False
+    v_norm: bool = False  # a scale-free RMSNorm on each head's values (Gemma 4)
+    # The last `kv_shared_layers` layers project no keys or values: each reads those of the
+    # last earlier layer of its kind (global/local), so the cache holds only the earlier layers.
+    kv_shared_layers: int = 0
+    # Per-layer inputs (Gemma 4's PLE): each layer gets a `per_layer_input_dim` vector per token
+    # (its own embedding of the token plus a projection of the token's embedding), gated into
+    # the residual after the FFN. 0: none. per_layer_vocab_size None -> vocab_size.
+    per_layer_input_dim: int = 0
+    per_layer_vocab_size: int | None = None
+    layer_scalar: bool = False  # each layer's output times a learned scalar (Gemma 4)
+    double_wide_mlp: bool = False  # the KV-shared layers' MLP is 2 * ffn_hidden wide (Gemma 4)
+    # Gemma 4's router: a scale-free RMSNorm of the residual stream times a learned vector and
+    # 1/sqrt(n_embd) before the logits, and a learned scale per expert on the top-k weights.
+    router_norm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. HF architecture)
 
     def __post_init__(self) -> None:
@@ -172,6 +193,9 @@ class ModelConfig:
         head_dim = self.n_embd // self.n_head
         if self.attn_type == "mla" and self.qk_nope_head_dim is not None and self.qk_rope_head_dim is not None:
             head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim  # the width q.k spans
+        # global_head_dim / global_n_kv_head follow the (possibly still unresolved) local ones.
+        own_head_dim = self.head_dim if self.head_dim is not None else head_dim
+        own_kv_head = self.n_kv_head if self.n_kv_head is not None else self.n_head
         # qkv_bias follows attn_bias, which may itself still be None (-> bias) at this point.
         attn_bias = self.bias if self.attn_bias is None else self.attn_bias
         return {"n_kv_head": self.n_head, "head_dim": head_dim, "ffn_hidden": 4 * self.n_embd,
@@ -180,7 +204,9 @@ class ModelConfig:
                 "expert_hidden": 4 * self.n_embd if self.ffn_hidden is None else self.ffn_hidden,
                 "ffn_layers": ["moe" if self.n_expert > 0 else "dense"] * self.n_layer,
                 "attn_layers": ["local" if self.sliding_window else "global"] * self.n_layer,
-                "rope_layers": [self.pos == "rope"] * self.n_layer}
+                "rope_layers": [self.pos == "rope"] * self.n_layer,
+                "global_head_dim": own_head_dim, "global_n_kv_head": own_kv_head,
+                "per_layer_vocab_size": self.vocab_size}
 
     def resolve(self) -> None:
         for name, value in self.derived().items():
@@ -193,7 +219,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise BardlmError(f"config: {name} must be a positive integer, got {value!r}")
-        for name in ("n_kv_head", "head_dim", "ffn_hidden"):
+        for name in ("n_kv_head", "head_dim", "ffn_hidden", "global_head_dim", "global_n_kv_head",
+                     "per_layer_vocab_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise BardlmError(
@@ -218,10 +245,17 @@ class ModelConfig:
                 f"config: n_head ({self.n_head}) must be divisible by n_kv_head "
                 f"({self.n_kv_head}); pick n_kv_head from {_divisors(self.n_head)}"
             )
-        if self.pos == "rope" and self.attn_type != "mla" and self.head_dim is not None and self.head_dim % 2 != 0:
+        for name in ("head_dim", "global_head_dim"):
+            value = getattr(self, name)
+            if self.pos == "rope" and self.attn_type != "mla" and value is not None and value % 2 != 0:
+                raise BardlmError(
+                    f"config: RoPE rotates pairs of channels, so {name} must be even, got "
+                    f"{value}; change n_embd/n_head or {name}"
+                )
+        if self.global_n_kv_head is not None and self.n_head % self.global_n_kv_head != 0:
             raise BardlmError(
-                f"config: RoPE rotates pairs of channels, so head_dim must be even, got "
-                f"{self.head_dim}; change n_embd/n_head or head_dim"
+                f"config: n_head ({self.n_head}) must be divisible by global_n_kv_head "
+                f"({self.global_n_kv_head}); pick global_n_kv_head from {_divisors(self.n_head)}"
             )
         if self.pos == "sinusoidal" and self.n_embd % 2 != 0:
             raise BardlmError(
@@ -242,6 +276,7 @@ class ModelConfig:
         self._validate_moe()
         self._validate_attention()
         self._validate_mla()
+        self._validate_gemma4()
 
     def _validate_attention(self) -> None:
         """The per-layer attention fields (attn_layers, sliding_window, rope_layers, caps)."""
@@ -313,22 +348,77 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """The channels of each head that RoPE rotates: head_dim, or the decoupled RoPE key's
-        qk_rope_head_dim under latent attention."""
-        return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
+        """The channels of a global layer's head that RoPE's table covers: global_head_dim
+        (head_dim but in Gemma 4), or the decoupled RoPE key's qk_rope_head_dim under latent
+        attention."""
+        return self.qk_rope_head_dim if self.attn_type == "mla" else self.global_head_dim
 
-    def cache_width(self) -> int:
-        """Values one layer's cache holds per position: a key and a value per KV head, or under
-        latent attention the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim)."""
+    def cache_width(self, layer: int = 0) -> int:
+        """Values layer `layer`'s cache holds per position: a key and a value per KV head (with
+        that layer's heads and head size: Gemma 4's global layers differ), or under latent
+        attention the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim)."""
         if self.attn_type == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim
-        return 2 * self.n_kv_head * self.head_dim
+        return 2 * self.layer_kv_heads(layer) * self.layer_head_dim(layer)
 
     def layer_cache_lengths(self, tokens: int) -> list[int]:
-        """Positions the KV cache of one sequence holds per layer for a `tokens` context: all of
-        them for a global layer, at most `sliding_window` for a local one (a ring buffer)."""
-        return [min(tokens, self.sliding_window) if kind == "local" else tokens
-                for kind in self.attn_layers]
+        """Positions the KV cache of one sequence holds per cached layer (`cache_layers`) for a
+        `tokens` context: all of them for a global layer, at most `sliding_window` for a local
+        one (a ring buffer)."""
+        return [min(tokens, self.sliding_window) if self.attn_layers[i] == "local" else tokens
+                for i in self.cache_layers()]
+
+    # Per-layer attention shapes (Gemma 4) ---------------------------------------------------
+    def layer_head_dim(self, layer: int) -> int:
+        """Layer `layer`'s head size: global_head_dim in a global layer, else head_dim."""
+        return self.global_head_dim if self.attn_layers[layer] == "global" else self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """Layer `layer`'s KV heads: global_n_kv_head in a global layer, else n_kv_head."""
+        return self.global_n_kv_head if self.attn_layers[layer] == "global" else self.n_kv_head
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values layer `layer` attends over: itself, or for one of the
+        last `kv_shared_layers` layers the last earlier (unshared) layer of its kind."""
+        first_shared = self.n_layer - self.kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = self.attn_layers[layer]
+        return max(i for i in range(first_shared) if self.attn_layers[i] == kind)
+
+    def cache_layers(self) -> list[int]:
+        """The layers that own a KV cache (in order): every layer but the KV-shared ones."""
+        return list(range(self.n_layer - self.kv_shared_layers))
+
+    def layer_ffn_hidden(self, layer: int) -> int:
+        """Layer `layer`'s dense MLP width: twice ffn_hidden in a KV-shared layer when
+        double_wide_mlp (Gemma 4), else ffn_hidden."""
+        wide = self.double_wide_mlp and self.kv_source(layer) != layer
+        return self.ffn_hidden * (2 if wide else 1)
+
+    def _validate_gemma4(self) -> None:
+        """KV sharing, per-layer inputs, the dense+moe block (Gemma 4's fields)."""
+        if not 0 <= self.kv_shared_layers < self.n_layer:
+            raise BardlmError(f"config: kv_shared_layers must be in [0, n_layer={self.n_layer}), "
+                              f"got {self.kv_shared_layers} (at least one layer must own its keys)")
+        if self.kv_shared_layers and self.attn_layers is not None:
+            first = self.n_layer - self.kv_shared_layers
+            missing = sorted(set(self.attn_layers[first:]) - set(self.attn_layers[:first]))
+            if missing:
+                raise BardlmError(f"config: the KV-shared layers have {missing[0]} attention but "
+                                  f"none of the first {first} layers does; lower kv_shared_layers")
+            if self.share_layers:
+                raise BardlmError("config: share_layers applies one block to every layer, so "
+                                  "kv_shared_layers cannot be set; drop one of them")
+        if self.double_wide_mlp and self.ffn not in ("swiglu", "geglu"):
+            raise BardlmError(f"config: double_wide_mlp widens a gated MLP (Gemma 4), so it needs "
+                              f"ffn=swiglu or geglu, got ffn={self.ffn}")
+        if self.per_layer_input_dim < 0:
+            raise BardlmError(f"config: per_layer_input_dim must be >= 0, got {self.per_layer_input_dim}")
+        if self.ffn_layers is not None and "dense+moe" in self.ffn_layers \
+                and self.norm_placement != "sandwich":
+            raise BardlmError("config: \"dense+moe\" layers normalise each branch (Gemma 4), "
+                              "which needs norm_placement=sandwich")
 
     def _validate_moe(self) -> None:
         """The mixture-of-experts fields (n_expert, ffn_layers, ...) agree with each other."""
@@ -338,19 +428,19 @@ class ModelConfig:
         if self.expert_hidden is not None and self.expert_hidden <= 0:
             raise BardlmError(f"config: expert_hidden must be a positive integer or null, got {self.expert_hidden}")
         if self.n_expert > 0:
-            if self.ffn not in ("swiglu", "swiglu_clamped"):
-                raise BardlmError(f"config: experts are SwiGLU MLPs, so n_expert > 0 needs "
-                                  f"ffn=swiglu or swiglu_clamped, got ffn={self.ffn}")
+            if self.ffn not in ("swiglu", "swiglu_clamped", "geglu"):
+                raise BardlmError(f"config: experts are gated MLPs, so n_expert > 0 needs "
+                                  f"ffn=swiglu, swiglu_clamped or geglu, got ffn={self.ffn}")
             if not 1 <= self.n_expert_active <= self.n_expert:
                 raise BardlmError(f"config: n_expert_active must be in [1, n_expert={self.n_expert}], "
                                   f"got {self.n_expert_active}")
             self._validate_groups()
         if self.ffn_layers is None:
             return
-        if len(self.ffn_layers) != self.n_layer or not set(self.ffn_layers) <= {"dense", "moe"}:
-            raise BardlmError(f"config: ffn_layers must list \"dense\" or \"moe\" for each of the "
-                              f"{self.n_layer} layers, got {self.ffn_layers}")
-        if "moe" in self.ffn_layers and self.n_expert == 0:
+        if len(self.ffn_layers) != self.n_layer or not set(self.ffn_layers) <= {"dense", "moe", "dense+moe"}:
+            raise BardlmError(f"config: ffn_layers must list \"dense\", \"moe\" or \"dense+moe\" "
+                              f"for each of the {self.n_layer} layers, got {self.ffn_layers}")
+        if set(self.ffn_layers) & {"moe", "dense+moe"} and self.n_expert == 0:
             raise BardlmError("config: ffn_layers has \"moe\" layers but n_expert is 0; set n_expert")
         if self.share_layers and len(set(self.ffn_layers)) > 1:
             raise BardlmError("config: share_layers applies one block to every layer, so ffn_layers "
@@ -431,6 +521,14 @@ _GEMMA3 = dict(norm="rmsnorm", norm_unit_offset=True, norm_placement="sandwich",
                pos="rope", rope_theta=1000000.0, rope_local_theta=10000.0, qk_norm=True,
                embed_scale=True, bias=False, tie_embeddings=True, norm_eps=1e-6)
 
+# Gemma 4's block: Gemma 3's, with plain-w RMSNorms, values normalised too, attention scale 1,
+# a layer scalar, and the global layers' RoPE turning only a quarter of their (wider) heads.
+_GEMMA4 = dict(norm="rmsnorm", norm_placement="sandwich", ffn="geglu", pos="rope",
+               rope_theta=1000000.0, rope_local_theta=10000.0, qk_norm=True, v_norm=True,
+               rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25},
+               attn_scale_dim=1.0, layer_scalar=True, embed_scale=True, bias=False,
+               tie_embeddings=True, norm_eps=1e-6)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
@@ -490,6 +588,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         _GEMMA3, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
         head_dim=32, ffn_hidden=344, sliding_window=16,
         attn_layers=["local", "local", "local", "global"],
+    ),
+    # Gemma 4's block at char-tiny's budget: 6 layers (local x2, global, local, then two that
+    # reuse the keys and values of layers 3 and 2: the cache holds 4 layers), global heads twice
+    # as wide with one KV head and K = V, per-layer inputs of 16, double-wide MLPs when shared.
+    "gemma4-tiny": dict(
+        _GEMMA4, vocab_size=65, block_size=64, n_layer=6, n_head=4, n_kv_head=2, n_embd=128,
+        head_dim=32, global_head_dim=64, global_n_kv_head=1, attn_k_eq_v=True, ffn_hidden=256,
+        sliding_window=16, attn_layers=["local", "local", "global", "local", "local", "global"],
+        kv_shared_layers=2, double_wide_mlp=True, per_layer_input_dim=16,
     ),
     # qwen3-tiny with a mixture of experts (Qwen3-MoE's layout): the first FFN dense, the others
     # 4 experts of half the dense width, top 2, so each token runs as many FFN weights as in
@@ -632,6 +739,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "gemma3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gpt-oss-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "mla-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "gemma4-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     # 5 minutes on a 2-core CPU: bf16 autocast + torch.compile, Muon (about 2.1M tokens).
     "char-5min": dict(batch_size=16, max_iters=500, lr=3e-3, min_lr=3e-4, warmup_iters=30,
                       eval_interval=250, eval_batches=2, dtype="bf16", compile=True,

@@ -1,9 +1,10 @@
 """How long a KV cache may be: the context window, and the token budget that fits in memory.
 
 A cache is `slots` rows of `tokens` positions each, every position holding a key and a value
-per layer and KV head: 2 * n_layer * n_kv_head * head_dim elements (`kv_bytes_per_token`), or under
-latent attention (DeepSeek's MLA) a latent and a RoPE key per layer: n_layer * (kv_lora_rank +
-qk_rope_head_dim) (`ModelConfig.cache_width`).
+per cached layer and KV head: 2 * n_kv_head * head_dim elements a layer (`kv_bytes_per_token`;
+Gemma 4's KV-shared layers hold none, and its global layers have their own head size), or under
+latent attention (DeepSeek's MLA) a latent and a RoPE key a layer: kv_lora_rank +
+qk_rope_head_dim (`ModelConfig.cache_width`).
 Reserving every slot a full context does not fit real models (llama-3.2-1b: 131,072 positions x
 32 KiB = 4 GiB per slot in fp32), so the server sizes its slots from the memory available, as
 vLLM and llama.cpp do: a total token budget shared by the slots, each slot getting
@@ -50,17 +51,24 @@ def context_window(cfg, max_context: int | None) -> int:  # noqa: ANN001
     return max_context
 
 
+def _layer_position_bytes(cfg, element_size: int) -> list[int]:  # noqa: ANN001
+    """Bytes of one position's key + value (or latent + RoPE key) in each cached layer
+    (`ModelConfig.cache_layers`: KV-shared layers hold none), with that layer's KV heads and
+    head size (`ModelConfig.cache_width`)."""
+    return [cfg.cache_width(i) * element_size for i in cfg.cache_layers()]
+
+
 def kv_bytes_per_token(cfg, element_size: int) -> int:  # noqa: ANN001
-    """Bytes one position takes in a model's cache: a key and a value per layer and KV head (or a
-    latent and a RoPE key per layer: `ModelConfig.cache_width`)."""
-    return cfg.n_layer * cfg.cache_width() * element_size
+    """Bytes one position takes in a model's cache: a key and a value per cached layer and KV
+    head (or a latent and a RoPE key per layer: `ModelConfig.cache_width`)."""
+    return sum(_layer_position_bytes(cfg, element_size))
 
 
 def kv_bytes_per_sequence(cfg, tokens: int, element_size: int) -> int:  # noqa: ANN001
     """Bytes of keys and values one sequence of `tokens` positions holds: every position in a
     global layer, at most `sliding_window` in a local one (`ModelConfig.layer_cache_lengths`)."""
-    per_position = cfg.cache_width() * element_size  # one layer's key + value (or latent + RoPE key)
-    return sum(cfg.layer_cache_lengths(tokens)) * per_position
+    return sum(n * b for n, b in zip(cfg.layer_cache_lengths(tokens),
+                                     _layer_position_bytes(cfg, element_size)))
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:

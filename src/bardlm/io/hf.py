@@ -4,9 +4,10 @@ The families: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` (Qwen2 a
 `Qwen3ForCausalLM`, `Olmo2ForCausalLM`, `Phi3ForCausalLM`, the mixtures of experts
 `Qwen3MoeForCausalLM`, `Qwen2MoeForCausalLM`, `MixtralForCausalLM` and `OlmoeForCausalLM`,
 the sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`
-(text) and `SmolLM3ForCausalLM` (with NoPE layers), `GptOssForCausalLM` (both: experts,
-sinks, alternating windows) and `DeepseekV3ForCausalLM` (latent attention, group-limited sigmoid
-routing). The bridge is two tables and two config translators:
+(text), `Gemma4ForCausalLM` (text: per-layer inputs, KV sharing, K = V, its MoE block),
+`SmolLM3ForCausalLM` (with NoPE layers), `GptOssForCausalLM` (both: experts, sinks, alternating
+windows) and `DeepseekV3ForCausalLM` (latent attention, group-limited sigmoid routing). The bridge
+is two tables and two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
   `c_attn` is fused (rows [q | k | v]) and SwiGLU's `c_fc` is fused (rows [gate | up]), so one of
@@ -65,11 +66,12 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
                  "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM",
                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "gemma4_text": "Gemma4ForCausalLM",
                  "smollm3": "SmolLM3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "gpt_oss": "GptOssForCausalLM", "olmo3": "Olmo3ForCausalLM",
                  "deepseek_v3": "DeepseekV3ForCausalLM"}
-GEMMA_FAMILIES = ("gemma2", "gemma3_text")
+GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma4_text")
 # Families whose attention may be sliding-window (per layer); the others refuse windows.
 WINDOW_FAMILIES = ("mistral", "smollm3", "gpt_oss", "olmo3", *GEMMA_FAMILIES)
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
@@ -86,6 +88,11 @@ class Entry:
     ours: str  # our state_dict name ("{i}" = layer index, "{e}" = expert index)
     theirs: tuple[str, ...]  # HF names, concatenated along dim 0 in this order
     transpose: bool = False  # HF Conv1D (GPT-2) stores the weight as (in, out)
+    # A HF tensor holding every expert along dim 0 (Gemma 4's experts.gate_up_proj): ours is
+    # row `index` of it (set by `name_map`).
+    stacked: bool = False
+    index: int | None = None
+    splits: tuple[int, ...] | None = None  # rows of each HF part (set by `name_map`); None: halves
 
 
 def _gpt2_table() -> list[Entry]:
@@ -251,9 +258,34 @@ def _deepseek_v3_table() -> list[Entry]:
             + _shared_expert_table("shared_experts"))
 
 
+def _gemma4_table() -> list[Entry]:
+    """Gemma 4 (text): Gemma 3's names (a KV-shared layer has only q_proj, a K = V layer no
+    v_proj: `name_map` keeps the parts a layer has), plus the per-layer inputs, the layer scalar
+    and the MoE block beside the MLP: its norms, router (proj, scale, per_expert_scale) and the
+    experts stacked in two 3-D tensors (gate_up_proj rows [gate | up], down_proj)."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    pairs = [("ple_gate.weight", "per_layer_input_gate.weight"),
+             ("ple_proj.weight", "per_layer_projection.weight"),
+             ("ln_ple.weight", "post_per_layer_input_norm.weight"),
+             ("layer_scalar", "layer_scalar"),
+             ("ln_mlp_post.weight", "post_feedforward_layernorm_1.weight"),
+             ("ln_moe.weight", "pre_feedforward_layernorm_2.weight"),
+             ("ln_moe_post.weight", "post_feedforward_layernorm_2.weight"),
+             ("moe.router.weight", "router.proj.weight"),
+             ("moe.router_scale", "router.scale"),
+             ("moe.expert_scale", "router.per_expert_scale")]
+    layer = [Entry(h + ours, (t + theirs,)) for ours, theirs in pairs] + [
+        Entry(h + "moe.experts.{e}.c_fc.weight", (t + "experts.gate_up_proj",), stacked=True),
+        Entry(h + "moe.experts.{e}.c_proj.weight", (t + "experts.down_proj",), stacked=True)]
+    top = [Entry("transformer.wte_layer.weight", ("model.embed_tokens_per_layer.weight",)),
+           Entry("transformer.ple_proj.weight", ("model.per_layer_model_projection.weight",)),
+           Entry("transformer.ln_ple.weight", ("model.per_layer_projection_norm.weight",))]
+    return _gemma_table() + top + layer
+
+
 TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(),
           "mistral": _llama_table(), "smollm3": _llama_table(),
-          "gemma2": _gemma_table(), "gemma3_text": _gemma_table(),
+          "gemma2": _gemma_table(), "gemma3_text": _gemma_table(), "gemma4_text": _gemma4_table(),
           "qwen3_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
           "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj")
           + _shared_expert_table("shared_expert") + [
@@ -282,8 +314,25 @@ def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
                 name = e.ours.format(i=i, e=x)
                 if name not in ours or (name == "lm_head.weight" and cfg.tie_embeddings):
                     continue
-                out.append(Entry(name, tuple(n.format(i=i, e=x) for n in e.theirs), e.transpose))
+                theirs, splits = tuple(n.format(i=i, e=x) for n in e.theirs), None
+                if ".attn.c_attn." in name:  # [q | k | v], fewer parts in a Gemma 4 layer
+                    splits = _qkv_rows(cfg, i)
+                    theirs = theirs[: len(splits)]
+                out.append(Entry(name, theirs, e.transpose, e.stacked, x if e.stacked else None,
+                                 splits))
     return out
+
+
+def _qkv_rows(cfg: ModelConfig, layer: int) -> tuple[int, ...]:
+    """Rows of layer `layer`'s fused c_attn: (q, k, v); (q, k) when its values are its keys
+    (Gemma 4's K = V); (q,) when it reads another layer's keys and values (KV sharing)."""
+    q = cfg.n_head * cfg.layer_head_dim(layer)
+    kv = cfg.layer_kv_heads(layer) * cfg.layer_head_dim(layer)
+    if cfg.kv_source(layer) != layer:
+        return (q,)
+    if cfg.attn_k_eq_v and cfg.attn_layers[layer] == "global":
+        return (q, kv)
+    return (q, kv, kv)
 
 
 def row_splits(cfg: ModelConfig, n_parts: int, rows: int | None = None) -> list[int]:
@@ -337,6 +386,20 @@ GEMMA3_DEFAULTS = dict(GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddin
                        rope_theta=1000000.0, rope_local_base_freq=10000.0,
                        final_logit_softcapping=None, attn_logit_softcapping=None,
                        sliding_window_pattern=6, use_bidirectional_attention=False)
+# Gemma4TextConfig's defaults; its RoPE defaults are `GEMMA4_ROPE`.
+GEMMA4_DEFAULTS = dict(vocab_size=262144, hidden_size=2304, intermediate_size=9216,
+                       num_hidden_layers=30, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, global_head_dim=512, num_global_key_value_heads=None,
+                       hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False,
+                       sliding_window=512, layer_types=None, final_logit_softcapping=None,
+                       use_bidirectional_attention=None, vocab_size_per_layer_input=262144,
+                       hidden_size_per_layer_input=256, attention_k_eq_v=False,
+                       num_kv_shared_layers=0, enable_moe_block=False, use_double_wide_mlp=False,
+                       num_experts=None, top_k_experts=None, moe_intermediate_size=None)
+GEMMA4_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                  "rope_theta": 1000000.0}}
 QWEN2_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
                       max_position_embeddings=32768, use_sliding_window=False)
 OLMO2_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=50304, rms_norm_eps=1e-5)
@@ -368,7 +431,8 @@ DEEPSEEK_V3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=129280, hidden_size=7168,
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
             "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
             "mixtral": MIXTRAL_DEFAULTS, "mistral": MISTRAL_DEFAULTS, "smollm3": SMOLLM3_DEFAULTS,
-            "gemma2": GEMMA2_DEFAULTS, "gemma3_text": GEMMA3_DEFAULTS, "qwen2": QWEN2_DEFAULTS,
+            "gemma2": GEMMA2_DEFAULTS, "gemma3_text": GEMMA3_DEFAULTS,
+            "gemma4_text": GEMMA4_DEFAULTS, "qwen2": QWEN2_DEFAULTS,
             "olmo2": OLMO2_DEFAULTS, "phi3": PHI3_DEFAULTS, "olmoe": OLMOE_DEFAULTS,
             "gpt_oss": GPT_OSS_DEFAULTS, "olmo3": OLMO3_DEFAULTS,
             "deepseek_v3": DEEPSEEK_V3_DEFAULTS}
@@ -437,6 +501,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             norm_eps=c["layer_norm_epsilon"], pos="learned", bias=True,
             tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra,
         )
+    if family == "gemma4_text":
+        return _gemma4_config(c, extra, where)
     if family in GEMMA_FAMILIES:
         return _gemma_config(hf, c, family, extra, where)
     if family == "gpt_oss":
@@ -636,6 +702,67 @@ def _deepseek_v3_config(hf: dict[str, Any], c: dict[str, Any], extra: dict[str, 
     )
 
 
+def _gemma4_config(c: dict[str, Any], extra: dict[str, Any], where: str) -> ModelConfig:
+    """Gemma 4 (text): Gemma 3's block with plain-w RMSNorms, values normalised, attention scale
+    1, wider global heads with proportional partial RoPE, and optionally per-layer inputs, KV
+    sharing, K = V on global layers, the double-wide MLP and the MoE block beside the MLP."""
+    if c["hidden_activation"] not in GEMMA_ACTIVATIONS:
+        raise BardlmError(f"{where}: hidden_activation {c['hidden_activation']!r} is not "
+                          "supported; GeGLU needs 'gelu_pytorch_tanh'")
+    if c.get("use_bidirectional_attention"):
+        raise BardlmError(f"{where}: use_bidirectional_attention is not supported; bardlm "
+                          "models are causal decoders")
+    n = c["num_hidden_layers"]
+    kinds = _layer_types(c, where) or ["local" if (i + 1) % 6 else "global" for i in range(n)]
+    kinds[-1] = "global"  # transformers forces the last layer to full attention
+    rope = {**GEMMA4_ROPE, **(c.get("rope_parameters") or {})}
+    local, full = dict(rope["sliding_attention"]), dict(rope["full_attention"])
+    if local.get("rope_type", "default") != "default":
+        raise BardlmError(f"{where}: scaled RoPE on sliding-window layers is not supported")
+    kind = full.pop("rope_type", "default")
+    if kind not in ("default", "proportional"):
+        raise BardlmError(f"{where}: Gemma 4 global-layer RoPE type {kind!r} is not supported; "
+                          "bardlm implements 'default' and 'proportional'")
+    theta = float(full.pop("rope_theta", 1000000.0))
+    scaling = {"rope_type": "proportional", **full} if kind == "proportional" else None
+    # Global layers' head size and KV heads: written out per layer by transformers 5
+    # (`per_layer_config`), or as global_head_dim / num_global_key_value_heads (Google's files).
+    per_layer = {int(k): v for k, v in (c.get("per_layer_config") or {}).items()}
+    if per_layer:
+        overrides = [per_layer.get(i, {}) for i in range(n) if kinds[i] == "global"]
+        if any(per_layer.get(i) for i in range(n) if kinds[i] == "local") or \
+                any(o != overrides[0] for o in overrides):
+            raise BardlmError(f"{where}: per_layer_config must give every full-attention layer "
+                              "the same head_dim and num_key_value_heads, and no other layer any")
+        global_head_dim = overrides[0].get("head_dim", c["head_dim"])
+        global_kv = overrides[0].get("num_key_value_heads")
+    else:
+        global_head_dim = c["global_head_dim"]
+        global_kv = c["num_global_key_value_heads"] if c["attention_k_eq_v"] else None
+    moe: dict[str, Any] = {}
+    if c["enable_moe_block"]:
+        moe = dict(n_expert=c["num_experts"], n_expert_active=c["top_k_experts"],
+                   expert_hidden=c["moe_intermediate_size"], router_renorm=True, router_norm=True,
+                   ffn_layers=["dense+moe"] * n)
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n,
+        n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+        n_kv_head=c["num_key_value_heads"], head_dim=c["head_dim"],
+        global_head_dim=global_head_dim, global_n_kv_head=global_kv,
+        ffn_hidden=c["intermediate_size"], ffn="geglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"],
+        norm_placement="sandwich", embed_scale=True, pos="rope", rope_theta=theta,
+        rope_scaling=scaling, rope_local_theta=float(local.get("rope_theta", 10000.0)),
+        qk_norm=True, v_norm=True, attn_scale_dim=1.0, layer_scalar=True, bias=False,
+        attn_bias=bool(c["attention_bias"]), attn_k_eq_v=bool(c["attention_k_eq_v"]),
+        sliding_window=c["sliding_window"] if "local" in kinds else None, attn_layers=kinds,
+        logit_softcap=_given(c, "final_logit_softcapping"),
+        kv_shared_layers=c["num_kv_shared_layers"], double_wide_mlp=bool(c["use_double_wide_mlp"]),
+        per_layer_input_dim=c["hidden_size_per_layer_input"] or 0,
+        per_layer_vocab_size=c["vocab_size_per_layer_input"],
+        tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra, **moe,
+    )
+
+
 def _block_from_hf(family: str) -> dict[str, Any]:
     """The attention and norm fields each Llama-like family fixes (not read from config.json)."""
     if family in ("qwen3", "qwen3_moe"):  # RMSNorm on each head of q and k
@@ -697,7 +824,7 @@ def family_of(cfg: ModelConfig) -> str:
     if style == ("rope", "rmsnorm", "swiglu") and (cfg.norm_placement == "output" or proj_qk) \
             and "moe" not in cfg.ffn_layers:
         return _olmo_family(cfg)
-    _refuse(cfg, "Gemma-only options", {
+    _refuse(cfg, "Gemma-only options", {**_gemma4_traits(cfg),
         f"attn_softcap={cfg.attn_softcap}": cfg.attn_softcap is not None,
         f"logit_softcap={cfg.logit_softcap}": cfg.logit_softcap is not None,
         f"attn_scale_dim={cfg.attn_scale_dim}": cfg.attn_scale_dim is not None,
@@ -807,8 +934,52 @@ def _deepseek_v3_config_to_hf(cfg: ModelConfig, out: dict[str, Any], rope: dict[
     return out
 
 
+def _gemma4_traits(cfg: ModelConfig) -> dict[str, bool]:
+    """The Gemma 4 options (name -> whether this config has it) no other family has."""
+    return {"v_norm=true": cfg.v_norm, "layer_scalar=true": cfg.layer_scalar,
+            "per_layer_input_dim > 0": cfg.per_layer_input_dim > 0,
+            "kv_shared_layers > 0": cfg.kv_shared_layers > 0, "attn_k_eq_v=true": cfg.attn_k_eq_v,
+            "global_head_dim != head_dim": cfg.global_head_dim != cfg.head_dim,
+            "global_n_kv_head != n_kv_head": cfg.global_n_kv_head != cfg.n_kv_head,
+            "double_wide_mlp=true": cfg.double_wide_mlp, "router_norm=true": cfg.router_norm,
+            "dense+moe layers": "dense+moe" in cfg.ffn_layers,
+            "proportional RoPE": (cfg.rope_scaling or {}).get("rope_type") == "proportional"}
+
+
+def _gemma4_family(cfg: ModelConfig) -> str:
+    """gemma4_text: Gemma's sandwich block with plain-w RMSNorms (no unit offset), QK- and
+    V-norm, attention scale 1 and the layer scalar, as transformers' Gemma 4 always has them."""
+    kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+    moe = "dense+moe" in cfg.ffn_layers
+    _refuse(cfg, "transformers' Gemma 4 traits", {
+        "ffn other than geglu": cfg.ffn != "geglu", "norm other than rmsnorm": cfg.norm != "rmsnorm",
+        "embed_scale=false": not cfg.embed_scale, "pos other than rope": cfg.pos != "rope",
+        "norm_placement other than sandwich": cfg.norm_placement != "sandwich",
+        "layers without RoPE": not all(cfg.rope_layers), "MLP biases": cfg.bias,
+        "qkv_bias != attn_bias": cfg.qkv_bias != cfg.attn_bias,
+        "qk_norm other than per head": not cfg.qk_norm or cfg.qk_norm_scope != "head",
+        "v_norm=false": not cfg.v_norm, "layer_scalar=false": not cfg.layer_scalar,
+        "attn_scale_dim other than 1": cfg.attn_scale_dim != 1.0,
+        "attn_softcap": cfg.attn_softcap is not None, "attn_sinks=true": cfg.attn_sinks,
+        "a last layer that is not global": cfg.attn_layers[-1] != "global",
+        "rope_local_theta=null": "local" in cfg.attn_layers and cfg.rope_local_theta is None,
+        f"rope_scaling type {kind}": kind not in ("default", "proportional"),
+        "global_n_kv_head != n_kv_head without attn_k_eq_v":
+            cfg.global_n_kv_head != cfg.n_kv_head and not cfg.attn_k_eq_v,
+        "\"moe\" layers (Gemma 4 has \"dense+moe\")": "moe" in cfg.ffn_layers,
+        "dense+moe in some layers only": moe and set(cfg.ffn_layers) != {"dense+moe"},
+        "a mixture without router_norm and router_renorm":
+            moe and not (cfg.router_norm and cfg.router_renorm),
+        "router_norm without dense+moe layers": cfg.router_norm and not moe})
+    return "gemma4_text"
+
+
 def _gemma_family(cfg: ModelConfig) -> str:
-    """gemma3_text (QK-norm) or gemma2, when the config has every Gemma trait."""
+    """gemma4_text (RMSNorms scaled by w, not 1 + w, and a Gemma 4 option), else gemma3_text
+    (QK-norm) or gemma2, when the config has every trait of that family."""
+    if not cfg.norm_unit_offset and any(_gemma4_traits(cfg).values()):
+        return _gemma4_family(cfg)
+    _refuse(cfg, "Gemma 4 (whose RMSNorms scale by w, not 1 + w)", _gemma4_traits(cfg))
     _refuse(cfg, "transformers' Gemma 2/3 traits (or no Gemma traits at all)", {
         "ffn other than geglu": cfg.ffn != "geglu", "norm other than rmsnorm": cfg.norm != "rmsnorm",
         "norm_unit_offset=false": not cfg.norm_unit_offset, "embed_scale=false": not cfg.embed_scale,
@@ -903,6 +1074,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                 "attn_pdrop": 0.0}
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
+    if family == "gemma4_text":
+        return _gemma4_config_to_hf(cfg, out, rope)
     if family in GEMMA_FAMILIES:
         return _gemma_config_to_hf(cfg, family, out, rope)
     if family == "deepseek_v3":
@@ -989,6 +1162,35 @@ def _gemma_config_to_hf(cfg: ModelConfig, family: str, out: dict[str, Any],
     return out
 
 
+def _gemma4_config_to_hf(cfg: ModelConfig, out: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 4 (text) config.json: every key written (its defaults are those of a 2B model);
+    `rope` is the global layers' RoPE, the local layers' is unscaled."""
+    moe = "dense+moe" in cfg.ffn_layers
+    out.update(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+        global_head_dim=cfg.global_head_dim,
+        num_global_key_value_heads=cfg.global_n_kv_head if cfg.attn_k_eq_v else None,
+        hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=cfg.norm_eps,
+        attention_bias=cfg.attn_bias, attention_dropout=0.0,
+        sliding_window=cfg.sliding_window or cfg.block_size,  # transformers wants one
+        layer_types=[f"{'sliding' if k == 'local' else 'full'}_attention" for k in cfg.attn_layers],
+        final_logit_softcapping=cfg.logit_softcap, use_bidirectional_attention=None,
+        rope_parameters={"full_attention": rope, "sliding_attention": {
+            "rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}},
+        hidden_size_per_layer_input=cfg.per_layer_input_dim,
+        vocab_size_per_layer_input=cfg.per_layer_vocab_size,
+        attention_k_eq_v=cfg.attn_k_eq_v, num_kv_shared_layers=cfg.kv_shared_layers,
+        use_double_wide_mlp=cfg.double_wide_mlp, enable_moe_block=moe,
+        num_experts=cfg.n_expert if moe else None,
+        top_k_experts=cfg.n_expert_active if moe else None,
+        moe_intermediate_size=cfg.expert_hidden if moe else None,
+    )
+    return out
+
+
 # Tensors --------------------------------------------------------------------------------------
 def read_hf_tensors(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors`, or of every shard named in the index file."""
@@ -1046,6 +1248,8 @@ def state_dict_from_hf(
     out = {}
     for e in entries:
         parts = [tensors[n].t() if e.transpose else tensors[n] for n in e.theirs]
+        if e.stacked:  # one expert's rows of the tensor of all experts
+            parts = [p[e.index] for p in parts]
         out[e.ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     return out
 
@@ -1060,11 +1264,17 @@ def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Ten
     """HF tensors from our model: split fused rows, transpose Conv1D weights."""
     sd = model.state_dict()
     out = {}
+    stacks: dict[str, list[torch.Tensor]] = {}  # HF name -> experts' tensors in order
     for e in name_map(model.config, family, set(sd)):
         t = sd[e.ours].detach()
-        parts = t.split(row_splits(model.config, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
+        splits = e.splits or row_splits(model.config, len(e.theirs), len(t))
+        parts = t.split(list(splits), dim=0) if len(e.theirs) > 1 else [t]
         for name, part in zip(e.theirs, parts):
-            out[name] = (part.t() if e.transpose else part).contiguous()
+            if e.stacked:
+                stacks.setdefault(name, []).append(part)
+            else:
+                out[name] = (part.t() if e.transpose else part).contiguous()
+    out.update({name: torch.stack(parts) for name, parts in stacks.items()})
     return _stack_experts(out, model.config.n_expert) if family == "gpt_oss" else out
 
 

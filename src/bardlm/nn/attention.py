@@ -35,18 +35,34 @@ class Attention(nn.Module):
         super().__init__()
         self.causal = causal
         # A local layer's query sees its last `window` keys (itself included); None: all of them.
-        self.window = cfg.sliding_window if causal and cfg.attn_layers[layer] == "local" else None
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.kind = cfg.attn_layers[layer]
+        self.window = cfg.sliding_window if causal and self.kind == "local" else None
+        # Head size and KV heads may differ between global and local layers (Gemma 4).
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.layer_kv_heads(layer)
+        self.head_dim = cfg.layer_head_dim(layer)
         self.q_dim = self.n_head * self.head_dim
         self.kv_dim = self.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
+        # KV sharing (Gemma 4): a shared layer projects only queries and attends over the keys
+        # and values its source layer (`cfg.kv_source`) puts in the pass's `shared_kv`; a source
+        # layer that a later layer reads stores them there.
+        self.kv_shared = causal and cfg.kv_source(layer) != layer
+        self.kv_stored = causal and not self.kv_shared and any(
+            cfg.kv_source(j) == layer for j in range(layer + 1, cfg.n_layer))
+        # K = V (Gemma 4's global layers): no value rows; a value is its key before norm and RoPE.
+        self.k_eq_v = cfg.attn_k_eq_v and self.kind == "global"
+        kv_rows = 0 if self.kv_shared else self.kv_dim * (1 if self.k_eq_v else 2)
+        self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + kv_rows, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.attn_bias)
         # Qwen3 normalises each head's q and k before RoPE: keeps logits bounded in deep stacks.
         # OLMo 2 / OLMoE normalise the whole q and k projections instead ("proj").
         self.qk_norm_proj = cfg.qk_norm_scope == "proj"
         q_width, k_width = (self.q_dim, self.kv_dim) if self.qk_norm_proj else (self.head_dim,) * 2
         self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.fused_ops, cfg.norm_unit_offset) \
+            if cfg.qk_norm and not self.kv_shared else None
+        # Gemma 4: values normalised per head too, with no learned scale.
+        self.v_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.fused_ops, scale=False) \
+            if cfg.v_norm and not self.kv_shared else None
         # Logits q.k / sqrt(attn_scale_dim) (Gemma's query_pre_attn_scalar; default head_dim),
         # soft-capped to (-cap, cap) (Gemma 2), a learned sink logit per head (gpt-oss).
         self.scale = 1.0 / math.sqrt(cfg.attn_scale_dim or self.head_dim)
@@ -71,6 +87,11 @@ class Attention(nn.Module):
         computes its own output.
         """
         if kv_source is None:
+            if self.kv_shared:  # keys and values come from another layer (`forward`)
+                return self.c_attn(x), None, None
+            if self.k_eq_v:
+                q, k = self.c_attn(x).split([self.q_dim, self.kv_dim], dim=-1)
+                return q, k, k
             return self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         # Cross-attention: only the query rows of the decoder stream are kept. Projecting the
         # whole fused matrix costs the (unused) k/v rows too, but works for every swap.
@@ -92,6 +113,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
         kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+        shared_kv: dict[str, tuple] | None = None,
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
 
@@ -103,9 +125,38 @@ class Attention(nn.Module):
               the static-shape step (see nn/cache.py).
         kv_source: (B, S, C) encoder output for cross-attention (then no RoPE, no cache), or
               its (k, v) from `project_kv`, computed once per sequence when decoding.
+        shared_kv: this pass's {kind: (k, v, k_pos)} of the KV-sharing layers (Gemma 4): a
+              source layer writes its keys and values (after the cache) there, a shared layer
+              reads them instead of projecting its own (and has no cache).
         """
         B, T, _ = x.shape
         q, k, v = self._project(x, kv_source)
+        if self.kv_shared:
+            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+            if rope is not None:
+                q = apply_rope(q, *rope)
+            k, v, k_pos = shared_kv[self.kind]
+        else:
+            q, k, v = self._heads(q, k, v, rope)
+            k_pos = None  # cache indices of the keys; None: 0..S-1 (a linear cache, or none)
+            if cache is not None:
+                k, v, k_pos = cache.update(start_pos, k, v)
+            if self.kv_stored:
+                shared_kv[self.kind] = (k, v, k_pos)
+        mask, is_causal = self._mask(mask, T, k.shape[2], start_pos, k_pos, x.device)
+        y = self._attend(q, k, v, mask, is_causal)
+        y = y.transpose(1, 2).reshape(B, T, self.q_dim)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H*D), k and v (B, S, H_kv*D) -> per head, normalised and rotated:
+        q (B, H, T, D), k and v (B, H_kv, S, D)."""
+        B, T, _ = q.shape
         if self.q_norm is not None and self.qk_norm_proj:  # over all heads: (B, T, H*D)
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -113,16 +164,12 @@ class Attention(nn.Module):
         v = v.view(B, v.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and not self.qk_norm_proj:  # per head: (B, H, T, D)
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_pos = None  # cache indices of the keys; None: 0..S-1 (a linear cache, or none)
-        if cache is not None:
-            k, v, k_pos = cache.update(start_pos, k, v)
-        mask, is_causal = self._mask(mask, T, k.shape[2], start_pos, k_pos, x.device)
-        y = self._attend(q, k, v, mask, is_causal)
-        y = y.transpose(1, 2).reshape(B, T, self.q_dim)
-        return self.resid_dropout(self.c_proj(y))
+        return q, k, v
 
     def _mask(
         self, mask: torch.Tensor | None, T: int, S: int, start_pos: int | torch.Tensor,

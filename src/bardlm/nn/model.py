@@ -47,6 +47,12 @@ class GPT(nn.Module):
         )
         if cfg.pos == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.per_layer_input_dim:  # Gemma 4's per-layer inputs, all layers' in one table
+            width = cfg.n_layer * cfg.per_layer_input_dim
+            self.transformer["wte_layer"] = nn.Embedding(cfg.per_layer_vocab_size, width)
+            self.transformer["ple_proj"] = nn.Linear(cfg.n_embd, width, bias=False)
+            self.transformer["ln_ple"] = make_norm(cfg.norm, cfg.per_layer_input_dim, cfg.norm_eps,
+                                                   cfg.bias, cfg.fused_ops, cfg.norm_unit_offset)
         for name, buf in self.buffers_for(cfg).items():  # fixed tables, not saved with weights
             self.register_buffer(name, buf, persistent=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -84,6 +90,8 @@ class GPT(nn.Module):
                 full = torch.full(p.shape, getattr(owner, "initial_value", 1.0), device="cpu")
             elif attr == "bias":
                 full = torch.zeros(p.shape, device="cpu")
+            elif attr in ("layer_scalar", "router_scale", "expert_scale"):  # Gemma 4: scales of 1
+                full = torch.ones(p.shape, device="cpu")
             else:  # Linear and Embedding weights
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 full = torch.randn(p.shape, generator=self._generator(name), device="cpu") * std
@@ -96,14 +104,19 @@ class GPT(nn.Module):
 
     @staticmethod
     def buffers_for(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        """Position tables computed from the config: sinusoidal (P, C) or RoPE inv_freq (D/2,),
-        and the local layers' own RoPE inv_freq when they have another base (Gemma 3)."""
+        """Position tables computed from the config: sinusoidal (P, C) or RoPE inv_freq (D/2,)
+        of the global layers' head size, and the local layers' own RoPE inv_freq when they
+        have another base (Gemma 3) or another head size (Gemma 4)."""
         if cfg.pos == "sinusoidal":
             return {"pos_table": sinusoidal_table(cfg.block_size, cfg.n_embd)}
         if cfg.pos == "rope":
             out = {"rope_inv_freq": rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)}
-            if cfg.rope_local_theta is not None and "local" in cfg.attn_layers:
-                out["rope_local_inv_freq"] = rope_inv_freq(cfg.rope_dim, cfg.rope_local_theta)
+            own = cfg.rope_local_theta is not None or cfg.global_head_dim != cfg.head_dim
+            if own and "local" in cfg.attn_layers:
+                # A local base is unscaled; a local table only for its head size keeps the scaling.
+                theta, scaling = ((cfg.rope_local_theta, None) if cfg.rope_local_theta is not None
+                                  else (cfg.rope_theta, cfg.rope_scaling))
+                out["rope_local_inv_freq"] = rope_inv_freq(cfg.head_dim, theta, scaling)
             return out
         return {}
 
@@ -180,6 +193,18 @@ class GPT(nn.Module):
             x = x + self.pos_table[positions].to(x.dtype)
         return self.transformer.drop(x)
 
+    def per_layer_inputs(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gemma 4's per-layer inputs (B, T, L, P) of token ids idx (B, T) and their embeddings
+        x (B, T, C): (the token's own per-layer embedding * sqrt(P) + RMSNorm(W x / sqrt(C)))
+        / sqrt(2), block i reading [:, :, i]."""
+        cfg = self.config
+        shape = (*idx.shape, cfg.n_layer, cfg.per_layer_input_dim)
+        own = self.transformer.wte_layer(idx)
+        own = (own * torch.tensor(cfg.per_layer_input_dim**0.5, dtype=own.dtype)).view(shape)
+        context = self.transformer.ple_proj(x) * cfg.n_embd**-0.5
+        context = self.transformer.ln_ple(context.view(shape))
+        return (context + own) * 2.0**-0.5
+
     # Forward --------------------------------------------------------------------------------
     def forward(
         self,
@@ -220,19 +245,25 @@ class GPT(nn.Module):
         B, T = idx.shape
         positions = self._positions(T, start_pos, positions, idx.device)
         x = self.embed(idx, positions)
+        ple = self.per_layer_inputs(idx, x) if self.config.per_layer_input_dim else None
         ropes = self.layer_ropes(positions)
         router_logits = []  # (B*T, E) per MoE layer, for the auxiliary losses of training
         k = self.checkpoint_every if self.training and cache is None and torch.is_grad_enabled() else 0
+        # The cache holds the layers that own keys and values (`cache_layers`): KV-shared
+        # layers read their source layer's from `shared_kv` instead (Gemma 4).
+        n_cached = len(self.config.cache_layers())
+        shared_kv: dict[str, tuple] = {}
         for i in range(self.config.n_layer):
             block = self.transformer.h[0 if self.config.share_layers else i]
-            layer_cache = None if cache is None else cache[i]
+            layer_cache = None if cache is None or i >= n_cached else cache[i]
+            extra = (None if ple is None else ple[:, :, i], shared_kv)
             if k and i % k == 0:
                 # Activation checkpointing: keep only the block's input; backward runs the block
                 # again (same dropout masks: the RNG state is replayed) to get the rest.
                 x, routed = checkpoint(_run_block, block, x, ropes[i], mask, layer_cache, start_pos,
-                                       use_reentrant=False)
+                                       *extra, use_reentrant=False)
             else:
-                x, routed = _run_block(block, x, ropes[i], mask, layer_cache, start_pos)
+                x, routed = _run_block(block, x, ropes[i], mask, layer_cache, start_pos, *extra)
             if routed is not None:
                 router_logits.append(routed)
         if logits_rows is not None:
@@ -262,23 +293,24 @@ class GPT(nn.Module):
     def make_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> list[KVCache | RingKVCache]:
-        """One preallocated cache per layer for `batch` rows of up to `max_len` positions: a
-        `KVCache` of max_len positions, or for a local layer whose window is shorter a
-        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`); under latent
-        attention a `LatentCache` (latent + RoPE key per position)."""
+        """One preallocated cache per layer that owns keys and values (every layer but the
+        KV-shared ones: `ModelConfig.cache_layers`) for `batch` rows of up to `max_len`
+        positions: a `KVCache` of max_len positions, or for a local layer whose window is
+        shorter a `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`); under
+        latent attention a `LatentCache` (latent + RoPE key per position)."""
         p = next(self.parameters())
-        max_len = max_len or self.config.block_size
-        dtype = dtype or self.cache_dtype()
         cfg = self.config
+        max_len = max_len or cfg.block_size
+        dtype = dtype or self.cache_dtype()
         if cfg.attn_type == "mla":
             return [LatentCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, p.device)
-                    for _ in range(cfg.n_layer)]
-        H, D = cfg.n_kv_head, cfg.head_dim
-        return [
-            RingKVCache(batch, n, max_len, H, D, dtype, p.device) if n < max_len
-            else KVCache(batch, max_len, H, D, dtype, p.device)
-            for n in self.config.layer_cache_lengths(max_len)
-        ]
+                    for _ in cfg.cache_layers()]
+        caches: list[KVCache | RingKVCache] = []
+        for i, n in zip(cfg.cache_layers(), cfg.layer_cache_lengths(max_len)):
+            H, D = cfg.layer_kv_heads(i), cfg.layer_head_dim(i)
+            caches.append(RingKVCache(batch, n, max_len, H, D, dtype, p.device) if n < max_len
+                          else KVCache(batch, max_len, H, D, dtype, p.device))
+        return caches
 
     def cache_dtype(self) -> torch.dtype:
         """The dtype `make_cache` stores keys and values in: the weights' (fp32 when integer)."""
@@ -306,14 +338,16 @@ class GPT(nn.Module):
         return generate(self, idx, max_new_tokens, **kwargs)
 
 
-def _run_block(block: Block, x: torch.Tensor, rope, mask, cache, start_pos) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN001
+def _run_block(block: Block, x: torch.Tensor, rope, mask, cache, start_pos,  # noqa: ANN001
+               per_layer_input=None, shared_kv=None) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN001
     """One block: (its output (B, T, C), its router logits (B*T, E) or None for a dense FFN).
     The router logits are taken, not left on the module: a kept graph would pin memory and
     break deepcopy of the model (and a checkpointed block sets them again in backward)."""
-    x = block(x, rope, mask, cache, start_pos)
-    routed = getattr(block.mlp, "router_logits", None)
+    x = block(x, rope, mask, cache, start_pos, per_layer_input=per_layer_input, shared_kv=shared_kv)
+    moe = block.moe if block.moe is not None else block.mlp  # "dense+moe": the mixture beside
+    routed = getattr(moe, "router_logits", None)
     if routed is not None:
-        block.mlp.router_logits = None
+        moe.router_logits = None
     return x, routed
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import ModelConfig
 from .dropout import Dropout
 from .feedforward import MLP, SwiGLU
+from .norm import RMSNorm
 
 
 class MoE(nn.Module):
@@ -63,9 +64,19 @@ class MoE(nn.Module):
             self.shared, self.shared_gate = None, None
         self.dropout = Dropout(cfg.resid_dropout, cfg.fast_dropout)  # before the residual add
         self.router_logits: torch.Tensor | None = None
+        # Gemma 4's router: its input normalised (no weight) times a learned vector and
+        # 1/sqrt(C); the chosen experts' weights times a learned scale per expert.
+        if cfg.router_norm:
+            self.router_in_norm = RMSNorm(cfg.n_embd, cfg.norm_eps, cfg.fused_ops, scale=False)
+            self.router_scale = nn.Parameter(torch.ones(cfg.n_embd))
+            self.expert_scale = nn.Parameter(torch.ones(cfg.n_expert))
+        else:
+            self.router_in_norm, self.router_scale, self.expert_scale = None, None, None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> (logits (N, E), weights (N, k) in x's dtype, expert ids (N, k))."""
+        if self.router_in_norm is not None:
+            x = self.router_in_norm(x) * self.router_scale * x.shape[-1] ** -0.5
         logits = self.router(x)
         if self.sigmoid:
             return logits, *self._route_sigmoid(logits, x.dtype)
@@ -73,6 +84,8 @@ class MoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.renorm:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.expert_scale is not None:
+            weights = weights * self.expert_scale[experts]
         return logits, weights.to(x.dtype), experts
 
     def _route_sigmoid(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +105,12 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # transformers' epsilon
         return (weights * self.routed_scale).to(dtype), experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); route (B, T, C): what the router reads, when not x (Gemma 4
+        routes on the residual stream and runs the experts on its normalised copy)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C)
-        logits, weights, experts = self.route(x)
+        logits, weights, experts = self.route(x if route is None else route.reshape(-1, shape[-1]))
         self.router_logits = logits if self.training else None
         out = self._one_token(x, weights[0], experts[0]) if x.shape[0] == 1 else self._grouped(x, weights, experts)
         if self.shared is not None:
@@ -181,5 +196,6 @@ def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
     "moe" (it also records router logits for the auxiliary losses), else a dense MLP. (Here, not
     in feedforward.py: the mixture is built from the dense SwiGLU, so it sits above it.)"""
     if cfg.ffn_layers[layer] == "moe":
-        return MoE(cfg)
-    return SwiGLU(cfg) if cfg.ffn in ("swiglu", "geglu", "swiglu_clamped") else MLP(cfg)
+        return MoE(cfg)  # ("dense+moe": this is the dense one; the block adds the mixture)
+    gated = cfg.ffn in ("swiglu", "geglu", "swiglu_clamped")
+    return SwiGLU(cfg, cfg.layer_ffn_hidden(layer)) if gated else MLP(cfg)

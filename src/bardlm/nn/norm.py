@@ -47,12 +47,16 @@ class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring or shift (Llama).
 
     unit_offset (Gemma): y = x / sqrt(mean(x^2) + eps) * (1 + weight), the weight starting at
-    0, the whole product in fp32 before the cast back (Gemma's order of operations)."""
+    0, the whole product in fp32 before the cast back (Gemma's order of operations).
 
-    def __init__(self, dim: int, eps: float = 1e-6, fused: bool = False, unit_offset: bool = False) -> None:
+    scale=False: no weight at all, y = x / sqrt(mean(x^2) + eps) (Gemma 4's norm on values and
+    in its router)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, fused: bool = False, unit_offset: bool = False,
+                 scale: bool = True) -> None:
         super().__init__()
         self.eps, self.fused, self.unit_offset = eps, fused, unit_offset
-        self.weight = nn.Parameter(torch.full((dim,), self.initial_value))
+        self.weight = nn.Parameter(torch.full((dim,), self.initial_value)) if scale else None
 
     @property
     def initial_value(self) -> float:
@@ -60,7 +64,8 @@ class RMSNorm(nn.Module):
         return 0.0 if self.unit_offset else 1.0
 
     def reset_parameters(self) -> None:
-        nn.init.constant_(self.weight, self.initial_value)
+        if self.weight is not None:
+            nn.init.constant_(self.weight, self.initial_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
         dtype = x.dtype
@@ -69,6 +74,8 @@ class RMSNorm(nn.Module):
             y = F.rms_norm(x, x.shape[-1:], None, self.eps)
         else:
             y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return y.to(dtype)
         if self.unit_offset:
             return (y * (1.0 + self.weight.float())).to(dtype)
         # HF Llama/Qwen3 cast back before the scale; we do the same for bit-level parity.

@@ -42,10 +42,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
         return (inv / scaling["factor"]).float()
     if kind == "yarn":
         return _yarn_inv_freq(head_dim, theta, scaling)
+    if kind == "proportional":
+        return _proportional_inv_freq(head_dim, theta, scaling)
     if kind != "llama3":
         from ..errors import BardlmError
 
-        raise BardlmError(f"rope_scaling type {kind!r} is not supported; use 'llama3', 'yarn' or 'linear'")
+        raise BardlmError(f"rope_scaling type {kind!r} is not supported; use 'llama3', 'yarn', "
+                         "'linear' or 'proportional'")
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
@@ -56,6 +59,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     mid = (1 - smooth) * scaled / factor + smooth * scaled
     is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_mid, mid, scaled).float()
+
+
+def _proportional_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """Gemma 4's "proportional" partial RoPE: only the first `partial_rotary_factor` of each
+    head's channel pairs turn, at the frequencies they would have in a fully rotary head of
+    `head_dim` (theta^(-2i/head_dim), not theta^(-2i/rotated)); the other pairs get frequency 0
+    (cos 1, sin 0: left as they are). All divided by `factor` (default 1)."""
+    rotated = int(scaling.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    inv = 1.0 / (theta ** (torch.arange(0, 2 * rotated, 2, dtype=torch.float32) / head_dim))
+    inv = torch.cat([inv, torch.zeros(head_dim // 2 - rotated)])
+    return inv / float(scaling.get("factor", 1.0))
 
 
 def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
