@@ -139,8 +139,14 @@ class Int4Linear(nn.Module):
         return q
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The frozen base's weight (out, in) as `dtype`, made when a matmul asks, never kept."""
-        return dequantize(self.weight, self.scales)[:, :self.in_features].to(dtype)
+        """The weight (out, in) as `dtype`, made when asked, never kept: from the nibbles of a
+        frozen QLoRA base, or read back from the kernel's layout."""
+        if self.frozen_base:
+            nibbles, scales = self.weight, self.scales
+        else:
+            codes, scales = self._codes()
+            nibbles = pack_nibbles(codes)
+        return dequantize(nibbles, scales)[:, :self.in_features].to(dtype)
 
     def set_codes(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Pack codes (out, K) uint8 and scales (out, K / G) into the kernel's buffers."""
