@@ -482,3 +482,29 @@ def test_int8_generate_and_lora_finetune_from_the_cli(tmp_path, capsys) -> None:
     with torch.no_grad():
         assert not torch.allclose(tuned(idx)[0], base(idx)[0])  # the adapters trained
     assert tuned.generate(idx, 6, temperature=0.0).shape == (1, 18)
+
+
+def test_a_model_built_on_meta_starts_with_a_zero_correction_bias() -> None:
+    """FSDP builds on meta, allocates (uninitialised memory) and calls init_weights: the
+    router's correction bias, a buffer, is zeroed there too."""
+    from bardlm.config import preset
+
+    with torch.device("meta"):
+        model = GPT(preset("mla-tiny"))
+    model.to_empty(device="cpu")
+    for block in model.transformer.h[1:]:
+        block.mlp.router_bias.fill_(float("nan"))
+    model.init_weights()
+    assert all(torch.equal(b.mlp.router_bias, torch.zeros(8)) for b in model.transformer.h[1:])
+
+
+def test_a_dense_mla_model_exports_to_deepseek_v3_without_experts(tmp_path) -> None:  # noqa: ANN001
+    """No MoE layer: written with first_k_dense_replace = n_layer, so transformers builds none."""
+    torch.manual_seed(10)
+    model = GPT(our_config(hf_config())).eval()
+    save_pretrained(model, tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.first_k_dense_replace == 2
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        assert (again(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
