@@ -380,7 +380,7 @@ def test_mla_tiny_trains_from_the_cli_decodes_and_exports(tmp_path, capsys) -> N
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(router_score="softmax"), "router_score=softmax \\(DeepSeek-V3 routes with sigmoid scores\\)"),
+    (dict(router_score="softmax", router_bias_rate=0.0), "router_score=softmax \\(DeepSeek-V3 routes with sigmoid scores\\)"),
     (dict(shared_expert_gate=True), "a gated shared expert or none"),
     (dict(ffn_layers=["moe", "dense", "moe", "moe"]), "MoE layers before dense ones"),
     (dict(expert_hidden=48), "not a multiple of expert_hidden"),
