@@ -157,6 +157,8 @@ CASES = [
      "router_groups must divide n_expert (8)"),
     ("config-router-aux", lambda t, c, w: ["info", "--preset", "mla-tiny", "--set", "router_aux_loss_coef=0.01"],
      "with router_score=sigmoid set router_aux_loss_coef=0"),
+    ("config-router-bias-rate", lambda t, c, w: ["info", "--preset", "moe-tiny", "--set", "correction_bias_rate=0.001"],
+     "correction_bias_rate moves the correction bias of router_score=sigmoid routers"),
     ("config-attn-layers", lambda t, c, w: ["info", "--preset", "gemma3-tiny", "--set", 'attn_layers=["local"]'],
      'attn_layers must list "global" or "local" for each of the 4 layers'),
     ("config-kv-shared", lambda t, c, w: ["info", "--preset", "gemma4-tiny", "--set", "kv_shared_layers=6"],

@@ -220,6 +220,7 @@ def test_group_limit_keeps_experts_inside_the_best_groups() -> None:
     (dict(router_groups=8, router_topk_groups=2), "needs >= 2 experts"),
     (dict(router_groups=4, router_topk_groups=1, n_expert_active=3), "raise router_topk_groups"),
     (dict(router_aux_loss_coef=0.01), "router_score=sigmoid set router_aux_loss_coef=0"),
+    (dict(correction_bias_rate=0.001, router_score="softmax"), "correction_bias_rate moves the correction bias"),
 ])
 def test_routing_config_refusals(fields, message) -> None:  # noqa: ANN001
     base = dict(n_layer=1, n_head=4, n_embd=64, ffn="swiglu", pos="rope", n_expert=8, n_expert_active=2,
@@ -361,6 +362,9 @@ def test_mla_tiny_trains_from_the_cli_decodes_and_exports(tmp_path, capsys) -> N
     assert losses[-1] < losses[0]
     model, _, _ = load_checkpoint(out)
     assert all(isinstance(c, LatentCache) for c in model.make_cache(1, 64))
+    # Auxiliary-loss-free balancing moved the correction biases by 0.001 a step (8 steps).
+    biases = torch.stack([b.mlp.correction_bias for b in model.transformer.h[1:]])
+    assert biases.abs().max().item() > 0 and biases.abs().max().item() <= 8 * 0.001 + 1e-6
     assert model.generate(torch.tensor([[1, 2, 3]]), 40, temperature=0).shape == (1, 43)
     capsys.readouterr()
     assert main(["info", "--ckpt", str(out)]) == 0
@@ -376,7 +380,7 @@ def test_mla_tiny_trains_from_the_cli_decodes_and_exports(tmp_path, capsys) -> N
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(router_score="softmax"), "router_score=softmax \\(DeepSeek-V3 routes with sigmoid scores\\)"),
+    (dict(router_score="softmax", correction_bias_rate=0.0), "router_score=softmax \\(DeepSeek-V3 routes with sigmoid scores\\)"),
     (dict(shared_expert_gate=True), "a gated shared expert or none"),
     (dict(ffn_layers=["moe", "dense", "moe", "moe"]), "MoE layers before dense ones"),
     (dict(expert_hidden=48), "not a multiple of expert_hidden"),
@@ -482,3 +486,51 @@ def test_int8_generate_and_lora_finetune_from_the_cli(tmp_path, capsys) -> None:
     with torch.no_grad():
         assert not torch.allclose(tuned(idx)[0], base(idx)[0])  # the adapters trained
     assert tuned.generate(idx, 6, temperature=0.0).shape == (1, 18)
+
+
+def test_a_model_built_on_meta_starts_with_a_zero_correction_bias() -> None:
+    """FSDP builds on meta, allocates (uninitialised memory) and calls init_weights: the
+    router's correction bias, a buffer, is zeroed there too."""
+    from bardlm.config import preset
+
+    with torch.device("meta"):
+        model = GPT(preset("mla-tiny"))
+    model.to_empty(device="cpu")
+    for block in model.transformer.h[1:]:
+        block.mlp.correction_bias.fill_(float("nan"))
+    model.init_weights()
+    assert all(torch.equal(b.mlp.correction_bias, torch.zeros(8)) for b in model.transformer.h[1:])
+
+
+def test_a_dense_mla_model_exports_to_deepseek_v3_without_experts(tmp_path) -> None:  # noqa: ANN001
+    """No MoE layer: written with first_k_dense_replace = n_layer, so transformers builds none."""
+    torch.manual_seed(10)
+    model = GPT(our_config(hf_config())).eval()
+    save_pretrained(model, tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.first_k_dense_replace == 2
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        assert (again(idx).logits - model(idx)[0]).abs().max().item() < 1e-4
+
+
+def test_balancing_moves_the_bias_toward_the_less_chosen_experts() -> None:
+    """After a training forward, `balance_routers` moves each bias by rate * sign(mean load -
+    load) (DeepSeek-V3, eq. of section 2.1.2) and clears the counts; eval forwards count nothing."""
+    from bardlm.nn.moe import balance_routers
+
+    torch.manual_seed(11)
+    cfg = ModelConfig(n_layer=1, n_head=4, n_embd=64, ffn="swiglu", pos="rope", bias=False, n_expert=8,
+                      n_expert_active=2, expert_hidden=16, router_score="sigmoid", correction_bias_rate=0.01)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.correction_bias.copy_(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]))  # expert 0 always chosen
+    moe.eval()(torch.randn(1, 64, 64))
+    assert moe.load is None
+    moe.train()(torch.randn(1, 64, 64))
+    load = moe.load.float()
+    assert load.sum() == 64 * 2 and load[0] == 64
+    balance_routers(moe)
+    want = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]) + 0.01 * torch.sign(load.mean() - load)
+    assert torch.allclose(moe.correction_bias, want) and moe.correction_bias[0] < 1.0
+    assert moe.load is None

@@ -150,6 +150,10 @@ class ModelConfig:
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0
+    # DeepSeek-V3's auxiliary-loss-free balancing: after each training step every correction
+    # bias moves by this much toward balance (up for an expert chosen less than the mean, down
+    # for one chosen more; the paper's gamma, 0.001). 0: the bias stays as loaded.
+    correction_bias_rate: float = 0.0
     # Per layer "dense" (ffn_hidden wide), "moe", or "dense+moe" (Gemma 4: both, side by side,
     # each with its own norms, their outputs summed); None -> every layer "moe" when n_expert > 0
     # (transformers' mlp_only_layers / decoder_sparse_step, resolved once).
@@ -461,6 +465,9 @@ class ModelConfig:
                               f"{kept} kept groups hold ({kept * per_group}); raise router_topk_groups")
         if self.routed_scale <= 0:
             raise BardlmError(f"config: routed_scale must be positive, got {self.routed_scale}")
+        if self.correction_bias_rate < 0 or (self.correction_bias_rate > 0 and self.router_score != "sigmoid"):
+            raise BardlmError(f"config: correction_bias_rate moves the correction bias of router_score=sigmoid "
+                              f"routers and must be >= 0, got {self.correction_bias_rate} with {self.router_score}")
         if self.router_score == "sigmoid" and self.router_aux_loss_coef > 0:
             raise BardlmError("config: the load-balancing loss is written for softmax routers; "
                               "with router_score=sigmoid set router_aux_loss_coef=0")
@@ -628,7 +635,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, rope_interleave=True,
         n_expert=8, n_expert_active=2, expert_hidden=112, shared_expert_hidden=112,
         shared_expert_gate=False, router_score="sigmoid", router_groups=4, router_topk_groups=2,
-        ffn_layers=["dense", "moe", "moe", "moe"],
+        correction_bias_rate=0.001, ffn_layers=["dense", "moe", "moe", "moe"],
     ),
 }
 

@@ -21,7 +21,7 @@ from .block import Block
 from .cache import KVCache, LatentCache, RingKVCache
 from .dropout import Dropout
 from .loss import chunked_cross_entropy, chunked_token_nll
-from .moe import router_losses
+from .moe import MoE, router_losses
 from .norm import LayerNorm, RMSNorm, make_norm
 from .position import rope_attention_factor, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
@@ -96,6 +96,9 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 full = torch.randn(p.shape, generator=self._generator(name), device="cpu") * std
             _copy_whole(p, full)
+        for m in self.modules():  # DeepSeek's correction bias: a buffer, starting at 0
+            if isinstance(m, MoE) and m.sigmoid and not m.correction_bias.is_meta:
+                m.correction_bias.zero_()
 
     def _generator(self, name: str) -> torch.Generator:
         """A CPU generator seeded by `init_seed` and a stable hash of a parameter's name."""

@@ -28,6 +28,8 @@ Training adds two losses on the router logits of every MoE layer (`router_losses
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,13 +48,17 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_expert, self.top_k, self.renorm = cfg.n_expert, cfg.n_expert_active, cfg.router_renorm
-        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.router_bias)  # gpt-oss: a bias
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.correction_bias)  # gpt-oss: a bias
         self.sigmoid = cfg.router_score == "sigmoid"
         self.groups, self.topk_groups, self.routed_scale = cfg.router_groups, cfg.router_topk_groups, cfg.routed_scale
         # DeepSeek-V3's correction bias: added to the scores to choose experts, never to weigh
         # them. Trained by a rule outside backprop (the load-balancing update), so a buffer.
         if self.sigmoid:
             self.register_buffer("correction_bias", torch.zeros(cfg.n_expert))
+        # Auxiliary-loss-free balancing: the training forwards of a step count each expert's
+        # tokens here, and `balance_routers` moves the bias once the step is done.
+        self.bias_rate = cfg.correction_bias_rate
+        self.load: torch.Tensor | None = None
         self.experts = nn.ModuleList(
             [SwiGLU(cfg, cfg.expert_hidden, dropout=False) for _ in range(cfg.n_expert)]
         )
@@ -112,6 +118,9 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, C)
         logits, weights, experts = self.route(x if route is None else route.reshape(-1, shape[-1]))
         self.router_logits = logits if self.training else None
+        if self.training and self.bias_rate > 0:
+            load = torch.bincount(experts.reshape(-1), minlength=self.n_expert)
+            self.load = load if self.load is None else self.load + load
         out = self._one_token(x, weights[0], experts[0]) if x.shape[0] == 1 else self._grouped(x, weights, experts)
         if self.shared is not None:
             shared = self.shared(x)
@@ -145,6 +154,20 @@ class MoE(nn.Module):
         for e, w in sorted(zip(experts.tolist(), weights.unbind())):
             out = out + w * self.experts[e](x)
         return out
+
+
+@torch.no_grad()
+def balance_routers(model: nn.Module, all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing, once per training step: each counting MoE
+    layer's correction bias moves by correction_bias_rate * sign(mean load - load of e), so an
+    expert chosen less than the mean is chosen more often next time. `all_sum` sums the counts
+    over the ranks, so every rank moves its copy of the bias alike. (A block whose activations
+    are recomputed counts its tokens twice: every expert's load doubles, the signs do not change.)"""
+    for m in model.modules():
+        if isinstance(m, MoE) and m.load is not None:
+            load = all_sum(m.load.float())
+            m.correction_bias += m.bias_rate * torch.sign(load.mean() - load).to(m.correction_bias.dtype)
+            m.load = None
 
 
 def active_params(model: nn.Module) -> int:
@@ -188,7 +211,7 @@ def router_losses(cfg: ModelConfig, router_logits: list[torch.Tensor]) -> torch.
     return total
 
 
-__all__ = ["MoE", "active_params", "load_balancing_loss", "router_z_loss", "router_losses"]
+__all__ = ["MoE", "active_params", "balance_routers", "load_balancing_loss", "router_z_loss", "router_losses"]
 
 
 def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import BardlmError
 from ..infer.device import enable_tf32, to_device
+from ..nn.moe import balance_routers
 from .optim import lr_at, make_optimizer
 
 Batch = Sequence[torch.Tensor]
@@ -152,6 +153,7 @@ class Loop:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        balance_routers(self.model, self.all_sum)  # DeepSeek-V3's correction biases, if counting
         self.step += 1
         return total
 

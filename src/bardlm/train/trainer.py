@@ -120,7 +120,8 @@ class Trainer:
         self.parallel = Parallel(self.model, train_cfg, self.dist, self.device, self.model.init_weights,
                                  stop=lambda: self.signals.signum is not None)
         self.loop = Loop(self.model, train_cfg, forward=self.parallel.forward,
-                         grad_sync=self.parallel.grad_sync, reduce=self.parallel.reduce, device=self.device)
+                         grad_sync=self.parallel.grad_sync, reduce=self.parallel.reduce, device=self.device,
+                         all_sum=self.dist.all_reduce_sum, world=self.dist.world)
         self.optimizer = self.loop.optimizer
         self.flops_per_token = flops_per_token(self.model)
         self.state = RunState(self.out, self.model, self.optimizer, tokenizer, self.dist,
