@@ -273,3 +273,16 @@ def test_lora_finetune_of_a_gemma4_directory(tmp_path) -> None:  # noqa: ANN001
     with torch.no_grad():
         assert tuned(idx)[0].shape == base(idx)[0].shape == (1, 20, tok.vocab_size)
         assert not torch.equal(tuned(idx)[0], base(idx)[0])  # the adapter changed something
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(qk_norm=True, qk_norm_scope="proj")])
+def test_kv_sharing_is_a_field_of_any_model(changes) -> None:  # noqa: ANN001
+    """KV sharing outside Gemma 4 (a Llama block, with or without QK-norm over the projections):
+    the shared layers have query rows only, the cache holds the other layers, and cached greedy
+    decoding equals the uncached pass."""
+    torch.manual_seed(3)
+    model = GPT(preset("llama-tiny", kv_shared_layers=2, **changes)).eval()
+    assert [b.attn.c_attn.out_features for b in model.transformer.h] == [256] * 2 + [128] * 2
+    assert len(model.make_cache(1, 64)) == 2
+    idx = torch.randint(0, 65, (2, 5))
+    assert model.generate(idx, 20, temperature=0).equal(model.generate(idx, 20, temperature=0, use_cache=False))
