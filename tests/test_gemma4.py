@@ -162,6 +162,7 @@ def test_gguf_export_is_refused_in_one_line() -> None:
     (dict(kv_shared_layers=1, attn_layers=["local"] * 5 + ["global"], sliding_window=4),
      "KV-shared layers have global attention"),
     (dict(ffn_layers=["dense+moe"] * 6, n_expert=2, ffn="swiglu"), "norm_placement=sandwich"),
+    (dict(double_wide_mlp=True), "double_wide_mlp widens a gated MLP"),
 ])
 def test_config_refusals(changes, message) -> None:  # noqa: ANN001
     with pytest.raises(BardlmError, match=message) as err:
