@@ -637,10 +637,12 @@ def window_variants(budget: Budget) -> dict[str, dict[str, Any]]:
 
 def decode_tokens_per_s(model: GPT, context: int) -> float:
     """B=1 greedy decoding with a KV cache at `context` positions: a prompt of context -
-    DECODE_NEW tokens is prefilled (untimed), then DECODE_NEW tokens are timed one by one."""
+    DECODE_NEW - 1 tokens is prefilled (untimed) with the first new token, then DECODE_NEW tokens
+    are timed one by one, the last at position context - 1 (one more would slide the window:
+    a new prefill)."""
     from ..infer.generate import stream_ids
 
-    prompt = torch.randint(0, model.config.vocab_size, (1, context - DECODE_NEW),
+    prompt = torch.randint(0, model.config.vocab_size, (1, context - DECODE_NEW - 1),
                            generator=torch.Generator().manual_seed(0))
     steps = stream_ids(model, prompt, DECODE_NEW + 1, temperature=0.0, max_context=context)
     with torch.no_grad():
