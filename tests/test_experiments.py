@@ -28,7 +28,8 @@ def data_path() -> str:
     return str(corpus("tiny_shakespeare.txt"))
 
 
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if EXPERIMENTS[n].needs_data])
+# window: its own test below (one quick run checks the figure and its numbers)
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if EXPERIMENTS[n].needs_data and n != "window"])
 def test_experiment_quick_writes_json_and_figure(name: str, tmp_path, data_path: str) -> None:
     result = run_experiment(name, tmp_path, quick=True, data=data_path, log=lambda m: None)
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
@@ -131,3 +132,17 @@ def test_seeded_experiments_report_mean_spread_and_their_numbers(tmp_path, data_
     tied, untied, matched = (r["params"] for r in tying["runs"].values())
     assert untied - tied == 65 * 32 and abs(matched - untied) <= 2 * 32 * 2
     assert "+-" not in results_table(tying) and "kv_bytes_per_token" in results_table(gqa)
+
+
+def test_window_experiment_measures_the_cache_of_each_layer_kind(tmp_path, data_path: str) -> None:
+    """The local/global model's cache is 5 windows + 1 full context against 6 full contexts
+    (fp32 k and v, 2 heads of 16 at the quick budget), its loss is its own, and both decode."""
+    result = run_experiment("window", tmp_path, quick=True, data=data_path, log=lambda m: None)
+    assert (tmp_path / "window.png").stat().st_size > 1000
+    full, local = result["runs"].values()
+    per_position = 2 * 2 * 16 * 4 / 2**20  # k and v, n_kv_head 2, head_dim 16, fp32; in MiB
+    assert full["kv_mib_at_64"] == pytest.approx(6 * 64 * per_position)
+    assert local["kv_mib_at_64"] == pytest.approx((5 * 8 + 64) * per_position)
+    assert full["params"] == local["params"] and full["val_loss"] != local["val_loss"]
+    assert full["decode_tps_at_64"] > 0 and local["decode_tps_at_64"] > 0
+    assert "kv_mib_at_64" in results_table(result)

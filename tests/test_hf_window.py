@@ -217,9 +217,15 @@ def test_export_refuses_what_the_family_cannot_express() -> None:
     # GGUF: not for these families yet, in one line (not a KeyError)
     from bardlm.io.gguf import check_exportable
 
-    for cfg in (preset("gemma3-tiny"), preset("llama-tiny", sliding_window=8)):
-        with pytest.raises(BardlmError, match="GGUF export of (gemma3_text|mistral) models"):
+    # llama.cpp's llama ignores windows; Gemma 2 is not written
+    for cfg in (preset("llama-tiny", sliding_window=8), preset("gemma3-tiny", qk_norm=False, rope_local_theta=None)):
+        with pytest.raises(BardlmError, match="GGUF export of (mistral|gemma2) models"):
             check_exportable(cfg)
+    # Gemma 3 is, in llama.cpp's fixed layout only (test_gguf.py runs it in llama.cpp)
+    assert check_exportable(preset("gemma-3-1b")) == "gemma3_text"
+    for change in (dict(), dict(n_layer=6, attn_layers=["local"] * 5 + ["global"], attn_scale_dim=24.0)):
+        with pytest.raises(BardlmError, match=r"llama.cpp's Gemma 3 cannot run this model \((attn_layers|attn_scale_dim)"):
+            check_exportable(preset("gemma3-tiny", **change))
 
 
 @pytest.mark.parametrize("extra", [{}, {"beta_fast": 16, "beta_slow": 2, "attention_factor": 1.3},

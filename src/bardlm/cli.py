@@ -661,7 +661,7 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="training steps of each run (default 300)")
     p.add_argument("--seconds", type=float, help="training time of each run of `lstm` (default 60)")
     p.add_argument("--seeds", type=int, help="runs per row, seeds 1337, 1338, ... (default 1; "
-                                             "norms, positions, gqa, tying, lstm)")
+                                             "norms, positions, gqa, tying, window, lstm)")
     p.add_argument("--data", help="text file or corpus name (default tiny-shakespeare, shipped "
                                   "with bardlm)")
     add_device(p)

@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Five families, as llama.cpp names them:
+Six families, as llama.cpp names them:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -20,6 +20,10 @@ Five families, as llama.cpp names them:
 * "qwen3", "qwen2" (q/k/v biases) and "olmo2" (norms on the sublayers' outputs, QK-norm over
   the whole projections): llama.cpp runs them with "neox" RoPE, which *is* rotate-half: no
   permutation.
+* "gemma3" (our gemma3_text): neox RoPE too, with the local layers' base in
+  `rope.freq_base_swa`; llama.cpp's norms multiply by their weight, Gemma's by (1 + w), so every
+  norm weight is written + 1; llama.cpp fixes the layer pattern (every 6th layer global) and the
+  logit scale (1/sqrt(head_dim)), so other Gemma 3 layouts are refused.
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
@@ -77,6 +81,12 @@ _LLAMA_NAMES = {
 _OLMO2_NAMES = {**{k: v for k, v in _LLAMA_NAMES.items() if "layernorm" not in k},
                 "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
                 "model.layers.{i}.post_feedforward_layernorm": "blk.{i}.post_ffw_norm"}
+# Gemma 3 (text): Llama's names with a norm before and after each sublayer.
+_GEMMA3_NAMES = {**{k: v for k, v in _LLAMA_NAMES.items() if "layernorm" not in k},
+                 "model.layers.{i}.input_layernorm": "blk.{i}.attn_norm",
+                 "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
+                 "model.layers.{i}.pre_feedforward_layernorm": "blk.{i}.ffn_norm",
+                 "model.layers.{i}.post_feedforward_layernorm": "blk.{i}.post_ffw_norm"}
 GGUF_NAMES = {
     "gpt2": {
         "transformer.wte": "token_embd",
@@ -94,7 +104,10 @@ GGUF_NAMES = {
     "qwen3": _LLAMA_NAMES,
     "qwen2": _LLAMA_NAMES,  # + q/k/v biases
     "olmo2": _OLMO2_NAMES,
+    "gemma3_text": _GEMMA3_NAMES,
 }
+GGUF_ARCH = {"gemma3_text": "gemma3"}  # llama.cpp's name where it differs from transformers'
+GEMMA3_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer global, the others sliding-window
 _LAYER = re.compile(r"^(transformer\.h|model\.layers)\.(\d+)\.(.+)$")
 
 
@@ -120,9 +133,11 @@ def check_exportable(cfg: ModelConfig) -> str:
     if family in MOE_FAMILIES:
         raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
                           "export --format hf writes one transformers loads")
-    if family not in GGUF_NAMES:  # llama.cpp hard-codes Gemma's window pattern and scales
+    if family not in GGUF_NAMES:  # llama.cpp's llama ignores windows; Gemma 2 not written
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
                           f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
+    if family == "gemma3_text":
+        _check_gemma3(cfg)
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")
@@ -136,6 +151,20 @@ def check_exportable(cfg: ModelConfig) -> str:
         raise BardlmError("GGUF export of YaRN RoPE scaling is not implemented (plain, linear and "
                           "llama3 RoPE are); export --format hf writes one transformers loads")
     return family
+
+
+def _check_gemma3(cfg: ModelConfig) -> None:
+    """What llama.cpp's Gemma 3 fixes: five local layers to one global, the logit scale
+    1/sqrt(head_dim), no soft-caps, unscaled RoPE."""
+    pattern = ["global" if (i + 1) % GEMMA3_PATTERN == 0 else "local" for i in range(cfg.n_layer)]
+    why = {f"attn_layers other than llama.cpp's (every {GEMMA3_PATTERN}th layer global)": cfg.attn_layers != pattern,
+           "attn_scale_dim other than head_dim": cfg.attn_scale_dim not in (None, cfg.head_dim),
+           "soft-caps": cfg.attn_softcap is not None or cfg.logit_softcap is not None,
+           "rope_scaling": cfg.rope_scaling is not None}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"llama.cpp's Gemma 3 cannot run this model ({', '.join(found)}); "
+                          "export --format hf writes one transformers loads")
 
 
 # RoPE layout ----------------------------------------------------------------------------------
@@ -176,6 +205,8 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
                 part = permute_rope(part, cfg.n_head)
             elif family == "llama" and ".self_attn.k_proj." in hf_name:
                 part = permute_rope(part, cfg.n_kv_head)
+            elif family == "gemma3_text" and hf_name.endswith("norm.weight"):
+                part = part + 1.0  # Gemma's norms scale by (1 + w); llama.cpp's by the weight
             out[gguf_name(hf_name, family)] = part.contiguous()
     return out
 
@@ -380,7 +411,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     out = Path(out)
 
     def write(tmp: str) -> None:
-        w = gguf.GGUFWriter(tmp, family)  # the arch string is also the metadata key prefix
+        arch = GGUF_ARCH.get(family, family)
+        w = gguf.GGUFWriter(tmp, arch)  # the arch string is also the metadata key prefix
         w.add_name(name)
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.n_embd)
@@ -398,9 +430,12 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             w.add_layer_norm_rms_eps(cfg.norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
             w.add_rope_dimension_count(cfg.head_dim)
-            if cfg.head_dim * cfg.n_head != cfg.n_embd:  # Qwen3-style decoupled head size
+            if cfg.head_dim * cfg.n_head != cfg.n_embd or family == "gemma3_text":  # decoupled head size
                 w.add_key_length(cfg.head_dim)
                 w.add_value_length(cfg.head_dim)
+            if family == "gemma3_text":  # llama.cpp scales the embeddings by sqrt(n_embd) itself
+                w.add_sliding_window(cfg.sliding_window or cfg.block_size)
+                w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta or cfg.rope_theta)
             scaling = cfg.rope_scaling or {}
             if scaling.get("rope_type", scaling.get("type")) == "linear":
                 w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -436,7 +471,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.close()
 
     atomic_write_many([(out, write)])
-    return {"out": str(out), "format": "gguf", "architecture": family, "type": qtype,
+    return {"out": str(out), "format": "gguf", "architecture": GGUF_ARCH.get(family, family), "type": qtype,
             "tensors": len(tensors), "bytes": out.stat().st_size,
             "tokenizer_pre": vocab["pre"], "vocab": len(vocab["tokens"])}
 

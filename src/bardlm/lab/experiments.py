@@ -66,6 +66,8 @@ class Budget:
     seconds: float = 60.0  # wall time of each run in time-budgeted experiments (lstm)
     seed: int = 1337
     seeds: int = 1  # runs per row in the seeded experiments: seed, seed + 1, ...
+    decode_contexts: tuple[int, ...] = (256, 1024, 4096)  # window: KV cache and decode speed there
+    decode_runs: int = 3  # window: decode timings per context (the median is reported)
 
     def model(self, vocab_size: int, **changes: Any) -> ModelConfig:
         """char-tiny's style (pre-norm LayerNorm, GELU, learned positions) at this size."""
@@ -80,7 +82,7 @@ class Budget:
 
 FULL = Budget()
 QUICK = Budget(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup=2,
-               eval_every=4, eval_windows=8, seconds=1.5)
+               eval_every=4, eval_windows=8, seconds=1.5, decode_contexts=(64,), decode_runs=1)
 
 
 @dataclass
@@ -619,6 +621,65 @@ def exp_tying(data: Data, budget: Budget, device: str, log: Callable[[str], None
     return {"runs": seeded_variants(variants, data, budget, device, log)}
 
 
+WINDOW_LAYERS = ["local"] * 5 + ["global"]  # Gemma 3's 5:1 pattern, the global layer last
+DECODE_NEW = 16  # tokens timed per decode measurement
+
+
+def window_variants(budget: Budget) -> dict[str, dict[str, Any]]:
+    """Six RoPE layers all global, or five local (window = a quarter of the training context)
+    and one global: the same shape and parameters, only the mask and the cache differ."""
+    base = {"n_layer": len(WINDOW_LAYERS), "pos": "rope"}
+    window = budget.block_size // 4
+    return {"full attention (6 global)": base,
+            f"5 local (window {window}) : 1 global": {**base, "sliding_window": window,
+                                                       "attn_layers": WINDOW_LAYERS}}
+
+
+def decode_tokens_per_s(model: GPT, context: int) -> float:
+    """B=1 greedy decoding with a KV cache at `context` positions: a prompt of context -
+    DECODE_NEW - 1 tokens is prefilled (untimed) with the first new token, then DECODE_NEW tokens
+    are timed one by one, the last at position context - 1 (one more would slide the window:
+    a new prefill)."""
+    from ..infer.generate import stream_ids
+
+    prompt = torch.randint(0, model.config.vocab_size, (1, context - DECODE_NEW - 1),
+                           generator=torch.Generator().manual_seed(0))
+    steps = stream_ids(model, prompt, DECODE_NEW + 1, temperature=0.0, max_context=context)
+    with torch.no_grad():
+        next(steps)  # the prefill and the first new token
+        t = time.perf_counter()
+        n = sum(1 for _ in steps)
+    return n / max(time.perf_counter() - t, 1e-9)
+
+
+def exp_window(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """Full attention against 5 local : 1 global layers at equal steps: the validation loss a
+    window costs, and, at each of budget.decode_contexts (past the training context: RoPE runs
+    there), one sequence's KV cache (MiB, fp32, measured from `make_cache`) and B=1 decode speed.
+    The decode timings of the two models alternate (the median of budget.decode_runs each), so
+    a machine whose load drifts slows both alike."""
+    trained: list[GPT] = []
+
+    def cache_mib(model: GPT | None, _data: Data) -> dict[str, float]:
+        if model is not None:
+            trained.append(model.eval())
+        return {f"kv_mib_at_{ctx}": 0.0 if model is None else
+                sum(c.nbytes() for c in model.make_cache(1, ctx)) / 2**20 for ctx in budget.decode_contexts}
+
+    runs = seeded_variants(window_variants(budget), data, budget, device, log, cache_mib)
+    models = dict(zip(runs, trained[-len(runs):]))  # the last seed's (speed does not depend on it)
+    decode_tokens_per_s(models[next(iter(models))], budget.decode_contexts[0])  # warm-up
+    for ctx in budget.decode_contexts:
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(budget.decode_runs):
+            for name, model in models.items():
+                times[name].append(decode_tokens_per_s(model, ctx))
+        for name in models:
+            runs[name][f"decode_tps_at_{ctx}"] = float(np.median(times[name]))
+        log(f"decode at {ctx}: " + ", ".join(f"{n} {runs[n][f'decode_tps_at_{ctx}']:.0f} tok/s" for n in models))
+    return {"runs": runs}
+
+
 # Registry, tables and plotting helpers -----------------------------------------------------
 @dataclass
 class Experiment:
@@ -638,6 +699,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "positions": Experiment(exp_positions, plot_positions),
     "gqa": Experiment(exp_gqa, plot_curves_only("query heads per KV head")),
     "tying": Experiment(exp_tying, plot_curves_only("output head tied or not")),
+    "window": Experiment(exp_window, plot_curves_only("full attention vs 5 local : 1 global")),
 }
 
 
@@ -683,7 +745,8 @@ def results_table(result: dict[str, Any]) -> str:
     if not runs:
         return ""
     first = next(iter(runs.values()))
-    extra = [k for k in first if k.startswith("loss_at_") and not k.endswith("_std")]
+    extra = [k for k in first if k.startswith(("loss_at_", "kv_mib_at_", "decode_tps_at_"))
+             and not k.endswith("_std")]
     extra += ["kv_bytes_per_token"] if "kv_bytes_per_token" in first else []
     seeds = first.get("seeds", 1)
     loss_head = f"val loss (mean +- sd, {seeds} seeds)" if seeds > 1 else "val loss"
