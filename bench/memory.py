@@ -104,7 +104,7 @@ def run_row(name: str, layers: int | None) -> dict:
 
         model = GPT(cfg).train()
         if what == "qlora":
-            from bardlm.infer.quantize import quantize_base
+            from bardlm.infer.qlora import quantize_base
 
             quantize_base(model, BASE_DTYPE[name])
         if what in ("lora", "qlora"):

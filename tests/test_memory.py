@@ -253,7 +253,8 @@ def test_qlora_equals_lora_on_the_dequantized_base(bits: int, memory: dict) -> N
     """LoRA over an int8 or int4 base computes what LoRA over the float weights those codes stand
     for computes (loss and adapter gradients to 1e-5); our LoRA equals peft's (test_lora.py)."""
     from bardlm.infer.int4 import Int4Linear
-    from bardlm.infer.quantize import Int8Linear, dequantize, quantize_base, quantize_per_channel
+    from bardlm.infer.qlora import quantize_base
+    from bardlm.infer.quantize import Int8Linear, dequantize, quantize_per_channel
 
     torch.manual_seed(0)
     # n_embd 80: not a multiple of the int4 group (32), so the padded columns are exercised too.
@@ -279,7 +280,7 @@ def test_qlora_equals_lora_on_the_dequantized_base(bits: int, memory: dict) -> N
 def test_qlora_keeps_no_dequantized_weight_for_backward(base_dtype: str) -> None:
     """Autograd saves no float copy of any layer's weight: each is dequantized when a matmul
     needs it (forward, then again in backward) and dropped."""
-    from bardlm.infer.quantize import quantize_base
+    from bardlm.infer.qlora import quantize_base
 
     torch.manual_seed(0)
     model = GPT(preset("qwen3-tiny")).train()

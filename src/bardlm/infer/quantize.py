@@ -119,30 +119,6 @@ class FrozenQuantMatmul(torch.autograd.Function):
         return grad.to(ctx.dtype) @ ctx.layer.dequantized(ctx.dtype), None
 
 
-# Frozen bases LoRA trains over (`bardlm finetune --base-dtype`): name -> in-place conversion.
-BASE_DTYPES = ("fp32", "int8", "int4")
-
-
-def quantize_base(model: nn.Module, base_dtype: str) -> nn.Module:
-    """Hold a model's linear layers (not the embedding and head, nor MoE routers) in `base_dtype`
-    as frozen quantized layers, for LoRA on top (QLoRA); "fp32" leaves it as it is. int4 is
-    QLoRA's 4-bit base: groups of 32 (int4.py's rule), dequantized for each matmul."""
-    if base_dtype == "int8":
-        swap_int8(model, embeddings=False, convert=True)
-        for m in model.modules():
-            if isinstance(m, Int8Linear):
-                m.frozen_base = True
-    elif base_dtype == "int4":
-        from .int4 import Int4Linear  # int4.py builds on this module
-
-        swap_weights(model, False, lambda full, child: Int4Linear.frozen(child), lambda child: child)
-    elif base_dtype != "fp32":
-        from ..errors import BardlmError
-
-        raise BardlmError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {base_dtype!r}")
-    return model
-
-
 class Int8Embedding(nn.Module):
     """Token embedding stored as int8 rows with one scale per row (per token).
 

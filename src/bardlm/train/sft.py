@@ -35,7 +35,7 @@ from ..config import TrainConfig
 from ..errors import BardlmError
 from ..infer.chat import ChatTemplate, check_messages, encode_chat, prepare_vocab
 from ..infer.device import resolve_device
-from ..infer.quantize import quantize_base
+from ..infer.qlora import quantize_base
 from ..io.adapter import load_base
 from ..io.checkpoint import METRICS_FILE
 from ..io.load import read_meta
@@ -231,7 +231,7 @@ class Finetuner:
             self.log(f"the chat template adds {added} token(s) to the vocabulary")
         if lora is not None:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
-            quantize_base(self.model, lora.base_dtype)  # QLoRA: the frozen base held in int8
+            quantize_base(self.model, lora.base_dtype)  # QLoRA: the frozen base in int8 or int4
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
         configure_memory(self.model, cfg)  # activation checkpointing, chunked loss
