@@ -69,7 +69,7 @@ def test_config_is_read_as_gpt_oss(pair) -> None:  # noqa: ANN001
     assert family_of(cfg) == "gpt_oss"
     assert (cfg.attn_layers, cfg.sliding_window) == (["local", "global"], W)
     assert (cfg.ffn, cfg.swiglu_alpha, cfg.swiglu_limit) == ("swiglu_clamped", 1.702, LIMIT)
-    assert cfg.attn_sinks and cfg.correction_bias and cfg.router_renorm and cfg.bias and cfg.qkv_bias
+    assert cfg.attn_sinks and cfg.router_bias and cfg.router_renorm and cfg.bias and cfg.qkv_bias
     assert cfg.rope_scaling["rope_type"] == "yarn" and cfg.ffn_layers == ["moe", "moe"]
     assert (cfg.n_expert, cfg.n_expert_active, cfg.expert_hidden) == (4, 2, 32)
 

@@ -813,7 +813,7 @@ def family_of(cfg: ModelConfig) -> str:
             f"this model has no transformers equivalent ({', '.join(k for k, v in odd.items() if v)}"
             "); keep it as a bardlm checkpoint, or train without those options to export it"
         )
-    if cfg.attn_sinks or cfg.ffn == "swiglu_clamped" or cfg.correction_bias:
+    if cfg.attn_sinks or cfg.ffn == "swiglu_clamped" or cfg.router_bias:
         return _gpt_oss_family(cfg)
     if cfg.attn_type == "mla":
         return _deepseek_v3_family(cfg)
@@ -997,7 +997,7 @@ def _gpt_oss_family(cfg: ModelConfig) -> str:
     biases, a router bias) and nothing transformers' GptOss lacks."""
     _refuse(cfg, "transformers' gpt-oss traits: attn_sinks, ffn=swiglu_clamped, router_bias, "
             "expert biases and every layer MoE (or none of them)", {
-        "attn_sinks=false": not cfg.attn_sinks, "router_bias=false": not cfg.correction_bias,
+        "attn_sinks=false": not cfg.attn_sinks, "router_bias=false": not cfg.router_bias,
         f"ffn={cfg.ffn}": cfg.ffn != "swiglu_clamped", "dense FFN layers": "dense" in cfg.ffn_layers,
         "router_renorm=false": not cfg.router_renorm, "a shared expert": cfg.shared_expert_hidden > 0,
         "bias=false (experts without biases)": not cfg.bias, "qkv_bias != attn_bias": cfg.qkv_bias != cfg.attn_bias,

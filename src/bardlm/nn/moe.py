@@ -48,7 +48,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_expert, self.top_k, self.renorm = cfg.n_expert, cfg.n_expert_active, cfg.router_renorm
-        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.correction_bias)  # gpt-oss: a bias
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.router_bias)  # gpt-oss: a bias
         self.sigmoid = cfg.router_score == "sigmoid"
         self.groups, self.topk_groups, self.routed_scale = cfg.router_groups, cfg.router_topk_groups, cfg.routed_scale
         # DeepSeek-V3's correction bias: added to the scores to choose experts, never to weigh
