@@ -366,17 +366,20 @@ def llama_cpp_logits(path: Path, prompt: list[int]) -> torch.Tensor:
 
 def more_configs(vocab: int) -> dict:
     """Families only llama.cpp reads back here: Qwen2 (q/k/v biases, tied head), OLMo 2
-    (norms on the sublayers' outputs, QK-norm over the projections, untied head) and Gemma 3
+    (norms on the sublayers' outputs, QK-norm over the projections, untied head), Gemma 3
     (llama.cpp's five local layers to one global, window 8 so the prompt spans three windows, a
-    RoPE base per layer kind)."""
+    RoPE base per layer kind) and OLMo 3 (OLMo 2 with three local layers to one global)."""
     llama = configs(vocab)["llama"]
     return {"qwen2": llama.replace(qkv_bias=True, tie_embeddings=True),
             "olmo2": llama.replace(norm_placement="output", qk_norm=True, qk_norm_scope="proj"),
             "gemma3_text": preset("gemma3-tiny", vocab_size=vocab, n_layer=6, n_embd=64, ffn_hidden=96,
-                                  sliding_window=8, attn_layers=["local"] * 5 + ["global"])}
+                                  sliding_window=8, attn_layers=["local"] * 5 + ["global"]),
+            "olmo3": llama.replace(norm_placement="output", qk_norm=True, qk_norm_scope="proj", n_layer=4,
+                                   sliding_window=8, attn_layers=["local"] * 3 + ["global"],
+                                   rope_local_theta=llama.rope_theta)}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text", "olmo3"])
 def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: str) -> None:  # noqa: ANN001
     """Every family's f32 file, run by llama.cpp itself: the same logits as ours (random weights
     scaled up so the distribution is far from uniform, and any layout error shows; biases and
