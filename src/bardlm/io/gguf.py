@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Seven families, written as six llama.cpp architectures:
+Eight families, written as seven llama.cpp architectures:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -24,6 +24,8 @@ Seven families, written as six llama.cpp architectures:
   `rope.freq_base_swa`; llama.cpp's norms multiply by their weight, Gemma's by (1 + w), so every
   norm weight is written + 1; llama.cpp fixes the layer pattern (every 6th layer global) and the
   logit scale (1/sqrt(head_dim)), so other Gemma 3 layouts are refused.
+* "smollm3": llama's layout (q/k rows permuted), llama.cpp skipping RoPE in every 4th layer, as
+  SmolLM3's default `no_rope_layers` does; other NoPE patterns and windows are refused.
 * "olmo2" with `attention.sliding_window` runs our olmo3: llama.cpp fixes the pattern (every
   4th layer global) and one RoPE base for both kinds.
 
@@ -108,6 +110,7 @@ GGUF_NAMES = {
     "olmo2": _OLMO2_NAMES,
     "gemma3_text": _GEMMA3_NAMES,
     "olmo3": _OLMO2_NAMES,
+    "smollm3": _LLAMA_NAMES,  # with NoPE layers
 }
 # llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window)
 GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2"}
@@ -147,8 +150,14 @@ def check_exportable(cfg: ModelConfig) -> str:
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")
-    if family in ("qwen3", "olmo2", "olmo3") and cfg.attn_bias:
-        raise BardlmError(f"llama.cpp's {family} has no q/k/v/o biases; this model has attn_bias=true")
+    if family in ("qwen3", "olmo2", "olmo3", "smollm3") and (cfg.attn_bias or cfg.bias):
+        raise BardlmError(f"llama.cpp's {family} has no q/k/v/o or MLP biases; this model has "
+                          f"attn_bias={str(cfg.attn_bias).lower()}, bias={str(cfg.bias).lower()}")
+    nope = [(i + 1) % 4 != 0 for i in range(cfg.n_layer)]  # llama.cpp's SmolLM3: every 4th layer
+    if family == "smollm3" and ("local" in cfg.attn_layers or cfg.rope_layers != nope):
+        raise BardlmError("no GGUF export for this SmolLM3-style model: llama.cpp's SmolLM3 has no "
+                          "sliding windows and skips RoPE in exactly every 4th layer; export --format "
+                          "hf writes one transformers loads")
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
     if family != "llama" and kind == "llama3":
         raise BardlmError(f"llama.cpp's {family} takes no per-frequency RoPE factors; llama3 rope "
@@ -212,9 +221,9 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
         t = sd[e.ours]
         parts = t.split(row_splits(cfg, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
         for hf_name, part in zip(e.theirs, parts):
-            if family == "llama" and ".self_attn.q_proj." in hf_name:
+            if family in ("llama", "smollm3") and ".self_attn.q_proj." in hf_name:
                 part = permute_rope(part, cfg.n_head)
-            elif family == "llama" and ".self_attn.k_proj." in hf_name:
+            elif family in ("llama", "smollm3") and ".self_attn.k_proj." in hf_name:
                 part = permute_rope(part, cfg.n_kv_head)
             elif family == "gemma3_text" and hf_name.endswith("norm.weight"):
                 part = part + 1.0  # Gemma's norms scale by (1 + w); llama.cpp's by the weight
