@@ -161,7 +161,7 @@ def test_bardlm_models_export_to_the_family_that_computes_them() -> None:
         with pytest.raises(BardlmError, match=message):
             family_of(ModelConfig(**fields))
     assert check_exportable(ModelConfig(**olmo)) == "olmo2"  # llama.cpp parity: test_gguf.py
-    with pytest.raises(BardlmError, match="llama.cpp's olmo2 has no q/k/v/o biases"):
+    with pytest.raises(BardlmError, match="llama.cpp's olmo2 has no q/k/v/o or MLP biases"):
         check_exportable(ModelConfig(**olmo, attn_bias=True))
 
 

@@ -299,6 +299,8 @@ def test_llama_cpp_runs_the_file(tmp_path, trained, tiny_shakespeare) -> None:  
     (dict(attn_score="cosine"), "attn_score=cosine"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
      "YaRN RoPE scaling is not implemented"),
+    (dict(n_layer=4, rope_layers=[True, False, True, True]), "skips RoPE in exactly every 4th layer"),
+    (dict(n_layer=4, rope_layers=[True, True, True, False], sliding_window=8), "SmolLM3 has no sliding windows"),
 ])
 def test_refuses_shapes_llama_cpp_cannot_run(tmp_path, bpe, change, words) -> None:  # noqa: ANN001
     cfg = configs(bpe.vocab_size)["llama"].replace(**change)
@@ -366,17 +368,22 @@ def llama_cpp_logits(path: Path, prompt: list[int]) -> torch.Tensor:
 
 def more_configs(vocab: int) -> dict:
     """Families only llama.cpp reads back here: Qwen2 (q/k/v biases, tied head), OLMo 2
-    (norms on the sublayers' outputs, QK-norm over the projections, untied head) and Gemma 3
+    (norms on the sublayers' outputs, QK-norm over the projections, untied head), Gemma 3
     (llama.cpp's five local layers to one global, window 8 so the prompt spans three windows, a
-    RoPE base per layer kind)."""
+    RoPE base per layer kind), OLMo 3 (OLMo 2 with three local layers to one global) and SmolLM3
+    (no RoPE in the 4th layer)."""
     llama = configs(vocab)["llama"]
     return {"qwen2": llama.replace(qkv_bias=True, tie_embeddings=True),
             "olmo2": llama.replace(norm_placement="output", qk_norm=True, qk_norm_scope="proj"),
             "gemma3_text": preset("gemma3-tiny", vocab_size=vocab, n_layer=6, n_embd=64, ffn_hidden=96,
-                                  sliding_window=8, attn_layers=["local"] * 5 + ["global"])}
+                                  sliding_window=8, attn_layers=["local"] * 5 + ["global"]),
+            "olmo3": llama.replace(norm_placement="output", qk_norm=True, qk_norm_scope="proj", n_layer=4,
+                                   sliding_window=8, attn_layers=["local"] * 3 + ["global"],
+                                   rope_local_theta=llama.rope_theta),
+            "smollm3": llama.replace(n_layer=4, rope_layers=[True, True, True, False])}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text", "olmo3", "smollm3"])
 def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: str) -> None:  # noqa: ANN001
     """Every family's f32 file, run by llama.cpp itself: the same logits as ours (random weights
     scaled up so the distribution is far from uniform, and any layout error shows; biases and

@@ -226,6 +226,12 @@ def test_export_refuses_what_the_family_cannot_express() -> None:
     for change in (dict(), dict(n_layer=6, attn_layers=["local"] * 5 + ["global"], attn_scale_dim=24.0)):
         with pytest.raises(BardlmError, match=r"llama.cpp's Gemma 3 cannot run this model \((attn_layers|attn_scale_dim)"):
             check_exportable(preset("gemma3-tiny", **change))
+    # OLMo 3 too (3 local : 1 global), with one RoPE base for both kinds
+    olmo3 = dict(n_layer=4, sliding_window=8, attn_layers=["local"] * 3 + ["global"], qk_norm=True,
+                 qk_norm_scope="proj", norm_placement="output")
+    assert check_exportable(preset("llama-tiny", **olmo3, rope_local_theta=10000.0)) == "olmo3"
+    with pytest.raises(BardlmError, match="llama.cpp's OLMo 3 cannot run this model \\(rope_local_theta"):
+        check_exportable(preset("llama-tiny", **olmo3, rope_local_theta=100.0))
 
 
 @pytest.mark.parametrize("extra", [{}, {"beta_fast": 16, "beta_slow": 2, "attention_factor": 1.3},

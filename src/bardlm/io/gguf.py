@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Six families, as llama.cpp names them:
+Eight families, written as seven llama.cpp architectures:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -24,6 +24,10 @@ Six families, as llama.cpp names them:
   `rope.freq_base_swa`; llama.cpp's norms multiply by their weight, Gemma's by (1 + w), so every
   norm weight is written + 1; llama.cpp fixes the layer pattern (every 6th layer global) and the
   logit scale (1/sqrt(head_dim)), so other Gemma 3 layouts are refused.
+* "smollm3": llama's layout (q/k rows permuted), llama.cpp skipping RoPE in every 4th layer, as
+  SmolLM3's default `no_rope_layers` does; other NoPE patterns and windows are refused.
+* "olmo2" with `attention.sliding_window` runs our olmo3: llama.cpp fixes the pattern (every
+  4th layer global) and one RoPE base for both kinds.
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
@@ -105,9 +109,14 @@ GGUF_NAMES = {
     "qwen2": _LLAMA_NAMES,  # + q/k/v biases
     "olmo2": _OLMO2_NAMES,
     "gemma3_text": _GEMMA3_NAMES,
+    "olmo3": _OLMO2_NAMES,
+    "smollm3": _LLAMA_NAMES,  # with NoPE layers
 }
-GGUF_ARCH = {"gemma3_text": "gemma3"}  # llama.cpp's name where it differs from transformers'
-GEMMA3_PATTERN = 6  # llama.cpp's Gemma 3: every 6th layer global, the others sliding-window
+# llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window)
+GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2"}
+# llama.cpp fixes the layer pattern of these: every n-th layer global, the others local
+SWA_EVERY = {"gemma3_text": 6, "olmo3": 4}
+SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3"}
 _LAYER = re.compile(r"^(transformer\.h|model\.layers)\.(\d+)\.(.+)$")
 
 
@@ -136,13 +145,19 @@ def check_exportable(cfg: ModelConfig) -> str:
     if family not in GGUF_NAMES:  # llama.cpp's llama ignores windows; Gemma 2 not written
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
                           f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
-    if family == "gemma3_text":
-        _check_gemma3(cfg)
+    if family in SWA_EVERY:
+        _check_fixed_layout(cfg, family)
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")
-    if family in ("qwen3", "olmo2") and cfg.attn_bias:
-        raise BardlmError(f"llama.cpp's {family} has no q/k/v/o biases; this model has attn_bias=true")
+    if family in ("qwen3", "olmo2", "olmo3", "smollm3") and (cfg.attn_bias or cfg.bias):
+        raise BardlmError(f"llama.cpp's {family} has no q/k/v/o or MLP biases; this model has "
+                          f"attn_bias={str(cfg.attn_bias).lower()}, bias={str(cfg.bias).lower()}")
+    nope = [(i + 1) % 4 != 0 for i in range(cfg.n_layer)]  # llama.cpp's SmolLM3: every 4th layer
+    if family == "smollm3" and ("local" in cfg.attn_layers or cfg.rope_layers != nope):
+        raise BardlmError("no GGUF export for this SmolLM3-style model: llama.cpp's SmolLM3 has no "
+                          "sliding windows and skips RoPE in exactly every 4th layer; export --format "
+                          "hf writes one transformers loads")
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
     if family != "llama" and kind == "llama3":
         raise BardlmError(f"llama.cpp's {family} takes no per-frequency RoPE factors; llama3 rope "
@@ -153,17 +168,22 @@ def check_exportable(cfg: ModelConfig) -> str:
     return family
 
 
-def _check_gemma3(cfg: ModelConfig) -> None:
-    """What llama.cpp's Gemma 3 fixes: five local layers to one global, the logit scale
-    1/sqrt(head_dim), no soft-caps, unscaled RoPE."""
-    pattern = ["global" if (i + 1) % GEMMA3_PATTERN == 0 else "local" for i in range(cfg.n_layer)]
-    why = {f"attn_layers other than llama.cpp's (every {GEMMA3_PATTERN}th layer global)": cfg.attn_layers != pattern,
-           "attn_scale_dim other than head_dim": cfg.attn_scale_dim not in (None, cfg.head_dim),
-           "soft-caps": cfg.attn_softcap is not None or cfg.logit_softcap is not None,
+def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
+    """What llama.cpp fixes for Gemma 3 (five local layers to one global, the logit scale
+    1/sqrt(head_dim), no soft-caps) and OLMo 3 (three local layers to one global, one RoPE base
+    for both kinds), and for both: unscaled RoPE."""
+    every = SWA_EVERY[family]
+    pattern = ["global" if (i + 1) % every == 0 else "local" for i in range(cfg.n_layer)]
+    why = {f"attn_layers other than llama.cpp's (every {every}th layer global)": cfg.attn_layers != pattern,
            "rope_scaling": cfg.rope_scaling is not None}
+    if family == "gemma3_text":
+        why.update({"attn_scale_dim other than head_dim": cfg.attn_scale_dim not in (None, cfg.head_dim),
+                    "soft-caps": cfg.attn_softcap is not None or cfg.logit_softcap is not None})
+    else:
+        why["rope_local_theta other than rope_theta"] = cfg.rope_local_theta not in (None, cfg.rope_theta)
     found = [k for k, v in why.items() if v]
     if found:
-        raise BardlmError(f"llama.cpp's Gemma 3 cannot run this model ({', '.join(found)}); "
+        raise BardlmError(f"llama.cpp's {SWA_NAMES[family]} cannot run this model ({', '.join(found)}); "
                           "export --format hf writes one transformers loads")
 
 
@@ -201,9 +221,9 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
         t = sd[e.ours]
         parts = t.split(row_splits(cfg, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
         for hf_name, part in zip(e.theirs, parts):
-            if family == "llama" and ".self_attn.q_proj." in hf_name:
+            if family in ("llama", "smollm3") and ".self_attn.q_proj." in hf_name:
                 part = permute_rope(part, cfg.n_head)
-            elif family == "llama" and ".self_attn.k_proj." in hf_name:
+            elif family in ("llama", "smollm3") and ".self_attn.k_proj." in hf_name:
                 part = permute_rope(part, cfg.n_kv_head)
             elif family == "gemma3_text" and hf_name.endswith("norm.weight"):
                 part = part + 1.0  # Gemma's norms scale by (1 + w); llama.cpp's by the weight
@@ -433,8 +453,9 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             if cfg.head_dim * cfg.n_head != cfg.n_embd or family == "gemma3_text":  # decoupled head size
                 w.add_key_length(cfg.head_dim)
                 w.add_value_length(cfg.head_dim)
-            if family == "gemma3_text":  # llama.cpp scales the embeddings by sqrt(n_embd) itself
+            if family in SWA_EVERY:
                 w.add_sliding_window(cfg.sliding_window or cfg.block_size)
+            if family == "gemma3_text":  # llama.cpp scales the embeddings by sqrt(n_embd) itself
                 w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta or cfg.rope_theta)
             scaling = cfg.rope_scaling or {}
             if scaling.get("rope_type", scaling.get("type")) == "linear":
