@@ -147,7 +147,7 @@ CASES = [
     ("config-moe-topk", lambda t, c, w: ["info", "--preset", "moe-tiny", "--set", "n_expert_active=5"],
      "n_expert_active must be in [1, n_expert=4]"),
     ("config-attn-layers", lambda t, c, w: ["info", "--preset", "gemma3-tiny", "--set", 'attn_layers=["local"]'],
-     'attn_layers must list "global" or "local" for each of the 4 layers'),
+     'attn_layers must list "global", "local" or "linear" for each of the 4 layers'),
     ("config-local-no-window", lambda t, c, w: ["info", "--preset", "llama-tiny", "--set",
                                                 'attn_layers=["local","global","global","global"]'],
      'attn_layers has "local" layers but sliding_window is null; set sliding_window'),

@@ -27,7 +27,9 @@ FFNS = ("gelu", "relu", "swiglu", "geglu")
 # "sandwich" (Gemma 2/3): a norm before each sublayer and another on its output, before the add;
 # "output" (OLMo 2): only the norm on the output.
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "output")
-ATTN_KINDS = ("global", "local")  # per layer: every earlier key, or the last `sliding_window`
+# Per layer: every earlier key, the last `sliding_window`, or "linear": no softmax attention but
+# the gated delta rule (nn/deltanet.py), a fixed-size state instead of keys and values.
+ATTN_KINDS = ("global", "local", "linear")
 QK_NORM_SCOPES = ("head", "proj")
 ATTN_IMPLS = ("sdpa", "explicit")
 # How a query scores a key; everything but "dot" runs on the explicit path (docs/concepts.md).
@@ -72,6 +74,19 @@ class ModelConfig:
     # every layer "local" when sliding_window is set (Mistral), else "global".
     attn_layers: list[str] | None = None
     sliding_window: int | None = None
+    # The gated delta rule of "linear" layers (Qwen3.5, Qwen3-Next; nn/deltanet.py): key heads
+    # (q and k), value heads (v, the gate z, the state), their widths, the causal conv's kernel.
+    # None -> n_head heads of head_dim; value heads default to the key heads.
+    linear_k_heads: int | None = None
+    linear_v_heads: int | None = None
+    linear_k_head_dim: int | None = None
+    linear_v_head_dim: int | None = None
+    linear_conv_kernel: int = 4
+    # Softmax attention's output times sigmoid(a gate the query projection also makes), per
+    # channel (Qwen3.5, Qwen3-Next): an attention layer may then output nothing.
+    attn_gate: bool = False
+    # The share of each head's channels RoPE rotates (the first ones; Qwen3.5: 0.25).
+    partial_rotary_factor: float = 1.0
     # Per layer, whether attention rotates q and k (pos="rope"); False is a NoPE layer
     # (SmolLM3's no_rope_layers). None -> every layer True when pos="rope".
     rope_layers: list[bool] | None = None
@@ -146,7 +161,11 @@ class ModelConfig:
                 "expert_hidden": 4 * self.n_embd if self.ffn_hidden is None else self.ffn_hidden,
                 "ffn_layers": ["moe" if self.n_expert > 0 else "dense"] * self.n_layer,
                 "attn_layers": ["local" if self.sliding_window else "global"] * self.n_layer,
-                "rope_layers": [self.pos == "rope"] * self.n_layer}
+                "rope_layers": [self.pos == "rope"] * self.n_layer,
+                "linear_k_heads": self.n_head,
+                "linear_v_heads": self.linear_k_heads or self.n_head,
+                "linear_k_head_dim": self.head_dim or head_dim,
+                "linear_v_head_dim": self.head_dim or head_dim}
 
     def resolve(self) -> None:
         for name, value in self.derived().items():
@@ -159,7 +178,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise BardlmError(f"config: {name} must be a positive integer, got {value!r}")
-        for name in ("n_kv_head", "head_dim", "ffn_hidden"):
+        for name in ("n_kv_head", "head_dim", "ffn_hidden", "linear_k_heads", "linear_v_heads",
+                     "linear_k_head_dim", "linear_v_head_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise BardlmError(
@@ -182,10 +202,12 @@ class ModelConfig:
                 f"config: n_head ({self.n_head}) must be divisible by n_kv_head "
                 f"({self.n_kv_head}); pick n_kv_head from {_divisors(self.n_head)}"
             )
-        if self.pos == "rope" and self.head_dim is not None and self.head_dim % 2 != 0:
+        if self.pos == "rope" and self.head_dim is not None and self.rotary_dim % 2 != 0:
+            rotated = ("head_dim" if self.partial_rotary_factor == 1
+                       else f"head_dim * partial_rotary_factor ({self.partial_rotary_factor})")
             raise BardlmError(
-                f"config: RoPE rotates pairs of channels, so head_dim must be even, got "
-                f"{self.head_dim}; change n_embd/n_head or head_dim"
+                f"config: RoPE rotates pairs of channels, so {rotated} must be even, got "
+                f"{self.rotary_dim}; change n_embd/n_head, head_dim or partial_rotary_factor"
             )
         if self.pos == "sinusoidal" and self.n_embd % 2 != 0:
             raise BardlmError(
@@ -207,14 +229,23 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise BardlmError(f"config: sliding_window must be a positive integer or null, "
                               f"got {self.sliding_window}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise BardlmError(f"config: partial_rotary_factor must be in (0, 1], got "
+                              f"{self.partial_rotary_factor} (the share of head_dim RoPE rotates)")
+        if self.linear_conv_kernel < 1:
+            raise BardlmError(f"config: linear_conv_kernel must be >= 1, got {self.linear_conv_kernel}")
+        if self.linear_k_heads and self.linear_v_heads and self.linear_v_heads % self.linear_k_heads:
+            raise BardlmError(f"config: linear_v_heads ({self.linear_v_heads}) must be a multiple of "
+                              f"linear_k_heads ({self.linear_k_heads}); pick linear_k_heads from "
+                              f"{_divisors(self.linear_v_heads)}")
         for name in ("attn_scale_dim", "attn_softcap", "logit_softcap", "rope_local_theta"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise BardlmError(f"config: {name} must be positive or null, got {value}")
         if self.attn_layers is not None:
             if len(self.attn_layers) != self.n_layer or not set(self.attn_layers) <= set(ATTN_KINDS):
-                raise BardlmError(f"config: attn_layers must list \"global\" or \"local\" for each "
-                                  f"of the {self.n_layer} layers, got {self.attn_layers}")
+                raise BardlmError(f"config: attn_layers must list \"global\", \"local\" or \"linear\" "
+                                  f"for each of the {self.n_layer} layers, got {self.attn_layers}")
             if "local" in self.attn_layers and self.sliding_window is None:
                 raise BardlmError("config: attn_layers has \"local\" layers but sliding_window "
                                   "is null; set sliding_window (the keys a local layer sees)")
@@ -229,11 +260,26 @@ class ModelConfig:
             raise BardlmError("config: share_layers applies one block to every layer, so "
                               "attn_layers and rope_layers cannot vary; drop share_layers")
 
+    @property
+    def rotary_dim(self) -> int:
+        """The channels of each head RoPE rotates: the first head_dim * partial_rotary_factor."""
+        return int((self.head_dim or self.n_embd // self.n_head) * self.partial_rotary_factor)
+
     def layer_cache_lengths(self, tokens: int) -> list[int]:
         """Positions the KV cache of one sequence holds per layer for a `tokens` context: all of
-        them for a global layer, at most `sliding_window` for a local one (a ring buffer)."""
-        return [min(tokens, self.sliding_window) if kind == "local" else tokens
-                for kind in self.attn_layers]
+        them for a global layer, at most `sliding_window` for a local one (a ring buffer), none
+        for a linear one (its fixed state is `linear_state_elements`)."""
+        return [0 if kind == "linear" else min(tokens, self.sliding_window) if kind == "local"
+                else tokens for kind in self.attn_layers]
+
+    def linear_state_elements(self) -> int:
+        """Values one sequence's fixed state holds over all linear layers, whatever its length:
+        per layer the conv's last (kernel - 1) inputs of q, k and v, and the (d_k, d_v) state of
+        each value head (nn/deltanet.py)."""
+        conv = (2 * self.linear_k_heads * self.linear_k_head_dim
+                + self.linear_v_heads * self.linear_v_head_dim) * (self.linear_conv_kernel - 1)
+        state = self.linear_v_heads * self.linear_k_head_dim * self.linear_v_head_dim
+        return self.attn_layers.count("linear") * (conv + state)
 
     def _validate_moe(self) -> None:
         """The mixture-of-experts fields (n_expert, ffn_layers, ...) agree with each other."""

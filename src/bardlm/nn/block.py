@@ -15,14 +15,15 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import KVCache
+from .deltanet import GatedDeltaNet
 from .moe import make_ffn
 from .norm import make_norm
 
 
 class Block(nn.Module):
     """One transformer layer; with `cross=True` it also attends to an encoder output. `layer`
-    (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers` and global or
-    local (sliding-window) attention from `cfg.attn_layers`."""
+    (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers` and global, local
+    (sliding-window) attention or a linear (gated delta rule) layer from `cfg.attn_layers`."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
         super().__init__()
@@ -34,7 +35,10 @@ class Block(nn.Module):
                              cfg.norm_unit_offset)
 
         self.ln_1 = norm()
-        self.attn = Attention(cfg, causal=causal, layer=layer)
+        # A "linear" layer mixes tokens with the gated delta rule instead of softmax attention
+        # (same call signature, a fixed-size state for a cache).
+        linear = causal and cfg.attn_layers[layer] == "linear"
+        self.attn = GatedDeltaNet(cfg, layer) if linear else Attention(cfg, causal=causal, layer=layer)
         if cross:
             self.ln_cross = norm()
             self.cross_attn = Attention(cfg, causal=False)

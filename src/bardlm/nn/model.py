@@ -18,7 +18,8 @@ from ..config import ModelConfig
 from ..errors import BardlmError
 from .attention import AttentionScore
 from .block import Block
-from .cache import KVCache, RingKVCache
+from .cache import KVCache, RingKVCache, StateCache
+from .deltanet import GatedDeltaNet
 from .dropout import Dropout
 from .loss import chunked_cross_entropy, chunked_token_nll
 from .moe import router_losses
@@ -78,7 +79,7 @@ class GPT(nn.Module):
                 continue  # built on meta: called again once materialised
             owner_name, _, attr = name.rpartition(".")
             owner = modules[owner_name]
-            if isinstance(owner, AttentionScore):
+            if isinstance(owner, (AttentionScore, GatedDeltaNet)):  # their own initial values
                 full = owner.initial(attr, self._generator(name))
             elif isinstance(owner, (LayerNorm, RMSNorm)) and attr == "weight":
                 full = torch.full(p.shape, getattr(owner, "initial_value", 1.0), device="cpu")
@@ -101,9 +102,10 @@ class GPT(nn.Module):
         if cfg.pos == "sinusoidal":
             return {"pos_table": sinusoidal_table(cfg.block_size, cfg.n_embd)}
         if cfg.pos == "rope":
-            out = {"rope_inv_freq": rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+            # (partial_rotary_factor < 1: the table covers the rotated channels only)
+            out = {"rope_inv_freq": rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)}
             if cfg.rope_local_theta is not None and "local" in cfg.attn_layers:
-                out["rope_local_inv_freq"] = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta)
+                out["rope_local_inv_freq"] = rope_inv_freq(cfg.rotary_dim, cfg.rope_local_theta)
             return out
         return {}
 
@@ -166,7 +168,8 @@ class GPT(nn.Module):
             return tables[name]
 
         local = "rope_local_inv_freq" if hasattr(self, "rope_local_inv_freq") else "rope_inv_freq"
-        return [None if not rotary else table(local if kind == "local" else "rope_inv_freq")
+        return [None if not rotary or kind == "linear"
+                else table(local if kind == "local" else "rope_inv_freq")
                 for rotary, kind in zip(cfg.rope_layers, cfg.attn_layers)]
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -261,19 +264,28 @@ class GPT(nn.Module):
 
     def make_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> list[KVCache | RingKVCache]:
+    ) -> list[KVCache | RingKVCache | StateCache]:
         """One preallocated cache per layer for `batch` rows of up to `max_len` positions: a
-        `KVCache` of max_len positions, or for a local layer whose window is shorter a
-        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`)."""
+        `KVCache` of max_len positions, for a local layer whose window is shorter a
+        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`), and for a linear
+        layer a `StateCache` (its fixed state, the same size at any length)."""
+        cfg = self.config
         p = next(self.parameters())
-        max_len = max_len or self.config.block_size
+        max_len = max_len or cfg.block_size
         dtype = dtype or self.cache_dtype()
-        H, D = self.config.n_kv_head, self.config.head_dim
-        return [
-            RingKVCache(batch, n, max_len, H, D, dtype, p.device) if n < max_len
-            else KVCache(batch, max_len, H, D, dtype, p.device)
-            for n in self.config.layer_cache_lengths(max_len)
-        ]
+        H, D = cfg.n_kv_head, cfg.head_dim
+        caches: list[KVCache | RingKVCache | StateCache] = []
+        for kind, n in zip(cfg.attn_layers, cfg.layer_cache_lengths(max_len)):
+            if kind == "linear":
+                caches.append(StateCache(
+                    batch, max_len, 2 * cfg.linear_k_heads * cfg.linear_k_head_dim
+                    + cfg.linear_v_heads * cfg.linear_v_head_dim, cfg.linear_conv_kernel,
+                    cfg.linear_v_heads, cfg.linear_k_head_dim, cfg.linear_v_head_dim, dtype, p.device))
+            elif n < max_len:
+                caches.append(RingKVCache(batch, n, max_len, H, D, dtype, p.device))
+            else:
+                caches.append(KVCache(batch, max_len, H, D, dtype, p.device))
+        return caches
 
     def cache_dtype(self) -> torch.dtype:
         """The dtype `make_cache` stores keys and values in: the weights' (fp32 when integer)."""
