@@ -27,7 +27,9 @@ FFNS = ("gelu", "relu", "swiglu", "geglu", "swiglu_clamped")
 # "sandwich" (Gemma 2/3): a norm before each sublayer and another on its output, before the add;
 # "output" (OLMo 2): only the norm on the output.
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "output")
-ATTN_KINDS = ("global", "local")  # per layer: every earlier key, or the last `sliding_window`
+# Per layer: every earlier key, the last `sliding_window`, or "linear": no softmax attention but
+# the gated delta rule (nn/deltanet.py), a fixed-size state instead of keys and values.
+ATTN_KINDS = ("global", "local", "linear")
 # How a layer makes its keys and values: "mha" (per KV head: MHA, GQA, MQA) or "mla" (DeepSeek's
 # multi-head latent attention: one compressed latent per token, nn/mla.py).
 ATTN_TYPES = ("mha", "mla")
@@ -80,6 +82,19 @@ class ModelConfig:
     # every layer "local" when sliding_window is set (Mistral), else "global".
     attn_layers: list[str] | None = None
     sliding_window: int | None = None
+    # The gated delta rule of "linear" layers (Qwen3.5, Qwen3-Next; nn/deltanet.py): key heads
+    # (q and k), value heads (v, the gate z, the state), their widths, the causal conv's kernel.
+    # None -> n_head heads of head_dim; value heads default to the key heads.
+    linear_k_heads: int | None = None
+    linear_v_heads: int | None = None
+    linear_k_head_dim: int | None = None
+    linear_v_head_dim: int | None = None
+    linear_conv_kernel: int = 4
+    # Softmax attention's output times sigmoid(a gate the query projection also makes), per
+    # channel (Qwen3.5, Qwen3-Next): an attention layer may then output nothing.
+    attn_gate: bool = False
+    # The share of each head's channels RoPE rotates (the first ones; Qwen3.5: 0.25).
+    partial_rotary_factor: float = 1.0
     # Per layer, whether attention rotates q and k (pos="rope"); False is a NoPE layer
     # (SmolLM3's no_rope_layers). None -> every layer True when pos="rope".
     rope_layers: list[bool] | None = None
@@ -210,7 +225,11 @@ class ModelConfig:
                 "attn_layers": ["local" if self.sliding_window else "global"] * self.n_layer,
                 "rope_layers": [self.pos == "rope"] * self.n_layer,
                 "global_head_dim": own_head_dim, "global_n_kv_head": own_kv_head,
-                "per_layer_vocab_size": self.vocab_size}
+                "per_layer_vocab_size": self.vocab_size,
+                "linear_k_heads": self.n_head,
+                "linear_v_heads": self.linear_k_heads or self.n_head,
+                "linear_k_head_dim": self.head_dim or head_dim,
+                "linear_v_head_dim": self.head_dim or head_dim}
 
     def resolve(self) -> None:
         for name, value in self.derived().items():
@@ -224,7 +243,8 @@ class ModelConfig:
             if not isinstance(value, int) or value <= 0:
                 raise BardlmError(f"config: {name} must be a positive integer, got {value!r}")
         for name in ("n_kv_head", "head_dim", "ffn_hidden", "global_head_dim", "global_n_kv_head",
-                     "per_layer_vocab_size"):
+                     "per_layer_vocab_size", "linear_k_heads", "linear_v_heads", "linear_k_head_dim",
+                     "linear_v_head_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise BardlmError(
@@ -249,12 +269,17 @@ class ModelConfig:
                 f"config: n_head ({self.n_head}) must be divisible by n_kv_head "
                 f"({self.n_kv_head}); pick n_kv_head from {_divisors(self.n_head)}"
             )
-        for name in ("head_dim", "global_head_dim"):
+        for name in ("head_dim", "global_head_dim"):  # (latent attention checks its own RoPE key)
             value = getattr(self, name)
-            if self.pos == "rope" and self.attn_type != "mla" and value is not None and value % 2 != 0:
+            if self.pos != "rope" or self.attn_type == "mla" or value is None:
+                continue
+            rotated = int(value * self.partial_rotary_factor)
+            if rotated % 2 != 0:
+                what = name if self.partial_rotary_factor == 1 else \
+                    f"{name} * partial_rotary_factor ({self.partial_rotary_factor})"
                 raise BardlmError(
-                    f"config: RoPE rotates pairs of channels, so {name} must be even, got "
-                    f"{value}; change n_embd/n_head or {name}"
+                    f"config: RoPE rotates pairs of channels, so {what} must be even, got "
+                    f"{rotated}; change n_embd/n_head, {name} or partial_rotary_factor"
                 )
         if self.global_n_kv_head is not None and self.n_head % self.global_n_kv_head != 0:
             raise BardlmError(
@@ -287,14 +312,23 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise BardlmError(f"config: sliding_window must be a positive integer or null, "
                               f"got {self.sliding_window}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise BardlmError(f"config: partial_rotary_factor must be in (0, 1], got "
+                              f"{self.partial_rotary_factor} (the share of head_dim RoPE rotates)")
+        if self.linear_conv_kernel < 1:
+            raise BardlmError(f"config: linear_conv_kernel must be >= 1, got {self.linear_conv_kernel}")
+        if self.linear_k_heads and self.linear_v_heads and self.linear_v_heads % self.linear_k_heads:
+            raise BardlmError(f"config: linear_v_heads ({self.linear_v_heads}) must be a multiple of "
+                              f"linear_k_heads ({self.linear_k_heads}); pick linear_k_heads from "
+                              f"{_divisors(self.linear_v_heads)}")
         for name in ("attn_scale_dim", "attn_softcap", "logit_softcap", "rope_local_theta"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise BardlmError(f"config: {name} must be positive or null, got {value}")
         if self.attn_layers is not None:
             if len(self.attn_layers) != self.n_layer or not set(self.attn_layers) <= set(ATTN_KINDS):
-                raise BardlmError(f"config: attn_layers must list \"global\" or \"local\" for each "
-                                  f"of the {self.n_layer} layers, got {self.attn_layers}")
+                raise BardlmError(f"config: attn_layers must list \"global\", \"local\" or \"linear\" "
+                                  f"for each of the {self.n_layer} layers, got {self.attn_layers}")
             if "local" in self.attn_layers and self.sliding_window is None:
                 raise BardlmError("config: attn_layers has \"local\" layers but sliding_window "
                                   "is null; set sliding_window (the keys a local layer sees)")
@@ -352,15 +386,21 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """The channels of a global layer's head that RoPE's table covers: global_head_dim
-        (head_dim but in Gemma 4), or the decoupled RoPE key's qk_rope_head_dim under latent
+        """The channels of a global layer's head that RoPE's table covers: the first
+        global_head_dim * partial_rotary_factor (global_head_dim is head_dim but in Gemma 4;
+        Qwen3.5 rotates a quarter), or the decoupled RoPE key's qk_rope_head_dim under latent
         attention."""
-        return self.qk_rope_head_dim if self.attn_type == "mla" else self.global_head_dim
+        if self.attn_type == "mla":
+            return self.qk_rope_head_dim
+        return int(self.global_head_dim * self.partial_rotary_factor)
 
     def cache_width(self, layer: int = 0) -> int:
         """Values layer `layer`'s cache holds per position: a key and a value per KV head (with
         that layer's heads and head size: Gemma 4's global layers differ), or under latent
-        attention the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim)."""
+        attention the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim); none in a
+        linear layer (its state does not grow: `linear_state_elements`)."""
+        if self.attn_layers[layer] == "linear":
+            return 0
         if self.attn_type == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.layer_kv_heads(layer) * self.layer_head_dim(layer)
@@ -368,9 +408,10 @@ class ModelConfig:
     def layer_cache_lengths(self, tokens: int) -> list[int]:
         """Positions the KV cache of one sequence holds per cached layer (`cache_layers`) for a
         `tokens` context: all of them for a global layer, at most `sliding_window` for a local
-        one (a ring buffer)."""
-        return [min(tokens, self.sliding_window) if self.attn_layers[i] == "local" else tokens
-                for i in self.cache_layers()]
+        one (a ring buffer), none for a linear one (its fixed state is `linear_state_elements`)."""
+        kinds = [self.attn_layers[i] for i in self.cache_layers()]
+        return [0 if kind == "linear" else min(tokens, self.sliding_window) if kind == "local"
+                else tokens for kind in kinds]
 
     # Per-layer attention shapes (Gemma 4) ---------------------------------------------------
     def layer_head_dim(self, layer: int) -> int:
@@ -423,6 +464,15 @@ class ModelConfig:
                 and self.norm_placement != "sandwich":
             raise BardlmError("config: \"dense+moe\" layers normalise each branch (Gemma 4), "
                               "which needs norm_placement=sandwich")
+
+    def linear_state_elements(self) -> int:
+        """Values one sequence's fixed state holds over all linear layers, whatever its length:
+        per layer the conv's last (kernel - 1) inputs of q, k and v, and the (d_k, d_v) state of
+        each value head (nn/deltanet.py)."""
+        conv = (2 * self.linear_k_heads * self.linear_k_head_dim
+                + self.linear_v_heads * self.linear_v_head_dim) * (self.linear_conv_kernel - 1)
+        state = self.linear_v_heads * self.linear_k_head_dim * self.linear_v_head_dim
+        return self.attn_layers.count("linear") * (conv + state)
 
     def _validate_moe(self) -> None:
         """The mixture-of-experts fields (n_expert, ffn_layers, ...) agree with each other."""

@@ -20,6 +20,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import KVCache
+from .deltanet import GatedDeltaNet
 from .feedforward import fused_gelu_tanh, gelu_tanh
 from .mla import LatentAttention
 from .moe import MoE, make_ffn
@@ -28,9 +29,9 @@ from .norm import make_norm
 
 class Block(nn.Module):
     """One transformer layer; with `cross=True` it also attends to an encoder output. `layer`
-    (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers` and global or
-    local (sliding-window) attention from `cfg.attn_layers`; `cfg.attn_type` picks per-head
-    attention or latent attention (nn/mla.py)."""
+    (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers` and global, local
+    (sliding-window) attention or a linear (gated delta rule) layer from `cfg.attn_layers`;
+    `cfg.attn_type` picks per-head attention or latent attention (nn/mla.py)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
         super().__init__()
@@ -42,9 +43,13 @@ class Block(nn.Module):
                              cfg.norm_unit_offset)
 
         self.ln_1 = norm()
-        # DeepSeek's latent attention (causal self-attention only) or the per-head kind.
+        # DeepSeek's latent attention (causal self-attention only), a "linear" layer mixing tokens
+        # with the gated delta rule instead of softmax attention (same call signature, a
+        # fixed-size state for a cache), or the per-head kind.
         if cfg.attn_type == "mla" and causal:
             self.attn = LatentAttention(cfg)
+        elif causal and cfg.attn_layers[layer] == "linear":
+            self.attn = GatedDeltaNet(cfg, layer)
         else:
             self.attn = Attention(cfg, causal=causal, layer=layer)
         if cross:

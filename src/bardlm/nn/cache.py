@@ -20,6 +20,12 @@ A sliding-window layer keeps a `RingKVCache`: the last `window` positions of eac
 nothing older, whatever the context. Every cache's `update` returns the keys and values to attend
 over and the cache index of each key (None when key j is cache index j), from which attention
 builds its mask (`attention.attention_mask`).
+
+A linear-attention layer (nn/deltanet.py) keeps a `StateCache`: no keys or values, but a fixed
+state per row (its conv's last inputs and the delta rule's matrices), read before a pass and
+written after it. It is addressed by the same `start_pos` (int or tensor) and gives the same
+`rows` views; a row whose pass starts at cache index 0 starts from zeros (a new sequence, or a
+server slot's new request), so it never needs clearing.
 """
 
 from __future__ import annotations
@@ -288,3 +294,87 @@ class RingSlotView:
         self, start_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.cache.update(start_pos, k, v, self.rows)
+
+
+class StateCache(nn.Module):
+    """The fixed-size state of one linear-attention layer for `batch` rows, whatever the length:
+    `conv` (B, conv_dim, kernel - 1), the convolution's last inputs, in the cache dtype, and
+    `state` (B, H_v, d_k, d_v), the delta rule's memory, in fp32 (it sums over the whole
+    sequence). `max_len` is the positions a sequence may span (the attention layers' caches')."""
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        conv_dim: int,
+        kernel: int,
+        n_v_head: int,
+        k_dim: int,
+        v_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self._max_len = max_len
+        self.register_buffer("conv", torch.zeros(batch, conv_dim, kernel - 1, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("state", torch.zeros(batch, n_v_head, k_dim, v_dim, device=device),
+                             persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    def nbytes(self) -> int:
+        return self.conv.numel() * self.conv.element_size() + self.state.numel() * self.state.element_size()
+
+    def rows(self, rows: list[int], length: int) -> StateSlotView:
+        """Buffer rows `rows` as a cache of their own (`length`, the attention read length,
+        means nothing to a state)."""
+        return StateSlotView(self, rows)
+
+    def read(
+        self, start_pos: int | torch.Tensor, batch: int, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(conv, state) of the batch's rows before this pass; (None, None) (zeros) when the
+        pass starts a sequence (int start_pos 0). start_pos a tensor (T,) or (B, T): rows whose
+        first index is 0 read zeros. rows (B,): buffer rows, None = 0..B-1."""
+        if isinstance(start_pos, int):
+            _check_room(start_pos + 1, self._max_len)
+            if start_pos == 0:
+                return None, None
+            return self.conv[:batch], self.state[:batch]
+        conv = self.conv[:batch] if rows is None else self.conv[rows]
+        state = self.state[:batch] if rows is None else self.state[rows]
+        fresh = start_pos.expand(batch, start_pos.shape[-1])[:, 0] == 0  # (B,)
+        conv = torch.where(fresh[:, None, None], torch.zeros_like(conv), conv)
+        state = torch.where(fresh[:, None, None, None], torch.zeros_like(state), state)
+        return conv, state
+
+    def write(self, conv: torch.Tensor, state: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Keep the batch's rows' state after this pass (rows None = 0..B-1)."""
+        if rows is None:
+            self.conv[:conv.shape[0]] = conv.to(self.conv.dtype)
+            self.state[:state.shape[0]] = state
+        else:
+            self.conv[rows] = conv.to(self.conv.dtype)
+            self.state[rows] = state
+
+
+class StateSlotView:
+    """Some rows of a StateCache, seen as a cache of their own (a server's slots)."""
+
+    def __init__(self, cache: StateCache, rows: list[int]) -> None:
+        self.cache = cache
+        in_order = rows == list(range(len(rows)))
+        self.rows = None if in_order else torch.tensor(rows, device=cache.state.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def read(self, start_pos: int | torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.cache.read(start_pos, batch, self.rows)
+
+    def write(self, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.cache.write(conv, state, self.rows)

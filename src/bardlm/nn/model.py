@@ -18,7 +18,8 @@ from ..config import ModelConfig
 from ..errors import BardlmError
 from .attention import AttentionScore
 from .block import Block
-from .cache import KVCache, LatentCache, RingKVCache
+from .cache import KVCache, LatentCache, RingKVCache, StateCache
+from .deltanet import GatedDeltaNet
 from .dropout import Dropout
 from .loss import chunked_cross_entropy, chunked_token_nll
 from .moe import MoE, router_losses
@@ -84,7 +85,7 @@ class GPT(nn.Module):
                 continue  # built on meta: called again once materialised
             owner_name, _, attr = name.rpartition(".")
             owner = modules[owner_name]
-            if isinstance(owner, AttentionScore):
+            if isinstance(owner, (AttentionScore, GatedDeltaNet)):  # their own initial values
                 full = owner.initial(attr, self._generator(name))
             elif isinstance(owner, (LayerNorm, RMSNorm)) and attr == "weight":
                 full = torch.full(p.shape, getattr(owner, "initial_value", 1.0), device="cpu")
@@ -119,7 +120,7 @@ class GPT(nn.Module):
                 # A local base is unscaled; a local table only for its head size keeps the scaling.
                 theta, scaling = ((cfg.rope_local_theta, None) if cfg.rope_local_theta is not None
                                   else (cfg.rope_theta, cfg.rope_scaling))
-                out["rope_local_inv_freq"] = rope_inv_freq(cfg.head_dim, theta, scaling)
+                out["rope_local_inv_freq"] = rope_inv_freq(int(cfg.head_dim * cfg.partial_rotary_factor), theta, scaling)
             return out
         return {}
 
@@ -182,7 +183,8 @@ class GPT(nn.Module):
             return tables[name]
 
         local = "rope_local_inv_freq" if hasattr(self, "rope_local_inv_freq") else "rope_inv_freq"
-        return [None if not rotary else table(local if kind == "local" else "rope_inv_freq")
+        return [None if not rotary or kind == "linear"
+                else table(local if kind == "local" else "rope_inv_freq")
                 for rotary, kind in zip(cfg.rope_layers, cfg.attn_layers)]
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -295,12 +297,13 @@ class GPT(nn.Module):
 
     def make_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> list[KVCache | RingKVCache]:
+    ) -> list[KVCache | RingKVCache | StateCache]:
         """One preallocated cache per layer that owns keys and values (every layer but the
         KV-shared ones: `ModelConfig.cache_layers`) for `batch` rows of up to `max_len`
-        positions: a `KVCache` of max_len positions, or for a local layer whose window is
-        shorter a `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`); under
-        latent attention a `LatentCache` (latent + RoPE key per position)."""
+        positions: a `KVCache` of max_len positions, for a local layer whose window is shorter a
+        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`), for a linear layer
+        a `StateCache` (its fixed state, the same size at any length); under latent attention a
+        `LatentCache` (latent + RoPE key per position)."""
         p = next(self.parameters())
         cfg = self.config
         max_len = max_len or cfg.block_size
@@ -308,8 +311,14 @@ class GPT(nn.Module):
         if cfg.attn_type == "mla":
             return [LatentCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, p.device)
                     for _ in cfg.cache_layers()]
-        caches: list[KVCache | RingKVCache] = []
+        caches: list[KVCache | RingKVCache | StateCache] = []
         for i, n in zip(cfg.cache_layers(), cfg.layer_cache_lengths(max_len)):
+            if cfg.attn_layers[i] == "linear":
+                caches.append(StateCache(
+                    batch, max_len, 2 * cfg.linear_k_heads * cfg.linear_k_head_dim
+                    + cfg.linear_v_heads * cfg.linear_v_head_dim, cfg.linear_conv_kernel,
+                    cfg.linear_v_heads, cfg.linear_k_head_dim, cfg.linear_v_head_dim, dtype, p.device))
+                continue
             H, D = cfg.layer_kv_heads(i), cfg.layer_head_dim(i)
             caches.append(RingKVCache(batch, n, max_len, H, D, dtype, p.device) if n < max_len
                           else KVCache(batch, max_len, H, D, dtype, p.device))

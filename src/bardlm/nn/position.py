@@ -129,7 +129,13 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k: x (B, H, T, D) with cos/sin (T, D) or (B, 1, T, D) -> (B, H, T, D)."""
+    """Rotate q or k: x (B, H, T, D) with cos/sin (T, R) or (B, 1, T, R) -> (B, H, T, D).
+
+    R < D (partial rotary, Qwen3.5): the first R channels of each head are rotated (pairs i,
+    i + R/2 among them) and the other D - R pass unchanged."""
+    if cos.shape[-1] < x.shape[-1]:
+        R = cos.shape[-1]
+        return torch.cat([apply_rope(x[..., :R], cos, sin), x[..., R:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
