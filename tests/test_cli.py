@@ -172,3 +172,23 @@ def test_eval_reads_gzip_like_train(tmp_path, corpus_file, capsys) -> None:
         results.append(json.loads(capsys.readouterr().out))
     assert results[0]["bytes"] == len(TEXT.encode()) and results[0]["tokens"] > 0
     assert {k: v for k, v in results[1].items() if k != "data"} == {k: v for k, v in results[0].items() if k != "data"}
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path, corpus_file) -> None:
+    """`bardlm generate ... | head`: once the reader closes the pipe, the command stops quietly
+    with the shell's code for a broken pipe (141), not "error: Broken pipe; check the path"."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus_file), "--out", str(out), "--max-iters", "1", *TINY]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "bardlm", "generate", "--ckpt", str(out), "--prompt",
+                             "ROMEO:", "--max-new-tokens", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(8)  # the first words arrive, then the reader goes away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""

@@ -1065,6 +1065,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bardlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `bardlm generate ... | head`: the reader has all it wanted
+        # Python would complain again when it flushes stdout at exit: point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe ended
     except OSError as e:  # a folder we may not write, a file we may not read: no traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"bardlm: error: {where}{e.strerror or e}; check that the path exists and that "
