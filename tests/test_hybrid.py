@@ -180,3 +180,19 @@ def test_refusals() -> None:
                        pos="rope", bias=False)
     with pytest.raises(BardlmError, match="partial_rotary_factor"):
         base.replace(head_dim=6, partial_rotary_factor=0.5)  # 3 rotated channels: odd
+
+
+def test_info_prints_the_fixed_state_and_serve_refuses(capsys) -> None:  # noqa: ANN001
+    from bardlm.cli import main
+    from bardlm.config import preset
+    from bardlm.serve.engine import Engine
+
+    assert main(["info", "--preset", "qwen3.5-tiny"]) == 0
+    out = capsys.readouterr().out
+    cfg = preset("qwen3.5-tiny")
+    assert f"KV cache per token fp32 / bf16                 {kv_bytes_per_token(cfg, 4):,} B" in out
+    assert f"fixed state per sequence fp32 / bf16           {state_bytes_per_sequence(cfg, 4):,} B" in out
+    assert "3 linear layers hold no positions" in out
+    assert family_of(cfg) == "qwen3_5_text"  # the preset exports to transformers
+    with pytest.raises(BardlmError, match="continuous batching of linear-attention"):
+        Engine(GPT(cfg).eval(), None)
