@@ -196,3 +196,16 @@ def test_info_prints_the_fixed_state_and_serve_refuses(capsys) -> None:  # noqa:
     assert family_of(cfg) == "qwen3_5_text"  # the preset exports to transformers
     with pytest.raises(BardlmError, match="continuous batching of linear-attention"):
         Engine(GPT(cfg).eval(), None)
+
+
+def test_compiled_decode_step_with_a_state_cache_equals_eager() -> None:
+    """The torch.compile'd static step (tensor start_pos) reads and writes the StateCache as
+    the eager loop does: the same tokens."""
+    from bardlm.config import preset
+    from bardlm.infer.generate import generate
+
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3.5-tiny", n_layer=2, attn_layers=["linear", "global"])).eval()
+    idx = torch.randint(0, 65, (2, 5))
+    eager = generate(model, idx, 12, temperature=0)
+    assert generate(model, idx, 12, temperature=0, compile=True).equal(eager)
