@@ -387,7 +387,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .config import TrainConfig, config_keys, parse_overrides, preset, train_config_keys
-    from .infer.budget import kv_bytes_per_sequence, kv_bytes_per_token
+    from .infer.budget import kv_bytes_per_sequence, kv_bytes_per_token, state_bytes_per_sequence
     from .io.load import read_model_config
     from .nn.model import GPT
     from .nn.moe import active_params
@@ -415,6 +415,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("KV cache of one sequence at full context fp32",
          f"{kv_bytes_per_sequence(cfg, cfg.block_size, 4):,} B = "
          f"{_mib(kv_bytes_per_sequence(cfg, cfg.block_size, 4))}{_cache_layout(cfg)}"),
+        *_state_rows(cfg, state_bytes_per_sequence),
         ("shape", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} KV), "
                   f"{cfg.n_embd} dims, head_dim {cfg.head_dim}, context {cfg.block_size}, "
                   f"vocab {cfg.vocab_size}" + _global_heads(cfg)),
@@ -446,17 +447,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _cache_layout(cfg) -> str:  # noqa: ANN001
     """" (G global layers x N + L local layers x W positions)" when some cached layers are
-    local, and "; K KV-shared layers hold none" when the last layers read earlier ones' keys."""
+    local, "; L linear layers hold no positions" when some are linear, and "; K KV-shared layers
+    hold none" when the last layers read earlier ones' keys."""
     kinds = [cfg.attn_layers[i] for i in cfg.cache_layers()]
-    local = kinds.count("local")
-    text = ""
-    if local:
-        window = min(cfg.sliding_window, cfg.block_size)
-        text = (f"{len(kinds) - local} global layers x {cfg.block_size:,} + {local} local layers x "
-                f"{window:,} positions")
+    local, linear = kinds.count("local"), kinds.count("linear")
+    parts = []
+    if local or linear:
+        text = f"{len(kinds) - local - linear} global layers x {cfg.block_size:,}"
+        if local:
+            text += f" + {local} local layers x {min(cfg.sliding_window, cfg.block_size):,} positions"
+        parts.append(text)
+        if linear:
+            parts.append(f"{linear} linear layers hold no positions")
     if cfg.kv_shared_layers:
-        text += f"{'; ' if text else ''}{cfg.kv_shared_layers} KV-shared layers hold none"
-    return f" ({text})" if text else ""
+        parts.append(f"{cfg.kv_shared_layers} KV-shared layers hold none")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _global_heads(cfg) -> str:  # noqa: ANN001
@@ -478,11 +483,32 @@ def _routing(cfg) -> str:  # noqa: ANN001
     return text
 
 
+def _state_rows(cfg, state_bytes) -> list[tuple[str, str]]:  # noqa: ANN001
+    """The fixed state of the linear layers, per sequence (none without linear layers)."""
+    linear = cfg.attn_layers.count("linear")
+    if not linear:
+        return []
+    conv, state = cfg.linear_state_elements()
+    return [("fixed state per sequence fp32 / bf16",
+             f"{state_bytes(cfg, 4):,} B / {state_bytes(cfg, 2):,} B at any length ({linear} linear "
+             f"layers: {conv:,} conv inputs + {state:,} delta-rule state values, the state in fp32)")]
+
+
 def _attention_layout(cfg) -> str:  # noqa: ANN001
-    """Which layers are local (sliding window) and which have no RoPE."""
+    """Which layers are local (sliding window) or linear (gated delta rule), which have no
+    RoPE, and the attention gate and partial rotary."""
     local = [i for i, k in enumerate(cfg.attn_layers) if k == "local"]
+    linear = [i for i, k in enumerate(cfg.attn_layers) if k == "linear"]
     text = "global in every layer" if not local else \
         f"sliding window {cfg.sliding_window} in {len(local)} of {cfg.n_layer} layers {local}"
+    if linear:
+        text = (f"gated delta rule in {len(linear)} of {cfg.n_layer} layers {linear} ("
+                f"{cfg.linear_k_heads} key / {cfg.linear_v_heads} value heads of {cfg.linear_k_head_dim} / "
+                f"{cfg.linear_v_head_dim}, conv {cfg.linear_conv_kernel}), softmax attention in the others")
+    if cfg.attn_gate:
+        text += "; output gate"
+    if cfg.pos == "rope" and cfg.partial_rotary_factor != 1:
+        text += f"; RoPE on {cfg.rope_dim} of {cfg.head_dim} channels"
     nope = [i for i, r in enumerate(cfg.rope_layers) if not r]
     if cfg.pos == "rope" and nope:
         text += f"; no RoPE in layers {nope}"

@@ -465,14 +465,15 @@ class ModelConfig:
             raise BardlmError("config: \"dense+moe\" layers normalise each branch (Gemma 4), "
                               "which needs norm_placement=sandwich")
 
-    def linear_state_elements(self) -> int:
-        """Values one sequence's fixed state holds over all linear layers, whatever its length:
-        per layer the conv's last (kernel - 1) inputs of q, k and v, and the (d_k, d_v) state of
-        each value head (nn/deltanet.py)."""
+    def linear_state_elements(self) -> tuple[int, int]:
+        """(conv, state): the values one sequence's fixed state holds over all linear layers,
+        whatever its length: per layer the conv's last (kernel - 1) inputs of q, k and v, and
+        the (d_k, d_v) matrix of each value head (nn/deltanet.py)."""
+        n = self.attn_layers.count("linear")
         conv = (2 * self.linear_k_heads * self.linear_k_head_dim
                 + self.linear_v_heads * self.linear_v_head_dim) * (self.linear_conv_kernel - 1)
         state = self.linear_v_heads * self.linear_k_head_dim * self.linear_v_head_dim
-        return self.attn_layers.count("linear") * (conv + state)
+        return n * conv, n * state
 
     def _validate_moe(self) -> None:
         """The mixture-of-experts fields (n_expert, ffn_layers, ...) agree with each other."""
@@ -655,6 +656,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         sliding_window=16, attn_layers=["local", "local", "global", "local", "local", "global"],
         kv_shared_layers=2, double_wide_mlp=True, per_layer_input_dim=16,
     ),
+    # Qwen3.5's block at qwen3-tiny's budget: three gated delta rule (linear) layers, then one
+    # gated attention layer rotating a quarter of each head; (1 + w) RMSNorms.
+    "qwen3.5-tiny": dict(
+        _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        head_dim=32, ffn_hidden=344, qk_norm=True, tie_embeddings=True, norm_eps=1e-6,
+        norm_unit_offset=True, attn_gate=True, partial_rotary_factor=0.25,
+        attn_layers=["linear", "linear", "linear", "global"], linear_k_heads=2, linear_v_heads=4,
+        linear_k_head_dim=32, linear_v_head_dim=32,
+    ),
     # qwen3-tiny with a mixture of experts (Qwen3-MoE's layout): the first FFN dense, the others
     # 4 experts of half the dense width, top 2, so each token runs as many FFN weights as in
     # qwen3-tiny; load-balancing and z-loss keep all experts in use.
@@ -793,6 +803,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "qwen3.5-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gemma3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gpt-oss-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "mla-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),

@@ -12,7 +12,8 @@ budget / slots positions (`plan_cache`), and a request longer than a slot is ref
 
 A sliding-window layer holds at most its window per slot whatever the slot's length
 (nn/cache.py `RingKVCache`), so a slot of a model with local layers costs
-`kv_bytes_per_sequence`, less than tokens x `kv_bytes_per_token`.
+`kv_bytes_per_sequence`, less than tokens x `kv_bytes_per_token`; a linear (gated delta rule)
+layer holds no positions but a fixed state per slot (`state_bytes_per_sequence`).
 
 One slot length for every row keeps the decode step's shapes static (so it compiles once per
 shape); `read_length` bounds how much of it attention reads while only a prefix is filled.
@@ -62,6 +63,14 @@ def kv_bytes_per_token(cfg, element_size: int) -> int:  # noqa: ANN001
     """Bytes one position takes in a model's cache: a key and a value per cached layer and KV
     head (or a latent and a RoPE key per layer: `ModelConfig.cache_width`)."""
     return sum(_layer_position_bytes(cfg, element_size))
+
+
+def state_bytes_per_sequence(cfg, element_size: int) -> int:  # noqa: ANN001
+    """Bytes of one sequence's fixed state in the linear (gated delta rule) layers, at any
+    length: the conv inputs in the cache dtype, the delta rule's matrices in fp32
+    (nn/cache.py `StateCache`)."""
+    conv, state = cfg.linear_state_elements()
+    return conv * element_size + state * 4
 
 
 def kv_bytes_per_sequence(cfg, tokens: int, element_size: int) -> int:  # noqa: ANN001
@@ -124,7 +133,8 @@ def plan_cache(cfg, slots: int, element_size: int, available: int,  # noqa: ANN0
     per_token = kv_bytes_per_token(cfg, element_size)
 
     def plan_for(tokens: int) -> CachePlan:
-        return CachePlan(slots, tokens, per_token, kv_bytes_per_sequence(cfg, tokens, element_size))
+        return CachePlan(slots, tokens, per_token, kv_bytes_per_sequence(cfg, tokens, element_size)
+                         + state_bytes_per_sequence(cfg, element_size))
 
     def most_tokens(budget: int, limit: int) -> int:
         """The most positions (<= limit) a slot may have with `slots` of them in `budget` bytes

@@ -220,6 +220,10 @@ def stream_speculative(
     if not isinstance(draft, str) and draft.config.vocab_size != cfg.vocab_size:
         raise BardlmError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the "
                           f"model's ({cfg.vocab_size}); a draft must share the tokenizer")
+    for m in (model, draft):
+        if hasattr(m, "config") and "linear" in m.config.attn_layers:
+            raise BardlmError("speculative decoding rewinds the cache, which a linear-attention "
+                              "(gated delta rule) layer's state cannot; drop --draft for this model")
     cache_len = min(window, need + draft_tokens)
     cache = model.make_cache(1, cache_len)
     drafter = make_drafter(draft, cache_len)

@@ -6,7 +6,10 @@ The families: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` (Qwen2 a
 the sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`
 (text), `Gemma4ForCausalLM` (text: per-layer inputs, KV sharing, K = V, its MoE block),
 `SmolLM3ForCausalLM` (with NoPE layers), `GptOssForCausalLM` (both: experts, sinks, alternating
-windows) and `DeepseekV3ForCausalLM` (latent attention, group-limited sigmoid routing). The bridge
+windows), `DeepseekV3ForCausalLM` (latent attention, group-limited sigmoid routing), and the
+linear-attention hybrids `Qwen3_5ForCausalLM` (Qwen3.5 text, dense) and `Qwen3NextForCausalLM` (a
+MoE with a shared expert): three gated delta rule layers to one gated, partially rotary attention
+layer. The bridge
 is two tables and two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
@@ -19,6 +22,11 @@ is two tables and two config translators:
   gpt-oss is the exception: its files stack each layer's experts into one tensor per kind,
   transposed, gate and up interleaved; `_unstack_experts` / `_stack_experts` turn that into the
   per-expert names (and back) around the same table.
+  Some tensors are stored in another row order (`Entry.layout`): Qwen3.5's q_proj interleaves
+  each head's query and gate rows, Qwen3-Next groups its linear layers' q, k, v, z, b, a by key
+  head; `to_ours` / `to_theirs` reorder them, nothing else differs. An entry with `kinds` maps
+  only layers of those `attn_layers` kinds (a linear layer's c_proj is out_proj, an attention
+  layer's o_proj).
 * CONFIG TRANSLATION reads `config.json` (any `transformers` version: missing keys take that
   family's defaults) into a `ModelConfig`, and writes one back from a `ModelConfig`.
 
@@ -70,11 +78,14 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
                  "smollm3": "SmolLM3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "gpt_oss": "GptOssForCausalLM", "olmo3": "Olmo3ForCausalLM",
-                 "deepseek_v3": "DeepseekV3ForCausalLM"}
+                 "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma4_text")
 # Families whose attention may be sliding-window (per layer); the others refuse windows.
 WINDOW_FAMILIES = ("mistral", "smollm3", "gpt_oss", "olmo3", *GEMMA_FAMILIES)
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
+# Linear-attention hybrids: gated delta rule layers and gated attention layers (nn/deltanet.py).
+HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_next")
 # Families that compute exactly what another one does: a model imported from one is exported
 # back to it (`family_of` reads the family recorded at import), a bardlm model to the other.
 SAME_FUNCTION = {"phi3": "llama"}
@@ -93,6 +104,8 @@ class Entry:
     stacked: bool = False
     index: int | None = None
     splits: tuple[int, ...] | None = None  # rows of each HF part (set by `name_map`); None: halves
+    layout: str | None = None  # another row order than plain concatenation (`to_ours`)
+    kinds: tuple[str, ...] | None = None  # only layers of these attn_layers kinds; None: all
 
 
 def _gpt2_table() -> list[Entry]:
@@ -283,19 +296,47 @@ def _gemma4_table() -> list[Entry]:
     return _gemma_table() + top + layer
 
 
+def _hybrid_table(family: str) -> list[Entry]:
+    """Qwen3.5 (text) and Qwen3-Next: Llama's names ((1 + w) norms store w, as we do) with the
+    attention entries on "global" layers only, c_attn gated (q_proj holds each head's query then
+    gate rows), and a linear layer's `linear_attn` tensors; Qwen3-Next adds Qwen2-MoE's
+    experts, router and gated shared expert."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    attn, lin = ("global",), ("linear",)
+    out = []
+    for e in (_moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + _SHARED_EXPERT
+              if family == "qwen3_next" else _llama_table()):
+        if not e.ours.startswith(h + "attn."):
+            out.append(e)
+        elif e.ours.startswith(h + "attn.c_attn."):
+            out.append(Entry(e.ours, e.theirs, layout="gated_q", kinds=attn))
+        else:
+            out.append(Entry(e.ours, e.theirs, kinds=attn))
+    a = t + "linear_attn."
+    proj = ((a + "in_proj_qkvz.weight", a + "in_proj_ba.weight") if family == "qwen3_next"
+            else tuple(a + f"in_proj_{x}.weight" for x in ("qkv", "z", "b", "a")))
+    out.append(Entry(h + "attn.c_in.weight", proj, kinds=lin,
+                     layout="delta_grouped" if family == "qwen3_next" else "delta"))
+    out += [Entry(h + f"attn.{ours}", (a + theirs,), kinds=lin) for ours, theirs in (
+        ("conv_weight", "conv1d.weight"), ("A_log", "A_log"), ("dt_bias", "dt_bias"),
+        ("norm.weight", "norm.weight"), ("c_proj.weight", "out_proj.weight"))]
+    return out
+
+
+# Qwen2-MoE's (and Qwen3-Next's) shared expert, gated by sigmoid(g . x).
+_SHARED_EXPERT = _shared_expert_table("shared_expert") + [
+    Entry("transformer.h.{i}.mlp.shared_gate.weight", ("model.layers.{i}.mlp.shared_expert_gate.weight",))]
+
 TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(),
           "mistral": _llama_table(), "smollm3": _llama_table(),
           "gemma2": _gemma_table(), "gemma3_text": _gemma_table(), "gemma4_text": _gemma4_table(),
           "qwen3_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
-          "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj")
-          + _shared_expert_table("shared_expert") + [
-              Entry("transformer.h.{i}.mlp.shared_gate.weight",
-                    ("model.layers.{i}.mlp.shared_expert_gate.weight",))],
+          "qwen2_moe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + _SHARED_EXPERT,
           "mixtral": _moe_table("block_sparse_moe", "gate", "w1", "w3", "w2"),
           "qwen2": _llama_table(), "olmo2": _olmo2_table(), "phi3": _phi3_table(),
           "olmoe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
-          "gpt_oss": _gpt_oss_table(), "olmo3": _olmo2_table(),
-          "deepseek_v3": _deepseek_v3_table()}
+          "gpt_oss": _gpt_oss_table(), "olmo3": _olmo2_table(), "deepseek_v3": _deepseek_v3_table(),
+          "qwen3_5_text": _hybrid_table("qwen3_5_text"), "qwen3_next": _hybrid_table("qwen3_next")}
 
 
 def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
@@ -310,16 +351,18 @@ def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
         layers = range(cfg.n_layer) if "{i}" in e.ours else [None]
         experts = range(cfg.n_expert) if "{e}" in e.ours else [None]
         for i in layers:
+            if e.kinds is not None and cfg.attn_layers[i] not in e.kinds:
+                continue
             for x in experts:
                 name = e.ours.format(i=i, e=x)
                 if name not in ours or (name == "lm_head.weight" and cfg.tie_embeddings):
                     continue
                 theirs, splits = tuple(n.format(i=i, e=x) for n in e.theirs), None
-                if ".attn.c_attn." in name:  # [q | k | v], fewer parts in a Gemma 4 layer
+                if ".attn.c_attn." in name and e.layout is None:  # fewer parts in a Gemma 4 layer
                     splits = _qkv_rows(cfg, i)
                     theirs = theirs[: len(splits)]
                 out.append(Entry(name, theirs, e.transpose, e.stacked, x if e.stacked else None,
-                                 splits))
+                                 splits, e.layout))
     return out
 
 
@@ -335,10 +378,56 @@ def _qkv_rows(cfg: ModelConfig, layer: int) -> tuple[int, ...]:
     return (q, kv, kv)
 
 
+def to_ours(e: Entry, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """Our tensor from the HF tensors of entry `e`, in its `layout`:
+    None / "delta": concatenated along dim 0;
+    "gated_q": q_proj (H * 2D, ..) holds per head D query rows then D gate rows -> c_attn rows
+        [q | k | v | gate];
+    "delta_grouped" (Qwen3-Next): in_proj_qkvz holds per key head [q, k, v's, z's] rows and
+        in_proj_ba per key head [b's, a's] -> c_in rows [q | k | v | z | b | a]."""
+    if e.layout == "gated_q":
+        qg, k, v = parts
+        qg = qg.reshape(cfg.n_head, 2, cfg.head_dim, *qg.shape[1:])
+        q, gate = (qg[:, j].reshape(cfg.n_head * cfg.head_dim, *qg.shape[3:]) for j in (0, 1))
+        return torch.cat([q, k, v, gate], dim=0)
+    if e.layout == "delta_grouped":
+        qkvz, ba = parts
+        nk, dk, dv = cfg.linear_k_heads, cfg.linear_k_head_dim, cfg.linear_v_head_dim
+        r = cfg.linear_v_heads // nk  # value heads per key head
+        q, k, v, z = qkvz.reshape(nk, 2 * dk + 2 * r * dv, -1).split([dk, dk, r * dv, r * dv], dim=1)
+        b, a = ba.reshape(nk, 2 * r, -1).split([r, r], dim=1)
+        return torch.cat([x.reshape(-1, qkvz.shape[-1]) for x in (q, k, v, z, b, a)], dim=0)
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+
+def to_theirs(e: Entry, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """The HF tensors of entry `e` from our tensor `t`: `to_ours` undone."""
+    if e.layout == "gated_q":
+        q, k, v, gate = t.split(row_splits(cfg, 4), dim=0)
+        H, D = cfg.n_head, cfg.head_dim
+        qg = torch.stack([q.reshape(H, D, *q.shape[1:]), gate.reshape(H, D, *q.shape[1:])], dim=1)
+        return [qg.reshape(2 * H * D, *q.shape[1:]), k, v]
+    if e.layout in ("delta", "delta_grouped"):
+        nk, dk, dv = cfg.linear_k_heads, cfg.linear_k_head_dim, cfg.linear_v_head_dim
+        nv = cfg.linear_v_heads
+        q, k, v, z, b, a = t.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv], dim=0)
+        if e.layout == "delta":
+            return [torch.cat([q, k, v]), z, b, a]
+        r, C = nv // nk, t.shape[-1]
+        qkvz = torch.cat([q.reshape(nk, dk, C), k.reshape(nk, dk, C), v.reshape(nk, r * dv, C),
+                          z.reshape(nk, r * dv, C)], dim=1)
+        ba = torch.cat([b.reshape(nk, r, C), a.reshape(nk, r, C)], dim=1)
+        return [qkvz.reshape(-1, C), ba.reshape(-1, C)]
+    splits = e.splits or row_splits(cfg, len(e.theirs), len(t))
+    return list(t.split(list(splits), dim=0)) if len(e.theirs) > 1 else [t]
+
+
 def row_splits(cfg: ModelConfig, n_parts: int, rows: int | None = None) -> list[int]:
     """Row sizes of a fused tensor of `rows` rows: [q, k, v] for c_attn, [gate, up] (two equal
     halves: a dense layer's or an expert's width) for SwiGLU's c_fc."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    if n_parts == 4:  # a gated c_attn: [q | k | v | gate]
+        return [q, kv, kv, q]
     return [q, kv, kv] if n_parts == 3 else [(rows or 2 * cfg.ffn_hidden) // 2] * 2
 
 
@@ -428,6 +517,18 @@ DEEPSEEK_V3_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=129280, hidden_size=7168,
                            qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
                            topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
                            norm_topk_prob=True, max_position_embeddings=4096, rope_interleave=True)
+QWEN3_5_DEFAULTS = dict(LLAMA_DEFAULTS, vocab_size=248320, hidden_size=4096, intermediate_size=12288,
+                        num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                        head_dim=256, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                        linear_num_key_heads=16, linear_num_value_heads=32, layer_types=None,
+                        full_attention_interval=4, partial_rotary_factor=0.25)
+QWEN3_NEXT_DEFAULTS = dict(QWEN3_5_DEFAULTS, vocab_size=151936, hidden_size=2048,
+                           intermediate_size=5632, num_hidden_layers=48, num_key_value_heads=2,
+                           decoder_sparse_step=1, moe_intermediate_size=512,
+                           shared_expert_intermediate_size=512, num_experts_per_tok=10,
+                           num_experts=512, norm_topk_prob=True, router_aux_loss_coef=0.001,
+                           mlp_only_layers=[])
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
             "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
             "mixtral": MIXTRAL_DEFAULTS, "mistral": MISTRAL_DEFAULTS, "smollm3": SMOLLM3_DEFAULTS,
@@ -435,7 +536,8 @@ DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAU
             "gemma4_text": GEMMA4_DEFAULTS, "qwen2": QWEN2_DEFAULTS,
             "olmo2": OLMO2_DEFAULTS, "phi3": PHI3_DEFAULTS, "olmoe": OLMOE_DEFAULTS,
             "gpt_oss": GPT_OSS_DEFAULTS, "olmo3": OLMO3_DEFAULTS,
-            "deepseek_v3": DEEPSEEK_V3_DEFAULTS}
+            "deepseek_v3": DEEPSEEK_V3_DEFAULTS,
+            "qwen3_5_text": QWEN3_5_DEFAULTS, "qwen3_next": QWEN3_NEXT_DEFAULTS}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both GELU's tanh approximation
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
@@ -456,13 +558,16 @@ def hf_family(hf: dict[str, Any], where: str = "config.json") -> str:
     return model_type
 
 
-def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
+def _rope_from_hf(hf: dict[str, Any], where: str, partial: bool = False) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`.
+    partial: the family rotates part of each head (`_partial_rotary`), else that is refused."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.pop("rope_type", params.pop("type", "default"))
+    for key in ("mrope_section", "mrope_interleaved"):  # Qwen3.5's vision axes: text positions
+        params.pop(key, None)                          # are equal on all three, plain RoPE
     # transformers 5 keeps the factor inside rope_parameters (Phi-3 always writes 1.0 there).
-    if params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    if params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0 and not partial:
         raise BardlmError(f"{where}: partial_rotary_factor is not supported (rotary on all dims only)")
     if kind == "default":
         return theta, None
@@ -507,6 +612,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         return _gemma_config(hf, c, family, extra, where)
     if family == "gpt_oss":
         return _gpt_oss_config(hf, c, extra, where)
+    if family in HYBRID_FAMILIES:
+        return _hybrid_config(hf, c, family, extra, where)
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
     if family == "deepseek_v3":
@@ -639,6 +746,48 @@ def _gemma_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dic
         attn_softcap=_given(c, "attn_logit_softcapping"),
         logit_softcap=_given(c, "final_logit_softcapping"),
         tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra,
+    )
+
+
+def _partial_rotary(hf: dict[str, Any], c: dict[str, Any]) -> float:
+    """partial_rotary_factor: inside rope_parameters (transformers 5) or at the top level."""
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", c["partial_rotary_factor"]))
+
+
+def _hybrid_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dict[str, Any],
+                   where: str) -> ModelConfig:
+    """Qwen3.5 (text) and Qwen3-Next: linear_attention layers (gated delta rule) and
+    full_attention layers (gated, QK-normed, partially rotary attention); (1 + w) RMSNorms;
+    SwiGLU MLPs, or (Qwen3-Next) Qwen2-MoE-style experts with a gated shared expert."""
+    if c["hidden_act"] != "silu":
+        raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
+    n = c["num_hidden_layers"]
+    types = c.get("layer_types")
+    if types is None:  # transformers' rule: every full_attention_interval-th layer attends
+        every = c["full_attention_interval"]
+        types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n)]
+    kinds = {"linear_attention": "linear", "full_attention": "global"}
+    if len(types) != n or not set(types) <= set(kinds):
+        raise BardlmError(f"{where}: layer_types must list linear_attention or full_attention for "
+                          f"each of the {n} layers, got {types}")
+    theta, scaling = _rope_from_hf(hf, where, partial=True)
+    n_head, n_embd, head_dim = c["num_attention_heads"], c["hidden_size"], c["head_dim"]
+    moe = _moe_from_hf(c, family) if family == "qwen3_next" else {}
+    if family == "qwen3_next":
+        extra["hf_family"] = family  # a dense Qwen3-Next (no experts) goes back as Qwen3-Next
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n,
+        n_head=n_head, n_embd=n_embd, n_kv_head=c["num_key_value_heads"] or n_head,
+        head_dim=None if head_dim in (None, n_embd // n_head) and n_embd % n_head == 0 else head_dim,
+        ffn_hidden=c["intermediate_size"], ffn="swiglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"],
+        norm_unit_offset=True, pos="rope", rope_theta=theta, rope_scaling=scaling,
+        partial_rotary_factor=_partial_rotary(hf, c), qk_norm=True, attn_gate=True, bias=False,
+        attn_bias=bool(c["attention_bias"]), attn_layers=[kinds[t] for t in types],
+        linear_k_heads=c["linear_num_key_heads"], linear_v_heads=c["linear_num_value_heads"],
+        linear_k_head_dim=c["linear_key_head_dim"], linear_v_head_dim=c["linear_value_head_dim"],
+        linear_conv_kernel=c["linear_conv_kernel_dim"],
+        tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra, **moe,
     )
 
 
@@ -788,7 +937,7 @@ def _moe_from_hf(c: dict[str, Any], family: str) -> dict[str, Any]:
                     expert_hidden=c["intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
                     ffn_layers=["moe"] * c["num_hidden_layers"],
                     router_aux_loss_coef=float(c["router_aux_loss_coef"]))
-    if family not in ("qwen3_moe", "qwen2_moe"):
+    if family not in ("qwen3_moe", "qwen2_moe", "qwen3_next"):
         return {}
     n_expert = c.get("num_local_experts", c["num_experts"])  # transformers 5 writes the former
     dense = set(c["mlp_only_layers"] or [])
@@ -798,6 +947,8 @@ def _moe_from_hf(c: dict[str, Any], family: str) -> dict[str, Any]:
               else "dense" for i in range(c["num_hidden_layers"])]
     qwen2 = dict(shared_expert_hidden=c["shared_expert_intermediate_size"],
                  qkv_bias=bool(c["qkv_bias"])) if family == "qwen2_moe" else {}
+    if family == "qwen3_next":  # every MoE layer has the gated shared expert
+        qwen2 = dict(shared_expert_hidden=c["shared_expert_intermediate_size"] if n_expert else 0)
     return dict(n_expert=n_expert, n_expert_active=c["num_experts_per_tok"],
                 expert_hidden=c["moe_intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
                 ffn_layers=layers, router_aux_loss_coef=float(c["router_aux_loss_coef"]), **qwen2)
@@ -817,6 +968,8 @@ def family_of(cfg: ModelConfig) -> str:
         return _gpt_oss_family(cfg)
     if cfg.attn_type == "mla":
         return _deepseek_v3_family(cfg)
+    if "linear" in cfg.attn_layers or cfg.attn_gate or cfg.partial_rotary_factor != 1:
+        return _hybrid_family(cfg)
     if cfg.norm_unit_offset or cfg.embed_scale or cfg.norm_placement == "sandwich" or cfg.ffn == "geglu":
         return _gemma_family(cfg)
     style = (cfg.pos, cfg.norm, cfg.ffn)
@@ -992,6 +1145,25 @@ def _gemma_family(cfg: ModelConfig) -> str:
     return "gemma3_text" if cfg.qk_norm else "gemma2"
 
 
+def _hybrid_family(cfg: ModelConfig) -> str:
+    """qwen3_next (mixture of experts with a shared expert, or a model imported from it) or
+    qwen3_5_text (dense), when the config has every trait of their blocks."""
+    moe = "moe" in cfg.ffn_layers
+    _refuse(cfg, "transformers' Qwen3.5 / Qwen3-Next blocks", {
+        "ffn other than swiglu": cfg.ffn != "swiglu", "norm other than rmsnorm": cfg.norm != "rmsnorm",
+        "norm_unit_offset=false": not cfg.norm_unit_offset, "norm_placement other than pre":
+            cfg.norm_placement != "pre", "embed_scale=true": cfg.embed_scale,
+        "pos other than rope": cfg.pos != "rope", "layers without RoPE": not all(cfg.rope_layers),
+        "qk_norm=false or over the projections": not cfg.qk_norm or cfg.qk_norm_scope != "head",
+        "attn_gate=false": not cfg.attn_gate, "local layers": "local" in cfg.attn_layers,
+        "MLP biases": cfg.bias, "qkv_bias != attn_bias": cfg.qkv_bias != cfg.attn_bias,
+        "attn_sinks=true": cfg.attn_sinks, "soft-caps": cfg.attn_softcap or cfg.logit_softcap,
+        "attn_scale_dim": cfg.attn_scale_dim is not None,
+        "experts without a shared expert": moe and not cfg.shared_expert_hidden,
+        "a shared expert on a dense model": not moe and cfg.shared_expert_hidden > 0})
+    return "qwen3_next" if moe or cfg.extra.get("hf_family") == "qwen3_next" else "qwen3_5_text"
+
+
 def _gpt_oss_family(cfg: ModelConfig) -> str:
     """gpt_oss, when the config has every gpt-oss trait (sinks, clamped SwiGLU experts with
     biases, a router bias) and nothing transformers' GptOss lacks."""
@@ -1080,6 +1252,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
         return _gemma_config_to_hf(cfg, family, out, rope)
     if family == "deepseek_v3":
         return _deepseek_v3_config_to_hf(cfg, out, rope)
+    if family in HYBRID_FAMILIES:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     out.update(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
@@ -1125,6 +1299,20 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                    router_aux_loss_coef=cfg.router_aux_loss_coef, clip_qkv=None)
     elif family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         out["use_sliding_window"] = False
+    elif family in HYBRID_FAMILIES:
+        out.update(layer_types=[f"{'linear' if k == 'linear' else 'full'}_attention" for k in cfg.attn_layers],
+                   linear_num_key_heads=cfg.linear_k_heads, linear_num_value_heads=cfg.linear_v_heads,
+                   linear_key_head_dim=cfg.linear_k_head_dim, linear_value_head_dim=cfg.linear_v_head_dim,
+                   linear_conv_kernel_dim=cfg.linear_conv_kernel, rope_scaling=None)
+        out.pop("rope_theta")  # transformers 5 reads rope_parameters only (strict configs)
+    if family == "qwen3_next":
+        moe = "moe" in cfg.ffn_layers
+        out.update(moe_intermediate_size=cfg.expert_hidden if moe else 1, num_experts=cfg.n_expert,
+                   num_experts_per_tok=cfg.n_expert_active if moe else 1,
+                   norm_topk_prob=cfg.router_renorm, decoder_sparse_step=1,
+                   shared_expert_intermediate_size=cfg.shared_expert_hidden if moe else 1,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef,
+                   mlp_only_layers=[i for i, kind in enumerate(cfg.ffn_layers) if kind == "dense"])
     if family == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.shared_expert_hidden, qkv_bias=cfg.qkv_bias)
     if family in ("qwen3_moe", "qwen2_moe"):
@@ -1250,7 +1438,7 @@ def state_dict_from_hf(
         parts = [tensors[n].t() if e.transpose else tensors[n] for n in e.theirs]
         if e.stacked:  # one expert's rows of the tensor of all experts
             parts = [p[e.index] for p in parts]
-        out[e.ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        out[e.ours] = to_ours(e, parts, cfg)
     return out
 
 
@@ -1266,9 +1454,7 @@ def state_dict_to_hf(model: torch.nn.Module, family: str) -> dict[str, torch.Ten
     out = {}
     stacks: dict[str, list[torch.Tensor]] = {}  # HF name -> experts' tensors in order
     for e in name_map(model.config, family, set(sd)):
-        t = sd[e.ours].detach()
-        splits = e.splits or row_splits(model.config, len(e.theirs), len(t))
-        parts = t.split(list(splits), dim=0) if len(e.theirs) > 1 else [t]
+        parts = to_theirs(e, sd[e.ours].detach(), model.config)
         for name, part in zip(e.theirs, parts):
             if e.stacked:
                 stacks.setdefault(name, []).append(part)

@@ -51,7 +51,10 @@ class Attention(nn.Module):
         # K = V (Gemma 4's global layers): no value rows; a value is its key before norm and RoPE.
         self.k_eq_v = cfg.attn_k_eq_v and self.kind == "global"
         kv_rows = 0 if self.kv_shared else self.kv_dim * (1 if self.k_eq_v else 2)
-        self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + kv_rows, bias=cfg.qkv_bias)
+        # attn_gate (Qwen3.5, Qwen3-Next): c_attn also makes a gate per query channel, rows
+        # [q | k | v | gate]; the output is multiplied by sigmoid(gate) before c_proj.
+        self.gate_dim = self.q_dim if cfg.attn_gate else 0
+        self.c_attn = nn.Linear(cfg.n_embd, self.q_dim + kv_rows + self.gate_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(self.q_dim, cfg.n_embd, bias=cfg.attn_bias)
         # Qwen3 normalises each head's q and k before RoPE: keeps logits bounded in deep stacks.
         # OLMo 2 / OLMoE normalise the whole q and k projections instead ("proj").
@@ -79,30 +82,36 @@ class Attention(nn.Module):
 
     def _project(
         self, x: torch.Tensor, kv_source: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, T, H*D), k and v (B, S, H_kv*D) from the fused projection.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q (B, T, H*D), k and v (B, S, H_kv*D), the output gate (B, T, H*D) or None, from the
+        fused projection.
 
         Always through the module `c_attn`, never its `.weight`: it may have been swapped for
         a layout (FastLinear), INT8 weights (Int8Linear) or a LoRA adapter, each of which
         computes its own output.
         """
         if kv_source is None:
+            proj = self.c_attn(x)
+            gate = proj[..., proj.shape[-1] - self.gate_dim:] if self.gate_dim else None
             if self.kv_shared:  # keys and values come from another layer (`forward`)
-                return self.c_attn(x), None, None
+                return proj[..., :self.q_dim], None, None, gate
             if self.k_eq_v:
-                q, k = self.c_attn(x).split([self.q_dim, self.kv_dim], dim=-1)
-                return q, k, k
-            return self.c_attn(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+                q, k = proj[..., :self.q_dim + self.kv_dim].split([self.q_dim, self.kv_dim], dim=-1)
+                return q, k, k, gate
+            q, k, v = proj[..., :self.q_dim + 2 * self.kv_dim].split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+            return q, k, v, gate
         # Cross-attention: only the query rows of the decoder stream are kept. Projecting the
         # whole fused matrix costs the (unused) k/v rows too, but works for every swap.
-        q = self.c_attn(x)[..., : self.q_dim]
+        proj = self.c_attn(x)
+        q = proj[..., : self.q_dim]
+        gate = proj[..., self.q_dim + 2 * self.kv_dim:] if self.gate_dim else None
         # A (k, v) pair was projected earlier by `project_kv`: a decoder reuses it every step.
         k, v = kv_source if isinstance(kv_source, tuple) else self.project_kv(kv_source)
-        return q, k, v
+        return q, k, v, gate
 
     def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values, each (B, S, H_kv*D), of an encoder output (B, S, C)."""
-        kv = self.c_attn(source)[..., self.q_dim :]  # the module, as in `_project`
+        kv = self.c_attn(source)[..., self.q_dim : self.q_dim + 2 * self.kv_dim]  # the module, as in `_project`
         return kv.split([self.kv_dim, self.kv_dim], dim=-1)
 
     def forward(
@@ -130,7 +139,7 @@ class Attention(nn.Module):
               reads them instead of projecting its own (and has no cache).
         """
         B, T, _ = x.shape
-        q, k, v = self._project(x, kv_source)
+        q, k, v, gate = self._project(x, kv_source)
         if self.kv_shared:  # queries only, normalised and rotated as `_heads` does them
             if self.q_norm is not None and self.qk_norm_proj:
                 q = self.q_norm(q)
@@ -150,6 +159,8 @@ class Attention(nn.Module):
         mask, is_causal = self._mask(mask, T, k.shape[2], start_pos, k_pos, x.device)
         y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)
+        if gate is not None:  # each channel's share of the output, in (0, 1)
+            y = y * torch.sigmoid(gate)
         return self.resid_dropout(self.c_proj(y))
 
     def _heads(

@@ -107,6 +107,9 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
         self.capacity = max_batch + max_queue  # running + waiting
         self.device = next(model.parameters()).device
+        if "linear" in model.config.attn_layers:
+            raise BardlmError("serve: continuous batching of linear-attention (gated delta rule) "
+                              "layers is not implemented; use bardlm generate for this model")
         if memory is None:
             memory = available_memory(self.device)
         self.plan: CachePlan = plan_cache(model.config, max_batch, model.cache_dtype().itemsize,
