@@ -104,8 +104,8 @@ class Block(nn.Module):
         (or this layer's cached (k, v) of it, see `Attention.project_kv`). per_layer_input
         (B, T, P): this layer's Gemma 4 input; shared_kv: the pass's shared keys and values
         (`Attention.forward`)."""
-        # (KV sharing is Gemma 4's; latent attention has none.)
-        share = {} if isinstance(self.attn, LatentAttention) else {"shared_kv": shared_kv}
+        # (KV sharing is Gemma 4's; latent attention and linear layers have none.)
+        share = {"shared_kv": shared_kv} if isinstance(self.attn, Attention) else {}
         x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, mask, cache, start_pos, **share),
                            self.ln_1_post)
         if self.cross_attn is not None and memory is not None:
