@@ -14,3 +14,15 @@ def assert_same_logits(ref, ours, idx: torch.Tensor, tol: float = 1e-4) -> None:
     assert got.shape == want.shape and want.shape[:2] == idx.shape
     assert (got - want).abs().max().item() < tol
     assert (want[:, 1:] - want[:, :-1]).abs().max().item() > 1e-2
+
+
+def assert_same_greedy(ref, ours, idx: torch.Tensor, n: int = 64) -> torch.Tensor:  # noqa: ANN001
+    """Greedy decoding of n tokens after idx (B, T): ours (our cache) gives transformers' ids,
+    never stopping at an EOS. Returns transformers' ids (B, T + n)."""
+    ref.generation_config.eos_token_id = None  # greedy all the way: no early stop at EOS
+    want = ref.generate(idx, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                        attention_mask=torch.ones_like(idx))
+    got = ours.generate(idx, n, temperature=0.0)
+    assert got.shape == want.shape == (idx.shape[0], idx.shape[1] + n)
+    assert torch.equal(got, want)
+    return want

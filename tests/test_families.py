@@ -24,7 +24,7 @@ from transformers import (  # noqa: E402, I001
     Qwen2ForCausalLM,
 )
 
-from hf_checks import assert_same_logits  # noqa: E402
+from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
 
 import bardlm  # noqa: E402
 from bardlm import BardlmError, ModelConfig  # noqa: E402
@@ -104,12 +104,7 @@ def test_logits_match_transformers(pair) -> None:  # noqa: ANN001
 def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
     ref, ours, _ = pair
     idx = torch.randint(0, V, (2, 5))
-    ref.generation_config.eos_token_id = None  # greedy all the way: no early stop at EOS
-    want = ref.generate(idx, max_new_tokens=64, do_sample=False, pad_token_id=0,
-                        attention_mask=torch.ones_like(idx))
-    got = ours.generate(idx, 64, temperature=0.0)  # our KV cache
-    assert got.shape == want.shape == (2, 69)
-    assert torch.equal(got, want)
+    assert_same_greedy(ref, ours, idx)
 
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001

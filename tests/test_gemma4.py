@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_checks import assert_same_logits  # noqa: E402
+from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
 from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConfig  # noqa: E402
 
 import bardlm  # noqa: E402
@@ -96,12 +96,7 @@ def test_logits_match_transformers_over_three_windows(pair) -> None:  # noqa: AN
 def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
     ref, ours, _ = pair
     idx = torch.randint(0, V, (2, 5))
-    ref.generation_config.eos_token_id = None  # greedy all the way: no early stop at EOS
-    want = ref.generate(idx, max_new_tokens=64, do_sample=False, pad_token_id=0,
-                        attention_mask=torch.ones_like(idx))
-    got = ours.generate(idx, 64, temperature=0.0)  # our KV cache, past 8 windows
-    assert got.shape == want.shape == (2, 69)
-    assert torch.equal(got, want)
+    want = assert_same_greedy(ref, ours, idx)
     # One row alone: a MoE layer then decodes its single token without grouping (`_one_token`).
     assert torch.equal(ours.generate(idx[:1], 64, temperature=0.0), want[:1])
 

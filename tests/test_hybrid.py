@@ -20,7 +20,7 @@ from transformers import (  # noqa: E402, I001
     Qwen3NextForCausalLM,
 )
 
-from hf_checks import assert_same_logits  # noqa: E402
+from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
 
 import bardlm  # noqa: E402
 from bardlm import BardlmError, ModelConfig  # noqa: E402
@@ -92,12 +92,7 @@ def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
     if ours.config.tie_embeddings:
         pytest.skip("decoding does not depend on the tying; the untied Qwen3.5 case decodes")
     idx = torch.randint(3, V, (2, 70))
-    ref.generation_config.eos_token_id = None  # greedy all the way: no early stop at EOS
-    want = ref.generate(idx, max_new_tokens=64, do_sample=False, pad_token_id=0,
-                        attention_mask=torch.ones_like(idx))
-    got = ours.generate(idx, 64, temperature=0.0)
-    assert got.shape == want.shape == (2, 134)
-    assert torch.equal(got, want)
+    assert_same_greedy(ref, ours, idx)
     kinds = [type(c) for c in ours.make_cache(1, 100)]
     assert kinds == [StateCache, StateCache, StateCache, KVCache]
 

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_checks import assert_same_logits  # noqa: E402
+from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
     DeepseekV3Attention,
@@ -283,12 +283,7 @@ def test_greedy_64_tokens_with_the_latent_cache_match_transformers(pair) -> None
     """Our decode steps run the absorbed form over the latent cache; transformers' expand."""
     ref, ours, _ = pair
     idx = torch.randint(0, V, (2, 5))
-    ref.generation_config.eos_token_id = None  # greedy all the way: no early stop at EOS
-    want = ref.generate(idx, max_new_tokens=64, do_sample=False, pad_token_id=0,
-                        attention_mask=torch.ones_like(idx))
-    got = ours.generate(idx, 64, temperature=0.0)
-    assert got.shape == want.shape == (2, 69)
-    assert torch.equal(got, want)
+    assert_same_greedy(ref, ours, idx)
 
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
