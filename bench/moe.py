@@ -4,7 +4,8 @@ on the same weights and against a dense model with the same active parameters, i
     PYTHONPATH=src python bench/moe.py            # 32 experts, top 4 (~1-2 minutes on 2 cores)
     PYTHONPATH=src python bench/moe.py --tiny     # smoke test (seconds)
 
-Batch 1, a 16-token prompt, --tokens new greedy tokens after a warm-up, the median of --runs runs:
+Batch 1, a 16-token prompt, --tokens new greedy tokens after a warm-up, the median of --runs
+rounds (each round times every variant once, interleaved):
   ours      bardlm `generate` (KV cache) on the MoE model;
   hf        `transformers`' Qwen3MoeForCausalLM `generate` (greedy, cache) on the same weights,
             written by bardlm's exporter and read by `from_pretrained`;
@@ -57,15 +58,18 @@ def to_hf(model: GPT):  # noqa: ANN201
     return ref
 
 
-def time_decode(fn, runs: int) -> float:  # noqa: ANN001
-    """Median seconds of `fn()` over `runs` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
+def time_decode(fns: dict, runs: int) -> dict[str, float]:  # noqa: ANN001
+    """Median seconds of each `fns[k]()` over `runs` rounds, after one warm-up each. The rounds
+    interleave the variants, so a change in the machine's load hits every one alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -92,19 +96,6 @@ def main() -> None:
             if isinstance(m, MoE):
                 m.router.weight.normal_(0.0, 1.0)
     hf = to_hf(moe)
-    prompt = torch.randint(0, args.vocab, (1, 16))
-    n = args.tokens
-    with torch.no_grad():
-        ours_ids = moe.generate(prompt, n, temperature=0.0)
-        hf_ids = hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                             attention_mask=torch.ones_like(prompt))
-        seconds = {
-            "ours": time_decode(lambda: moe.generate(prompt, n, temperature=0.0), args.runs),
-            "hf": time_decode(lambda: hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                                                  attention_mask=torch.ones_like(prompt)), args.runs),
-            "dense": time_decode(lambda: dense.generate(prompt, n, temperature=0.0), args.runs),
-        }
-    tps = {k: n / v for k, v in seconds.items()}
     # The training auxiliary loss on the router logits of one training forward (all MoE layers).
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
@@ -124,6 +115,20 @@ def main() -> None:
     logits = logits[: len(hooks)]  # the first forward's, one per MoE layer
     ours_aux = (with_aux - plain).item()
     hf_aux = load_balancing_loss_func(tuple(logits), num_experts=args.experts, top_k=args.top_k).item()
+    moe.eval()
+    prompt = torch.randint(0, args.vocab, (1, 16))
+    n = args.tokens
+    with torch.no_grad():
+        ours_ids = moe.generate(prompt, n, temperature=0.0)
+        hf_ids = hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             attention_mask=torch.ones_like(prompt))
+        seconds = time_decode({
+            "ours": lambda: moe.generate(prompt, n, temperature=0.0),
+            "hf": lambda: hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                                      attention_mask=torch.ones_like(prompt)),
+            "dense": lambda: dense.generate(prompt, n, temperature=0.0),
+        }, args.runs)
+    tps = {k: n / v for k, v in seconds.items()}
     result = {
         "shape": {"n_embd": args.n_embd, "n_layer": args.layers, "experts": args.experts,
                   "top_k": args.top_k, "expert_hidden": args.expert_hidden, "tokens": n},

@@ -147,13 +147,22 @@ def stream_ids(
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)  # rows past their EOS
     for _ in range(max_new_tokens):
         with eval_mode(model):  # no dropout while sampling, whatever mode the model is in
-            if cache is not None and 0 < cached < cache[0].max_len:
-                # The static-shape step: one new column written at cache index `cached`; pad
-                # slots stay hidden by the real-key mask.
+            if cache is not None and 0 < cached < cache[0].max_len and not compile:
+                # Eager: the caches' own int-indexed path. One new token reads the filled
+                # prefix, so there is no causal mask to build in each layer (only the pad mask).
                 filled[:, cached] = True
-                # Attention reads the filled prefix only; compiled, one of a few bucket lengths
+                mask = filled[:, None, None, : cached + 1] if padded else None
+                pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
+                logits = model(last, start_pos=cached, cache=cache, mask=mask, positions=pos,
+                               logits_rows=1)[0]
+                cached += 1
+            elif cache is not None and 0 < cached < cache[0].max_len:
+                # The static-shape step, compiled: one new column written at cache index
+                # `cached`; pad slots stay hidden by the real-key mask.
+                filled[:, cached] = True
+                # Attention reads the filled prefix in one of a few bucket lengths
                 # (`read_length`), so the step compiles a bounded number of times.
-                length = read_length(cached + 1, cache[0].max_len) if compile else cached + 1
+                length = read_length(cached + 1, cache[0].max_len)
                 mask = filled[:, None, None, :length] if padded else None
                 pos = (real[:, -cached - 1:].sum(1, keepdim=True) - 1) if padded else None
                 if cache_pos is None:  # made once, then advanced on the device: a tensor made
