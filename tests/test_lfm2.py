@@ -231,3 +231,36 @@ def test_lora_finetune_of_an_lfm2_directory(tmp_path) -> None:  # noqa: ANN001
     with torch.no_grad():
         assert tuned(idx)[0].shape == base(idx)[0].shape == (1, 20, tok.vocab_size)
         assert not torch.equal(tuned(idx)[0], base(idx)[0])  # the adapter changed something
+
+
+def test_llama_cpp_computes_our_argmax_from_the_gguf_export(tmp_path) -> None:  # noqa: ANN001
+    """`export --format gguf` of an LFM2 model (f32), run by llama.cpp itself (arch "lfm2"): the
+    same argmax at every position, and logits close to ours (weights scaled up so that the
+    distribution is far from uniform and a layout error shows; norm gains away from 1)."""
+    from test_gguf import LLAMA_PROMPT, TEXT, llama_cpp_logits  # skips without gguf
+
+    from bardlm.io.gguf import read_metadata, write_gguf
+    from bardlm.tokenizers import train_bpe
+
+    bpe = train_bpe(TEXT, 300)
+    torch.manual_seed(0)
+    model = GPT(preset("lfm2-tiny", vocab_size=bpe.vocab_size, n_embd=64, ffn_hidden=96,
+                       tie_embeddings=False)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+            elif "norm" in name or "ln_" in name:
+                p.uniform_(0.5, 1.5)
+    path = tmp_path / "lfm2.gguf"
+    write_gguf(model, bpe, path, "f32")
+    meta = read_metadata(path)
+    assert meta["general.architecture"] == "lfm2" and meta["lfm2.shortconv.l_cache"] == 3
+    assert list(meta["lfm2.attention.head_count_kv"]) == [0, 2, 0, 2]
+    prompt = bpe.encode(LLAMA_PROMPT)[:24]
+    theirs = llama_cpp_logits(path, prompt)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0][0]
+    assert ours.std().item() > 0.5  # far from uniform: a wrong layout would not pass below
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert (ours - theirs).abs().max().item() <= 2e-2
