@@ -1,6 +1,6 @@
-"""LFM2 against `transformers`: random-weight `Lfm2ForCausalLM` models built from a small config
-(nothing is downloaded), gated short-convolution layers between GQA attention layers with
-QK-norm. They load into bardlm with equal fp32 logits over 200 tokens, greedy decoding with our
+"""LFM2 against `transformers`: random-weight `Lfm2ForCausalLM` (and `Lfm2MoeForCausalLM`)
+models built from a small config (nothing is downloaded), gated short-convolution layers between
+GQA attention layers with QK-norm. They load into bardlm with equal fp32 logits over 200 tokens, greedy decoding with our
 cache (the conv-only StateCache in the conv layers) gives transformers' 64 ids, our HF export
 loads back in transformers with the same tensors and logits, int8 and LoRA finetuning run, and
 the `lfm2-tiny` preset trains on tiny Shakespeare."""
@@ -14,7 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, Lfm2Config, Lfm2ForCausalLM  # noqa: E402, I001
+from transformers import (  # noqa: E402, I001
+    AutoModelForCausalLM,
+    Lfm2Config,
+    Lfm2ForCausalLM,
+    Lfm2MoeConfig,
+    Lfm2MoeForCausalLM,
+)
 
 from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
 
@@ -42,16 +48,34 @@ def lfm2(tied: bool = True, **changes) -> Lfm2ForCausalLM:  # noqa: ANN003
     return Lfm2ForCausalLM(Lfm2Config(**{**SMALL, **changes}, tie_word_embeddings=tied))
 
 
+# LFM2-MoE: the first layer dense (96 wide, as given), then 4 experts of 32, top 2.
+MOE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_dense_layers=1,
+           num_experts=4, num_experts_per_tok=2, routed_scaling_factor=1.5,
+           layer_types=["conv", "full_attention", "conv", "full_attention"])
+
+
+def lfm2_moe(**changes) -> Lfm2MoeForCausalLM:  # noqa: ANN003
+    return Lfm2MoeForCausalLM(Lfm2MoeConfig(**{**MOE, **changes}))
+
+
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Norm gains away from 1, so that a dropped or misplaced norm shows in the logits."""
+    """Norm gains away from 1, so that a dropped or misplaced norm shows in the logits; N(0, 1)
+    routers and a random expert bias, so that tokens spread over the experts and the bias
+    changes some choices."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("feed_forward.gate.weight"):
+                p.normal_(0.0, 1.0)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.normal_(0.0, 0.1)
     return model.eval()
 
 
-CASES = {"lfm2": lambda: lfm2(), "lfm2-untied": lambda: lfm2(tied=False)}
+CASES = {"lfm2": lambda: lfm2(), "lfm2-untied": lambda: lfm2(tied=False), "lfm2_moe": lambda: lfm2_moe()}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -68,14 +92,24 @@ def test_logits_match_transformers(pair) -> None:  # noqa: ANN001
     ref, ours, _ = pair
     assert [type(b.attn) is ShortConv for b in ours.transformer.h] == [True, False, True, False]
     assert_same_logits(ref, ours, torch.randint(0, V, (2, 200)))
+    if ours.config.n_expert:  # the expert bias changes which experts some tokens choose
+        biased = ours.transformer.h[1].mlp
+        idx = torch.randint(0, V, (2, 200))
+        with torch.no_grad():
+            before = ours(idx)[0]
+            saved = biased.correction_bias.clone()
+            biased.correction_bias.zero_()
+            after = ours(idx)[0]
+            biased.correction_bias.copy_(saved)
+        assert not torch.equal(before, after)
 
 
 def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
     """A 70-token prompt prefilled, then 64 tokens decoded one at a time: the conv layers carry
     their last inputs in a conv-only StateCache, the attention layers keys in a KVCache."""
     ref, ours, _ = pair
-    if ours.config.tie_embeddings:
-        pytest.skip("decoding does not depend on the tying; the untied case decodes")
+    if ours.config.tie_embeddings and not ours.config.n_expert:
+        pytest.skip("decoding does not depend on the tying; the untied and MoE cases decode")
     assert_same_greedy(ref, ours, torch.randint(3, V, (2, 70)))
     cache = ours.make_cache(1, 100)
     assert [type(c) for c in cache] == [StateCache, KVCache, StateCache, KVCache]
@@ -144,6 +178,30 @@ def test_config_fields_on_import() -> None:
     assert sum(c.nbytes() for c in model.make_cache(1, 100)) == \
         kv_bytes_per_sequence(cfg, 100, 4) + state_bytes_per_sequence(cfg, 4)
     assert cfg.layer_cache_lengths(1000) == [0, 1000, 0, 1000]
+
+
+def test_moe_config_fields_on_import() -> None:
+    """LFM2-MoE: dense layers first (their width as given), then DeepSeek-V3's sigmoid routing
+    with LFM2-MoE's own renormalisation epsilon (1e-6: the logits test fails with 1e-20)."""
+    cfg = config_from_hf(lfm2_moe().config.to_dict())
+    assert cfg.ffn_layers == ["dense", "moe", "moe", "moe"] and cfg.ffn_hidden == 96
+    assert (cfg.n_expert, cfg.n_expert_active, cfg.expert_hidden) == (4, 2, 32)
+    assert (cfg.router_score, cfg.router_renorm, cfg.routed_scale, cfg.router_renorm_eps) == ("sigmoid", True, 1.5, 1e-6)
+    assert (cfg.router_groups, cfg.shared_expert_hidden) == (1, 0)
+    assert family_of(cfg) == "lfm2_moe" and family_of(cfg.replace(n_expert=0, ffn_layers=None)) == "lfm2"
+    for change, message in [(dict(router_renorm_eps=1e-20), "router_renorm_eps other than 1e-06"),
+                            (dict(ffn_layers=["moe", "dense", "moe", "moe"]), "dense layers after MoE layers"),
+                            (dict(shared_expert_hidden=16, shared_expert_gate=False), "a shared expert")]:
+        with pytest.raises(BardlmError, match=message):
+            family_of(cfg.replace(**change))
+    with pytest.raises(BardlmError, match="router_renorm_eps must be >= 0, got -1.0"):
+        cfg.replace(router_renorm_eps=-1.0)
+    with pytest.raises(BardlmError, match="use_expert_bias=false is not supported"):
+        config_from_hf({**lfm2_moe().config.to_dict(), "use_expert_bias": False})
+    from bardlm.io.gguf import check_exportable
+
+    with pytest.raises(BardlmError, match="GGUF export of mixture-of-experts models \\(lfm2_moe\\)"):
+        check_exportable(cfg)
 
 
 def test_refusals() -> None:

@@ -170,6 +170,9 @@ class ModelConfig:
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0
+    # Sigmoid routing's renormalisation: w / (sum(w) + router_renorm_eps), as transformers adds
+    # it: DeepSeek-V3 1e-20, LFM2-MoE 1e-6 (large enough to matter in fp32 logits).
+    router_renorm_eps: float = 1e-20
     # DeepSeek-V3's auxiliary-loss-free balancing: after each training step every correction
     # bias moves by this much toward balance (up for an expert chosen less than the mean, down
     # for one chosen more; the paper's gamma, 0.001). 0: the bias stays as loaded.
@@ -524,6 +527,8 @@ class ModelConfig:
                               f"{kept} kept groups hold ({kept * per_group}); raise router_topk_groups")
         if self.routed_scale <= 0:
             raise BardlmError(f"config: routed_scale must be positive, got {self.routed_scale}")
+        if self.router_renorm_eps < 0:
+            raise BardlmError(f"config: router_renorm_eps must be >= 0, got {self.router_renorm_eps}")
         if self.correction_bias_rate < 0 or (self.correction_bias_rate > 0 and self.router_score != "sigmoid"):
             raise BardlmError(f"config: correction_bias_rate moves the correction bias of router_score=sigmoid "
                               f"routers and must be >= 0, got {self.correction_bias_rate} with {self.router_score}")
