@@ -291,10 +291,12 @@ def test_lora_finetune_of_an_lfm2_directory(tmp_path) -> None:  # noqa: ANN001
         assert not torch.equal(tuned(idx)[0], base(idx)[0])  # the adapter changed something
 
 
-def test_llama_cpp_computes_our_argmax_from_the_gguf_export(tmp_path) -> None:  # noqa: ANN001
-    """`export --format gguf` of an LFM2 model (f32), run by llama.cpp itself (arch "lfm2"): the
-    same argmax at every position, and logits close to ours (weights scaled up so that the
-    distribution is far from uniform and a layout error shows; norm gains away from 1)."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_cpp_computes_our_argmax_from_the_gguf_export(tmp_path, tied: bool) -> None:  # noqa: ANN001
+    """`export --format gguf` of an LFM2 model (f32; with its own head, and tied as LFM2's
+    checkpoints are), run by llama.cpp itself (arch "lfm2"): the same argmax at every position,
+    and logits close to ours (weights scaled up so that the distribution is far from uniform and
+    a layout error shows; norm gains away from 1)."""
     from test_gguf import LLAMA_PROMPT, TEXT, llama_cpp_logits  # skips without gguf
 
     from bardlm.io.gguf import read_metadata, write_gguf
@@ -303,7 +305,7 @@ def test_llama_cpp_computes_our_argmax_from_the_gguf_export(tmp_path) -> None:  
     bpe = train_bpe(TEXT, 300)
     torch.manual_seed(0)
     model = GPT(preset("lfm2-tiny", vocab_size=bpe.vocab_size, n_embd=64, ffn_hidden=96,
-                       tie_embeddings=False)).eval()
+                       tie_embeddings=tied)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:

@@ -10,7 +10,7 @@ windows), `DeepseekV3ForCausalLM` (latent attention, group-limited sigmoid routi
 linear-attention hybrids `Qwen3_5ForCausalLM` (Qwen3.5 text, dense) and `Qwen3NextForCausalLM` (a
 MoE with a shared expert): three gated delta rule layers to one gated, partially rotary attention
 layer, and `Lfm2ForCausalLM` (LFM2: gated short-convolution layers between GQA layers with
-QK-norm). The bridge
+QK-norm) with its mixture of experts `Lfm2MoeForCausalLM`. The bridge
 is two tables and two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
