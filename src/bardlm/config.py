@@ -479,7 +479,7 @@ class ModelConfig:
         """(conv, state): the values one sequence's fixed state holds over all linear and conv
         layers, whatever its length: per linear layer the conv's last (kernel - 1) inputs of q,
         k and v, and the (d_k, d_v) matrix of each value head (nn/deltanet.py); per conv layer
-        the last (kernel - 1) inputs B*x, n_embd wide (nn/shortconv.py), and no matrix."""
+        the last (kernel - 1) inputs B*h, n_embd wide (nn/shortconv.py), and no matrix."""
         n, n_conv = self.attn_layers.count("linear"), self.attn_layers.count("conv")
         conv = (2 * self.linear_k_heads * self.linear_k_head_dim
                 + self.linear_v_heads * self.linear_v_head_dim) * (self.linear_conv_kernel - 1)
