@@ -160,7 +160,7 @@ CASES = [
     ("config-router-bias-rate", lambda t, c, w: ["info", "--preset", "moe-tiny", "--set", "correction_bias_rate=0.001"],
      "correction_bias_rate moves the correction bias of router_score=sigmoid routers"),
     ("config-attn-layers", lambda t, c, w: ["info", "--preset", "gemma3-tiny", "--set", 'attn_layers=["local"]'],
-     'attn_layers must list "global", "local" or "linear" for each of the 4 layers'),
+     'attn_layers must list "global", "local", "linear" or "conv" for each of the 4 layers'),
     ("config-kv-shared", lambda t, c, w: ["info", "--preset", "gemma4-tiny", "--set", "kv_shared_layers=6"],
      "kv_shared_layers must be in [0, n_layer=6)"),
     ("config-kv-shared-kind", lambda t, c, w: ["info", "--preset", "gemma4-tiny", "--set", "kv_shared_layers=4"],

@@ -447,18 +447,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _cache_layout(cfg) -> str:  # noqa: ANN001
     """" (G global layers x N + L local layers x W positions)" when some cached layers are
-    local, "; L linear layers hold no positions" when some are linear, and "; K KV-shared layers
-    hold none" when the last layers read earlier ones' keys."""
+    local, "; L linear layers hold no positions" when some are linear (or conv), and "; K
+    KV-shared layers hold none" when the last layers read earlier ones' keys."""
     kinds = [cfg.attn_layers[i] for i in cfg.cache_layers()]
-    local, linear = kinds.count("local"), kinds.count("linear")
+    local, linear, conv = kinds.count("local"), kinds.count("linear"), kinds.count("conv")
     parts = []
-    if local or linear:
-        text = f"{len(kinds) - local - linear} global layers x {cfg.block_size:,}"
+    if local or linear or conv:
+        text = f"{len(kinds) - local - linear - conv} global layers x {cfg.block_size:,}"
         if local:
             text += f" + {local} local layers x {min(cfg.sliding_window, cfg.block_size):,} positions"
         parts.append(text)
-        if linear:
-            parts.append(f"{linear} linear layers hold no positions")
+        for n, kind in ((linear, "linear"), (conv, "conv")):
+            if n:
+                parts.append(f"{n} {kind} layers hold no positions")
     if cfg.kv_shared_layers:
         parts.append(f"{cfg.kv_shared_layers} KV-shared layers hold none")
     return f" ({'; '.join(parts)})" if parts else ""
@@ -484,14 +485,17 @@ def _routing(cfg) -> str:  # noqa: ANN001
 
 
 def _state_rows(cfg, state_bytes) -> list[tuple[str, str]]:  # noqa: ANN001
-    """The fixed state of the linear layers, per sequence (none without linear layers)."""
-    linear = cfg.attn_layers.count("linear")
-    if not linear:
+    """The fixed state of the linear and conv layers, per sequence (none without them)."""
+    counts = [(cfg.attn_layers.count(kind), kind) for kind in ("linear", "conv")]
+    if not any(n for n, _ in counts):
         return []
     conv, state = cfg.linear_state_elements()
+    layers = " + ".join(f"{n} {kind}" for n, kind in counts if n)
+    held = f"{conv:,} conv inputs" + (f" + {state:,} delta-rule state values, the state in fp32"
+                                      if state else "")
     return [("fixed state per sequence fp32 / bf16",
-             f"{state_bytes(cfg, 4):,} B / {state_bytes(cfg, 2):,} B at any length ({linear} linear "
-             f"layers: {conv:,} conv inputs + {state:,} delta-rule state values, the state in fp32)")]
+             f"{state_bytes(cfg, 4):,} B / {state_bytes(cfg, 2):,} B at any length ({layers} "
+             f"layers: {held})")]
 
 
 def _attention_layout(cfg) -> str:  # noqa: ANN001
@@ -505,6 +509,10 @@ def _attention_layout(cfg) -> str:  # noqa: ANN001
         text = (f"gated delta rule in {len(linear)} of {cfg.n_layer} layers {linear} ("
                 f"{cfg.linear_k_heads} key / {cfg.linear_v_heads} value heads of {cfg.linear_k_head_dim} / "
                 f"{cfg.linear_v_head_dim}, conv {cfg.linear_conv_kernel}), softmax attention in the others")
+    conv = [i for i, k in enumerate(cfg.attn_layers) if k == "conv"]
+    if conv:
+        text = (f"gated short convolution (kernel {cfg.linear_conv_kernel}) in {len(conv)} of "
+                f"{cfg.n_layer} layers {conv}, softmax attention in the others")
     if cfg.attn_gate:
         text += "; output gate"
     if cfg.pos == "rope" and cfg.partial_rotary_factor != 1:

@@ -28,8 +28,12 @@ FFNS = ("gelu", "relu", "swiglu", "geglu", "swiglu_clamped")
 # "output" (OLMo 2): only the norm on the output.
 NORM_PLACEMENTS = ("pre", "post", "sandwich", "output")
 # Per layer: every earlier key, the last `sliding_window`, or "linear": no softmax attention but
-# the gated delta rule (nn/deltanet.py), a fixed-size state instead of keys and values.
-ATTN_KINDS = ("global", "local", "linear")
+# the gated delta rule (nn/deltanet.py), a fixed-size state instead of keys and values, or
+# "conv": LFM2's gated short convolution (nn/shortconv.py), whose state is its last few inputs.
+ATTN_KINDS = ("global", "local", "linear", "conv")
+# The kinds whose cache is a fixed-size state per sequence (nn/cache.py `StateCache`), not
+# keys and values per position.
+STATE_KINDS = ("linear", "conv")
 # How a layer makes its keys and values: "mha" (per KV head: MHA, GQA, MQA) or "mla" (DeepSeek's
 # multi-head latent attention: one compressed latent per token, nn/mla.py).
 ATTN_TYPES = ("mha", "mla")
@@ -89,6 +93,7 @@ class ModelConfig:
     linear_v_heads: int | None = None
     linear_k_head_dim: int | None = None
     linear_v_head_dim: int | None = None
+    # (The kernel is also a "conv" layer's: LFM2's short convolution, kernel 3.)
     linear_conv_kernel: int = 4
     # Softmax attention's output times sigmoid(a gate the query projection also makes), per
     # channel (Qwen3.5, Qwen3-Next): an attention layer may then output nothing.
@@ -165,6 +170,9 @@ class ModelConfig:
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0
+    # Sigmoid routing's renormalisation: w / (sum(w) + router_renorm_eps), as transformers adds
+    # it: DeepSeek-V3 1e-20, LFM2-MoE 1e-6 (large enough to matter in fp32 logits).
+    router_renorm_eps: float = 1e-20
     # DeepSeek-V3's auxiliary-loss-free balancing: after each training step every correction
     # bias moves by this much toward balance (up for an expert chosen less than the mean, down
     # for one chosen more; the paper's gamma, 0.001). 0: the bias stays as loaded.
@@ -327,8 +335,8 @@ class ModelConfig:
                 raise BardlmError(f"config: {name} must be positive or null, got {value}")
         if self.attn_layers is not None:
             if len(self.attn_layers) != self.n_layer or not set(self.attn_layers) <= set(ATTN_KINDS):
-                raise BardlmError(f"config: attn_layers must list \"global\", \"local\" or \"linear\" "
-                                  f"for each of the {self.n_layer} layers, got {self.attn_layers}")
+                raise BardlmError(f"config: attn_layers must list \"global\", \"local\", \"linear\" or "
+                                  f"\"conv\" for each of the {self.n_layer} layers, got {self.attn_layers}")
             if "local" in self.attn_layers and self.sliding_window is None:
                 raise BardlmError("config: attn_layers has \"local\" layers but sliding_window "
                                   "is null; set sliding_window (the keys a local layer sees)")
@@ -362,6 +370,7 @@ class ModelConfig:
                               "kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)")
         odd = {"pos other than rope": self.pos != "rope", "attn_score other than dot": self.attn_score != "dot",
                "local layers": "local" in (self.attn_layers or []), "attn_sinks": self.attn_sinks,
+               "linear or conv layers": bool(set(self.attn_layers or []) & set(STATE_KINDS)),
                "attn_softcap": self.attn_softcap is not None, "qk_norm": self.qk_norm,
                "attn_scale_dim": self.attn_scale_dim is not None,
                "layers without RoPE": self.rope_layers is not None and not all(self.rope_layers)}
@@ -398,8 +407,8 @@ class ModelConfig:
         """Values layer `layer`'s cache holds per position: a key and a value per KV head (with
         that layer's heads and head size: Gemma 4's global layers differ), or under latent
         attention the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim); none in a
-        linear layer (its state does not grow: `linear_state_elements`)."""
-        if self.attn_layers[layer] == "linear":
+        linear or conv layer (its state does not grow: `linear_state_elements`)."""
+        if self.attn_layers[layer] in STATE_KINDS:
             return 0
         if self.attn_type == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim
@@ -408,9 +417,10 @@ class ModelConfig:
     def layer_cache_lengths(self, tokens: int) -> list[int]:
         """Positions the KV cache of one sequence holds per cached layer (`cache_layers`) for a
         `tokens` context: all of them for a global layer, at most `sliding_window` for a local
-        one (a ring buffer), none for a linear one (its fixed state is `linear_state_elements`)."""
+        one (a ring buffer), none for a linear or conv one (its fixed state is
+        `linear_state_elements`)."""
         kinds = [self.attn_layers[i] for i in self.cache_layers()]
-        return [0 if kind == "linear" else min(tokens, self.sliding_window) if kind == "local"
+        return [0 if kind in STATE_KINDS else min(tokens, self.sliding_window) if kind == "local"
                 else tokens for kind in kinds]
 
     # Per-layer attention shapes (Gemma 4) ---------------------------------------------------
@@ -466,14 +476,15 @@ class ModelConfig:
                               "which needs norm_placement=sandwich")
 
     def linear_state_elements(self) -> tuple[int, int]:
-        """(conv, state): the values one sequence's fixed state holds over all linear layers,
-        whatever its length: per layer the conv's last (kernel - 1) inputs of q, k and v, and
-        the (d_k, d_v) matrix of each value head (nn/deltanet.py)."""
-        n = self.attn_layers.count("linear")
+        """(conv, state): the values one sequence's fixed state holds over all linear and conv
+        layers, whatever its length: per linear layer the conv's last (kernel - 1) inputs of q,
+        k and v, and the (d_k, d_v) matrix of each value head (nn/deltanet.py); per conv layer
+        the last (kernel - 1) inputs B*h, n_embd wide (nn/shortconv.py), and no matrix."""
+        n, n_conv = self.attn_layers.count("linear"), self.attn_layers.count("conv")
         conv = (2 * self.linear_k_heads * self.linear_k_head_dim
                 + self.linear_v_heads * self.linear_v_head_dim) * (self.linear_conv_kernel - 1)
         state = self.linear_v_heads * self.linear_k_head_dim * self.linear_v_head_dim
-        return n * conv, n * state
+        return n * conv + n_conv * self.n_embd * (self.linear_conv_kernel - 1), n * state
 
     def _validate_moe(self) -> None:
         """The mixture-of-experts fields (n_expert, ffn_layers, ...) agree with each other."""
@@ -516,6 +527,8 @@ class ModelConfig:
                               f"{kept} kept groups hold ({kept * per_group}); raise router_topk_groups")
         if self.routed_scale <= 0:
             raise BardlmError(f"config: routed_scale must be positive, got {self.routed_scale}")
+        if self.router_renorm_eps < 0:
+            raise BardlmError(f"config: router_renorm_eps must be >= 0, got {self.router_renorm_eps}")
         if self.correction_bias_rate < 0 or (self.correction_bias_rate > 0 and self.router_score != "sigmoid"):
             raise BardlmError(f"config: correction_bias_rate moves the correction bias of router_score=sigmoid "
                               f"routers and must be >= 0, got {self.correction_bias_rate} with {self.router_score}")
@@ -665,6 +678,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         attn_layers=["linear", "linear", "linear", "global"], linear_k_heads=2, linear_v_heads=4,
         linear_k_head_dim=32, linear_v_head_dim=32,
     ),
+    # LFM2's block at qwen3-tiny's budget: gated short convolutions (kernel 3) in layers 0 and
+    # 2, GQA attention with QK-norm in layers 1 and 3.
+    "lfm2-tiny": dict(
+        _LLAMA, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        ffn_hidden=344, qk_norm=True, tie_embeddings=True, linear_conv_kernel=3,
+        attn_layers=["conv", "global", "conv", "global"],
+    ),
     # qwen3-tiny with a mixture of experts (Qwen3-MoE's layout): the first FFN dense, the others
     # 4 experts of half the dense width, top 2, so each token runs as many FFN weights as in
     # qwen3-tiny; load-balancing and z-loss keep all experts in use.
@@ -804,6 +824,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "moe-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "qwen3.5-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+    "lfm2-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gemma3-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "gpt-oss-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),
     "mla-tiny": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100),

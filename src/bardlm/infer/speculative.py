@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 
+from ..config import STATE_KINDS
 from ..errors import BardlmError
 from .budget import context_window
 from .generate import check_prompt, eval_mode
@@ -221,9 +222,10 @@ def stream_speculative(
         raise BardlmError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the "
                           f"model's ({cfg.vocab_size}); a draft must share the tokenizer")
     for m in (model, draft):
-        if hasattr(m, "config") and "linear" in m.config.attn_layers:
-            raise BardlmError("speculative decoding rewinds the cache, which a linear-attention "
-                              "(gated delta rule) layer's state cannot; drop --draft for this model")
+        if hasattr(m, "config") and set(m.config.attn_layers) & set(STATE_KINDS):
+            raise BardlmError("speculative decoding rewinds the cache, which the state of a "
+                              "linear-attention (gated delta rule) or short-convolution layer "
+                              "cannot; drop --draft for this model")
     cache_len = min(window, need + draft_tokens)
     cache = model.make_cache(1, cache_len)
     drafter = make_drafter(draft, cache_len)

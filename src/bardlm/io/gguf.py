@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Eight families, written as seven llama.cpp architectures:
+Nine families, written as eight llama.cpp architectures:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -28,6 +28,8 @@ Eight families, written as seven llama.cpp architectures:
   SmolLM3's default `no_rope_layers` does; other NoPE patterns and windows are refused.
 * "olmo2" with `attention.sliding_window` runs our olmo3: llama.cpp fixes the pattern (every
   4th layer global) and one RoPE base for both kinds.
+* "lfm2": neox RoPE (no permutation); `head_count_kv` per layer, 0 marking a short-convolution
+  layer, whose kernel is `shortconv.l_cache` and whose conv weight is stored 2-D (C, kernel), f32.
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
@@ -91,6 +93,27 @@ _GEMMA3_NAMES = {**{k: v for k, v in _LLAMA_NAMES.items() if "layernorm" not in 
                  "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
                  "model.layers.{i}.pre_feedforward_layernorm": "blk.{i}.ffn_norm",
                  "model.layers.{i}.post_feedforward_layernorm": "blk.{i}.post_ffw_norm"}
+# LFM2: per layer either attention (Qwen3's names) or a short convolution; the final norm is
+# HF's embedding_norm, which llama.cpp calls token_embd_norm (and applies after the last layer).
+_LFM2_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.embedding_norm": "token_embd_norm",
+    "lm_head": "output",
+    "model.layers.{i}.operator_norm": "blk.{i}.attn_norm",
+    "model.layers.{i}.self_attn.q_proj": "blk.{i}.attn_q",
+    "model.layers.{i}.self_attn.k_proj": "blk.{i}.attn_k",
+    "model.layers.{i}.self_attn.v_proj": "blk.{i}.attn_v",
+    "model.layers.{i}.self_attn.out_proj": "blk.{i}.attn_output",
+    "model.layers.{i}.self_attn.q_layernorm": "blk.{i}.attn_q_norm",
+    "model.layers.{i}.self_attn.k_layernorm": "blk.{i}.attn_k_norm",
+    "model.layers.{i}.conv.in_proj": "blk.{i}.shortconv.in_proj",
+    "model.layers.{i}.conv.conv": "blk.{i}.shortconv.conv",
+    "model.layers.{i}.conv.out_proj": "blk.{i}.shortconv.out_proj",
+    "model.layers.{i}.ffn_norm": "blk.{i}.ffn_norm",
+    "model.layers.{i}.feed_forward.w1": "blk.{i}.ffn_gate",
+    "model.layers.{i}.feed_forward.w3": "blk.{i}.ffn_up",
+    "model.layers.{i}.feed_forward.w2": "blk.{i}.ffn_down",
+}
 GGUF_NAMES = {
     "gpt2": {
         "transformer.wte": "token_embd",
@@ -111,6 +134,7 @@ GGUF_NAMES = {
     "gemma3_text": _GEMMA3_NAMES,
     "olmo3": _OLMO2_NAMES,
     "smollm3": _LLAMA_NAMES,  # with NoPE layers
+    "lfm2": _LFM2_NAMES,
 }
 # llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window)
 GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2"}
@@ -227,6 +251,8 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
                 part = permute_rope(part, cfg.n_kv_head)
             elif family == "gemma3_text" and hf_name.endswith("norm.weight"):
                 part = part + 1.0  # Gemma's norms scale by (1 + w); llama.cpp's by the weight
+            elif family == "lfm2" and hf_name.endswith(".conv.conv.weight"):
+                part = part.squeeze(1)  # (C, 1, kernel) -> (C, kernel): llama.cpp's ssm_conv wants 2-D
             out[gguf_name(hf_name, family)] = part.contiguous()
     return out
 
@@ -290,8 +316,9 @@ def dequantize_q4_0(packed: np.ndarray) -> np.ndarray:
 
 def _storage_type(name: str, t: torch.Tensor, qtype: str) -> str:
     """"f32", "f16", "q8_0" or "q4_0" for one tensor of a file of type `qtype`."""
-    if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")):
-        return "f32"  # llama.cpp reads 1-D tensors as f32 only; positions are added as is
+    if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")) \
+            or name.endswith("shortconv.conv.weight"):
+        return "f32"  # llama.cpp reads 1-D tensors (and its conv op's weights) as f32 only
     if qtype in ("q8_0", "q4_0") and t.shape[-1] % 32 == 0:
         return qtype
     return "f16"  # what llama.cpp's converter falls back to when a row does not split into blocks
@@ -446,7 +473,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         if family == "gpt2":
             w.add_layer_norm_eps(cfg.norm_eps)
         else:
-            w.add_head_count_kv(cfg.n_kv_head)
+            w.add_head_count_kv(_head_count_kv(cfg, family))
             w.add_layer_norm_rms_eps(cfg.norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
             w.add_rope_dimension_count(cfg.head_dim)
@@ -455,6 +482,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
                 w.add_value_length(cfg.head_dim)
             if family in SWA_EVERY:
                 w.add_sliding_window(cfg.sliding_window or cfg.block_size)
+            if family == "lfm2":  # the short convolutions' kernel
+                w.add_shortconv_l_cache(cfg.linear_conv_kernel)
             if family == "gemma3_text":  # llama.cpp scales the embeddings by sqrt(n_embd) itself
                 w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta or cfg.rope_theta)
             scaling = cfg.rope_scaling or {}
@@ -495,6 +524,14 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     return {"out": str(out), "format": "gguf", "architecture": GGUF_ARCH.get(family, family), "type": qtype,
             "tensors": len(tensors), "bytes": out.stat().st_size,
             "tokenizer_pre": vocab["pre"], "vocab": len(vocab["tokens"])}
+
+
+def _head_count_kv(cfg: ModelConfig, family: str) -> int | list[int]:
+    """KV heads: one number, or for LFM2 one per layer, 0 in a conv layer (how llama.cpp tells
+    the layer kinds apart)."""
+    if family == "lfm2":
+        return [0 if kind == "conv" else cfg.n_kv_head for kind in cfg.attn_layers]
+    return cfg.n_kv_head
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",

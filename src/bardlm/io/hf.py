@@ -9,7 +9,8 @@ the sliding-window families `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3Fo
 windows), `DeepseekV3ForCausalLM` (latent attention, group-limited sigmoid routing), and the
 linear-attention hybrids `Qwen3_5ForCausalLM` (Qwen3.5 text, dense) and `Qwen3NextForCausalLM` (a
 MoE with a shared expert): three gated delta rule layers to one gated, partially rotary attention
-layer. The bridge
+layer, and `Lfm2ForCausalLM` (LFM2: gated short-convolution layers between GQA layers with
+QK-norm) with its mixture of experts `Lfm2MoeForCausalLM`. The bridge
 is two tables and two config translators:
 
 * NAME TABLES map each of our tensors to the HF tensors it is made of. Our attention projection
@@ -79,11 +80,12 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
                  "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "gpt_oss": "GptOssForCausalLM", "olmo3": "Olmo3ForCausalLM",
                  "deepseek_v3": "DeepseekV3ForCausalLM",
-                 "qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
+                 "qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                 "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma4_text")
 # Families whose attention may be sliding-window (per layer); the others refuse windows.
 WINDOW_FAMILIES = ("mistral", "smollm3", "gpt_oss", "olmo3", *GEMMA_FAMILIES)
-MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "lfm2_moe")
 # Linear-attention hybrids: gated delta rule layers and gated attention layers (nn/deltanet.py).
 HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_next")
 # Families that compute exactly what another one does: a model imported from one is exported
@@ -323,6 +325,44 @@ def _hybrid_table(family: str) -> list[Entry]:
     return out
 
 
+def _lfm2_table() -> list[Entry]:
+    """LFM2: Llama's embedding and head; operator_norm / ffn_norm around each block's mixer
+    and MLP (feed_forward.w1 gate, w3 up, w2 down); attention layers' q/k/v_proj, out_proj and
+    per-head q/k_layernorm; conv layers' in_proj (rows [B | C | x]), depthwise conv and
+    out_proj. The final norm is called embedding_norm (it acts after the last layer)."""
+    h, t = "transformer.h.{i}.", "model.layers.{i}."
+    attn, conv = ("global",), ("conv",)
+    return [
+        Entry("transformer.wte.weight", ("model.embed_tokens.weight",)),
+        Entry("transformer.ln_f.weight", ("model.embedding_norm.weight",)),
+        Entry("lm_head.weight", ("lm_head.weight",)),
+        Entry(h + "ln_1.weight", (t + "operator_norm.weight",)),
+        Entry(h + "ln_2.weight", (t + "ffn_norm.weight",)),
+        Entry(h + "mlp.c_fc.weight", (t + "feed_forward.w1.weight", t + "feed_forward.w3.weight")),
+        Entry(h + "mlp.c_proj.weight", (t + "feed_forward.w2.weight",)),
+        Entry(h + "attn.c_attn.weight", tuple(t + f"self_attn.{x}_proj.weight" for x in "qkv"), kinds=attn),
+        Entry(h + "attn.c_proj.weight", (t + "self_attn.out_proj.weight",), kinds=attn),
+        Entry(h + "attn.q_norm.weight", (t + "self_attn.q_layernorm.weight",), kinds=attn),
+        Entry(h + "attn.k_norm.weight", (t + "self_attn.k_layernorm.weight",), kinds=attn),
+        Entry(h + "attn.c_in.weight", (t + "conv.in_proj.weight",), kinds=conv),
+        Entry(h + "attn.conv_weight", (t + "conv.conv.weight",), kinds=conv),
+        Entry(h + "attn.c_proj.weight", (t + "conv.out_proj.weight",), kinds=conv),
+    ]
+
+
+def _lfm2_moe_table() -> list[Entry]:
+    """LFM2-MoE: LFM2's names (the first num_dense_layers keep the dense MLP), then MoE layers:
+    the router `feed_forward.gate`, its correction bias `expert_bias`, and numbered experts with
+    the dense MLP's names (w1 gate, w3 up, w2 down: the Hub layout transformers 5 writes)."""
+    h, t = "transformer.h.{i}.mlp.", "model.layers.{i}.feed_forward."
+    return _lfm2_table() + [
+        Entry(h + "router.weight", (t + "gate.weight",)),
+        Entry(h + "correction_bias", (t + "expert_bias",)),
+        Entry(h + "experts.{e}.c_fc.weight", (t + "experts.{e}.w1.weight", t + "experts.{e}.w3.weight")),
+        Entry(h + "experts.{e}.c_proj.weight", (t + "experts.{e}.w2.weight",)),
+    ]
+
+
 # Qwen2-MoE's (and Qwen3-Next's) shared expert, gated by sigmoid(g . x).
 _SHARED_EXPERT = _shared_expert_table("shared_expert") + [
     Entry("transformer.h.{i}.mlp.shared_gate.weight", ("model.layers.{i}.mlp.shared_expert_gate.weight",))]
@@ -336,7 +376,8 @@ TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(
           "qwen2": _llama_table(), "olmo2": _olmo2_table(), "phi3": _phi3_table(),
           "olmoe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
           "gpt_oss": _gpt_oss_table(), "olmo3": _olmo2_table(), "deepseek_v3": _deepseek_v3_table(),
-          "qwen3_5_text": _hybrid_table("qwen3_5_text"), "qwen3_next": _hybrid_table("qwen3_next")}
+          "qwen3_5_text": _hybrid_table("qwen3_5_text"), "qwen3_next": _hybrid_table("qwen3_next"),
+          "lfm2": _lfm2_table(), "lfm2_moe": _lfm2_moe_table()}
 
 
 def name_map(cfg: ModelConfig, family: str, ours: set[str]) -> list[Entry]:
@@ -529,6 +570,21 @@ QWEN3_NEXT_DEFAULTS = dict(QWEN3_5_DEFAULTS, vocab_size=151936, hidden_size=2048
                            shared_expert_intermediate_size=512, num_experts_per_tok=10,
                            num_experts=512, norm_topk_prob=True, router_aux_loss_coef=0.001,
                            mlp_only_layers=[])
+# Lfm2Config's defaults (LFM2-2.6B's shape); intermediate_size is adjusted (`_lfm2_ffn_hidden`).
+LFM2_DEFAULTS = dict(vocab_size=65536, hidden_size=2560, intermediate_size=12288, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=128000,
+                     norm_eps=1e-5, tie_word_embeddings=True, rope_theta=1000000.0, conv_bias=False,
+                     conv_L_cache=3, block_multiple_of=256, block_ffn_dim_multiplier=1.0,
+                     block_auto_adjust_ff_dim=True, full_attn_idxs=None, layer_types=None)
+LFM2_MOE_RENORM_EPS = 1e-6  # Lfm2MoeTopKRouter: weights / (sum + 1e-6)
+# Lfm2MoeConfig's (LFM2-8B-A1B's shape): the MLP width as given, no block_* adjustment.
+LFM2_MOE_DEFAULTS = dict(vocab_size=65536, hidden_size=2048, intermediate_size=7168,
+                         moe_intermediate_size=1792, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=128000, norm_eps=1e-5,
+                         tie_word_embeddings=True, rope_theta=1000000.0, conv_bias=False, conv_L_cache=3,
+                         num_dense_layers=2, num_experts_per_tok=4, num_experts=32, use_expert_bias=True,
+                         routed_scaling_factor=1.0, norm_topk_prob=True, layer_types=None,
+                         full_attn_idxs=None)
 DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAULTS,
             "qwen3_moe": QWEN3_MOE_DEFAULTS, "qwen2_moe": QWEN2_MOE_DEFAULTS,
             "mixtral": MIXTRAL_DEFAULTS, "mistral": MISTRAL_DEFAULTS, "smollm3": SMOLLM3_DEFAULTS,
@@ -537,7 +593,8 @@ DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAU
             "olmo2": OLMO2_DEFAULTS, "phi3": PHI3_DEFAULTS, "olmoe": OLMOE_DEFAULTS,
             "gpt_oss": GPT_OSS_DEFAULTS, "olmo3": OLMO3_DEFAULTS,
             "deepseek_v3": DEEPSEEK_V3_DEFAULTS,
-            "qwen3_5_text": QWEN3_5_DEFAULTS, "qwen3_next": QWEN3_NEXT_DEFAULTS}
+            "qwen3_5_text": QWEN3_5_DEFAULTS, "qwen3_next": QWEN3_NEXT_DEFAULTS, "lfm2": LFM2_DEFAULTS,
+            "lfm2_moe": LFM2_MOE_DEFAULTS}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both GELU's tanh approximation
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 
@@ -614,6 +671,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         return _gpt_oss_config(hf, c, extra, where)
     if family in HYBRID_FAMILIES:
         return _hybrid_config(hf, c, family, extra, where)
+    if family in ("lfm2", "lfm2_moe"):
+        return _lfm2_config(hf, c, family, extra, where)
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
     if family == "deepseek_v3":
@@ -791,6 +850,68 @@ def _hybrid_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: di
     )
 
 
+def _lfm2_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dict[str, Any],
+                 where: str) -> ModelConfig:
+    """LFM2: "conv" layers (gated short convolution, nn/shortconv.py) and "full_attention"
+    layers (GQA with per-head QK-norm, plain RoPE); pre-norm RMSNorms, SwiGLU MLPs whose width
+    transformers derives from intermediate_size (`_lfm2_ffn_hidden`), tied embeddings.
+    LFM2-MoE: the first num_dense_layers MLPs dense (intermediate_size as given), the others
+    experts behind DeepSeek-V3's sigmoid router (`_lfm2_moe_from_hf`)."""
+    if c["conv_bias"]:
+        raise BardlmError(f"{where}: conv_bias=true (biases in LFM2's short-convolution layers) is "
+                          "not supported; only LFM2 models with conv_bias false load")
+    n = c["num_hidden_layers"]
+    c = {**c, "tie_word_embeddings": c.get("tie_embedding", c["tie_word_embeddings"]),
+         "intermediate_size": c.get("block_ff_dim", c["intermediate_size"])}  # older key names
+    types = c["layer_types"]
+    if types is None:  # transformers' rule: the layers in full_attn_idxs attend (default: all)
+        full = c["full_attn_idxs"] if c["full_attn_idxs"] is not None else range(n)
+        types = ["full_attention" if i in full else "conv" for i in range(n)]
+    kinds = {"conv": "conv", "full_attention": "global"}
+    if len(types) != n or not set(types) <= set(kinds):
+        raise BardlmError(f"{where}: layer_types must list conv or full_attention for each of the "
+                          f"{n} layers, got {types}")
+    theta, scaling = _rope_from_hf({"rope_theta": c["rope_theta"], **hf}, where)
+    return ModelConfig(
+        vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n,
+        n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+        n_kv_head=c["num_key_value_heads"] or c["num_attention_heads"], ffn_hidden=_lfm2_ffn_hidden(c) if family == "lfm2" else c["intermediate_size"],
+        ffn="swiglu", norm="rmsnorm", norm_eps=c["norm_eps"], pos="rope", rope_theta=theta,
+        rope_scaling=scaling, qk_norm=True, bias=False, attn_layers=[kinds[t] for t in types],
+        linear_conv_kernel=c["conv_L_cache"], tie_embeddings=bool(c["tie_word_embeddings"]), extra=extra,
+        **(_lfm2_moe_from_hf(c, where) if family == "lfm2_moe" else {}),
+    )
+
+
+def _lfm2_moe_from_hf(c: dict[str, Any], where: str) -> dict[str, Any]:
+    """LFM2-MoE's expert fields: sigmoid scores, the top k chosen by score + expert_bias (our
+    correction bias), their scores renormalised (norm_topk_prob) times routed_scaling_factor;
+    no groups, no shared expert."""
+    if not c["use_expert_bias"]:
+        raise BardlmError(f"{where}: use_expert_bias=false is not supported; bardlm loads LFM2-MoE "
+                          "models with an expert bias (as LFM2-8B-A1B)")
+    n, dense = c["num_hidden_layers"], c["num_dense_layers"]
+    return dict(n_expert=c["num_experts"], n_expert_active=c["num_experts_per_tok"],
+                expert_hidden=c["moe_intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
+                router_score="sigmoid", routed_scale=float(c["routed_scaling_factor"]),
+                router_renorm_eps=LFM2_MOE_RENORM_EPS, ffn_layers=["dense" if i < dense else "moe" for i in range(n)])
+
+
+def _lfm2_ffn_hidden(c: dict[str, Any]) -> int:
+    """The MLP width transformers' Lfm2MLP builds: intermediate_size as is, or (with
+    block_auto_adjust_ff_dim) 2/3 of it, times block_ffn_dim_multiplier and rounded up to a
+    multiple of block_multiple_of when a multiplier is given."""
+    width = c["intermediate_size"]
+    if c["block_auto_adjust_ff_dim"]:
+        width = int(2 * width / 3)
+        multiplier = _given(c, "block_ffn_dim_multiplier")  # an explicit null: no rounding
+        if multiplier is not None:
+            width = int(multiplier * width)
+            multiple = c["block_multiple_of"]
+            width = multiple * ((width + multiple - 1) // multiple)
+    return width
+
+
 def _gpt_oss_config(hf: dict[str, Any], c: dict[str, Any], extra: dict[str, Any],
                     where: str) -> ModelConfig:
     """gpt-oss: a Llama attention with q/k/v/o biases and a sink logit per head, alternating
@@ -964,6 +1085,8 @@ def family_of(cfg: ModelConfig) -> str:
             f"this model has no transformers equivalent ({', '.join(k for k, v in odd.items() if v)}"
             "); keep it as a bardlm checkpoint, or train without those options to export it"
         )
+    if "conv" in cfg.attn_layers:  # before the others: only LFM2 has short-convolution layers
+        return _lfm2_family(cfg)
     if cfg.attn_sinks or cfg.ffn == "swiglu_clamped" or cfg.router_bias:
         return _gpt_oss_family(cfg)
     if cfg.attn_type == "mla":
@@ -1061,7 +1184,8 @@ def _deepseek_v3_family(cfg: ModelConfig) -> str:
         "router_score=softmax (DeepSeek-V3 routes with sigmoid scores)": moe and cfg.router_score != "sigmoid",
         "a gated shared expert or none": moe and (cfg.shared_expert_gate or not cfg.shared_expert_hidden),
         "a shared expert not a multiple of expert_hidden wide":
-            moe and cfg.shared_expert_hidden % cfg.expert_hidden != 0})
+            moe and cfg.shared_expert_hidden % cfg.expert_hidden != 0,
+        "router_renorm_eps other than 1e-20": moe and cfg.router_renorm_eps != 1e-20})
     return "deepseek_v3"
 
 
@@ -1164,6 +1288,32 @@ def _hybrid_family(cfg: ModelConfig) -> str:
     return "qwen3_next" if moe or cfg.extra.get("hf_family") == "qwen3_next" else "qwen3_5_text"
 
 
+def _lfm2_family(cfg: ModelConfig) -> str:
+    """lfm2, when the config has every trait of its block: short-convolution ("conv") and
+    global attention layers, pre-norm RMSNorms, SwiGLU, per-head QK-norm, plain full RoPE."""
+    _refuse(cfg, "transformers' LFM2 block", {
+        "ffn other than swiglu": cfg.ffn != "swiglu", "norm other than rmsnorm": cfg.norm != "rmsnorm",
+        "norm_unit_offset=true": cfg.norm_unit_offset,
+        "norm_placement other than pre": cfg.norm_placement != "pre", "embed_scale=true": cfg.embed_scale,
+        "pos other than rope": cfg.pos != "rope", "layers without RoPE": not all(cfg.rope_layers),
+        "partial_rotary_factor": cfg.partial_rotary_factor != 1,
+        "qk_norm=false or over the projections": not cfg.qk_norm or cfg.qk_norm_scope != "head",
+        "attn_gate=true": cfg.attn_gate, "local or linear layers": bool({"local", "linear"} & set(cfg.attn_layers)),
+        "biases": cfg.bias or cfg.attn_bias or cfg.qkv_bias,
+        "head_dim other than n_embd / n_head": cfg.head_dim * cfg.n_head != cfg.n_embd,
+        "attn_sinks=true": cfg.attn_sinks, "soft-caps": bool(cfg.attn_softcap or cfg.logit_softcap),
+        "attn_scale_dim": cfg.attn_scale_dim is not None, **_gemma4_traits(cfg)})
+    if "moe" not in cfg.ffn_layers:
+        return "lfm2"
+    n_dense = cfg.ffn_layers.count("dense")
+    _refuse(cfg, "transformers' LFM2-MoE block (sigmoid routing with an expert bias, dense layers first)", {
+        "router_score=softmax": cfg.router_score != "sigmoid", "router_groups > 1": cfg.router_groups > 1,
+        "a shared expert": cfg.shared_expert_hidden > 0, "router_bias=true": cfg.router_bias,
+        "dense layers after MoE layers": cfg.ffn_layers[:n_dense] != ["dense"] * n_dense,
+        f"router_renorm_eps other than {LFM2_MOE_RENORM_EPS:g}": cfg.router_renorm_eps != LFM2_MOE_RENORM_EPS})
+    return "lfm2_moe"
+
+
 def _gpt_oss_family(cfg: ModelConfig) -> str:
     """gpt_oss, when the config has every gpt-oss trait (sinks, clamped SwiGLU experts with
     biases, a router bias) and nothing transformers' GptOss lacks."""
@@ -1252,6 +1402,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
         return _gemma_config_to_hf(cfg, family, out, rope)
     if family == "deepseek_v3":
         return _deepseek_v3_config_to_hf(cfg, out, rope)
+    if family in ("lfm2", "lfm2_moe"):
+        return _lfm2_config_to_hf(cfg, family, out, rope)
     if family in HYBRID_FAMILIES:
         rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     out.update(
@@ -1320,6 +1472,28 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                    num_experts_per_tok=cfg.n_expert_active, norm_topk_prob=cfg.router_renorm,
                    decoder_sparse_step=1, router_aux_loss_coef=cfg.router_aux_loss_coef,
                    mlp_only_layers=[i for i, kind in enumerate(cfg.ffn_layers) if kind == "dense"])
+    return out
+
+
+def _lfm2_config_to_hf(cfg: ModelConfig, family: str, out: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+    """LFM2 config.json: the MLP width as is (block_auto_adjust_ff_dim false), the layer kinds
+    both as layer_types and as full_attn_idxs (what older transformers read). LFM2-MoE: its
+    expert fields instead of the block_* ones (its dense width is never adjusted)."""
+    out.update(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+        norm_eps=cfg.norm_eps, rope_parameters=rope, conv_bias=False, conv_L_cache=cfg.linear_conv_kernel,
+        layer_types=["conv" if k == "conv" else "full_attention" for k in cfg.attn_layers],
+    )
+    if family == "lfm2":
+        out.update(block_auto_adjust_ff_dim=False,
+                   full_attn_idxs=[i for i, k in enumerate(cfg.attn_layers) if k != "conv"])
+    else:
+        out.update(num_dense_layers=cfg.ffn_layers.count("dense"), num_experts=cfg.n_expert,
+                   num_experts_per_tok=cfg.n_expert_active, moe_intermediate_size=cfg.expert_hidden,
+                   use_expert_bias=True, routed_scaling_factor=cfg.routed_scale,
+                   norm_topk_prob=cfg.router_renorm)
     return out
 
 

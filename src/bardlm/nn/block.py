@@ -25,12 +25,14 @@ from .feedforward import fused_gelu_tanh, gelu_tanh
 from .mla import LatentAttention
 from .moe import MoE, make_ffn
 from .norm import make_norm
+from .shortconv import ShortConv
 
 
 class Block(nn.Module):
     """One transformer layer; with `cross=True` it also attends to an encoder output. `layer`
     (its index) picks a dense or mixture-of-experts FFN from `cfg.ffn_layers` and global, local
-    (sliding-window) attention or a linear (gated delta rule) layer from `cfg.attn_layers`;
+    (sliding-window) attention, a linear (gated delta rule) layer or a short convolution
+    (LFM2) from `cfg.attn_layers`;
     `cfg.attn_type` picks per-head attention or latent attention (nn/mla.py)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, layer: int = 0) -> None:
@@ -50,6 +52,8 @@ class Block(nn.Module):
             self.attn = LatentAttention(cfg)
         elif causal and cfg.attn_layers[layer] == "linear":
             self.attn = GatedDeltaNet(cfg, layer)
+        elif causal and cfg.attn_layers[layer] == "conv":  # LFM2's gated short convolution
+            self.attn = ShortConv(cfg, layer)
         else:
             self.attn = Attention(cfg, causal=causal, layer=layer)
         if cross:

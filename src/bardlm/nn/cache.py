@@ -25,7 +25,8 @@ A linear-attention layer (nn/deltanet.py) keeps a `StateCache`: no keys or value
 state per row (its conv's last inputs and the delta rule's matrices), read before a pass and
 written after it. It is addressed by the same `start_pos` (int or tensor) and gives the same
 `rows` views; a row whose pass starts at cache index 0 starts from zeros (a new sequence, or a
-server slot's new request), so it never needs clearing.
+server slot's new request), so it never needs clearing. A short-convolution layer
+(nn/shortconv.py, LFM2) keeps the conv-only form of the same class: its last inputs, no matrices.
 """
 
 from __future__ import annotations
@@ -300,7 +301,10 @@ class StateCache(nn.Module):
     """The fixed-size state of one linear-attention layer for `batch` rows, whatever the length:
     `conv` (B, conv_dim, kernel - 1), the convolution's last inputs, in the cache dtype, and
     `state` (B, H_v, d_k, d_v), the delta rule's memory, in fp32 (it sums over the whole
-    sequence). `max_len` is the positions a sequence may span (the attention layers' caches')."""
+    sequence). `max_len` is the positions a sequence may span (the attention layers' caches').
+
+    The conv-only form (n_v_head = 0, a short-convolution layer's) has an empty `state`
+    (B, 0, 0, 0): the same reads, writes and row views, and no bytes for matrices."""
 
     def __init__(
         self,
@@ -308,9 +312,9 @@ class StateCache(nn.Module):
         max_len: int,
         conv_dim: int,
         kernel: int,
-        n_v_head: int,
-        k_dim: int,
-        v_dim: int,
+        n_v_head: int = 0,
+        k_dim: int = 0,
+        v_dim: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -351,14 +355,18 @@ class StateCache(nn.Module):
         state = torch.where(fresh[:, None, None, None], torch.zeros_like(state), state)
         return conv, state
 
-    def write(self, conv: torch.Tensor, state: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Keep the batch's rows' state after this pass (rows None = 0..B-1)."""
+    def write(self, conv: torch.Tensor, state: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None) -> None:
+        """Keep the batch's rows' state after this pass (rows None = 0..B-1; state None: the
+        conv-only form, nothing else to keep)."""
         if rows is None:
             self.conv[:conv.shape[0]] = conv.to(self.conv.dtype)
-            self.state[:state.shape[0]] = state
+            if state is not None:
+                self.state[:state.shape[0]] = state
         else:
             self.conv[rows] = conv.to(self.conv.dtype)
-            self.state[rows] = state
+            if state is not None:
+                self.state[rows] = state
 
 
 class StateSlotView:
@@ -376,5 +384,5 @@ class StateSlotView:
     def read(self, start_pos: int | torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.cache.read(start_pos, batch, self.rows)
 
-    def write(self, conv: torch.Tensor, state: torch.Tensor) -> None:
+    def write(self, conv: torch.Tensor, state: torch.Tensor | None = None) -> None:
         self.cache.write(conv, state, self.rows)

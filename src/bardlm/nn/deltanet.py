@@ -215,15 +215,27 @@ class GatedDeltaNet(nn.Module):
 
     def conv(self, qkv: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal depthwise convolution then SiLU: qkv (B, T, conv_dim) -> (the same shape,
-        the last kernel - 1 inputs (B, conv_dim, kernel - 1), the next call's conv_state).
-        conv_state: the inputs before this call's first (zeros: a sequence's start)."""
-        B, T, D = qkv.shape
-        xt = qkv.transpose(1, 2)  # (B, D, T)
-        if conv_state is None:
-            conv_state = xt.new_zeros(B, D, self.kernel - 1)
-        xt = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (B, D, kernel - 1 + T)
-        y = F.conv1d(xt, self.conv_weight.to(xt.dtype), groups=D)  # (B, D, T): no padding needed
-        return F.silu(y).transpose(1, 2), xt[:, :, xt.shape[-1] - (self.kernel - 1):]
+        the next call's conv_state (B, conv_dim, kernel - 1)); see `causal_conv`."""
+        y, conv_state = causal_conv(qkv, self.conv_weight, conv_state)
+        return F.silu(y), conv_state
+
+
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal depthwise convolution, channel c of output t = sum_j weight[c, 0, j] *
+    x[t - (kernel - 1) + j, c]: x (B, T, D), weight (D, 1, kernel) -> (y (B, T, D), the last
+    kernel - 1 inputs (B, D, kernel - 1): the next call's conv_state). conv_state: the inputs
+    before this call's first (None: zeros, a sequence's start). The gated delta rule's conv
+    (then SiLU) and LFM2's short convolution (nn/shortconv.py) are this one."""
+    B, T, D = x.shape
+    kernel = weight.shape[-1]
+    xt = x.transpose(1, 2)  # (B, D, T)
+    if conv_state is None:
+        conv_state = xt.new_zeros(B, D, kernel - 1)
+    xt = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (B, D, kernel - 1 + T)
+    y = F.conv1d(xt, weight.to(xt.dtype), groups=D)  # (B, D, T): no padding needed
+    return y.transpose(1, 2), xt[:, :, xt.shape[-1] - (kernel - 1):]
 
 
 def padding_free(mask: torch.Tensor | None, start_pos: int | torch.Tensor, T: int) -> torch.Tensor | None:
@@ -239,4 +251,4 @@ def padding_free(mask: torch.Tensor | None, start_pos: int | torch.Tensor, T: in
     return last.gather(1, idx)
 
 
-__all__ = ["GatedDeltaNet", "chunked_delta_rule", "recurrent_delta_rule", "l2_normalize"]
+__all__ = ["GatedDeltaNet", "causal_conv", "chunked_delta_rule", "recurrent_delta_rule", "l2_normalize"]

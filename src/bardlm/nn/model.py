@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import STATE_KINDS, ModelConfig
 from ..errors import BardlmError
 from .attention import AttentionScore
 from .block import Block
@@ -25,6 +25,7 @@ from .loss import chunked_cross_entropy, chunked_token_nll
 from .moe import MoE, router_losses
 from .norm import LayerNorm, RMSNorm, make_norm
 from .position import rope_attention_factor, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from .shortconv import ShortConv
 
 
 class GPT(nn.Module):
@@ -85,7 +86,7 @@ class GPT(nn.Module):
                 continue  # built on meta: called again once materialised
             owner_name, _, attr = name.rpartition(".")
             owner = modules[owner_name]
-            if isinstance(owner, (AttentionScore, GatedDeltaNet)):  # their own initial values
+            if isinstance(owner, (AttentionScore, GatedDeltaNet, ShortConv)):  # their own initial values
                 full = owner.initial(attr, self._generator(name))
             elif isinstance(owner, (LayerNorm, RMSNorm)) and attr == "weight":
                 full = torch.full(p.shape, getattr(owner, "initial_value", 1.0), device="cpu")
@@ -183,7 +184,7 @@ class GPT(nn.Module):
             return tables[name]
 
         local = "rope_local_inv_freq" if hasattr(self, "rope_local_inv_freq") else "rope_inv_freq"
-        return [None if not rotary or kind == "linear"
+        return [None if not rotary or kind in STATE_KINDS
                 else table(local if kind == "local" else "rope_inv_freq")
                 for rotary, kind in zip(cfg.rope_layers, cfg.attn_layers)]
 
@@ -301,8 +302,8 @@ class GPT(nn.Module):
         """One preallocated cache per layer that owns keys and values (every layer but the
         KV-shared ones: `ModelConfig.cache_layers`) for `batch` rows of up to `max_len`
         positions: a `KVCache` of max_len positions, for a local layer whose window is shorter a
-        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`), for a linear layer
-        a `StateCache` (its fixed state, the same size at any length); under latent attention a
+        `RingKVCache` of `sliding_window` (`ModelConfig.layer_cache_lengths`), for a linear or
+        conv layer a `StateCache` (its fixed state, the same size at any length); under latent attention a
         `LatentCache` (latent + RoPE key per position)."""
         p = next(self.parameters())
         cfg = self.config
@@ -318,6 +319,10 @@ class GPT(nn.Module):
                     batch, max_len, 2 * cfg.linear_k_heads * cfg.linear_k_head_dim
                     + cfg.linear_v_heads * cfg.linear_v_head_dim, cfg.linear_conv_kernel,
                     cfg.linear_v_heads, cfg.linear_k_head_dim, cfg.linear_v_head_dim, dtype, p.device))
+                continue
+            if cfg.attn_layers[i] == "conv":  # the conv-only form: the last inputs, no matrices
+                caches.append(StateCache(batch, max_len, cfg.n_embd, cfg.linear_conv_kernel,
+                                         dtype=dtype, device=p.device))
                 continue
             H, D = cfg.layer_kv_heads(i), cfg.layer_head_dim(i)
             caches.append(RingKVCache(batch, n, max_len, H, D, dtype, p.device) if n < max_len

@@ -11,7 +11,8 @@ DeepSeek-V3 (router_score="sigmoid") routes differently:
     p      = sigmoid(logits)               (N, E)   each expert scored alone, in fp32
     e      = top-k(p + b) over the best router_topk_groups groups   b: the correction bias,
              a group's worth the sum of its two best p + b          used to choose only
-    w      = p[e] (/ sum, if router_renorm) * routed_scale
+    w      = p[e] (/ (sum + eps), if router_renorm) * routed_scale        (LFM2-MoE: the same,
+             with no groups and no shared expert)
     y[n]   = sum_j w[n, j] * expert_{e[n, j]}(x[n]) + shared(x[n])     (shared: no gate)
 
 Only the chosen experts run. Tokens are grouped by expert: the N*k (token, expert) pairs are
@@ -51,6 +52,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=cfg.router_bias)  # gpt-oss: a bias
         self.sigmoid = cfg.router_score == "sigmoid"
         self.groups, self.topk_groups, self.routed_scale = cfg.router_groups, cfg.router_topk_groups, cfg.routed_scale
+        self.renorm_eps = cfg.router_renorm_eps  # transformers': DeepSeek-V3 1e-20, LFM2-MoE 1e-6
         # DeepSeek-V3's correction bias: added to the scores to choose experts, never to weigh
         # them. Trained by a rule outside backprop (the load-balancing update), so a buffer.
         if self.sigmoid:
@@ -108,7 +110,7 @@ class MoE(nn.Module):
         experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(1, experts)
         if self.renorm:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # transformers' epsilon
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.renorm_eps)
         return (weights * self.routed_scale).to(dtype), experts
 
     def forward(self, x: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:

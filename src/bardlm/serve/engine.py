@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..config import STATE_KINDS
 from ..errors import BardlmError
 from ..eval.score import forward_logprobs
 from ..infer.budget import CachePlan, available_memory, plan_cache, read_length
@@ -107,9 +108,10 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
         self.capacity = max_batch + max_queue  # running + waiting
         self.device = next(model.parameters()).device
-        if "linear" in model.config.attn_layers:
+        if set(model.config.attn_layers) & set(STATE_KINDS):
             raise BardlmError("serve: continuous batching of linear-attention (gated delta rule) "
-                              "layers is not implemented; use bardlm generate for this model")
+                              "or short-convolution layers is not implemented; use bardlm generate "
+                              "for this model")
         if memory is None:
             memory = available_memory(self.device)
         self.plan: CachePlan = plan_cache(model.config, max_batch, model.cache_dtype().itemsize,
