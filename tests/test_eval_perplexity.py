@@ -193,3 +193,30 @@ def test_training_summary_reports_bits_per_byte(tmp_path) -> None:
     nats = final["val_loss_full"] * len(tr.val_split.ids)
     assert final["val_bpb_full"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-9)
     assert final["val_bpc_full"] == pytest.approx(nats / math.log(2) / len(val_text), rel=1e-9)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_scoring_in_chunks_equals_the_full_log_softmax(monkeypatch, softcap) -> None:  # noqa: ANN001
+    """score_rows makes the logits SCORE_CHUNK positions at a time (issue 28): its log-probs and
+    greedy flags equal a plain log_softmax over the whole (B, T, V) logits, for rows of several
+    chunks, a row shorter than one, and a row with nothing to score; Gemma 2's soft-cap included."""
+    import torch.nn.functional as F
+
+    from bardlm.eval import score
+
+    monkeypatch.setattr(score, "SCORE_CHUNK", 7)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, pos="rope",
+                      norm="rmsnorm", ffn="swiglu", logit_softcap=softcap)
+    model = GPT(cfg).eval()
+    rows = [torch.randint(0, 97, (n,)).tolist() for n in (40, 5, 23, 3)]
+    starts = [1, 2, 10, 3]
+    got = score.score_rows(model, rows, starts, batch_size=2)
+    for row, start, s in zip(rows, starts, got):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([row[:-1]]))
+        logp = F.log_softmax(logits[0].float(), -1)[start - 1 :]  # position t-1 predicts row[t]
+        target = torch.tensor(row[start:])
+        assert s.first == start and len(s.logprobs) == len(target)
+        torch.testing.assert_close(s.logprobs, logp.gather(1, target[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(s.greedy, logp.argmax(-1) == target)

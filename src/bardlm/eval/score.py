@@ -4,8 +4,12 @@ A *row* is a list of token ids; `start` says which of them are scored. Token t o
 t >= max(start, 1)) is scored by the log-probability the model gives it after reading row[:t].
 The model reads row[:-1] (so a row may hold at most context + 1 tokens).
 
-    rows (N lists) --right-pad, batch--> model(x (B, T)) -> logits (B, T, V)
-    --log_softmax, gather at row[1:]--> per-token log-probs, kept from `start` on
+    rows (N lists) --right-pad, batch--> model.hidden_states(x (B, T)) -> h (B, T, C)
+    --head on the scored positions, SCORE_CHUNK at a time--> logits (chunk, V)
+    --log_softmax, gather at row[t]--> per-token log-probs, from `start` on
+
+Only SCORE_CHUNK positions' logits exist at once: a 1,024-token window of a 151,936-word
+vocabulary would otherwise be 0.6 GB of logits per row, and as much again for its log-softmax.
 
 Right padding never changes a causal model's earlier positions, so rows of different lengths
 share a batch without a mask. Perplexity (`perplexity.py`), lm-evaluation-harness
@@ -49,6 +53,23 @@ def forward_logprobs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
+SCORE_CHUNK = 256  # positions whose (chunk, V) logits exist at a time
+
+
+def _score(model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, first: int) -> Scored:
+    """h (n, C) final hidden states predicting targets (n,) -> their `Scored`, the logits made
+    SCORE_CHUNK rows at a time."""
+    logprobs, greedy = [], []
+    for s in range(0, len(targets), SCORE_CHUNK):
+        logp = F.log_softmax(model.head(h[s : s + SCORE_CHUNK]).float(), dim=-1)  # (chunk, V)
+        t = targets[s : s + SCORE_CHUNK]
+        logprobs.append(logp.gather(1, t[:, None])[:, 0])
+        greedy.append(logp.argmax(-1) == t)
+    if not logprobs:  # nothing to score in this row
+        return Scored(torch.zeros(0), torch.zeros(0, dtype=torch.bool), first)
+    return Scored(torch.cat(logprobs).cpu(), torch.cat(greedy).cpu(), first)
+
+
 @torch.no_grad()
 def score_rows(
     model: torch.nn.Module, rows: Sequence[Sequence[int]], starts: Sequence[int],
@@ -73,13 +94,11 @@ def score_rows(
         x = torch.zeros(len(idx), T, dtype=torch.long)
         for j, i in enumerate(idx):
             x[j, : len(rows[i]) - 1] = torch.as_tensor(rows[i][:-1], dtype=torch.long)
-        logp = forward_logprobs(model, x).cpu()  # (B, T, V); position t-1 predicts token t
+        hidden = model.hidden_states(x.to(_device(model)))  # (B, T, C); position t-1 predicts token t
         for j, i in enumerate(idx):
             first = max(starts[i], 1)
-            targets = torch.as_tensor(rows[i][first:], dtype=torch.long)
-            pred = logp[j, first - 1 : len(rows[i]) - 1]  # (n, V)
-            out[i] = Scored(pred.gather(1, targets[:, None])[:, 0],
-                            pred.argmax(-1) == targets, first)
+            targets = torch.as_tensor(rows[i][first:], dtype=torch.long, device=hidden.device)
+            out[i] = _score(model, hidden[j, first - 1 : len(rows[i]) - 1], targets, first)
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:

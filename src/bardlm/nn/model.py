@@ -249,6 +249,35 @@ class GPT(nn.Module):
         if logits_rows is not None and logits_rows <= 0:
             raise BardlmError(f"logits_rows must be positive, got {logits_rows}; pass None for all rows")
         B, T = idx.shape
+        x, router_logits = self._trunk(idx, start_pos, cache, mask, positions)
+        if logits_rows is not None:
+            x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
+        x = self.transformer.ln_f(x)
+        logits, loss = None, None
+        # (A LoRA or quantized head computes its logits itself, and a soft-cap acts on whole
+        # logits: those take the plain path.)
+        chunked = targets is not None and self.loss_chunk > 0 and type(self.lm_head) is nn.Linear \
+            and self.config.logit_softcap is None
+        if chunked:
+            loss_fn = chunked_token_nll if loss_reduction == "none" else chunked_cross_entropy
+            loss = loss_fn(x, self.lm_head.weight, targets, self.loss_chunk)
+        else:
+            logits = self.head(x)
+        if targets is not None and not chunked:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=loss_reduction)
+            loss = loss.view(B, T) if loss_reduction == "none" else loss
+        if loss is not None and loss_reduction == "mean" and self.training and router_logits:
+            loss = loss + router_losses(self.config, router_logits)  # MoE: load balance, z-loss
+        return logits, loss
+
+    def _trunk(
+        self, idx: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: list[KVCache] | None = None,
+        mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """idx (B, T) -> (the last block's output (B, T, C), before ln_f; the router logits of
+        each MoE layer). The arguments are `forward`'s."""
+        T = idx.shape[1]
         positions = self._positions(T, start_pos, positions, idx.device)
         x = self.embed(idx, positions)
         ple = self.per_layer_inputs(idx, x) if self.config.per_layer_input_dim else None
@@ -272,29 +301,20 @@ class GPT(nn.Module):
                 x, routed = _run_block(block, x, ropes[i], mask, layer_cache, start_pos, *extra)
             if routed is not None:
                 router_logits.append(routed)
-        if logits_rows is not None:
-            x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
-        x = self.transformer.ln_f(x)
-        logits, loss = None, None
-        # (A LoRA or quantized head computes its logits itself, and a soft-cap acts on whole
-        # logits: those take the plain path.)
-        chunked = targets is not None and self.loss_chunk > 0 and type(self.lm_head) is nn.Linear \
-            and self.config.logit_softcap is None
-        if chunked:
-            loss_fn = chunked_token_nll if loss_reduction == "none" else chunked_cross_entropy
-            loss = loss_fn(x, self.lm_head.weight, targets, self.loss_chunk)
-        else:
-            logits = self.lm_head(x)
-            if self.config.logit_softcap is not None:  # Gemma 2: logits kept in (-cap, cap)
-                cap = self.config.logit_softcap
-                logits = torch.tanh(logits / cap) * cap
-        if targets is not None and not chunked:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1, reduction=loss_reduction)
-            loss = loss.view(B, T) if loss_reduction == "none" else loss
-        if loss is not None and loss_reduction == "mean" and self.training and router_logits:
-            loss = loss + router_losses(self.config, router_logits)  # MoE: load balance, z-loss
-        return logits, loss
+        return x, router_logits
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> the final normalised hidden states (B, T, C), what the head reads: a
+        scorer applies `head` to a few positions at a time instead of holding (B, T, V) logits."""
+        return self.transformer.ln_f(self._trunk(idx)[0])
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., C) -> logits (..., V), soft-capped where the config says."""
+        logits = self.lm_head(h)
+        if self.config.logit_softcap is not None:  # Gemma 2: logits kept in (-cap, cap)
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def make_cache(
         self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
