@@ -124,7 +124,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
 
 def test_two_processes_match_one(tmp_path: Path) -> None:
     """torchrun, 2 processes on gloo: DDP and FSDP2 (stopped at step 3 and resumed) give the
-    losses of one process with the same global batch (3 x 2 ranks x 2 accumulation)."""
+    losses of one process with the same global batch (3 x 2 ranks x 2 accumulation), also with
+    activation checkpointing and a chunked loss (issue 28)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -137,6 +138,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert len(ref) == 6
     np.testing.assert_allclose(got["ddp"], ref, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got["fsdp"], ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["ddp_ckpt"], ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["fsdp_ckpt"], ref, rtol=0, atol=1e-5)
     assert ref[-1] < ref[0] - 0.05  # it trained: the comparison is not between constants
     # Only rank 0 wrote: one metrics line per eval step plus the final line, no duplicates.
     rows = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
