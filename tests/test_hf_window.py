@@ -215,10 +215,13 @@ def test_export_refuses_what_the_family_cannot_express() -> None:
     # GGUF: not for these families yet, in one line (not a KeyError)
     from bardlm.io.gguf import check_exportable
 
-    # llama.cpp's llama ignores windows; Gemma 2 is not written
-    for cfg in (preset("llama-tiny", sliding_window=8), preset("gemma3-tiny", qk_norm=False, rope_local_theta=None)):
-        with pytest.raises(BardlmError, match="GGUF export of (mistral|gemma2) models"):
-            check_exportable(cfg)
+    # llama.cpp's llama ignores windows; its Gemma 2 always soft-caps (test_gguf.py runs one that does)
+    with pytest.raises(BardlmError, match="no GGUF export for Mistral"):
+        check_exportable(preset("llama-tiny", sliding_window=8))
+    gemma2 = preset("gemma3-tiny", qk_norm=False, rope_local_theta=None, attn_layers=["local", "global"] * 2)
+    with pytest.raises(BardlmError, match=r"llama.cpp's Gemma 2 cannot run this model \(no soft-caps"):
+        check_exportable(gemma2)
+    assert check_exportable(gemma2.replace(attn_softcap=50.0, logit_softcap=30.0)) == "gemma2"
     # Gemma 3 is, in llama.cpp's fixed layout only (test_gguf.py runs it in llama.cpp)
     assert check_exportable(preset("gemma-3-1b")) == "gemma3_text"
     for change in (dict(), dict(n_layer=6, attn_layers=["local"] * 5 + ["global"], attn_scale_dim=24.0)):

@@ -91,6 +91,27 @@ _GEMMA3_NAMES = {**{k: v for k, v in _LLAMA_NAMES.items() if "layernorm" not in 
                  "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
                  "model.layers.{i}.pre_feedforward_layernorm": "blk.{i}.ffn_norm",
                  "model.layers.{i}.post_feedforward_layernorm": "blk.{i}.post_ffw_norm"}
+# Gemma 2: Gemma 3's sandwich names (no QK-norm tensors to write).
+# gpt-oss: Llama's names, but its second norm is llama.cpp's "post_attention_norm" (before the
+# experts), a sink logit per head, a router with a bias, experts (and their biases) stacked.
+_GPT_OSS_NAMES = {**_LLAMA_NAMES, "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
+                  "model.layers.{i}.self_attn.sinks": "blk.{i}.attn_sinks"}
+
+
+def _moe_names(moe: str, router: str, gate: str, up: str, down: str) -> dict[str, str]:
+    """A MoE layer's router and experts: each expert's gate/up/down ("{e}" its index) goes into
+    one 3-D tensor per kind, (n_expert, out, in), which llama.cpp's ggml_mul_mat_id reads."""
+    t = f"model.layers.{{i}}.{moe}."
+    return {t + router: "blk.{i}.ffn_gate_inp", t + f"experts.{{e}}.{gate}": "blk.{i}.ffn_gate_exps",
+            t + f"experts.{{e}}.{up}": "blk.{i}.ffn_up_exps", t + f"experts.{{e}}.{down}": "blk.{i}.ffn_down_exps"}
+
+
+_QWEN_MOE_NAMES = {**_LLAMA_NAMES, **_moe_names("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
+# Qwen2-MoE's shared expert (a SwiGLU every token runs) and its sigmoid gate.
+_SHARED_EXPERT_NAMES = {"model.layers.{i}.mlp.shared_expert.gate_proj": "blk.{i}.ffn_gate_shexp",
+                        "model.layers.{i}.mlp.shared_expert.up_proj": "blk.{i}.ffn_up_shexp",
+                        "model.layers.{i}.mlp.shared_expert.down_proj": "blk.{i}.ffn_down_shexp",
+                        "model.layers.{i}.mlp.shared_expert_gate": "blk.{i}.ffn_gate_inp_shexp"}
 GGUF_NAMES = {
     "gpt2": {
         "transformer.wte": "token_embd",
@@ -111,22 +132,39 @@ GGUF_NAMES = {
     "gemma3_text": _GEMMA3_NAMES,
     "olmo3": _OLMO2_NAMES,
     "smollm3": _LLAMA_NAMES,  # with NoPE layers
+    "gemma2": _GEMMA3_NAMES,
+    "mixtral": {**_LLAMA_NAMES, **_moe_names("block_sparse_moe", "gate", "w1", "w3", "w2")},
+    "qwen3_moe": _QWEN_MOE_NAMES,
+    "qwen2_moe": {**_QWEN_MOE_NAMES, **_SHARED_EXPERT_NAMES},
+    "olmoe": _QWEN_MOE_NAMES,
+    "gpt_oss": {**_GPT_OSS_NAMES, **_moe_names("mlp", "router", "gate_proj", "up_proj", "down_proj")},
 }
-# llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window)
-GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2"}
+# llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window,
+# Mixtral its llama with experts)
+GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2", "mixtral": "llama", "qwen3_moe": "qwen3moe",
+             "qwen2_moe": "qwen2moe", "gpt_oss": "gpt-oss"}
 # llama.cpp fixes the layer pattern of these: every n-th layer global, the others local
-SWA_EVERY = {"gemma3_text": 6, "olmo3": 4}
-SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3"}
+SWA_EVERY = {"gemma3_text": 6, "olmo3": 4, "gemma2": 2, "gpt_oss": 2}
+SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3", "gemma2": "Gemma 2", "gpt_oss": "gpt-oss"}
+# Families llama.cpp runs with "normal" RoPE (adjacent pairs): q/k rows permuted (`permute_rope`)
+NORMAL_ROPE = ("llama", "smollm3", "mixtral")
+# Families whose norms scale by (1 + w): written as 1 + w, since llama.cpp's scale by the weight
+UNIT_OFFSET_NORMS = ("gemma3_text", "gemma2")
+# llama.cpp's graph for these reads `output.weight` with no fallback to the embedding
+NEEDS_OUTPUT = ("qwen2_moe", "olmoe", "gpt_oss")
 _LAYER = re.compile(r"^(transformer\.h|model\.layers)\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def gguf_name(hf_name: str, family: str) -> str:
     """The GGUF tensor name of a HF tensor name, e.g. model.layers.3.mlp.up_proj.weight ->
-    blk.3.ffn_up.weight."""
-    stem, _, suffix = hf_name.rpartition(".")  # "weight" or "bias"
+    blk.3.ffn_up.weight. Every expert of a layer has the one name of their stacked tensor
+    (model.layers.3.mlp.experts.5.up_proj.weight -> blk.3.ffn_up_exps.weight)."""
+    # "weight" or "bias"; gpt-oss's sink logits (self_attn.sinks) are llama.cpp's attn_sinks.weight
+    stem, _, suffix = (hf_name, "", "weight") if hf_name.endswith(".sinks") else hf_name.rpartition(".")
     m = _LAYER.match(stem)
     key, layer = (f"{m.group(1)}.{{i}}.{m.group(3)}", m.group(2)) if m else (stem, None)
-    return GGUF_NAMES[family][key].format(i=layer) + "." + suffix
+    return GGUF_NAMES[family][_EXPERT.sub(".experts.{e}.", key)].format(i=layer) + "." + suffix
 
 
 # What llama.cpp can run -----------------------------------------------------------------------
@@ -139,14 +177,17 @@ def check_exportable(cfg: ModelConfig) -> str:
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
-    if family in MOE_FAMILIES:
-        raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
-                          "export --format hf writes one transformers loads")
+    if family == "mistral":
+        raise BardlmError("no GGUF export for Mistral (sliding-window) models: llama.cpp's llama and "
+                          "mistral3 architectures have no window, so past it the file would compute "
+                          "another model; export --format hf writes one transformers loads")
     if family not in GGUF_NAMES:  # llama.cpp's llama ignores windows; Gemma 2 not written
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
                           f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
     if family in SWA_EVERY:
         _check_fixed_layout(cfg, family)
+    if family in MOE_FAMILIES:
+        _check_moe(cfg, family)
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")
@@ -179,12 +220,49 @@ def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
     if family == "gemma3_text":
         why.update({"attn_scale_dim other than head_dim": cfg.attn_scale_dim not in (None, cfg.head_dim),
                     "soft-caps": cfg.attn_softcap is not None or cfg.logit_softcap is not None})
+    elif family == "gemma2":
+        # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(n_embd / n_head) when the
+        # model has 46 layers (Gemma 2 27B), and always soft-caps, reusing the embedding as head
+        scale = cfg.n_embd / cfg.n_head if cfg.n_layer == 46 else cfg.head_dim
+        why.update({f"attn_scale_dim other than {scale:g}": (cfg.attn_scale_dim or cfg.head_dim) != scale,
+                    "no soft-caps (llama.cpp always caps attention and output logits)":
+                        cfg.attn_softcap is None or cfg.logit_softcap is None,
+                    "an untied output layer": not cfg.tie_embeddings,
+                    "rope_local_theta other than rope_theta": cfg.rope_local_theta not in (None, cfg.rope_theta)})
     else:
         why["rope_local_theta other than rope_theta"] = cfg.rope_local_theta not in (None, cfg.rope_theta)
     found = [k for k, v in why.items() if v]
     if found:
         raise BardlmError(f"llama.cpp's {SWA_NAMES[family]} cannot run this model ({', '.join(found)}); "
                           "export --format hf writes one transformers loads")
+
+
+# What llama.cpp's mixture-of-experts graphs fix: whether the top-k weights are renormalised to
+# sum to 1 (its norm_w / gpt-oss's softmax over the chosen logits), per family.
+MOE_RENORM = {"mixtral": True, "qwen3_moe": True, "gpt_oss": True, "qwen2_moe": False, "olmoe": False}
+
+
+def _check_moe(cfg: ModelConfig, family: str) -> None:
+    """What llama.cpp's graph for a MoE family fixes: every layer routed, softmax routing with its
+    renormalisation (`MOE_RENORM`), and per family: OLMoE's k-norm over n_embd channels (MHA),
+    Qwen2-MoE's gated shared expert and n_embd-wide attention, gpt-oss's clamp and biases."""
+    renorm = str(MOE_RENORM[family]).lower()
+    why = {"dense FFN layers (llama.cpp routes every layer)": "dense" in cfg.ffn_layers,
+           f"router_renorm other than {renorm}": str(cfg.router_renorm).lower() != renorm,
+           f"router_score={cfg.router_score}": cfg.router_score != "softmax",
+           "grouped routing or routed_scale": cfg.router_groups != 1 or cfg.routed_scale != 1.0}
+    if family == "olmoe":
+        why["n_kv_head other than n_head"] = cfg.n_kv_head != cfg.n_head
+    if family == "qwen2_moe":
+        why.update({"head_dim * n_head other than n_embd": cfg.head_dim * cfg.n_head != cfg.n_embd,
+                    "shared_expert_gate=false": not cfg.shared_expert_gate})
+    if family == "gpt_oss":
+        why.update({"swiglu_alpha/swiglu_limit other than 1.702/7.0": (cfg.swiglu_alpha, cfg.swiglu_limit) != (1.702, 7.0),
+                    "no attention biases": not cfg.attn_bias})
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"llama.cpp's {GGUF_ARCH.get(family, family)} cannot run this mixture-of-experts "
+                          f"model ({', '.join(found)}); export --format hf writes one transformers loads")
 
 
 # RoPE layout ----------------------------------------------------------------------------------
@@ -214,6 +292,7 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, list[torch.Tensor]] = {}  # GGUF name -> each expert's tensor, in order
     if family == "llama" and cfg.rope_scaling and \
             cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) == "llama3":
         out["rope_freqs.weight"] = rope_freq_factors(cfg)
@@ -221,13 +300,21 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
         t = sd[e.ours]
         parts = t.split(row_splits(cfg, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
         for hf_name, part in zip(e.theirs, parts):
-            if family in ("llama", "smollm3") and ".self_attn.q_proj." in hf_name:
+            if family in NORMAL_ROPE and ".self_attn.q_proj." in hf_name:
                 part = permute_rope(part, cfg.n_head)
-            elif family in ("llama", "smollm3") and ".self_attn.k_proj." in hf_name:
+            elif family in NORMAL_ROPE and ".self_attn.k_proj." in hf_name:
                 part = permute_rope(part, cfg.n_kv_head)
-            elif family == "gemma3_text" and hf_name.endswith("norm.weight"):
+            elif family in UNIT_OFFSET_NORMS and hf_name.endswith("norm.weight"):
                 part = part + 1.0  # Gemma's norms scale by (1 + w); llama.cpp's by the weight
-            out[gguf_name(hf_name, family)] = part.contiguous()
+            name = gguf_name(hf_name, family)
+            if "_exps." in name:
+                experts.setdefault(name, []).append(part)
+            else:  # Qwen2-MoE's shared-expert gate (1, C): llama.cpp reads a vector
+                out[name] = (part.reshape(-1) if "_gate_inp_shexp." in name else part).contiguous()
+    # (n_expert, out, in) weights and (n_expert, out) biases: GGUF ne [in, out, n_expert]
+    out.update({name: torch.stack(parts) for name, parts in experts.items()})
+    if family in NEEDS_OUTPUT and "output.weight" not in out:  # a tied head, written twice
+        out["output.weight"] = out["token_embd.weight"]
     return out
 
 
@@ -290,8 +377,11 @@ def dequantize_q4_0(packed: np.ndarray) -> np.ndarray:
 
 def _storage_type(name: str, t: torch.Tensor, qtype: str) -> str:
     """"f32", "f16", "q8_0" or "q4_0" for one tensor of a file of type `qtype`."""
-    if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")):
-        return "f32"  # llama.cpp reads 1-D tensors as f32 only; positions are added as is
+    if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")) \
+            or not name.endswith(".weight") or ".ffn_gate_inp." in name:
+        # llama.cpp reads 1-D tensors as f32 only; positions and biases (the experts' are 2-D)
+        # are added as is; routers stay f32, as llama.cpp's converter keeps them
+        return "f32"
     if qtype in ("q8_0", "q4_0") and t.shape[-1] % 32 == 0:
         return qtype
     return "f16"  # what llama.cpp's converter falls back to when a row does not split into blocks
@@ -437,7 +527,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.ffn_hidden)
+        # llama.cpp's llama (Mixtral) and olmoe read the experts' width from feed_forward_length
+        w.add_feed_forward_length(cfg.expert_hidden if family in ("mixtral", "olmoe") else cfg.ffn_hidden)
         w.add_head_count(cfg.n_head)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(file_type)
@@ -450,13 +541,14 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             w.add_layer_norm_rms_eps(cfg.norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
             w.add_rope_dimension_count(cfg.head_dim)
-            if cfg.head_dim * cfg.n_head != cfg.n_embd or family == "gemma3_text":  # decoupled head size
+            if cfg.head_dim * cfg.n_head != cfg.n_embd or family in ("gemma3_text", "gemma2"):  # decoupled head size
                 w.add_key_length(cfg.head_dim)
                 w.add_value_length(cfg.head_dim)
             if family in SWA_EVERY:
                 w.add_sliding_window(cfg.sliding_window or cfg.block_size)
             if family == "gemma3_text":  # llama.cpp scales the embeddings by sqrt(n_embd) itself
                 w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta or cfg.rope_theta)
+            _write_family_metadata(w, cfg, family)
             scaling = cfg.rope_scaling or {}
             if scaling.get("rope_type", scaling.get("type")) == "linear":
                 w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -480,10 +572,10 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         for tname, t in tensors.items():
             kind = _storage_type(tname, t, qtype)
             x = t.numpy()
-            if kind == "q8_0":
-                w.add_tensor(tname, quantize_q8_0(x), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            elif kind == "q4_0":
-                w.add_tensor(tname, quantize_q4_0(x), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+            if kind in ("q8_0", "q4_0"):  # rows of the last dimension (each expert's too)
+                quantize = quantize_q8_0 if kind == "q8_0" else quantize_q4_0
+                packed = quantize(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+                w.add_tensor(tname, packed, raw_dtype=gguf.GGMLQuantizationType[kind.upper()])
             else:
                 w.add_tensor(tname, x.astype(np.float16 if kind == "f16" else np.float32))
         w.write_header_to_file()
@@ -495,6 +587,21 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     return {"out": str(out), "format": "gguf", "architecture": GGUF_ARCH.get(family, family), "type": qtype,
             "tensors": len(tensors), "bytes": out.stat().st_size,
             "tokenizer_pre": vocab["pre"], "vocab": len(vocab["tokens"])}
+
+
+def _write_family_metadata(w: Any, cfg: ModelConfig, family: str) -> None:
+    """The keys of Gemma 2 (its two soft-caps) and of the mixtures of experts (expert counts and
+    widths; Qwen2-MoE's shared expert) that `write_gguf` does not write for every family."""
+    if family == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+        w.add_final_logit_softcapping(cfg.logit_softcap)
+    if family in MOE_FAMILIES:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_active)
+        if family in ("qwen3_moe", "qwen2_moe", "gpt_oss"):
+            w.add_expert_feed_forward_length(cfg.expert_hidden)
+        if family == "qwen2_moe":
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_hidden)
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
