@@ -29,6 +29,12 @@ from bardlm.tokenizers import CharTokenizer, train_bpe  # noqa: E402
 
 TEXT = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak! " * 40
 
+# YaRN over an original context of 256 (factor 8): the ramp between kept and interpolated
+# frequencies runs from channel pair 0.2 to 3.2 of 8 (head_dim 16; 0.4 to 6.4 of 16 for Qwen3's
+# 32), its ends rounded to whole pairs (0 to 4) as transformers' truncate=true and llama.cpp do.
+YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256,
+        "beta_fast": 32.0, "beta_slow": 1.0}
+
 
 @pytest.fixture(scope="module")
 def bpe():  # noqa: ANN201
@@ -297,8 +303,8 @@ def test_llama_cpp_runs_the_file(tmp_path, trained, tiny_shakespeare) -> None:  
     (dict(share_layers=True), "share_layers"),
     (dict(residual=False), "residual=false"),
     (dict(attn_score="cosine"), "attn_score=cosine"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
-     "YaRN RoPE scaling is not implemented"),
+    (dict(rope_scaling={**YARN, "truncate": False}), r"llama.cpp's YaRN cannot run .* \(truncate=false"),
+    (dict(rope_scaling={**YARN, "attention_factor": 1.5}), r"YaRN cannot run .* \(attention_factor"),
     (dict(n_layer=4, rope_layers=[True, False, True, True]), "skips RoPE in exactly every 4th layer"),
     (dict(n_layer=4, rope_layers=[True, True, True, False], sliding_window=8), "SmolLM3 has no sliding windows"),
 ])
@@ -381,7 +387,14 @@ def more_configs(vocab: int) -> dict:
                                    sliding_window=8, attn_layers=["local"] * 3 + ["global"],
                                    rope_local_theta=llama.rope_theta),
             "smollm3": llama.replace(n_layer=4, rope_layers=[True, True, True, False]),
-            **moe_and_gemma2_configs(vocab)}
+            **moe_and_gemma2_configs(vocab), **yarn_configs(vocab)}
+
+
+def yarn_configs(vocab: int) -> dict:
+    """Llama (llama.cpp's "normal" RoPE: permuted rows), Qwen3 and gpt-oss with YaRN."""
+    return {"llama+yarn": configs(vocab)["llama"].replace(rope_scaling=YARN),
+            "qwen3+yarn": preset("qwen3-tiny", vocab_size=vocab, n_layer=2, n_embd=64, rope_scaling=YARN),
+            "gpt_oss+yarn": moe_and_gemma2_configs(vocab)["gpt_oss"].replace(rope_scaling=YARN)}
 
 
 def moe_and_gemma2_configs(vocab: int) -> dict:
@@ -467,7 +480,8 @@ def test_reader_moe_and_gemma2_names_shapes_metadata(tmp_path, bpe, family, qtyp
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text", "olmo3", "smollm3",
-                                    "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
+                                    "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss",
+                                    "llama+yarn", "qwen3+yarn", "gpt_oss+yarn"])
 def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: str) -> None:  # noqa: ANN001
     """Every family's f32 file, run by llama.cpp itself: the same logits as ours (random weights
     scaled up so the distribution is far from uniform, and any layout error shows; biases and

@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Eight families, written as seven llama.cpp architectures:
+Fourteen families, written as twelve llama.cpp architectures:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -28,13 +28,28 @@ Eight families, written as seven llama.cpp architectures:
   SmolLM3's default `no_rope_layers` does; other NoPE patterns and windows are refused.
 * "olmo2" with `attention.sliding_window` runs our olmo3: llama.cpp fixes the pattern (every
   4th layer global) and one RoPE base for both kinds.
+* "gemma2": Gemma 3's names and (1 + w) norms, no QK-norm, every 2nd layer global, both
+  soft-caps always on (`attn_logit_softcapping`, `final_logit_softcapping`), the embedding as head.
+* Mixtures of experts: "llama" with `expert_count` runs Mixtral (q/k rows permuted as Llama's),
+  "qwen3moe", "qwen2moe" (+ a sigmoid-gated shared expert: `ffn_*_shexp`) and "olmoe" (neox
+  RoPE), "gpt-oss" (sinks as `attn_sinks`, router and expert biases, clamped SwiGLU, every 2nd
+  layer global). Each layer's experts are stacked into one (n_expert, out, in) tensor per
+  projection (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`; gpt-oss's biases (n_expert, out)),
+  the router is `ffn_gate_inp`. llama.cpp fixes each family's routing (`MOE_RENORM`) and routes
+  every layer.
+
+Mistral is refused: llama.cpp's llama and mistral3 have no sliding window (and its phi3 turns
+the window off), so no architecture runs a Llama block with a window on every layer.
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
 
-Types: `f32` keeps everything float32; `f16`, `q8_0` and `q4_0` store 2-D weights as float16 /
-Q8_0 / Q4_0 and keep 1-D tensors (norms, biases) and tables added to activations (positions,
-RoPE factors) in float32, as llama.cpp's converter does. Q8_0 and Q4_0 are packed here
+RoPE scaling: linear, llama3 (Llama only: the `rope_freqs` factors) and YaRN with its ramp's
+ends on whole channel pairs (transformers' truncate=true, which is how llama.cpp computes it).
+
+Types: `f32` keeps everything float32; `f16`, `q8_0` and `q4_0` store weights (experts' too) as
+float16 / Q8_0 / Q4_0 and keep 1-D tensors (norms), biases (the experts' are 2-D), routers and
+tables added to activations (positions, RoPE factors) in float32, as llama.cpp's converter does. Q8_0 and Q4_0 are packed here
 (`quantize_q8_0`, `quantize_q4_0`, byte for byte ggml's reference quantizers); a row that does
 not split into blocks of 32 is stored f16.
 
@@ -169,8 +184,9 @@ def gguf_name(hf_name: str, family: str) -> str:
 
 # What llama.cpp can run -----------------------------------------------------------------------
 def check_exportable(cfg: ModelConfig) -> str:
-    """The GGUF architecture ("gpt2", "llama", "qwen3") that computes what `cfg` does, or a
-    one-line `BardlmError` naming what llama.cpp lacks."""
+    """The family (a key of GGUF_NAMES: "gpt2", "llama", "gemma2", "qwen3_moe", ...) whose
+    llama.cpp architecture computes what `cfg` does, or a one-line `BardlmError` naming what
+    llama.cpp lacks."""
     try:
         family = family_of(cfg)  # the same three shapes transformers has
         family = SAME_FUNCTION.get(family, family)  # a Phi-3 is written as the Llama it equals
@@ -204,9 +220,22 @@ def check_exportable(cfg: ModelConfig) -> str:
         raise BardlmError(f"llama.cpp's {family} takes no per-frequency RoPE factors; llama3 rope "
                           "scaling exports only as a Llama model")
     if kind == "yarn":
-        raise BardlmError("GGUF export of YaRN RoPE scaling is not implemented (plain, linear and "
-                          "llama3 RoPE are); export --format hf writes one transformers loads")
+        _check_yarn(cfg.rope_scaling)
     return family
+
+
+def _check_yarn(scaling: dict[str, Any]) -> None:
+    """What llama.cpp's YaRN computes: the ramp between interpolated and kept frequencies starts
+    and ends on whole channel pairs (transformers' truncate=true; gpt-oss's checkpoints say
+    false: measured, its logits then differ), and cos/sin scaled by 0.1 ln(factor) + 1."""
+    why = {"truncate=false: llama.cpp rounds the ramp's ends to whole channel pairs":
+               not scaling.get("truncate", True),
+           "attention_factor or mscale: llama.cpp scales by 0.1 ln(factor) + 1":
+               any(scaling.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim"))}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"GGUF export: llama.cpp's YaRN cannot run this model's RoPE ({'; '.join(found)}); "
+                          "export --format hf writes one transformers loads")
 
 
 def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
@@ -216,7 +245,8 @@ def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
     every = SWA_EVERY[family]
     pattern = ["global" if (i + 1) % every == 0 else "local" for i in range(cfg.n_layer)]
     why = {f"attn_layers other than llama.cpp's (every {every}th layer global)": cfg.attn_layers != pattern,
-           "rope_scaling": cfg.rope_scaling is not None}
+           # gpt-oss's YaRN applies to both kinds of layer in llama.cpp as in transformers
+           "rope_scaling": cfg.rope_scaling is not None and family != "gpt_oss"}
     if family == "gemma3_text":
         why.update({"attn_scale_dim other than head_dim": cfg.attn_scale_dim not in (None, cfg.head_dim),
                     "soft-caps": cfg.attn_softcap is not None or cfg.logit_softcap is not None})
@@ -225,7 +255,7 @@ def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
         # model has 46 layers (Gemma 2 27B), and always soft-caps, reusing the embedding as head
         scale = cfg.n_embd / cfg.n_head if cfg.n_layer == 46 else cfg.head_dim
         why.update({f"attn_scale_dim other than {scale:g}": (cfg.attn_scale_dim or cfg.head_dim) != scale,
-                    "no soft-caps (llama.cpp always caps attention and output logits)":
+                    "no soft-caps: llama.cpp always caps attention and output logits":
                         cfg.attn_softcap is None or cfg.logit_softcap is None,
                     "an untied output layer": not cfg.tie_embeddings,
                     "rope_local_theta other than rope_theta": cfg.rope_local_theta not in (None, cfg.rope_theta)})
@@ -247,7 +277,7 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
     renormalisation (`MOE_RENORM`), and per family: OLMoE's k-norm over n_embd channels (MHA),
     Qwen2-MoE's gated shared expert and n_embd-wide attention, gpt-oss's clamp and biases."""
     renorm = str(MOE_RENORM[family]).lower()
-    why = {"dense FFN layers (llama.cpp routes every layer)": "dense" in cfg.ffn_layers,
+    why = {"dense FFN layers: llama.cpp routes every layer": "dense" in cfg.ffn_layers,
            f"router_renorm other than {renorm}": str(cfg.router_renorm).lower() != renorm,
            f"router_score={cfg.router_score}": cfg.router_score != "softmax",
            "grouped routing or routed_scale": cfg.router_groups != 1 or cfg.routed_scale != 1.0}
@@ -261,8 +291,9 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
                     "no attention biases": not cfg.attn_bias})
     found = [k for k, v in why.items() if v]
     if found:
-        raise BardlmError(f"llama.cpp's {GGUF_ARCH.get(family, family)} cannot run this mixture-of-experts "
-                          f"model ({', '.join(found)}); export --format hf writes one transformers loads")
+        raise BardlmError(f"GGUF export: llama.cpp's {GGUF_ARCH.get(family, family)} cannot run this "
+                          f"mixture-of-experts model ({'; '.join(found)}); export --format hf writes one "
+                          "transformers loads")
 
 
 # RoPE layout ----------------------------------------------------------------------------------
@@ -553,6 +584,12 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             if scaling.get("rope_type", scaling.get("type")) == "linear":
                 w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
                 w.add_rope_scaling_factor(float(scaling["factor"]))
+            elif scaling.get("rope_type", scaling.get("type")) == "yarn":
+                w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+                w.add_rope_scaling_factor(float(scaling["factor"]))
+                w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+                w.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast") or 32))
+                w.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow") or 1))
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(vocab["pre"])
         w.add_token_list(vocab["tokens"])
