@@ -398,7 +398,8 @@ def yarn_configs(vocab: int) -> dict:
 
 
 def moe_and_gemma2_configs(vocab: int) -> dict:
-    """Gemma 2 (local and global layers alternating, window 8; both soft-caps low enough to
+    """Mistral (a Llama block, window 8 in every layer), Gemma 2 (local and global layers
+    alternating, window 8; both soft-caps low enough to
     bite on these scaled-up weights) and the mixtures of experts: 4 experts, top 2, each
     family's routing (renormalised top-k weights or not, as llama.cpp fixes it). Mixtral
     (llama.cpp's llama with experts: q/k rows permuted), Qwen3-MoE (QK-norm per head, GQA),
@@ -408,6 +409,7 @@ def moe_and_gemma2_configs(vocab: int) -> dict:
     llama = configs(vocab)["llama"]
     moe = dict(n_expert=4, n_expert_active=2, expert_hidden=32)
     return {
+        "mistral": llama.replace(sliding_window=8),  # every layer local: llama.cpp's granite_swa
         "gemma2": preset("gemma3-tiny", vocab_size=vocab, n_embd=64, n_head=4, head_dim=16, ffn_hidden=96,
                          qk_norm=False, rope_local_theta=None, rope_theta=10000.0, sliding_window=8,
                          attn_layers=["local", "global"] * 2, attn_softcap=20.0, logit_softcap=10.0),
@@ -420,6 +422,22 @@ def moe_and_gemma2_configs(vocab: int) -> dict:
         "gpt_oss": preset("gpt-oss-tiny", vocab_size=vocab, n_embd=64, head_dim=16, ffn_hidden=32,
                           sliding_window=8, **moe),
     }
+
+
+def test_mistral_is_granite_swa_windowed_in_every_layer(tmp_path, bpe) -> None:  # noqa: ANN001
+    """Mistral as llama.cpp's granite_swa: every layer windowed, Granite's logit scale 1, and a
+    sink per head at -1e30 (f32 under q8_0 too), which no softmax weight reaches."""
+    cfg = moe_and_gemma2_configs(bpe.vocab_size)["mistral"]
+    write_gguf(random_model(cfg), bpe, tmp_path / "m.gguf", "q8_0")
+    md = read_metadata(tmp_path / "m.gguf")
+    assert md["general.architecture"] == "granite_swa"
+    assert md["granite_swa.attention.sliding_window"] == cfg.sliding_window
+    assert md["granite_swa.attention.sliding_window_pattern"] == [True] * cfg.n_layer
+    assert md["granite_swa.logit_scale"] == 1.0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for i in range(cfg.n_layer):
+        sink = tensors[f"blk.{i}.attn_sinks.weight"]
+        assert sink.tensor_type.name == "F32" and np.all(np.asarray(sink.data) == np.float32(-1e30))
 
 
 @pytest.mark.parametrize("family", ["gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
@@ -480,7 +498,7 @@ def test_reader_moe_and_gemma2_names_shapes_metadata(tmp_path, bpe, family, qtyp
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text", "olmo3", "smollm3",
-                                    "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss",
+                                    "mistral", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss",
                                     "llama+yarn", "qwen3+yarn", "gpt_oss+yarn"])
 def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: str) -> None:  # noqa: ANN001
     """Every family's f32 file, run by llama.cpp itself: the same logits as ours (random weights

@@ -215,9 +215,8 @@ def test_export_refuses_what_the_family_cannot_express() -> None:
     # GGUF: not for these families yet, in one line (not a KeyError)
     from bardlm.io.gguf import check_exportable
 
-    # llama.cpp's llama ignores windows; its Gemma 2 always soft-caps (test_gguf.py runs one that does)
-    with pytest.raises(BardlmError, match="no GGUF export for Mistral"):
-        check_exportable(preset("llama-tiny", sliding_window=8))
+    # Mistral is llama.cpp's granite_swa; its Gemma 2 always soft-caps (test_gguf.py runs both)
+    assert check_exportable(preset("llama-tiny", sliding_window=8)) == "mistral"
     gemma2 = preset("gemma3-tiny", qk_norm=False, rope_local_theta=None, attn_layers=["local", "global"] * 2)
     with pytest.raises(BardlmError, match=r"llama.cpp's Gemma 2 cannot run this model \(no soft-caps"):
         check_exportable(gemma2)

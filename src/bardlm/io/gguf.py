@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Fourteen families, written as twelve llama.cpp architectures:
+Fifteen families, written as thirteen llama.cpp architectures:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -38,8 +38,11 @@ Fourteen families, written as twelve llama.cpp architectures:
   the router is `ffn_gate_inp`. llama.cpp fixes each family's routing (`MOE_RENORM`) and routes
   every layer.
 
-Mistral is refused: llama.cpp's llama and mistral3 have no sliding window (and its phi3 turns
-the window off), so no architecture runs a Llama block with a window on every layer.
+* "granite_swa" runs Mistral: llama.cpp's llama and mistral3 have no sliding window (its phi3
+  turns it off), but Granite's windowed architecture is a Llama block (normal RoPE: q/k rows
+  permuted) with a window per layer (`sliding_window_pattern`, all true here), scales that are
+  off when absent (the logit scale written as 1) and a sink logit per head, written as -1e30:
+  it takes no weight. Older llama.cpp builds (before granite_swa) do not load the file.
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
@@ -148,6 +151,7 @@ GGUF_NAMES = {
     "olmo3": _OLMO2_NAMES,
     "smollm3": _LLAMA_NAMES,  # with NoPE layers
     "gemma2": _GEMMA3_NAMES,
+    "mistral": _LLAMA_NAMES,  # as granite_swa, with sinks `gguf_tensors` adds
     "mixtral": {**_LLAMA_NAMES, **_moe_names("block_sparse_moe", "gate", "w1", "w3", "w2")},
     "qwen3_moe": _QWEN_MOE_NAMES,
     "qwen2_moe": {**_QWEN_MOE_NAMES, **_SHARED_EXPERT_NAMES},
@@ -157,12 +161,15 @@ GGUF_NAMES = {
 # llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window,
 # Mixtral its llama with experts)
 GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2", "mixtral": "llama", "qwen3_moe": "qwen3moe",
-             "qwen2_moe": "qwen2moe", "gpt_oss": "gpt-oss"}
+             "qwen2_moe": "qwen2moe", "gpt_oss": "gpt-oss", "mistral": "granite_swa"}
 # llama.cpp fixes the layer pattern of these: every n-th layer global, the others local
 SWA_EVERY = {"gemma3_text": 6, "olmo3": 4, "gemma2": 2, "gpt_oss": 2}
 SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3", "gemma2": "Gemma 2", "gpt_oss": "gpt-oss"}
 # Families llama.cpp runs with "normal" RoPE (adjacent pairs): q/k rows permuted (`permute_rope`)
-NORMAL_ROPE = ("llama", "smollm3", "mixtral")
+NORMAL_ROPE = ("llama", "smollm3", "mixtral", "mistral")
+# Mistral's sinks in llama.cpp's granite_swa: exp(-1e30 - max) is exactly 0 in float32, so
+# the sink takes no softmax weight and attention is Mistral's
+NO_SINK = -1e30
 # Families whose norms scale by (1 + w): written as 1 + w, since llama.cpp's scale by the weight
 UNIT_OFFSET_NORMS = ("gemma3_text", "gemma2")
 # llama.cpp's graph for these reads `output.weight` with no fallback to the embedding
@@ -193,10 +200,6 @@ def check_exportable(cfg: ModelConfig) -> str:
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
-    if family == "mistral":
-        raise BardlmError("no GGUF export for Mistral (sliding-window) models: llama.cpp's llama and "
-                          "mistral3 architectures have no window, so past it the file would compute "
-                          "another model; export --format hf writes one transformers loads")
     if family not in GGUF_NAMES:  # llama.cpp's llama ignores windows; Gemma 2 not written
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
                           f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
@@ -346,6 +349,9 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
     out.update({name: torch.stack(parts) for name, parts in experts.items()})
     if family in NEEDS_OUTPUT and "output.weight" not in out:  # a tied head, written twice
         out["output.weight"] = out["token_embd.weight"]
+    if family == "mistral":  # granite_swa reads a sink logit per head in every layer
+        out.update({f"blk.{i}.attn_sinks.weight": torch.full((cfg.n_head,), NO_SINK)
+                    for i in range(cfg.n_layer)})
     return out
 
 
@@ -627,8 +633,14 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
 
 
 def _write_family_metadata(w: Any, cfg: ModelConfig, family: str) -> None:
-    """The keys of Gemma 2 (its two soft-caps) and of the mixtures of experts (expert counts and
-    widths; Qwen2-MoE's shared expert) that `write_gguf` does not write for every family."""
+    """The keys of Gemma 2 (its two soft-caps), of Mistral as granite_swa (every layer windowed,
+    Granite's logit scale 1: its other scales are off when absent) and of the mixtures of
+    experts (expert counts and widths; Qwen2-MoE's shared expert) that `write_gguf` does not
+    write for every family."""
+    if family == "mistral":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([True] * cfg.n_layer)
+        w.add_logit_scale(1.0)
     if family == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_softcap)
         w.add_final_logit_softcapping(cfg.logit_softcap)
