@@ -424,6 +424,21 @@ def moe_and_gemma2_configs(vocab: int) -> dict:
     }
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_hf_directory_of_a_moe_exports_the_same_file(tmp_path, bpe, family) -> None:  # noqa: ANN001
+    """A Hugging Face directory (Mixtral's w1/w3/w2 experts, Qwen2-MoE's shared expert,
+    gpt-oss's experts stacked with gate and up interleaved) exports to the same GGUF tensors
+    as the bardlm checkpoint it was written from: every expert lands in its place."""
+    save_checkpoint(tmp_path / "run", random_model(moe_and_gemma2_configs(bpe.vocab_size)[family]), bpe)
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    files = {}
+    for src in ("run", "hf"):
+        export_gguf(tmp_path / src, tmp_path / f"{src}.gguf", "f32")
+        files[src] = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / f"{src}.gguf")).tensors}
+    assert files["run"].keys() == files["hf"].keys() and "blk.1.ffn_up_exps.weight" in files["hf"]
+    assert all(np.array_equal(files["run"][k], files["hf"][k]) for k in files["run"])
+
+
 def test_mistral_is_granite_swa_windowed_in_every_layer(tmp_path, bpe) -> None:  # noqa: ANN001
     """Mistral as llama.cpp's granite_swa: every layer windowed, Granite's logit scale 1, and a
     sink per head at -1e30 (f32 under q8_0 too), which no softmax weight reaches."""
