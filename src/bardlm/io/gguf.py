@@ -37,7 +37,6 @@ Fifteen families, written as thirteen llama.cpp architectures:
   projection (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`; gpt-oss's biases (n_expert, out)),
   the router is `ffn_gate_inp`. llama.cpp fixes each family's routing (`MOE_RENORM`) and routes
   every layer.
-
 * "granite_swa" runs Mistral: llama.cpp's llama and mistral3 have no sliding window (its phi3
   turns it off), but Granite's windowed architecture is a Llama block (normal RoPE: q/k rows
   permuted) with a window per layer (`sliding_window_pattern`, all true here), scales that are
@@ -52,8 +51,8 @@ ends on whole channel pairs (transformers' truncate=true, which is how llama.cpp
 
 Types: `f32` keeps everything float32; `f16`, `q8_0` and `q4_0` store weights (experts' too) as
 float16 / Q8_0 / Q4_0 and keep 1-D tensors (norms), biases (the experts' are 2-D), routers and
-tables added to activations (positions, RoPE factors) in float32, as llama.cpp's converter does. Q8_0 and Q4_0 are packed here
-(`quantize_q8_0`, `quantize_q4_0`, byte for byte ggml's reference quantizers); a row that does
+tables added to activations (positions, RoPE factors) in float32, as llama.cpp's converter does.
+Q8_0 and Q4_0 are packed here (`quantize_q8_0`, `quantize_q4_0`, byte for byte ggml's reference quantizers); a row that does
 not split into blocks of 32 is stored f16.
 
 The tokenizer must be byte-level BPE (bardlm's `bpe`, or a Hugging Face tokenizer.json such as
@@ -200,7 +199,7 @@ def check_exportable(cfg: ModelConfig) -> str:
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
-    if family not in GGUF_NAMES:  # llama.cpp's llama ignores windows; Gemma 2 not written
+    if family not in GGUF_NAMES:  # e.g. DeepSeek-V3's latent attention
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
                           f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
     if family in SWA_EVERY:
@@ -243,8 +242,9 @@ def _check_yarn(scaling: dict[str, Any]) -> None:
 
 def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
     """What llama.cpp fixes for Gemma 3 (five local layers to one global, the logit scale
-    1/sqrt(head_dim), no soft-caps) and OLMo 3 (three local layers to one global, one RoPE base
-    for both kinds), and for both: unscaled RoPE."""
+    1/sqrt(head_dim), no soft-caps), OLMo 3 (three local layers to one global, one RoPE base
+    for both kinds), Gemma 2 (one local layer to one global, its logit scale, both soft-caps, a
+    tied head) and gpt-oss (one local to one global), and for all but gpt-oss: unscaled RoPE."""
     every = SWA_EVERY[family]
     pattern = ["global" if (i + 1) % every == 0 else "local" for i in range(cfg.n_layer)]
     why = {f"attn_layers other than llama.cpp's (every {every}th layer global)": cfg.attn_layers != pattern,
