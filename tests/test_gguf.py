@@ -29,6 +29,12 @@ from bardlm.tokenizers import CharTokenizer, train_bpe  # noqa: E402
 
 TEXT = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak! " * 40
 
+# YaRN over an original context of 256 (factor 8): the ramp between kept and interpolated
+# frequencies runs from channel pair 0.2 to 3.2 of 8 (head_dim 16; 0.4 to 6.4 of 16 for Qwen3's
+# 32), its ends rounded to whole pairs (0 to 4) as transformers' truncate=true and llama.cpp do.
+YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256,
+        "beta_fast": 32.0, "beta_slow": 1.0}
+
 
 @pytest.fixture(scope="module")
 def bpe():  # noqa: ANN201
@@ -297,8 +303,8 @@ def test_llama_cpp_runs_the_file(tmp_path, trained, tiny_shakespeare) -> None:  
     (dict(share_layers=True), "share_layers"),
     (dict(residual=False), "residual=false"),
     (dict(attn_score="cosine"), "attn_score=cosine"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
-     "YaRN RoPE scaling is not implemented"),
+    (dict(rope_scaling={**YARN, "truncate": False}), r"llama.cpp's YaRN cannot run .* \(truncate=false"),
+    (dict(rope_scaling={**YARN, "attention_factor": 1.5}), r"YaRN cannot run .* \(attention_factor"),
     (dict(n_layer=4, rope_layers=[True, False, True, True]), "skips RoPE in exactly every 4th layer"),
     (dict(n_layer=4, rope_layers=[True, True, True, False], sliding_window=8), "SmolLM3 has no sliding windows"),
 ])
@@ -380,10 +386,135 @@ def more_configs(vocab: int) -> dict:
             "olmo3": llama.replace(norm_placement="output", qk_norm=True, qk_norm_scope="proj", n_layer=4,
                                    sliding_window=8, attn_layers=["local"] * 3 + ["global"],
                                    rope_local_theta=llama.rope_theta),
-            "smollm3": llama.replace(n_layer=4, rope_layers=[True, True, True, False])}
+            "smollm3": llama.replace(n_layer=4, rope_layers=[True, True, True, False]),
+            **moe_and_gemma2_configs(vocab), **yarn_configs(vocab)}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text", "olmo3", "smollm3"])
+def yarn_configs(vocab: int) -> dict:
+    """Llama (llama.cpp's "normal" RoPE: permuted rows), Qwen3 and gpt-oss with YaRN."""
+    return {"llama+yarn": configs(vocab)["llama"].replace(rope_scaling=YARN),
+            "qwen3+yarn": preset("qwen3-tiny", vocab_size=vocab, n_layer=2, n_embd=64, rope_scaling=YARN),
+            "gpt_oss+yarn": moe_and_gemma2_configs(vocab)["gpt_oss"].replace(rope_scaling=YARN)}
+
+
+def moe_and_gemma2_configs(vocab: int) -> dict:
+    """Mistral (a Llama block, window 8 in every layer), Gemma 2 (local and global layers
+    alternating, window 8; both soft-caps low enough to
+    bite on these scaled-up weights) and the mixtures of experts: 4 experts, top 2, each
+    family's routing (renormalised top-k weights or not, as llama.cpp fixes it). Mixtral
+    (llama.cpp's llama with experts: q/k rows permuted), Qwen3-MoE (QK-norm per head, GQA),
+    Qwen2-MoE (a gated shared expert, q/k/v biases, tied head written twice), OLMoE (QK-norm
+    over the projections) and gpt-oss (sinks, clamped SwiGLU experts with biases, a router bias,
+    window 8 on every other layer, untied head)."""
+    llama = configs(vocab)["llama"]
+    moe = dict(n_expert=4, n_expert_active=2, expert_hidden=32)
+    return {
+        "mistral": llama.replace(sliding_window=8),  # every layer local: llama.cpp's granite_swa
+        "gemma2": preset("gemma3-tiny", vocab_size=vocab, n_embd=64, n_head=4, head_dim=16, ffn_hidden=96,
+                         qk_norm=False, rope_local_theta=None, rope_theta=10000.0, sliding_window=8,
+                         attn_layers=["local", "global"] * 2, attn_softcap=20.0, logit_softcap=10.0),
+        "mixtral": llama.replace(**moe),
+        "qwen3_moe": preset("moe-tiny", vocab_size=vocab, n_layer=2, n_embd=64, n_head=4, head_dim=32,
+                            ffn_layers=None, **moe),
+        "qwen2_moe": llama.replace(**moe, shared_expert_hidden=48, router_renorm=False, qkv_bias=True,
+                                   tie_embeddings=True),
+        "olmoe": llama.replace(**moe, n_kv_head=4, qk_norm=True, qk_norm_scope="proj", router_renorm=False),
+        "gpt_oss": preset("gpt-oss-tiny", vocab_size=vocab, n_embd=64, head_dim=16, ffn_hidden=32,
+                          sliding_window=8, **moe),
+    }
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_hf_directory_of_a_moe_exports_the_same_file(tmp_path, bpe, family) -> None:  # noqa: ANN001
+    """A Hugging Face directory (Mixtral's w1/w3/w2 experts, Qwen2-MoE's shared expert,
+    gpt-oss's experts stacked with gate and up interleaved) exports to the same GGUF tensors
+    as the bardlm checkpoint it was written from: every expert lands in its place."""
+    save_checkpoint(tmp_path / "run", random_model(moe_and_gemma2_configs(bpe.vocab_size)[family]), bpe)
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    files = {}
+    for src in ("run", "hf"):
+        export_gguf(tmp_path / src, tmp_path / f"{src}.gguf", "f32")
+        files[src] = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / f"{src}.gguf")).tensors}
+    assert files["run"].keys() == files["hf"].keys() and "blk.1.ffn_up_exps.weight" in files["hf"]
+    assert all(np.array_equal(files["run"][k], files["hf"][k]) for k in files["run"])
+
+
+def test_mistral_is_granite_swa_windowed_in_every_layer(tmp_path, bpe) -> None:  # noqa: ANN001
+    """Mistral as llama.cpp's granite_swa: every layer windowed, Granite's logit scale 1, and a
+    sink per head at -1e30 (f32 under q8_0 too), which no softmax weight reaches."""
+    cfg = moe_and_gemma2_configs(bpe.vocab_size)["mistral"]
+    write_gguf(random_model(cfg), bpe, tmp_path / "m.gguf", "q8_0")
+    md = read_metadata(tmp_path / "m.gguf")
+    assert md["general.architecture"] == "granite_swa"
+    assert md["granite_swa.attention.sliding_window"] == cfg.sliding_window
+    assert md["granite_swa.attention.sliding_window_pattern"] == [True] * cfg.n_layer
+    assert md["granite_swa.logit_scale"] == 1.0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for i in range(cfg.n_layer):
+        sink = tensors[f"blk.{i}.attn_sinks.weight"]
+        assert sink.tensor_type.name == "F32" and np.all(np.asarray(sink.data) == np.float32(-1e30))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_reader_moe_and_gemma2_names_shapes_metadata(tmp_path, bpe, family, qtype) -> None:  # noqa: ANN001
+    """The files GGUFReader reads: names llama.cpp's architecture declares, each layer's experts
+    stacked in expert order ((E, F, C) = ne [C, F, E], as ours per expert), routers and biases
+    kept f32 under q8_0, and the keys llama.cpp reads for experts, windows and soft-caps."""
+    cfg = moe_and_gemma2_configs(bpe.vocab_size)[family]
+    model = random_model(cfg)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, bpe, path, qtype)
+    md = read_metadata(path)
+    arch = md["general.architecture"]
+    assert arch == {"gemma2": "gemma2", "mixtral": "llama", "qwen3_moe": "qwen3moe",
+                    "qwen2_moe": "qwen2moe", "olmoe": "olmoe", "gpt_oss": "gpt-oss"}[family]
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[
+        {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]]}
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name in tensors:
+        assert any(name.rsplit(".", 1)[0] == a.format(bid=i) for a in allowed for i in range(cfg.n_layer)), name
+    sd = model.state_dict()
+    if family == "gemma2":
+        assert md["gemma2.attn_logit_softcapping"] == pytest.approx(cfg.attn_softcap)
+        assert md["gemma2.final_logit_softcapping"] == pytest.approx(cfg.logit_softcap)
+        assert md["gemma2.attention.sliding_window"] == cfg.sliding_window
+        assert "output.weight" not in tensors  # llama.cpp's Gemma 2 reads the embedding
+        norm = np.asarray(tensors["blk.1.post_ffw_norm.weight"].data)
+        assert np.allclose(norm, sd["transformer.h.1.ln_2_post.weight"].numpy() + 1)  # (1 + w)
+        return
+    E, F, C = cfg.n_expert, cfg.expert_hidden, cfg.n_embd
+    assert md[f"{arch}.expert_count"] == E and md[f"{arch}.expert_used_count"] == cfg.n_expert_active
+    if family in ("mixtral", "olmoe"):  # their experts' width is llama.cpp's n_ff
+        assert md[f"{arch}.feed_forward_length"] == F
+    else:
+        assert md[f"{arch}.expert_feed_forward_length"] == F
+    if family == "qwen2_moe":
+        assert md["qwen2moe.expert_shared_feed_forward_length"] == cfg.shared_expert_hidden
+        assert list(tensors["blk.0.ffn_gate_inp_shexp.weight"].shape) == [C]
+    if family == "gpt_oss":
+        assert md["gpt-oss.attention.sliding_window"] == cfg.sliding_window
+        assert list(tensors["blk.0.attn_sinks.weight"].shape) == [cfg.n_head]
+        assert list(tensors["blk.1.ffn_down_exps.bias"].shape) == [C, E]
+    # llama.cpp's qwen2moe, olmoe and gpt-oss read an output matrix even where ours is tied
+    assert ("output.weight" in tensors) == (not cfg.tie_embeddings or family in ("qwen2_moe", "olmoe", "gpt_oss"))
+    for kind, rows, cols in (("gate", F, C), ("up", F, C), ("down", C, F)):
+        t = tensors[f"blk.1.ffn_{kind}_exps.weight"]
+        assert list(t.shape) == [cols, rows, E]
+        assert t.tensor_type.name == ("F32" if qtype == "f32" else "Q8_0")
+        if qtype == "f32":  # expert e of the stack is our expert e
+            mlp = "transformer.h.1.mlp.experts.{}."
+            for e in range(E):
+                ours = (sd[mlp.format(e) + "c_fc.weight"].split(F)[("gate", "up").index(kind)]
+                        if kind != "down" else sd[mlp.format(e) + "c_proj.weight"])
+                assert np.array_equal(np.asarray(t.data)[e], ours.numpy())
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"  # routers stay f32
+    assert list(tensors["blk.1.ffn_gate_inp.weight"].shape) == [C, E]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "qwen2", "olmo2", "gemma3_text", "olmo3", "smollm3",
+                                    "mistral", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss",
+                                    "llama+yarn", "qwen3+yarn", "gpt_oss+yarn"])
 def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: str) -> None:  # noqa: ANN001
     """Every family's f32 file, run by llama.cpp itself: the same logits as ours (random weights
     scaled up so the distribution is far from uniform, and any layout error shows; biases and
@@ -394,7 +525,7 @@ def test_llama_cpp_computes_our_logits_for_each_family(tmp_path, bpe, family: st
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(5.0)
-            elif name.endswith("bias"):
+            elif name.endswith(("bias", "sinks")):
                 p.normal_(0.0, 0.5)
             elif "norm" in name or "ln_" in name:
                 p.uniform_(0.5, 1.5)

@@ -173,8 +173,12 @@ def test_export_refuses_half_a_gpt_oss() -> None:
         family_of(preset("llama-tiny", attn_sinks=True))
     from bardlm.io.gguf import check_exportable
 
-    with pytest.raises(BardlmError, match="GGUF export of mixture-of-experts models \\(gpt_oss\\)"):
-        check_exportable(oss)
+    # GGUF (test_gguf.py runs it in llama.cpp), in llama.cpp's layout only
+    assert check_exportable(oss) == "gpt_oss"
+    for change, message in [(dict(attn_layers=["global", "local"] * 2), "attn_layers other than"),
+                            (dict(swiglu_limit=5.0), "swiglu_alpha/swiglu_limit")]:
+        with pytest.raises(BardlmError, match=f"llama.cpp's gpt-oss cannot run .*{message}"):
+            check_exportable(oss.replace(**change))
 
 
 def test_int8_and_lora_finetune_from_the_cli(tmp_path, capsys) -> None:  # noqa: ANN001

@@ -215,10 +215,22 @@ def test_export_refuses_what_the_family_cannot_express() -> None:
     # GGUF: not for these families yet, in one line (not a KeyError)
     from bardlm.io.gguf import check_exportable
 
-    # llama.cpp's llama ignores windows; Gemma 2 is not written
-    for cfg in (preset("llama-tiny", sliding_window=8), preset("gemma3-tiny", qk_norm=False, rope_local_theta=None)):
-        with pytest.raises(BardlmError, match="GGUF export of (mistral|gemma2) models"):
-            check_exportable(cfg)
+    # Mistral is llama.cpp's granite_swa; its Gemma 2 always soft-caps (test_gguf.py runs both)
+    assert check_exportable(preset("llama-tiny", sliding_window=8)) == "mistral"
+    gemma2 = preset("gemma3-tiny", qk_norm=False, rope_local_theta=None, attn_layers=["local", "global"] * 2)
+    with pytest.raises(BardlmError, match=r"llama.cpp's Gemma 2 cannot run this model \(no soft-caps"):
+        check_exportable(gemma2)
+    capped = gemma2.replace(attn_softcap=50.0, logit_softcap=30.0)
+    assert check_exportable(capped) == "gemma2"
+    for change, words in [(dict(tie_embeddings=False), "an untied output layer"),
+                          (dict(attn_scale_dim=24.0), "attn_scale_dim other than 32"),
+                          # 46 layers is Gemma 2 27B to llama.cpp: queries scaled by n_embd / n_head
+                          (dict(n_layer=46, head_dim=16, attn_layers=["local", "global"] * 23),
+                           "attn_scale_dim other than 32")]:
+        with pytest.raises(BardlmError, match=f"llama.cpp's Gemma 2 cannot run this model \\({words}"):
+            check_exportable(capped.replace(**change))
+    assert check_exportable(capped.replace(n_layer=46, head_dim=16, attn_layers=["local", "global"] * 23,
+                                           attn_scale_dim=32.0)) == "gemma2"
     # Gemma 3 is, in llama.cpp's fixed layout only (test_gguf.py runs it in llama.cpp)
     assert check_exportable(preset("gemma-3-1b")) == "gemma3_text"
     for change in (dict(), dict(n_layer=6, attn_layers=["local"] * 5 + ["global"], attn_scale_dim=24.0)):

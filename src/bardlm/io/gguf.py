@@ -9,7 +9,7 @@ family detection and the HF name tables stay in one place (`hf.py`):
 
     our state_dict --(hf.name_map: split fused q|k|v, gate|up)--> HF names --(tables here)--> GGUF
 
-Nine families, written as eight llama.cpp architectures:
+Sixteen families, written as fourteen llama.cpp architectures:
 
 * "gpt2": one fused `attn_qkv` per layer, rows [q | k | v] like our `c_attn`. HF's GPT-2 stores
   its Conv1D weights as (in, out); GGUF wants the `nn.Linear` layout (out, in), which is ours, so
@@ -30,14 +30,31 @@ Nine families, written as eight llama.cpp architectures:
   4th layer global) and one RoPE base for both kinds.
 * "lfm2": neox RoPE (no permutation); `head_count_kv` per layer, 0 marking a short-convolution
   layer, whose kernel is `shortconv.l_cache` and whose conv weight is stored 2-D (C, kernel), f32.
+* "gemma2": Gemma 3's names and (1 + w) norms, no QK-norm, every 2nd layer global, both
+  soft-caps always on (`attn_logit_softcapping`, `final_logit_softcapping`), the embedding as head.
+* Mixtures of experts: "llama" with `expert_count` runs Mixtral (q/k rows permuted as Llama's),
+  "qwen3moe", "qwen2moe" (+ a sigmoid-gated shared expert: `ffn_*_shexp`) and "olmoe" (neox
+  RoPE), "gpt-oss" (sinks as `attn_sinks`, router and expert biases, clamped SwiGLU, every 2nd
+  layer global). Each layer's experts are stacked into one (n_expert, out, in) tensor per
+  projection (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`; gpt-oss's biases (n_expert, out)),
+  the router is `ffn_gate_inp`. llama.cpp fixes each family's routing (`MOE_RENORM`) and routes
+  every layer.
+* "granite_swa" runs Mistral: llama.cpp's llama and mistral3 have no sliding window (its phi3
+  turns it off), but Granite's windowed architecture is a Llama block (normal RoPE: q/k rows
+  permuted) with a window per layer (`sliding_window_pattern`, all true here), scales that are
+  off when absent (the logit scale written as 1) and a sink logit per head, written as -1e30:
+  it takes no weight. Older llama.cpp builds (before granite_swa) do not load the file.
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
 
-Types: `f32` keeps everything float32; `f16`, `q8_0` and `q4_0` store 2-D weights as float16 /
-Q8_0 / Q4_0 and keep 1-D tensors (norms, biases) and tables added to activations (positions,
-RoPE factors) in float32, as llama.cpp's converter does. Q8_0 and Q4_0 are packed here
-(`quantize_q8_0`, `quantize_q4_0`, byte for byte ggml's reference quantizers); a row that does
+RoPE scaling: linear, llama3 (Llama only: the `rope_freqs` factors) and YaRN with its ramp's
+ends on whole channel pairs (transformers' truncate=true, which is how llama.cpp computes it).
+
+Types: `f32` keeps everything float32; `f16`, `q8_0` and `q4_0` store weights (experts' too) as
+float16 / Q8_0 / Q4_0 and keep 1-D tensors (norms), biases (the experts' are 2-D), routers and
+tables added to activations (positions, RoPE factors) in float32, as llama.cpp's converter does.
+Q8_0 and Q4_0 are packed here (`quantize_q8_0`, `quantize_q4_0`, byte for byte ggml's reference quantizers); a row that does
 not split into blocks of 32 is stored f16.
 
 The tokenizer must be byte-level BPE (bardlm's `bpe`, or a Hugging Face tokenizer.json such as
@@ -114,6 +131,27 @@ _LFM2_NAMES = {
     "model.layers.{i}.feed_forward.w3": "blk.{i}.ffn_up",
     "model.layers.{i}.feed_forward.w2": "blk.{i}.ffn_down",
 }
+# Gemma 2: Gemma 3's sandwich names (no QK-norm tensors to write).
+# gpt-oss: Llama's names, but its second norm is llama.cpp's "post_attention_norm" (before the
+# experts), a sink logit per head, a router with a bias, experts (and their biases) stacked.
+_GPT_OSS_NAMES = {**_LLAMA_NAMES, "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
+                  "model.layers.{i}.self_attn.sinks": "blk.{i}.attn_sinks"}
+
+
+def _moe_names(moe: str, router: str, gate: str, up: str, down: str) -> dict[str, str]:
+    """A MoE layer's router and experts: each expert's gate/up/down ("{e}" its index) goes into
+    one 3-D tensor per kind, (n_expert, out, in), which llama.cpp's ggml_mul_mat_id reads."""
+    t = f"model.layers.{{i}}.{moe}."
+    return {t + router: "blk.{i}.ffn_gate_inp", t + f"experts.{{e}}.{gate}": "blk.{i}.ffn_gate_exps",
+            t + f"experts.{{e}}.{up}": "blk.{i}.ffn_up_exps", t + f"experts.{{e}}.{down}": "blk.{i}.ffn_down_exps"}
+
+
+_QWEN_MOE_NAMES = {**_LLAMA_NAMES, **_moe_names("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
+# Qwen2-MoE's shared expert (a SwiGLU every token runs) and its sigmoid gate.
+_SHARED_EXPERT_NAMES = {"model.layers.{i}.mlp.shared_expert.gate_proj": "blk.{i}.ffn_gate_shexp",
+                        "model.layers.{i}.mlp.shared_expert.up_proj": "blk.{i}.ffn_up_shexp",
+                        "model.layers.{i}.mlp.shared_expert.down_proj": "blk.{i}.ffn_down_shexp",
+                        "model.layers.{i}.mlp.shared_expert_gate": "blk.{i}.ffn_gate_inp_shexp"}
 GGUF_NAMES = {
     "gpt2": {
         "transformer.wte": "token_embd",
@@ -135,42 +173,63 @@ GGUF_NAMES = {
     "olmo3": _OLMO2_NAMES,
     "smollm3": _LLAMA_NAMES,  # with NoPE layers
     "lfm2": _LFM2_NAMES,
+    "gemma2": _GEMMA3_NAMES,
+    "mistral": _LLAMA_NAMES,  # as granite_swa, with sinks `gguf_tensors` adds
+    "mixtral": {**_LLAMA_NAMES, **_moe_names("block_sparse_moe", "gate", "w1", "w3", "w2")},
+    "qwen3_moe": _QWEN_MOE_NAMES,
+    "qwen2_moe": {**_QWEN_MOE_NAMES, **_SHARED_EXPERT_NAMES},
+    "olmoe": _QWEN_MOE_NAMES,
+    "gpt_oss": {**_GPT_OSS_NAMES, **_moe_names("mlp", "router", "gate_proj", "up_proj", "down_proj")},
 }
-# llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window)
-GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2"}
+# llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window,
+# Mixtral its llama with experts)
+GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2", "mixtral": "llama", "qwen3_moe": "qwen3moe",
+             "qwen2_moe": "qwen2moe", "gpt_oss": "gpt-oss", "mistral": "granite_swa"}
 # llama.cpp fixes the layer pattern of these: every n-th layer global, the others local
-SWA_EVERY = {"gemma3_text": 6, "olmo3": 4}
-SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3"}
+SWA_EVERY = {"gemma3_text": 6, "olmo3": 4, "gemma2": 2, "gpt_oss": 2}
+SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3", "gemma2": "Gemma 2", "gpt_oss": "gpt-oss"}
+# Families llama.cpp runs with "normal" RoPE (adjacent pairs): q/k rows permuted (`permute_rope`)
+NORMAL_ROPE = ("llama", "smollm3", "mixtral", "mistral")
+# Mistral's sinks in llama.cpp's granite_swa: exp(-1e30 - max) is exactly 0 in float32, so
+# the sink takes no softmax weight and attention is Mistral's
+NO_SINK = -1e30
+# Families whose norms scale by (1 + w): written as 1 + w, since llama.cpp's scale by the weight
+UNIT_OFFSET_NORMS = ("gemma3_text", "gemma2")
+# llama.cpp's graph for these reads `output.weight` with no fallback to the embedding
+NEEDS_OUTPUT = ("qwen2_moe", "olmoe", "gpt_oss")
 _LAYER = re.compile(r"^(transformer\.h|model\.layers)\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def gguf_name(hf_name: str, family: str) -> str:
     """The GGUF tensor name of a HF tensor name, e.g. model.layers.3.mlp.up_proj.weight ->
-    blk.3.ffn_up.weight."""
-    stem, _, suffix = hf_name.rpartition(".")  # "weight" or "bias"
+    blk.3.ffn_up.weight. Every expert of a layer has the one name of their stacked tensor
+    (model.layers.3.mlp.experts.5.up_proj.weight -> blk.3.ffn_up_exps.weight)."""
+    # "weight" or "bias"; gpt-oss's sink logits (self_attn.sinks) are llama.cpp's attn_sinks.weight
+    stem, _, suffix = (hf_name, "", "weight") if hf_name.endswith(".sinks") else hf_name.rpartition(".")
     m = _LAYER.match(stem)
     key, layer = (f"{m.group(1)}.{{i}}.{m.group(3)}", m.group(2)) if m else (stem, None)
-    return GGUF_NAMES[family][key].format(i=layer) + "." + suffix
+    return GGUF_NAMES[family][_EXPERT.sub(".experts.{e}.", key)].format(i=layer) + "." + suffix
 
 
 # What llama.cpp can run -----------------------------------------------------------------------
 def check_exportable(cfg: ModelConfig) -> str:
-    """The GGUF architecture ("gpt2", "llama", "qwen3") that computes what `cfg` does, or a
-    one-line `BardlmError` naming what llama.cpp lacks."""
+    """The family (a key of GGUF_NAMES: "gpt2", "llama", "gemma2", "qwen3_moe", ...) whose
+    llama.cpp architecture computes what `cfg` does, or a one-line `BardlmError` naming what
+    llama.cpp lacks."""
     try:
         family = family_of(cfg)  # the same three shapes transformers has
         family = SAME_FUNCTION.get(family, family)  # a Phi-3 is written as the Llama it equals
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
-    if family in MOE_FAMILIES:
-        raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
-                          "export --format hf writes one transformers loads")
-    if family not in GGUF_NAMES:  # llama.cpp's llama ignores windows; Gemma 2 not written
+    if family not in GGUF_NAMES:  # e.g. DeepSeek-V3's latent attention
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
                           f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
     if family in SWA_EVERY:
         _check_fixed_layout(cfg, family)
+    if family in MOE_FAMILIES:
+        _check_moe(cfg, family)
     if family == "gpt2" and cfg.ffn != "gelu":
         raise BardlmError(f"llama.cpp's GPT-2 uses GELU; this model uses ffn={cfg.ffn}, so it "
                           "cannot be exported to GGUF (export --format hf still works)")
@@ -187,28 +246,81 @@ def check_exportable(cfg: ModelConfig) -> str:
         raise BardlmError(f"llama.cpp's {family} takes no per-frequency RoPE factors; llama3 rope "
                           "scaling exports only as a Llama model")
     if kind == "yarn":
-        raise BardlmError("GGUF export of YaRN RoPE scaling is not implemented (plain, linear and "
-                          "llama3 RoPE are); export --format hf writes one transformers loads")
+        _check_yarn(cfg.rope_scaling)
     return family
+
+
+def _check_yarn(scaling: dict[str, Any]) -> None:
+    """What llama.cpp's YaRN computes: the ramp between interpolated and kept frequencies starts
+    and ends on whole channel pairs (transformers' truncate=true; gpt-oss's checkpoints say
+    false: measured, its logits then differ), and cos/sin scaled by 0.1 ln(factor) + 1."""
+    why = {"truncate=false: llama.cpp rounds the ramp's ends to whole channel pairs":
+               not scaling.get("truncate", True),
+           "attention_factor or mscale: llama.cpp scales by 0.1 ln(factor) + 1":
+               any(scaling.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim"))}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"GGUF export: llama.cpp's YaRN cannot run this model's RoPE ({'; '.join(found)}); "
+                          "export --format hf writes one transformers loads")
 
 
 def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
     """What llama.cpp fixes for Gemma 3 (five local layers to one global, the logit scale
-    1/sqrt(head_dim), no soft-caps) and OLMo 3 (three local layers to one global, one RoPE base
-    for both kinds), and for both: unscaled RoPE."""
+    1/sqrt(head_dim), no soft-caps), OLMo 3 (three local layers to one global, one RoPE base
+    for both kinds), Gemma 2 (one local layer to one global, its logit scale, both soft-caps, a
+    tied head) and gpt-oss (one local to one global), and for all but gpt-oss: unscaled RoPE."""
     every = SWA_EVERY[family]
     pattern = ["global" if (i + 1) % every == 0 else "local" for i in range(cfg.n_layer)]
     why = {f"attn_layers other than llama.cpp's (every {every}th layer global)": cfg.attn_layers != pattern,
-           "rope_scaling": cfg.rope_scaling is not None}
+           # gpt-oss's YaRN applies to both kinds of layer in llama.cpp as in transformers
+           "rope_scaling": cfg.rope_scaling is not None and family != "gpt_oss"}
     if family == "gemma3_text":
         why.update({"attn_scale_dim other than head_dim": cfg.attn_scale_dim not in (None, cfg.head_dim),
                     "soft-caps": cfg.attn_softcap is not None or cfg.logit_softcap is not None})
+    elif family == "gemma2":
+        # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(n_embd / n_head) when the
+        # model has 46 layers (Gemma 2 27B), and always soft-caps, reusing the embedding as head
+        scale = cfg.n_embd / cfg.n_head if cfg.n_layer == 46 else cfg.head_dim
+        why.update({f"attn_scale_dim other than {scale:g}": (cfg.attn_scale_dim or cfg.head_dim) != scale,
+                    "no soft-caps: llama.cpp always caps attention and output logits":
+                        cfg.attn_softcap is None or cfg.logit_softcap is None,
+                    "an untied output layer": not cfg.tie_embeddings,
+                    "rope_local_theta other than rope_theta": cfg.rope_local_theta not in (None, cfg.rope_theta)})
     else:
         why["rope_local_theta other than rope_theta"] = cfg.rope_local_theta not in (None, cfg.rope_theta)
     found = [k for k, v in why.items() if v]
     if found:
         raise BardlmError(f"llama.cpp's {SWA_NAMES[family]} cannot run this model ({', '.join(found)}); "
                           "export --format hf writes one transformers loads")
+
+
+# What llama.cpp's mixture-of-experts graphs fix: whether the top-k weights are renormalised to
+# sum to 1 (its norm_w / gpt-oss's softmax over the chosen logits), per family.
+MOE_RENORM = {"mixtral": True, "qwen3_moe": True, "gpt_oss": True, "qwen2_moe": False, "olmoe": False}
+
+
+def _check_moe(cfg: ModelConfig, family: str) -> None:
+    """What llama.cpp's graph for a MoE family fixes: every layer routed, softmax routing with its
+    renormalisation (`MOE_RENORM`), and per family: OLMoE's k-norm over n_embd channels (MHA),
+    Qwen2-MoE's gated shared expert and n_embd-wide attention, gpt-oss's clamp and biases."""
+    renorm = str(MOE_RENORM[family]).lower()
+    why = {"dense FFN layers: llama.cpp routes every layer": "dense" in cfg.ffn_layers,
+           f"router_renorm other than {renorm}": str(cfg.router_renorm).lower() != renorm,
+           f"router_score={cfg.router_score}": cfg.router_score != "softmax",
+           "grouped routing or routed_scale": cfg.router_groups != 1 or cfg.routed_scale != 1.0}
+    if family == "olmoe":
+        why["n_kv_head other than n_head"] = cfg.n_kv_head != cfg.n_head
+    if family == "qwen2_moe":
+        why.update({"head_dim * n_head other than n_embd": cfg.head_dim * cfg.n_head != cfg.n_embd,
+                    "shared_expert_gate=false": not cfg.shared_expert_gate})
+    if family == "gpt_oss":
+        why.update({"swiglu_alpha/swiglu_limit other than 1.702/7.0": (cfg.swiglu_alpha, cfg.swiglu_limit) != (1.702, 7.0),
+                    "no attention biases": not cfg.attn_bias})
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"GGUF export: llama.cpp's {GGUF_ARCH.get(family, family)} cannot run this "
+                          f"mixture-of-experts model ({'; '.join(found)}); export --format hf writes one "
+                          "transformers loads")
 
 
 # RoPE layout ----------------------------------------------------------------------------------
@@ -238,6 +350,7 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, list[torch.Tensor]] = {}  # GGUF name -> each expert's tensor, in order
     if family == "llama" and cfg.rope_scaling and \
             cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) == "llama3":
         out["rope_freqs.weight"] = rope_freq_factors(cfg)
@@ -245,15 +358,26 @@ def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]
         t = sd[e.ours]
         parts = t.split(row_splits(cfg, len(e.theirs), len(t)), dim=0) if len(e.theirs) > 1 else [t]
         for hf_name, part in zip(e.theirs, parts):
-            if family in ("llama", "smollm3") and ".self_attn.q_proj." in hf_name:
+            if family in NORMAL_ROPE and ".self_attn.q_proj." in hf_name:
                 part = permute_rope(part, cfg.n_head)
-            elif family in ("llama", "smollm3") and ".self_attn.k_proj." in hf_name:
+            elif family in NORMAL_ROPE and ".self_attn.k_proj." in hf_name:
                 part = permute_rope(part, cfg.n_kv_head)
-            elif family == "gemma3_text" and hf_name.endswith("norm.weight"):
+            elif family in UNIT_OFFSET_NORMS and hf_name.endswith("norm.weight"):
                 part = part + 1.0  # Gemma's norms scale by (1 + w); llama.cpp's by the weight
             elif family == "lfm2" and hf_name.endswith(".conv.conv.weight"):
                 part = part.squeeze(1)  # (C, 1, kernel) -> (C, kernel): llama.cpp's ssm_conv wants 2-D
-            out[gguf_name(hf_name, family)] = part.contiguous()
+            name = gguf_name(hf_name, family)
+            if "_exps." in name:
+                experts.setdefault(name, []).append(part)
+            else:  # Qwen2-MoE's shared-expert gate (1, C): llama.cpp reads a vector
+                out[name] = (part.reshape(-1) if "_gate_inp_shexp." in name else part).contiguous()
+    # (n_expert, out, in) weights and (n_expert, out) biases: GGUF ne [in, out, n_expert]
+    out.update({name: torch.stack(parts) for name, parts in experts.items()})
+    if family in NEEDS_OUTPUT and "output.weight" not in out:  # a tied head, written twice
+        out["output.weight"] = out["token_embd.weight"]
+    if family == "mistral":  # granite_swa reads a sink logit per head in every layer
+        out.update({f"blk.{i}.attn_sinks.weight": torch.full((cfg.n_head,), NO_SINK)
+                    for i in range(cfg.n_layer)})
     return out
 
 
@@ -317,8 +441,12 @@ def dequantize_q4_0(packed: np.ndarray) -> np.ndarray:
 def _storage_type(name: str, t: torch.Tensor, qtype: str) -> str:
     """"f32", "f16", "q8_0" or "q4_0" for one tensor of a file of type `qtype`."""
     if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")) \
+            or not name.endswith(".weight") or ".ffn_gate_inp." in name \
             or name.endswith("shortconv.conv.weight"):
-        return "f32"  # llama.cpp reads 1-D tensors (and its conv op's weights) as f32 only
+        # llama.cpp reads 1-D tensors (and its conv op's weights) as f32 only; positions and
+        # biases (the experts' are 2-D) are added as is; routers stay f32, as llama.cpp's
+        # converter keeps them
+        return "f32"
     if qtype in ("q8_0", "q4_0") and t.shape[-1] % 32 == 0:
         return qtype
     return "f16"  # what llama.cpp's converter falls back to when a row does not split into blocks
@@ -464,7 +592,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.ffn_hidden)
+        # llama.cpp's llama (Mixtral) and olmoe read the experts' width from feed_forward_length
+        w.add_feed_forward_length(cfg.expert_hidden if family in ("mixtral", "olmoe") else cfg.ffn_hidden)
         w.add_head_count(cfg.n_head)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(file_type)
@@ -477,7 +606,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             w.add_layer_norm_rms_eps(cfg.norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
             w.add_rope_dimension_count(cfg.head_dim)
-            if cfg.head_dim * cfg.n_head != cfg.n_embd or family == "gemma3_text":  # decoupled head size
+            if cfg.head_dim * cfg.n_head != cfg.n_embd or family in ("gemma3_text", "gemma2"):  # decoupled head size
                 w.add_key_length(cfg.head_dim)
                 w.add_value_length(cfg.head_dim)
             if family in SWA_EVERY:
@@ -486,10 +615,17 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
                 w.add_shortconv_l_cache(cfg.linear_conv_kernel)
             if family == "gemma3_text":  # llama.cpp scales the embeddings by sqrt(n_embd) itself
                 w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta or cfg.rope_theta)
+            _write_family_metadata(w, cfg, family)
             scaling = cfg.rope_scaling or {}
             if scaling.get("rope_type", scaling.get("type")) == "linear":
                 w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
                 w.add_rope_scaling_factor(float(scaling["factor"]))
+            elif scaling.get("rope_type", scaling.get("type")) == "yarn":
+                w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+                w.add_rope_scaling_factor(float(scaling["factor"]))
+                w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+                w.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast") or 32))
+                w.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow") or 1))
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(vocab["pre"])
         w.add_token_list(vocab["tokens"])
@@ -509,10 +645,10 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         for tname, t in tensors.items():
             kind = _storage_type(tname, t, qtype)
             x = t.numpy()
-            if kind == "q8_0":
-                w.add_tensor(tname, quantize_q8_0(x), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            elif kind == "q4_0":
-                w.add_tensor(tname, quantize_q4_0(x), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+            if kind in ("q8_0", "q4_0"):  # rows of the last dimension (each expert's too)
+                quantize = quantize_q8_0 if kind == "q8_0" else quantize_q4_0
+                packed = quantize(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+                w.add_tensor(tname, packed, raw_dtype=gguf.GGMLQuantizationType[kind.upper()])
             else:
                 w.add_tensor(tname, x.astype(np.float16 if kind == "f16" else np.float32))
         w.write_header_to_file()
@@ -532,6 +668,25 @@ def _head_count_kv(cfg: ModelConfig, family: str) -> int | list[int]:
     if family == "lfm2":
         return [0 if kind == "conv" else cfg.n_kv_head for kind in cfg.attn_layers]
     return cfg.n_kv_head
+def _write_family_metadata(w: Any, cfg: ModelConfig, family: str) -> None:
+    """The keys of Gemma 2 (its two soft-caps), of Mistral as granite_swa (every layer windowed,
+    Granite's logit scale 1: its other scales are off when absent) and of the mixtures of
+    experts (expert counts and widths; Qwen2-MoE's shared expert) that `write_gguf` does not
+    write for every family."""
+    if family == "mistral":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([True] * cfg.n_layer)
+        w.add_logit_scale(1.0)
+    if family == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+        w.add_final_logit_softcapping(cfg.logit_softcap)
+    if family in MOE_FAMILIES:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_active)
+        if family in ("qwen3_moe", "qwen2_moe", "gpt_oss"):
+            w.add_expert_feed_forward_length(cfg.expert_hidden)
+        if family == "qwen2_moe":
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_hidden)
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "f16",
