@@ -201,3 +201,40 @@ def test_compiled_decode_step_with_a_state_cache_equals_eager() -> None:
     idx = torch.randint(0, 65, (2, 5))
     eager = generate(model, idx, 12, temperature=0)
     assert generate(model, idx, 12, temperature=0, compile=True).equal(eager)
+
+
+@pytest.mark.parametrize("make", ["qwen3_5", "qwen3_next"])
+def test_lora_finetune_of_a_hybrid_directory(tmp_path, make) -> None:  # noqa: ANN001
+    """`finetune --lora-rank` on a Qwen3.5 / Qwen3-Next directory, the delta-rule layers' input
+    projection (`c_in`) among the targets: training runs through the chunked delta rule, the
+    adapter loads merged, and every targeted projection of both layer kinds has moved."""
+    import json
+
+    from bardlm.cli import main
+    from bardlm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz .,;:!?<>|/ABCDEFGHIJKLMNOPQRSTUVWXYZ\n")
+    torch.manual_seed(7)
+    ref = randomise(CASES[make]())
+    ref.resize_token_embeddings(tok.vocab_size)
+    ref.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "bardlm_tokenizer.json").write_text(json.dumps(tok.to_dict()))
+    chat = tmp_path / "chat.jsonl"
+    turn = [{"role": "user", "content": "soft"}, {"role": "assistant", "content": "light"}]
+    chat.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(8)))
+    out = tmp_path / "adapter"
+    assert main(["finetune", "--init-from", str(tmp_path / "hf"), "--data", str(chat), "--out", str(out),
+                 "--max-iters", "2", "--set", "batch_size=2", "--lora-rank", "2", "--lora-targets",
+                 "c_attn", "c_proj", "c_in", "--no-progress"]) == 0
+    tuned, _ = bardlm.load(out)
+    base, _ = bardlm.load(tmp_path / "hf")
+    moved = {name for (name, p), q in zip(tuned.named_parameters(), base.parameters())
+             if not torch.equal(p, q)}
+    kinds = base.config.attn_layers
+    for i, kind in enumerate(kinds):
+        for proj in (("c_in", "c_proj") if kind == "linear" else ("c_attn", "c_proj")):
+            assert f"transformer.h.{i}.attn.{proj}.weight" in moved, (i, kind, proj)
+    assert set(kinds) == {"linear", "global"}  # both layer kinds were checked
+    idx = torch.randint(0, tok.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert tuned.generate(idx, 8, temperature=0).shape == (1, 28)

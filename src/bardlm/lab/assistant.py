@@ -82,11 +82,12 @@ def run_assistant_demo(out: str | Path, text: str, model: dict[str, Any], pretra
 
 
 def finetune_and_score(out: Path, name: str, cfg: dict[str, Any], lora_rank: int | None,
-                       test: list, log: Any = print) -> dict[str, Any]:
+                       test: list, log: Any = print, base_dtype: str = "fp32") -> dict[str, Any]:
     """Finetune out/pretrained on out/train.jsonl into out/NAME (LoRA of rank `lora_rank`,
-    alpha 2 x rank, or the whole model when None); score exact match on `test`."""
+    alpha 2 x rank, over a `base_dtype` base: int8/int4 is QLoRA; or the whole model when
+    None); score exact match on `test`."""
     t0 = time.time()
-    spec = None if lora_rank is None else LoRASpec(lora_rank, 2.0 * lora_rank)
+    spec = None if lora_rank is None else LoRASpec(lora_rank, 2.0 * lora_rank, base_dtype=base_dtype)
     ft = Finetuner(out / "pretrained", out / "train.jsonl", out / name, TrainConfig(**cfg), spec, log=log)
     start = ft.val_loss()
     ft.fit()
