@@ -45,6 +45,7 @@ GPT-2's, Llama 3's or Qwen's): llama.cpp's "gpt2" tokenizer model with its pre-t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,15 @@ from ..errors import BardlmError
 from ..nn.position import rope_inv_freq
 from ..tokenizers.bpe import PRETOKENIZE_PATTERN, bytes_to_unicode
 from .atomic import atomic_write_many
-from .hf import MOE_FAMILIES, SAME_FUNCTION, family_of, name_map, row_splits
+from .hf import (
+    HYBRID_FAMILIES,
+    MOE_FAMILIES,
+    SAME_FUNCTION,
+    family_of,
+    name_map,
+    row_splits,
+    state_dict_to_hf,
+)
 from .load import kind_of, load, read_meta
 from .metadata import ModelMeta
 
@@ -139,6 +148,9 @@ def check_exportable(cfg: ModelConfig) -> str:
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
+    if family in HYBRID_FAMILIES:
+        _check_hybrid(cfg)
+        return family
     if family in MOE_FAMILIES:
         raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
                           "export --format hf writes one transformers loads")
@@ -187,6 +199,182 @@ def _check_fixed_layout(cfg: ModelConfig, family: str) -> None:
                           "export --format hf writes one transformers loads")
 
 
+# Linear-attention hybrids (Qwen3.5, Qwen3-Next) ------------------------------------------------
+# The llama.cpp architectures that run each hybrid family, the default first: a MoE hybrid is
+# transformers' Qwen3-Next, which llama.cpp runs as "qwen3next" and, computing the same
+# function, as Qwen3.5-MoE's "qwen35moe".
+HYBRID_ARCHS = {"qwen3_5_text": ("qwen35",), "qwen3_next": ("qwen3next", "qwen35moe")}
+# HF tensor name after "model.layers.{i}." -> GGUF name after "blk.{i}." (the linear layers'
+# in_proj tensors are cut from our c_in instead: `_hybrid_in_proj`).
+_HYBRID_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",  # per head: query rows, then gate rows
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight",
+    "linear_attn.A_log": "ssm_a",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def full_attention_interval(cfg: ModelConfig) -> int | None:
+    """n where layer i is attention exactly when (i + 1) % n == 0 (llama.cpp's one hybrid
+    pattern), else None."""
+    n = cfg.attn_layers.index("global") + 1 if "global" in cfg.attn_layers else cfg.n_layer + 1
+    want = ["global" if (i + 1) % n == 0 else "linear" for i in range(cfg.n_layer)]
+    return n if cfg.attn_layers == want else None
+
+
+def _check_hybrid(cfg: ModelConfig) -> None:
+    """What llama.cpp's qwen35 / qwen3next / qwen35moe fix: one head size for the linear layers'
+    keys and values, every n-th layer attention, unscaled RoPE, and for the MoE ones every FFN
+    a mixture of experts beside a gated shared expert, top-k weights renormalised."""
+    moe = "moe" in cfg.ffn_layers
+    why = {"linear_k_head_dim != linear_v_head_dim (llama.cpp gives both one size)":
+               cfg.linear_k_head_dim != cfg.linear_v_head_dim,
+           "attn_layers other than every n-th layer attention": full_attention_interval(cfg) is None,
+           "rope_scaling": cfg.rope_scaling is not None,
+           "dense FFN layers beside MoE ones": moe and "dense" in cfg.ffn_layers,
+           "router_renorm=false": moe and not cfg.router_renorm,
+           "an ungated shared expert": moe and not cfg.shared_expert_gate}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"no GGUF export: llama.cpp's Qwen3.5 / Qwen3-Next cannot run this model "
+                          f"({', '.join(found)}); "
+                          "export --format hf writes one transformers loads")
+
+
+def _v_heads_tiled(t: torch.Tensor, cfg: ModelConfig, head: int, dim: int = 0) -> torch.Tensor:
+    """Value heads (`head` channels each) along `dim` from grouped order (the r = n_v / n_k heads
+    of key head 0, then key head 1's, ...: ours and transformers') to tiled order (one head of
+    each key head, then the next, ...). llama.cpp's qwen35 repeats key heads by tiling
+    (ggml_repeat), so value head j must meet key head j % n_k; llama.cpp's converter reorders
+    the same way."""
+    nk, r = cfg.linear_k_heads, cfg.linear_v_heads // cfg.linear_k_heads
+    if r == 1:
+        return t
+    t = t.movedim(dim, 0)
+    t = t.reshape(nk, r, head, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return t.movedim(0, dim)
+
+
+def _hybrid_in_proj(w: torch.Tensor, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """A linear layer's c_in (rows [q | k | v | z | b | a]) -> llama.cpp's attn_qkv ([q | k | v],
+    the conv's input), attn_gate (z) and ssm_beta / ssm_alpha (qwen35, qwen35moe) or ssm_ba
+    (qwen3next: per key head its r b rows then its r a rows, as transformers' in_proj_ba)."""
+    nk, dk, nv, dv = cfg.linear_k_heads, cfg.linear_k_head_dim, cfg.linear_v_heads, cfg.linear_v_head_dim
+    q, k, v, z, b, a = w.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv], dim=0)
+    if arch == "qwen3next":
+        ba = torch.cat([b.reshape(nk, -1, w.shape[1]), a.reshape(nk, -1, w.shape[1])], dim=1)
+        return {"attn_qkv.weight": torch.cat([q, k, v]), "attn_gate.weight": z,
+                "ssm_ba.weight": ba.reshape(2 * nv, -1)}
+    v, z, b, a = _v_heads_tiled(v, cfg, dv), _v_heads_tiled(z, cfg, dv), _v_heads_tiled(b, cfg, 1), \
+        _v_heads_tiled(a, cfg, 1)
+    return {"attn_qkv.weight": torch.cat([q, k, v]), "attn_gate.weight": z,
+            "ssm_beta.weight": b, "ssm_alpha.weight": a}
+
+
+def _tensors_via_hf(model: torch.nn.Module, family: str,
+                    layer: Callable[[int, str, torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor, from transformers' tensors of `family` (`state_dict_to_hf`):
+    the embedding, final norm and head renamed, numbered experts stacked (n_expert, out, in) as
+    llama.cpp's *_exps, and every other layer tensor given to `layer(i, name after
+    "model.layers.{i}.", tensor)`, which returns {GGUF name after "blk.{i}.": tensor}."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, list[torch.Tensor]] = {}
+    for hf_name, t in state_dict_to_hf(model, family).items():
+        t = t.detach().float().cpu()
+        if hf_name in _TOP_NAMES:
+            out[_TOP_NAMES[hf_name]] = t
+            continue
+        m = _LAYER.match(hf_name)
+        i, rest = m.group(2), m.group(3)
+        if e := _EXPERT.match(rest):  # in expert order: transformers numbers them
+            experts.setdefault(f"blk.{i}.ffn_{e.group(2)}_exps.weight", []).append(t)
+            continue
+        out.update({f"blk.{i}.{k}": v.contiguous() for k, v in layer(int(i), rest, t).items()})
+    out.update({name: torch.stack(ts) for name, ts in experts.items()})
+    return out
+
+
+def _hybrid_tensors(model: torch.nn.Module, family: str, arch: str) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor for a Qwen3.5 / Qwen3-Next model (llama.cpp's converter's
+    transforms): (1 + w) norms written w + 1 (not the linear layers' gated norm, a plain gain),
+    A_log as ssm_a = -exp(A_log), the conv (conv_dim, 1, K) as (conv_dim, K), and for qwen35 /
+    qwen35moe the value heads tiled (`_v_heads_tiled`)."""
+    cfg = model.config
+    c_in = {i: model.state_dict()[f"transformer.h.{i}.attn.c_in.weight"].detach().float().cpu()
+            for i, kind in enumerate(cfg.attn_layers) if kind == "linear"}
+    tiled = arch != "qwen3next"
+    dv = cfg.linear_v_head_dim
+
+    def layer(i: int, rest: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if rest.startswith("linear_attn.in_proj"):  # cut from our c_in instead, once per layer
+            return _hybrid_in_proj(c_in[i], cfg, arch) if rest.endswith(("_qkv.weight", "_qkvz.weight")) else {}
+        name = _HYBRID_LAYER_NAMES[rest]
+        if name.endswith("norm.weight") and name != "ssm_norm.weight":
+            t = t + 1.0  # Qwen3.5's RMSNorms scale by (1 + w); llama.cpp's by the weight
+        elif name == "ssm_a":
+            t = -t.exp()  # llama.cpp multiplies softplus(a + dt_bias) by ssm_a
+        elif name == "ssm_conv1d.weight":
+            t = t.squeeze(1)
+        elif name == "ffn_gate_inp_shexp.weight":
+            t = t.reshape(-1)  # one gate logit per token: llama.cpp's {n_embd}
+        if tiled and name in ("ssm_a", "ssm_dt.bias"):
+            t = _v_heads_tiled(t, cfg, 1)
+        elif tiled and name == "ssm_conv1d.weight":
+            qk = 2 * cfg.linear_k_heads * cfg.linear_k_head_dim
+            t = torch.cat([t[:qk], _v_heads_tiled(t[qk:], cfg, dv)])
+        elif tiled and name == "ssm_out.weight":
+            t = _v_heads_tiled(t, cfg, dv, dim=1)
+        return {name: t}
+
+    out = _tensors_via_hf(model, family, layer)
+    out["output_norm.weight"] = out["output_norm.weight"] + 1.0
+    return out
+
+
+def _hybrid_metadata(w: Any, cfg: ModelConfig, arch: str) -> None:
+    """llama.cpp's hybrid keys: the linear layers' sizes (ssm.*: state_size is the head size,
+    group_count the key heads, time_step_rank the value heads), the layer pattern, Qwen3.5's
+    M-RoPE sections (text tokens give the three sections one position: plain RoPE) and the
+    experts. (The rotated channels, head_dim * partial_rotary_factor, are written with RoPE's.)"""
+    w.add_ssm_conv_kernel(cfg.linear_conv_kernel)
+    w.add_ssm_state_size(cfg.linear_k_head_dim)
+    w.add_ssm_group_count(cfg.linear_k_heads)
+    w.add_ssm_time_step_rank(cfg.linear_v_heads)
+    w.add_ssm_inner_size(cfg.linear_v_heads * cfg.linear_v_head_dim)
+    w.add_uint32(f"{arch}.full_attention_interval", full_attention_interval(cfg))
+    if arch != "qwen3next":
+        # llama.cpp's interleaved M-RoPE gives rotated pair j section j % 3 while j < 3 * its
+        # size, else the fourth (zero for text): sizes counting each residue keep every pair
+        # on a text position ([11, 11, 10] for Qwen3.5's 32 pairs)
+        pairs = int(cfg.head_dim * cfg.partial_rotary_factor) // 2
+        w.add_rope_dimension_sections([(pairs - r + 2) // 3 for r in range(3)] + [0])
+    if "moe" in cfg.ffn_layers:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_active)
+        w.add_expert_feed_forward_length(cfg.expert_hidden)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_hidden)
+
+
 # RoPE layout ----------------------------------------------------------------------------------
 def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of W_q or W_k (or their bias), (n_heads * head_dim, ...) -> the same shape with each
@@ -209,8 +397,11 @@ def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor:
 
 
 # Tensors --------------------------------------------------------------------------------------
-def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
-    """GGUF name -> float32 tensor (numpy layout (out, in) for 2-D weights), in file order."""
+def gguf_tensors(model: torch.nn.Module, family: str, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor (numpy layout (out, in) for 2-D weights), in file order.
+    `arch`: the llama.cpp architecture, where more than one runs the family."""
+    if family in HYBRID_FAMILIES:
+        return _hybrid_tensors(model, family, arch or HYBRID_ARCHS[family][0])
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -290,7 +481,8 @@ def dequantize_q4_0(packed: np.ndarray) -> np.ndarray:
 
 def _storage_type(name: str, t: torch.Tensor, qtype: str) -> str:
     """"f32", "f16", "q8_0" or "q4_0" for one tensor of a file of type `qtype`."""
-    if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")):
+    if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")) \
+            or name.endswith("ssm_conv1d.weight"):
         return "f32"  # llama.cpp reads 1-D tensors as f32 only; positions are added as is
     if qtype in ("q8_0", "q4_0") and t.shape[-1] % 32 == 0:
         return qtype
@@ -407,10 +599,20 @@ def _gguf() -> Any:
     return gguf
 
 
+def gguf_arch(family: str, arch: str | None = None) -> str:
+    """llama.cpp's architecture name for `family` (`arch` picks one where several run it)."""
+    archs = HYBRID_ARCHS.get(family, (GGUF_ARCH.get(family, family),))
+    if arch is not None and arch not in archs:
+        raise BardlmError(f"llama.cpp runs this model as {' or '.join(archs)}, not {arch!r}")
+    return arch or archs[0]
+
+
 def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: str = "f16",
-               name: str = "bardlm", meta: ModelMeta | None = None) -> dict[str, Any]:
+               name: str = "bardlm", meta: ModelMeta | None = None,
+               arch: str | None = None) -> dict[str, Any]:
     """Write `model` (+ its byte-level BPE tokenizer and `meta`: special ids, chat template) to
-    the GGUF file `out`, all or nothing.
+    the GGUF file `out`, all or nothing. `arch`: the llama.cpp architecture where more than one
+    runs the model (a MoE hybrid: "qwen3next", the default, or "qwen35moe").
 
     Returns a summary: architecture, type, tensor count and bytes."""
     if qtype not in TYPES:
@@ -423,15 +625,15 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     gguf = _gguf()
     cfg = model.config
     family = check_exportable(cfg)
+    arch = gguf_arch(family, arch)
     vocab = tokenizer_metadata(tokenizer, cfg, meta)
-    tensors = gguf_tensors(model, family)
+    tensors = gguf_tensors(model, family, arch)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
     out = Path(out)
 
     def write(tmp: str) -> None:
-        arch = GGUF_ARCH.get(family, family)
         w = gguf.GGUFWriter(tmp, arch)  # the arch string is also the metadata key prefix
         w.add_name(name)
         w.add_context_length(cfg.block_size)
@@ -449,10 +651,12 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             w.add_head_count_kv(cfg.n_kv_head)
             w.add_layer_norm_rms_eps(cfg.norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
-            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_rope_dimension_count(int(cfg.head_dim * cfg.partial_rotary_factor))
             if cfg.head_dim * cfg.n_head != cfg.n_embd or family == "gemma3_text":  # decoupled head size
                 w.add_key_length(cfg.head_dim)
                 w.add_value_length(cfg.head_dim)
+            if family in HYBRID_FAMILIES:
+                _hybrid_metadata(w, cfg, arch)
             if family in SWA_EVERY:
                 w.add_sliding_window(cfg.sliding_window or cfg.block_size)
             if family == "gemma3_text":  # llama.cpp scales the embeddings by sqrt(n_embd) itself
@@ -480,10 +684,13 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         for tname, t in tensors.items():
             kind = _storage_type(tname, t, qtype)
             x = t.numpy()
+            rows = x.reshape(-1, x.shape[-1])  # stacked experts (E, out, in) quantize row by row
             if kind == "q8_0":
-                w.add_tensor(tname, quantize_q8_0(x), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(tname, quantize_q8_0(rows).reshape(*x.shape[:-1], -1),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             elif kind == "q4_0":
-                w.add_tensor(tname, quantize_q4_0(x), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+                w.add_tensor(tname, quantize_q4_0(rows).reshape(*x.shape[:-1], -1),
+                             raw_dtype=gguf.GGMLQuantizationType.Q4_0)
             else:
                 w.add_tensor(tname, x.astype(np.float16 if kind == "f16" else np.float32))
         w.write_header_to_file()
@@ -492,7 +699,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.close()
 
     atomic_write_many([(out, write)])
-    return {"out": str(out), "format": "gguf", "architecture": GGUF_ARCH.get(family, family), "type": qtype,
+    return {"out": str(out), "format": "gguf", "architecture": arch, "type": qtype,
             "tensors": len(tensors), "bytes": out.stat().st_size,
             "tokenizer_pre": vocab["pre"], "vocab": len(vocab["tokens"])}
 
