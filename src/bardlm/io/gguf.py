@@ -29,6 +29,11 @@ Eight families, written as seven llama.cpp architectures:
 * "olmo2" with `attention.sliding_window` runs our olmo3: llama.cpp fixes the pattern (every
   4th layer global) and one RoPE base for both kinds.
 
+Issue 34's families go through transformers' names too (`_tensors_via_hf`), each with its own
+table and transforms: Qwen3.5 as "qwen35" and the MoE hybrid (Qwen3-Next) as "qwen3next" or
+"qwen35moe" (`_hybrid_tensors`), DeepSeek-V3 as "deepseek2" (`_mla_tensors`), Gemma 4 (text)
+as "gemma4" (`_gemma4_tensors`).
+
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
 
@@ -122,7 +127,7 @@ GGUF_NAMES = {
     "smollm3": _LLAMA_NAMES,  # with NoPE layers
 }
 # llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window)
-GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2"}
+GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2", "deepseek_v3": "deepseek2", "gemma4_text": "gemma4"}
 # llama.cpp fixes the layer pattern of these: every n-th layer global, the others local
 SWA_EVERY = {"gemma3_text": 6, "olmo3": 4}
 SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3"}
@@ -150,6 +155,12 @@ def check_exportable(cfg: ModelConfig) -> str:
                           .replace("save_pretrained writes", "GGUF export writes")) from None
     if family in HYBRID_FAMILIES:
         _check_hybrid(cfg)
+        return family
+    if family == "deepseek_v3":
+        _check_mla(cfg)
+        return family
+    if family == "gemma4_text":
+        _check_gemma4(cfg)
         return family
     if family in MOE_FAMILIES:
         raise BardlmError(f"GGUF export of mixture-of-experts models ({family}) is not implemented; "
@@ -292,17 +303,20 @@ def _hybrid_in_proj(w: torch.Tensor, cfg: ModelConfig, arch: str) -> dict[str, t
 
 
 def _tensors_via_hf(model: torch.nn.Module, family: str,
-                    layer: Callable[[int, str, torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                    layer: Callable[[int, str, torch.Tensor], dict[str, torch.Tensor]],
+                    top: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """GGUF name -> float32 tensor, from transformers' tensors of `family` (`state_dict_to_hf`):
-    the embedding, final norm and head renamed, numbered experts stacked (n_expert, out, in) as
-    llama.cpp's *_exps, and every other layer tensor given to `layer(i, name after
-    "model.layers.{i}.", tensor)`, which returns {GGUF name after "blk.{i}.": tensor}."""
+    the embedding, final norm and head (and the family's other tensors outside the layers,
+    `top`) renamed, numbered experts stacked (n_expert, out, in) as llama.cpp's *_exps, and every
+    other layer tensor given to `layer(i, name after "model.layers.{i}.", tensor)`, which
+    returns {GGUF name after "blk.{i}.": tensor}."""
+    top = {**_TOP_NAMES, **(top or {})}
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, list[torch.Tensor]] = {}
     for hf_name, t in state_dict_to_hf(model, family).items():
         t = t.detach().float().cpu()
-        if hf_name in _TOP_NAMES:
-            out[_TOP_NAMES[hf_name]] = t
+        if hf_name in top:
+            out[top[hf_name]] = t
             continue
         m = _LAYER.match(hf_name)
         i, rest = m.group(2), m.group(3)
@@ -375,6 +389,216 @@ def _hybrid_metadata(w: Any, cfg: ModelConfig, arch: str) -> None:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_hidden)
 
 
+# Latent attention (DeepSeek-V3) -----------------------------------------------------------------
+# llama.cpp's deepseek2 runs it. HF tensor name after "model.layers.{i}." -> GGUF name after
+# "blk.{i}." (kv_b_proj is split in two: `_mla_tensors`).
+_MLA_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+}
+
+
+def _check_mla(cfg: ModelConfig) -> None:
+    """What llama.cpp's deepseek2 lacks or requires: no attention biases or RoPE scaling (YaRN is
+    refused for every family); a low-rank query (it reads a full-rank one only in
+    DeepSeek-V2-Lite's layer counts) and MoE layers (it requires the expert keys), in groups of
+    equal size."""
+    moe = "moe" in cfg.ffn_layers
+    why = {"attention biases": cfg.attn_bias or cfg.qkv_bias, "rope_scaling": cfg.rope_scaling is not None,
+           "a full-rank query (q_lora_rank unset)": not cfg.q_lora_rank,
+           "no mixture-of-experts layer": not moe,
+           "n_expert not a multiple of router_groups": moe and cfg.n_expert % cfg.router_groups != 0}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"no GGUF export: llama.cpp's DeepSeek-V3 (deepseek2) cannot run this model "
+                          f"({', '.join(found)}); export --format hf writes one transformers loads")
+
+
+def _rope_rows_adjacent(w: torch.Tensor, heads: int, head: int, rope: int) -> torch.Tensor:
+    """Rows of a projection holding `heads` heads of `head` rows whose last `rope` rows are RoPE
+    channels: those reordered from rotate-half pairs (i, i + rope/2) to adjacent pairs (2i,
+    2i + 1), llama.cpp's deepseek2 RoPE (`permute_rope`). DeepSeek's own checkpoints
+    (rope_interleave) are adjacent already."""
+    w = w.reshape(heads, head, -1).clone()
+    w[:, head - rope:] = permute_rope(w[:, head - rope:].reshape(heads * rope, -1), heads).reshape(heads, rope, -1)
+    return w.reshape(heads * head, -1)
+
+
+def _mla_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor for a DeepSeek-V3 model: kv_b_proj ((H * (dn + dv), r): per
+    head dn key rows then dv value rows) split into llama.cpp's attn_k_b (H, r, dn), the key
+    rows transposed, which it multiplies the query by (absorbed attention over the latents),
+    and attn_v_b (H, dv, r), which maps the attended latent out; RoPE rows adjacent."""
+    cfg = model.config
+    H, dn, dr, dv = cfg.n_head, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+
+    def layer(i: int, rest: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if rest == "self_attn.kv_b_proj.weight":
+            k_b, v_b = t.reshape(H, dn + dv, -1).split([dn, dv], dim=1)
+            return {"attn_k_b.weight": k_b.transpose(1, 2), "attn_v_b.weight": v_b}
+        name = _MLA_LAYER_NAMES[rest]
+        if not cfg.rope_interleave and name == "attn_q_b.weight":
+            t = _rope_rows_adjacent(t, H, dn + dr, dr)
+        elif not cfg.rope_interleave and name == "attn_kv_a_mqa.weight":  # rows [latent | k_rope]
+            t = _rope_rows_adjacent(t, 1, len(t), dr)
+        return {name: t}
+
+    return _tensors_via_hf(model, "deepseek_v3", layer)
+
+
+def _mla_metadata(w: Any, cfg: ModelConfig, gguf: Any) -> None:
+    """llama.cpp's deepseek2 keys: attention as MQA over the latents (one KV head, keys of
+    kv_lora_rank + qk_rope_head_dim, values of kv_lora_rank), the per-head sizes it scores and
+    outputs with (key/value_length_mla), the ranks, the dense first layers and DeepSeek's
+    routing (sigmoid scores, the correction bias, groups, routed_scale)."""
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_leading_dense_block_count(cfg.ffn_layers.index("moe"))
+    w.add_expert_count(cfg.n_expert)
+    w.add_expert_used_count(cfg.n_expert_active)
+    w.add_expert_feed_forward_length(cfg.expert_hidden)
+    w.add_expert_shared_count(cfg.shared_expert_hidden // cfg.expert_hidden)
+    w.add_expert_weights_scale(float(cfg.routed_scale))
+    w.add_expert_weights_norm(bool(cfg.router_renorm))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if cfg.router_topk_groups < cfg.router_groups:  # keeping every group limits nothing
+        w.add_expert_group_count(cfg.router_groups)
+        w.add_expert_group_used_count(cfg.router_topk_groups)
+
+
+# Gemma 4 (text) -------------------------------------------------------------------------------
+# llama.cpp's gemma4. HF tensor name after "model.layers.{i}." -> GGUF name after "blk.{i}.".
+_GEMMA4_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",  # absent where the layer reads shared keys
+    "self_attn.v_proj.weight": "attn_v.weight",  # absent where K = V: llama.cpp then takes k
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "per_layer_input_gate.weight": "inp_gate.weight",
+    "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight",
+    "layer_scalar": "layer_output_scale.weight",
+    # the MoE block beside the MLP: its norms, router (weight, the scale of its normed input,
+    # the per-expert output scales) and experts, stacked as transformers stacks them
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+    "router.proj.weight": "ffn_gate_inp.weight",
+    "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight",  # (E, 2 * expert_hidden, C): [gate | up]
+    "experts.down_proj": "ffn_down_exps.weight",
+}
+_GEMMA4_TOP_NAMES = {"model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+                     "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+                     "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight"}
+
+
+def _check_gemma4(cfg: ModelConfig) -> None:
+    """What llama.cpp's gemma4 fixes: the values RMS-normalised, attention scale 1, no attention
+    soft-cap, RoPE scaling only Gemma 4's proportional one on global layers (local layers with
+    their own base), KV-shared local layers reading the last unshared layer but one and global
+    ones the last (so those two are local then global)."""
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    first_shared = cfg.n_layer - cfg.kv_shared_layers
+    reuse = [first_shared - (2 if cfg.attn_layers[i] == "local" else 1) for i in range(first_shared, cfg.n_layer)]
+    why = {"v_norm=false": not cfg.v_norm, "attn_scale_dim other than 1": cfg.attn_scale_dim != 1.0,
+           "attn_softcap": cfg.attn_softcap is not None,
+           "rope_scaling other than proportional": cfg.rope_scaling is not None and kind != "proportional",
+           "rope_scaling on local layers (no rope_local_theta)":
+               cfg.rope_scaling is not None and cfg.rope_local_theta is None and "local" in cfg.attn_layers,
+           "KV-shared layers reading other layers than the last unshared local and global ones":
+               [cfg.kv_source(i) for i in range(first_shared, cfg.n_layer)] != reuse,
+           "per_layer_vocab_size other than vocab_size": cfg.per_layer_input_dim > 0
+               and cfg.per_layer_vocab_size != cfg.vocab_size}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"no GGUF export: llama.cpp's Gemma 4 cannot run this model ({', '.join(found)}); "
+                          "export --format hf writes one transformers loads")
+
+
+def _gemma4_rope_freqs(cfg: ModelConfig) -> torch.Tensor:
+    """(global_head_dim // 2,) float32 `rope_freqs`, which llama.cpp divides the global layers'
+    RoPE frequencies by: it rotates every channel pair of the head at theta^(-2i/head_dim), so
+    proportional RoPE's unrotated pairs get 1e30 (angle 0, as llama.cpp's converter writes) and
+    the rotated ones its `factor`."""
+    pairs = cfg.global_head_dim // 2
+    scaling = cfg.rope_scaling or {}
+    rotated = int(scaling.get("partial_rotary_factor", 1.0) * cfg.global_head_dim // 2)
+    factor = float(scaling.get("factor", 1.0))
+    return torch.tensor([factor] * rotated + [1e30] * (pairs - rotated), dtype=torch.float32)
+
+
+def _gemma4_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor for a Gemma 4 (text) model: norms as they are (Gemma 4's
+    scale by w, as llama.cpp's), the per-layer input tables, the experts as transformers stacks
+    them, and `rope_freqs`."""
+
+    def layer(i: int, rest: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {_GEMMA4_LAYER_NAMES[rest]: t}
+
+    return {"rope_freqs.weight": _gemma4_rope_freqs(model.config),
+            **_tensors_via_hf(model, "gemma4_text", layer, _GEMMA4_TOP_NAMES)}
+
+
+def _gemma4_metadata(w: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's gemma4 keys: head sizes and KV heads of global layers (key_length,
+    head_count_kv per layer) and local ones (*_swa), which layers are local, the window, the two
+    RoPE bases and rotated channels (a global layer's whole head: `rope_freqs` stops the rest),
+    the KV-shared layers, the per-layer input width, the final soft-cap and the experts. (The MLP widths, per
+    layer for the double-wide MLP, are written with the common keys.)"""
+    w.add_head_count_kv([cfg.layer_kv_heads(i) for i in range(cfg.n_layer)])
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_key_length(cfg.global_head_dim)
+    w.add_value_length(cfg.global_head_dim)
+    w.add_key_length_swa(cfg.head_dim)
+    w.add_value_length_swa(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window or cfg.block_size)
+    w.add_sliding_window_pattern([kind == "local" for kind in cfg.attn_layers])
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.global_head_dim)
+    w.add_rope_dimension_count_swa(int(cfg.head_dim * cfg.partial_rotary_factor))
+    w.add_shared_kv_layers(cfg.kv_shared_layers)
+    w.add_embedding_length_per_layer_input(cfg.per_layer_input_dim)
+    if cfg.logit_softcap is not None:
+        w.add_final_logit_softcapping(cfg.logit_softcap)
+    if cfg.n_expert:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_active)
+        w.add_expert_feed_forward_length(cfg.expert_hidden)
+
+
 # RoPE layout ----------------------------------------------------------------------------------
 def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of W_q or W_k (or their bias), (n_heads * head_dim, ...) -> the same shape with each
@@ -402,6 +626,10 @@ def gguf_tensors(model: torch.nn.Module, family: str, arch: str | None = None) -
     `arch`: the llama.cpp architecture, where more than one runs the family."""
     if family in HYBRID_FAMILIES:
         return _hybrid_tensors(model, family, arch or HYBRID_ARCHS[family][0])
+    if family == "deepseek_v3":
+        return _mla_tensors(model)
+    if family == "gemma4_text":
+        return _gemma4_tensors(model)
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -639,7 +867,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.ffn_hidden)
+        w.add_feed_forward_length([cfg.layer_ffn_hidden(i) for i in range(cfg.n_layer)]
+                                  if cfg.double_wide_mlp else cfg.ffn_hidden)
         w.add_head_count(cfg.n_head)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(file_type)
@@ -647,6 +876,10 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if family == "gpt2":
             w.add_layer_norm_eps(cfg.norm_eps)
+        elif family == "deepseek_v3":
+            _mla_metadata(w, cfg, gguf)
+        elif family == "gemma4_text":
+            _gemma4_metadata(w, cfg)
         else:
             w.add_head_count_kv(cfg.n_kv_head)
             w.add_layer_norm_rms_eps(cfg.norm_eps)
