@@ -1,12 +1,13 @@
 """GGUF export of issue 34's families, read back by llama.cpp itself (llama-cpp-python; the
 llama.cpp tests skip where it is not installed) and by the `gguf` package's GGUFReader:
-Qwen3.5 (llama.cpp's qwen35) and the MoE hybrid (Qwen3-Next: qwen3next, and the same function as
-qwen35moe). Small random-weight models; llama.cpp must give our logits at every position of a
-prompt longer than one chunk (64 tokens) of the delta rule."""
+Qwen3.5 (llama.cpp's qwen35), the MoE hybrid (Qwen3-Next: qwen3next, and the same function as
+qwen35moe), DeepSeek-V3 (deepseek2) and Gemma 4 (gemma4). Small random-weight models; llama.cpp
+must give our logits at every position of an 80-token prompt: more than one chunk (64 tokens)
+of the delta rule, ten of Gemma 4's windows."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
@@ -14,10 +15,12 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install gguf)")
 
-from test_gguf import LLAMA_PROMPT, TEXT, logits  # noqa: E402
+from test_gguf import LLAMA_PROMPT, TEXT, llama_cpp_logits, logits  # noqa: E402
 
 from bardlm import BardlmError, preset  # noqa: E402
-from bardlm.io.gguf import write_gguf  # noqa: E402
+from bardlm.cli import main  # noqa: E402
+from bardlm.io.checkpoint import save_checkpoint  # noqa: E402
+from bardlm.io.gguf import export_gguf, write_gguf  # noqa: E402
 from bardlm.nn.model import GPT  # noqa: E402
 from bardlm.tokenizers import train_bpe  # noqa: E402
 
@@ -102,17 +105,6 @@ def random_model(cfg) -> GPT:  # noqa: ANN001
     return model
 
 
-def llama_cpp_logits(path: Path, prompt: list[int]) -> torch.Tensor:
-    """llama.cpp's logits (T, V) at every position of `prompt` (f32 weights and KV cache)."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
-                            "builds llama.cpp from source, ~10 min on 2 cores)")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
-                          n_threads=2, seed=0, type_k=0, type_v=0, use_extra_bufts=False)
-    llm.eval(prompt)
-    return torch.tensor(np.array(llm.scores[: len(prompt)]), dtype=torch.float32)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_llama_cpp_computes_our_logits(tmp_path, bpe, case: str) -> None:  # noqa: ANN001
     config, arch, written = CASES[case]
@@ -122,7 +114,7 @@ def test_llama_cpp_computes_our_logits(tmp_path, bpe, case: str) -> None:  # noq
     assert summary["architecture"] == written
     prompt = bpe.encode(LLAMA_PROMPT * 4)[:80]  # two chunks of the delta rule
     assert len(prompt) == 80
-    theirs = llama_cpp_logits(path, prompt)
+    theirs = llama_cpp_logits(path, prompt, n_ctx=128)
     with torch.no_grad():
         ours = logits(model, torch.tensor([prompt]))[0]
     assert ours.std().item() > 0.5  # far from uniform: a wrong layout would not pass below
@@ -314,3 +306,20 @@ def test_refuses_gemma4_llama_cpp_cannot_run(tmp_path, bpe) -> None:  # noqa: AN
     with pytest.raises(BardlmError, match="no GGUF export: llama.cpp's Gemma 4.*KV-shared layers") as e:
         write_gguf(GPT(cfg), bpe, tmp_path / "m.gguf")
     assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("case", ["qwen35", "qwen3next", "deepseek2", "gemma4"])
+def test_cli_export_and_hf_directory_give_the_same_file(tmp_path, bpe, case: str, capsys) -> None:  # noqa: ANN001
+    """`bardlm export --format gguf` of a bardlm run, and `export_gguf` of the Hugging Face
+    directory it exports (how a model imported from the Hub is exported): the same tensors."""
+    config, _, written = CASES[case]
+    save_checkpoint(tmp_path / "run", random_model(config(bpe.vocab_size)), bpe)
+    out = tmp_path / "run.gguf"
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--format", "gguf", "--out", str(out), "--type", "f32"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == written
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    export_gguf(tmp_path / "hf", tmp_path / "hf.gguf", "f32")
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "hf.gguf")).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
