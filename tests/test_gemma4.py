@@ -141,9 +141,13 @@ def test_cache_holds_only_the_unshared_layers() -> None:
     assert kv_bytes_per_token(cfg, 4) == 2 * 4 * (2 * 2 * 16 + 2 * 1 * 32)
 
 
-def test_gguf_export_is_refused_in_one_line() -> None:
-    cfg = config_from_hf(Gemma4TextConfig(**SMALL).to_dict())
-    with pytest.raises(BardlmError, match="GGUF export of gemma4_text") as err:
+def test_gguf_export_checks() -> None:
+    """Both models export to GGUF (llama.cpp's gemma4: tests/test_gguf_2026.py); KV-shared layers
+    reading other layers than llama.cpp's are refused in one line."""
+    for moe in ({}, MOE):
+        assert check_exportable(config_from_hf(Gemma4TextConfig(**SMALL, **moe).to_dict())) == "gemma4_text"
+    cfg = config_from_hf(Gemma4TextConfig(**{**SMALL, "num_kv_shared_layers": 3}).to_dict())
+    with pytest.raises(BardlmError, match="no GGUF export: llama.cpp's Gemma 4.*KV-shared layers") as err:
         check_exportable(cfg)
     assert "\n" not in str(err.value)
 

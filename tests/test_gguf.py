@@ -356,14 +356,15 @@ def test_cli_export_gguf_hf_and_convert(tmp_path, bpe, capsys) -> None:  # noqa:
 LLAMA_PROMPT = "ROMEO: the quick brown fox jumps over the lazy dog, and then"
 
 
-def llama_cpp_logits(path: Path, prompt: list[int]) -> torch.Tensor:
-    """llama.cpp's logits (T, V) at every position of `prompt`, from the GGUF file `path` (the
-    test skips, saying why, where llama-cpp-python is not installed)."""
+def llama_cpp_logits(path: Path, prompt: list[int], n_ctx: int = 64) -> torch.Tensor:
+    """llama.cpp's logits (T, V) at every position of `prompt` (at most n_ctx tokens, one
+    batch), from the GGUF file `path` (the test skips, saying why, where llama-cpp-python is
+    not installed)."""
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
                             "builds llama.cpp from source, ~10 min on 2 cores)")
-    kwargs = dict(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                  seed=0, type_k=0, type_v=0)
+    kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                  n_threads=2, seed=0, type_k=0, type_v=0)
     try:
         llm = llama_cpp.Llama(**kwargs, use_extra_bufts=False)
     except TypeError:  # older llama-cpp-python

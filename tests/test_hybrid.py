@@ -162,8 +162,8 @@ def test_refusals() -> None:
     with pytest.raises(BardlmError, match="layer_types must list linear_attention or full_attention"):
         config_from_hf({**hf, "layer_types": ["sliding_attention"] * 4})
     cfg = config_from_hf(hf)
-    with pytest.raises(BardlmError, match="GGUF export of qwen3_5_text models is not implemented"):
-        check_exportable(cfg)
+    with pytest.raises(BardlmError, match="no GGUF export.*linear_k_head_dim != linear_v_head_dim"):
+        check_exportable(cfg)  # SMALL's linear heads: keys of 8, values of 12 (test_gguf_2026.py)
     with pytest.raises(BardlmError, match="attn_gate=false"):
         family_of(cfg.replace(attn_gate=False))
     with pytest.raises(BardlmError, match="experts without a shared expert"):

@@ -315,9 +315,10 @@ def test_int8_runs_and_decodes_close_to_fp32(tmp_path) -> None:  # noqa: ANN001
     assert q.generate(idx, 8, temperature=0.0).shape == (1, 28)
 
 
-def test_multi_token_prediction_layers_are_skipped_and_gguf_is_refused(tmp_path) -> None:  # noqa: ANN001
+def test_multi_token_prediction_layers_are_skipped_and_gguf_checks(tmp_path) -> None:  # noqa: ANN001
     """A real DeepSeek-V3 checkpoint carries its MTP module as layer n_layer: it loads without
-    it. GGUF export of the family is refused in one line."""
+    it, and exports to GGUF (llama.cpp's deepseek2: tests/test_gguf_2026.py) unless it has what
+    llama.cpp lacks (attention biases), refused in one line."""
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(6)
@@ -327,8 +328,9 @@ def test_multi_token_prediction_layers_are_skipped_and_gguf_is_refused(tmp_path)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     cfg = from_pretrained(tmp_path).config
     assert family_of(cfg) == "deepseek_v3"
-    with pytest.raises(BardlmError, match="GGUF export of deepseek_v3 models is not implemented") as err:
-        check_exportable(cfg)
+    assert check_exportable(cfg) == "deepseek_v3"
+    with pytest.raises(BardlmError, match="no GGUF export.*deepseek2.*attention biases") as err:
+        check_exportable(cfg.replace(attn_bias=True, qkv_bias=True))
     assert "\n" not in str(err.value)
 
 

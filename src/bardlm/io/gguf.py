@@ -45,6 +45,11 @@ Sixteen families, written as fourteen llama.cpp architectures:
   off when absent (the logit scale written as 1) and a sink logit per head, written as -1e30:
   it takes no weight. Older llama.cpp builds (before granite_swa) do not load the file.
 
+Issue 34's families go through transformers' names too (`_tensors_via_hf`), each with its own
+table and transforms: Qwen3.5 as "qwen35" and the MoE hybrid (Qwen3-Next) as "qwen3next" or
+"qwen35moe" (`_hybrid_tensors`), DeepSeek-V3 as "deepseek2" (`_mla_tensors`), Gemma 4 (text)
+as "gemma4" (`_gemma4_tensors`).
+
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
 them, so an (out, in) numpy array is stored as ne = [in, out], as llama.cpp expects.
 
@@ -64,6 +69,7 @@ GPT-2's, Llama 3's or Qwen's): llama.cpp's "gpt2" tokenizer model with its pre-t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +81,15 @@ from ..errors import BardlmError
 from ..nn.position import rope_inv_freq
 from ..tokenizers.bpe import PRETOKENIZE_PATTERN, bytes_to_unicode
 from .atomic import atomic_write_many
-from .hf import MOE_FAMILIES, SAME_FUNCTION, family_of, name_map, row_splits
+from .hf import (
+    HYBRID_FAMILIES,
+    MOE_FAMILIES,
+    SAME_FUNCTION,
+    family_of,
+    name_map,
+    row_splits,
+    state_dict_to_hf,
+)
 from .load import kind_of, load, read_meta
 from .metadata import ModelMeta
 
@@ -184,7 +198,8 @@ GGUF_NAMES = {
 # llama.cpp's name where it differs from transformers' (OLMo 3 is its olmo2 with a window,
 # Mixtral its llama with experts)
 GGUF_ARCH = {"gemma3_text": "gemma3", "olmo3": "olmo2", "mixtral": "llama", "qwen3_moe": "qwen3moe",
-             "qwen2_moe": "qwen2moe", "gpt_oss": "gpt-oss", "mistral": "granite_swa"}
+             "qwen2_moe": "qwen2moe", "gpt_oss": "gpt-oss", "mistral": "granite_swa",
+             "deepseek_v3": "deepseek2", "gemma4_text": "gemma4"}
 # llama.cpp fixes the layer pattern of these: every n-th layer global, the others local
 SWA_EVERY = {"gemma3_text": 6, "olmo3": 4, "gemma2": 2, "gpt_oss": 2}
 SWA_NAMES = {"gemma3_text": "Gemma 3", "olmo3": "OLMo 3", "gemma2": "Gemma 2", "gpt_oss": "gpt-oss"}
@@ -223,7 +238,16 @@ def check_exportable(cfg: ModelConfig) -> str:
     except BardlmError as e:
         raise BardlmError(str(e).replace("transformers equivalent", "GGUF (llama.cpp) equivalent")
                           .replace("save_pretrained writes", "GGUF export writes")) from None
-    if family not in GGUF_NAMES:  # e.g. DeepSeek-V3's latent attention
+    if family in HYBRID_FAMILIES:
+        _check_hybrid(cfg)
+        return family
+    if family == "deepseek_v3":
+        _check_mla(cfg)
+        return family
+    if family == "gemma4_text":
+        _check_gemma4(cfg)
+        return family
+    if family not in GGUF_NAMES:
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
                           f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
     if family in SWA_EVERY:
@@ -321,6 +345,393 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
         raise BardlmError(f"GGUF export: llama.cpp's {GGUF_ARCH.get(family, family)} cannot run this "
                           f"mixture-of-experts model ({'; '.join(found)}); export --format hf writes one "
                           "transformers loads")
+# Linear-attention hybrids (Qwen3.5, Qwen3-Next) ------------------------------------------------
+# The llama.cpp architectures that run each hybrid family, the default first: a MoE hybrid is
+# transformers' Qwen3-Next, which llama.cpp runs as "qwen3next" and, computing the same
+# function, as Qwen3.5-MoE's "qwen35moe".
+HYBRID_ARCHS = {"qwen3_5_text": ("qwen35",), "qwen3_next": ("qwen3next", "qwen35moe")}
+# HF tensor name after "model.layers.{i}." -> GGUF name after "blk.{i}." (the linear layers'
+# in_proj tensors are cut from our c_in instead: `_hybrid_in_proj`).
+_HYBRID_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",  # per head: query rows, then gate rows
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight",
+    "linear_attn.A_log": "ssm_a",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def full_attention_interval(cfg: ModelConfig) -> int | None:
+    """n where layer i is attention exactly when (i + 1) % n == 0 (llama.cpp's one hybrid
+    pattern), else None."""
+    n = cfg.attn_layers.index("global") + 1 if "global" in cfg.attn_layers else cfg.n_layer + 1
+    want = ["global" if (i + 1) % n == 0 else "linear" for i in range(cfg.n_layer)]
+    return n if cfg.attn_layers == want else None
+
+
+def _check_hybrid(cfg: ModelConfig) -> None:
+    """What llama.cpp's qwen35 / qwen3next / qwen35moe fix: one head size for the linear layers'
+    keys and values, every n-th layer attention, unscaled RoPE, and for the MoE ones every FFN
+    a mixture of experts beside a gated shared expert, top-k weights renormalised."""
+    moe = "moe" in cfg.ffn_layers
+    why = {"linear_k_head_dim != linear_v_head_dim (llama.cpp gives both one size)":
+               cfg.linear_k_head_dim != cfg.linear_v_head_dim,
+           "attn_layers other than every n-th layer attention": full_attention_interval(cfg) is None,
+           "rope_scaling": cfg.rope_scaling is not None,
+           "dense FFN layers beside MoE ones": moe and "dense" in cfg.ffn_layers,
+           "router_renorm=false": moe and not cfg.router_renorm,
+           "an ungated shared expert": moe and not cfg.shared_expert_gate}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"no GGUF export: llama.cpp's Qwen3.5 / Qwen3-Next cannot run this model "
+                          f"({', '.join(found)}); "
+                          "export --format hf writes one transformers loads")
+
+
+def _v_heads_tiled(t: torch.Tensor, cfg: ModelConfig, head: int, dim: int = 0) -> torch.Tensor:
+    """Value heads (`head` channels each) along `dim` from grouped order (the r = n_v / n_k heads
+    of key head 0, then key head 1's, ...: ours and transformers') to tiled order (one head of
+    each key head, then the next, ...). llama.cpp's qwen35 repeats key heads by tiling
+    (ggml_repeat), so value head j must meet key head j % n_k; llama.cpp's converter reorders
+    the same way."""
+    nk, r = cfg.linear_k_heads, cfg.linear_v_heads // cfg.linear_k_heads
+    if r == 1:
+        return t
+    t = t.movedim(dim, 0)
+    t = t.reshape(nk, r, head, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return t.movedim(0, dim)
+
+
+def _hybrid_in_proj(w: torch.Tensor, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """A linear layer's c_in (rows [q | k | v | z | b | a]) -> llama.cpp's attn_qkv ([q | k | v],
+    the conv's input), attn_gate (z) and ssm_beta / ssm_alpha (qwen35, qwen35moe) or ssm_ba
+    (qwen3next: per key head its r b rows then its r a rows, as transformers' in_proj_ba)."""
+    nk, dk, nv, dv = cfg.linear_k_heads, cfg.linear_k_head_dim, cfg.linear_v_heads, cfg.linear_v_head_dim
+    q, k, v, z, b, a = w.split([nk * dk, nk * dk, nv * dv, nv * dv, nv, nv], dim=0)
+    if arch == "qwen3next":
+        ba = torch.cat([b.reshape(nk, -1, w.shape[1]), a.reshape(nk, -1, w.shape[1])], dim=1)
+        return {"attn_qkv.weight": torch.cat([q, k, v]), "attn_gate.weight": z,
+                "ssm_ba.weight": ba.reshape(2 * nv, -1)}
+    v, z, b, a = _v_heads_tiled(v, cfg, dv), _v_heads_tiled(z, cfg, dv), _v_heads_tiled(b, cfg, 1), \
+        _v_heads_tiled(a, cfg, 1)
+    return {"attn_qkv.weight": torch.cat([q, k, v]), "attn_gate.weight": z,
+            "ssm_beta.weight": b, "ssm_alpha.weight": a}
+
+
+def _tensors_via_hf(model: torch.nn.Module, family: str,
+                    layer: Callable[[int, str, torch.Tensor], dict[str, torch.Tensor]],
+                    top: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor, from transformers' tensors of `family` (`state_dict_to_hf`):
+    the embedding, final norm and head (and the family's other tensors outside the layers,
+    `top`) renamed, numbered experts stacked (n_expert, out, in) as llama.cpp's *_exps, and every
+    other layer tensor given to `layer(i, name after "model.layers.{i}.", tensor)`, which
+    returns {GGUF name after "blk.{i}.": tensor}."""
+    top = {**_TOP_NAMES, **(top or {})}
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, list[torch.Tensor]] = {}
+    for hf_name, t in state_dict_to_hf(model, family).items():
+        t = t.detach().float().cpu()
+        if hf_name in top:
+            out[top[hf_name]] = t
+            continue
+        m = _LAYER.match(hf_name)
+        i, rest = m.group(2), m.group(3)
+        if e := _EXPERT.match(rest):  # in expert order: transformers numbers them
+            experts.setdefault(f"blk.{i}.ffn_{e.group(2)}_exps.weight", []).append(t)
+            continue
+        out.update({f"blk.{i}.{k}": v.contiguous() for k, v in layer(int(i), rest, t).items()})
+    out.update({name: torch.stack(ts) for name, ts in experts.items()})
+    return out
+
+
+def _hybrid_tensors(model: torch.nn.Module, family: str, arch: str) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor for a Qwen3.5 / Qwen3-Next model (llama.cpp's converter's
+    transforms): (1 + w) norms written w + 1 (not the linear layers' gated norm, a plain gain),
+    A_log as ssm_a = -exp(A_log), the conv (conv_dim, 1, K) as (conv_dim, K), and for qwen35 /
+    qwen35moe the value heads tiled (`_v_heads_tiled`)."""
+    cfg = model.config
+    c_in = {i: model.state_dict()[f"transformer.h.{i}.attn.c_in.weight"].detach().float().cpu()
+            for i, kind in enumerate(cfg.attn_layers) if kind == "linear"}
+    tiled = arch != "qwen3next"
+    dv = cfg.linear_v_head_dim
+
+    def layer(i: int, rest: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if rest.startswith("linear_attn.in_proj"):  # cut from our c_in instead, once per layer
+            return _hybrid_in_proj(c_in[i], cfg, arch) if rest.endswith(("_qkv.weight", "_qkvz.weight")) else {}
+        name = _HYBRID_LAYER_NAMES[rest]
+        if name.endswith("norm.weight") and name != "ssm_norm.weight":
+            t = t + 1.0  # Qwen3.5's RMSNorms scale by (1 + w); llama.cpp's by the weight
+        elif name == "ssm_a":
+            t = -t.exp()  # llama.cpp multiplies softplus(a + dt_bias) by ssm_a
+        elif name == "ssm_conv1d.weight":
+            t = t.squeeze(1)
+        elif name == "ffn_gate_inp_shexp.weight":
+            t = t.reshape(-1)  # one gate logit per token: llama.cpp's {n_embd}
+        if tiled and name in ("ssm_a", "ssm_dt.bias"):
+            t = _v_heads_tiled(t, cfg, 1)
+        elif tiled and name == "ssm_conv1d.weight":
+            qk = 2 * cfg.linear_k_heads * cfg.linear_k_head_dim
+            t = torch.cat([t[:qk], _v_heads_tiled(t[qk:], cfg, dv)])
+        elif tiled and name == "ssm_out.weight":
+            t = _v_heads_tiled(t, cfg, dv, dim=1)
+        return {name: t}
+
+    out = _tensors_via_hf(model, family, layer)
+    out["output_norm.weight"] = out["output_norm.weight"] + 1.0
+    return out
+
+
+def _hybrid_metadata(w: Any, cfg: ModelConfig, arch: str) -> None:
+    """llama.cpp's hybrid keys: the linear layers' sizes (ssm.*: state_size is the head size,
+    group_count the key heads, time_step_rank the value heads), the layer pattern, Qwen3.5's
+    M-RoPE sections (text tokens give the three sections one position: plain RoPE) and the
+    experts. (The rotated channels, head_dim * partial_rotary_factor, are written with RoPE's.)"""
+    w.add_ssm_conv_kernel(cfg.linear_conv_kernel)
+    w.add_ssm_state_size(cfg.linear_k_head_dim)
+    w.add_ssm_group_count(cfg.linear_k_heads)
+    w.add_ssm_time_step_rank(cfg.linear_v_heads)
+    w.add_ssm_inner_size(cfg.linear_v_heads * cfg.linear_v_head_dim)
+    w.add_uint32(f"{arch}.full_attention_interval", full_attention_interval(cfg))
+    if arch != "qwen3next":
+        # llama.cpp's interleaved M-RoPE gives rotated pair j section j % 3 while j < 3 * its
+        # size, else the fourth (zero for text): sizes counting each residue keep every pair
+        # on a text position ([11, 11, 10] for Qwen3.5's 32 pairs)
+        pairs = int(cfg.head_dim * cfg.partial_rotary_factor) // 2
+        w.add_rope_dimension_sections([(pairs - r + 2) // 3 for r in range(3)] + [0])
+    if "moe" in cfg.ffn_layers:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_active)
+        w.add_expert_feed_forward_length(cfg.expert_hidden)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_hidden)
+
+
+# Latent attention (DeepSeek-V3) -----------------------------------------------------------------
+# llama.cpp's deepseek2 runs it. HF tensor name after "model.layers.{i}." -> GGUF name after
+# "blk.{i}." (kv_b_proj is split in two: `_mla_tensors`).
+_MLA_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+}
+
+
+def _check_mla(cfg: ModelConfig) -> None:
+    """What llama.cpp's deepseek2 lacks or requires: no attention biases or RoPE scaling (YaRN is
+    refused for every family); a low-rank query (it reads a full-rank one only in
+    DeepSeek-V2-Lite's layer counts) and MoE layers (it requires the expert keys), in groups of
+    equal size."""
+    moe = "moe" in cfg.ffn_layers
+    why = {"attention biases": cfg.attn_bias or cfg.qkv_bias, "rope_scaling": cfg.rope_scaling is not None,
+           "a full-rank query (q_lora_rank unset)": not cfg.q_lora_rank,
+           "no mixture-of-experts layer": not moe,
+           "n_expert not a multiple of router_groups": moe and cfg.n_expert % cfg.router_groups != 0}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"no GGUF export: llama.cpp's DeepSeek-V3 (deepseek2) cannot run this model "
+                          f"({', '.join(found)}); export --format hf writes one transformers loads")
+
+
+def _rope_rows_adjacent(w: torch.Tensor, heads: int, head: int, rope: int) -> torch.Tensor:
+    """Rows of a projection holding `heads` heads of `head` rows whose last `rope` rows are RoPE
+    channels: those reordered from rotate-half pairs (i, i + rope/2) to adjacent pairs (2i,
+    2i + 1), llama.cpp's deepseek2 RoPE (`permute_rope`). DeepSeek's own checkpoints
+    (rope_interleave) are adjacent already."""
+    w = w.reshape(heads, head, -1).clone()
+    w[:, head - rope:] = permute_rope(w[:, head - rope:].reshape(heads * rope, -1), heads).reshape(heads, rope, -1)
+    return w.reshape(heads * head, -1)
+
+
+def _mla_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor for a DeepSeek-V3 model: kv_b_proj ((H * (dn + dv), r): per
+    head dn key rows then dv value rows) split into llama.cpp's attn_k_b (H, r, dn), the key
+    rows transposed, which it multiplies the query by (absorbed attention over the latents),
+    and attn_v_b (H, dv, r), which maps the attended latent out; RoPE rows adjacent."""
+    cfg = model.config
+    H, dn, dr, dv = cfg.n_head, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+
+    def layer(i: int, rest: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if rest == "self_attn.kv_b_proj.weight":
+            k_b, v_b = t.reshape(H, dn + dv, -1).split([dn, dv], dim=1)
+            return {"attn_k_b.weight": k_b.transpose(1, 2), "attn_v_b.weight": v_b}
+        name = _MLA_LAYER_NAMES[rest]
+        if not cfg.rope_interleave and name == "attn_q_b.weight":
+            t = _rope_rows_adjacent(t, H, dn + dr, dr)
+        elif not cfg.rope_interleave and name == "attn_kv_a_mqa.weight":  # rows [latent | k_rope]
+            t = _rope_rows_adjacent(t, 1, len(t), dr)
+        return {name: t}
+
+    return _tensors_via_hf(model, "deepseek_v3", layer)
+
+
+def _mla_metadata(w: Any, cfg: ModelConfig, gguf: Any) -> None:
+    """llama.cpp's deepseek2 keys: attention as MQA over the latents (one KV head, keys of
+    kv_lora_rank + qk_rope_head_dim, values of kv_lora_rank), the per-head sizes it scores and
+    outputs with (key/value_length_mla), the ranks, the dense first layers and DeepSeek's
+    routing (sigmoid scores, the correction bias, groups, routed_scale)."""
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_leading_dense_block_count(cfg.ffn_layers.index("moe"))
+    w.add_expert_count(cfg.n_expert)
+    w.add_expert_used_count(cfg.n_expert_active)
+    w.add_expert_feed_forward_length(cfg.expert_hidden)
+    w.add_expert_shared_count(cfg.shared_expert_hidden // cfg.expert_hidden)
+    w.add_expert_weights_scale(float(cfg.routed_scale))
+    w.add_expert_weights_norm(bool(cfg.router_renorm))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if cfg.router_topk_groups < cfg.router_groups:  # keeping every group limits nothing
+        w.add_expert_group_count(cfg.router_groups)
+        w.add_expert_group_used_count(cfg.router_topk_groups)
+
+
+# Gemma 4 (text) -------------------------------------------------------------------------------
+# llama.cpp's gemma4. HF tensor name after "model.layers.{i}." -> GGUF name after "blk.{i}.".
+_GEMMA4_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",  # absent where the layer reads shared keys
+    "self_attn.v_proj.weight": "attn_v.weight",  # absent where K = V: llama.cpp then takes k
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "per_layer_input_gate.weight": "inp_gate.weight",
+    "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight",
+    "layer_scalar": "layer_output_scale.weight",
+    # the MoE block beside the MLP: its norms, router (weight, the scale of its normed input,
+    # the per-expert output scales) and experts, stacked as transformers stacks them
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+    "router.proj.weight": "ffn_gate_inp.weight",
+    "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight",  # (E, 2 * expert_hidden, C): [gate | up]
+    "experts.down_proj": "ffn_down_exps.weight",
+}
+_GEMMA4_TOP_NAMES = {"model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+                     "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+                     "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight"}
+
+
+def _check_gemma4(cfg: ModelConfig) -> None:
+    """What llama.cpp's gemma4 fixes: the values RMS-normalised, attention scale 1, no attention
+    soft-cap, RoPE scaling only Gemma 4's proportional one on global layers (local layers with
+    their own base), KV-shared local layers reading the last unshared layer but one and global
+    ones the last (so those two are local then global)."""
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    first_shared = cfg.n_layer - cfg.kv_shared_layers
+    reuse = [first_shared - (2 if cfg.attn_layers[i] == "local" else 1) for i in range(first_shared, cfg.n_layer)]
+    why = {"v_norm=false": not cfg.v_norm, "attn_scale_dim other than 1": cfg.attn_scale_dim != 1.0,
+           "attn_softcap": cfg.attn_softcap is not None,
+           "rope_scaling other than proportional": cfg.rope_scaling is not None and kind != "proportional",
+           "rope_scaling on local layers (no rope_local_theta)":
+               cfg.rope_scaling is not None and cfg.rope_local_theta is None and "local" in cfg.attn_layers,
+           "KV-shared layers reading other layers than the last unshared local and global ones":
+               [cfg.kv_source(i) for i in range(first_shared, cfg.n_layer)] != reuse,
+           "per_layer_vocab_size other than vocab_size": cfg.per_layer_input_dim > 0
+               and cfg.per_layer_vocab_size != cfg.vocab_size}
+    found = [k for k, v in why.items() if v]
+    if found:
+        raise BardlmError(f"no GGUF export: llama.cpp's Gemma 4 cannot run this model ({', '.join(found)}); "
+                          "export --format hf writes one transformers loads")
+
+
+def _gemma4_rope_freqs(cfg: ModelConfig) -> torch.Tensor:
+    """(global_head_dim // 2,) float32 `rope_freqs`, which llama.cpp divides the global layers'
+    RoPE frequencies by: it rotates every channel pair of the head at theta^(-2i/head_dim), so
+    proportional RoPE's unrotated pairs get 1e30 (angle 0, as llama.cpp's converter writes) and
+    the rotated ones its `factor`."""
+    pairs = cfg.global_head_dim // 2
+    scaling = cfg.rope_scaling or {}
+    rotated = int(scaling.get("partial_rotary_factor", 1.0) * cfg.global_head_dim // 2)
+    factor = float(scaling.get("factor", 1.0))
+    return torch.tensor([factor] * rotated + [1e30] * (pairs - rotated), dtype=torch.float32)
+
+
+def _gemma4_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor for a Gemma 4 (text) model: norms as they are (Gemma 4's
+    scale by w, as llama.cpp's), the per-layer input tables, the experts as transformers stacks
+    them, and `rope_freqs`."""
+
+    def layer(i: int, rest: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {_GEMMA4_LAYER_NAMES[rest]: t}
+
+    return {"rope_freqs.weight": _gemma4_rope_freqs(model.config),
+            **_tensors_via_hf(model, "gemma4_text", layer, _GEMMA4_TOP_NAMES)}
+
+
+def _gemma4_metadata(w: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's gemma4 keys: head sizes and KV heads of global layers (key_length,
+    head_count_kv per layer) and local ones (*_swa), which layers are local, the window, the two
+    RoPE bases and rotated channels (a global layer's whole head: `rope_freqs` stops the rest),
+    the KV-shared layers, the per-layer input width, the final soft-cap and the experts. (The MLP widths, per
+    layer for the double-wide MLP, are written with the common keys.)"""
+    w.add_head_count_kv([cfg.layer_kv_heads(i) for i in range(cfg.n_layer)])
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_key_length(cfg.global_head_dim)
+    w.add_value_length(cfg.global_head_dim)
+    w.add_key_length_swa(cfg.head_dim)
+    w.add_value_length_swa(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window or cfg.block_size)
+    w.add_sliding_window_pattern([kind == "local" for kind in cfg.attn_layers])
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.global_head_dim)
+    w.add_rope_dimension_count_swa(int(cfg.head_dim * cfg.partial_rotary_factor))
+    w.add_shared_kv_layers(cfg.kv_shared_layers)
+    w.add_embedding_length_per_layer_input(cfg.per_layer_input_dim)
+    if cfg.logit_softcap is not None:
+        w.add_final_logit_softcapping(cfg.logit_softcap)
+    if cfg.n_expert:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_active)
+        w.add_expert_feed_forward_length(cfg.expert_hidden)
 
 
 # RoPE layout ----------------------------------------------------------------------------------
@@ -345,8 +756,15 @@ def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor:
 
 
 # Tensors --------------------------------------------------------------------------------------
-def gguf_tensors(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor]:
-    """GGUF name -> float32 tensor (numpy layout (out, in) for 2-D weights), in file order."""
+def gguf_tensors(model: torch.nn.Module, family: str, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor (numpy layout (out, in) for 2-D weights), in file order.
+    `arch`: the llama.cpp architecture, where more than one runs the family."""
+    if family in HYBRID_FAMILIES:
+        return _hybrid_tensors(model, family, arch or HYBRID_ARCHS[family][0])
+    if family == "deepseek_v3":
+        return _mla_tensors(model)
+    if family == "gemma4_text":
+        return _gemma4_tensors(model)
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -442,8 +860,8 @@ def _storage_type(name: str, t: torch.Tensor, qtype: str) -> str:
     """"f32", "f16", "q8_0" or "q4_0" for one tensor of a file of type `qtype`."""
     if qtype == "f32" or t.ndim < 2 or name.startswith(("position_embd", "rope_freqs")) \
             or not name.endswith(".weight") or ".ffn_gate_inp." in name \
-            or name.endswith("shortconv.conv.weight"):
-        # llama.cpp reads 1-D tensors (and its conv op's weights) as f32 only; positions and
+            or name.endswith(("shortconv.conv.weight", "ssm_conv1d.weight")):
+        # llama.cpp reads 1-D tensors (and its conv ops' weights) as f32 only; positions and
         # biases (the experts' are 2-D) are added as is; routers stay f32, as llama.cpp's
         # converter keeps them
         return "f32"
@@ -562,10 +980,20 @@ def _gguf() -> Any:
     return gguf
 
 
+def gguf_arch(family: str, arch: str | None = None) -> str:
+    """llama.cpp's architecture name for `family` (`arch` picks one where several run it)."""
+    archs = HYBRID_ARCHS.get(family, (GGUF_ARCH.get(family, family),))
+    if arch is not None and arch not in archs:
+        raise BardlmError(f"llama.cpp runs this model as {' or '.join(archs)}, not {arch!r}")
+    return arch or archs[0]
+
+
 def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: str = "f16",
-               name: str = "bardlm", meta: ModelMeta | None = None) -> dict[str, Any]:
+               name: str = "bardlm", meta: ModelMeta | None = None,
+               arch: str | None = None) -> dict[str, Any]:
     """Write `model` (+ its byte-level BPE tokenizer and `meta`: special ids, chat template) to
-    the GGUF file `out`, all or nothing.
+    the GGUF file `out`, all or nothing. `arch`: the llama.cpp architecture where more than one
+    runs the model (a MoE hybrid: "qwen3next", the default, or "qwen35moe").
 
     Returns a summary: architecture, type, tensor count and bytes."""
     if qtype not in TYPES:
@@ -578,22 +1006,25 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
     gguf = _gguf()
     cfg = model.config
     family = check_exportable(cfg)
+    arch = gguf_arch(family, arch)
     vocab = tokenizer_metadata(tokenizer, cfg, meta)
-    tensors = gguf_tensors(model, family)
+    tensors = gguf_tensors(model, family, arch)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
     out = Path(out)
 
     def write(tmp: str) -> None:
-        arch = GGUF_ARCH.get(family, family)
         w = gguf.GGUFWriter(tmp, arch)  # the arch string is also the metadata key prefix
         w.add_name(name)
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
-        # llama.cpp's llama (Mixtral) and olmoe read the experts' width from feed_forward_length
-        w.add_feed_forward_length(cfg.expert_hidden if family in ("mixtral", "olmoe") else cfg.ffn_hidden)
+        # llama.cpp's llama (Mixtral) and olmoe read the experts' width from feed_forward_length;
+        # Gemma 4's double-wide MLPs differ per layer
+        w.add_feed_forward_length(cfg.expert_hidden if family in ("mixtral", "olmoe") else
+                                  [cfg.layer_ffn_hidden(i) for i in range(cfg.n_layer)]
+                                  if cfg.double_wide_mlp else cfg.ffn_hidden)
         w.add_head_count(cfg.n_head)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(file_type)
@@ -601,14 +1032,20 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if family == "gpt2":
             w.add_layer_norm_eps(cfg.norm_eps)
+        elif family == "deepseek_v3":
+            _mla_metadata(w, cfg, gguf)
+        elif family == "gemma4_text":
+            _gemma4_metadata(w, cfg)
         else:
             w.add_head_count_kv(_head_count_kv(cfg, family))
             w.add_layer_norm_rms_eps(cfg.norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
-            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_rope_dimension_count(int(cfg.head_dim * cfg.partial_rotary_factor))
             if cfg.head_dim * cfg.n_head != cfg.n_embd or family in ("gemma3_text", "gemma2"):  # decoupled head size
                 w.add_key_length(cfg.head_dim)
                 w.add_value_length(cfg.head_dim)
+            if family in HYBRID_FAMILIES:
+                _hybrid_metadata(w, cfg, arch)
             if family in SWA_EVERY:
                 w.add_sliding_window(cfg.sliding_window or cfg.block_size)
             if family == "lfm2":  # the short convolutions' kernel
@@ -657,7 +1094,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
         w.close()
 
     atomic_write_many([(out, write)])
-    return {"out": str(out), "format": "gguf", "architecture": GGUF_ARCH.get(family, family), "type": qtype,
+    return {"out": str(out), "format": "gguf", "architecture": arch, "type": qtype,
             "tensors": len(tensors), "bytes": out.stat().st_size,
             "tokenizer_pre": vocab["pre"], "vocab": len(vocab["tokens"])}
 
