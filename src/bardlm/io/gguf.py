@@ -375,7 +375,7 @@ _HYBRID_LAYER_NAMES = {
     "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
-_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_HYBRID_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
 
@@ -455,7 +455,7 @@ def _tensors_via_hf(model: torch.nn.Module, family: str,
             continue
         m = _LAYER.match(hf_name)
         i, rest = m.group(2), m.group(3)
-        if e := _EXPERT.match(rest):  # in expert order: transformers numbers them
+        if e := _HYBRID_EXPERT.match(rest):  # in expert order: transformers numbers them
             experts.setdefault(f"blk.{i}.ffn_{e.group(2)}_exps.weight", []).append(t)
             continue
         out.update({f"blk.{i}.{k}": v.contiguous() for k, v in layer(int(i), rest, t).items()})
