@@ -1,7 +1,7 @@
 """GGUF export of issue 34's families, read back by llama.cpp itself (llama-cpp-python; the
 llama.cpp tests skip where it is not installed) and by the `gguf` package's GGUFReader:
 Qwen3.5 (llama.cpp's qwen35), the MoE hybrid (Qwen3-Next: qwen3next, and the same function as
-qwen35moe), DeepSeek-V3 (deepseek2) and Gemma 4 (gemma4). Small random-weight models; llama.cpp
+qwen35moe; a model imported from Qwen3.5-MoE: qwen35moe by default), DeepSeek-V3 (deepseek2) and Gemma 4 (gemma4). Small random-weight models; llama.cpp
 must give our logits at every position of an 80-token prompt: more than one chunk (64 tokens)
 of the delta rule, ten of Gemma 4's windows."""
 
@@ -43,6 +43,12 @@ def hybrid(vocab: int, moe: bool = False):  # noqa: ANN201
     return cfg
 
 
+def qwen3_5_moe(vocab: int):  # noqa: ANN201
+    """The MoE hybrid as imported from Qwen3.5-MoE (its family recorded, as `config_from_hf` does)."""
+    cfg = hybrid(vocab, moe=True)
+    return cfg.replace(extra={**cfg.extra, "hf_family": "qwen3_5_moe_text"})
+
+
 def mla(vocab: int, interleave: bool = True):  # noqa: ANN201
     """DeepSeek-V3: latent attention (low-rank q, a latent of 32 + 16 RoPE channels), the first
     FFN dense, then 8 experts in 4 groups (top 2 of the best 2 groups) beside a shared expert;
@@ -69,6 +75,7 @@ def gemma4(vocab: int, moe: bool = False):  # noqa: ANN201
 CASES = {"qwen35": (hybrid, None, "qwen35"),
          "qwen3next": (lambda v: hybrid(v, moe=True), None, "qwen3next"),
          "qwen35moe": (lambda v: hybrid(v, moe=True), "qwen35moe", "qwen35moe"),
+         "qwen3_5_moe": (qwen3_5_moe, None, "qwen35moe"),
          "deepseek2": (mla, None, "deepseek2"),
          "deepseek2-rotate-half": (lambda v: mla(v, interleave=False), None, "deepseek2"),
          "gemma4": (gemma4, None, "gemma4"),
@@ -124,22 +131,22 @@ def test_llama_cpp_computes_our_logits(tmp_path, bpe, case: str) -> None:  # noq
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-@pytest.mark.parametrize("case", ["qwen35", "qwen3next", "qwen35moe"])
+@pytest.mark.parametrize("case", ["qwen35", "qwen3next", "qwen35moe", "qwen3_5_moe"])
 def test_reader_names_shapes_metadata(tmp_path, bpe, case: str) -> None:  # noqa: ANN001
-    config, arch, _ = CASES[case]
-    moe = case != "qwen35"
+    config, arch, written = CASES[case]
+    moe = written != "qwen35"
     cfg = config(bpe.vocab_size)
     model = random_model(cfg)
     write_gguf(model, bpe, tmp_path / "m.gguf", "q8_0", arch=arch)
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[case.upper()]]}
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[written.upper()]]}
     t = {x.name: x for x in reader.tensors}
     for name in t:  # every name is one llama.cpp's architecture declares
         base = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
         assert any(base == a.format(bid=i) for a in allowed for i in range(cfg.n_layer)), name
     linear = ["attn_qkv.weight", "attn_gate.weight", "ssm_conv1d.weight", "ssm_a", "ssm_dt.bias",
               "ssm_norm.weight", "ssm_out.weight"]
-    linear += ["ssm_ba.weight"] if case == "qwen3next" else ["ssm_beta.weight", "ssm_alpha.weight"]
+    linear += ["ssm_ba.weight"] if written == "qwen3next" else ["ssm_beta.weight", "ssm_alpha.weight"]
     attn = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
             "attn_q_norm.weight", "attn_k_norm.weight"]
     ffn = (["ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight",
@@ -163,7 +170,7 @@ def test_reader_names_shapes_metadata(tmp_path, bpe, case: str) -> None:  # noqa
     # the linear layers' gated norm as it is
     a_log = model.transformer.h[0].attn.A_log.detach()
     a = -a_log.exp()
-    if case != "qwen3next":  # key head j % 2 serves value head j: ours 0, 0, 1, 1 -> 0, 1, 0, 1
+    if written != "qwen3next":  # key head j % 2 serves value head j: ours 0, 0, 1, 1 -> 0, 1, 0, 1
         a = a[[0, 2, 1, 3]]
     np.testing.assert_allclose(np.asarray(t["blk.0.ssm_a"].data), a.numpy(), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(t["blk.0.attn_norm.weight"].data),
@@ -171,15 +178,15 @@ def test_reader_names_shapes_metadata(tmp_path, bpe, case: str) -> None:  # noqa
     np.testing.assert_allclose(np.asarray(t["blk.0.ssm_norm.weight"].data),
                                model.transformer.h[0].attn.norm.weight.detach().numpy(), rtol=1e-6)
     md = {k: f.contents() for k, f in reader.fields.items()}
-    assert md["general.architecture"] == case
-    assert md[f"{case}.ssm.conv_kernel"] == 4 and md[f"{case}.ssm.state_size"] == 16
-    assert md[f"{case}.ssm.group_count"] == 2 and md[f"{case}.ssm.time_step_rank"] == 4
-    assert md[f"{case}.ssm.inner_size"] == 64 and md[f"{case}.full_attention_interval"] == 4
-    assert md[f"{case}.rope.dimension_count"] == 4  # a quarter of each 16-channel head
-    if case != "qwen3next":
-        assert md[f"{case}.rope.dimension_sections"] == [1, 1, 0, 0]
+    assert md["general.architecture"] == written
+    assert md[f"{written}.ssm.conv_kernel"] == 4 and md[f"{written}.ssm.state_size"] == 16
+    assert md[f"{written}.ssm.group_count"] == 2 and md[f"{written}.ssm.time_step_rank"] == 4
+    assert md[f"{written}.ssm.inner_size"] == 64 and md[f"{written}.full_attention_interval"] == 4
+    assert md[f"{written}.rope.dimension_count"] == 4  # a quarter of each 16-channel head
+    if written != "qwen3next":
+        assert md[f"{written}.rope.dimension_sections"] == [1, 1, 0, 0]
     if moe:
-        assert [md[f"{case}.{k}"] for k in ("expert_count", "expert_used_count",
+        assert [md[f"{written}.{k}"] for k in ("expert_count", "expert_used_count",
                 "expert_feed_forward_length", "expert_shared_feed_forward_length")] == [4, 2, 32, 48]
 
 
@@ -308,7 +315,7 @@ def test_refuses_gemma4_llama_cpp_cannot_run(tmp_path, bpe) -> None:  # noqa: AN
     assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("case", ["qwen35", "qwen3next", "deepseek2", "gemma4"])
+@pytest.mark.parametrize("case", ["qwen35", "qwen3next", "qwen3_5_moe", "deepseek2", "gemma4"])
 def test_cli_export_and_hf_directory_give_the_same_file(tmp_path, bpe, case: str, capsys) -> None:  # noqa: ANN001
     """`bardlm export --format gguf` of a bardlm run, and `export_gguf` of the Hugging Face
     directory it exports (how a model imported from the Hub is exported): the same tensors."""

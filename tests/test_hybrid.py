@@ -1,4 +1,4 @@
-"""Qwen3.5 (text, dense) and Qwen3-Next (MoE with a shared expert) against `transformers`:
+"""Qwen3.5 (text, dense), Qwen3-Next and Qwen3.5-MoE (MoE with a shared expert) against `transformers`:
 random-weight models built from small configs (nothing is downloaded), three gated delta rule
 layers to one gated, partially rotary attention layer. They load into bardlm with equal fp32
 logits over more than three chunks of the delta rule, greedy decoding with our cache (a fixed
@@ -15,6 +15,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402, I001
     AutoModelForCausalLM,
     Qwen3_5ForCausalLM,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeTextConfig,
     Qwen3_5TextConfig,
     Qwen3NextConfig,
     Qwen3NextForCausalLM,
@@ -51,6 +53,13 @@ def qwen3_next() -> Qwen3NextForCausalLM:
         shared_expert_intermediate_size=48, mlp_only_layers=[1]))
 
 
+def qwen3_5_moe() -> Qwen3_5MoeForCausalLM:
+    """Qwen3.5's linear layers (four in_proj apart), Qwen3-Next's experts in every layer."""
+    return Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(
+        **SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48))
+
+
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
     """Norm weights away from their start (a dropped (1 + w) or gain would not show otherwise),
     N(0, 1) routers so that tokens spread over every expert, dt_bias away from 1."""
@@ -66,7 +75,7 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
 
 
 CASES = {"qwen3_5": lambda: qwen3_5(), "qwen3_5-tied": lambda: qwen3_5(tied=True),
-         "qwen3_next": qwen3_next}
+         "qwen3_next": qwen3_next, "qwen3_5_moe": qwen3_5_moe}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -111,6 +120,22 @@ def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: 
     assert from_pretrained(tmp / "back").config == ours.config
 
 
+def test_qwen3_5_moe_stacked_experts_load(tmp_path) -> None:  # noqa: ANN001
+    """A Qwen3.5-MoE checkpoint may hold each layer's experts as transformers does in memory,
+    stacked in experts.gate_up_proj (E, 2F, C) and experts.down_proj (E, C, F), rather than
+    numbered as save_pretrained writes them: both load to the same logits."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    ref = randomise(qwen3_5_moe())
+    ref.save_pretrained(tmp_path)
+    sd = ref.state_dict()
+    assert sd["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 2 * 32, 64)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    idx = torch.randint(0, V, (1, 70))
+    assert_same_logits(ref, from_pretrained(tmp_path), idx)
+
+
 def test_int8_runs_close_to_fp32(pair) -> None:  # noqa: ANN001
     _, ours, tmp = pair
     q, _ = bardlm.load(tmp / "hf", dtype="int8")
@@ -146,6 +171,15 @@ def test_config_fields_on_import() -> None:
     cfg = config_from_hf(qwen3_next().config.to_dict())
     assert cfg.ffn_layers == ["moe", "dense", "moe", "moe"] and cfg.shared_expert_hidden == 48
     assert family_of(cfg) == "qwen3_next"
+    # Qwen3.5-MoE: no mlp_only_layers or norm_topk_prob (every layer MoE, top k renormalised);
+    # a bardlm MoE hybrid without its family recorded goes to Qwen3-Next, as do ones it cannot hold
+    moe = config_from_hf(qwen3_5_moe().config.to_dict())
+    assert moe.ffn_layers == ["moe"] * 4 and moe.router_renorm and moe.shared_expert_hidden == 48
+    assert (moe.n_expert, moe.n_expert_active, moe.expert_hidden) == (4, 2, 32)
+    assert family_of(moe) == "qwen3_5_moe_text"
+    assert family_of(moe.replace(extra={})) == "qwen3_next"
+    assert family_of(moe.replace(ffn_layers=["dense", "moe", "moe", "moe"])) == "qwen3_next"
+    assert family_of(moe.replace(router_renorm=False)) == "qwen3_next"
     # The fixed state: one sequence's linear layers hold the same bytes at any length.
     conv = (2 * 2 * 8 + 4 * 12) * 3
     assert cfg.linear_state_elements() == (3 * conv, 3 * 4 * 8 * 12)

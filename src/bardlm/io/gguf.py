@@ -47,7 +47,7 @@ Sixteen families, written as fourteen llama.cpp architectures:
 
 Issue 34's families go through transformers' names too (`_tensors_via_hf`), each with its own
 table and transforms: Qwen3.5 as "qwen35" and the MoE hybrid (Qwen3-Next) as "qwen3next" or
-"qwen35moe" (`_hybrid_tensors`), DeepSeek-V3 as "deepseek2" (`_mla_tensors`), Gemma 4 (text)
+"qwen35moe" (Qwen3.5-MoE: "qwen35moe" first) (`_hybrid_tensors`), DeepSeek-V3 as "deepseek2" (`_mla_tensors`), Gemma 4 (text)
 as "gemma4" (`_gemma4_tensors`).
 
 Shapes: GGUF lists dimensions fastest-first, numpy slowest-first; the `gguf` package reverses
@@ -348,8 +348,10 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
 # Linear-attention hybrids (Qwen3.5, Qwen3-Next) ------------------------------------------------
 # The llama.cpp architectures that run each hybrid family, the default first: a MoE hybrid is
 # transformers' Qwen3-Next, which llama.cpp runs as "qwen3next" and, computing the same
-# function, as Qwen3.5-MoE's "qwen35moe".
-HYBRID_ARCHS = {"qwen3_5_text": ("qwen35",), "qwen3_next": ("qwen3next", "qwen35moe")}
+# function, as Qwen3.5-MoE's "qwen35moe"; a model imported from Qwen3.5-MoE goes to its own
+# "qwen35moe" by default.
+HYBRID_ARCHS = {"qwen3_5_text": ("qwen35",), "qwen3_next": ("qwen3next", "qwen35moe"),
+                "qwen3_5_moe_text": ("qwen35moe", "qwen3next")}
 # HF tensor name after "model.layers.{i}." -> GGUF name after "blk.{i}." (the linear layers'
 # in_proj tensors are cut from our c_in instead: `_hybrid_in_proj`).
 _HYBRID_LAYER_NAMES = {
@@ -993,7 +995,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: s
                arch: str | None = None) -> dict[str, Any]:
     """Write `model` (+ its byte-level BPE tokenizer and `meta`: special ids, chat template) to
     the GGUF file `out`, all or nothing. `arch`: the llama.cpp architecture where more than one
-    runs the model (a MoE hybrid: "qwen3next", the default, or "qwen35moe").
+    runs the model (a MoE hybrid: "qwen3next", the default, or "qwen35moe"; "qwen35moe" first
+    for a model imported from Qwen3.5-MoE).
 
     Returns a summary: architecture, type, tensor count and bytes."""
     if qtype not in TYPES:

@@ -81,13 +81,14 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
                  "gpt_oss": "GptOssForCausalLM", "olmo3": "Olmo3ForCausalLM",
                  "deepseek_v3": "DeepseekV3ForCausalLM",
                  "qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                 "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
                  "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 GEMMA_FAMILIES = ("gemma2", "gemma3_text", "gemma4_text")
 # Families whose attention may be sliding-window (per layer); the others refuse windows.
 WINDOW_FAMILIES = ("mistral", "smollm3", "gpt_oss", "olmo3", *GEMMA_FAMILIES)
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "lfm2_moe")
 # Linear-attention hybrids: gated delta rule layers and gated attention layers (nn/deltanet.py).
-HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_next")
+HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_next", "qwen3_5_moe_text")
 # Families that compute exactly what another one does: a model imported from one is exported
 # back to it (`family_of` reads the family recorded at import), a bardlm model to the other.
 SAME_FUNCTION = {"phi3": "llama"}
@@ -219,6 +220,25 @@ def _unstack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def _unstack_qwen_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen3.5-MoE's experts as transformers holds them in memory (a checkpoint may store them
+    so: experts.gate_up_proj (E, 2F, C), rows [gate | up], and experts.down_proj (E, C, F)) ->
+    the numbered experts.{e}.{gate,up,down}_proj.weight that save_pretrained writes."""
+    out = {}
+    for name, t in tensors.items():
+        head, sep, kind = name.rpartition(".experts.")
+        if not sep or kind not in ("gate_up_proj", "down_proj"):
+            out[name] = t
+            continue
+        for e, te in enumerate(t):
+            x = f"{head}.experts.{e}."
+            if kind == "gate_up_proj":
+                out[x + "gate_proj.weight"], out[x + "up_proj.weight"] = te.chunk(2, dim=0)
+            else:
+                out[x + "down_proj.weight"] = te
+    return out
+
+
 def _stack_experts(tensors: dict[str, torch.Tensor], n_expert: int) -> dict[str, torch.Tensor]:
     """The inverse of `_unstack_experts`: per-expert tensors -> gpt-oss's stacked layout."""
     out = {k: v for k, v in tensors.items() if ".experts." not in k}
@@ -299,15 +319,18 @@ def _gemma4_table() -> list[Entry]:
 
 
 def _hybrid_table(family: str) -> list[Entry]:
-    """Qwen3.5 (text) and Qwen3-Next: Llama's names ((1 + w) norms store w, as we do) with the
-    attention entries on "global" layers only, c_attn gated (q_proj holds each head's query then
-    gate rows), and a linear layer's `linear_attn` tensors; Qwen3-Next adds Qwen2-MoE's
-    experts, router and gated shared expert."""
+    """Qwen3.5 (text), Qwen3-Next and Qwen3.5-MoE: Llama's names ((1 + w) norms store w, as we
+    do) with the attention entries on "global" layers only, c_attn gated (q_proj holds each
+    head's query then gate rows), and a linear layer's `linear_attn` tensors (Qwen3-Next's
+    in_proj fused per key head, Qwen3.5's four in_proj apart); the MoE ones (Qwen3-Next,
+    Qwen3.5-MoE) add Qwen2-MoE's numbered experts (what transformers writes; Qwen3.5-MoE's
+    stacked experts are unstacked on reading, `_normalise_hf_names`), router and gated shared
+    expert."""
     h, t = "transformer.h.{i}.", "model.layers.{i}."
     attn, lin = ("global",), ("linear",)
     out = []
     for e in (_moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj") + _SHARED_EXPERT
-              if family == "qwen3_next" else _llama_table()):
+              if family != "qwen3_5_text" else _llama_table()):
         if not e.ours.startswith(h + "attn."):
             out.append(e)
         elif e.ours.startswith(h + "attn.c_attn."):
@@ -377,6 +400,7 @@ TABLES = {"gpt2": _gpt2_table(), "llama": _llama_table(), "qwen3": _llama_table(
           "olmoe": _moe_table("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
           "gpt_oss": _gpt_oss_table(), "olmo3": _olmo2_table(), "deepseek_v3": _deepseek_v3_table(),
           "qwen3_5_text": _hybrid_table("qwen3_5_text"), "qwen3_next": _hybrid_table("qwen3_next"),
+          "qwen3_5_moe_text": _hybrid_table("qwen3_5_moe_text"),
           "lfm2": _lfm2_table(), "lfm2_moe": _lfm2_moe_table()}
 
 
@@ -570,6 +594,11 @@ QWEN3_NEXT_DEFAULTS = dict(QWEN3_5_DEFAULTS, vocab_size=151936, hidden_size=2048
                            shared_expert_intermediate_size=512, num_experts_per_tok=10,
                            num_experts=512, norm_topk_prob=True, router_aux_loss_coef=0.001,
                            mlp_only_layers=[])
+# Qwen3_5MoeTextConfig's (Qwen3.5-35B-A3B's shape): every layer MoE, no dense MLP width.
+QWEN3_5_MOE_DEFAULTS = dict({k: v for k, v in QWEN3_5_DEFAULTS.items() if k != "intermediate_size"},
+                            hidden_size=2048, num_hidden_layers=40, num_key_value_heads=2,
+                            moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                            num_experts_per_tok=8, num_experts=256, router_aux_loss_coef=0.001)
 # Lfm2Config's defaults (LFM2-2.6B's shape); intermediate_size is adjusted (`_lfm2_ffn_hidden`).
 LFM2_DEFAULTS = dict(vocab_size=65536, hidden_size=2560, intermediate_size=12288, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=128000,
@@ -594,6 +623,7 @@ DEFAULTS = {"gpt2": GPT2_DEFAULTS, "llama": LLAMA_DEFAULTS, "qwen3": QWEN3_DEFAU
             "gpt_oss": GPT_OSS_DEFAULTS, "olmo3": OLMO3_DEFAULTS,
             "deepseek_v3": DEEPSEEK_V3_DEFAULTS,
             "qwen3_5_text": QWEN3_5_DEFAULTS, "qwen3_next": QWEN3_NEXT_DEFAULTS, "lfm2": LFM2_DEFAULTS,
+            "qwen3_5_moe_text": QWEN3_5_MOE_DEFAULTS,
             "lfm2_moe": LFM2_MOE_DEFAULTS}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both GELU's tanh approximation
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
@@ -816,9 +846,10 @@ def _partial_rotary(hf: dict[str, Any], c: dict[str, Any]) -> float:
 
 def _hybrid_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: dict[str, Any],
                    where: str) -> ModelConfig:
-    """Qwen3.5 (text) and Qwen3-Next: linear_attention layers (gated delta rule) and
-    full_attention layers (gated, QK-normed, partially rotary attention); (1 + w) RMSNorms;
-    SwiGLU MLPs, or (Qwen3-Next) Qwen2-MoE-style experts with a gated shared expert."""
+    """Qwen3.5 (text), Qwen3-Next and Qwen3.5-MoE: linear_attention layers (gated delta rule)
+    and full_attention layers (gated, QK-normed, partially rotary attention); (1 + w) RMSNorms;
+    SwiGLU MLPs, or (Qwen3-Next, Qwen3.5-MoE) Qwen2-MoE-style experts with a gated shared
+    expert."""
     if c["hidden_act"] != "silu":
         raise BardlmError(f"{where}: hidden_act {c['hidden_act']!r} is not supported; SwiGLU needs 'silu'")
     n = c["num_hidden_layers"]
@@ -832,15 +863,16 @@ def _hybrid_config(hf: dict[str, Any], c: dict[str, Any], family: str, extra: di
                           f"each of the {n} layers, got {types}")
     theta, scaling = _rope_from_hf(hf, where, partial=True)
     n_head, n_embd, head_dim = c["num_attention_heads"], c["hidden_size"], c["head_dim"]
-    moe = _moe_from_hf(c, family) if family == "qwen3_next" else {}
-    if family == "qwen3_next":
-        extra["hf_family"] = family  # a dense Qwen3-Next (no experts) goes back as Qwen3-Next
+    moe = _moe_from_hf(c, family) if family != "qwen3_5_text" else {}
+    if family != "qwen3_5_text":  # exported back to this family, not to the other MoE hybrid
+        extra["hf_family"] = family  # (and a dense Qwen3-Next, no experts, as Qwen3-Next)
     return ModelConfig(
         vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"], n_layer=n,
         n_head=n_head, n_embd=n_embd, n_kv_head=c["num_key_value_heads"] or n_head,
         head_dim=None if head_dim in (None, n_embd // n_head) and n_embd % n_head == 0 else head_dim,
-        ffn_hidden=c["intermediate_size"], ffn="swiglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"],
-        norm_unit_offset=True, pos="rope", rope_theta=theta, rope_scaling=scaling,
+        # Qwen3.5-MoE has no dense MLP (intermediate_size): the experts' width stands in, unused
+        ffn_hidden=c["moe_intermediate_size" if family == "qwen3_5_moe_text" else "intermediate_size"],
+        ffn="swiglu", norm="rmsnorm", norm_eps=c["rms_norm_eps"], norm_unit_offset=True, pos="rope", rope_theta=theta, rope_scaling=scaling,
         partial_rotary_factor=_partial_rotary(hf, c), qk_norm=True, attn_gate=True, bias=False,
         attn_bias=bool(c["attention_bias"]), attn_layers=[kinds[t] for t in types],
         linear_k_heads=c["linear_num_key_heads"], linear_v_heads=c["linear_num_value_heads"],
@@ -1058,6 +1090,12 @@ def _moe_from_hf(c: dict[str, Any], family: str) -> dict[str, Any]:
                     expert_hidden=c["intermediate_size"], router_renorm=bool(c["norm_topk_prob"]),
                     ffn_layers=["moe"] * c["num_hidden_layers"],
                     router_aux_loss_coef=float(c["router_aux_loss_coef"]))
+    if family == "qwen3_5_moe_text":  # every layer MoE; Qwen3-VL's router renormalises the top k
+        return dict(n_expert=c["num_experts"], n_expert_active=c["num_experts_per_tok"],
+                    expert_hidden=c["moe_intermediate_size"], router_renorm=True,
+                    ffn_layers=["moe"] * c["num_hidden_layers"],
+                    shared_expert_hidden=c["shared_expert_intermediate_size"],
+                    router_aux_loss_coef=float(c["router_aux_loss_coef"]))
     if family not in ("qwen3_moe", "qwen2_moe", "qwen3_next"):
         return {}
     n_expert = c.get("num_local_experts", c["num_experts"])  # transformers 5 writes the former
@@ -1270,8 +1308,9 @@ def _gemma_family(cfg: ModelConfig) -> str:
 
 
 def _hybrid_family(cfg: ModelConfig) -> str:
-    """qwen3_next (mixture of experts with a shared expert, or a model imported from it) or
-    qwen3_5_text (dense), when the config has every trait of their blocks."""
+    """qwen3_next (mixture of experts with a shared expert, or a model imported from it),
+    qwen3_5_moe_text (a model imported from it that it still computes: every layer MoE, top-k
+    renormalised) or qwen3_5_text (dense), when the config has every trait of their blocks."""
     moe = "moe" in cfg.ffn_layers
     _refuse(cfg, "transformers' Qwen3.5 / Qwen3-Next blocks", {
         "ffn other than swiglu": cfg.ffn != "swiglu", "norm other than rmsnorm": cfg.norm != "rmsnorm",
@@ -1285,6 +1324,9 @@ def _hybrid_family(cfg: ModelConfig) -> str:
         "attn_scale_dim": cfg.attn_scale_dim is not None,
         "experts without a shared expert": moe and not cfg.shared_expert_hidden,
         "a shared expert on a dense model": not moe and cfg.shared_expert_hidden > 0})
+    if cfg.extra.get("hf_family") == "qwen3_5_moe_text" and cfg.ffn_layers == ["moe"] * cfg.n_layer \
+            and cfg.router_renorm:
+        return "qwen3_5_moe_text"
     return "qwen3_next" if moe or cfg.extra.get("hf_family") == "qwen3_next" else "qwen3_5_text"
 
 
@@ -1467,6 +1509,12 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                    mlp_only_layers=[i for i, kind in enumerate(cfg.ffn_layers) if kind == "dense"])
     if family == "qwen2_moe":
         out.update(shared_expert_intermediate_size=cfg.shared_expert_hidden, qkv_bias=cfg.qkv_bias)
+    if family == "qwen3_5_moe_text":  # no dense MLP, no per-layer MoE options
+        del out["intermediate_size"]
+        out.update(moe_intermediate_size=cfg.expert_hidden, num_experts=cfg.n_expert,
+                   num_experts_per_tok=cfg.n_expert_active,
+                   shared_expert_intermediate_size=cfg.shared_expert_hidden,
+                   router_aux_loss_coef=cfg.router_aux_loss_coef)
     if family in ("qwen3_moe", "qwen2_moe"):
         out.update(moe_intermediate_size=cfg.expert_hidden, num_experts=cfg.n_expert,
                    num_experts_per_tok=cfg.n_expert_active, norm_topk_prob=cfg.router_renorm,
@@ -1586,6 +1634,8 @@ def _normalise_hf_names(tensors: dict[str, torch.Tensor], family: str) -> dict[s
                for k, v in out.items()}
     if family == "gpt_oss":
         out = _unstack_experts(out)
+    if family == "qwen3_5_moe_text":
+        out = _unstack_qwen_experts(out)
     return out
 
 
