@@ -3,12 +3,11 @@
     python bench/post_training.py          # the docs/benchmarks.md run
 
 Pretrains a char model on tiny Shakespeare (digits and +/- added to its vocabulary), SFTs it on
-"a+b" / "a-b" -> value as written by a sloppy teacher (it forgets the carry or the borrow in a
-share --teacher-error of the questions that need one), then from that SFT model runs GRPO on the
-built-in `arithmetic` task and DPO (chosen: the value; rejected: the forgot-the-carry value, or
-off by 1 or 10 where there is no carry): `bardlm.lab.post_training`. Prints the figures and one
-JSON line; writes OUT/rl/rl.png (the reward curve). Wall times depend on the machine and its
-load: say both when quoting them.
+"a+b" / "a-b" -> value, then from that SFT model runs GRPO on the built-in `arithmetic` task
+and DPO (chosen: the value; rejected: the value with the carry or borrow forgotten, or off by 1
+or 10 where there is none): `bardlm.lab.post_training`. Prints the figures and one JSON line;
+writes OUT/rl/rl.png (the reward curve). Wall times depend on the machine and its load: say
+both when quoting them.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/post_training")
     p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--teacher-error", type=float, default=0.7,
+    p.add_argument("--teacher-error", type=float, default=0.0,
                    help="share of the carry questions whose SFT answer forgets the carry")
     p.add_argument("--n-sft", type=int, default=8000, help="SFT questions")
     p.add_argument("--n-pairs", type=int, default=2000, help="DPO training pairs")
@@ -37,14 +36,14 @@ def main() -> None:
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--rl-iters", type=int, default=150)
-    p.add_argument("--rl-lr", type=float, default=3e-4)
-    p.add_argument("--rl-batch", type=int, default=8, help="GRPO prompts a step")
+    p.add_argument("--rl-lr", type=float, default=1e-4)
+    p.add_argument("--rl-batch", type=int, default=16, help="GRPO prompts a step")
     p.add_argument("--group", type=int, default=8, help="GRPO samples a prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")
     p.add_argument("--dpo-iters", type=int, default=300)
-    p.add_argument("--dpo-lr", type=float, default=2e-4)
+    p.add_argument("--dpo-lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.5, help="DPO's beta")
-    p.add_argument("--sft-weight", type=float, default=0.2, help="DPO's weight on the chosen answers' NLL")
+    p.add_argument("--sft-weight", type=float, default=1.0, help="DPO's weight on the chosen answers' NLL")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

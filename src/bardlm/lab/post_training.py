@@ -1,23 +1,26 @@
 """After supervised finetuning, measured: preference tuning (DPO) and RL (GRPO) on arithmetic.
 
-The chain: pretrain a char model on text -> SFT it on "a+b" / "a-b" questions (user) and their
-values (assistant), written by a sloppy teacher -> from that SFT model,
+The chain: pretrain a char model on text -> SFT it on two-digit "a+b" / "a-b" questions (user)
+and their values (assistant) -> from that SFT model,
   - GRPO on the built-in `arithmetic` task (exact-answer reward): held-out exact match (pass@1,
     greedy) before and after, and the reward curve (rl/rl.png);
-  - DPO on pairs (chosen: the right value; rejected: a plausible wrong one, the sloppy
-    teacher's), with an SFT term on the chosen answers (`sft_weight`) so that they stay likely:
-    held-out preference accuracy and exact match, before and after.
+  - DPO on pairs (chosen: the right value; rejected: a plausible wrong one, `wrong_answer`: the
+    value with the carry or borrow forgotten where there is one, else off by 1 or 10), with an
+    SFT term on the chosen answers (`sft_weight`) so that they stay likely: held-out preference
+    accuracy and exact match, before and after.
+Exact match is also reported on the held-out questions with and without a carry (`needs_carry`),
+where the mistakes differ.
 
-Why a sloppy teacher: SFT imitates its demonstrations, mistakes included; post-training is what
-can do better than the demonstrations. Our teacher forgets the carry (or the borrow) in a share
-`teacher_error` of the questions that need one (`forgot_carry`: 57+68 -> 115, 52-27 -> 35), a
-classic human slip. The SFT model learns the slip with the rest, so its greedy answers to carry
-questions are often the slipped ones while it still samples the right ones: groups of samples
-with both right and wrong answers, which is what GRPO's group-relative advantages need, and a
-systematic mistake that a verifiable reward (GRPO) or preferences against it (DPO) can correct
-on questions never trained on. With a clean teacher (`teacher_error=0`) at this budget, the SFT
-model's mistakes are what it has not learned yet, and RL learns that much more slowly than more
-SFT would (docs/benchmarks.md).
+Two digits, not one: the one-digit task has only 200 questions, so its held-out ones are facts
+no stage saw, which neither SFT nor RL can be expected to get right; two-digit held-out
+questions share the structure of the training ones. GRPO needs an SFT model that is right on
+some of its samples and wrong on others (groups with a spread of rewards: a group whose answers
+all score the same has zero advantages and teaches nothing).
+
+`teacher_error` > 0 makes the SFT answers those of a sloppy teacher that forgets the carry (or
+the borrow) in that share of the questions that need one (`forgot_carry`: 57+68 -> 115,
+52-27 -> 35): an experiment in SFT imitating its teacher's mistakes (docs/benchmarks.md: at this
+budget the noise keeps SFT from learning the task at all).
 
 Every question set comes from `train.grpo.make_task` with the same seed, so the held-out
 questions of all stages are the same and none is trained on.
