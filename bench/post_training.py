@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--rl-iters", type=int, default=150)
-    p.add_argument("--rl-lr", type=float, default=1e-4)
+    p.add_argument("--rl-lr", type=float, default=2e-5)
     p.add_argument("--rl-batch", type=int, default=16, help="GRPO prompts a step")
     p.add_argument("--group", type=int, default=8, help="GRPO samples a prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")
