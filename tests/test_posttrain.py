@@ -24,6 +24,7 @@ from bardlm.train.grpo import (
     group_advantages,
     grpo_loss,
     make_task,
+    spread_share,
 )
 from bardlm.train.logps import sequence_logps, token_logps
 
@@ -182,6 +183,13 @@ def test_group_advantages_match_trl() -> None:
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.2, 0.9, 0.4, 0.4]])
     want = (r - r.mean(1, keepdim=True)) / (nanstd(r, dim=1).unsqueeze(1) + 1e-4)
     torch.testing.assert_close(group_advantages(r), want)
+
+
+def test_spread_share_counts_the_groups_that_teach() -> None:
+    """The logged share of groups with a spread of rewards is the share with nonzero advantages."""
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.2, 0.9, 0.4, 0.4]])
+    teaches = (group_advantages(r) != 0).any(1).float().mean().item()
+    assert spread_share(r) == teaches == 0.5
 
 
 # learning on toy tasks -------------------------------------------------------------------------
@@ -347,6 +355,41 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     assert r["rl_before_pass_at_1"] == r["sft_exact_match"]  # the same questions, greedy both times
     assert len(r["rl_curve"]) == 2 and all(0 <= row["reward"] <= 1 for row in r["rl_curve"])
     assert 0 <= r["dpo_pref_accuracy"] <= 1 and r["n_val"] == 10
+
+
+def _column_slip(a: int, b: int, op: str) -> int:
+    """The slip written column by column (an independent reference): the ones column as a
+    digit, its carry (or borrow) dropped, the tens column done as if there were none."""
+    if op == "+":
+        return (a % 10 + b % 10) % 10 + 10 * (a // 10 + b // 10)
+    big, small = max(a, b), min(a, b)
+    ones = big % 10 - small % 10
+    value = ones % 10 + 10 * (big // 10 - small // 10)  # borrowed for the ones, not paid back
+    return value if a >= b else -value
+
+
+def test_forgot_carry_is_the_column_slip_and_rejected_answers_are_wrong() -> None:
+    """Every one- and two-digit question: `forgot_carry` equals the slip written column by
+    column, differs from the value exactly when `needs_carry`, and the DPO rejected answer is
+    never the value."""
+    import random
+
+    from bardlm.lab.post_training import forgot_carry, needs_carry, wrong_answer
+    from bardlm.train.grpo import eval_arithmetic
+
+    rng, carries = random.Random(0), 0
+    for a in range(100):
+        for b in range(100):
+            for op in "+-":
+                q = f"{a}{op}{b}"
+                assert forgot_carry(q) == _column_slip(a, b, op), q
+                assert needs_carry(q) == (forgot_carry(q) != eval_arithmetic(q)), q
+                assert int(wrong_answer(q, rng)) != eval_arithmetic(q), q
+                carries += needs_carry(q)
+    # Sums: 45 of the 100 pairs of ones digits carry. Differences: the larger number's ones digit
+    # is the smaller one in 45 of 100 pairs when the tens differ (9,000 questions), never when
+    # they are equal.
+    assert carries == 4500 + 4050
 
 
 def test_rl_ctrl_c_saves_and_resumes(tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -1,13 +1,27 @@
 """After supervised finetuning, measured: preference tuning (DPO) and RL (GRPO) on arithmetic.
 
-The chain: pretrain a char model on text -> SFT it on "a+b" / "a-b" questions (user) and their
-values (assistant) -> from that SFT model,
-  - DPO on pairs (chosen: the right value; rejected: a plausible wrong one, off by 1 or 10),
-    with an SFT term on the chosen answers (`sft_weight`) so that they stay likely: held-out
-    preference accuracy and exact match, before and after;
-  - GRPO on the built-in `arithmetic` task: held-out exact match (pass@1, greedy) before and
-    after, and the reward curve (rl/rl.png).
-SFT is kept short on purpose: a model that already answers everything leaves RL nothing to do.
+The chain: pretrain a char model on text -> SFT it on two-digit "a+b" / "a-b" questions (user)
+and their values (assistant) -> from that SFT model,
+  - GRPO on the built-in `arithmetic` task (exact-answer reward): held-out exact match (pass@1,
+    greedy) before and after, and the reward curve (rl/rl.png);
+  - DPO on pairs (chosen: the right value; rejected: a plausible wrong one, `wrong_answer`: the
+    value with the carry or borrow forgotten where there is one, else off by 1 or 10), with an
+    SFT term on the chosen answers (`sft_weight`) so that they stay likely: held-out preference
+    accuracy and exact match, before and after.
+Exact match is also reported on the held-out questions with and without a carry (`needs_carry`),
+where the mistakes differ.
+
+Two digits, not one: the one-digit task has only 200 questions, so its held-out ones are facts
+no stage saw, which neither SFT nor RL can be expected to get right; two-digit held-out
+questions share the structure of the training ones. GRPO needs an SFT model that is right on
+some of its samples and wrong on others (groups with a spread of rewards: a group whose answers
+all score the same has zero advantages and teaches nothing).
+
+`teacher_error` > 0 makes the SFT answers those of a sloppy teacher that forgets the carry (or
+the borrow) in that share of the questions that need one (`forgot_carry`: 57+68 -> 115,
+52-27 -> 35): an experiment in SFT imitating its teacher's mistakes (docs/benchmarks.md: at this
+budget the noise keeps SFT from learning the task at all).
+
 Every question set comes from `train.grpo.make_task` with the same seed, so the held-out
 questions of all stages are the same and none is trained on.
 
@@ -39,19 +53,50 @@ def conversation(question: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def wrong_answer(value: int, rng: random.Random) -> str:
-    """A plausible wrong value: off by one in the last digit or the one before."""
-    return str(value + rng.choice((-10, -1, 1, 10)))
+def needs_carry(question: str) -> bool:
+    """Does "a+b" carry out of the ones column, or "a-b" (the larger minus the smaller) borrow
+    into it?"""
+    if "+" in question:
+        a, b = (int(x) for x in question.split("+"))
+        return a % 10 + b % 10 >= 10
+    a, b = (int(x) for x in question.split("-", 1))
+    return max(a, b) % 10 < min(a, b) % 10
+
+
+def forgot_carry(question: str) -> int:
+    """The value of `question` as written by someone who forgets the carry or the borrow: a sum
+    10 short (57+68 -> 115), a difference 10 too large in size (52-27 -> 35, 27-52 -> -35)."""
+    v = eval_arithmetic(question)
+    if not needs_carry(question):
+        return v
+    if "+" in question:
+        return v - 10
+    return v + 10 if v >= 0 else v - 10
+
+
+def teacher_answer(question: str, error: float, rng: random.Random) -> str:
+    """The sloppy teacher's answer: with probability `error`, a question that needs a carry
+    gets the forgot-the-carry value; every other answer is right."""
+    if needs_carry(question) and rng.random() < error:
+        return str(forgot_carry(question))
+    return str(eval_arithmetic(question))
+
+
+def wrong_answer(question: str, rng: random.Random) -> str:
+    """A plausible wrong value: the forgot-the-carry one where there is a carry, else off by one
+    in the last digit or the one before."""
+    if needs_carry(question):
+        return str(forgot_carry(question))
+    return str(eval_arithmetic(question) + rng.choice((-10, -1, 1, 10)))
 
 
 def preference_rows(questions: list[str], seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for q in questions:
-        v = eval_arithmetic(q)
         rows.append({"prompt": [{"role": "user", "content": q}],
-                     "chosen": [{"role": "assistant", "content": str(v)}],
-                     "rejected": [{"role": "assistant", "content": wrong_answer(v, rng)}]})
+                     "chosen": [{"role": "assistant", "content": str(eval_arithmetic(q))}],
+                     "rejected": [{"role": "assistant", "content": wrong_answer(q, rng)}]})
     return rows
 
 
@@ -73,12 +118,27 @@ def preference_accuracy(logp: torch.Tensor, ref: torch.Tensor | None = None) -> 
     return (d[:, 0] > d[:, 1]).float().mean().item()
 
 
+def split_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any,
+                      questions: list[str]) -> dict[str, float]:
+    """Held-out exact match (greedy), overall and on the questions with and without a carry."""
+    hits, counts = {}, {}
+    for part, qs in (("carry", [q for q in questions if needs_carry(q)]),
+                     ("no_carry", [q for q in questions if not needs_carry(q)])):
+        counts[part] = len(qs)
+        convs = [conversation(q, str(eval_arithmetic(q))) for q in qs]
+        hits[part] = exact_match(model, tokenizer, template, convs) * len(qs) if qs else 0.0
+    return {"all": sum(hits.values()) / len(questions),
+            **{part: hits[part] / counts[part] if counts[part] else float("nan") for part in hits}}
+
+
 def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pretrain: dict[str, Any],
                            sft: dict[str, Any], dpo: dict[str, Any], rl: dict[str, Any], digits: int = 2,
                            n_sft: int = 2000, n_pairs: int = 1000, n_val: int = 200, beta: float = 0.1,
-                           group: int = 8, sft_weight: float = 1.0, log: Any = print) -> dict[str, Any]:
-    """Pretrain on `text`, SFT, then DPO and GRPO from the SFT model. pretrain/sft/dpo/rl:
-    TrainConfig fields of each stage (rl's seed fixes the questions). Returns the figures."""
+                           group: int = 8, sft_weight: float = 1.0, teacher_error: float = 0.0,
+                           temperature: float = 1.0, log: Any = print) -> dict[str, Any]:
+    """Pretrain on `text`, SFT on the answers of a teacher that forgets a share `teacher_error`
+    of the carries, then GRPO and DPO from the SFT model. pretrain/sft/dpo/rl: TrainConfig
+    fields of each stage (rl's seed fixes the questions). Returns the figures."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -90,11 +150,11 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
 
     seed = rl.get("seed", TrainConfig().seed)
     task = make_task("arithmetic", digits, n_train=max(n_sft, n_pairs), n_val=n_val, seed=seed)
-    answer = lambda q: str(eval_arithmetic(q))  # noqa: E731
-    write_jsonl([{"messages": conversation(q, answer(q))} for q in task.train[:n_sft]], out / "sft.jsonl")
+    rng = random.Random(0)
+    write_jsonl([{"messages": conversation(q, teacher_answer(q, teacher_error, rng))} for q in task.train[:n_sft]],
+                out / "sft.jsonl")
     write_jsonl(preference_rows(task.train[:n_pairs], 1), out / "prefs.jsonl")  # SFT's questions too
     write_jsonl(preference_rows(task.val, 2), out / "prefs_val.jsonl")
-    val_convs = [conversation(q, answer(q)) for q in task.val]
 
     t0 = time.time()
     ft = Finetuner(out / "pretrained", out / "sft.jsonl", out / "sft", TrainConfig(**sft), log=log)
@@ -102,9 +162,27 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     times["sft_s"] = time.time() - t0
     sft_model, sft_tok = load(out / "sft")
     sft_pairs = pair_logps(sft_model, sft_tok, ft.template, out / "prefs_val.jsonl")
-    r: dict[str, Any] = {"sft_exact_match": exact_match(sft_model, sft_tok, ft.template, val_convs),
+    em = split_exact_match(sft_model, sft_tok, ft.template, task.val)
+    r: dict[str, Any] = {"sft_exact_match": em["all"], "sft_exact_match_carry": em["carry"],
+                         "sft_exact_match_no_carry": em["no_carry"],
                          "sft_likelihood_preference": preference_accuracy(sft_pairs)}
-    log(f"SFT: held-out exact match {r['sft_exact_match']:.3f}")
+    log(f"SFT: held-out exact match {em['all']:.3f} (carry {em['carry']:.3f}, no carry {em['no_carry']:.3f})")
+
+    t0 = time.time()
+    g = GRPOTuner(out / "sft", "arithmetic", out / "rl", TrainConfig(**rl), log=log, digits=digits,
+                  group=group, temperature=temperature, max_new_tokens=len(str(10 ** digits * 2)) + 3,
+                  n_val=n_val)
+    r["rl_before_pass_at_1"] = g.pass_at_1()
+    g.fit()
+    times["rl_s"] = time.time() - t0
+    g.model.eval()
+    em = split_exact_match(g.model, g.tokenizer, g.template, task.val)
+    r.update(rl_pass_at_1=g.history[-1]["pass_at_1"], rl_exact_match_carry=em["carry"],
+             rl_exact_match_no_carry=em["no_carry"],
+             rl_curve=[{k: round(row[k], 4) for k in ("step", "reward", "pass_at_1", "kl", "completion_len")}
+                       for row in g.history])
+    log(f"GRPO: held-out exact match {r['rl_before_pass_at_1']:.3f} -> {r['rl_pass_at_1']:.3f} "
+        f"(carry {em['carry']:.3f}, no carry {em['no_carry']:.3f})")
 
     t0 = time.time()
     d = DPOTuner(out / "sft", out / "prefs.jsonl", out / "dpo", TrainConfig(**dpo), log=log, beta=beta,
@@ -115,23 +193,14 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     # On the held-out questions (never trained on by any stage): DPO's reward accuracy against
     # the SFT model, and what the model itself finds likelier.
     dpo_pairs = pair_logps(d.model, d.tokenizer, d.template, out / "prefs_val.jsonl")
+    em = split_exact_match(d.model, d.tokenizer, d.template, task.val)
     r.update(dpo_pref_accuracy=preference_accuracy(dpo_pairs, sft_pairs),
              dpo_split_pref_accuracy=d.history[-1]["pref_accuracy"], dpo_margin=d.history[-1]["margin"],
-             dpo_likelihood_preference=preference_accuracy(dpo_pairs),
-             dpo_exact_match=exact_match(d.model, d.tokenizer, d.template, val_convs))
+             dpo_likelihood_preference=preference_accuracy(dpo_pairs), dpo_exact_match=em["all"],
+             dpo_exact_match_carry=em["carry"], dpo_exact_match_no_carry=em["no_carry"])
     log(f"DPO: preference accuracy {r['dpo_pref_accuracy']:.3f}, exact match {r['dpo_exact_match']:.3f}")
 
-    t0 = time.time()
-    g = GRPOTuner(out / "sft", "arithmetic", out / "rl", TrainConfig(**rl), log=log, digits=digits,
-                  group=group, max_new_tokens=len(str(10 ** digits * 2)) + 3, n_val=n_val)
-    r["rl_before_pass_at_1"] = g.pass_at_1()
-    g.fit()
-    times["rl_s"] = time.time() - t0
-    r.update(rl_pass_at_1=g.history[-1]["pass_at_1"],
-             rl_curve=[{k: round(row[k], 4) for k in ("step", "reward", "pass_at_1", "kl", "completion_len")}
-                       for row in g.history])
-    log(f"GRPO: held-out exact match {r['rl_before_pass_at_1']:.3f} -> {r['rl_pass_at_1']:.3f}")
     r.update({k: round(v, 1) for k, v in times.items()}, digits=digits, n_sft=n_sft, n_pairs=n_pairs,
-             n_val=len(task.val))
+             n_val=len(task.val), teacher_error=teacher_error)
     (out / "post_training.json").write_text(json.dumps(r, indent=2))
     return r

@@ -17,9 +17,10 @@ Tasks are verifiable: a built-in (`arithmetic`: add or subtract two numbers of `
 `reverse` / `sort` a word of `digits` letters: reward 1 for the exact answer, else 0) or
 `module.py:function` taking (prompt, completion) and returning a float, with prompts from a
 JSONL file. Prompts are user messages in the model's chat template, as `finetune` trains them.
-Logged: mean reward and completion length of the training samples, the KL, and pass@1 on
-held-out prompts (greedy answer with reward >= 1). Sampling is seeded by (seed, step), so a
-resumed run draws the same completions as an uninterrupted one.
+Logged: mean reward and completion length of the training samples, the share of groups whose
+rewards are not all equal (the others have zero advantages), the KL, and pass@1 on held-out
+prompts (greedy answer with reward >= 1). Sampling is seeded by (seed, step), so a resumed run
+draws the same completions as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -184,6 +185,12 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
 
 
+def spread_share(rewards: torch.Tensor) -> float:
+    """Share of groups (rows of rewards (P, G)) whose rewards are not all equal: the only groups
+    with nonzero advantages, so the only ones that teach anything."""
+    return (rewards.amax(1) > rewards.amin(1)).float().mean().item()
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
               epsilon: float = 0.2, epsilon_high: float | None = None, kl_coef: float = 0.0,
               ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +294,7 @@ class GRPOTuner(Finetuner):
         x, y = pad_rows(rows)
         self._tokens += x.numel()
         ref = self._ref_logps(x.to(self.device), y.to(self.device)).cpu() if s["kl"] > 0 else torch.zeros(x.shape)
-        self.stats.append({"reward": rewards.mean().item(),
+        self.stats.append({"reward": rewards.mean().item(), "spread": spread_share(rewards.view(-1, s["group"])),
                            "completion_len": sum(len(ids) for ids, _ in done) / len(done)})
         return x, y, ref, adv
 
@@ -312,14 +319,16 @@ class GRPOTuner(Finetuner):
 
     def eval_metrics(self) -> dict[str, float]:
         mean = lambda k: sum(s.get(k, 0.0) for s in self.stats) / max(len(self.stats), 1)  # noqa: E731
-        row = {"reward": mean("reward"), "kl": mean("kl"), "completion_len": mean("completion_len"),
+        row = {"reward": mean("reward"), "spread": mean("spread"), "kl": mean("kl"),
+               "completion_len": mean("completion_len"),
                "pass_at_1": self.pass_at_1()}
         self.stats = []
         return row
 
     def describe(self, row: dict[str, Any]) -> str:
         return (f"step {row['step']}: loss {row['train_loss']:.4f} reward {row['reward']:.3f} "
-                f"pass@1 {row['pass_at_1']:.3f} kl {row['kl']:.4f} length {row['completion_len']:.1f}")
+                f"pass@1 {row['pass_at_1']:.3f} kl {row['kl']:.4f} length {row['completion_len']:.1f} "
+                f"groups with a spread {row['spread']:.2f}")
 
     def after_record(self) -> None:
         plot_rl(self.history, self.out / RL_PLOT)
