@@ -248,8 +248,9 @@ def check_exportable(cfg: ModelConfig) -> str:
         _check_gemma4(cfg)
         return family
     if family not in GGUF_NAMES:
+        written = [*GGUF_NAMES, *HYBRID_FAMILIES, "deepseek_v3", "gemma4_text"]
         raise BardlmError(f"GGUF export of {family} models is not implemented (bardlm writes "
-                          f"{', '.join(GGUF_NAMES)}); export --format hf writes one transformers loads")
+                          f"{', '.join(written)}); export --format hf writes one transformers loads")
     if family in SWA_EVERY:
         _check_fixed_layout(cfg, family)
     if family in MOE_FAMILIES:
