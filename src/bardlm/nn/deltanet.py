@@ -207,7 +207,7 @@ class GatedDeltaNet(nn.Module):
         else:
             o, state = chunked_delta_rule(q, k, v, g, beta, state, self.chunk)
         if cache is not None:
-            cache.write(conv_state, state)
+            cache.write(conv_state, state, start_pos)
         o = o.transpose(1, 2).to(x.dtype)  # (B, T, H_v, d_v)
         z = z.view(B, T, self.n_v, self.d_v)
         y = (self.norm(o).float() * F.silu(z.float())).to(x.dtype)  # gated RMSNorm, per head
