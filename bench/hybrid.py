@@ -80,12 +80,12 @@ def hf_greedy(hf, prompt: torch.Tensor, n: int) -> tuple[list[int], Callable[[],
     """As `ours`, for transformers: a prefill forward, then n steps feeding one token each."""
     def start():  # noqa: ANN202
         out = hf(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, [int(out.logits[0, -1].argmax())]
+        return out.cache, [int(out.logits[0, -1].argmax())]
 
     def decode(cache, ids: list[int]) -> list[int]:  # noqa: ANN001
         for _ in range(n):
-            out = hf(input_ids=torch.tensor([[ids[-1]]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = hf(input_ids=torch.tensor([[ids[-1]]]), cache=cache, use_cache=True)
+            cache = out.cache
             ids.append(int(out.logits[0, -1].argmax()))
         return ids
 
