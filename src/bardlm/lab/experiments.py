@@ -654,6 +654,26 @@ def decode_tokens_per_s(model: GPT, context: int) -> float:
     return n / max(time.perf_counter() - t, 1e-9)
 
 
+PREFILL_CHUNK = 1024  # hybrid: prompt tokens per prefill pass (a 32k prompt in one pass would
+# need the 32k x 32k scores of each head wherever SDPA takes its math path: 16 GiB at 4 heads)
+
+
+def chunked_decode_tokens_per_s(model: GPT, context: int) -> float:
+    """As `decode_tokens_per_s`, with the prompt prefilled PREFILL_CHUNK tokens a pass into a
+    cache of `context` positions, then DECODE_NEW greedy tokens timed, one forward each."""
+    n = context - DECODE_NEW - 1
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    cache = model.make_cache(1, context)
+    with torch.no_grad():
+        for i in range(0, n, PREFILL_CHUNK):
+            logits, _ = model(prompt[:, i:i + PREFILL_CHUNK], start_pos=i, cache=cache, logits_rows=1)
+        t = time.perf_counter()
+        for pos in range(n, n + DECODE_NEW):
+            logits, _ = model(logits[:, -1].argmax(-1, keepdim=True), start_pos=pos, cache=cache,
+                              logits_rows=1)
+    return DECODE_NEW / max(time.perf_counter() - t, 1e-9)
+
+
 def exp_window(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Full attention against 5 local : 1 global layers at equal steps: the validation loss a
     window costs, and, at each of budget.decode_contexts (past the training context: RoPE runs
@@ -718,8 +738,9 @@ def exp_hybrid(data: Data, budget: Budget, device: str, log: Callable[[str], Non
     both trained), and, with MLA of the same width and depth (untrained: speed and memory do not
     depend on the weights), per model: the cache bytes per token and the fixed state per sequence
     (fp32, `infer/budget.py`), the bytes `make_cache` allocates for one sequence, and B=1 greedy
-    decoding tokens/s at each of budget.long_contexts (RoPE runs past the training context),
-    the three models' timings alternating (the median of budget.decode_runs each)."""
+    decoding tokens/s at each of budget.long_contexts (RoPE runs past the training context;
+    `chunked_decode_tokens_per_s`), the three models' timings alternating (the median of
+    budget.decode_runs each)."""
     from ..infer.budget import kv_bytes_per_token, state_bytes_per_sequence
 
     variants = hybrid_variants(budget, data.vocab_size)
@@ -743,12 +764,12 @@ def exp_hybrid(data: Data, budget: Budget, device: str, log: Callable[[str], Non
         runs[name]["state_bytes_per_sequence"] = state_bytes_per_sequence(cfg, 4)
         for ctx in budget.long_contexts:
             runs[name][f"cache_mib_at_{ctx}"] = sum(c.nbytes() for c in model.make_cache(1, ctx)) / 2**20
-    decode_tokens_per_s(models[name], budget.long_contexts[0])  # warm-up
+    chunked_decode_tokens_per_s(models[name], budget.long_contexts[0])  # warm-up
     for ctx in budget.long_contexts:
         times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(budget.decode_runs):
             for name, model in models.items():
-                times[name].append(decode_tokens_per_s(model, ctx))
+                times[name].append(chunked_decode_tokens_per_s(model, ctx))
         for name in models:
             runs[name][f"decode_tps_at_{ctx}"] = float(np.median(times[name]))
         log(f"decode at {ctx}: " + ", ".join(f"{n} {runs[n][f'decode_tps_at_{ctx}']:.0f} tok/s" for n in models))

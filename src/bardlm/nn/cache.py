@@ -351,8 +351,8 @@ class StateCache(nn.Module):
         conv = self.conv[:batch] if rows is None else self.conv[rows]
         state = self.state[:batch] if rows is None else self.state[rows]
         fresh = start_pos.expand(batch, start_pos.shape[-1])[:, 0] == 0  # (B,)
-        conv = torch.where(fresh[:, None, None], torch.zeros_like(conv), conv)
-        state = torch.where(fresh[:, None, None, None], torch.zeros_like(state), state)
+        conv = torch.where(fresh[:, None, None], 0.0, conv)  # a scalar: no zeros to allocate
+        state = torch.where(fresh[:, None, None, None], 0.0, state)
         return conv, state
 
     def write(
