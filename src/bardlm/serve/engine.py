@@ -5,7 +5,8 @@ thread owns the model and runs a loop; the event loop only hands it jobs. Each l
 
   1. admit waiting jobs into free slots (a slot is one row of a static KV cache of
      `max_batch` rows x `context` positions, preallocated once and sized to the memory
-     available: infer/budget.py);
+     available: infer/budget.py; for a linear-attention layer, one fixed state, zeroed when a
+     job takes the slot and when it leaves);
   2. drop jobs whose client went away (their slot is free at once);
   3. prefill: one pass over the next pieces of new jobs' prompts, oldest first, at most
      `prefill_chunk` tokens in all, so a long prompt delays the others by one chunk, not by
@@ -310,8 +311,8 @@ class Engine:
         The chunks are left-padded to one length T, so every row's last real token is in the
         last column (only that column's logits are computed). A pad's key must go somewhere
         harmless: the slot's last cache index, which is past every prompt token, hidden from
-        the real queries by the mask, and rewritten before it is ever read (a linear layer's
-        state keeps nothing written there: nn/cache.py `StateCache.write`).
+        the real queries by the mask, and rewritten before it is ever read. (A model with
+        linear layers never gets here with pads: `_prefill`.)
         """
         takes = [min(r.n_prompt - r.prefilled, self.prefill_chunk) for r in rows]
         T = max(takes)
