@@ -115,3 +115,13 @@ def test_moe_bench_smoke() -> None:
     assert res["greedy_ids_equal_hf"] is True and res["aux_loss"]["equal"] is True
     # The dense control runs as many parameters per token as the MoE (but for the routers).
     assert 0 < res["params"]["moe_active"] - res["params"]["dense"] < 0.05 * res["params"]["dense"]
+
+
+def test_hybrid_bench_smoke() -> None:
+    res = run_bench("bench/hybrid.py", "--quick")
+    assert set(res["tokens_per_sec"]) == {"hybrid", "dense", "hf"}
+    assert res["greedy_ids_equal_hf"] is True  # transformers reads the same weights
+    # The hybrid holds a quarter of the dense model's keys and values, plus its fixed state.
+    cache = res["cache_fp32"]
+    assert 4 * cache["hybrid"]["kv_bytes"] == cache["dense"]["kv_bytes"]
+    assert cache["hybrid"]["state_bytes"] > 0 == cache["dense"]["state_bytes"]

@@ -28,8 +28,9 @@ def data_path() -> str:
     return str(corpus("tiny_shakespeare.txt"))
 
 
-# window: its own test below (one quick run checks the figure and its numbers)
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if EXPERIMENTS[n].needs_data and n != "window"])
+# window and hybrid: their own tests below (one quick run checks the figure and its numbers)
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS
+                                  if EXPERIMENTS[n].needs_data and n not in ("window", "hybrid")])
 def test_experiment_quick_writes_json_and_figure(name: str, tmp_path, data_path: str) -> None:
     result = run_experiment(name, tmp_path, quick=True, data=data_path, log=lambda m: None)
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
@@ -146,3 +147,26 @@ def test_window_experiment_measures_the_cache_of_each_layer_kind(tmp_path, data_
     assert full["params"] == local["params"] and full["val_loss"] != local["val_loss"]
     assert full["decode_tps_at_64"] > 0 and local["decode_tps_at_64"] > 0
     assert "kv_mib_at_64" in results_table(result)
+
+
+def test_hybrid_experiment_measures_cache_state_and_speed(tmp_path, data_path: str) -> None:
+    """Dense GQA and the 3:1 delta-rule hybrid train at equal parameters; the cache numbers are
+    the arithmetic of each layer kind at the quick budget (n_embd 32, 2 heads of 16, 4 layers,
+    fp32): GQA k + v of 1 KV head per layer, the hybrid's one attention layer, MLA's latent of
+    32 + RoPE key of 8; the hybrid's 3 linear layers each hold conv inputs (q, k: 1 head, v: 2
+    heads of 16) x 3 and 2 value heads' 16 x 16 state."""
+    result = run_experiment("hybrid", tmp_path, quick=True, data=data_path, log=lambda m: None)
+    assert (tmp_path / "hybrid.png").stat().st_size > 1000
+    dense, hybrid, mla = result["runs"].values()
+    assert abs(hybrid["params"] - dense["params"]) < 0.005 * dense["params"]
+    assert hybrid["steps"] == dense["steps"] == 8 and hybrid["val_loss"] != dense["val_loss"]
+    per_layer = 2 * 1 * 16 * 4
+    assert (dense["cache_bytes_per_token"], hybrid["cache_bytes_per_token"]) == (4 * per_layer, per_layer)
+    assert mla["cache_bytes_per_token"] == 4 * (32 + 8) * 4
+    state = 3 * ((16 + 16 + 32) * 3 * 4 + 2 * 16 * 16 * 4)
+    assert (dense["state_bytes_per_sequence"], hybrid["state_bytes_per_sequence"]) == (0, state)
+    for row in (dense, hybrid, mla):  # what make_cache allocates = the arithmetic
+        want = 64 * row["cache_bytes_per_token"] + row["state_bytes_per_sequence"]
+        assert row["cache_mib_at_64"] == pytest.approx(want / 2**20)
+        assert row["decode_tps_at_64"] > 0
+    assert "untrained" in results_table(result)

@@ -208,10 +208,9 @@ def test_refusals() -> None:
         base.replace(head_dim=6, partial_rotary_factor=0.5)  # 3 rotated channels: odd
 
 
-def test_info_prints_the_fixed_state_and_serve_refuses(capsys) -> None:  # noqa: ANN001
+def test_info_prints_the_fixed_state(capsys) -> None:  # noqa: ANN001
     from bardlm.cli import main
     from bardlm.config import preset
-    from bardlm.serve.engine import Engine
 
     assert main(["info", "--preset", "qwen3.5-tiny"]) == 0
     out = capsys.readouterr().out
@@ -220,8 +219,34 @@ def test_info_prints_the_fixed_state_and_serve_refuses(capsys) -> None:  # noqa:
     assert f"fixed state per sequence fp32 / bf16           {state_bytes_per_sequence(cfg, 4):,} B" in out
     assert "3 linear layers hold no positions" in out
     assert family_of(cfg) == "qwen3_5_text"  # the preset exports to transformers
-    with pytest.raises(BardlmError, match="continuous batching of linear-attention"):
-        Engine(GPT(cfg).eval(), None)
+
+
+def test_info_at_32k_shows_a_third_of_the_dense_cache_at_most(capsys) -> None:  # noqa: ANN001
+    """`bardlm info` at a 32k context: qwen3.5-tiny (3 linear layers to 1 attention layer) holds at
+    most a third of the cache of the same model with every layer attention (the same attention
+    shape). The printed bytes (keys and values at full context + fixed state) are those of the
+    caches the model allocates (`make_cache`)."""
+    import re
+
+    from bardlm.cli import main
+    from bardlm.config import preset
+
+    def info_bytes(*sets: str) -> int:
+        assert main(["info", "--preset", "qwen3.5-tiny", "--set", "block_size=32768",
+                     *[a for kv in sets for a in ("--set", kv)]]) == 0
+        out = capsys.readouterr().out
+        kv = re.search(r"KV cache of one sequence at full context fp32\s+([\d,]+) B", out)
+        state = re.search(r"fixed state per sequence fp32 / bf16\s+([\d,]+) B", out)
+        return sum(int(m.group(1).replace(",", "")) for m in (kv, state) if m)
+
+    def allocated(**over) -> int:  # noqa: ANN003
+        model = GPT(preset("qwen3.5-tiny", block_size=32768, **over))
+        return sum(c.nbytes() for c in model.make_cache(1, 32768))
+
+    dense_layers = ["global"] * 4
+    hybrid, dense = info_bytes(), info_bytes(f"attn_layers={dense_layers}".replace("'", '"'))
+    assert hybrid == allocated() and dense == allocated(attn_layers=dense_layers)
+    assert 3 * hybrid <= dense, (hybrid, dense)
 
 
 def test_compiled_decode_step_with_a_state_cache_equals_eager() -> None:

@@ -68,6 +68,7 @@ class Budget:
     seeds: int = 1  # runs per row in the seeded experiments: seed, seed + 1, ...
     decode_contexts: tuple[int, ...] = (256, 1024, 4096)  # window: KV cache and decode speed there
     decode_runs: int = 3  # window: decode timings per context (the median is reported)
+    long_contexts: tuple[int, ...] = (512, 4096, 32768)  # hybrid: cache and decode speed there
 
     def model(self, vocab_size: int, **changes: Any) -> ModelConfig:
         """char-tiny's style (pre-norm LayerNorm, GELU, learned positions) at this size."""
@@ -82,7 +83,8 @@ class Budget:
 
 FULL = Budget()
 QUICK = Budget(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, steps=8, warmup=2,
-               eval_every=4, eval_windows=8, seconds=1.5, decode_contexts=(64,), decode_runs=1)
+               eval_every=4, eval_windows=8, seconds=1.5, decode_contexts=(64,), decode_runs=1,
+               long_contexts=(64,))
 
 
 @dataclass
@@ -652,6 +654,26 @@ def decode_tokens_per_s(model: GPT, context: int) -> float:
     return n / max(time.perf_counter() - t, 1e-9)
 
 
+PREFILL_CHUNK = 1024  # hybrid: prompt tokens per prefill pass (a 32k prompt in one pass would
+# need the 32k x 32k scores of each head wherever SDPA takes its math path: 16 GiB at 4 heads)
+
+
+def chunked_decode_tokens_per_s(model: GPT, context: int) -> float:
+    """As `decode_tokens_per_s`, with the prompt prefilled PREFILL_CHUNK tokens a pass into a
+    cache of `context` positions, then DECODE_NEW greedy tokens timed, one forward each."""
+    n = context - DECODE_NEW - 1
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    cache = model.make_cache(1, context)
+    with torch.no_grad():
+        for i in range(0, n, PREFILL_CHUNK):
+            logits, _ = model(prompt[:, i:i + PREFILL_CHUNK], start_pos=i, cache=cache, logits_rows=1)
+        t = time.perf_counter()
+        for pos in range(n, n + DECODE_NEW):
+            logits, _ = model(logits[:, -1].argmax(-1, keepdim=True), start_pos=pos, cache=cache,
+                              logits_rows=1)
+    return DECODE_NEW / max(time.perf_counter() - t, 1e-9)
+
+
 def exp_window(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Full attention against 5 local : 1 global layers at equal steps: the validation loss a
     window costs, and, at each of budget.decode_contexts (past the training context: RoPE runs
@@ -680,6 +702,93 @@ def exp_window(data: Data, budget: Budget, device: str, log: Callable[[str], Non
     return {"runs": runs}
 
 
+HYBRID_LAYERS = ["linear"] * 3 + ["global"]  # Qwen3.5's 3:1 pattern, the attention layer last
+
+
+def hybrid_variants(budget: Budget, vocab_size: int) -> dict[str, dict[str, Any]]:
+    """Dense GQA (every layer attention), the 3:1 gated delta rule hybrid and latent attention
+    (MLA), all of the budget's width and depth, in Qwen's style (RoPE, RMSNorm, SwiGLU). The
+    attention layers are the same in the first two (n_head query heads sharing n_head / 2 KV
+    heads); each linear layer has n_head / 2 key heads and n_head value heads of head_dim, and the
+    hybrid's FFN width is the one that gives it the dense model's parameter count (the linear
+    layers' own count differs from an attention layer's)."""
+    head_dim = budget.n_embd // budget.n_head
+    style = {"pos": "rope", "norm": "rmsnorm", "ffn": "swiglu", "n_layer": len(HYBRID_LAYERS)}
+    dense = {**style, "n_kv_head": budget.n_head // 2}
+    linear = {"attn_layers": HYBRID_LAYERS, "linear_k_heads": budget.n_head // 2,
+              "linear_v_heads": budget.n_head, "linear_k_head_dim": head_dim,
+              "linear_v_head_dim": head_dim}
+    target = GPT(budget.model(vocab_size, **dense)).num_params()
+    base = budget.model(vocab_size, **dense).ffn_hidden
+
+    def params(ffn: int) -> int:
+        with torch.device("meta"):
+            return GPT(budget.model(vocab_size, **dense, **linear, ffn_hidden=ffn)).num_params()
+
+    ffn = min(range(base // 2, 2 * base), key=lambda f: abs(params(f) - target))
+    mla = {**style, "attn_type": "mla", "kv_lora_rank": 2 * head_dim, "qk_nope_head_dim": head_dim,
+           "qk_rope_head_dim": head_dim // 2, "v_head_dim": head_dim}
+    return {"dense GQA (4 attention)": dense,
+            "3 delta rule : 1 attention": {**dense, **linear, "ffn_hidden": ffn},
+            "latent attention (MLA)": mla}
+
+
+def exp_hybrid(data: Data, budget: Budget, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """Dense GQA against the 3:1 delta-rule hybrid at equal parameters and steps (validation loss;
+    both trained), and, with MLA of the same width and depth (untrained: speed and memory do not
+    depend on the weights), per model: the cache bytes per token and the fixed state per sequence
+    (fp32, `infer/budget.py`), the bytes `make_cache` allocates for one sequence, and B=1 greedy
+    decoding tokens/s at each of budget.long_contexts (RoPE runs past the training context;
+    `chunked_decode_tokens_per_s`), the three models' timings alternating (the median of
+    budget.decode_runs each)."""
+    from ..infer.budget import kv_bytes_per_token, state_bytes_per_sequence
+
+    variants = hybrid_variants(budget, data.vocab_size)
+    trained = dict(list(variants.items())[:2])  # dense and hybrid; MLA is timed only
+    kept: list[GPT] = []
+
+    def keep(model: GPT | None, _data: Data) -> dict[str, float]:
+        if model is not None:
+            kept.append(model.eval())
+        return {}
+
+    runs = seeded_variants(trained, data, budget, device, log, keep)
+    models = dict(zip(runs, kept[-len(runs):]))  # the last seed's (speed does not depend on it)
+    name = list(variants)[2]
+    torch.manual_seed(budget.seed)
+    models[name] = GPT(budget.model(data.vocab_size, **variants[name])).eval()
+    runs[name] = {"changes": variants[name], "params": models[name].num_params()}
+    for name, model in models.items():
+        cfg = model.config
+        runs[name]["cache_bytes_per_token"] = kv_bytes_per_token(cfg, 4)
+        runs[name]["state_bytes_per_sequence"] = state_bytes_per_sequence(cfg, 4)
+        for ctx in budget.long_contexts:
+            runs[name][f"cache_mib_at_{ctx}"] = sum(c.nbytes() for c in model.make_cache(1, ctx)) / 2**20
+    chunked_decode_tokens_per_s(models[name], budget.long_contexts[0])  # warm-up
+    for ctx in budget.long_contexts:
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(budget.decode_runs):
+            for name, model in models.items():
+                times[name].append(chunked_decode_tokens_per_s(model, ctx))
+        for name in models:
+            runs[name][f"decode_tps_at_{ctx}"] = float(np.median(times[name]))
+        log(f"decode at {ctx}: " + ", ".join(f"{n} {runs[n][f'decode_tps_at_{ctx}']:.0f} tok/s" for n in models))
+    return {"runs": runs}
+
+
+def plot_hybrid(result: dict[str, Any], path: Path) -> None:
+    """Validation loss of the two trained models, and decode speed against the context."""
+    fig, (left, right) = _figure(2)
+    runs = result["runs"]
+    _plot_curves(left, {n: r for n, r in runs.items() if "history" in r}, "equal parameters and steps")
+    contexts = result["budget"]["long_contexts"]
+    for name, r in runs.items():
+        right.plot(contexts, [r[f"decode_tps_at_{c}"] for c in contexts], marker="o", label=name)
+    right.set_xscale("log", base=2)
+    _labels(right, "context (positions)", "B=1 decode tokens/s", "decode speed")
+    _save(fig, path)
+
+
 # Registry, tables and plotting helpers -----------------------------------------------------
 @dataclass
 class Experiment:
@@ -700,6 +809,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "gqa": Experiment(exp_gqa, plot_curves_only("query heads per KV head")),
     "tying": Experiment(exp_tying, plot_curves_only("output head tied or not")),
     "window": Experiment(exp_window, plot_curves_only("full attention vs 5 local : 1 global")),
+    "hybrid": Experiment(exp_hybrid, plot_hybrid),
 }
 
 
@@ -740,14 +850,16 @@ def results_table(result: dict[str, Any]) -> str:
     """A markdown table of the runs of a result: params, steps, tokens/s, validation loss (the
     mean +- sample standard deviation over seeds when there are several; the difference to the
     first row then per seed, mean +- sd), and any extra per-row numbers (losses at longer
-    contexts, KV-cache bytes)."""
+    contexts, cache bytes, decode speed). A row of an untrained model (no val loss: the hybrid
+    experiment's MLA, timed only) shows its extra numbers alone."""
     runs = result.get("runs")
     if not runs:
         return ""
     first = next(iter(runs.values()))
-    extra = [k for k in first if k.startswith(("loss_at_", "kv_mib_at_", "decode_tps_at_"))
+    extra = [k for k in first if k.startswith(("loss_at_", "kv_mib_at_", "cache_mib_at_", "decode_tps_at_"))
              and not k.endswith("_std")]
-    extra += ["kv_bytes_per_token"] if "kv_bytes_per_token" in first else []
+    extra += [k for k in ("kv_bytes_per_token", "cache_bytes_per_token", "state_bytes_per_sequence")
+              if k in first]
     seeds = first.get("seeds", 1)
     loss_head = f"val loss (mean +- sd, {seeds} seeds)" if seeds > 1 else "val loss"
     vs_head = "vs first row (paired by seed: mean +- sd)" if seeds > 1 else "vs first row"
@@ -755,11 +867,14 @@ def results_table(result: dict[str, Any]) -> str:
              + "".join(f"{k} | " for k in extra),
              "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(extra)]
     for name, r in runs.items():
-        loss = f"{r['val_loss']:.3f}" + (f" +- {r['val_loss_std']:.3f}" if seeds > 1 else "")
         cells = "".join(
             f"{r[k]:,} | " if isinstance(r[k], int)
-            else f"{r[k]:.3f}" + (f" +- {r[k + '_std']:.3f}" if seeds > 1 else "") + " | "
+            else f"{r[k]:.3f}" + (f" +- {r[k + '_std']:.3f}" if seeds > 1 and k + "_std" in r else "") + " | "
             for k in extra)
+        if "val_loss" not in r:
+            lines.append(f"| {name} | {r['params']:,} | untrained | | | | {cells}")
+            continue
+        loss = f"{r['val_loss']:.3f}" + (f" +- {r['val_loss_std']:.3f}" if seeds > 1 else "")
         vs = f"{r['val_loss'] - first['val_loss']:+.3f}"
         if seeds > 1:  # rows share seeds (same data order, same init of shared weights): pair them
             diffs = [a - b for a, b in zip(r["val_losses"], first["val_losses"], strict=True)]

@@ -25,7 +25,11 @@ A linear-attention layer (nn/deltanet.py) keeps a `StateCache`: no keys or value
 state per row (its conv's last inputs and the delta rule's matrices), read before a pass and
 written after it. It is addressed by the same `start_pos` (int or tensor) and gives the same
 `rows` views; a row whose pass starts at cache index 0 starts from zeros (a new sequence, or a
-server slot's new request), so it never needs clearing. A short-convolution layer
+server slot's new request), so it never needs clearing. A state is a sum over every token seen,
+so nothing may enter it that is not the row's own next token: a pass must be unpadded (the
+server reads prompts of different lengths in separate passes, serve/engine.py), and a row whose
+last index is max_len - 1, where the server parks an idle slot's dummy token, keeps its state
+(that index is never followed by a token to read it). A short-convolution layer
 (nn/shortconv.py, LFM2) keeps the conv-only form of the same class: its last inputs, no matrices.
 """
 
@@ -351,22 +355,40 @@ class StateCache(nn.Module):
         conv = self.conv[:batch] if rows is None else self.conv[rows]
         state = self.state[:batch] if rows is None else self.state[rows]
         fresh = start_pos.expand(batch, start_pos.shape[-1])[:, 0] == 0  # (B,)
-        conv = torch.where(fresh[:, None, None], torch.zeros_like(conv), conv)
-        state = torch.where(fresh[:, None, None, None], torch.zeros_like(state), state)
+        conv = torch.where(fresh[:, None, None], 0.0, conv)  # a scalar: no zeros to allocate
+        state = torch.where(fresh[:, None, None, None], 0.0, state)
         return conv, state
 
-    def write(self, conv: torch.Tensor, state: torch.Tensor | None = None,
-              rows: torch.Tensor | None = None) -> None:
-        """Keep the batch's rows' state after this pass (rows None = 0..B-1; state None: the
-        conv-only form, nothing else to keep)."""
-        if rows is None:
-            self.conv[:conv.shape[0]] = conv.to(self.conv.dtype)
+    def write(
+        self, conv: torch.Tensor, state: torch.Tensor | None = None, start_pos: int | torch.Tensor = 0,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """Keep the batch's rows' state after this pass: conv (B, conv_dim, kernel - 1), state
+        (B, H_v, d_k, d_v) (None: the conv-only form, nothing else to keep); rows None = 0..B-1.
+        start_pos a tensor (T,) or (B, T): a row whose last index is max_len - 1 keeps the state
+        it had (a parked dummy token, or a sequence's very last position, after which nothing is
+        read)."""
+        B = conv.shape[0]
+        conv = conv.to(self.conv.dtype)
+        if isinstance(start_pos, torch.Tensor):
+            parked = start_pos.expand(B, start_pos.shape[-1])[:, -1] == self._max_len - 1  # (B,)
+            conv = torch.where(parked[:, None, None], self.conv[:B] if rows is None else self.conv[rows], conv)
             if state is not None:
-                self.state[:state.shape[0]] = state
+                state = torch.where(parked[:, None, None, None],
+                                    self.state[:B] if rows is None else self.state[rows], state)
+        if rows is None:
+            self.conv[:B] = conv
+            if state is not None:
+                self.state[:B] = state
         else:
-            self.conv[rows] = conv.to(self.conv.dtype)
+            self.conv[rows] = conv
             if state is not None:
                 self.state[rows] = state
+
+    def clear(self, row: int) -> None:
+        """Zero buffer row `row` (a server slot whose request ended, or that a new one takes)."""
+        self.conv[row].zero_()
+        self.state[row].zero_()
 
 
 class StateSlotView:
@@ -384,5 +406,6 @@ class StateSlotView:
     def read(self, start_pos: int | torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.cache.read(start_pos, batch, self.rows)
 
-    def write(self, conv: torch.Tensor, state: torch.Tensor | None = None) -> None:
-        self.cache.write(conv, state, self.rows)
+    def write(self, conv: torch.Tensor, state: torch.Tensor | None = None,
+              start_pos: int | torch.Tensor = 0) -> None:
+        self.cache.write(conv, state, start_pos, self.rows)

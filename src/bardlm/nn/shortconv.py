@@ -79,7 +79,7 @@ class ShortConv(nn.Module):
         conv_state = None if cache is None else cache.read(start_pos, B)[0]
         y, conv_state = causal_conv(b * h, self.conv_weight, conv_state)
         if cache is not None:
-            cache.write(conv_state)
+            cache.write(conv_state, None, start_pos)  # a parked dummy token keeps the state
         return self.resid_dropout(self.c_proj(c * y))
 
 

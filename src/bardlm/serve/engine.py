@@ -5,7 +5,8 @@ thread owns the model and runs a loop; the event loop only hands it jobs. Each l
 
   1. admit waiting jobs into free slots (a slot is one row of a static KV cache of
      `max_batch` rows x `context` positions, preallocated once and sized to the memory
-     available: infer/budget.py);
+     available: infer/budget.py; for a linear-attention layer, one fixed state, zeroed when a
+     job takes the slot and when it leaves);
   2. drop jobs whose client went away (their slot is free at once);
   3. prefill: one pass over the next pieces of new jobs' prompts, oldest first, at most
      `prefill_chunk` tokens in all, so a long prompt delays the others by one chunk, not by
@@ -32,12 +33,12 @@ from typing import Any
 
 import torch
 
-from ..config import STATE_KINDS
 from ..errors import BardlmError
 from ..eval.score import forward_logprobs
 from ..infer.budget import CachePlan, available_memory, plan_cache, read_length
 from ..infer.generate import TextStream, decode_step, encode_prompt, eval_mode
 from ..infer.sampling import apply_repetition_penalty, check_sampling, sample
+from ..nn.cache import StateCache
 from ..tokenizers.base import check_ids
 
 
@@ -108,16 +109,14 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
         self.capacity = max_batch + max_queue  # running + waiting
         self.device = next(model.parameters()).device
-        if set(model.config.attn_layers) & set(STATE_KINDS):
-            raise BardlmError("serve: continuous batching of linear-attention (gated delta rule) "
-                              "or short-convolution layers is not implemented; use bardlm generate "
-                              "for this model")
         if memory is None:
             memory = available_memory(self.device)
         self.plan: CachePlan = plan_cache(model.config, max_batch, model.cache_dtype().itemsize,
                                           memory, max_context)
         self.context = self.plan.tokens  # positions per slot: prompt + completion at most
         self.cache = model.make_cache(max_batch, self.context)  # one row per slot, reused
+        # Linear-attention layers (Qwen3.5) keep a fixed state per slot in place of keys and values.
+        self._states = [c for c in self.cache if isinstance(c, StateCache)]
         self._step = decode_step(model, compile)
         self._lock = threading.Condition()  # guards everything below (event loop + worker)
         self._waiting: deque[tuple[Job, Future]] = deque()
@@ -253,6 +252,8 @@ class Engine:
             job, future = self._waiting.popleft()
             future.set_running_or_notify_cancel()
             r = _Running(job, self._free.pop(0), self.tokenizer, future, self.device)
+            for c in self._states:  # a new request starts from a zero state
+                c.clear(r.slot)
             self._running.append(r)
             admitted.append(r)
         self.peak_running = max(self.peak_running, len(self._running))
@@ -284,13 +285,34 @@ class Engine:
                     self._fail(r, e)
 
     def _prefill(self, rows: list[_Running]) -> None:
-        """Write the next chunk of each job's prompt into its slot, all in one pass; a job
-        whose prompt is then complete samples its first token.
+        """Write the next chunk of each job's prompt into its slot; a job whose prompt is then
+        complete samples its first token. One left-padded pass for all rows (`_prefill_pass`),
+        or, for a model with linear-attention layers, one unpadded pass per chunk length.
+
+        Why unpadded: a pad would enter a linear layer's state, a sum over every token its row
+        has seen, and its conv window, which must hold the inputs just before the chunk's first
+        real token (the slot's conv state), not pads. Masking pads out of both would need a
+        per-row shift of the conv input; rows of one length need no pad at all, and decode steps
+        (one token per row, never padded) stay one batched pass. Prompts arriving together cost
+        at most one pass per distinct length, a chunk's worth of tokens in all.
+        """
+        if not self._states:
+            self._prefill_pass(rows)
+            return
+        by_length: dict[int, list[_Running]] = {}
+        for r in rows:
+            by_length.setdefault(min(r.n_prompt - r.prefilled, self.prefill_chunk), []).append(r)
+        for group in by_length.values():
+            self._prefill_pass(group)
+
+    def _prefill_pass(self, rows: list[_Running]) -> None:
+        """The next chunk of each job's prompt into its slot, all in one pass.
 
         The chunks are left-padded to one length T, so every row's last real token is in the
         last column (only that column's logits are computed). A pad's key must go somewhere
         harmless: the slot's last cache index, which is past every prompt token, hidden from
-        the real queries by the mask, and rewritten before it is ever read.
+        the real queries by the mask, and rewritten before it is ever read. (A model with
+        linear layers never gets here with pads: `_prefill`.)
         """
         takes = [min(r.n_prompt - r.prefilled, self.prefill_chunk) for r in rows]
         T = max(takes)
@@ -318,7 +340,8 @@ class Engine:
         Compiled, every step has one of a few shapes: all `max_batch` slots, reading the
         shortest of the `read_length` buckets that holds the furthest job (at most twice what
         it needs); a slot with no generating job gets a dummy token parked at its last cache
-        index (past any prompt, never read unmasked), and its logits are dropped.
+        index (past any prompt, never read unmasked; a linear layer's state ignores it),
+        and its logits are dropped.
         """
         if self.compile:
             by_slot = {r.slot: r for r in rows}
@@ -389,6 +412,8 @@ class Engine:
         with self._lock:
             self._running.remove(r)
             self._free.append(r.slot)
+            for c in self._states:  # nothing of a finished request stays in its slot
+                c.clear(r.slot)
             self._free.sort()
             self.accepted -= 1
             self.tokens_generated += len(r.out.ids)
