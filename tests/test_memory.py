@@ -182,6 +182,79 @@ def test_training_with_both_equals_plain_and_resumes_exactly(tmp_path) -> None:
         torch.testing.assert_close(q, p, atol=1e-5, rtol=0)
 
 
+# The optimizer step in backward ----------------------------------------------------------------
+def _steps(model: GPT, tcfg: TrainConfig, n: int = 3) -> tuple[list[float], list[float]]:
+    """n optimizer steps of `model` on fixed batches: (losses, grad norms)."""
+    from bardlm.train.loop import Loop
+
+    loop = Loop(model, tcfg)
+    losses, norms = [], []
+    for step in range(n):
+        x, y = _data(seed=step)
+        losses.append(loop.train_step(lambda s, m, x=x, y=y: (x, y)))
+        norms.append(loop.grad_norm)
+    return losses, norms
+
+
+@pytest.mark.parametrize("optimizer", ["foreach", "fused", "muon"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_step_in_backward_equals_the_normal_step(optimizer: str, lora: bool) -> None:
+    """Three steps updating each parameter during backward give the normal step's weights (to
+    1e-6), optimizer state and logged gradient norms: tied embedding and head, checkpointing,
+    chunked loss, the AdamW kernels and Muon, full or LoRA (frozen weights have no gradient)."""
+    torch.manual_seed(0)
+    base = GPT(preset("qwen3-tiny", dropout=0.0, tie_embeddings=True)).train()
+    if lora:
+        apply_lora(base, 4, 8.0)
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    memory = dict(checkpoint_activations=True, loss_chunk=7, grad_clip=0.0, optimizer=optimizer,
+                  warmup_iters=1, max_iters=3, lr=1e-2)
+    plain = _steps(models[0], TrainConfig(**memory))
+    inside = _steps(models[1], TrainConfig(**memory, step_in_backward=True))
+    assert inside[0] == pytest.approx(plain[0], abs=1e-6) and inside[1] == pytest.approx(plain[1], rel=1e-5)
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=n)
+        assert q.grad is None, n  # freed as soon as it was used
+    moved = [n for (n, p), q in zip(base.named_parameters(), models[1].parameters()) if not torch.equal(p, q)]
+    assert moved and all("lora_" in n for n in moved) == lora
+
+
+def test_step_in_backward_refuses_clipping_accumulation_and_applies_nothing_on_nan() -> None:
+    from bardlm.errors import BardlmError
+    from bardlm.train.loop import Diverged, Loop
+
+    for bad in (dict(), dict(grad_clip=0.0, grad_accum=2)):
+        with pytest.raises(BardlmError, match="step_in_backward .* set grad_clip=0 and grad_accum=1"):
+            TrainConfig(step_in_backward=True, **bad)
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3-tiny")).train()
+    before = copy.deepcopy(model.state_dict())
+    loop = Loop(model, TrainConfig(step_in_backward=True, grad_clip=0.0),
+                forward=lambda x, y: (None, model(x, y)[1] * float("nan")))
+    with pytest.raises(Diverged):
+        loop.train_step(lambda s, m: _data())
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_training_with_step_in_backward_equals_plain_and_resumes_exactly(tmp_path) -> None:
+    """Six Trainer steps updating in backward: the plain run's losses and weights; stopped at
+    step 2 and resumed (the optimizer state saved and loaded as usual), the same again."""
+    kw = dict(grad_clip=0.0, grad_accum=1, checkpoint_activations=True)
+    plain = _trainer(tmp_path / "plain", **kw)
+    plain.fit()
+    inside = _trainer(tmp_path / "inside", **kw, step_in_backward=True)
+    inside.fit(until=2)
+    resumed = _trainer(tmp_path / "inside", **kw, step_in_backward=True)
+    resumed.resume()
+    resumed.fit()
+    rows = lambda t: [r[k] for r in t.history for k in ("train_loss", "val_loss")]  # noqa: E731
+    assert len(rows(resumed)) == 6
+    assert rows(resumed) == pytest.approx(rows(plain), abs=1e-6)
+    for p, q in zip(plain.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
+
+
 MEASURE = """
 import json, sys, torch
 from bardlm.config import preset

@@ -48,14 +48,23 @@ class MemoryEstimate:
     activations: int  # kept for backward, at the end of the forward pass
     logits: int  # logits, their log-softmax and gradients at the head, and the head's gradient
     runtime: int  # the interpreter and libraries (0 on CUDA)
+    # step_in_backward: the updates run during backward, each with one parameter's gradient
+    # (`grads`), which a tied head holds from the start of backward to its end.
+    in_backward: bool = False
 
     @property
     def first_step(self) -> int:
+        if self.in_backward:  # the state is allocated as backward frees the activations
+            return self.runtime + self.weights + self.grads + self.optimizer_temp + max(
+                self.activations + self.logits, self.optimizer)
         return self.runtime + self.weights + max(self.activations + self.logits,
                                                  self.grads + self.optimizer + self.optimizer_temp)
 
     @property
     def later_steps(self) -> int:
+        if self.in_backward:
+            return (self.runtime + self.weights + self.optimizer + self.grads + self.optimizer_temp
+                    + self.activations + self.logits)
         return self.runtime + self.weights + self.optimizer + max(self.activations + self.logits,
                                                                   self.grads + self.optimizer_temp)
 
@@ -139,9 +148,13 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
     logits = 3 * rows * model_cfg.vocab_size * 4 + (head.weight.numel() * 4 if head_trainable else 0)
     kind = adamw_kernel(cfg.optimizer, torch.device(cfg.device if cfg.device != "auto" else "cpu"))
     states = 1 if cfg.optimizer == "muon" else 2  # Muon's momentum; AdamW's two moments
+    # step_in_backward: one parameter's gradient (and update temporaries) at a time, the largest
+    # one at worst; the whole model's otherwise.
+    stepped = max((p.numel() for p in params if p.requires_grad), default=0) if cfg.step_in_backward else trainable
     return MemoryEstimate(
-        weights=weights, grads=trainable * 4, optimizer=states * trainable * 4,
-        optimizer_temp=trainable * 4 if kind == "foreach" else 0,
+        weights=weights, grads=stepped * 4, optimizer=states * trainable * 4,
+        optimizer_temp=stepped * 4 if kind == "foreach" else 0,
         activations=activations, logits=logits,
         runtime=0 if str(cfg.device).startswith("cuda") else RUNTIME_BYTES,
+        in_backward=cfg.step_in_backward,
     )
