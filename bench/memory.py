@@ -69,6 +69,10 @@ def _peak_gib() -> float:
 def run_row(name: str, layers: int | None) -> dict:
     """One optimizer step of row `name` in this process: {"peak_gib", "step_s", "loss"}."""
     what, memory = ROWS[name]
+    if what not in ("hf", "peft"):
+        from bardlm.train.memory import return_freed_memory
+
+        return_freed_memory()  # as `bardlm train` / `finetune` do first
     torch.manual_seed(0)
     cfg = _shape(layers)
     ids = _batch(cfg.vocab_size)
