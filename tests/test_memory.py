@@ -71,6 +71,31 @@ def test_chunked_token_nll_equals_f_cross_entropy_per_token() -> None:
     assert (nll[1, 2:] == 0).all()
 
 
+def test_chunked_loss_through_a_quantized_head_a_block_of_rows_at_a_time(monkeypatch) -> None:
+    """QLoRA's int8 head (its rows dequantized 7 at a time here): the loss, per-token NLL and
+    hidden-state gradients of F.cross_entropy over the float head those codes stand for."""
+    from bardlm.infer.quantize import Int8Linear, dequantize
+    from bardlm.nn import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "VOCAB_BLOCK", 7)
+    g = torch.Generator().manual_seed(2)
+    head = Int8Linear.from_linear(torch.nn.Linear(16, 50, bias=False))
+    head.frozen_base = True
+    w = dequantize(head.weight, head.scales)
+    h = torch.randn(2, 13, 16, generator=g, requires_grad=True)
+    y = torch.randint(50, (2, 13), generator=g)
+    y[0, :4] = -1
+    up = torch.randn(2, 13, generator=g)
+    ref = F.cross_entropy((h @ w.t()).view(-1, 50), y.view(-1), ignore_index=-1, reduction="none").view(2, 13)
+    ref_mean = ref.sum() / (y >= 0).sum()
+    for ours, theirs, weight in ((chunked_cross_entropy(h, head, y, 5), ref_mean, 3.0),
+                                 (chunked_token_nll(h, head, y, 5), ref, up)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        gh, = torch.autograd.grad((ours * weight).sum(), h)
+        ref_h, = torch.autograd.grad((theirs * weight).sum(), h, retain_graph=True)
+        torch.testing.assert_close(gh, ref_h, atol=1e-5, rtol=1e-5)
+
+
 def _loss_and_grads(model: GPT, x: torch.Tensor, y: torch.Tensor, seed: int = 3,
                     forward=None) -> tuple[float, dict[str, torch.Tensor]]:  # noqa: ANN001
     torch.manual_seed(seed)  # the same dropout masks in both paths
@@ -367,7 +392,7 @@ def test_qlora_equals_lora_on_the_dequantized_base(bits: int, memory: dict) -> N
     for computes (loss and adapter gradients to 1e-5); our LoRA equals peft's (test_lora.py)."""
     from bardlm.infer.int4 import Int4Linear
     from bardlm.infer.qlora import quantize_base
-    from bardlm.infer.quantize import Int8Linear, dequantize, quantize_per_channel
+    from bardlm.infer.quantize import Int8Embedding, Int8Linear, dequantize, quantize_per_channel
 
     torch.manual_seed(0)
     # n_embd 80: not a multiple of the int4 group (32), so the padded columns are exercised too.
@@ -378,9 +403,11 @@ def test_qlora_equals_lora_on_the_dequantized_base(bits: int, memory: dict) -> N
             if isinstance(m, torch.nn.Linear) and name != "lm_head":
                 m.weight.copy_(dequantize(*quantize_per_channel(m.weight)) if bits == 8
                                else _int4_round_trip(m.weight))
+        wte = plain.transformer.wte.weight  # the embedding and tied head: int8, a scale per token
+        wte.copy_(dequantize(*quantize_per_channel(wte)))
     quantize_base(base, f"int{bits}")
     assert isinstance(base.transformer.h[0].attn.c_attn, Int8Linear if bits == 8 else Int4Linear)
-    assert type(base.lm_head) is torch.nn.Linear  # the head (tied) stays float
+    assert isinstance(base.transformer.wte, Int8Embedding) and base.lm_head.weight is base.transformer.wte.weight
     for model in (base, plain):
         apply_lora(model, 4, 8.0)
         _adapters_randomized(model)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig, TrainConfig
 from ..nn.lora import TARGETS, apply_lora, lora_layers
+from ..nn.loss import VOCAB_BLOCK
 from ..nn.model import GPT
 from .optim import adamw_kernel
 
@@ -158,6 +159,9 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
             out_f, in_f = layer.base.weight.shape
             k = -(-in_f // 32) * 32
             weights += out_f * k // 2 + out_f * (k // 32) * 2 - layer.base.weight.numel() * 4
+    if base_dtype != "fp32":  # the embedding and head (tied: one table) in int8, a bf16 scale a row
+        tables = {id(t): t for t in (model.transformer.wte.weight, model.lm_head.weight)}.values()
+        weights += sum(t.numel() * (1 - 4) + t.shape[0] * 2 for t in tables)
     per_block, rest = _saved_bytes(model, idx)
     if cfg.checkpoint_activations:
         kept = [batch * context * model_cfg.n_embd * 4 if i % cfg.checkpoint_every == 0 else n
@@ -175,6 +179,8 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
     # Three (rows, V) fp32 tensors at once: the logits (or a chunk's), their log-softmax (the
     # chunk's in place) and the gradient; the head's (V, C) gradient when it trains.
     logits = 3 * rows * model_cfg.vocab_size * 4 + (head.weight.numel() * 4 if head_trainable else 0)
+    if base_dtype != "fp32" and cfg.loss_chunk:  # a block of the int8 head's rows, dequantized
+        logits += min(VOCAB_BLOCK, model_cfg.vocab_size) * model_cfg.n_embd * 4
     kind = adamw_kernel(cfg.optimizer, torch.device(cfg.device if cfg.device != "auto" else "cpu"))
     states = 1 if cfg.optimizer == "muon" else 2  # Muon's momentum; AdamW's two moments
     # step_in_backward: one parameter's gradient (and update temporaries) at a time, the largest
