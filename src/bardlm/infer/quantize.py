@@ -85,7 +85,7 @@ class Int8Linear(nn.Module):
     def dequantized_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows start:end of the weight (end - start, in) as `dtype`: a block of a frozen head,
         for the chunked loss (nn/loss.py), which never holds the whole float head."""
-        return self.weight[start:end].to(dtype) * self.scales[start:end].to(dtype)[:, None]
+        return self.weight[start:end].to(dtype).mul_(self.scales[start:end].to(dtype)[:, None])  # one temporary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out) bf16
         if self.frozen_base or x.requires_grad:  # a base under LoRA (QLoRA): x's dtype, a backward

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-VOCAB_BLOCK = 16384  # rows of a quantized head dequantized at once (64 MiB in fp32 at C = 1,024)
+VOCAB_BLOCK = 8192  # rows of a quantized head dequantized at once (32 MiB in fp32 at C = 1,024)
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -101,6 +101,10 @@ class _MeanCrossEntropy(Function):
                         grad_h[s : s + chunk] = _input_grad(g, wc)
                     if need_w:
                         grad_w += (g.t() @ hc).float()
+                    del g
+                # Freed before the next chunk's logits exist: two (chunk, V) tensors at a time
+                # (the logits and logsumexp's temporary), not three.
+                del logits
         # Kept on ctx, not saved: backward scales them in place and hands them on, so the head's
         # gradient (V x C, as large as the head) exists once, not twice.
         ctx.grads, ctx.w_dtype = [grad_h, grad_w], w.dtype if need_w else None
@@ -128,6 +132,7 @@ class _TokenNLL(Function):
                 lse[s : s + chunk] = logits.logsumexp(-1)
                 picked = logits.gather(1, yc.clamp(min=0)[:, None])[:, 0]
                 nll[s : s + chunk] = (lse[s : s + chunk] - picked) * (yc >= 0)
+                del logits  # before the next chunk's (see _MeanCrossEntropy)
         quantized = not isinstance(w, torch.Tensor)
         ctx.save_for_backward(h, y, lse, *(() if quantized else (w,)))
         ctx.chunk, ctx.dtype, ctx.head = chunk, dtype, w if quantized else None
@@ -150,6 +155,7 @@ class _TokenNLL(Function):
                 grad_h[s : s + chunk] = _input_grad(g, wc)
             if need_w:
                 grad_w += (g.t() @ hc).float()
+            del g  # before the next chunk's logits
         return grad_h, None if grad_w is None else grad_w.to(w.dtype), None, None
 
 

@@ -176,9 +176,11 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
     head = model.lm_head
     head_trainable = type(head) is nn.Linear and head.weight.requires_grad
     rows = batch * context if cfg.loss_chunk == 0 or type(head) is not nn.Linear else min(cfg.loss_chunk, batch * context)
-    # Three (rows, V) fp32 tensors at once: the logits (or a chunk's), their log-softmax (the
-    # chunk's in place) and the gradient; the head's (V, C) gradient when it trains.
-    logits = 3 * rows * model_cfg.vocab_size * 4 + (head.weight.numel() * 4 if head_trainable else 0)
+    # Chunked: two (rows, V) fp32 tensors at once, a chunk's logits (turned into their gradient
+    # in place) and logsumexp's temporary; whole: three, the logits, their log-softmax and the
+    # gradient. And the head's (V, C) gradient when it trains.
+    whole = cfg.loss_chunk == 0 or type(head) is not nn.Linear
+    logits = (3 if whole else 2) * rows * model_cfg.vocab_size * 4 + (head.weight.numel() * 4 if head_trainable else 0)
     if base_dtype != "fp32" and cfg.loss_chunk:  # a block of the int8 head's rows, dequantized
         logits += min(VOCAB_BLOCK, model_cfg.vocab_size) * model_cfg.n_embd * 4
     kind = adamw_kernel(cfg.optimizer, torch.device(cfg.device if cfg.device != "auto" else "cpu"))
