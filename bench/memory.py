@@ -5,8 +5,9 @@ Each row runs in a fresh subprocess (`--row NAME`) that builds the model with ra
 (vocabulary 151,936), takes ONE optimizer step on a batch of 1 x 1,024 tokens and reports the
 peak resident set size of that step (VmHWM, reset through /proc/self/clear_refs once the model
 is built, so building's own transients do not count) and the step's wall time. Ours: `Loop.train_step` (the one
-training step), AdamW (foreach), fp32; transformers: Qwen3ForCausalLM with gradient
-checkpointing on, torch's AdamW, fp32, the same step. The last line is JSON.
+training step), AdamW (foreach), fp32, after `return_freed_memory()` as `bardlm train` and
+`finetune` call it; transformers: Qwen3ForCausalLM with gradient checkpointing on, torch's
+AdamW, fp32, the same step, glibc's default allocator. The last line is JSON.
 
     PYTHONPATH=src python bench/memory.py                 # every row (needs ~14 GB, minutes)
     PYTHONPATH=src python bench/memory.py --layers 2      # a 2-layer model of the same width

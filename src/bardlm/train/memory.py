@@ -76,27 +76,31 @@ class MemoryEstimate:
     optimizer: int
     optimizer_temp: int  # the optimizer step's own temporaries (foreach AdamW's intermediates)
     activations: int  # kept for backward, at the end of the forward pass
-    logits: int  # logits, their log-softmax and gradients at the head, and the head's gradient
+    logits: int  # logits, their log-softmax and gradients at the head (while the loss runs)
     runtime: int  # the interpreter and libraries (0 on CUDA)
     # step_in_backward: the updates run during backward, each with one parameter's gradient
     # (`grads`), which a tied head holds from the start of backward to its end.
     in_backward: bool = False
+    head_grad: int = 0  # the head's (V, C) gradient, from the loss to the end of backward
+    recomputed: int = 0  # checkpointing: one block's activations, again, during its backward
+
+    @property
+    def passes(self) -> int:
+        """The forward and backward passes' own peak: what is kept, plus the loss's logits or
+        (later, once those are gone) a checkpointed block's recomputed activations."""
+        return self.activations + self.head_grad + max(self.logits, self.recomputed)
 
     @property
     def first_step(self) -> int:
         if self.in_backward:  # the state is allocated as backward frees the activations
-            return self.runtime + self.weights + self.grads + self.optimizer_temp + max(
-                self.activations + self.logits, self.optimizer)
-        return self.runtime + self.weights + max(self.activations + self.logits,
-                                                 self.grads + self.optimizer + self.optimizer_temp)
+            return self.runtime + self.weights + self.grads + self.optimizer_temp + max(self.passes, self.optimizer)
+        return self.runtime + self.weights + max(self.passes, self.grads + self.optimizer + self.optimizer_temp)
 
     @property
     def later_steps(self) -> int:
         if self.in_backward:
-            return (self.runtime + self.weights + self.optimizer + self.grads + self.optimizer_temp
-                    + self.activations + self.logits)
-        return self.runtime + self.weights + self.optimizer + max(self.activations + self.logits,
-                                                                  self.grads + self.optimizer_temp)
+            return self.runtime + self.weights + self.optimizer + self.grads + self.optimizer_temp + self.passes
+        return self.runtime + self.weights + self.optimizer + max(self.passes, self.grads + self.optimizer_temp)
 
 
 def _saved_bytes(model: nn.Module, idx: torch.Tensor) -> tuple[list[int], int]:
@@ -142,7 +146,8 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
 
     Activations are those autograd keeps, traced op by op in fp32 (bf16 autocast: the matmul
     outputs halve, norms and softmax stay fp32; estimated as 0.75x). Checkpointed blocks keep
-    their input only, and one block's activations exist again while it is recomputed."""
+    their input only, and one block's activations exist again while it is recomputed (in
+    backward, when the loss's logits are gone)."""
     with torch.device("meta"):
         model = GPT(model_cfg).train()
         if lora_rank:
@@ -167,12 +172,12 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
         kept = [batch * context * model_cfg.n_embd * 4 if i % cfg.checkpoint_every == 0 else n
                 for i, n in enumerate(per_block)]
         recomputed = max(n for i, n in enumerate(per_block) if i % cfg.checkpoint_every == 0)
-        blocks = sum(kept) + recomputed
+        blocks = sum(kept)
     else:
-        blocks = sum(per_block)
+        blocks, recomputed = sum(per_block), 0
     activations = blocks + rest
     if cfg.dtype == "bf16":
-        activations = int(activations * 0.75)
+        activations, recomputed = int(activations * 0.75), int(recomputed * 0.75)
     head = model.lm_head
     head_trainable = type(head) is nn.Linear and head.weight.requires_grad
     rows = batch * context if cfg.loss_chunk == 0 or type(head) is not nn.Linear else min(cfg.loss_chunk, batch * context)
@@ -180,7 +185,7 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
     # in place) and logsumexp's temporary; whole: three, the logits, their log-softmax and the
     # gradient. And the head's (V, C) gradient when it trains.
     whole = cfg.loss_chunk == 0 or type(head) is not nn.Linear
-    logits = (3 if whole else 2) * rows * model_cfg.vocab_size * 4 + (head.weight.numel() * 4 if head_trainable else 0)
+    logits = (3 if whole else 2) * rows * model_cfg.vocab_size * 4
     if base_dtype != "fp32" and cfg.loss_chunk:  # a block of the int8 head's rows, dequantized
         logits += min(VOCAB_BLOCK, model_cfg.vocab_size) * model_cfg.n_embd * 4
     kind = adamw_kernel(cfg.optimizer, torch.device(cfg.device if cfg.device != "auto" else "cpu"))
@@ -193,5 +198,6 @@ def estimate(model_cfg: ModelConfig, cfg: TrainConfig, batch: int, context: int,
         optimizer_temp=stepped * 4 if kind == "foreach" else 0,
         activations=activations, logits=logits,
         runtime=0 if str(cfg.device).startswith("cuda") else RUNTIME_BYTES,
-        in_backward=cfg.step_in_backward,
+        in_backward=cfg.step_in_backward, head_grad=head.weight.numel() * 4 if head_trainable else 0,
+        recomputed=recomputed,
     )
