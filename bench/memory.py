@@ -5,8 +5,9 @@ Each row runs in a fresh subprocess (`--row NAME`) that builds the model with ra
 (vocabulary 151,936), takes ONE optimizer step on a batch of 1 x 1,024 tokens and reports the
 peak resident set size of that step (VmHWM, reset through /proc/self/clear_refs once the model
 is built, so building's own transients do not count) and the step's wall time. Ours: `Loop.train_step` (the one
-training step), AdamW (foreach), fp32; transformers: Qwen3ForCausalLM with gradient
-checkpointing on, torch's AdamW, fp32, the same step. The last line is JSON.
+training step), AdamW (foreach), fp32, after `return_freed_memory()` as `bardlm train` and
+`finetune` call it; transformers: Qwen3ForCausalLM with gradient checkpointing on, torch's
+AdamW, fp32, the same step, glibc's default allocator. The last line is JSON.
 
     PYTHONPATH=src python bench/memory.py                 # every row (needs ~14 GB, minutes)
     PYTHONPATH=src python bench/memory.py --layers 2      # a 2-layer model of the same width
@@ -37,6 +38,9 @@ ROWS = {
     "ours_qlora_int4": ("qlora", dict(checkpoint_activations=True, loss_chunk=CHUNK)),
     # fused AdamW: one kernel over all parameters, without foreach's per-group temporaries
     "ours_full_fused": ("full", dict(checkpoint_activations=True, loss_chunk=CHUNK, optimizer="fused")),
+    # each parameter updated in backward as soon as its gradient is ready (no clipping)
+    "ours_full_in_backward": ("full", dict(checkpoint_activations=True, loss_chunk=CHUNK, optimizer="fused",
+                                           step_in_backward=True, grad_clip=0.0)),
 }
 BASE_DTYPE = {"ours_qlora_int8": "int8", "ours_qlora_int4": "int4"}  # QLoRA rows' frozen bases
 
@@ -66,6 +70,10 @@ def _peak_gib() -> float:
 def run_row(name: str, layers: int | None) -> dict:
     """One optimizer step of row `name` in this process: {"peak_gib", "step_s", "loss"}."""
     what, memory = ROWS[name]
+    if what not in ("hf", "peft"):
+        from bardlm.train.memory import return_freed_memory
+
+        return_freed_memory()  # as `bardlm train` / `finetune` do first
     torch.manual_seed(0)
     cfg = _shape(layers)
     ids = _batch(cfg.vocab_size)
@@ -162,6 +170,7 @@ def main() -> None:
 
     summary = {
         "full_vs_hf": ratio("ours_full", "hf_full"), "full_fused_vs_hf": ratio("ours_full_fused", "hf_full"),
+        "full_in_backward_vs_hf": ratio("ours_full_in_backward", "hf_full"),
         "goal_full_vs_hf": 0.8,
         "lora_vs_peft": ratio("ours_lora", "peft_lora"), "goal_lora_vs_peft": 0.7,
         "qlora_int8_vs_lora": ratio("ours_qlora_int8", "ours_lora"),

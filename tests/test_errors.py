@@ -281,6 +281,8 @@ CASES = [
     ("info-int8-without-lora", lambda t, c, w: ["info", "--preset", "char-tiny", "--train", "--base-dtype", "int8"],
      "--base-dtype int8 is a frozen base under LoRA: add --lora-rank R"),
     ("train-checkpoint-every", lambda t, c, w: _train(t, "checkpoint_every=0"), "train: checkpoint_every must be positive"),
+    ("train-step-in-backward-clip", lambda t, c, w: _train(t, "step_in_backward=true"),
+     "train: step_in_backward updates each parameter before the others' gradients exist"),
     ("train-vocab-size", lambda t, c, w: _train(t, "vocab_size=100"), "the vocabulary size comes from the tokenizer"),
     ("resume-config-nan", lambda t, c, w: ["train", "--resume", "--out", _edited(c, t, "config.json", _lr_nan)],
      "train: lr must be a finite number, got nan"),

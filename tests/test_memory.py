@@ -71,6 +71,31 @@ def test_chunked_token_nll_equals_f_cross_entropy_per_token() -> None:
     assert (nll[1, 2:] == 0).all()
 
 
+def test_chunked_loss_through_a_quantized_head_a_block_of_rows_at_a_time(monkeypatch) -> None:
+    """QLoRA's int8 head (its rows dequantized 7 at a time here): the loss, per-token NLL and
+    hidden-state gradients of F.cross_entropy over the float head those codes stand for."""
+    from bardlm.infer.quantize import Int8Linear, dequantize
+    from bardlm.nn import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "VOCAB_BLOCK", 7)
+    g = torch.Generator().manual_seed(2)
+    head = Int8Linear.from_linear(torch.nn.Linear(16, 50, bias=False))
+    head.frozen_base = True
+    w = dequantize(head.weight, head.scales)
+    h = torch.randn(2, 13, 16, generator=g, requires_grad=True)
+    y = torch.randint(50, (2, 13), generator=g)
+    y[0, :4] = -1
+    up = torch.randn(2, 13, generator=g)
+    ref = F.cross_entropy((h @ w.t()).view(-1, 50), y.view(-1), ignore_index=-1, reduction="none").view(2, 13)
+    ref_mean = ref.sum() / (y >= 0).sum()
+    for ours, theirs, weight in ((chunked_cross_entropy(h, head, y, 5), ref_mean, 3.0),
+                                 (chunked_token_nll(h, head, y, 5), ref, up)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        gh, = torch.autograd.grad((ours * weight).sum(), h)
+        ref_h, = torch.autograd.grad((theirs * weight).sum(), h, retain_graph=True)
+        torch.testing.assert_close(gh, ref_h, atol=1e-5, rtol=1e-5)
+
+
 def _loss_and_grads(model: GPT, x: torch.Tensor, y: torch.Tensor, seed: int = 3,
                     forward=None) -> tuple[float, dict[str, torch.Tensor]]:  # noqa: ANN001
     torch.manual_seed(seed)  # the same dropout masks in both paths
@@ -182,6 +207,119 @@ def test_training_with_both_equals_plain_and_resumes_exactly(tmp_path) -> None:
         torch.testing.assert_close(q, p, atol=1e-5, rtol=0)
 
 
+# The optimizer step in backward ----------------------------------------------------------------
+def _steps(model: GPT, tcfg: TrainConfig, n: int = 3) -> tuple[list[float], list[float]]:
+    """n optimizer steps of `model` on fixed batches: (losses, grad norms)."""
+    from bardlm.train.loop import Loop
+
+    loop = Loop(model, tcfg)
+    losses, norms = [], []
+    for step in range(n):
+        x, y = _data(seed=step)
+        losses.append(loop.train_step(lambda s, m, x=x, y=y: (x, y)))
+        norms.append(loop.grad_norm)
+    return losses, norms
+
+
+@pytest.mark.parametrize("optimizer", ["foreach", "fused", "muon"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_step_in_backward_equals_the_normal_step(optimizer: str, lora: bool) -> None:
+    """Three steps updating each parameter during backward give the normal step's weights (to
+    1e-6), optimizer state and logged gradient norms: tied embedding and head, checkpointing,
+    chunked loss, the AdamW kernels and Muon, full or LoRA (frozen weights have no gradient)."""
+    torch.manual_seed(0)
+    base = GPT(preset("qwen3-tiny", dropout=0.0, tie_embeddings=True)).train()
+    if lora:
+        apply_lora(base, 4, 8.0)
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    memory = dict(checkpoint_activations=True, loss_chunk=7, grad_clip=0.0, optimizer=optimizer,
+                  warmup_iters=1, max_iters=3, lr=1e-2)
+    plain = _steps(models[0], TrainConfig(**memory))
+    inside = _steps(models[1], TrainConfig(**memory, step_in_backward=True))
+    assert inside[0] == pytest.approx(plain[0], abs=1e-6) and inside[1] == pytest.approx(plain[1], rel=1e-5)
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=n)
+        assert q.grad is None, n  # freed as soon as it was used
+    moved = [n for (n, p), q in zip(base.named_parameters(), models[1].parameters()) if not torch.equal(p, q)]
+    assert moved and all("lora_" in n for n in moved) == lora
+
+
+def test_step_in_backward_refuses_clipping_accumulation_and_applies_nothing_on_nan() -> None:
+    from bardlm.errors import BardlmError
+    from bardlm.train.loop import Diverged, Loop
+
+    for bad in (dict(), dict(grad_clip=0.0, grad_accum=2)):
+        with pytest.raises(BardlmError, match="step_in_backward .* set grad_clip=0 and grad_accum=1"):
+            TrainConfig(step_in_backward=True, **bad)
+    torch.manual_seed(0)
+    model = GPT(preset("qwen3-tiny")).train()
+    before = copy.deepcopy(model.state_dict())
+    loop = Loop(model, TrainConfig(step_in_backward=True, grad_clip=0.0),
+                forward=lambda x, y: (None, model(x, y)[1] * float("nan")))
+    with pytest.raises(Diverged):
+        loop.train_step(lambda s, m: _data())
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_training_with_step_in_backward_equals_plain_and_resumes_exactly(tmp_path) -> None:
+    """Six Trainer steps updating in backward: the plain run's losses and weights; stopped at
+    step 2 and resumed (the optimizer state saved and loaded as usual), the same again."""
+    kw = dict(grad_clip=0.0, grad_accum=1, checkpoint_activations=True)
+    plain = _trainer(tmp_path / "plain", **kw)
+    plain.fit()
+    inside = _trainer(tmp_path / "inside", **kw, step_in_backward=True)
+    inside.fit(until=2)
+    resumed = _trainer(tmp_path / "inside", **kw, step_in_backward=True)
+    resumed.resume()
+    resumed.fit()
+    rows = lambda t: [r[k] for r in t.history for k in ("train_loss", "val_loss")]  # noqa: E731
+    assert len(rows(resumed)) == 6
+    assert rows(resumed) == pytest.approx(rows(plain), abs=1e-6)
+    for p, q in zip(plain.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
+
+
+FREED = """
+import sys, threading, torch
+from bardlm.train.memory import return_freed_memory
+rss = lambda: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+ok = return_freed_memory() if sys.argv[1] == "1" else True
+big = torch.ones(4 << 20)  # a 16 MiB block mapped and freed: glibc raises its threshold to 16 MiB
+del big
+base, pins = rss(), []
+
+def work():  # a second thread allocates from its own malloc arena, as torch's workers may
+    blocks = []
+    for _ in range(100):
+        blocks.append(torch.ones(1 << 20))  # 4 MiB each
+        pins.append(torch.ones(1000))  # small tensors left alive between them
+    blocks.clear()
+
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(ok, rss() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_return_freed_memory_gives_freed_tensors_back() -> None:
+    """400 MiB of 4 MiB tensors allocated in a thread and freed: glibc keeps them resident;
+    after `return_freed_memory` (what the training commands call first) they are gone."""
+    def left(on: str) -> tuple[bool, float]:
+        out = subprocess.run([sys.executable, "-c", FREED, on], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        ok, mib = out.stdout.split()
+        return ok == "True", float(mib)
+
+    ok, after = left("1")
+    if not ok:
+        pytest.skip("not glibc")
+    assert after < 50, after
+    assert left("0")[1] > 300  # the default allocator keeps them: the case is a real one
+
+
 MEASURE = """
 import json, sys, torch
 from bardlm.config import preset
@@ -254,7 +392,7 @@ def test_qlora_equals_lora_on_the_dequantized_base(bits: int, memory: dict) -> N
     for computes (loss and adapter gradients to 1e-5); our LoRA equals peft's (test_lora.py)."""
     from bardlm.infer.int4 import Int4Linear
     from bardlm.infer.qlora import quantize_base
-    from bardlm.infer.quantize import Int8Linear, dequantize, quantize_per_channel
+    from bardlm.infer.quantize import Int8Embedding, Int8Linear, dequantize, quantize_per_channel
 
     torch.manual_seed(0)
     # n_embd 80: not a multiple of the int4 group (32), so the padded columns are exercised too.
@@ -265,9 +403,11 @@ def test_qlora_equals_lora_on_the_dequantized_base(bits: int, memory: dict) -> N
             if isinstance(m, torch.nn.Linear) and name != "lm_head":
                 m.weight.copy_(dequantize(*quantize_per_channel(m.weight)) if bits == 8
                                else _int4_round_trip(m.weight))
+        wte = plain.transformer.wte.weight  # the embedding and tied head: int8, a scale per token
+        wte.copy_(dequantize(*quantize_per_channel(wte)))
     quantize_base(base, f"int{bits}")
     assert isinstance(base.transformer.h[0].attn.c_attn, Int8Linear if bits == 8 else Int4Linear)
-    assert type(base.lm_head) is torch.nn.Linear  # the head (tied) stays float
+    assert isinstance(base.transformer.wte, Int8Embedding) and base.lm_head.weight is base.transformer.wte.weight
     for model in (base, plain):
         apply_lora(model, 4, 8.0)
         _adapters_randomized(model)

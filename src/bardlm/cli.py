@@ -64,8 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tokenizers import build
     from .tokenizers import load as load_tokenizer
     from .train.data import load_corpus, load_prepared, token_ids
+    from .train.memory import return_freed_memory
     from .train.trainer import Trainer, prepare_out
 
+    return_freed_memory()  # before the model is built: freed tensors leave the resident set
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite)
     model_over, train_over = _split_overrides(args.set)
@@ -548,7 +550,9 @@ def _train_memory_rows(cfg, train_cfg, args: argparse.Namespace) -> list[tuple[s
         ("  gradients", gib(est.grads)),
         ("  optimizer state (+ step temporaries)", f"{gib(est.optimizer)} (+ {gib(est.optimizer_temp)})"),
         ("  activations kept for backward", gib(est.activations)),
-        ("  logits, their gradient, head gradient", gib(est.logits)),
+        ("  a checkpointed block recomputed in backward", gib(est.recomputed)),
+        ("  logits and their gradient (during the loss)", gib(est.logits)),
+        ("  head gradient", gib(est.head_grad)),
         ("  runtime (interpreter, libraries)", gib(est.runtime)),
         ("estimated peak, first step", gib(est.first_step)),
         ("estimated peak, later steps", gib(est.later_steps)),
@@ -865,9 +869,11 @@ def tuning_setup(args: argparse.Namespace, defaults: dict) -> tuple:  # noqa: AN
     """(out, TrainConfig, LoRASpec or None, log) of a finetune, dpo or rl command."""
     from .config import TrainConfig, parse_overrides, train_config_keys
     from .io.checkpoint import read_config
+    from .train.memory import return_freed_memory
     from .train.sft import LoRASpec
     from .train.trainer import prepare_out
 
+    return_freed_memory()  # before the model is built: freed tensors leave the resident set
     out = Path(args.out)
     prepare_out(out, args.resume, args.overwrite)
     over = parse_overrides(args.set, train_config_keys())

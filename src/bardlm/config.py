@@ -770,6 +770,9 @@ class TrainConfig:
     checkpoint_activations: bool = False  # recompute blocks' activations in backward
     checkpoint_every: int = 1  # with checkpoint_activations: every k-th block (0, k, 2k, ...)
     loss_chunk: int = 0  # > 0: the loss through the head this many tokens at a time (no full logits)
+    # Each parameter's optimizer update as soon as its gradient is ready in backward, which then
+    # frees it: the gradients of the whole model never exist at once (train/loop.py).
+    step_in_backward: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "train")
@@ -800,6 +803,10 @@ class TrainConfig:
                               "shards; use DDP (drop fsdp) or optimizer=fused")
         if self.loss_chunk < 0:
             raise BardlmError(f"train: loss_chunk must be >= 0 (0: the whole logits at once), got {self.loss_chunk}")
+        if self.step_in_backward and (self.grad_clip > 0 or self.grad_accum > 1 or self.fsdp):
+            raise BardlmError("train: step_in_backward updates each parameter before the others' gradients "
+                              "exist, so it cannot clip, accumulate or shard them: set grad_clip=0 and "
+                              "grad_accum=1 (and drop fsdp), or drop step_in_backward")
         if not 0 < self.val_fraction < 1:
             raise BardlmError(f"train: val_fraction must be in (0, 1), got {self.val_fraction}")
 

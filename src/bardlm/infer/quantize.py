@@ -82,6 +82,11 @@ class Int8Linear(nn.Module):
         """The weight (out, in) as `dtype`: this layer's alone, made when asked, never kept."""
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
+    def dequantized_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start:end of the weight (end - start, in) as `dtype`: a block of a frozen head,
+        for the chunked loss (nn/loss.py), which never holds the whole float head."""
+        return self.weight[start:end].to(dtype).mul_(self.scales[start:end].to(dtype)[:, None])  # one temporary
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out) bf16
         if self.frozen_base or x.requires_grad:  # a base under LoRA (QLoRA): x's dtype, a backward
             y = FrozenQuantMatmul.apply(x, self)
@@ -128,6 +133,9 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, num_embeddings: int, dim: int, device=None) -> None:  # noqa: ANN001
         super().__init__()
+        # True (quantize_base): QLoRA's frozen embedding, whose rows come out in fp32 (the float
+        # model's dtype); False: inference, rows in bf16.
+        self.frozen_base = False
         self.register_buffer("weight", torch.empty(num_embeddings, dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, dtype=COMPUTE_DTYPE, device=device))
 
@@ -139,9 +147,10 @@ class Int8Embedding(nn.Module):
         q.scales.copy_(scales)
         return q
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C) bf16
-        rows = F.embedding(idx, self.weight).to(COMPUTE_DTYPE)
-        return rows * F.embedding(idx, self.scales.unsqueeze(1))
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C) bf16 (fp32 frozen)
+        dtype = torch.float32 if self.frozen_base else COMPUTE_DTYPE
+        rows = F.embedding(idx, self.weight).to(dtype)
+        return rows * F.embedding(idx, self.scales.unsqueeze(1)).to(dtype)
 
 
 def tie_int8_head(model: nn.Module) -> None:

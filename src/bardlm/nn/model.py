@@ -254,13 +254,15 @@ class GPT(nn.Module):
             x = x[:, -logits_rows:]  # ln_f and lm_head act on each position alone
         x = self.transformer.ln_f(x)
         logits, loss = None, None
-        # (A LoRA or quantized head computes its logits itself, and a soft-cap acts on whole
-        # logits: those take the plain path.)
-        chunked = targets is not None and self.loss_chunk > 0 and type(self.lm_head) is nn.Linear \
-            and self.config.logit_softcap is None
+        # (A LoRA or inference-quantized head computes its logits itself, and a soft-cap acts on
+        # whole logits: those take the plain path. QLoRA's frozen quantized head hands the loss
+        # its rows, `dequantized_rows`, a block at a time.)
+        head = self.lm_head.weight if type(self.lm_head) is nn.Linear else self.lm_head
+        chunked = targets is not None and self.loss_chunk > 0 and self.config.logit_softcap is None and (
+            type(self.lm_head) is nn.Linear or getattr(self.lm_head, "frozen_base", False))
         if chunked:
             loss_fn = chunked_token_nll if loss_reduction == "none" else chunked_cross_entropy
-            loss = loss_fn(x, self.lm_head.weight, targets, self.loss_chunk)
+            loss = loss_fn(x, head, targets, self.loss_chunk)
         else:
             logits = self.head(x)
         if targets is not None and not chunked:

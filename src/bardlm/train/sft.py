@@ -231,7 +231,8 @@ class Finetuner:
             self.log(f"the chat template adds {added} token(s) to the vocabulary")
         if lora is not None:
             grew = ("transformer.wte.weight",) + (() if self.model.config.tie_embeddings else ("lm_head.weight",))
-            quantize_base(self.model, lora.base_dtype)  # QLoRA: the frozen base in int8 or int4
+            # QLoRA: the frozen base in int8 or int4 (the embedding in int8, unless rows were added)
+            quantize_base(self.model, lora.base_dtype, embeddings=not added)
             apply_lora(self.model, lora.rank, lora.alpha, lora.targets, grew if added else ())
         self.model.to(self.device).train()
         configure_memory(self.model, cfg)  # activation checkpointing, chunked loss
