@@ -5,8 +5,8 @@ thread owns the model and runs a loop; the event loop only hands it jobs. Each l
 
   1. admit waiting jobs into free slots (a slot is one row of a static KV cache of
      `max_batch` rows x `context` positions, preallocated once and sized to the memory
-     available: infer/budget.py; for a linear-attention layer, one fixed state, zeroed when a
-     job takes the slot and when it leaves);
+     available: infer/budget.py; for a linear-attention or short-convolution layer, one fixed
+     state, zeroed when a job takes the slot and when it leaves);
   2. drop jobs whose client went away (their slot is free at once);
   3. prefill: one pass over the next pieces of new jobs' prompts, oldest first, at most
      `prefill_chunk` tokens in all, so a long prompt delays the others by one chunk, not by
@@ -115,7 +115,8 @@ class Engine:
                                           memory, max_context)
         self.context = self.plan.tokens  # positions per slot: prompt + completion at most
         self.cache = model.make_cache(max_batch, self.context)  # one row per slot, reused
-        # Linear-attention layers (Qwen3.5) keep a fixed state per slot in place of keys and values.
+        # Linear-attention (Qwen3.5) and short-convolution (LFM2) layers keep a fixed state per
+        # slot in place of keys and values.
         self._states = [c for c in self.cache if isinstance(c, StateCache)]
         self._step = decode_step(model, compile)
         self._lock = threading.Condition()  # guards everything below (event loop + worker)
@@ -287,7 +288,8 @@ class Engine:
     def _prefill(self, rows: list[_Running]) -> None:
         """Write the next chunk of each job's prompt into its slot; a job whose prompt is then
         complete samples its first token. One left-padded pass for all rows (`_prefill_pass`),
-        or, for a model with linear-attention layers, one unpadded pass per chunk length.
+        or, for a model with state layers (linear attention, short convolutions), one unpadded
+        pass per chunk length.
 
         Why unpadded: a pad would enter a linear layer's state, a sum over every token its row
         has seen, and its conv window, which must hold the inputs just before the chunk's first
