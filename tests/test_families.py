@@ -13,7 +13,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402, I001
-    AutoModelForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     OlmoeConfig,
@@ -24,14 +23,14 @@ from transformers import (  # noqa: E402, I001
     Qwen2ForCausalLM,
 )
 
-from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
+from hf_checks import assert_export_round_trip, assert_same_greedy, assert_same_logits  # noqa: E402
 
 import bardlm  # noqa: E402
 from bardlm import BardlmError, ModelConfig  # noqa: E402
 from bardlm.cli import main  # noqa: E402
 from bardlm.infer.quantize import Int8Linear  # noqa: E402
 from bardlm.io.gguf import check_exportable  # noqa: E402
-from bardlm.io.hf import config_from_hf, family_of, from_pretrained, save_pretrained  # noqa: E402
+from bardlm.io.hf import config_from_hf, family_of, from_pretrained  # noqa: E402
 from bardlm.nn.model import GPT  # noqa: E402
 from bardlm.tokenizers import CharTokenizer  # noqa: E402
 
@@ -109,16 +108,7 @@ def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
     ref, ours, tmp = pair
-    save_pretrained(ours, tmp / "back")
-    again = AutoModelForCausalLM.from_pretrained(tmp / "back").eval()
-    assert type(again) is type(ref)
-    ref_sd, again_sd = ref.state_dict(), again.state_dict()
-    assert ref_sd.keys() == again_sd.keys()
-    assert all(torch.equal(ref_sd[k], again_sd[k]) for k in ref_sd)
-    idx = torch.randint(0, V, (2, 24))
-    with torch.no_grad():
-        assert (again(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
-    assert from_pretrained(tmp / "back").config == ours.config
+    assert_export_round_trip(ref, ours, tmp / "back", torch.randint(0, V, (2, 24)))
 
 
 def test_family_fields_on_import() -> None:

@@ -12,8 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
-from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConfig  # noqa: E402
+from hf_checks import assert_export_round_trip, assert_same_greedy, assert_same_logits  # noqa: E402
+from transformers import Gemma4ForCausalLM, Gemma4TextConfig  # noqa: E402
 
 import bardlm  # noqa: E402
 from bardlm import BardlmError, ModelConfig  # noqa: E402
@@ -103,16 +103,7 @@ def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
     ref, ours, tmp = pair
-    save_pretrained(ours, tmp / "back")
-    again = AutoModelForCausalLM.from_pretrained(tmp / "back").eval()
-    assert type(again) is type(ref)
-    ref_sd, again_sd = ref.state_dict(), again.state_dict()
-    assert ref_sd.keys() == again_sd.keys()
-    assert all(torch.equal(ref_sd[k], again_sd[k]) for k in ref_sd)
-    idx = torch.randint(0, V, (2, 3 * WINDOW))
-    with torch.no_grad():
-        assert (again(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
-    assert from_pretrained(tmp / "back").config == ours.config
+    assert_export_round_trip(ref, ours, tmp / "back", torch.randint(0, V, (2, 3 * WINDOW)))
 
 
 def test_int8_runs_close_to_fp32(pair) -> None:  # noqa: ANN001

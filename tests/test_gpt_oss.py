@@ -14,14 +14,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_checks import assert_same_logits  # noqa: E402
+from hf_checks import assert_export_round_trip, assert_same_logits  # noqa: E402
 from transformers import GptOssConfig, GptOssForCausalLM  # noqa: E402
 
 import bardlm  # noqa: E402
 from bardlm import GPT, BardlmError, preset  # noqa: E402
 from bardlm.cli import main  # noqa: E402
 from bardlm.infer.quantize import Int8Linear  # noqa: E402
-from bardlm.io.hf import config_from_hf, family_of, from_pretrained, save_pretrained  # noqa: E402
+from bardlm.io.hf import config_from_hf, family_of, from_pretrained  # noqa: E402
 from bardlm.nn.cache import RingKVCache  # noqa: E402
 from bardlm.nn.feedforward import clamped_swiglu  # noqa: E402
 from bardlm.tokenizers import CharTokenizer  # noqa: E402
@@ -116,16 +116,7 @@ def test_greedy_with_ring_cache_matches_transformers_past_the_window(pair) -> No
 
 def test_export_loads_in_transformers_with_equal_tensors_and_logits(pair) -> None:  # noqa: ANN001
     ref, ours, tmp = pair
-    save_pretrained(ours, tmp / "back")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp / "back").eval()
-    assert type(again) is GptOssForCausalLM
-    ref_sd, again_sd = ref.state_dict(), again.state_dict()
-    assert ref_sd.keys() == again_sd.keys()
-    assert all(torch.equal(ref_sd[k], again_sd[k]) for k in ref_sd)
-    idx = torch.randint(0, V, (1, 3 * W))
-    with torch.no_grad():
-        assert (again(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
-    assert from_pretrained(tmp / "back").config == ours.config
+    assert_export_round_trip(ref, ours, tmp / "back", torch.randint(0, V, (1, 3 * W)))
 
 
 def test_training_loss_equals_transformers_with_router_aux_loss(tmp_path) -> None:  # noqa: ANN001

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_checks import assert_same_logits  # noqa: E402
+from hf_checks import assert_export_round_trip, assert_same_logits  # noqa: E402
 
 from bardlm import BardlmError  # noqa: E402
 from bardlm.io.hf import config_from_hf, family_of, from_pretrained, save_pretrained  # noqa: E402
@@ -130,13 +130,7 @@ def test_greedy_with_ring_cache_matches_transformers_past_the_window(pair) -> No
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
     _, ref, ours, tmp = pair
-    save_pretrained(ours, tmp / "back")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp / "back", attn_implementation="eager").eval()
-    assert type(again) is type(ref)
-    idx = torch.randint(0, V, (1, 3 * W))
-    with torch.no_grad():
-        assert (again(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
-    assert from_pretrained(tmp / "back").config == ours.config
+    assert_export_round_trip(ref, ours, tmp / "back", torch.randint(0, V, (1, 3 * W)), same_tensors=False, attn_implementation="eager")
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "olmo3"])

@@ -15,14 +15,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402, I001
-    AutoModelForCausalLM,
     Lfm2Config,
     Lfm2ForCausalLM,
     Lfm2MoeConfig,
     Lfm2MoeForCausalLM,
 )
 
-from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
+from hf_checks import assert_export_round_trip, assert_same_greedy, assert_same_logits  # noqa: E402
 
 import bardlm  # noqa: E402
 from bardlm import BardlmError  # noqa: E402
@@ -30,7 +29,7 @@ from bardlm.config import preset  # noqa: E402
 from bardlm.infer.budget import kv_bytes_per_sequence, kv_bytes_per_token, state_bytes_per_sequence  # noqa: E402
 from bardlm.infer.generate import generate, generate_batch  # noqa: E402
 from bardlm.infer.quantize import Int8Linear  # noqa: E402
-from bardlm.io.hf import config_from_hf, family_of, from_pretrained, save_pretrained  # noqa: E402
+from bardlm.io.hf import config_from_hf, family_of, from_pretrained  # noqa: E402
 from bardlm.nn.cache import KVCache, StateCache  # noqa: E402
 from bardlm.nn.model import GPT  # noqa: E402
 from bardlm.nn.shortconv import ShortConv  # noqa: E402
@@ -118,16 +117,7 @@ def test_greedy_64_tokens_match_transformers(pair) -> None:  # noqa: ANN001
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
     ref, ours, tmp = pair
-    save_pretrained(ours, tmp / "back")
-    again = AutoModelForCausalLM.from_pretrained(tmp / "back").eval()
-    assert type(again) is type(ref)
-    ref_sd, again_sd = ref.state_dict(), again.state_dict()
-    assert ref_sd.keys() == again_sd.keys()
-    assert all(torch.equal(ref_sd[k], again_sd[k]) for k in ref_sd)
-    idx = torch.randint(0, V, (2, 80))
-    with torch.no_grad():
-        assert (again(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
-    assert from_pretrained(tmp / "back").config == ours.config
+    assert_export_round_trip(ref, ours, tmp / "back", torch.randint(0, V, (2, 80)))
 
 
 def test_int8_runs_close_to_fp32(pair) -> None:  # noqa: ANN001

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_checks import assert_same_greedy, assert_same_logits  # noqa: E402
+from hf_checks import assert_export_round_trip, assert_same_greedy, assert_same_logits  # noqa: E402
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
     DeepseekV3Attention,
@@ -288,16 +288,7 @@ def test_greedy_64_tokens_with_the_latent_cache_match_transformers(pair) -> None
 
 def test_export_loads_in_transformers_with_equal_logits(pair) -> None:  # noqa: ANN001
     ref, ours, tmp = pair
-    save_pretrained(ours, tmp / "back")
-    again = AutoModelForCausalLM.from_pretrained(tmp / "back").eval()
-    assert type(again) is type(ref)
-    ref_sd, again_sd = ref.state_dict(), again.state_dict()
-    assert ref_sd.keys() == again_sd.keys()
-    assert all(torch.equal(ref_sd[k], again_sd[k]) for k in ref_sd)
-    idx = torch.randint(0, V, (2, 24))
-    with torch.no_grad():
-        assert (again(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
-    assert from_pretrained(tmp / "back").config == ours.config
+    assert_export_round_trip(ref, ours, tmp / "back", torch.randint(0, V, (2, 24)))
 
 
 def test_int8_runs_and_decodes_close_to_fp32(tmp_path) -> None:  # noqa: ANN001
