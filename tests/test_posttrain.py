@@ -357,6 +357,21 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     assert 0 <= r["dpo_pref_accuracy"] <= 1 and r["n_val"] == 10
 
 
+@pytest.mark.parametrize("digits, n_sft", [(2, 100), (2, 8000), (1, 40)])
+def test_demo_holds_out_grpos_questions(digits: int, n_sft: int) -> None:
+    """The demo's held-out questions are the ones GRPO draws for itself (as GRPOTuner does),
+    and no SFT or DPO question is among them, however few SFT questions there are (100
+    two-digit ones used to shrink the demo's held-out set to 60 and train SFT on GRPO's)."""
+    from bardlm.lab.post_training import demo_task
+    from bardlm.train.grpo import make_task
+
+    n_val, seed = 50, 7
+    task = demo_task(digits, n_sft, n_pairs=30, n_val=n_val, seed=seed)
+    grpo = make_task("arithmetic", digits, None, seed=seed, n_val=n_val)  # GRPOTuner's call
+    assert task.val == grpo.val and len(task.val) == min(n_val, 40 if digits == 1 else n_val)
+    assert not set(task.val) & set(task.train[:n_sft])
+
+
 def _column_slip(a: int, b: int, op: str) -> int:
     """The slip written column by column (an independent reference): the ones column as a
     digit, its carry (or borrow) dropped, the tens column done as if there were none."""
