@@ -372,6 +372,16 @@ def test_demo_holds_out_grpos_questions(digits: int, n_sft: int) -> None:
     assert not set(task.val) & set(task.train[:n_sft])
 
 
+def test_demo_refuses_more_held_out_than_grpo_draws(tmp_path: Path) -> None:
+    """2000 held-out two-digit questions: GRPO's pool (5000 + 2000) holds out at most 1400, the
+    demo's (8000 + 2000) would hold out 2000: refused in one line before anything trains."""
+    from bardlm.lab.post_training import run_post_training_demo
+
+    with pytest.raises(BardlmError, match=r"--n-val 2000: GRPO can hold out only 1400 .* use --n-val 1400"):
+        run_post_training_demo(tmp_path / "d", "text", {}, {}, {}, {}, {}, n_sft=8000, n_val=2000)
+    assert not (tmp_path / "d").exists()
+
+
 def _column_slip(a: int, b: int, op: str) -> int:
     """The slip written column by column (an independent reference): the ones column as a
     digit, its carry (or borrow) dropped, the tens column done as if there were none."""

@@ -150,6 +150,12 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     """Pretrain on `text`, SFT on the answers of a teacher that forgets a share `teacher_error`
     of the carries, then GRPO and DPO from the SFT model. pretrain/sft/dpo/rl: TrainConfig
     fields of each stage (rl's seed fixes the questions). Returns the figures."""
+    seed = rl.get("seed", TrainConfig().seed)
+    task = demo_task(digits, n_sft, n_pairs, n_val, seed)
+    grpo_val = make_task("arithmetic", digits, seed=seed, n_val=n_val).val  # as GRPOTuner draws them
+    if task.val != grpo_val:  # before any training: every stage must score the same questions
+        raise BardlmError(f"--n-val {n_val}: GRPO can hold out only {len(grpo_val)} of its {digits}-digit "
+                          f"questions (a fifth of its pool); use --n-val {len(grpo_val)} or fewer")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -159,7 +165,6 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
             progress=False, log=log).fit()
     times["pretrain_s"] = time.time() - t0
 
-    task = demo_task(digits, n_sft, n_pairs, n_val, seed=rl.get("seed", TrainConfig().seed))
     rng = random.Random(0)
     write_jsonl([{"messages": conversation(q, teacher_answer(q, teacher_error, rng))} for q in task.train[:n_sft]],
                 out / "sft.jsonl")
@@ -198,8 +203,6 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     g = GRPOTuner(out / "sft", "arithmetic", out / "rl", TrainConfig(**rl), log=log, digits=digits,
                   group=group, temperature=temperature, max_new_tokens=len(str(10 ** digits * 2)) + 3,
                   n_val=n_val)
-    if g.task.val != task.val:  # demo_task's guarantee, checked: every stage scores the same questions
-        raise BardlmError("GRPO's held-out questions differ from the other stages'; this is a bug")
     r["rl_before_pass_at_1"] = g.pass_at_1()
     g.fit()
     times["rl_s"] = time.time() - t0
