@@ -148,7 +148,7 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
                            group: int = 8, sft_weight: float = 1.0, teacher_error: float = 0.0,
                            temperature: float = 1.0, log: Any = print) -> dict[str, Any]:
     """Pretrain on `text`, SFT on the answers of a teacher that forgets a share `teacher_error`
-    of the carries, then GRPO and DPO from the SFT model. pretrain/sft/dpo/rl: TrainConfig
+    of the carries, then DPO and GRPO from the SFT model. pretrain/sft/dpo/rl: TrainConfig
     fields of each stage (rl's seed fixes the questions). Returns the figures."""
     seed = rl.get("seed", TrainConfig().seed)
     task = demo_task(digits, n_sft, n_pairs, n_val, seed)
