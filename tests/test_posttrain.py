@@ -354,6 +354,9 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     assert (tmp_path / "rl" / "rl.png").is_file()
     assert r["rl_before_pass_at_1"] == r["sft_exact_match"]  # the same questions, greedy both times
     assert len(r["rl_curve"]) == 2 and all(0 <= row["reward"] <= 1 for row in r["rl_curve"])
+    # SFT scored held-out exact match at each evaluation (steps 2 and 4), the last one the figure's
+    assert [row["step"] for row in r["sft_curve"]] == [2, 4]
+    assert r["sft_curve"][-1]["exact_match_all"] == r["sft_exact_match"]
     assert 0 <= r["dpo_pref_accuracy"] <= 1 and r["n_val"] == 10
 
 

@@ -41,6 +41,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import BardlmError
+from ..infer.generate import eval_mode
 from ..io.load import load
 from ..tokenizers import CharTokenizer
 from ..train.dpo import DPOTuner, encode_pairs, read_pref_jsonl
@@ -133,6 +134,24 @@ def split_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any,
             **{part: hits[part] / counts[part] if counts[part] else float("nan") for part in hits}}
 
 
+class ScoredFinetuner(Finetuner):
+    """SFT that also scores held-out exact match (overall, carry, other) at every evaluation:
+    learning arithmetic goes through a slow, noisy transition that the loss alone hides."""
+
+    def __init__(self, *args: Any, questions: list[str], **kwargs: Any) -> None:
+        self.questions = questions
+        super().__init__(*args, **kwargs)
+
+    def eval_metrics(self) -> dict[str, float]:
+        with eval_mode(self.model):
+            em = split_exact_match(self.model, self.tokenizer, self.template, self.questions)
+        return {**super().eval_metrics(), **{f"exact_match_{k}": v for k, v in em.items()}}
+
+    def describe(self, row: dict[str, Any]) -> str:
+        return (f"{super().describe(row)}; held-out exact match {row['exact_match_all']:.3f} "
+                f"(carry {row['exact_match_carry']:.3f}, no carry {row['exact_match_no_carry']:.3f})")
+
+
 def demo_task(digits: int, n_sft: int, n_pairs: int, n_val: int, seed: int) -> Task:
     """The demo's questions: `val` are GRPO's held-out ones (`GRPOTuner` draws its task with
     `make_task`'s default pool, `N_TRAIN` training prompts), held out by every stage; SFT and DPO
@@ -172,7 +191,8 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     write_jsonl(preference_rows(task.val, 2), out / "prefs_val.jsonl")
 
     t0 = time.time()
-    ft = Finetuner(out / "pretrained", out / "sft.jsonl", out / "sft", TrainConfig(**sft), log=log)
+    ft = ScoredFinetuner(out / "pretrained", out / "sft.jsonl", out / "sft", TrainConfig(**sft), log=log,
+                         questions=task.val)
     ft.fit()
     times["sft_s"] = time.time() - t0
     sft_model, sft_tok = load(out / "sft")
@@ -181,6 +201,7 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     r: dict[str, Any] = {"sft_exact_match": em["all"], "sft_exact_match_carry": em["carry"],
                          "sft_exact_match_no_carry": em["no_carry"],
                          "sft_likelihood_preference": preference_accuracy(sft_pairs)}
+    r["sft_curve"] = [{k: round(row[k], 4) for k in ("step", "val_loss", "exact_match_all")} for row in ft.history]
     log(f"SFT: held-out exact match {em['all']:.3f} (carry {em['carry']:.3f}, no carry {em['no_carry']:.3f})")
 
     t0 = time.time()
