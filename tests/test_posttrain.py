@@ -364,7 +364,8 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
 def test_demo_holds_out_grpos_questions(digits: int, n_sft: int) -> None:
     """The demo's held-out questions are the ones GRPO draws for itself (as GRPOTuner does),
     and no SFT or DPO question is among them, however few SFT questions there are (100
-    two-digit ones used to shrink the demo's held-out set to 60 and train SFT on GRPO's)."""
+    two-digit ones with 50 held out used to shrink the demo's held-out set to 30 and train SFT
+    on the other 20 of GRPO's)."""
     from bardlm.lab.post_training import demo_task
     from bardlm.train.grpo import make_task
 
