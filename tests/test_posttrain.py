@@ -354,7 +354,36 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     assert (tmp_path / "rl" / "rl.png").is_file()
     assert r["rl_before_pass_at_1"] == r["sft_exact_match"]  # the same questions, greedy both times
     assert len(r["rl_curve"]) == 2 and all(0 <= row["reward"] <= 1 for row in r["rl_curve"])
+    # SFT scored held-out exact match at each evaluation (steps 2 and 4), the last one the figure's
+    assert [row["step"] for row in r["sft_curve"]] == [2, 4]
+    assert r["sft_curve"][-1]["exact_match_all"] == r["sft_exact_match"]
     assert 0 <= r["dpo_pref_accuracy"] <= 1 and r["n_val"] == 10
+
+
+@pytest.mark.parametrize("digits, n_sft", [(2, 100), (2, 8000), (1, 40)])
+def test_demo_holds_out_grpos_questions(digits: int, n_sft: int) -> None:
+    """The demo's held-out questions are the ones GRPO draws for itself (as GRPOTuner does),
+    and no SFT or DPO question is among them, however few SFT questions there are (100
+    two-digit ones with 50 held out used to shrink the demo's held-out set to 30 and train SFT
+    on the other 20 of GRPO's)."""
+    from bardlm.lab.post_training import demo_task
+    from bardlm.train.grpo import make_task
+
+    n_val, seed = 50, 7
+    task = demo_task(digits, n_sft, n_pairs=30, n_val=n_val, seed=seed)
+    grpo = make_task("arithmetic", digits, None, seed=seed, n_val=n_val)  # GRPOTuner's call
+    assert task.val == grpo.val and len(task.val) == min(n_val, 40 if digits == 1 else n_val)
+    assert not set(task.val) & set(task.train[:n_sft])
+
+
+def test_demo_refuses_more_held_out_than_grpo_draws(tmp_path: Path) -> None:
+    """2000 held-out two-digit questions: GRPO's pool (5000 + 2000) holds out at most 1400, the
+    demo's (8000 + 2000) would hold out 2000: refused in one line before anything trains."""
+    from bardlm.lab.post_training import run_post_training_demo
+
+    with pytest.raises(BardlmError, match=r"--n-val 2000: GRPO can hold out only 1400 .* use --n-val 1400"):
+        run_post_training_demo(tmp_path / "d", "text", {}, {}, {}, {}, {}, n_sft=8000, n_val=2000)
+    assert not (tmp_path / "d").exists()
 
 
 def _column_slip(a: int, b: int, op: str) -> int:

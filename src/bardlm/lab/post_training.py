@@ -1,13 +1,13 @@
 """After supervised finetuning, measured: preference tuning (DPO) and RL (GRPO) on arithmetic.
 
 The chain: pretrain a char model on text -> SFT it on two-digit "a+b" / "a-b" questions (user)
-and their values (assistant) -> from that SFT model,
-  - GRPO on the built-in `arithmetic` task (exact-answer reward): held-out exact match (pass@1,
-    greedy) before and after, and the reward curve (rl/rl.png);
+and their values (assistant) -> from that SFT model (DPO first: it is the shorter stage),
   - DPO on pairs (chosen: the right value; rejected: a plausible wrong one, `wrong_answer`: the
     value with the carry or borrow forgotten where there is one, else off by 1 or 10), with an
     SFT term on the chosen answers (`sft_weight`) so that they stay likely: held-out preference
-    accuracy and exact match, before and after.
+    accuracy and exact match, before and after;
+  - GRPO on the built-in `arithmetic` task (exact-answer reward): held-out exact match (pass@1,
+    greedy) before and after, and the reward curve (rl/rl.png).
 Exact match is also reported on the held-out questions with and without a carry (`needs_carry`),
 where the mistakes differ.
 
@@ -19,11 +19,12 @@ all score the same has zero advantages and teaches nothing).
 
 `teacher_error` > 0 makes the SFT answers those of a sloppy teacher that forgets the carry (or
 the borrow) in that share of the questions that need one (`forgot_carry`: 57+68 -> 115,
-52-27 -> 35): an experiment in SFT imitating its teacher's mistakes (docs/benchmarks.md: at this
-budget the noise keeps SFT from learning the task at all).
+52-27 -> 35): the classic set-up for RL with a verifiable reward, an SFT model unsure between the
+right answer and a plausible wrong one, which the reward can settle (docs/benchmarks.md: at
+2000-3000 SFT steps the model had not yet learned the task itself, noisy teacher or not).
 
-Every question set comes from `train.grpo.make_task` with the same seed, so the held-out
-questions of all stages are the same and none is trained on.
+Every question set comes from `demo_task` (`train.grpo.make_task`, the same seed and pool as
+GRPO's own), so the held-out questions of all stages are the same and none is trained on.
 
 `run_post_training_demo` runs it all; bench/post_training.py is the docs/benchmarks.md run.
 """
@@ -39,10 +40,12 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, TrainConfig
+from ..errors import BardlmError
+from ..infer.generate import eval_mode
 from ..io.load import load
 from ..tokenizers import CharTokenizer
 from ..train.dpo import DPOTuner, encode_pairs, read_pref_jsonl
-from ..train.grpo import GRPOTuner, eval_arithmetic, make_task
+from ..train.grpo import N_TRAIN, GRPOTuner, Task, eval_arithmetic, make_task
 from ..train.logps import sequence_logps
 from ..train.sft import Finetuner, exact_match, pad_rows
 from ..train.trainer import Trainer
@@ -131,14 +134,47 @@ def split_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any,
             **{part: hits[part] / counts[part] if counts[part] else float("nan") for part in hits}}
 
 
+class ScoredFinetuner(Finetuner):
+    """SFT that also scores held-out exact match (overall, carry, other) at every evaluation:
+    learning arithmetic goes through a slow, noisy transition that the loss alone hides."""
+
+    def __init__(self, *args: Any, questions: list[str], **kwargs: Any) -> None:
+        self.questions = questions
+        super().__init__(*args, **kwargs)
+
+    def eval_metrics(self) -> dict[str, float]:
+        with eval_mode(self.model):
+            em = split_exact_match(self.model, self.tokenizer, self.template, self.questions)
+        return {**super().eval_metrics(), **{f"exact_match_{k}": v for k, v in em.items()}}
+
+    def describe(self, row: dict[str, Any]) -> str:
+        return (f"{super().describe(row)}; held-out exact match {row['exact_match_all']:.3f} "
+                f"(carry {row['exact_match_carry']:.3f}, no carry {row['exact_match_no_carry']:.3f})")
+
+
+def demo_task(digits: int, n_sft: int, n_pairs: int, n_val: int, seed: int) -> Task:
+    """The demo's questions: `val` are GRPO's held-out ones (`GRPOTuner` draws its task with
+    `make_task`'s default pool, `N_TRAIN` training prompts), held out by every stage; SFT and DPO
+    draw from `train`. make_task caps the held-out share at a fifth of its pool, so the pool is
+    never smaller than GRPO's: a smaller one (few SFT questions, many held-out) would hold out
+    fewer questions than GRPO and train SFT on some of GRPO's held-out ones."""
+    return make_task("arithmetic", digits, n_train=max(n_sft, n_pairs, N_TRAIN), n_val=n_val, seed=seed)
+
+
 def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pretrain: dict[str, Any],
                            sft: dict[str, Any], dpo: dict[str, Any], rl: dict[str, Any], digits: int = 2,
                            n_sft: int = 2000, n_pairs: int = 1000, n_val: int = 200, beta: float = 0.1,
                            group: int = 8, sft_weight: float = 1.0, teacher_error: float = 0.0,
                            temperature: float = 1.0, log: Any = print) -> dict[str, Any]:
     """Pretrain on `text`, SFT on the answers of a teacher that forgets a share `teacher_error`
-    of the carries, then GRPO and DPO from the SFT model. pretrain/sft/dpo/rl: TrainConfig
+    of the carries, then DPO and GRPO from the SFT model. pretrain/sft/dpo/rl: TrainConfig
     fields of each stage (rl's seed fixes the questions). Returns the figures."""
+    seed = rl.get("seed", TrainConfig().seed)
+    task = demo_task(digits, n_sft, n_pairs, n_val, seed)
+    grpo_val = make_task("arithmetic", digits, seed=seed, n_val=n_val).val  # as GRPOTuner draws them
+    if task.val != grpo_val:  # before any training: every stage must score the same questions
+        raise BardlmError(f"--n-val {n_val}: GRPO can hold out only {len(grpo_val)} of its {digits}-digit "
+                          f"questions (a fifth of its pool); use --n-val {len(grpo_val)} or fewer")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -148,8 +184,6 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
             progress=False, log=log).fit()
     times["pretrain_s"] = time.time() - t0
 
-    seed = rl.get("seed", TrainConfig().seed)
-    task = make_task("arithmetic", digits, n_train=max(n_sft, n_pairs), n_val=n_val, seed=seed)
     rng = random.Random(0)
     write_jsonl([{"messages": conversation(q, teacher_answer(q, teacher_error, rng))} for q in task.train[:n_sft]],
                 out / "sft.jsonl")
@@ -157,7 +191,8 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     write_jsonl(preference_rows(task.val, 2), out / "prefs_val.jsonl")
 
     t0 = time.time()
-    ft = Finetuner(out / "pretrained", out / "sft.jsonl", out / "sft", TrainConfig(**sft), log=log)
+    ft = ScoredFinetuner(out / "pretrained", out / "sft.jsonl", out / "sft", TrainConfig(**sft), log=log,
+                         questions=task.val)
     ft.fit()
     times["sft_s"] = time.time() - t0
     sft_model, sft_tok = load(out / "sft")
@@ -166,23 +201,8 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     r: dict[str, Any] = {"sft_exact_match": em["all"], "sft_exact_match_carry": em["carry"],
                          "sft_exact_match_no_carry": em["no_carry"],
                          "sft_likelihood_preference": preference_accuracy(sft_pairs)}
+    r["sft_curve"] = [{k: round(row[k], 4) for k in ("step", "val_loss", "exact_match_all")} for row in ft.history]
     log(f"SFT: held-out exact match {em['all']:.3f} (carry {em['carry']:.3f}, no carry {em['no_carry']:.3f})")
-
-    t0 = time.time()
-    g = GRPOTuner(out / "sft", "arithmetic", out / "rl", TrainConfig(**rl), log=log, digits=digits,
-                  group=group, temperature=temperature, max_new_tokens=len(str(10 ** digits * 2)) + 3,
-                  n_val=n_val)
-    r["rl_before_pass_at_1"] = g.pass_at_1()
-    g.fit()
-    times["rl_s"] = time.time() - t0
-    g.model.eval()
-    em = split_exact_match(g.model, g.tokenizer, g.template, task.val)
-    r.update(rl_pass_at_1=g.history[-1]["pass_at_1"], rl_exact_match_carry=em["carry"],
-             rl_exact_match_no_carry=em["no_carry"],
-             rl_curve=[{k: round(row[k], 4) for k in ("step", "reward", "pass_at_1", "kl", "completion_len")}
-                       for row in g.history])
-    log(f"GRPO: held-out exact match {r['rl_before_pass_at_1']:.3f} -> {r['rl_pass_at_1']:.3f} "
-        f"(carry {em['carry']:.3f}, no carry {em['no_carry']:.3f})")
 
     t0 = time.time()
     d = DPOTuner(out / "sft", out / "prefs.jsonl", out / "dpo", TrainConfig(**dpo), log=log, beta=beta,
@@ -200,7 +220,24 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
              dpo_exact_match_carry=em["carry"], dpo_exact_match_no_carry=em["no_carry"])
     log(f"DPO: preference accuracy {r['dpo_pref_accuracy']:.3f}, exact match {r['dpo_exact_match']:.3f}")
 
-    r.update({k: round(v, 1) for k, v in times.items()}, digits=digits, n_sft=n_sft, n_pairs=n_pairs,
+    t0 = time.time()
+    g = GRPOTuner(out / "sft", "arithmetic", out / "rl", TrainConfig(**rl), log=log, digits=digits,
+                  group=group, temperature=temperature, max_new_tokens=len(str(10 ** digits * 2)) + 3,
+                  n_val=n_val)
+    r["rl_before_pass_at_1"] = g.pass_at_1()
+    g.fit()
+    times["rl_s"] = time.time() - t0
+    g.model.eval()
+    em = split_exact_match(g.model, g.tokenizer, g.template, task.val)
+    r.update(rl_pass_at_1=g.history[-1]["pass_at_1"], rl_exact_match_carry=em["carry"],
+             rl_exact_match_no_carry=em["no_carry"],
+             rl_curve=[{k: round(row[k], 4) for k in ("step", "reward", "spread", "pass_at_1", "kl", "completion_len")}
+                       for row in g.history])
+    log(f"GRPO: held-out exact match {r['rl_before_pass_at_1']:.3f} -> {r['rl_pass_at_1']:.3f} "
+        f"(carry {em['carry']:.3f}, no carry {em['no_carry']:.3f})")
+
+    r.update({k: round(v, 1) for k, v in times.items()}, digits=digits, n_sft=len(task.train[:n_sft]),
+             n_pairs=len(task.train[:n_pairs]),
              n_val=len(task.val), teacher_error=teacher_error)
     (out / "post_training.json").write_text(json.dumps(r, indent=2))
     return r

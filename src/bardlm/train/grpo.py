@@ -47,6 +47,7 @@ from .sft import ChatBatches, Finetuner, pad_rows, split_conversations, target_r
 BUILTIN = ("arithmetic", "reverse", "sort")
 LETTERS = "abcdefgh"
 RL_PLOT = "rl.png"
+N_TRAIN = 5000  # a built-in task's training prompts (make_task's pool, beside the held-out ones)
 
 
 # Tasks --------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class Task:
         return r
 
 
-def make_task(name: str, digits: int = 2, prompts: str | Path | None = None, n_train: int = 5000,
+def make_task(name: str, digits: int = 2, prompts: str | Path | None = None, n_train: int = N_TRAIN,
               n_val: int = 100, seed: int = 0, val_fraction: float = 0.1) -> Task:
     """A built-in task (its own prompts, drawn once and split) or a reward function with
     prompts from a file (a `val_fraction` held out)."""
