@@ -90,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         chars = make_model_dir(Path(tmp) / "model", args.preset)
-        model, tok = bardlm.load(Path(tmp) / "model")
+        model, tok = bardlm.load(Path(tmp) / "model", dtype="fp32")  # as `bardlm serve`
     rng = random.Random(0)
     prompts = ["".join(rng.choice(chars[:5000]) for _ in range(args.prompt)) for _ in range(64)]
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=64)

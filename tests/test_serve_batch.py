@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="the server needs fastapi: pip install 'bardlm[serve]'")
 pytest.importorskip("uvicorn", reason="the server needs uvicorn: pip install 'bardlm[serve]'")
@@ -236,6 +237,34 @@ def test_greedy_rows_take_one_batched_argmax(loaded, monkeypatch) -> None:  # no
     assert sorted(set(temperatures)) == [0.0, 0.8]
     assert len(temperatures) == 2 * 12  # the sampled job and the penalised one, every token
     assert [j.text for j in jobs] == [generate_text(model, tok, "ROMEO", 12, **s) for s in settings]
+
+
+def test_a_packed_fp32_model_in_a_batch_gives_each_request_its_tokens_alone(loaded) -> None:  # noqa: ANN001
+    """`bardlm serve` loads fp32 models prepared for inference (FastLinear); a batching engine
+    packs them for oneDNN (`pack_for_batches`). Concurrent greedy requests still give the
+    tokens `generate_text` gives each alone on the unpacked model."""
+    import copy
+
+    from bardlm.infer.layouts import FastLinear, prepare_for_inference
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    model, tok = loaded
+    plain = prepare_for_inference(copy.deepcopy(model), "fp32")
+    packed = copy.deepcopy(plain)
+    engine = Engine(packed, tok, max_queue=0, max_batch=4)
+    pairs = [("ROMEO", 20), ("What light", 15), ("a", 25), ("Hello there", 18)]
+    try:
+        with engine._lock:  # admitted together: one batch
+            jobs = [Job(p, n, sampling={"temperature": 0.0}) for p, n in pairs]
+            futures = [engine.try_submit(j) for j in jobs]
+        for f in futures:
+            f.result(60)
+    finally:
+        engine.shutdown()
+    layers = [m for m in packed.modules() if isinstance(m, FastLinear)]
+    assert layers and all(m.packed is not None for m in layers)
+    assert [j.text for j in jobs] == [generate_text(plain, tok, p, n, temperature=0) for p, n in pairs]
 
 
 def test_echo_and_logprobs_in_a_busy_batch(server) -> None:  # noqa: ANN001

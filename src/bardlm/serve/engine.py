@@ -37,6 +37,7 @@ from ..errors import BardlmError
 from ..eval.score import forward_logprobs
 from ..infer.budget import CachePlan, available_memory, plan_cache, read_length
 from ..infer.generate import TextStream, decode_step, encode_prompt, eval_mode
+from ..infer.layouts import pack_for_batches
 from ..infer.sampling import apply_repetition_penalty, check_sampling, is_greedy, sample
 from ..nn.cache import StateCache
 from ..tokenizers.base import check_ids
@@ -109,6 +110,8 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
         self.capacity = max_batch + max_queue  # running + waiting
         self.device = next(model.parameters()).device
+        if max_batch > 1 and not compile:  # (a compiled step packs its own weights, or not)
+            pack_for_batches(model)  # fp32 CPU models: batched steps through oneDNN's kernel
         if memory is None:
             memory = available_memory(self.device)
         self.plan: CachePlan = plan_cache(model.config, max_batch, model.cache_dtype().itemsize,
