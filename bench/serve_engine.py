@@ -66,8 +66,9 @@ def run_level(engine: Engine, prompts: list[str], clients: int, requests: int,
         future.add_done_callback(lambda _f: client(i, left - 1))
 
     t = time.perf_counter()
-    for i in range(clients):
-        client(i, requests)
+    with engine._lock:  # the first requests arrive together: the worker admits them in one turn
+        for i in range(clients):
+            client(i, requests)
     for _ in range(clients):
         done.acquire()
     wall = time.perf_counter() - t
