@@ -66,11 +66,11 @@ def pack_for_batches(model: nn.Module) -> int:
 
     Why: PyTorch's fp32 matrix product on the CPU is MKL's, and on the AMD EPYC measured
     (docs/benchmarks.md, "Serving load") MKL multiplies 16 rows by GPT-2's 768 x 50257 head at
-    a sixth of the CPU's fp32 peak: a 16-row decode step cost 3.7x a one-row step. oneDNN's
-    kernel on weights packed once for it does the 16 rows 1.6-3x faster; one row it does no
-    faster than x @ W^T on the (in, out) layout, which single rows keep. The copy doubles the
-    fp32 linear weights in memory, so it is for a batching server (`serve.Engine`), not for
-    `generate`. Its values differ from x @ W^T by float rounding only, and each row's result
+    a sixth of the CPU's fp32 peak: a 16-row decode step cost 3-4x a one-row step. oneDNN's
+    kernel on weights packed once for it does the 16 rows 1.7-2.3x faster (the whole step
+    1.6x); one row it does no faster than x @ W^T on the (in, out) layout, which single rows
+    keep. The copy doubles the fp32 linear weights in memory, so it is for a batching server
+    (`serve.Engine`), not for `generate`. Its values differ from x @ W^T by float rounding only, and each row's result
     does not depend on the other rows in the batch.
     """
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
