@@ -73,7 +73,9 @@ def pack_for_batches(model: nn.Module) -> int:
     (`serve.Engine`), not for `generate`. Its values differ from x @ W^T by float rounding only, and each row's result
     does not depend on the other rows in the batch.
     """
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    ops = torch.ops.mkldnn  # private ops (what inductor's CPU freezing uses): check they exist
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight")):
         return 0
     layers = [m for m in model.modules() if isinstance(m, FastLinear)
               and m.weight_t.device.type == "cpu" and m.weight_t.dtype == torch.float32]
