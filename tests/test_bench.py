@@ -79,6 +79,14 @@ def test_serve_bench_smoke() -> None:
     assert res["anchor"] == "not run (--no-anchor)"
 
 
+def test_serve_engine_bench_smoke() -> None:
+    res = run_bench("bench/serve_engine.py", "--preset", "qwen3-tiny", "--clients", "1", "2",
+                    "--requests", "1", "--tokens", "3", "--prompt", "8", "--rounds", "1")
+    assert set(res["levels"]) == {"1", "2"}
+    assert all(r["tokens_per_sec"] > 0 and r["step_ms"] >= r["forward_ms"] > 0
+               for r in res["levels"].values())
+
+
 def test_norm_speed_bench_smoke() -> None:
     res = run_bench("bench/norm_speed.py", "--rounds", "1", "--steps", "1", "--batch", "2",
                     "--context", "8", "--n-embd", "16")

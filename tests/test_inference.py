@@ -9,7 +9,7 @@ import torch
 
 from bardlm import GPT, BardlmError, ModelConfig
 from bardlm.infer.generate import generate, generate_batch
-from bardlm.infer.layouts import FastLinear, prepare_for_inference
+from bardlm.infer.layouts import FastLinear, pack_for_batches, prepare_for_inference
 
 
 def _model(**kw) -> GPT:
@@ -80,6 +80,22 @@ def test_fast_linear_matches_nn_linear() -> None:
     assert fast.weight_t.shape == (24, 40) and fast.weight_t.is_contiguous()
     x = torch.randn(3, 5, 24)
     torch.testing.assert_close(fast(x), lin(x), atol=1e-6, rtol=1e-5)
+
+
+def test_packed_fast_linear_matches_and_gives_each_row_alone_the_batchs_result() -> None:
+    """`pack_for_batches`: inputs of several rows go through oneDNN's kernel on packed weights,
+    with nn.Linear's values (to rounding), and a row's result is the same, bit for bit, in a
+    batch of 2 or of 16; a single row keeps x @ W^T."""
+    lin = torch.nn.Linear(64, 200)
+    fast = FastLinear.from_linear(lin, torch.float32)
+    if pack_for_batches(torch.nn.Sequential(fast)) == 0:
+        pytest.skip("this PyTorch has no oneDNN")
+    assert fast.packed is not None
+    x = torch.randn(16, 64)
+    y = fast(x)
+    torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast(x[3:5]), y[3:5]) and torch.equal(fast(x[:9].view(3, 3, 64)).view(9, 200), y[:9])
+    assert torch.equal(fast(x[:1]), torch.addmm(fast.bias, x[:1], fast.weight_t))
 
 
 @pytest.mark.parametrize("style", [dict(pos="learned"), dict(pos="sinusoidal", tie_embeddings=False),

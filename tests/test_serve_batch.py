@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="the server needs fastapi: pip install 'bardlm[serve]'")
 pytest.importorskip("uvicorn", reason="the server needs uvicorn: pip install 'bardlm[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import ThreadServer, make_checkpoint, wait_until  # noqa: E402
+from serve_helpers import ThreadServer, make_checkpoint, reference_greedy, wait_until  # noqa: E402
 
 from bardlm.infer.generate import generate_text  # noqa: E402
 from bardlm.io.checkpoint import load_checkpoint  # noqa: E402
@@ -172,6 +173,98 @@ def test_prompts_arriving_together_prefill_in_padded_passes(loaded) -> None:  # 
     assert prefills == [(2, 9), (1, 64), (2, 26)], shapes
     assert [j.text for j in jobs] == [generate_text(model, tok, t, n, temperature=0)
                                       for t, n in zip(texts, ns)]
+
+
+@pytest.mark.parametrize("slots, gathered", [(3, False), (5, True)])
+def test_decode_reads_a_run_of_slots_as_one_view(loaded, slots: int, gathered: bool) -> None:  # noqa: ANN001
+    """Jobs in slots 0 and slots-1, those in between done: a step over slots 0..2 (one dummy row,
+    in the free slot 1) reads every layer's keys and values as a view of the cache; over 0..4
+    (three dummies for two jobs) the two rows are gathered. Either way each job's tokens are
+    those it gets alone."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_queue=0, max_batch=slots, prefill_chunk=64)
+    steps: list[tuple[int, bool]] = []  # (rows in the step, read as one view)
+    step = engine._step
+
+    def spy(ids, cache_pos, view, mask, positions):  # noqa: ANN001, ANN202
+        steps.append((ids.shape[0], view[0].consecutive))
+        return step(ids, cache_pos, view, mask, positions)
+
+    engine._step = spy
+    texts = ["ROMEO", *["Hi"] * (slots - 2), "What light"]
+    ns = [20, *[2] * (slots - 2), 20]  # the middle ones end after two tokens
+    try:
+        with engine._lock:  # hold the worker so that it admits all of them in one turn
+            jobs = [Job(t, n, sampling={"temperature": 0.0}) for t, n in zip(texts, ns)]
+            futures = [engine.try_submit(j) for j in jobs]
+        for f in futures:
+            f.result(60)
+    finally:
+        engine.shutdown()
+    # 19 decode steps (the first token comes from the prompt's pass); after the first, the
+    # middle jobs have left and slots 0 and slots-1 generate
+    assert steps[0] == (slots, True) and len(steps) == 19, steps
+    assert set(steps[1:]) == {(2, False) if gathered else (slots, True)}, steps
+    assert [j.text for j in jobs] == [reference_greedy(model, tok, t, n) for t, n in zip(texts, ns)]
+
+
+def test_greedy_rows_take_one_batched_argmax(loaded, monkeypatch) -> None:  # noqa: ANN001
+    """In a batch of greedy and sampled jobs only the sampled ones go through `sample` (one by
+    one, each with its own generator); the greedy rows' tokens come from one argmax over the
+    batch. Each job's text is still what it gets alone."""
+    import bardlm.serve.engine as engine_module
+
+    model, tok = loaded
+    temperatures: list[float] = []
+    real_sample = engine_module.sample
+
+    def spy(logits, temperature, *args):  # noqa: ANN001, ANN002, ANN202
+        temperatures.append(temperature)
+        return real_sample(logits, temperature, *args)
+
+    monkeypatch.setattr(engine_module, "sample", spy)
+    engine = Engine(model, tok, max_queue=0, max_batch=4)
+    settings = [{"temperature": 0.0}, {"temperature": 0.8, "seed": 3}, {"temperature": 0.0},
+                {"temperature": 0.0, "repetition_penalty": 1.3}]  # a penalty: sampled alone
+    try:
+        with engine._lock:
+            jobs = [Job("ROMEO", 12, sampling=s) for s in settings]
+            futures = [engine.try_submit(j) for j in jobs]
+        for f in futures:
+            f.result(60)
+    finally:
+        engine.shutdown()
+    assert sorted(set(temperatures)) == [0.0, 0.8]
+    assert len(temperatures) == 2 * 12  # the sampled job and the penalised one, every token
+    assert [j.text for j in jobs] == [generate_text(model, tok, "ROMEO", 12, **s) for s in settings]
+
+
+def test_a_packed_fp32_model_in_a_batch_gives_each_request_its_tokens_alone(loaded) -> None:  # noqa: ANN001
+    """`bardlm serve` loads fp32 models prepared for inference (FastLinear); a batching engine
+    packs them for oneDNN (`pack_for_batches`). Concurrent greedy requests still give the
+    tokens `generate_text` gives each alone on the unpacked model."""
+    import copy
+
+    from bardlm.infer.layouts import FastLinear, prepare_for_inference
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    model, tok = loaded
+    plain = prepare_for_inference(copy.deepcopy(model), "fp32")
+    packed = copy.deepcopy(plain)
+    engine = Engine(packed, tok, max_queue=0, max_batch=4)
+    pairs = [("ROMEO", 20), ("What light", 15), ("a", 25), ("Hello there", 18)]
+    try:
+        with engine._lock:  # admitted together: one batch
+            jobs = [Job(p, n, sampling={"temperature": 0.0}) for p, n in pairs]
+            futures = [engine.try_submit(j) for j in jobs]
+        for f in futures:
+            f.result(60)
+    finally:
+        engine.shutdown()
+    layers = [m for m in packed.modules() if isinstance(m, FastLinear)]
+    assert layers and all(m.packed is not None for m in layers)
+    assert [j.text for j in jobs] == [generate_text(plain, tok, p, n, temperature=0) for p, n in pairs]
 
 
 def test_echo_and_logprobs_in_a_busy_batch(server) -> None:  # noqa: ANN001

@@ -75,6 +75,12 @@ def filter_logits(
     return logits
 
 
+def is_greedy(temperature: float) -> bool:
+    """Whether `sample` at this temperature takes the argmax: 0, or anything too small to divide
+    by in fp32."""
+    return temperature < 1e-5
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -88,7 +94,7 @@ def sample(
     generator: one for the batch, or a list with one per row (rows then sample independently of
     what else is in the batch).
     """
-    if temperature < 1e-5:  # 0 is greedy; so is anything too small to divide by in fp32
+    if is_greedy(temperature):
         return logits.argmax(-1)
     logits = logits.float()
     # Shift so the largest logit is 0 before dividing: a tiny temperature then gives -inf for

@@ -37,7 +37,8 @@ from ..errors import BardlmError
 from ..eval.score import forward_logprobs
 from ..infer.budget import CachePlan, available_memory, plan_cache, read_length
 from ..infer.generate import TextStream, decode_step, encode_prompt, eval_mode
-from ..infer.sampling import apply_repetition_penalty, check_sampling, sample
+from ..infer.layouts import pack_for_batches
+from ..infer.sampling import apply_repetition_penalty, check_sampling, is_greedy, sample
 from ..nn.cache import StateCache
 from ..tokenizers.base import check_ids
 
@@ -109,6 +110,8 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.compile = max_batch, prefill_chunk, compile
         self.capacity = max_batch + max_queue  # running + waiting
         self.device = next(model.parameters()).device
+        if max_batch > 1 and not compile:  # (a compiled step packs its own weights, or not)
+            pack_for_batches(model)  # fp32 CPU models: batched steps through oneDNN's kernel
         if memory is None:
             memory = available_memory(self.device)
         self.plan: CachePlan = plan_cache(model.config, max_batch, model.cache_dtype().itemsize,
@@ -327,54 +330,79 @@ class Engine:
         length = max(r.prefilled + n for r, n in zip(rows, takes))
         view = [c.rows([r.slot for r in rows], length) for c in self.cache]
         logits, _ = self.model(ids, start_pos=cache_pos, cache=view, logits_rows=1)
-        for r, n, row in zip(rows, takes, logits[:, -1]):
+        for r, n in zip(rows, takes):
             r.prefilled += n
-            if r.generating:
-                try:
-                    self._take(r, row)
-                except Exception as e:  # noqa: BLE001
-                    self._fail(r, e)  # one job's failed sampling fails that job only
+        done = [b for b, r in enumerate(rows) if r.generating]  # whole prompts: a first token
+        self._take_all([rows[b] for b in done], logits[done, -1])
 
     def _decode(self, rows: list[_Running]) -> None:
-        """One new token for each generating job: (B, 1) ids at their own cache indices.
+        """One new token for each generating job (rows, in slot order): (B, 1) ids at their own
+        cache indices.
 
-        Eager, the batch is the generating jobs and attention reads as far as the furthest.
-        Compiled, every step has one of a few shapes: all `max_batch` slots, reading the
-        shortest of the `read_length` buckets that holds the furthest job (at most twice what
-        it needs); a slot with no generating job gets a dummy token parked at its last cache
-        index (past any prompt, never read unmasked; a linear layer's state ignores it),
-        and its logits are dropped.
+        The batch is a run of consecutive slots whenever it can be, so that every layer reads its
+        keys and values as a view of the cache: rows that are not consecutive are gathered, a
+        copy of each row's keys and values in every layer at every step. A slot in the run with
+        no generating job (free, or still reading its prompt) gets a dummy token parked at its
+        last cache index (past any prompt, never read unmasked, rewritten before it is ever
+        read; a linear layer's state ignores it), and its logits are dropped.
+
+        Eager, the run is from the lowest generating slot to the highest, when it holds no more
+        dummies than jobs (a dummy costs one row of attention; a gather copies every job's
+        keys and values, then attention reads them); a sparser batch is gathered. Attention
+        reads as far as the furthest job. Compiled, every step has one of a few shapes: all
+        `max_batch` slots, reading the shortest of the `read_length` buckets that holds the
+        furthest job (at most twice what it needs).
         """
+        furthest = max(len(r.ids) for r in rows)
         if self.compile:
-            by_slot = {r.slot: r for r in rows}
             slots = list(range(self.max_batch))
-            ids = [[by_slot[i].ids[-1] if i in by_slot else 0] for i in slots]
-            pos = [[len(by_slot[i].ids) - 1 if i in by_slot else self.context - 1] for i in slots]
-            length = read_length(max(len(r.ids) for r in rows), self.context)
-            picked = [r.slot for r in rows]
+            length = read_length(furthest, self.context)
         else:
-            slots = [r.slot for r in rows]
-            ids, pos = [[r.ids[-1]] for r in rows], [[len(r.ids) - 1] for r in rows]
-            length, picked = max(len(r.ids) for r in rows), list(range(len(rows)))
+            run = range(rows[0].slot, rows[-1].slot + 1)
+            slots = list(run) if len(run) <= 2 * len(rows) else [r.slot for r in rows]
+            length = furthest
+        by_slot = {r.slot: r for r in rows}
+        ids = [[by_slot[s].ids[-1] if s in by_slot else 0] for s in slots]
+        pos = [[len(by_slot[s].ids) - 1 if s in by_slot else self.context - 1] for s in slots]
+        picked = [i for i, s in enumerate(slots) if s in by_slot]  # the jobs' rows, in order
         ids = torch.tensor(ids, device=self.device)
         cache_pos = torch.tensor(pos, device=self.device)  # (B, 1)
         view = [c.rows(slots, length) for c in self.cache]
-        logits = self._step(ids, cache_pos, view, None, None)[picked, -1]  # (len(rows), V)
-        for r, row in zip(rows, logits):
+        self._take_all(rows, self._step(ids, cache_pos, view, None, None)[picked, -1])
+
+    def _take_all(self, rows: list[_Running], logits: torch.Tensor) -> None:
+        """The next token of each job in rows from its logits (len(rows), V): the greedy ones in
+        one argmax (`_greedy`), the others sampled one by one."""
+        for r, row, token in zip(rows, logits, self._greedy(rows, logits)):
             try:
-                self._take(r, row)
+                self._take(r, row, token)
             except Exception as e:  # noqa: BLE001
                 # One job's failed sampling fails that job only.
                 self._fail(r, e)
 
-    def _take(self, r: _Running, logits: torch.Tensor) -> None:
-        """Sample job r's next token from its logits (V,) and pass its text on."""
-        s = r.job.sampling
-        row, penalty = logits.float().unsqueeze(0), s.get("repetition_penalty", 1.0)
-        if penalty != 1.0:  # the ids seen so far, as a tensor, only when they are needed
-            row = apply_repetition_penalty(row, torch.tensor([r.ids], device=row.device), penalty)
-        token = int(sample(row, s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"),
-                           s.get("min_p"), r.gens)[0])
+    @staticmethod
+    def _greedy(rows: list[_Running], logits: torch.Tensor) -> list[int | None]:
+        """The next token of every greedy job (no repetition penalty) among rows, from their
+        logits (len(rows), V) in one argmax and one copy to Python; None for the others (they
+        sample one by one: each has its own settings and generator)."""
+        greedy = [i for i, r in enumerate(rows) if is_greedy(r.job.sampling.get("temperature", 1.0))
+                  and r.job.sampling.get("repetition_penalty", 1.0) == 1.0]
+        tokens: list[int | None] = [None] * len(rows)
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                tokens[i] = t
+        return tokens
+
+    def _take(self, r: _Running, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample job r's next token from its logits (V,) (or take `token`, already picked) and
+        pass its text on."""
+        if token is None:
+            s = r.job.sampling
+            row, penalty = logits.float().unsqueeze(0), s.get("repetition_penalty", 1.0)
+            if penalty != 1.0:  # the ids seen so far, as a tensor, only when they are needed
+                row = apply_repetition_penalty(row, torch.tensor([r.ids], device=row.device), penalty)
+            token = int(sample(row, s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"),
+                               s.get("min_p"), r.gens)[0])
         r.steps += 1
         piece = r.out.push(token)
         if piece and r.job.on_text is not None:
