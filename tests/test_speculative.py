@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from chi2_helpers import chi2_pvalue
 
 from bardlm import GPT, BardlmError, ModelConfig, cli, preset
 from bardlm.infer.generate import generate
@@ -46,20 +46,6 @@ def _perturbed(model: GPT, scale: float, seed: int) -> GPT:
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return draft
-
-
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square of observed counts against probabilities (cells expecting < 5 draws
-    pooled into one)."""
-    n = counts.sum().item()
-    expected = probs.double() * n
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    exp = exp * obs.sum() / exp.sum()  # the pooled cell's rounding
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
 # Greedy: identical to plain decoding ---------------------------------------------------------
@@ -153,8 +139,8 @@ def test_accept_reject_rule_gives_p(point_mass: bool) -> None:
         first[out[0]] += 1
         if len(out) > 1:
             second[out[1]] += 1
-    assert _chi2_pvalue(first, p[0]) > 1e-3
-    assert _chi2_pvalue(second, p[1]) > 1e-3
+    assert chi2_pvalue(first, p[0]) > 1e-3
+    assert chi2_pvalue(second, p[1]) > 1e-3
 
 
 @pytest.mark.parametrize("draft", ["model", "ngram"])
@@ -185,7 +171,7 @@ def test_sampled_tokens_follow_the_model(draft: str) -> None:
         counts[t1 * V + t2] += 1
         accepted += stats["accepted"]
     assert accepted > N / 10  # guesses were kept often: the joint is not all from fallbacks
-    assert _chi2_pvalue(counts, joint) > 1e-3
+    assert chi2_pvalue(counts, joint) > 1e-3
 
 
 def test_cli_generate_draft_matches_plain(tmp_path, capsys) -> None:
@@ -206,3 +192,17 @@ def test_cli_generate_draft_matches_plain(tmp_path, capsys) -> None:
         assert capsys.readouterr().out == plain
     assert cli.main([*gen, "--draft", str(tmp_path / "x")]) == 2
     assert "must share the tokenizer" in capsys.readouterr().err
+
+
+def test_sliding_window_shorter_than_the_cache_is_refused() -> None:
+    """A rejected guess's key overwrites, in a ring buffer, a key the next token still reads
+    (greedy output differed from plain decoding before this refusal); within the window the
+    ring is never used and speculation stays exact."""
+    cfg = dict(vocab_size=24, attn_layers=["local"] * 2 + ["global"], n_layer=3)
+    model = GPT(preset("gemma3-tiny", sliding_window=4, **cfg)).eval()
+    prompt = torch.randint(0, 24, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BardlmError, match=r"ring buffer \(4 positions\)"):
+        generate_speculative(model, prompt, 20, draft="ngram", temperature=0)
+    wide = GPT(preset("gemma3-tiny", sliding_window=40, **cfg)).eval()
+    assert torch.equal(generate_speculative(wide, prompt, 20, draft="ngram", temperature=0),
+                       generate(wide, prompt, 20, temperature=0))
