@@ -11,6 +11,7 @@ from chi2_helpers import chi2_pvalue
 
 from bardlm import GPT, BardlmError, ModelConfig, cli, preset
 from bardlm.infer.generate import generate
+from bardlm.infer.layouts import can_pack_rows, pack_rows, prepare_for_inference
 from bardlm.infer.speculative import (
     PromptLookup,
     accept_reject,
@@ -206,3 +207,24 @@ def test_sliding_window_shorter_than_the_cache_is_refused() -> None:
     wide = GPT(preset("gemma3-tiny", sliding_window=40, **cfg)).eval()
     assert torch.equal(generate_speculative(wide, prompt, 20, draft="ngram", temperature=0),
                        generate(wide, prompt, 20, temperature=0))
+
+
+@pytest.mark.skipif(not can_pack_rows(), reason="this torch has no oneDNN linear")
+def test_fp32_verify_pass_reads_oneDNN_packed_weights() -> None:
+    """Passes of several rows of an fp32 model go through the packed copy `pack_rows` makes
+    (speculative decoding makes it): with the plain weight zeroed, a 5-row pass still gives the
+    layer's output and a 1-row pass gives zeros; greedy speculation stays plain greedy's."""
+    model = prepare_for_inference(_model(0), "fp32")
+    plain = copy.deepcopy(model)
+    lin = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(5, lin.in_features)
+    want = lin(x)
+    prompt = torch.randint(0, 24, (1, 8), generator=torch.Generator().manual_seed(1)).repeat(1, 3)
+    spec = generate_speculative(model, prompt, 30, draft="ngram", temperature=0)
+    assert torch.equal(spec, generate(plain, prompt, 30, temperature=0))
+    assert lin.packed is not None and plain.transformer.h[0].mlp.c_fc.packed is None
+    assert pack_rows(model) == 0  # once per layer
+    with torch.no_grad():
+        lin.weight_t.zero_()
+    torch.testing.assert_close(lin(x), want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(lin(x[:1]), torch.zeros(1, lin.out_features))  # bias=False: 0 @ W

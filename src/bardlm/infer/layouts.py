@@ -12,6 +12,15 @@ reading the weights (see ../shared/CPU.md). Three ways to read fewer bytes, or r
   int4  4-bit weights with a bf16 scale per 32 weights and bf16 activations (`int4.py`): an
         eighth (plus the scales).
 
+Checking several tokens in one pass (speculative decoding's verify pass, K + 1 rows) should
+cost about what one token does: the weights are read once either way. In fp32 it did not: for a
+few rows MKL's sgemm (on this AMD CPU, at least) runs 3-8x slower than its one-row kernel, so a
+5-row pass of GPT-2 124M cost ~2.7 one-row steps and speculation gained almost nothing.
+`pack_rows` gives each fp32 `FastLinear` a copy of its weight in oneDNN's blocked layout,
+reordered once (what inductor's CPU freezing uses), and passes of more than one row go through
+oneDNN's linear: 5 rows then cost about one row (docs/benchmarks.md). One-row steps keep the
+(in, out) matrix-vector kernel, faster there, so the packed copy doubles the weight memory.
+
 All of them are module swaps, like gpt-fast: `prepare_for_inference` returns the same GPT object
 with some children replaced, so `forward`, the KV cache and `generate` work unchanged.
 """
@@ -36,6 +45,9 @@ class FastLinear(nn.Module):
         self.in_features, self.out_features = weight_t.shape
         self.weight_t = nn.Parameter(weight_t.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # The weight in oneDNN's blocked layout, for passes of several rows (`pack_rows`); a
+        # plain attribute: inference on the CPU only, never saved.
+        self.packed: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> FastLinear:
@@ -44,8 +56,36 @@ class FastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         x2 = x.reshape(-1, self.in_features)
-        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        if self.packed is not None and x2.shape[0] > 1:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [None], "")
+        elif self.bias is None:
+            y = x2 @ self.weight_t
+        else:
+            y = torch.addmm(self.bias, x2, self.weight_t)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+PACK_ROWS = 8  # oneDNN reorders for a batch size; one packed for 8 serves 2..K+1 rows and more
+
+
+def can_pack_rows() -> bool:
+    """Whether this torch has oneDNN's CPU linear on packed weights."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack_rows(model: nn.Module) -> int:
+    """Give every fp32 CPU `FastLinear` of `model` a oneDNN-packed copy of its weight, used by
+    passes of more than one row (a speculative verify pass, a prefill); once per layer, in place.
+    Returns the bytes added (0 where nothing is packed: no oneDNN, another dtype or device)."""
+    if not can_pack_rows():
+        return 0
+    added = 0
+    for m in model.modules():
+        if (isinstance(m, FastLinear) and m.packed is None and m.weight_t.dtype == torch.float32
+                and m.weight_t.device.type == "cpu"):
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight_t.t().contiguous(), PACK_ROWS)
+            added += m.weight_t.numel() * m.weight_t.element_size()
+    return added
 
 
 class TiedEmbedding(nn.Module):

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..infer.budget import context_window
+from ..infer.layouts import pack_rows
 from ..infer.speculative import (
     accept_reject,
     check_draft_tokens,
@@ -50,6 +51,7 @@ class Speculator:
                  context: int) -> None:
         check_draft_tokens(draft_tokens)
         check_draftable(model, draft, context)
+        pack_rows(model)  # fp32: a verify pass costs about one step, not K + 1 (infer/layouts.py)
         self.model, self.k = model, draft_tokens
         self.device = next(model.parameters()).device
         # The draft's one cache row: a slot's length, or the draft's own context if shorter.
