@@ -69,6 +69,12 @@ def test_decode_bench_draft_pair_smoke(tmp_path: Path) -> None:
     assert 0 <= res["acceptance"]["draft"] <= 1 and len(res["load_average"]) == 3
 
 
+def test_verify_pass_bench_smoke() -> None:
+    res = run_bench("bench/verify_pass.py", "--preset", "char-tiny", "--rounds", "2", "--threads", "1")
+    steps = res["threads_1"]["verify_in_steps"]
+    assert set(steps) == {"dense", "packed"} and all(v > 0 for v in steps.values())
+
+
 def test_dropout_bench_smoke() -> None:
     res = run_bench("bench/dropout.py", "--batch", "1", "--reps", "1")
     assert len(res["results"]) == 8  # 2 dtypes x 2 tensors x (forward, forward+backward)
