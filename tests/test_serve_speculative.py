@@ -205,3 +205,22 @@ def test_cli_serve_refuses_a_draft_with_another_tokenizer(tmp_path: Path, capsys
                      "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "must share the tokenizer" in err and "Traceback" not in err
+
+
+def test_fp32_inference_layout_with_packed_weights(loaded) -> None:  # noqa: ANN001
+    """An fp32 inference model (`prepare_for_inference`): the speculator packs its weights, so
+    verify passes, prefills and batched steps (several rows) run on oneDNN's kernel and one-row
+    steps on `x @ W^T`; replies still equal plain greedy decoding's, alone and together."""
+    from bardlm.infer.layouts import can_pack_rows, prepare_for_inference
+
+    model, tok = loaded
+    fast = prepare_for_inference(copy.deepcopy(model), "fp32")
+    engine = Engine(fast, tok, max_batch=4, max_queue=4, draft="ngram")
+    try:
+        alone = run(engine, [Job(PROMPTS[0], 40, sampling={"temperature": 0.0})])
+        together = run(engine, [Job(p, 30, sampling={"temperature": 0.0}) for p in PROMPTS[1:]])
+    finally:
+        engine.shutdown()
+    assert (fast.lm_head.packed is not None) == can_pack_rows()
+    assert alone == [generate_text(model, tok, PROMPTS[0], 40, temperature=0)]
+    assert together == [generate_text(model, tok, p, 30, temperature=0) for p in PROMPTS[1:]]
