@@ -127,7 +127,7 @@ class Engine:
         self._step = decode_step(model, compile)
         # Speculative rounds while one job generates (serve/speculate.py), or None.
         self.speculator = None if draft is None else Speculator(model, draft, draft_tokens,
-                                                                 self.context)
+                                                                 self.context, pack=not compile)
         self._lock = threading.Condition()  # guards everything below (event loop + worker)
         self._waiting: deque[tuple[Job, Future]] = deque()
         self._running: list[_Running] = []

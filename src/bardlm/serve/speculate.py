@@ -48,10 +48,13 @@ class Speculator:
     `forget(r)` drops what the draft holds of a job that ended."""
 
     def __init__(self, model: torch.nn.Module, draft: str | torch.nn.Module, draft_tokens: int,
-                 context: int) -> None:
+                 context: int, pack: bool = True) -> None:
+        """pack: give an fp32 model oneDNN-packed weights for its several-row passes (off under
+        `--compile`, whose traced step keeps the plain layout)."""
         check_draft_tokens(draft_tokens)
         check_draftable(model, draft, context)
-        pack_rows(model)  # fp32: a verify pass costs about one step, not K + 1 (infer/layouts.py)
+        if pack:  # fp32: a verify pass costs about one step, not K + 1 (infer/layouts.py)
+            pack_rows(model)
         self.model, self.k = model, draft_tokens
         self.device = next(model.parameters()).device
         # The draft's one cache row: a slot's length, or the draft's own context if shorter.
