@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/decode.py                 # the full run (several minutes)
     PYTHONPATH=src python bench/decode.py --preset char-tiny --tokens 32 --runs 2   # smoke test
     PYTHONPATH=src python bench/decode.py --vs-llama-cpp   # + llama.cpp on the same weights
+    PYTHONPATH=src python bench/decode.py --draft-pair runs/pair/target runs/pair/draft  # trained pair
 
 Batch 1, a 16-token prompt, 256 new greedy tokens, 2 threads, after a warm-up; the median of
 --runs runs per variant. Variants: ours fp32 with and without the KV cache, `transformers`
@@ -18,6 +19,13 @@ token) / (read bandwidth measured in this run), and against its kernel ceiling: 
 weight matmuls alone take when every linear layer is applied to one token's activation in model
 order, with nothing else (the speed a decode step would have with zero overhead on this CPU's
 kernels). Ends with one JSON line.
+
+--draft-pair TARGET DRAFT (a pair from bench/draft_pair.py) times, instead, plain greedy decoding
+of the trained target against speculative decoding with the trained draft (and with prompt
+lookup) on ordinary text: passages from the corpus's last 1%, which neither model trained on.
+The variants run in interleaved rounds in one process (plain, draft, ngram, plain, ...), so a
+change in the machine's load hits them alike; each round's ratio is reported, then the median,
+with the load average.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -128,8 +137,15 @@ def main() -> None:
                     help="also time llama.cpp (llama-cpp-python) on the same weights as GGUF")
     ap.add_argument("--compile", action="store_true",
                     help="also time fp32 with the decode step under torch.compile (compiles first)")
+    ap.add_argument("--draft-pair", nargs=2, metavar=("TARGET", "DRAFT"),
+                    help="time a trained target alone and with its trained draft (bench/draft_pair.py)")
+    ap.add_argument("--pair-data", default="tiny-shakespeare", help="--draft-pair's corpus")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="--draft-pair's K")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.draft_pair:
+        print(json.dumps(draft_pair(args)))
+        return
     torch.manual_seed(0)
     cfg = preset(args.preset, **({"vocab_size": 65} if args.preset.endswith("tiny") else {}))
     base = GPT(cfg).eval()
@@ -282,6 +298,64 @@ def main() -> None:
           f"{summary['int8_vs_fp32']}; int8 bytes / fp32 bytes: {summary['int8_bytes_ratio']}; "
           f"greedy ids equal transformers': {summary['greedy_ids_equal_hf']}")
     print(json.dumps(summary))
+
+
+def draft_pair(args: argparse.Namespace, passages: int = 4) -> dict:
+    """Tokens/s of a trained target decoding greedily alone, with its trained draft and with
+    prompt lookup, on `passages` held-out passages per round, in interleaved rounds."""
+    from bardlm import load
+    from bardlm.io.load import load_draft
+    from bardlm.train.data import load_corpus
+
+    target, tok = load(args.draft_pair[0], "fp32")
+    draft = load_draft(args.draft_pair[1], tok, "fp32")
+    text, _ = load_corpus(args.pair_data)
+    ids = tok.encode(text[len(text) * 99 // 100:])  # the last 1%: held out from both models
+    step = len(ids) // passages
+    prompts = [torch.tensor([ids[i * step:i * step + args.prompt]]) for i in range(passages)]
+    n = min(args.tokens, target.config.block_size - args.prompt - args.draft_tokens)
+    k = args.draft_tokens
+    variants = {
+        "plain": lambda p, st: target.generate(p, n, temperature=0),
+        "draft": lambda p, st: generate_speculative(target, p, n, draft=draft, draft_tokens=k,
+                                                    temperature=0, stats=st),
+        "ngram": lambda p, st: generate_speculative(target, p, n, draft="ngram", draft_tokens=k,
+                                                    temperature=0, stats=st),
+    }
+    for run in variants.values():  # warm-up (and the packed fp32 weights, made on first use)
+        run(prompts[0][:, :8], {})
+    print(f"target {target.num_params():,} parameters, draft {draft.num_params():,}; {passages} "
+          f"passages x ({args.prompt} + {n}) tokens, K = {k}, {args.threads} threads; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    secs: dict[str, list[float]] = {v: [] for v in variants}
+    outs: dict[str, list[torch.Tensor]] = {}
+    stats = {v: {"drafted": 0, "accepted": 0} for v in variants}
+    for r in range(args.runs):
+        for name, run in variants.items():
+            t = time.perf_counter()
+            outs[name] = []
+            for p in prompts:
+                st: dict = {}
+                outs[name].append(run(p, st))
+                for key in ("drafted", "accepted"):
+                    stats[name][key] += st.get(key, 0)
+            secs[name].append(time.perf_counter() - t)
+        print(f"  round {r + 1}: " + ", ".join(
+            f"{v} {passages * n / secs[v][-1]:.1f} tok/s" for v in variants)
+            + f"; draft x{secs['plain'][-1] / secs['draft'][-1]:.2f}, ngram "
+            f"x{secs['plain'][-1] / secs['ngram'][-1]:.2f}; load {os.getloadavg()[0]:.2f}", flush=True)
+    ratios = {v: [round(a / b, 3) for a, b in zip(secs["plain"], secs[v])] for v in ("draft", "ngram")}
+    return dict(
+        tokens_per_sec={v: round(passages * n / statistics.median(t), 2) for v, t in secs.items()},
+        speedup_median={v: statistics.median(r) for v, r in ratios.items()},
+        speedup_per_round=ratios,
+        acceptance={v: round(stats[v]["accepted"] / max(1, stats[v]["drafted"]), 3)
+                    for v in ("draft", "ngram")},
+        ids_equal_plain={v: all(torch.equal(a, b) for a, b in zip(outs[v], outs["plain"]))
+                         for v in ("draft", "ngram")},
+        load_average=[round(x, 2) for x in os.getloadavg()],
+        new_tokens=n, passages=passages, draft_tokens=k,
+    )
 
 
 def llama_cpp_results(base: GPT, idx: torch.Tensor, n: int, args: argparse.Namespace) -> dict:

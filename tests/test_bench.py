@@ -46,6 +46,35 @@ def test_decode_bench_vs_llama_cpp_says_why_it_skips() -> None:
     pytest.skip("llama-cpp-python is installed: the full comparison is bench/decode.py's own run")
 
 
+def test_decode_bench_draft_pair_smoke(tmp_path: Path) -> None:
+    """--draft-pair on two tiny char models (the shipped corpus's characters): the interleaved
+    rounds' JSON, speculative ids equal to plain greedy's."""
+    import torch
+
+    from bardlm import GPT, preset
+    from bardlm.io.checkpoint import save_checkpoint
+    from bardlm.tokenizers import CharTokenizer
+    from bardlm.train.data import load_corpus
+
+    tok = CharTokenizer.train(load_corpus("tiny-shakespeare")[0])
+    torch.manual_seed(0)
+    for name, layers in (("target", 2), ("draft", 1)):
+        save_checkpoint(tmp_path / name, GPT(preset("char-tiny", vocab_size=tok.vocab_size,
+                                                    n_layer=layers)), tok, {})
+    res = run_bench("bench/decode.py", "--draft-pair", str(tmp_path / "target"), str(tmp_path / "draft"),
+                    "--prompt", "16", "--tokens", "8", "--runs", "2", "--threads", "1")
+    assert set(res["tokens_per_sec"]) == {"plain", "draft", "ngram"}
+    assert len(res["speedup_per_round"]["draft"]) == 2 and res["speedup_median"]["draft"] > 0
+    assert res["ids_equal_plain"] == {"draft": True, "ngram": True}
+    assert 0 <= res["acceptance"]["draft"] <= 1 and len(res["load_average"]) == 3
+
+
+def test_verify_pass_bench_smoke() -> None:
+    res = run_bench("bench/verify_pass.py", "--preset", "char-tiny", "--rounds", "2", "--threads", "1")
+    steps = res["threads_1"]["verify_in_steps"]
+    assert set(steps) == {"dense", "packed"} and all(v > 0 for v in steps.values())
+
+
 def test_dropout_bench_smoke() -> None:
     res = run_bench("bench/dropout.py", "--batch", "1", "--reps", "1")
     assert len(res["results"]) == 8  # 2 dtypes x 2 tensors x (forward, forward+backward)

@@ -9,7 +9,7 @@ import torch
 
 from bardlm import GPT, BardlmError, ModelConfig
 from bardlm.infer.generate import generate, generate_batch
-from bardlm.infer.layouts import FastLinear, pack_for_batches, prepare_for_inference
+from bardlm.infer.layouts import FastLinear, pack_rows, prepare_for_inference
 
 
 def _model(**kw) -> GPT:
@@ -83,12 +83,12 @@ def test_fast_linear_matches_nn_linear() -> None:
 
 
 def test_packed_fast_linear_matches_and_gives_each_row_alone_the_batchs_result() -> None:
-    """`pack_for_batches`: inputs of several rows go through oneDNN's kernel on packed weights,
+    """`pack_rows`: inputs of several rows go through oneDNN's kernel on packed weights,
     with nn.Linear's values (to rounding), and a row's result is the same, bit for bit, in a
     batch of 2 or of 16; a single row keeps x @ W^T."""
     lin = torch.nn.Linear(64, 200)
     fast = FastLinear.from_linear(lin, torch.float32)
-    if pack_for_batches(torch.nn.Sequential(fast)) == 0:
+    if pack_rows(torch.nn.Sequential(fast)) == 0:
         pytest.skip("this PyTorch has no oneDNN")
     assert fast.packed is not None
     x = torch.randn(16, 64)

@@ -241,7 +241,7 @@ def test_greedy_rows_take_one_batched_argmax(loaded, monkeypatch) -> None:  # no
 
 def test_a_packed_fp32_model_in_a_batch_gives_each_request_its_tokens_alone(loaded) -> None:  # noqa: ANN001
     """`bardlm serve` loads fp32 models prepared for inference (FastLinear); a batching engine
-    packs them for oneDNN (`pack_for_batches`). Concurrent greedy requests still give the
+    packs them for oneDNN (`pack_rows`). Concurrent greedy requests still give the
     tokens `generate_text` gives each alone on the unpacked model."""
     import copy
 

@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from chi2_helpers import chi2_pvalue
 
 from bardlm import GPT, BardlmError, ModelConfig, cli, preset
 from bardlm.infer.generate import generate
+from bardlm.infer.layouts import can_pack_rows, pack_rows, prepare_for_inference
 from bardlm.infer.speculative import (
     PromptLookup,
     accept_reject,
@@ -46,20 +47,6 @@ def _perturbed(model: GPT, scale: float, seed: int) -> GPT:
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return draft
-
-
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square of observed counts against probabilities (cells expecting < 5 draws
-    pooled into one)."""
-    n = counts.sum().item()
-    expected = probs.double() * n
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    exp = exp * obs.sum() / exp.sum()  # the pooled cell's rounding
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
 # Greedy: identical to plain decoding ---------------------------------------------------------
@@ -153,8 +140,8 @@ def test_accept_reject_rule_gives_p(point_mass: bool) -> None:
         first[out[0]] += 1
         if len(out) > 1:
             second[out[1]] += 1
-    assert _chi2_pvalue(first, p[0]) > 1e-3
-    assert _chi2_pvalue(second, p[1]) > 1e-3
+    assert chi2_pvalue(first, p[0]) > 1e-3
+    assert chi2_pvalue(second, p[1]) > 1e-3
 
 
 @pytest.mark.parametrize("draft", ["model", "ngram"])
@@ -185,7 +172,7 @@ def test_sampled_tokens_follow_the_model(draft: str) -> None:
         counts[t1 * V + t2] += 1
         accepted += stats["accepted"]
     assert accepted > N / 10  # guesses were kept often: the joint is not all from fallbacks
-    assert _chi2_pvalue(counts, joint) > 1e-3
+    assert chi2_pvalue(counts, joint) > 1e-3
 
 
 def test_cli_generate_draft_matches_plain(tmp_path, capsys) -> None:
@@ -206,3 +193,38 @@ def test_cli_generate_draft_matches_plain(tmp_path, capsys) -> None:
         assert capsys.readouterr().out == plain
     assert cli.main([*gen, "--draft", str(tmp_path / "x")]) == 2
     assert "must share the tokenizer" in capsys.readouterr().err
+
+
+def test_sliding_window_shorter_than_the_cache_is_refused() -> None:
+    """A rejected guess's key overwrites, in a ring buffer, a key the next token still reads
+    (greedy output differed from plain decoding before this refusal); within the window the
+    ring is never used and speculation stays exact."""
+    cfg = dict(vocab_size=24, attn_layers=["local"] * 2 + ["global"], n_layer=3)
+    model = GPT(preset("gemma3-tiny", sliding_window=4, **cfg)).eval()
+    prompt = torch.randint(0, 24, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BardlmError, match=r"ring buffer \(4 positions\)"):
+        generate_speculative(model, prompt, 20, draft="ngram", temperature=0)
+    wide = GPT(preset("gemma3-tiny", sliding_window=40, **cfg)).eval()
+    assert torch.equal(generate_speculative(wide, prompt, 20, draft="ngram", temperature=0),
+                       generate(wide, prompt, 20, temperature=0))
+
+
+@pytest.mark.skipif(not can_pack_rows(), reason="this torch has no oneDNN linear")
+def test_fp32_verify_pass_reads_oneDNN_packed_weights() -> None:
+    """Passes of several rows of an fp32 model go through the packed copy `pack_rows` makes
+    (speculative decoding makes it): with the plain weight zeroed, a 5-row pass still gives the
+    layer's output and a 1-row pass gives zeros; greedy speculation stays plain greedy's."""
+    model = prepare_for_inference(_model(0), "fp32")
+    plain = copy.deepcopy(model)
+    lin = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(5, lin.in_features)
+    want = lin(x)
+    prompt = torch.randint(0, 24, (1, 8), generator=torch.Generator().manual_seed(1)).repeat(1, 3)
+    spec = generate_speculative(model, prompt, 30, draft="ngram", temperature=0)
+    assert torch.equal(spec, generate(plain, prompt, 30, temperature=0))
+    assert lin.packed is not None and plain.transformer.h[0].mlp.c_fc.packed is None
+    assert pack_rows(model) == 0  # once per layer
+    with torch.no_grad():
+        lin.weight_t.zero_()
+    torch.testing.assert_close(lin(x), want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(lin(x[:1]), torch.zeros(1, lin.out_features))  # bias=False: 0 @ W

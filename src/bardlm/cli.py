@@ -224,9 +224,15 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         "on load (checkpoints from `bardlm quantize` always run as saved)")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="keep the model loaded and continue each line read from stdin")
+    add_draft_args(p)
+
+
+def add_draft_args(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """--draft and --draft-tokens (generate and serve)."""
+    where = " while one request is generating" if server else ""
     p.add_argument("--draft", metavar="DIR|ngram",
                    help="speculative decoding: a smaller model with the same tokenizer, or "
-                        "'ngram' (prompt lookup, no second model); same output distribution")
+                        f"'ngram' (prompt lookup, no second model){where}; same output distribution")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="guesses the drafter makes per step with --draft (default 4)")
 
@@ -236,16 +242,9 @@ def draft_stream(args: argparse.Namespace, tokenizer) -> dict:  # noqa: ANN001
     if args.draft is None:
         return {}
     from .infer.speculative import speculative_stream
+    from .io.load import load_draft
 
-    if args.draft == "ngram":
-        return {"stream": speculative_stream("ngram", args.draft_tokens)}
-    from .io.checkpoint import tokenizer_fingerprint
-    from .io.load import load
-
-    draft, draft_tok = load(args.draft, args.dtype, args.device)
-    if draft_tok is None or tokenizer_fingerprint(draft_tok) != tokenizer_fingerprint(tokenizer):
-        raise BardlmError(f"--draft {args.draft}: its tokenizer is not the model's; a draft "
-                          "model must share the tokenizer (or use --draft ngram)")
+    draft = load_draft(args.draft, tokenizer, args.dtype, args.device)
     return {"stream": speculative_stream(draft, args.draft_tokens)}
 
 
@@ -810,6 +809,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
                    help="inference weights, as for generate (int8 checkpoints always run int8)")
     p.add_argument("--model-name", help="model id in the API (default: the checkpoint folder name)")
+    add_draft_args(p, server=True)
     add_device(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -821,7 +821,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           model_name=args.model_name, log_level=args.log_level, max_batch=args.max_batch,
           api_key=args.api_key, allowed_hosts=args.allowed_host,
           max_connections=args.max_connections, docs=args.docs, compile=args.compile,
-          dtype=args.dtype, max_context=args.max_context)
+          dtype=args.dtype, max_context=args.max_context, draft=args.draft,
+          draft_tokens=args.draft_tokens)
     return 0
 
 

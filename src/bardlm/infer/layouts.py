@@ -12,6 +12,15 @@ reading the weights (see ../shared/CPU.md). Three ways to read fewer bytes, or r
   int4  4-bit weights with a bf16 scale per 32 weights and bf16 activations (`int4.py`): an
         eighth (plus the scales).
 
+Checking several tokens in one pass (speculative decoding's verify pass, K + 1 rows; a
+server's batched step) should cost about what one token does: the weights are read once either
+way. In fp32 it did not: for a few rows MKL's sgemm (on this AMD CPU, at least) runs 3-8x slower
+than its one-row kernel, so a 5-row pass of GPT-2 124M cost ~2.7 one-row steps. `pack_rows`
+gives each fp32 `FastLinear` a copy of its weight in oneDNN's blocked layout, reordered once
+(what inductor's CPU freezing uses), and passes of more than one row go through oneDNN's
+linear: 5 rows then cost about one row (docs/benchmarks.md). One-row steps keep the (in, out)
+matrix-vector kernel, faster there, so the packed copy doubles the weight memory.
+
 All of them are module swaps, like gpt-fast: `prepare_for_inference` returns the same GPT object
 with some children replaced, so `forward`, the KV cache and `generate` work unchanged.
 """
@@ -31,17 +40,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class FastLinear(nn.Module):
     """y = x @ weight_t + bias with weight_t (in, out) contiguous: a faster matrix-vector layout.
 
-    After `pack_for_batches`, an input of several rows (a server's batched decode step, a
-    prompt) goes through oneDNN's linear kernel on a copy of the weights in its blocked layout
+    After `pack_rows`, an input of several rows (a verify pass, a server's batched decode step,
+    a prompt) goes through oneDNN's linear kernel on a copy of the weights in its blocked layout
     instead (`packed`); a single row keeps x @ weight_t."""
-
-    packed: torch.Tensor | None = None  # oneDNN's layout of the (out, in) weights; a plain attribute
 
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight_t.shape
         self.weight_t = nn.Parameter(weight_t.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # The weight in oneDNN's blocked layout, for passes of several rows (`pack_rows`); a
+        # plain attribute: inference on the CPU only, never saved.
+        self.packed: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, dtype: torch.dtype) -> FastLinear:
@@ -59,30 +69,41 @@ class FastLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def pack_for_batches(model: nn.Module) -> int:
-    """Give every fp32 `FastLinear` of a CPU model a oneDNN copy of its weights for inputs of
-    several rows (see `FastLinear`); returns how many layers were packed (0 where oneDNN is
-    missing, or the model is not an fp32 `prepare_for_inference` one on the CPU).
+PACK_ROWS = 8  # the batch size oneDNN picks its blocking for, by default (a verify pass: K + 1)
+
+
+def can_pack_rows() -> bool:
+    """Whether this torch has oneDNN's CPU linear on packed weights (private ops, what
+    inductor's CPU freezing uses: checked, not assumed)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight"))
+
+
+def pack_rows(model: nn.Module, rows: int = PACK_ROWS) -> int:
+    """Give every fp32 CPU `FastLinear` of `model` a oneDNN-packed copy of its weights, used by
+    inputs of several rows (a speculative verify pass, a server's batched step, a prompt),
+    blocked for `rows` rows; once per layer, in place. Returns the bytes added (0 where nothing
+    is packed: no oneDNN, another dtype or device, already packed).
 
     Why: PyTorch's fp32 matrix product on the CPU is MKL's, and on the AMD EPYC measured
-    (docs/benchmarks.md, "Serving load") MKL multiplies 16 rows by GPT-2's 768 x 50257 head at
-    a sixth of the CPU's fp32 peak: a 16-row decode step cost 3-4x a one-row step. oneDNN's
-    kernel on weights packed once for it does the 16 rows 1.7-2.3x faster (the whole step
-    1.6x); one row it does no faster than x @ W^T on the (in, out) layout, which single rows
-    keep. The copy doubles the fp32 linear weights in memory, so it is for a batching server
-    (`serve.Engine`), not for `generate`. Its values differ from x @ W^T by float rounding only, and each row's result
-    does not depend on the other rows in the batch.
+    (docs/benchmarks.md, "Serving load" and the verify pass) MKL's few-row products run 3-8x
+    slower than its one-row kernel: GPT-2's 768 x 50257 head took 49 ms for 5 rows against 15
+    for one, and a 16-row decode step cost 3-4x a one-row step. oneDNN's kernel on weights
+    packed once does 5 rows in about one row's time and 16 rows 1.7-2.3x faster than MKL; one
+    row it does no faster than x @ W^T on the (in, out) layout, which single rows keep. The copy
+    doubles the fp32 linear weights in memory. Its values differ from x @ W^T by float rounding
+    only, and each row's result does not depend on the other rows in the batch.
     """
-    ops = torch.ops.mkldnn  # private ops (what inductor's CPU freezing uses): check they exist
-    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
-            and hasattr(ops, "_reorder_linear_weight")):
+    if not can_pack_rows():
         return 0
-    layers = [m for m in model.modules() if isinstance(m, FastLinear)
-              and m.weight_t.device.type == "cpu" and m.weight_t.dtype == torch.float32]
-    for m in layers:
-        # The second argument is the batch size oneDNN picks its blocking for (16: a server's).
-        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight_t.t().contiguous(), 16)
-    return len(layers)
+    added = 0
+    for m in model.modules():
+        if (isinstance(m, FastLinear) and m.packed is None and m.weight_t.dtype == torch.float32
+                and m.weight_t.device.type == "cpu"):
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight_t.t().contiguous(), rows)
+            added += m.weight_t.numel() * m.weight_t.element_size()
+    return added
 
 
 class TiedEmbedding(nn.Module):

@@ -20,6 +20,10 @@ the token is drawn from normalise(max(0, p - q)); if all K are kept, one more is
 Each emitted token is then distributed exactly as p, the model's own (temperature, top-k,
 top-p, min-p applied to both). Prompt lookup proposes deterministically: q is a point mass.
 
+An fp32 model (`prepare_for_inference`) gets a oneDNN-packed copy of its weights on first use
+(`layouts.pack_rows`, twice the weight memory): without it a verify pass of 5 rows cost ~2.7
+one-row steps on this project's CPU, and speculation gained almost nothing in fp32.
+
 Caches roll back for free: both caches are written by position, so a rejected guess is simply
 overwritten by the next round (the invariant: the sequence's last token is not yet in the
 target's cache). Batch 1 only; no repetition penalty (it would make p depend on which guesses
@@ -37,6 +41,7 @@ from ..config import STATE_KINDS
 from ..errors import BardlmError
 from .budget import context_window
 from .generate import check_prompt, eval_mode
+from .layouts import pack_rows
 from .sampling import check_sampling, filter_logits
 
 DEFAULT_DRAFT_TOKENS = 4
@@ -100,6 +105,9 @@ class Drafter(Protocol):
     def accepted(self, n_seq: int) -> None:
         """The first `n_seq` tokens of the sequence are final (earlier guesses may be gone)."""
 
+    def reset(self) -> None:
+        """Forget the sequence: the next `propose` may be for another one (the server's slots)."""
+
 
 class SampleFn(Protocol):
     def __call__(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]: ...
@@ -123,6 +131,9 @@ class PromptLookup:
         return [], None
 
     def accepted(self, n_seq: int) -> None:
+        pass
+
+    def reset(self) -> None:
         pass
 
 
@@ -161,6 +172,37 @@ class DraftModel:
         # The cache holds the old sequence and the guesses but the last; those accepted are a
         # prefix of the new sequence (whose last token was never fed).
         self.n_cached = self._written = min(n_seq - 1, self._written)
+
+    def reset(self) -> None:
+        # Nothing to clear: positions past `n_cached` are rewritten before they are read.
+        self.n_cached = self._written = 0
+
+
+def check_draft_tokens(draft_tokens: int) -> None:
+    if not 1 <= draft_tokens <= 16:
+        raise BardlmError(f"--draft-tokens must be between 1 and 16, got {draft_tokens}")
+
+
+def check_draftable(model: torch.nn.Module, draft: str | torch.nn.Module, cache_len: int) -> None:
+    """Refuse, in one line, a model and draft that speculative decoding cannot run: a draft
+    with another vocabulary, or a layer whose cache cannot be rewound to drop rejected guesses
+    (a fixed state; a sliding window's ring buffer shorter than the `cache_len` positions the
+    caches hold, where a rejected guess's key has overwritten one the next token still reads)."""
+    cfg = model.config
+    if not isinstance(draft, str) and draft.config.vocab_size != cfg.vocab_size:
+        raise BardlmError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the "
+                          f"model's ({cfg.vocab_size}); a draft must share the tokenizer")
+    for m in (model, draft):
+        if hasattr(m, "config") and set(m.config.attn_layers) & set(STATE_KINDS):
+            raise BardlmError("speculative decoding rewinds the cache, which the state of a "
+                              "linear-attention (gated delta rule) or short-convolution layer "
+                              "cannot; drop --draft for this model")
+        if hasattr(m, "config") and min(m.config.layer_cache_lengths(cache_len), default=0) < cache_len:
+            window = m.config.sliding_window
+            raise BardlmError(f"speculative decoding rewinds the cache, which a sliding-window "
+                              f"layer's ring buffer ({window} positions) cannot past its window; "
+                              f"keep prompt + new tokens + --draft-tokens within {window} (the "
+                              f"server: --max-context {window}), or drop --draft")
 
 
 def make_drafter(draft: str | torch.nn.Module, cache_len: int) -> Drafter:
@@ -203,8 +245,7 @@ def stream_speculative(
     seq = list(rows[0])
     check_prompt(len(seq), max_new_tokens)
     check_sampling(temperature, top_k, top_p, cfg.vocab_size, min_p, repetition_penalty, seed)
-    if not 1 <= draft_tokens <= 16:
-        raise BardlmError(f"--draft-tokens must be between 1 and 16, got {draft_tokens}")
+    check_draft_tokens(draft_tokens)
     if repetition_penalty != 1.0:
         raise BardlmError("speculative decoding does not take --repetition-penalty; drop one")
     if not use_cache or compile:
@@ -218,15 +259,9 @@ def stream_speculative(
         raise BardlmError(f"speculative decoding does not slide the context: prompt + "
                           f"max_new_tokens = {need} > the context of {window}; lower "
                           "--max-new-tokens or drop --draft")
-    if not isinstance(draft, str) and draft.config.vocab_size != cfg.vocab_size:
-        raise BardlmError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the "
-                          f"model's ({cfg.vocab_size}); a draft must share the tokenizer")
-    for m in (model, draft):
-        if hasattr(m, "config") and set(m.config.attn_layers) & set(STATE_KINDS):
-            raise BardlmError("speculative decoding rewinds the cache, which the state of a "
-                              "linear-attention (gated delta rule) or short-convolution layer "
-                              "cannot; drop --draft for this model")
     cache_len = min(window, need + draft_tokens)
+    check_draftable(model, draft, cache_len)
+    pack_rows(model)  # fp32: a verify pass of K + 1 rows then costs about one row's (layouts.py)
     cache = model.make_cache(1, cache_len)
     drafter = make_drafter(draft, cache_len)
     gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)

@@ -33,6 +33,7 @@ from .checkpoint import (
     load_checkpoint,
     read_config,
     save_checkpoint,
+    tokenizer_fingerprint,
 )
 from .hf import config_from_hf, from_pretrained, is_hf_dir, read_hf_config
 from .metadata import ModelMeta
@@ -84,6 +85,19 @@ def load(
     if dtype is not None:
         prepare_for_inference(model, dtype)
     return model, tokenizer
+
+
+def load_draft(draft: str, tokenizer: Tokenizer, dtype: str | None = None,
+               device: str | torch.device | None = None) -> str | GPT:
+    """The drafter `--draft` names: "ngram" (prompt lookup) as is, else the model directory
+    `draft` loaded like the model, refused in one line unless its tokenizer is `tokenizer`."""
+    if draft == "ngram":
+        return draft
+    model, draft_tok = load(draft, dtype, device)
+    if draft_tok is None or tokenizer_fingerprint(draft_tok) != tokenizer_fingerprint(tokenizer):
+        raise BardlmError(f"--draft {draft}: its tokenizer is not the model's; a draft "
+                          "model must share the tokenizer (or use --draft ngram)")
+    return model
 
 
 def read_meta(path: str | Path, tokenizer: Tokenizer | None) -> ModelMeta:

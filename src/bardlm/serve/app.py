@@ -238,7 +238,8 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
               prefill_chunk: int = 128, compile: bool = False,
               chat_template: Any = None, max_context: int | None = None,
               body_limits: BodyLimits = BodyLimits(),
-              sampling_defaults: dict[str, Any] | None = None) -> FastAPI:
+              sampling_defaults: dict[str, Any] | None = None,
+              draft: Any = None, draft_tokens: int = 4) -> FastAPI:
     """A FastAPI app serving `model` (a GPT, in eval mode) and its tokenizer.
 
     max_batch: requests generated together (continuous batching); max_queue: more that may wait.
@@ -249,10 +250,12 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
     (default: the built-in one for the tokenizer) renders chats. max_context: KV cache
     positions per slot (default: sized to the memory available, `Engine`). body_limits: how
     fast a request body must arrive (`BodyLimits`). sampling_defaults: the model's sampler
-    defaults (`ModelMeta.sampling_defaults`), for the fields a request leaves out.
+    defaults (`ModelMeta.sampling_defaults`), for the fields a request leaves out. draft: a
+    draft model or "ngram" (speculative decoding, `Engine`), with `draft_tokens` guesses.
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, max_batch=max_batch,
-                    prefill_chunk=prefill_chunk, compile=compile, max_context=max_context)
+                    prefill_chunk=prefill_chunk, compile=compile, max_context=max_context,
+                    draft=draft, draft_tokens=draft_tokens)
     # Parsing and tokenising run here, off the event loop. Two threads: more would only fight
     # the event loop (and the generation thread) for the GIL.
     prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bardlm-parse")

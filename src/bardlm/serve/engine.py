@@ -14,6 +14,9 @@ thread owns the model and runs a loop; the event loop only hands it jobs. Each l
   4. one decode step for every job that is generating: a batch of one new token per job, each
      written at its own cache index and position (the static-shape step of infer/generate.py).
 
+With a drafter (`--draft`), a turn in which one job alone is generating runs a speculative round
+for it instead of step 4 (serve/speculate.py).
+
 A job joins and leaves the batch at these token boundaries; each keeps its own sampling
 settings, seed (its own generator), stop strings and token budget, so its tokens do not depend
 on what else is running. At most `max_batch + max_queue` jobs are accepted (running + waiting);
@@ -37,10 +40,11 @@ from ..errors import BardlmError
 from ..eval.score import forward_logprobs
 from ..infer.budget import CachePlan, available_memory, plan_cache, read_length
 from ..infer.generate import TextStream, decode_step, encode_prompt, eval_mode
-from ..infer.layouts import pack_for_batches
+from ..infer.layouts import pack_rows
 from ..infer.sampling import apply_repetition_penalty, check_sampling, is_greedy, sample
 from ..nn.cache import StateCache
 from ..tokenizers.base import check_ids
+from .speculate import Speculator
 
 
 @dataclass
@@ -93,12 +97,14 @@ class Engine:
     (then every step runs all slots over a prefix of the cache of one of a few lengths:
     `read_length`). max_context: positions per slot (default: the model's context, or what
     half the memory available holds: `plan_cache`); memory: the bytes available (default:
-    measured on the model's device).
+    measured on the model's device); draft: a draft model (same tokenizer) or "ngram", to
+    decode speculatively while one job generates (`Speculator`), with `draft_tokens` guesses.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_queue: int = 16,
                  max_batch: int = 1, prefill_chunk: int = 128, compile: bool = False,
-                 max_context: int | None = None, memory: int | None = None) -> None:
+                 max_context: int | None = None, memory: int | None = None,
+                 draft: str | torch.nn.Module | None = None, draft_tokens: int = 4) -> None:
         if max_queue < 0:
             raise BardlmError(f"max_queue must be >= 0, got {max_queue}")
         if max_batch < 1:
@@ -111,7 +117,7 @@ class Engine:
         self.capacity = max_batch + max_queue  # running + waiting
         self.device = next(model.parameters()).device
         if max_batch > 1 and not compile:  # (a compiled step packs its own weights, or not)
-            pack_for_batches(model)  # fp32 CPU models: batched steps through oneDNN's kernel
+            pack_rows(model, rows=16)  # fp32 CPU models: batched steps through oneDNN's kernel
         if memory is None:
             memory = available_memory(self.device)
         self.plan: CachePlan = plan_cache(model.config, max_batch, model.cache_dtype().itemsize,
@@ -122,6 +128,9 @@ class Engine:
         # slot in place of keys and values.
         self._states = [c for c in self.cache if isinstance(c, StateCache)]
         self._step = decode_step(model, compile)
+        # Speculative rounds while one job generates (serve/speculate.py), or None.
+        self.speculator = None if draft is None else Speculator(model, draft, draft_tokens,
+                                                                 self.context, pack=not compile)
         self._lock = threading.Condition()  # guards everything below (event loop + worker)
         self._waiting: deque[tuple[Job, Future]] = deque()
         self._running: list[_Running] = []
@@ -276,7 +285,11 @@ class Engine:
             self._guard(take, self._prefill)
         generating = sorted((r for r in self._running if r.generating), key=lambda r: r.slot)
         if generating:
-            self._guard(generating, self._decode)
+            spec = self.speculator
+            if spec is not None and spec.takes(generating):  # one job alone: speculate
+                self._guard(generating, lambda rows: spec.decode(rows[0], self.cache, self._emit))
+            else:
+                self._guard(generating, self._decode)
 
     def _guard(self, rows: list[_Running], fn: Callable[[list[_Running]], None]) -> None:
         """Run fn(rows); an unexpected error fails those jobs (500s), not the server."""
@@ -403,6 +416,11 @@ class Engine:
                 row = apply_repetition_penalty(row, torch.tensor([r.ids], device=row.device), penalty)
             token = int(sample(row, s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"),
                                s.get("min_p"), r.gens)[0])
+        self._emit(r, token)
+
+    def _emit(self, r: _Running, token: int) -> bool:
+        """Job r's next token: pass its text on, finish the job at a stop or its budget.
+        Returns whether r goes on generating."""
         r.steps += 1
         piece = r.out.push(token)
         if piece and r.job.on_text is not None:
@@ -413,6 +431,8 @@ class Engine:
             self._finish(r, "length")
         else:
             r.ids.append(token)  # its keys go into the cache at the next decode step
+            return True
+        return False
 
     def _finish(self, r: _Running, reason: str) -> None:
         """Free r's slot and hand its result to the waiting request."""
@@ -444,6 +464,8 @@ class Engine:
             self._free.append(r.slot)
             for c in self._states:  # nothing of a finished request stays in its slot
                 c.clear(r.slot)
+            if self.speculator is not None:  # nor in the draft's cache
+                self.speculator.forget(r)
             self._free.sort()
             self.accepted -= 1
             self.tokens_generated += len(r.out.ids)

@@ -221,7 +221,8 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
           max_queue: int = 16, model_name: str | None = None, log_level: str = "info",
           max_batch: int = 8, api_key: str | None = None, allowed_hosts: list[str] | None = None,
           max_connections: int = 256, docs: bool = False, compile: bool = False,
-          dtype: str | None = "fp32", max_context: int | None = None) -> None:
+          dtype: str | None = "fp32", max_context: int | None = None,
+          draft: str | None = None, draft_tokens: int = 4) -> None:
     """Load a checkpoint and serve it on http://host:port until interrupted (blocks).
 
     max_batch: requests generated together (each holds one KV cache row, a slot);
@@ -229,14 +230,17 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     memory available holds, divided among the slots: infer/budget.py);
     api_key: require `Authorization: Bearer <api_key>`; allowed_hosts: extra names for the
     Host header (beyond those of `host`); docs: serve /docs and /openapi.json; dtype: the
-    inference layout (fp32, bf16, int8; None: the weights as saved).
+    inference layout (fp32, bf16, int8; None: the weights as saved); draft: a draft model
+    directory (same tokenizer) or "ngram", to decode speculatively with `draft_tokens` guesses
+    while one request is generating (serve/speculate.py).
     """
-    from ..io.load import load
+    from ..io.load import load, load_draft
 
     check_max_connections(max_connections)
     model, tokenizer = load(ckpt, dtype, device=device)
     if tokenizer is None:
         raise BardlmError(f"{ckpt} has no tokenizer.json; the server needs it to read prompts")
+    drafter = None if draft is None else load_draft(draft, tokenizer, dtype, device)
     name = model_name or Path(ckpt).resolve().name
     from ..io.load import read_meta
     from ..io.metadata import template_for
@@ -245,7 +249,8 @@ def serve(ckpt: str | Path, host: str = LOOPBACK, port: int = 8000, device: str 
     app = build_app(model, tokenizer, model_name=name, max_queue=max_queue, max_batch=max_batch,
                     api_key=api_key, allowed_hosts=hosts,
                     docs=docs, compile=compile, chat_template=template_for(ckpt, tokenizer),
-                    max_context=max_context, sampling_defaults=read_meta(ckpt, tokenizer).sampling_defaults())
+                    max_context=max_context, draft=drafter, draft_tokens=draft_tokens,
+                    sampling_defaults=read_meta(ckpt, tokenizer).sampling_defaults())
     sock = bind(host, port)
     where = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}"
