@@ -30,6 +30,7 @@ Training adds two losses on the router logits of every MoE layer (`router_losses
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,9 @@ class MoE(nn.Module):
             self.expert_scale = nn.Parameter(torch.ones(cfg.n_expert))
         else:
             self.router_in_norm, self.router_scale, self.expert_scale = None, None, None
+        # The experts' weights stacked, for the compiled decode step (`stack_experts`): None
+        # until a compiled step asks for them.
+        self.stacked: Stacked | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> (logits (N, E), weights (N, k) in x's dtype, expert ids (N, k))."""
@@ -123,7 +127,13 @@ class MoE(nn.Module):
         if self.training and self.bias_rate > 0:
             load = torch.bincount(experts.reshape(-1), minlength=self.n_expert)
             self.load = load if self.load is None else self.load + load
-        out = self._one_token(x, weights[0], experts[0]) if x.shape[0] == 1 else self._grouped(x, weights, experts)
+        if self.stacked is not None and x.shape[0] <= STACKED_MAX_TOKENS and torch.compiler.is_compiling() \
+                and not torch.is_grad_enabled():
+            out = self._few_tokens_stacked(x, weights, experts)  # a compiled decode step: no graph break
+        elif x.shape[0] == 1:
+            out = self._one_token(x, weights[0], experts[0])
+        else:
+            out = self._grouped(x, weights, experts)
         if self.shared is not None:
             shared = self.shared(x)
             out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
@@ -156,6 +166,84 @@ class MoE(nn.Module):
         for e, w in sorted(zip(experts.tolist(), weights.unbind())):
             out = out + w * self.experts[e](x)
         return out
+
+    def _few_tokens_stacked(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """`_one_token` for each of a few tokens, x (N, C), weights and expert ids (N, k), with
+        nothing data-dependent left in Python, so torch.compile traces it whole: each expert id
+        becomes an unbacked integer (`.item()`, under dynamo's capture_scalar_outputs), and
+        `stacked.fc[e]` is a view of expert e's weights, read in place by the matrix product
+        (no copy of the weights). The same products in the same order as `_one_token`."""
+        st = self.stacked
+        assert st is not None
+        experts, order = experts.sort(dim=-1)  # expert order, as `_one_token` and `_grouped` sum
+        weights = weights.gather(-1, order)
+        unit = self.experts[0].unit  # every expert's gated unit is the same function
+        rows = []
+        for n in range(x.shape[0]):
+            xn, out = x[n : n + 1], torch.zeros_like(x[n : n + 1])  # (1, C)
+            for j in range(self.top_k):
+                e = experts[n, j].item()
+                torch._check(e >= 0)
+                torch._check(e < self.n_expert)
+                h = F.linear(xn, st.fc[e], None if st.fc_bias is None else st.fc_bias[e])
+                out = out + weights[n, j] * F.linear(unit(h), st.proj[e],
+                                                     None if st.proj_bias is None else st.proj_bias[e])
+            rows.append(out)
+        return torch.cat(rows)
+
+    def stack_experts(self) -> bool:
+        """Give the experts' weights one stacked storage each, fc (E, 2I, C) and proj (E, C, I)
+        (and their biases (E, 2I), (E, C)), every expert's parameters becoming views of it: no
+        second copy, and state_dict, export, LoRA and quantization still see one nn.Linear per
+        expert. Kept until a parameter no longer points into the stack (say, after
+        `model.to(dtype)`): then stacked anew. False, and no stack, when the experts are not
+        plain nn.Linear (LoRA-wrapped, quantized, transposed by `prepare_for_inference`): those
+        keep the per-expert loop."""
+        lins = [(ex.c_fc, ex.c_proj) for ex in self.experts]
+        if not all(type(a) is nn.Linear and type(b) is nn.Linear for a, b in lins):
+            self.stacked = None
+            return False
+        names = ("weight", "bias")
+        params = [[getattr(a, n) for a, _ in lins] for n in names] + [[getattr(b, n) for _, b in lins] for n in names]
+        st = self.stacked
+        if st is not None and all(
+            p is None if s is None else all(q.data_ptr() == s[e].data_ptr() and q.shape == s[e].shape
+                                            for e, q in enumerate(p))
+            for p, s in zip(params, (st.fc, st.fc_bias, st.proj, st.proj_bias))):
+            return True  # still the storage of every expert
+        stacks = []
+        with torch.no_grad():
+            for p in params:
+                if p[0] is None:
+                    stacks.append(None)
+                    continue
+                stack = torch.stack([q.detach() for q in p])
+                for e, q in enumerate(p):
+                    q.data = stack[e]  # the parameter now lives in the stack; its old storage is freed
+                stacks.append(stack)
+        self.stacked = Stacked(*stacks)
+        return True
+
+
+class Stacked(NamedTuple):
+    """A mixture's expert weights, stacked (`MoE.stack_experts`): fc (E, 2I, C), fc_bias
+    (E, 2I) or None, proj (E, C, I), proj_bias (E, C) or None."""
+
+    fc: torch.Tensor
+    fc_bias: torch.Tensor | None
+    proj: torch.Tensor
+    proj_bias: torch.Tensor | None
+
+
+# The compiled step uses the stacked path for at most this many tokens (a decode step's batch):
+# it unrolls tokens x k pairs of matrix products, so a large batch would compile a long graph
+# (and sharing each expert across tokens, as `_grouped` does, then pays more).
+STACKED_MAX_TOKENS = 4
+
+
+def stack_experts(model: nn.Module) -> int:
+    """`MoE.stack_experts` on every mixture of `model`; returns how many are stacked."""
+    return sum(m.stack_experts() for m in model.modules() if isinstance(m, MoE))
 
 
 @torch.no_grad()
@@ -213,7 +301,7 @@ def router_losses(cfg: ModelConfig, router_logits: list[torch.Tensor]) -> torch.
     return total
 
 
-__all__ = ["MoE", "active_params", "balance_routers", "load_balancing_loss", "router_z_loss", "router_losses"]
+__all__ = ["MoE", "Stacked", "active_params", "balance_routers", "stack_experts", "load_balancing_loss", "router_z_loss", "router_losses"]
 
 
 def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
