@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--expert-hidden", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a loaded machine")
     p.add_argument("--mode", choices=["compile", "eager"], default="compile",
                    help="how ours and the dense model decode (default compile: the fastest)")
     p.add_argument("--tiny", action="store_true", help="a smoke-test shape (seconds)")
@@ -100,6 +101,8 @@ def main() -> None:
     if args.tiny:
         args.n_embd, args.heads, args.layers, args.vocab = 64, 4, 2, 256
         args.experts, args.top_k, args.expert_hidden, args.tokens, args.runs = 8, 2, 32, 8, 1
+    if args.threads:  # with more threads than free cores, each parallel region waits for a core
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     moe_cfg, dense_cfg = configs(args)
     moe, dense = GPT(moe_cfg).eval(), GPT(dense_cfg).eval()

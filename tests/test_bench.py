@@ -117,6 +117,13 @@ def test_moe_bench_smoke() -> None:
     assert 0 < res["params"]["moe_active"] - res["params"]["dense"] < 0.05 * res["params"]["dense"]
 
 
+def test_moe_layer_bench_smoke() -> None:
+    res = run_bench("bench/moe_layer.py", "--quick", "--threads", "1")
+    assert set(res["us_per_call"]) == {"loop", "stacked", "stacked_compiled", "gather_bmm",
+                                       "gather_sum_compiled"}
+    assert max(res["max_diff"].values()) < 1e-5  # every way computes the loop's mixture
+
+
 def test_hybrid_bench_smoke() -> None:
     res = run_bench("bench/hybrid.py", "--quick")
     assert set(res["tokens_per_sec"]) == {"hybrid", "dense", "hf"}

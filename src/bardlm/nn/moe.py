@@ -20,6 +20,18 @@ sorted by expert id, each expert runs once on the rows sent to it, and the weigh
 scattered back to their tokens with one `index_add_`. Decoding one token therefore reads the weights of k experts
 only (and skips the sort: `_one_token`), and a batch pays one matmul per used expert, not one per token.
 
+A compiled decode step (`generate(..., compile=True)`, `bardlm serve --compile`) cannot run that
+loop: reading the chosen ids into Python (`tolist`) breaks the graph. For it, `stack_experts` gives
+each mixture one storage per weight kind, fc (E, 2I, C) and proj (E, C, I) (and the biases), and
+makes every expert's parameters views of it: no second copy, and state_dict, HF/GGUF export, LoRA
+and int8/int4 still see one nn.Linear per expert. Traced by dynamo, `_few_tokens_stacked` reads
+each chosen id as an integer (`.item()` under capture_scalar_outputs) and multiplies by the view
+fc[e] in place: the same k x 2 matrix-vector products as `_one_token`, in one graph with the
+routing and the weighted sum fused around them. It is used only while compiling, without
+gradients, for at most STACKED_MAX_TOKENS tokens; LoRA-wrapped or quantized experts keep the loop.
+(Gathering the chosen experts' weights into one batched product, gpt-fast's way, copies 4 MB a
+layer here and measured 5-7x slower on this CPU, eager or compiled; see docs/benchmarks.md.)
+
 Training adds two losses on the router logits of every MoE layer (`router_losses`):
 * load balancing (Switch Transformer, eqs. 4-6): E * sum_e f_e * P_e, with f_e the fraction of
   top-k assignments to expert e and P_e its mean router probability, both over the tokens of
