@@ -5,13 +5,14 @@ reads experts through views of stacked weights (nn/moe.py) rather than gathering
     PYTHONPATH=src python bench/moe_layer.py --quick    # smoke test (a small shape, seconds)
 
   loop            `MoE._one_token`: the chosen experts' SwiGLUs in turn (eager decoding);
-  stacked         `MoE._few_tokens_stacked` in eager mode (the ids read one by one, weights
-                  multiplied in place as views of the stacks);
-  stacked_compiled  the same under torch.compile (fullgraph): what `generate(..., compile=True)` runs;
-  gather_bmm      gpt-fast's eager formulation: the k experts' weights gathered (a copy) and
-                  applied with two batched products;
-  gather_sum_compiled  the same written as multiply + sum under torch.compile, so inductor may
-                  fuse the gather into the reduction instead of copying the weights.
+  stacked         `MoE._few_tokens_stacked` in eager mode: the chosen experts' rows of the stacked
+                  weights gathered (a copy), multiplied and summed;
+  stacked_compiled  the same under torch.compile (fullgraph), which fuses the gather into the
+                  reduction: what `generate(..., compile=True)` runs;
+  gather_bmm      the gathered weights applied with two batched products (eager);
+  ids_compiled    compiled, each chosen id read as an integer (`.item()`, capture_scalar_outputs)
+                  and its expert's weights multiplied as a view of the stacks: the loop's
+                  products in one graph.
 Median microseconds per call over --calls calls (interleaved rounds); every variant's output is
 checked against `loop`. Ends with one JSON line.
 """
@@ -62,17 +63,21 @@ def main() -> None:
         y = torch.bmm(proj, moe.experts[0].unit(h).unsqueeze(-1)).squeeze(-1)  # (k, C)
         return w @ y
 
-    def gather_sum(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        h = (st.fc[ids] * x[:, None, None, :]).sum(-1)  # (1, k, 2I)
-        y = (st.proj[ids] * moe.experts[0].unit(h)[:, :, None, :]).sum(-1)  # (1, k, C)
-        return (y * w[:, :, None]).sum(1)
+    def ids_one_by_one(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for j in range(ids.shape[1]):
+            e = ids[0, j].item()
+            torch._check(e >= 0)
+            torch._check(e < st.fc.shape[0])
+            out = out + w[0, j] * (moe.experts[0].unit(x @ st.fc[e].t()) @ st.proj[e].t())
+        return out
 
     fns = {"loop": lambda: moe._one_token(x, w[0], ids[0]),
            "stacked": lambda: moe._few_tokens_stacked(x, w, ids),
            "gather_bmm": lambda: gather_bmm(x, w, ids)}
     compile_s = {}
     with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
-        for name, fn in (("stacked_compiled", moe._few_tokens_stacked), ("gather_sum_compiled", gather_sum)):
+        for name, fn in (("stacked_compiled", moe._few_tokens_stacked), ("ids_compiled", ids_one_by_one)):
             compiled = torch.compile(fn, fullgraph=True, dynamic=False)
             t = time.perf_counter()
             compiled(x, w, ids)

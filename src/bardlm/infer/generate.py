@@ -214,21 +214,14 @@ def decode_step(model: torch.nn.Module, compile: bool | str = False):  # noqa: A
 
     if not compile:
         return step
-    # A mixture of experts reads its chosen experts through stacked weights and traced expert
-    # ids (nn/moe.py, `MoE._few_tokens_stacked`), so the step compiles as one graph. Re-checked
-    # on every call: a parameter replaced since (say, by `model.to`) is stacked anew.
+    # A mixture of experts reads its chosen experts from stacked weights (nn/moe.py,
+    # `MoE._few_tokens_stacked`), so the step compiles as one graph. Re-checked on every call:
+    # a parameter replaced since (say, by `model.to`) is stacked anew.
     stack_experts(model)
     mode = compile if isinstance(compile, str) else None
     steps = model.__dict__.setdefault("_compiled_steps", {})  # plain attribute, not a Module's
     if mode not in steps:
-        compiled = torch.compile(step, dynamic=False, mode=mode)
-
-        def traced_ids(*args):  # noqa: ANN002, ANN202
-            # An expert id read with `.item()` is traced as an integer, not a graph break.
-            with torch._dynamo.config.patch(capture_scalar_outputs=True):
-                return compiled(*args)
-
-        steps[mode] = traced_ids
+        steps[mode] = torch.compile(step, dynamic=False, mode=mode)
     return steps[mode]
 
 

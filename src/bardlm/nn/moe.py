@@ -24,13 +24,15 @@ A compiled decode step (`generate(..., compile=True)`, `bardlm serve --compile`)
 loop: reading the chosen ids into Python (`tolist`) breaks the graph. For it, `stack_experts` gives
 each mixture one storage per weight kind, fc (E, 2I, C) and proj (E, C, I) (and the biases), and
 makes every expert's parameters views of it: no second copy, and state_dict, HF/GGUF export, LoRA
-and int8/int4 still see one nn.Linear per expert. Traced by dynamo, `_few_tokens_stacked` reads
-each chosen id as an integer (`.item()` under capture_scalar_outputs) and multiplies by the view
-fc[e] in place: the same k x 2 matrix-vector products as `_one_token`, in one graph with the
-routing and the weighted sum fused around them. It is used only while compiling, without
-gradients, for at most STACKED_MAX_TOKENS tokens; LoRA-wrapped or quantized experts keep the loop.
-(Gathering the chosen experts' weights into one batched product, gpt-fast's way, copies 4 MB a
-layer here and measured 5-7x slower on this CPU, eager or compiled; see docs/benchmarks.md.)
+and int8/int4 still see one nn.Linear per expert. `_few_tokens_stacked` applies the chosen
+experts as gpt-fast's compiled MoE does, with each product written as multiply + sum over the
+gathered rows fc[ids]: inductor fuses the gather into the reduction, so the chosen experts'
+weights are read in place (no copy) by one generated kernel per product, the routing and the
+weighted sum fused around them. It is used only while compiling, without gradients, for at most
+STACKED_MAX_TOKENS tokens; LoRA-wrapped or quantized experts keep the loop. (Measured on one
+layer, bench/moe_layer.py: eager, that gather copies the weights and is ~3x slower than the
+loop; compiled, ~4x faster than it; compiled with the ids read one by one into views of the
+stacks, no faster than the loop. docs/benchmarks.md.)
 
 Training adds two losses on the router logits of every MoE layer (`router_losses`):
 * load balancing (Switch Transformer, eqs. 4-6): E * sum_e f_e * P_e, with f_e the fraction of
@@ -180,28 +182,21 @@ class MoE(nn.Module):
         return out
 
     def _few_tokens_stacked(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """`_one_token` for each of a few tokens, x (N, C), weights and expert ids (N, k), with
-        nothing data-dependent left in Python, so torch.compile traces it whole: each expert id
-        becomes an unbacked integer (`.item()`, under dynamo's capture_scalar_outputs), and
-        `stacked.fc[e]` is a view of expert e's weights, read in place by the matrix product
-        (no copy of the weights). The same products in the same order as `_one_token`."""
+        """The mixture of a few tokens, x (N, C), weights and expert ids (N, k), from the stacked
+        weights, with nothing data-dependent in Python, so torch.compile traces it whole. Each
+        product is written as multiply + sum over the gathered rows: inductor fuses the gather
+        into the reduction and reads each chosen expert's weights in place (in eager mode the
+        gather would copy them, which is why eager decoding keeps `_one_token`)."""
         st = self.stacked
         assert st is not None
-        experts, order = experts.sort(dim=-1)  # expert order, as `_one_token` and `_grouped` sum
-        weights = weights.gather(-1, order)
-        unit = self.experts[0].unit  # every expert's gated unit is the same function
-        rows = []
-        for n in range(x.shape[0]):
-            xn, out = x[n : n + 1], torch.zeros_like(x[n : n + 1])  # (1, C)
-            for j in range(self.top_k):
-                e = experts[n, j].item()
-                torch._check(e >= 0)
-                torch._check(e < self.n_expert)
-                h = F.linear(xn, st.fc[e], None if st.fc_bias is None else st.fc_bias[e])
-                out = out + weights[n, j] * F.linear(unit(h), st.proj[e],
-                                                     None if st.proj_bias is None else st.proj_bias[e])
-            rows.append(out)
-        return torch.cat(rows)
+        h = (st.fc[experts] * x[:, None, None, :]).sum(-1)  # (N, k, 2I, C) -> (N, k, 2I)
+        if st.fc_bias is not None:
+            h = h + st.fc_bias[experts]
+        a = self.experts[0].unit(h)  # (N, k, I): every expert's gated unit is the same function
+        y = (st.proj[experts] * a[:, :, None, :]).sum(-1)  # (N, k, C, I) -> (N, k, C)
+        if st.proj_bias is not None:
+            y = y + st.proj_bias[experts]
+        return (y * weights[..., None]).sum(1)  # (N, C)
 
     def stack_experts(self) -> bool:
         """Give the experts' weights one stacked storage each, fc (E, 2I, C) and proj (E, C, I)
@@ -247,10 +242,10 @@ class Stacked(NamedTuple):
     proj_bias: torch.Tensor | None
 
 
-# The compiled step uses the stacked path for at most this many tokens (a decode step's batch):
-# it unrolls tokens x k pairs of matrix products, so a large batch would compile a long graph
-# (and sharing each expert across tokens, as `_grouped` does, then pays more).
-STACKED_MAX_TOKENS = 4
+# The compiled step uses the stacked path for at most this many tokens (a decode step's batch,
+# `bardlm serve`'s default --max-batch): each token reads its k experts' weights, so past a few
+# tokens reading each used expert once for all its tokens (`_grouped`) reads less.
+STACKED_MAX_TOKENS = 8
 
 
 def stack_experts(model: nn.Module) -> int:
