@@ -415,6 +415,8 @@ def test_compiled_mixture_is_one_graph_and_reads_the_current_weights() -> None:
 def test_compiled_decode_of_a_mixture_has_no_graph_break_and_the_eager_ids() -> None:
     from torch._dynamo.utils import counters
 
+    from bardlm.infer.generate import generate_batch
+
     torch.manual_seed(12)
     model = GPT(moe_config(shared_expert_hidden=24)).eval()
     spread_routers(model)
@@ -422,6 +424,10 @@ def test_compiled_decode_of_a_mixture_has_no_graph_break_and_the_eager_ids() -> 
     eager = model.generate(idx, 10, temperature=0)
     counters.clear()
     assert torch.equal(model.generate(idx, 10, temperature=0, compile=True), eager)
+    # A batch of padded rows (the server's static step: several tokens per MoE layer).
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    batch = generate_batch(model, prompts, 8, temperature=0)
+    assert generate_batch(model, prompts, 8, temperature=0, compile=True) == batch
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert model.transformer.h[1].mlp.stacked is not None
 
