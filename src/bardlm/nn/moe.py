@@ -31,7 +31,7 @@ weights are read in place (no copy) by one generated kernel per product, the rou
 weighted sum fused around them. It is used only while compiling, without gradients, for at most
 STACKED_MAX_TOKENS tokens; LoRA-wrapped or quantized experts keep the loop. (Measured on one
 layer, bench/moe_layer.py: eager, that gather copies the weights and is ~3x slower than the
-loop; compiled, ~4x faster than it; compiled with the ids read one by one into views of the
+loop; compiled, ~3x faster than it; compiled with the ids read one by one into views of the
 stacks, no faster than the loop. docs/benchmarks.md.)
 
 Training adds two losses on the router logits of every MoE layer (`router_losses`):
