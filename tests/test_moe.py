@@ -371,6 +371,8 @@ def test_stacking_makes_the_expert_weights_views_and_restacks_replaced_ones() ->
     moe.experts[2].c_proj.weight.add_(1.0)  # an in-place update (an optimizer step) is the stack's
     assert torch.equal(st.proj[2], moe.experts[2].c_proj.weight)
     assert moe.stack_experts() and moe.stacked is st  # still fresh: kept
+    clone = copy.deepcopy(moe)  # the copy's parameters are apart: it keeps no stale stack
+    assert clone.stacked is None and torch.equal(clone.experts[2].c_proj.weight, st.proj[2])
     moe.to(torch.float64)  # new parameter tensors: stacked anew, from them
     assert moe.stack_experts() and moe.stacked is not st and moe.stacked.fc.dtype == torch.float64
     assert moe.experts[3].c_fc.weight.data_ptr() == moe.stacked.fc[3].data_ptr()

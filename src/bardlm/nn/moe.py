@@ -232,6 +232,12 @@ class MoE(nn.Module):
         return True
 
 
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle) leaves the stacks out: its parameters are copied apart from
+        them, so it would hold the experts twice; it restacks from its own when asked."""
+        return {**self.__dict__, "stacked": None}
+
+
 class Stacked(NamedTuple):
     """A mixture's expert weights, stacked (`MoE.stack_experts`): fc (E, 2I, C), fc_bias
     (E, 2I) or None, proj (E, C, I), proj_bias (E, C) or None."""
