@@ -450,3 +450,31 @@ def test_prepared_fp32_keeps_the_experts_stackable() -> None:
     assert isinstance(moe.shared.c_fc, FastLinear)
     assert type(moe.experts[0].c_fc) is torch.nn.Linear and moe.stack_experts()
     torch.testing.assert_close(fast(idx)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("BARDLM_TEST_COMPILE"),
+                    reason="compiling takes ~20-40 s on 2 cores; set BARDLM_TEST_COMPILE=1")
+def test_compiled_server_step_of_a_mixture_has_no_graph_break_and_the_eager_ids() -> None:
+    """`bardlm serve --compile`'s engine (slots at different positions, one static step) on a
+    MoE model: the ids of eager `generate`, with no graph break."""
+    from torch._dynamo.utils import counters
+
+    from bardlm.serve.engine import Engine, Job
+
+    torch.manual_seed(14)
+    model = GPT(moe_config()).eval()
+    spread_routers(model)
+    tok = CharTokenizer([chr(0x4E00 + i) for i in range(V)])
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    want = [model.generate(torch.tensor([p]), 8, temperature=0)[0, len(p):].tolist() for p in prompts]
+    counters.clear()
+    engine = Engine(model, tok, max_queue=3, max_batch=4, compile=True)
+    try:
+        jobs = [Job("", 8, sampling={"temperature": 0.0}, prompt_ids=p) for p in prompts]
+        for f in [engine.try_submit(j) for j in jobs]:
+            f.result(300)
+    finally:
+        engine.shutdown()
+    assert [j.ids for j in jobs] == want
+    assert not counters["graph_break"], dict(counters["graph_break"])
