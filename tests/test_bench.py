@@ -147,11 +147,18 @@ def test_gpu_bench_refuses_a_missing_device_in_one_line() -> None:
 
 
 def test_moe_bench_smoke() -> None:
-    res = run_bench("bench/moe.py", "--tiny")
-    assert set(res["tokens_per_sec"]) == {"ours", "hf", "dense"}
+    res = run_bench("bench/moe.py", "--tiny", "--mode", "eager")  # compiling would take minutes
+    assert set(res["tokens_per_sec"]) == {"ours", "hf", "dense"} and res["mode"] == "eager"
     assert res["greedy_ids_equal_hf"] is True and res["aux_loss"]["equal"] is True
     # The dense control runs as many parameters per token as the MoE (but for the routers).
     assert 0 < res["params"]["moe_active"] - res["params"]["dense"] < 0.05 * res["params"]["dense"]
+
+
+def test_moe_layer_bench_smoke() -> None:
+    res = run_bench("bench/moe_layer.py", "--quick", "--threads", "1")
+    assert set(res["us_per_call"]) == {"loop", "stacked", "stacked_compiled", "gather_bmm",
+                                       "ids_compiled"}
+    assert max(res["max_diff"].values()) < 1e-5  # every way computes the loop's mixture
 
 
 def test_hybrid_bench_smoke() -> None:

@@ -5,6 +5,7 @@ per-layer layout, int8 (router kept float) and LoRA on expert weights."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -309,3 +310,171 @@ def test_export_refuses_moe_models_without_an_equivalent() -> None:
     with pytest.raises(BardlmError, match=r"llama.cpp's qwen3moe cannot run .* \(dense FFN layers"):
         check_exportable(preset("moe-tiny"))
     assert check_exportable(preset("moe-tiny", ffn_layers=None)) == "qwen3_moe"
+
+
+# The stacked decode path (MoE._few_tokens_stacked: what a compiled decode step runs) -------------
+STACKED_KINDS = {
+    "softmax_renorm": dict(router_renorm=True),
+    "softmax_raw_shared": dict(router_renorm=False, shared_expert_hidden=24),
+    "sigmoid_groups": dict(router_score="sigmoid", n_expert=8, router_groups=4, router_topk_groups=2,
+                           routed_scale=2.5, shared_expert_hidden=24, shared_expert_gate=False),
+    "gpt_oss_clamped_biases": dict(ffn="swiglu_clamped", bias=True, router_bias=True,
+                                   swiglu_alpha=1.702, swiglu_limit=7.0),
+}
+
+
+def stacked_moe(kind: str, seed: int = 11) -> MoE:
+    """An eval-mode MoE of `kind` with every parameter (biases and the sigmoid router's
+    correction bias too) drawn large, so a term left out moves the output."""
+    torch.manual_seed(seed)
+    moe = MoE(moe_config(**STACKED_KINDS[kind])).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.5)
+        if moe.sigmoid:
+            moe.correction_bias.normal_(0.0, 0.5)
+    return moe
+
+
+@pytest.mark.parametrize("kind", list(STACKED_KINDS))
+@pytest.mark.parametrize("n", [1, 3])
+@torch.no_grad()
+def test_stacked_path_equals_the_expert_loop(kind: str, n: int) -> None:
+    """The stacked path (the chosen rows of the stacked weights, multiply + sum) mixes what the per-expert loop
+    does: `_one_token` for one token, `_grouped` (held to an every-expert reference above) for
+    a few; softmax and sigmoid routing, renormalised or not, shared experts, gpt-oss's clamped
+    unit with biases."""
+    moe = stacked_moe(kind)
+    assert moe.stack_experts()
+    for _ in range(4):
+        x = torch.randn(n, 32)
+        _, weights, experts = moe.route(x)
+        want = moe._one_token(x, weights[0], experts[0]) if n == 1 else moe._grouped(x, weights, experts)
+        torch.testing.assert_close(moe._few_tokens_stacked(x, weights, experts), want, atol=1e-5, rtol=1e-5)
+    if moe.stacked.fc_bias is not None:  # the biases are read: zeroing the stacked ones shows
+        moe.stacked.fc_bias.zero_()
+        assert (moe._few_tokens_stacked(x, weights, experts) - want).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_stacking_makes_the_expert_weights_views_and_restacks_replaced_ones() -> None:
+    moe = stacked_moe("gpt_oss_clamped_biases")
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    assert moe.stack_experts()
+    st = moe.stacked
+    assert st.fc.shape == (4, 32, 32) and st.proj.shape == (4, 32, 16) and st.fc_bias.shape == (4, 32)
+    for e, expert in enumerate(moe.experts):  # no second copy: each parameter lives in the stack
+        assert expert.c_fc.weight.data_ptr() == st.fc[e].data_ptr()
+        assert expert.c_proj.bias.data_ptr() == st.proj_bias[e].data_ptr()
+    after = moe.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    moe.experts[2].c_proj.weight.add_(1.0)  # an in-place update (an optimizer step) is the stack's
+    assert torch.equal(st.proj[2], moe.experts[2].c_proj.weight)
+    assert moe.stack_experts() and moe.stacked is st  # still fresh: kept
+    clone = copy.deepcopy(moe)  # the copy's parameters are apart: it keeps no stale stack
+    assert clone.stacked is None and torch.equal(clone.experts[2].c_proj.weight, st.proj[2])
+    moe.to(torch.float64)  # new parameter tensors: stacked anew, from them
+    assert moe.stack_experts() and moe.stacked is not st and moe.stacked.fc.dtype == torch.float64
+    assert moe.experts[3].c_fc.weight.data_ptr() == moe.stacked.fc[3].data_ptr()
+
+
+def test_lora_wrapped_or_quantized_experts_keep_the_loop() -> None:
+    model = GPT(moe_config())
+    apply_lora(model, rank=2, alpha=4.0)
+    moe = model.transformer.h[1].mlp
+    assert not moe.stack_experts() and moe.stacked is None
+    q = quantize_model(GPT(moe_config()).eval())
+    assert not q.transformer.h[1].mlp.stack_experts()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("BARDLM_TEST_COMPILE"),
+                    reason="compiling takes ~20-40 s on 2 cores; set BARDLM_TEST_COMPILE=1")
+@torch.no_grad()
+def test_compiled_mixture_is_one_graph_and_reads_the_current_weights() -> None:
+    """fullgraph=True fails on any graph break. The stacks are inputs of the graph, not
+    constants: an in-place change of the weights, and a restack, show in the compiled output."""
+    moe = stacked_moe("gpt_oss_clamped_biases")
+    assert moe.stack_experts()
+    fn = torch.compile(moe, fullgraph=True, dynamic=False)
+    x = torch.randn(1, 2, 32)
+    torch.testing.assert_close(fn(x), moe(x), atol=1e-5, rtol=1e-5)
+    moe.experts[1].c_fc.weight.mul_(-2.0)
+    moe.experts[2].c_fc.weight.mul_(-2.0)
+    want = moe(x)
+    torch.testing.assert_close(fn(x), want, atol=1e-5, rtol=1e-5)
+    moe.to(torch.float64).to(torch.float32)  # fresh parameters: the old stack is stale
+    for expert in moe.experts:
+        expert.c_proj.weight.mul_(3.0)
+    assert moe.stack_experts()
+    torch.testing.assert_close(fn(x), moe(x), atol=1e-5, rtol=1e-5)
+    assert (moe(x) - want).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("BARDLM_TEST_COMPILE"),
+                    reason="compiling takes ~20-40 s on 2 cores; set BARDLM_TEST_COMPILE=1")
+def test_compiled_decode_of_a_mixture_has_no_graph_break_and_the_eager_ids() -> None:
+    from torch._dynamo.utils import counters
+
+    from bardlm.infer.generate import generate_batch
+
+    torch.manual_seed(12)
+    model = GPT(moe_config(shared_expert_hidden=24)).eval()
+    spread_routers(model)
+    idx = torch.randint(0, V, (1, 5))
+    eager = model.generate(idx, 10, temperature=0)
+    counters.clear()
+    assert torch.equal(model.generate(idx, 10, temperature=0, compile=True), eager)
+    # A batch of padded rows (the server's static step: several tokens per MoE layer).
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    batch = generate_batch(model, prompts, 8, temperature=0)
+    assert generate_batch(model, prompts, 8, temperature=0, compile=True) == batch
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert model.transformer.h[1].mlp.stacked is not None
+
+
+def test_prepared_fp32_keeps_the_experts_stackable() -> None:
+    """`prepare_for_inference(fp32)` transposes every linear layer but the experts', which the
+    compiled step reads stacked; the prepared model computes the same logits."""
+    from bardlm.infer.layouts import FastLinear, prepare_for_inference
+
+    torch.manual_seed(13)
+    model = GPT(moe_config(shared_expert_hidden=24)).eval()
+    spread_routers(model)
+    idx = torch.randint(0, V, (2, 9))
+    ref = model(idx)[0]
+    fast = prepare_for_inference(copy.deepcopy(model), "fp32")
+    moe = fast.transformer.h[1].mlp
+    assert isinstance(fast.transformer.h[1].attn.c_attn, FastLinear) and isinstance(moe.router, FastLinear)
+    assert isinstance(moe.shared.c_fc, FastLinear)
+    assert type(moe.experts[0].c_fc) is torch.nn.Linear and moe.stack_experts()
+    torch.testing.assert_close(fast(idx)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("BARDLM_TEST_COMPILE"),
+                    reason="compiling takes ~20-40 s on 2 cores; set BARDLM_TEST_COMPILE=1")
+def test_compiled_server_step_of_a_mixture_has_no_graph_break_and_the_eager_ids() -> None:
+    """`bardlm serve --compile`'s engine (slots at different positions, one static step) on a
+    MoE model: the ids of eager `generate`, with no graph break."""
+    from torch._dynamo.utils import counters
+
+    from bardlm.serve.engine import Engine, Job
+
+    torch.manual_seed(14)
+    model = GPT(moe_config()).eval()
+    spread_routers(model)
+    tok = CharTokenizer([chr(0x4E00 + i) for i in range(V)])
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    want = [model.generate(torch.tensor([p]), 8, temperature=0)[0, len(p):].tolist() for p in prompts]
+    counters.clear()
+    engine = Engine(model, tok, max_queue=3, max_batch=4, compile=True)
+    try:
+        jobs = [Job("", 8, sampling={"temperature": 0.0}, prompt_ids=p) for p in prompts]
+        for f in [engine.try_submit(j) for j in jobs]:
+            f.result(300)
+    finally:
+        engine.shutdown()
+    assert [j.ids for j in jobs] == want
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import BardlmError
+from ..nn.moe import stack_experts
 from .budget import available_memory, context_window, plan_cache, read_length
 from .sampling import apply_repetition_penalty, check_sampling, sample
 
@@ -213,6 +214,10 @@ def decode_step(model: torch.nn.Module, compile: bool | str = False):  # noqa: A
 
     if not compile:
         return step
+    # A mixture of experts reads its chosen experts from stacked weights (nn/moe.py,
+    # `MoE._few_tokens_stacked`), so the step compiles as one graph. Re-checked on every call:
+    # a parameter replaced since (say, by `model.to`) is stacked anew.
+    stack_experts(model)
     mode = compile if isinstance(compile, str) else None
     steps = model.__dict__.setdefault("_compiled_steps", {})  # plain attribute, not a Module's
     if mode not in steps:

@@ -70,6 +70,10 @@ class SwiGLU(nn.Module):
         self.clamp = (cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.ffn == "swiglu_clamped" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        gate, up = self.c_fc(x).split(self.hidden, dim=-1)
-        h = self.act(gate) * up if self.clamp is None else clamped_swiglu(gate, up, *self.clamp)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(self.unit(self.c_fc(x))))
+
+    def unit(self, h: torch.Tensor) -> torch.Tensor:
+        """The gated unit on c_fc's output: (..., 2*hidden) -> (..., hidden). (A mixture's
+        stacked decode path applies it between its own matrix products: nn/moe.py.)"""
+        gate, up = h.split(self.hidden, dim=-1)
+        return self.act(gate) * up if self.clamp is None else clamped_swiglu(gate, up, *self.clamp)

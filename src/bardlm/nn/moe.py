@@ -20,6 +20,20 @@ sorted by expert id, each expert runs once on the rows sent to it, and the weigh
 scattered back to their tokens with one `index_add_`. Decoding one token therefore reads the weights of k experts
 only (and skips the sort: `_one_token`), and a batch pays one matmul per used expert, not one per token.
 
+A compiled decode step (`generate(..., compile=True)`, `bardlm serve --compile`) cannot run that
+loop: reading the chosen ids into Python (`tolist`) breaks the graph. For it, `stack_experts` gives
+each mixture one storage per weight kind, fc (E, 2I, C) and proj (E, C, I) (and the biases), and
+makes every expert's parameters views of it: no second copy, and state_dict, HF/GGUF export, LoRA
+and int8/int4 still see one nn.Linear per expert. `_few_tokens_stacked` applies the chosen
+experts as gpt-fast's compiled MoE does, with each product written as multiply + sum over the
+gathered rows fc[ids]: inductor fuses the gather into the reduction, so the chosen experts'
+weights are read in place (no copy) by one generated kernel per product, the routing and the
+weighted sum fused around them. It is used only while compiling, without gradients, for at most
+STACKED_MAX_TOKENS tokens; LoRA-wrapped or quantized experts keep the loop. (Measured on one
+layer, bench/moe_layer.py: eager, that gather copies the weights and is ~3x slower than the
+loop; compiled, ~3x faster than it; compiled with the ids read one by one into views of the
+stacks, no faster than the loop. docs/benchmarks.md.)
+
 Training adds two losses on the router logits of every MoE layer (`router_losses`):
 * load balancing (Switch Transformer, eqs. 4-6): E * sum_e f_e * P_e, with f_e the fraction of
   top-k assignments to expert e and P_e its mean router probability, both over the tokens of
@@ -30,6 +44,7 @@ Training adds two losses on the router logits of every MoE layer (`router_losses
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +95,9 @@ class MoE(nn.Module):
             self.expert_scale = nn.Parameter(torch.ones(cfg.n_expert))
         else:
             self.router_in_norm, self.router_scale, self.expert_scale = None, None, None
+        # The experts' weights stacked, for the compiled decode step (`stack_experts`): None
+        # until a compiled step asks for them.
+        self.stacked: Stacked | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> (logits (N, E), weights (N, k) in x's dtype, expert ids (N, k))."""
@@ -123,7 +141,13 @@ class MoE(nn.Module):
         if self.training and self.bias_rate > 0:
             load = torch.bincount(experts.reshape(-1), minlength=self.n_expert)
             self.load = load if self.load is None else self.load + load
-        out = self._one_token(x, weights[0], experts[0]) if x.shape[0] == 1 else self._grouped(x, weights, experts)
+        if self.stacked is not None and x.shape[0] <= STACKED_MAX_TOKENS and torch.compiler.is_compiling() \
+                and not torch.is_grad_enabled():
+            out = self._few_tokens_stacked(x, weights, experts)  # a compiled decode step: no graph break
+        elif x.shape[0] == 1:
+            out = self._one_token(x, weights[0], experts[0])
+        else:
+            out = self._grouped(x, weights, experts)
         if self.shared is not None:
             shared = self.shared(x)
             out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
@@ -156,6 +180,83 @@ class MoE(nn.Module):
         for e, w in sorted(zip(experts.tolist(), weights.unbind())):
             out = out + w * self.experts[e](x)
         return out
+
+    def _few_tokens_stacked(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The mixture of a few tokens, x (N, C), weights and expert ids (N, k), from the stacked
+        weights, with nothing data-dependent in Python, so torch.compile traces it whole. Each
+        product is written as multiply + sum over the gathered rows: inductor fuses the gather
+        into the reduction and reads each chosen expert's weights in place (in eager mode the
+        gather would copy them, which is why eager decoding keeps `_one_token`)."""
+        st = self.stacked
+        assert st is not None
+        h = (st.fc[experts] * x[:, None, None, :]).sum(-1)  # (N, k, 2I, C) -> (N, k, 2I)
+        if st.fc_bias is not None:
+            h = h + st.fc_bias[experts]
+        a = self.experts[0].unit(h)  # (N, k, I): every expert's gated unit is the same function
+        y = (st.proj[experts] * a[:, :, None, :]).sum(-1)  # (N, k, C, I) -> (N, k, C)
+        if st.proj_bias is not None:
+            y = y + st.proj_bias[experts]
+        return (y * weights[..., None]).sum(1)  # (N, C)
+
+    def stack_experts(self) -> bool:
+        """Give the experts' weights one stacked storage each, fc (E, 2I, C) and proj (E, C, I)
+        (and their biases (E, 2I), (E, C)), every expert's parameters becoming views of it: no
+        second copy, and state_dict, export, LoRA and quantization still see one nn.Linear per
+        expert. Kept until a parameter no longer points into the stack (say, after
+        `model.to(dtype)`): then stacked anew. False, and no stack, when the experts are not
+        plain nn.Linear (LoRA-wrapped, quantized, transposed by `prepare_for_inference`): those
+        keep the per-expert loop."""
+        lins = [(ex.c_fc, ex.c_proj) for ex in self.experts]
+        if not all(type(a) is nn.Linear and type(b) is nn.Linear for a, b in lins):
+            self.stacked = None
+            return False
+        names = ("weight", "bias")
+        params = [[getattr(a, n) for a, _ in lins] for n in names] + [[getattr(b, n) for _, b in lins] for n in names]
+        st = self.stacked
+        if st is not None and all(
+            p is None if s is None else all(q.data_ptr() == s[e].data_ptr() and q.shape == s[e].shape
+                                            for e, q in enumerate(p))
+            for p, s in zip(params, (st.fc, st.fc_bias, st.proj, st.proj_bias))):
+            return True  # still the storage of every expert
+        stacks = []
+        with torch.no_grad():
+            for p in params:
+                if p[0] is None:
+                    stacks.append(None)
+                    continue
+                stack = torch.stack([q.detach() for q in p])
+                for e, q in enumerate(p):
+                    q.data = stack[e]  # the parameter now lives in the stack; its old storage is freed
+                stacks.append(stack)
+        self.stacked = Stacked(*stacks)
+        return True
+
+
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickle) leaves the stacks out: its parameters are copied apart from
+        them, so it would hold the experts twice; it restacks from its own when asked."""
+        return {**self.__dict__, "stacked": None}
+
+
+class Stacked(NamedTuple):
+    """A mixture's expert weights, stacked (`MoE.stack_experts`): fc (E, 2I, C), fc_bias
+    (E, 2I) or None, proj (E, C, I), proj_bias (E, C) or None."""
+
+    fc: torch.Tensor
+    fc_bias: torch.Tensor | None
+    proj: torch.Tensor
+    proj_bias: torch.Tensor | None
+
+
+# The compiled step uses the stacked path for at most this many tokens (a decode step's batch,
+# `bardlm serve`'s default --max-batch): each token reads its k experts' weights, so past a few
+# tokens reading each used expert once for all its tokens (`_grouped`) reads less.
+STACKED_MAX_TOKENS = 8
+
+
+def stack_experts(model: nn.Module) -> int:
+    """`MoE.stack_experts` on every mixture of `model`; returns how many are stacked."""
+    return sum(m.stack_experts() for m in model.modules() if isinstance(m, MoE))
 
 
 @torch.no_grad()
@@ -213,7 +314,7 @@ def router_losses(cfg: ModelConfig, router_logits: list[torch.Tensor]) -> torch.
     return total
 
 
-__all__ = ["MoE", "active_params", "balance_routers", "load_balancing_loss", "router_z_loss", "router_losses"]
+__all__ = ["MoE", "Stacked", "active_params", "balance_routers", "stack_experts", "load_balancing_loss", "router_z_loss", "router_losses"]
 
 
 def make_ffn(cfg: ModelConfig, layer: int = 0) -> nn.Module:
