@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("fastapi", reason="the server needs fastapi: pip install 'bardlm[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from chi2_helpers import chi2_pvalue  # noqa: E402
 from serve_helpers import CHARS, ThreadServer, make_checkpoint, wait_until  # noqa: E402
+from spec_helpers import chi2_pvalue, perturbed  # noqa: E402
 
 from bardlm import GPT, BardlmError, ModelConfig, cli, preset  # noqa: E402
 from bardlm.infer.generate import generate_text  # noqa: E402
@@ -44,15 +44,6 @@ def loaded(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     model, tok, _ = load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("spec") / "m"))
     return model.eval(), tok
 
-
-def perturbed(model: GPT, scale: float, seed: int) -> GPT:
-    """A draft that mostly agrees with `model`: its weights plus noise."""
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return draft
 
 
 def run(engine: Engine, jobs: list[Job]) -> list[str]:

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from chi2_helpers import chi2_pvalue
+from spec_helpers import chi2_pvalue, perturbed
 
 from bardlm import GPT, BardlmError, ModelConfig, cli, preset
 from bardlm.infer.generate import generate
@@ -39,15 +39,6 @@ def _model(seed: int, vocab: int = 24, **kw) -> GPT:
     return GPT(ModelConfig(**{**base, **kw})).eval()
 
 
-def _perturbed(model: GPT, scale: float, seed: int) -> GPT:
-    """A draft that mostly agrees with `model`: its weights plus noise."""
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return draft
-
 
 # Greedy: identical to plain decoding ---------------------------------------------------------
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -70,7 +61,7 @@ def test_greedy_prompt_lookup_equals_plain_greedy(k: int) -> None:
 @pytest.mark.parametrize("k", [2, 5])
 def test_greedy_draft_model_equals_plain_greedy(k: int) -> None:
     model = _model(1)
-    for draft, must_accept in ((_perturbed(model, 0.02, 0), True), (_model(2), False),
+    for draft, must_accept in ((perturbed(model, 0.02, 0), True), (_model(2), False),
                                (GPT(preset("llama-tiny", vocab_size=24, n_layer=1, n_embd=32,
                                            ffn_hidden=64, block_size=96)).eval(), False)):
         prompt = torch.randint(0, 24, (1, 7), generator=torch.Generator().manual_seed(k))
@@ -154,7 +145,7 @@ def test_sampled_tokens_follow_the_model(draft: str) -> None:
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(3.0)  # a peaked distribution, so guesses are often kept
-    drafter = _perturbed(model, 0.3, 1) if draft == "model" else "ngram"
+    drafter = perturbed(model, 0.3, 1) if draft == "model" else "ngram"
     # The model leans to repeating 0 here, so prompt lookup's guesses (0, 0, 0) are often kept.
     prompt = torch.tensor([[0] * 8]) if draft == "ngram" else torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
     kw = dict(temperature=0.9, top_k=6)

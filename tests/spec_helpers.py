@@ -1,6 +1,9 @@
-"""Pearson's chi-square of sampled counts against exact probabilities (the sampling tests)."""
+"""Shared by the speculative-decoding tests (generate and the server): Pearson's chi-square of
+sampled counts against exact probabilities, and a draft model that mostly agrees with its target."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from scipy.stats import chisquare
@@ -20,3 +23,14 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
         obs, exp = obs[:-1], exp[:-1]
     exp = exp * obs.sum() / exp.sum()  # the pooled cell's rounding
     return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """A draft that mostly agrees with `model`: a copy of it with N(0, scale^2) noise added to
+    every weight (small scale: most guesses accepted; large: many rejected)."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return draft
