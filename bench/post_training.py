@@ -26,6 +26,9 @@ from bardlm.train.data import load_corpus
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/post_training")
+    p.add_argument("--task", default="arithmetic-lsb", choices=("arithmetic", "arithmetic-lsb"),
+                   help="the answers' digit order: arithmetic-lsb writes them least significant digit first "
+                        "(57+68 -> 521, sign last), which a small model learns far faster")
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--teacher-error", type=float, default=0.0,
                    help="share of the carry questions whose SFT answer forgets the carry")
@@ -67,7 +70,7 @@ def main() -> None:
     r = run_post_training_demo(args.out, text, model, pre, sft, dpo, rl, digits=args.digits, n_sft=args.n_sft,
                                n_pairs=args.n_pairs, n_val=args.n_val, beta=args.beta, group=args.group,
                                sft_weight=args.sft_weight, teacher_error=args.teacher_error,
-                               temperature=args.temperature)
+                               temperature=args.temperature, task=args.task)
     print(f"\n{'held-out (' + str(r['n_val']) + ' questions)':<34}{'SFT':>8}{'after':>8}")
     print(f"{'DPO preference accuracy':<34}{r['sft_likelihood_preference']:>8.3f}{r['dpo_pref_accuracy']:>8.3f}")
     print(f"{'DPO exact match':<34}{r['sft_exact_match']:>8.3f}{r['dpo_exact_match']:>8.3f}")
