@@ -23,6 +23,10 @@ the borrow) in that share of the questions that need one (`forgot_carry`: 57+68 
 right answer and a plausible wrong one, which the reward can settle (docs/benchmarks.md: at
 2000-3000 SFT steps the model had not yet learned the task itself, noisy teacher or not).
 
+`task="arithmetic-lsb"` writes every answer of every stage (SFT, DPO's pairs, GRPO's reward,
+exact match) least significant digit first, sign last (`format_answer`: 57+68 -> "521"); the
+questions are the same.
+
 Every question set comes from `demo_task` (`train.grpo.make_task`, the same seed and pool as
 GRPO's own), so the held-out questions of all stages are the same and none is trained on.
 
