@@ -5,7 +5,8 @@
 Pretrains a char model on tiny Shakespeare (digits and +/- added to its vocabulary), SFTs it on
 "a+b" / "a-b" -> value, then from that SFT model runs DPO (chosen: the value; rejected: the
 value with the carry or borrow forgotten, or off by 1 or 10 where there is none) and GRPO on the
-built-in `arithmetic` task: `bardlm.lab.post_training`. `--seed` seeds every stage and draws the
+built-in `arithmetic` task (`--task arithmetic-lsb`: every stage with the answers written least
+significant digit first, 57+68 -> 521): `bardlm.lab.post_training`. `--seed` seeds every stage and draws the
 questions (report two seeds). Prints the figures and one JSON line;
 writes OUT/rl/rl.png (the reward curve). Wall times depend on the machine and its load: say
 both when quoting them.
@@ -26,6 +27,9 @@ from bardlm.train.data import load_corpus
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/post_training")
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "arithmetic-lsb"),
+                   help="the answers' digit order: arithmetic-lsb writes them least significant digit first "
+                        "(57+68 -> 521, sign last); measured no faster to learn here (docs/benchmarks.md)")
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--teacher-error", type=float, default=0.0,
                    help="share of the carry questions whose SFT answer forgets the carry")
@@ -35,7 +39,7 @@ def main() -> None:
     p.add_argument("--pretrain-iters", type=int, default=60)
     p.add_argument("--sft-iters", type=int, default=1500)
     p.add_argument("--sft-batch", type=int, default=64)
-    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--sft-eval-every", type=int, default=0,
                    help="score held-out exact match every N SFT steps (default: at the end only)")
     p.add_argument("--rl-iters", type=int, default=150)
@@ -51,11 +55,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-layer", type=int, default=4, help="the char model's layers")
     p.add_argument("--n-embd", type=int, default=128, help="the char model's width (4 heads)")
+    p.add_argument("--pos", default="learned", choices=("learned", "rope"), help="the char model's positions")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     text, _ = load_corpus("tiny-shakespeare")
-    model = dict(vocab_size=65, block_size=64, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd, bias=False)
+    model = dict(vocab_size=65, block_size=64, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd, bias=False,
+                 pos=args.pos)
     pre = dict(max_iters=args.pretrain_iters, batch_size=32, lr=3e-3, warmup_iters=20,
                eval_interval=args.pretrain_iters, eval_batches=2, seed=args.seed)
     sft = dict(max_iters=args.sft_iters, batch_size=args.sft_batch, lr=args.sft_lr, min_lr=args.sft_lr / 10,
@@ -67,7 +73,7 @@ def main() -> None:
     r = run_post_training_demo(args.out, text, model, pre, sft, dpo, rl, digits=args.digits, n_sft=args.n_sft,
                                n_pairs=args.n_pairs, n_val=args.n_val, beta=args.beta, group=args.group,
                                sft_weight=args.sft_weight, teacher_error=args.teacher_error,
-                               temperature=args.temperature)
+                               temperature=args.temperature, task=args.task)
     print(f"\n{'held-out (' + str(r['n_val']) + ' questions)':<34}{'SFT':>8}{'after':>8}")
     print(f"{'DPO preference accuracy':<34}{r['sft_likelihood_preference']:>8.3f}{r['dpo_pref_accuracy']:>8.3f}")
     print(f"{'DPO exact match':<34}{r['sft_exact_match']:>8.3f}{r['dpo_exact_match']:>8.3f}")

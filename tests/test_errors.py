@@ -253,7 +253,7 @@ CASES = [
                                               _file(t, "p.jsonl", b'{"prompt": "hear", "chosen": "", "rejected": "me"}\n')],
      '"chosen" is empty; each completion needs some text'),
     ("rl-unknown-task", lambda t, c, w: ["rl", "--init-from", str(c), "--out", str(t / "r"), "--task", "chess"],
-     "use one of arithmetic, reverse, sort or module.py:function"),
+     "use one of arithmetic, arithmetic-lsb, reverse, sort or module.py:function"),
     ("finetune-fsdp-lora", lambda t, c, w: ["finetune", "--init-from", str(c), "--out", str(t / "f"), "--fsdp",
                                             "--lora-rank", "2", "--data", _file(t, "c.jsonl", b'{"messages": []}\n')],
      "fsdp with --lora-rank is not supported"),

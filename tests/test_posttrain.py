@@ -278,6 +278,72 @@ def test_builtin_tasks_rewards() -> None:
     assert not set(t.train) & set(t.val)
 
 
+def _lsb_by_columns(a: int, b: int, op: str) -> str:
+    """a op b written least significant digit first, computed column by column from the ones
+    (an independent reference: the carry or borrow flows left to right with the output), the
+    sign last."""
+    big, small = (a, b) if op == "+" or a >= b else (b, a)
+    digits, carry = [], 0
+    while big or small or carry:
+        d = big % 10 + (small % 10 if op == "+" else -(small % 10)) + carry
+        carry = (d >= 10) - (d < 0)
+        digits.append(d % 10)
+        big, small = big // 10, small // 10
+    while len(digits) > 1 and digits[-1] == 0:  # no leading zeros (at the end, reversed)
+        digits.pop()
+    return "".join(map(str, digits or [0])) + ("-" if op == "-" and a < b else "")
+
+
+def test_arithmetic_lsb_task_answers_reward_and_questions() -> None:
+    """`arithmetic-lsb`: every one- and two-digit question's answer is the column-by-column
+    value, digits least significant first, sign last; its reward takes exactly that (not the
+    usual order), and it draws the same questions as `arithmetic`."""
+    from bardlm.train.grpo import eval_arithmetic, format_answer
+
+    lsb, msb = builtin_reward("arithmetic-lsb"), builtin_reward("arithmetic")
+    for a in range(100):
+        for b in range(100):
+            for op in "+-":
+                q = f"{a}{op}{b}"
+                want = _lsb_by_columns(a, b, op)
+                assert format_answer(eval_arithmetic(q), "arithmetic-lsb") == want, q
+                assert lsb(q, f" {want} ") == 1.0, q
+                usual = str(eval_arithmetic(q))
+                assert lsb(q, usual) == float(usual == want) and msb(q, want) == float(usual == want), q
+    assert format_answer(57 + 68, "arithmetic-lsb") == "521" and format_answer(27 - 52, "arithmetic-lsb") == "52-"
+    for digits in (1, 2, 3):
+        pairs = builtin_prompts("arithmetic-lsb", digits, 60, 5)
+        assert [q for q, _ in pairs] == [q for q, _ in builtin_prompts("arithmetic", digits, 60, 5)]
+        assert all(a == format_answer(eval_arithmetic(q), "arithmetic-lsb") for q, a in pairs)
+    assert make_task("arithmetic-lsb", 2, seed=3).val == make_task("arithmetic", 2, seed=3).val
+
+
+def test_demo_writes_every_answer_in_the_tasks_order(monkeypatch) -> None:  # noqa: ANN001
+    """With `arithmetic-lsb`, the SFT teacher, DPO's pairs and the exact-match scorer all write
+    answers as the task's reward wants them: a right teacher answer and every chosen answer
+    earn reward 1, a forgotten carry and every rejected answer 0."""
+    import random
+
+    import bardlm.lab.post_training as pt
+    from bardlm.train.grpo import eval_arithmetic, format_answer
+
+    reward = builtin_reward("arithmetic-lsb")
+    qs = [q for q, _ in builtin_prompts("arithmetic", 2, 300, 1)]
+    rng = random.Random(0)
+    for q in qs:
+        assert reward(q, pt.teacher_answer(q, 0.0, rng, "arithmetic-lsb")) == 1.0
+        assert reward(q, pt.teacher_answer(q, 1.0, rng, "arithmetic-lsb")) == float(not pt.needs_carry(q))
+    assert pt.teacher_answer("57+68", 1.0, rng, "arithmetic-lsb") == "511"  # 115, the carry forgotten
+    for row in pt.preference_rows(qs, 0, "arithmetic-lsb"):
+        q = row["prompt"][0]["content"]
+        assert reward(q, row["chosen"][0]["content"]) == 1.0 and reward(q, row["rejected"][0]["content"]) == 0.0
+    seen = []
+    monkeypatch.setattr(pt, "exact_match", lambda model, tok, template, convs: seen.extend(convs) or 1.0)
+    assert pt.split_exact_match(None, None, None, qs, "arithmetic-lsb")["all"] == 1.0
+    assert sorted(c[0]["content"] for c in seen) == sorted(qs)
+    assert all(c[1]["content"] == format_answer(eval_arithmetic(c[0]["content"]), "arithmetic-lsb") for c in seen)
+
+
 def test_grpo_raises_reward_and_resumes_exactly(tmp_path: Path) -> None:
     """A reward the random model rarely earns (the share of 'a' in its answer) rises."""
     base = base_ckpt(tmp_path / "base")
@@ -348,7 +414,8 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     pre = dict(max_iters=4, batch_size=8, eval_interval=4, eval_batches=1)
     stage = dict(max_iters=4, batch_size=8, eval_interval=2, lr=1e-3, warmup_iters=1, weight_decay=0.0)
     r = run_post_training_demo(tmp_path, tiny_text[:20_000], model, pre, stage, stage, dict(stage, batch_size=2),
-                               digits=1, n_sft=40, n_pairs=20, n_val=10, group=2, log=lambda m: None)
+                               digits=1, n_sft=40, n_pairs=20, n_val=10, group=2, task="arithmetic-lsb",
+                               log=lambda m: None)
     for run in ("pretrained", "sft", "dpo", "rl"):
         assert (tmp_path / run / "config.json").is_file()
     assert (tmp_path / "rl" / "rl.png").is_file()
@@ -358,6 +425,13 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     assert [row["step"] for row in r["sft_curve"]] == [2, 4]
     assert r["sft_curve"][-1]["exact_match_all"] == r["sft_exact_match"]
     assert 0 <= r["dpo_pref_accuracy"] <= 1 and r["n_val"] == 10
+    # every stage on the task's answer order: SFT's answers and GRPO's task are arithmetic-lsb's
+    from bardlm.train.grpo import eval_arithmetic, format_answer
+
+    sft = [json.loads(line)["messages"] for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert all(m[1]["content"] == format_answer(eval_arithmetic(m[0]["content"]), "arithmetic-lsb") for m in sft)
+    assert any(m[1]["content"] != str(eval_arithmetic(m[0]["content"])) for m in sft)
+    assert json.loads((tmp_path / "rl" / "config.json").read_text())["rl"]["task"] == "arithmetic-lsb"
 
 
 @pytest.mark.parametrize("digits, n_sft", [(2, 100), (2, 8000), (1, 40)])

@@ -956,7 +956,8 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 def add_rl(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rl", help="reinforcement learning with a verifiable reward (GRPO)")
     p.add_argument("--task", required=True,
-                   help="arithmetic, reverse, sort, or module.py:function (prompt, completion) -> float")
+                   help="arithmetic, arithmetic-lsb (answer digits least significant first: 57+68 -> 521), "
+                   "reverse, sort, or module.py:function (prompt, completion) -> float")
     p.add_argument("--prompts", help='with module.py:function: JSONL, one {"prompt": "..."} a line')
     p.add_argument("--digits", type=int, default=2, help="built-in tasks: digits of each number, letters of a word")
     add_tuning_args(p)

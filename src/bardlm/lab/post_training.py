@@ -23,6 +23,10 @@ the borrow) in that share of the questions that need one (`forgot_carry`: 57+68 
 right answer and a plausible wrong one, which the reward can settle (docs/benchmarks.md: at
 2000-3000 SFT steps the model had not yet learned the task itself, noisy teacher or not).
 
+`task="arithmetic-lsb"` writes every answer of every stage (SFT, DPO's pairs, GRPO's reward,
+exact match) least significant digit first, sign last (`format_answer`: 57+68 -> "521"); the
+questions are the same.
+
 Every question set comes from `demo_task` (`train.grpo.make_task`, the same seed and pool as
 GRPO's own), so the held-out questions of all stages are the same and none is trained on.
 
@@ -45,7 +49,7 @@ from ..infer.generate import eval_mode
 from ..io.load import load
 from ..tokenizers import CharTokenizer
 from ..train.dpo import DPOTuner, encode_pairs, read_pref_jsonl
-from ..train.grpo import N_TRAIN, GRPOTuner, Task, eval_arithmetic, make_task
+from ..train.grpo import N_TRAIN, GRPOTuner, Task, eval_arithmetic, format_answer, make_task
 from ..train.logps import sequence_logps
 from ..train.sft import Finetuner, exact_match, pad_rows
 from ..train.trainer import Trainer
@@ -77,29 +81,31 @@ def forgot_carry(question: str) -> int:
     return v + 10 if v >= 0 else v - 10
 
 
-def teacher_answer(question: str, error: float, rng: random.Random) -> str:
-    """The sloppy teacher's answer: with probability `error`, a question that needs a carry
-    gets the forgot-the-carry value; every other answer is right."""
+def teacher_answer(question: str, error: float, rng: random.Random, task: str = "arithmetic") -> str:
+    """The sloppy teacher's answer, written as `task` writes it (`format_answer`): with
+    probability `error`, a question that needs a carry gets the forgot-the-carry value; every
+    other answer is right."""
     if needs_carry(question) and rng.random() < error:
-        return str(forgot_carry(question))
-    return str(eval_arithmetic(question))
+        return format_answer(forgot_carry(question), task)
+    return format_answer(eval_arithmetic(question), task)
 
 
-def wrong_answer(question: str, rng: random.Random) -> str:
-    """A plausible wrong value: the forgot-the-carry one where there is a carry, else off by one
-    in the last digit or the one before."""
+def wrong_answer(question: str, rng: random.Random, task: str = "arithmetic") -> str:
+    """A plausible wrong value, written as `task` writes it: the forgot-the-carry one where there
+    is a carry, else off by one in the last digit or the one before."""
     if needs_carry(question):
-        return str(forgot_carry(question))
-    return str(eval_arithmetic(question) + rng.choice((-10, -1, 1, 10)))
+        return format_answer(forgot_carry(question), task)
+    return format_answer(eval_arithmetic(question) + rng.choice((-10, -1, 1, 10)), task)
 
 
-def preference_rows(questions: list[str], seed: int) -> list[dict[str, Any]]:
+def preference_rows(questions: list[str], seed: int, task: str = "arithmetic") -> list[dict[str, Any]]:
+    """DPO pairs of `questions`: chosen the right answer, rejected `wrong_answer`."""
     rng = random.Random(seed)
     rows = []
     for q in questions:
         rows.append({"prompt": [{"role": "user", "content": q}],
-                     "chosen": [{"role": "assistant", "content": str(eval_arithmetic(q))}],
-                     "rejected": [{"role": "assistant", "content": wrong_answer(q, rng)}]})
+                     "chosen": [{"role": "assistant", "content": format_answer(eval_arithmetic(q), task)}],
+                     "rejected": [{"role": "assistant", "content": wrong_answer(q, rng, task)}]})
     return rows
 
 
@@ -121,14 +127,15 @@ def preference_accuracy(logp: torch.Tensor, ref: torch.Tensor | None = None) -> 
     return (d[:, 0] > d[:, 1]).float().mean().item()
 
 
-def split_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any,
-                      questions: list[str]) -> dict[str, float]:
-    """Held-out exact match (greedy), overall and on the questions with and without a carry."""
+def split_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any, questions: list[str],
+                      task: str = "arithmetic") -> dict[str, float]:
+    """Held-out exact match (greedy; answers written as `task` writes them), overall and on the
+    questions with and without a carry."""
     hits, counts = {}, {}
     for part, qs in (("carry", [q for q in questions if needs_carry(q)]),
                      ("no_carry", [q for q in questions if not needs_carry(q)])):
         counts[part] = len(qs)
-        convs = [conversation(q, str(eval_arithmetic(q))) for q in qs]
+        convs = [conversation(q, format_answer(eval_arithmetic(q), task)) for q in qs]
         hits[part] = exact_match(model, tokenizer, template, convs) * len(qs) if qs else 0.0
     return {"all": sum(hits.values()) / len(questions),
             **{part: hits[part] / counts[part] if counts[part] else float("nan") for part in hits}}
@@ -138,13 +145,13 @@ class ScoredFinetuner(Finetuner):
     """SFT that also scores held-out exact match (overall, carry, other) at every evaluation:
     learning arithmetic goes through a slow, noisy transition that the loss alone hides."""
 
-    def __init__(self, *args: Any, questions: list[str], **kwargs: Any) -> None:
-        self.questions = questions
+    def __init__(self, *args: Any, questions: list[str], task: str = "arithmetic", **kwargs: Any) -> None:
+        self.questions, self.task = questions, task
         super().__init__(*args, **kwargs)
 
     def eval_metrics(self) -> dict[str, float]:
         with eval_mode(self.model):
-            em = split_exact_match(self.model, self.tokenizer, self.template, self.questions)
+            em = split_exact_match(self.model, self.tokenizer, self.template, self.questions, self.task)
         return {**super().eval_metrics(), **{f"exact_match_{k}": v for k, v in em.items()}}
 
     def describe(self, row: dict[str, Any]) -> str:
@@ -152,26 +159,31 @@ class ScoredFinetuner(Finetuner):
                 f"(carry {row['exact_match_carry']:.3f}, no carry {row['exact_match_no_carry']:.3f})")
 
 
-def demo_task(digits: int, n_sft: int, n_pairs: int, n_val: int, seed: int) -> Task:
+def demo_task(digits: int, n_sft: int, n_pairs: int, n_val: int, seed: int, task: str = "arithmetic") -> Task:
     """The demo's questions: `val` are GRPO's held-out ones (`GRPOTuner` draws its task with
     `make_task`'s default pool, `N_TRAIN` training prompts), held out by every stage; SFT and DPO
     draw from `train`. make_task caps the held-out share at a fifth of its pool, so the pool is
     never smaller than GRPO's: a smaller one (few SFT questions, many held-out) would hold out
     fewer questions than GRPO and train SFT on some of GRPO's held-out ones."""
-    return make_task("arithmetic", digits, n_train=max(n_sft, n_pairs, N_TRAIN), n_val=n_val, seed=seed)
+    return make_task(task, digits, n_train=max(n_sft, n_pairs, N_TRAIN), n_val=n_val, seed=seed)
 
 
 def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pretrain: dict[str, Any],
                            sft: dict[str, Any], dpo: dict[str, Any], rl: dict[str, Any], digits: int = 2,
                            n_sft: int = 2000, n_pairs: int = 1000, n_val: int = 200, beta: float = 0.1,
                            group: int = 8, sft_weight: float = 1.0, teacher_error: float = 0.0,
-                           temperature: float = 1.0, log: Any = print) -> dict[str, Any]:
+                           temperature: float = 1.0, task: str = "arithmetic",
+                           log: Any = print) -> dict[str, Any]:
     """Pretrain on `text`, SFT on the answers of a teacher that forgets a share `teacher_error`
     of the carries, then DPO and GRPO from the SFT model. pretrain/sft/dpo/rl: TrainConfig
-    fields of each stage (rl's seed fixes the questions). Returns the figures."""
+    fields of each stage (rl's seed fixes the questions); `task`: `arithmetic` or
+    `arithmetic-lsb` (the answers' digit order, in every stage). Returns the figures."""
+    if task not in ("arithmetic", "arithmetic-lsb"):
+        raise BardlmError(f"--task {task!r}: the demo is arithmetic or arithmetic-lsb")
+    name = task
     seed = rl.get("seed", TrainConfig().seed)
-    task = demo_task(digits, n_sft, n_pairs, n_val, seed)
-    grpo_val = make_task("arithmetic", digits, seed=seed, n_val=n_val).val  # as GRPOTuner draws them
+    task = demo_task(digits, n_sft, n_pairs, n_val, seed, name)
+    grpo_val = make_task(name, digits, seed=seed, n_val=n_val).val  # as GRPOTuner draws them
     if task.val != grpo_val:  # before any training: every stage must score the same questions
         raise BardlmError(f"--n-val {n_val}: GRPO can hold out only {len(grpo_val)} of its {digits}-digit "
                           f"questions (a fifth of its pool); use --n-val {len(grpo_val)} or fewer")
@@ -185,19 +197,19 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     times["pretrain_s"] = time.time() - t0
 
     rng = random.Random(0)
-    write_jsonl([{"messages": conversation(q, teacher_answer(q, teacher_error, rng))} for q in task.train[:n_sft]],
-                out / "sft.jsonl")
-    write_jsonl(preference_rows(task.train[:n_pairs], 1), out / "prefs.jsonl")  # SFT's questions too
-    write_jsonl(preference_rows(task.val, 2), out / "prefs_val.jsonl")
+    write_jsonl([{"messages": conversation(q, teacher_answer(q, teacher_error, rng, name))}
+                 for q in task.train[:n_sft]], out / "sft.jsonl")
+    write_jsonl(preference_rows(task.train[:n_pairs], 1, name), out / "prefs.jsonl")  # SFT's questions too
+    write_jsonl(preference_rows(task.val, 2, name), out / "prefs_val.jsonl")
 
     t0 = time.time()
     ft = ScoredFinetuner(out / "pretrained", out / "sft.jsonl", out / "sft", TrainConfig(**sft), log=log,
-                         questions=task.val)
+                         questions=task.val, task=name)
     ft.fit()
     times["sft_s"] = time.time() - t0
     sft_model, sft_tok = load(out / "sft")
     sft_pairs = pair_logps(sft_model, sft_tok, ft.template, out / "prefs_val.jsonl")
-    em = split_exact_match(sft_model, sft_tok, ft.template, task.val)
+    em = split_exact_match(sft_model, sft_tok, ft.template, task.val, name)
     r: dict[str, Any] = {"sft_exact_match": em["all"], "sft_exact_match_carry": em["carry"],
                          "sft_exact_match_no_carry": em["no_carry"],
                          "sft_likelihood_preference": preference_accuracy(sft_pairs)}
@@ -213,7 +225,7 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     # On the held-out questions (never trained on by any stage): DPO's reward accuracy against
     # the SFT model, and what the model itself finds likelier.
     dpo_pairs = pair_logps(d.model, d.tokenizer, d.template, out / "prefs_val.jsonl")
-    em = split_exact_match(d.model, d.tokenizer, d.template, task.val)
+    em = split_exact_match(d.model, d.tokenizer, d.template, task.val, name)
     r.update(dpo_pref_accuracy=preference_accuracy(dpo_pairs, sft_pairs),
              dpo_split_pref_accuracy=d.history[-1]["pref_accuracy"], dpo_margin=d.history[-1]["margin"],
              dpo_likelihood_preference=preference_accuracy(dpo_pairs), dpo_exact_match=em["all"],
@@ -221,14 +233,14 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     log(f"DPO: preference accuracy {r['dpo_pref_accuracy']:.3f}, exact match {r['dpo_exact_match']:.3f}")
 
     t0 = time.time()
-    g = GRPOTuner(out / "sft", "arithmetic", out / "rl", TrainConfig(**rl), log=log, digits=digits,
+    g = GRPOTuner(out / "sft", name, out / "rl", TrainConfig(**rl), log=log, digits=digits,
                   group=group, temperature=temperature, max_new_tokens=len(str(10 ** digits * 2)) + 3,
                   n_val=n_val)
     r["rl_before_pass_at_1"] = g.pass_at_1()
     g.fit()
     times["rl_s"] = time.time() - t0
     g.model.eval()
-    em = split_exact_match(g.model, g.tokenizer, g.template, task.val)
+    em = split_exact_match(g.model, g.tokenizer, g.template, task.val, name)
     r.update(rl_pass_at_1=g.history[-1]["pass_at_1"], rl_exact_match_carry=em["carry"],
              rl_exact_match_no_carry=em["no_carry"],
              rl_curve=[{k: round(row[k], 4) for k in ("step", "reward", "spread", "pass_at_1", "kl", "completion_len")}
@@ -238,6 +250,6 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
 
     r.update({k: round(v, 1) for k, v in times.items()}, digits=digits, n_sft=len(task.train[:n_sft]),
              n_pairs=len(task.train[:n_pairs]),
-             n_val=len(task.val), teacher_error=teacher_error)
+             n_val=len(task.val), teacher_error=teacher_error, task=name)
     (out / "post_training.json").write_text(json.dumps(r, indent=2))
     return r

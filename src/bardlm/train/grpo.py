@@ -14,7 +14,9 @@ starting model (with LoRA: the base with adapters off; else a frozen copy, only 
 This is TRL's `GRPOTrainer` loss ("grpo" loss type), term for term.
 
 Tasks are verifiable: a built-in (`arithmetic`: add or subtract two numbers of `digits` digits;
-`reverse` / `sort` a word of `digits` letters: reward 1 for the exact answer, else 0) or
+`arithmetic-lsb`: the same questions, the answer written least significant digit first, sign
+last, 57+68 -> "521", 27-52 -> "52-", `format_answer`; `reverse` / `sort` a word of `digits`
+letters: reward 1 for the exact answer, else 0) or
 `module.py:function` taking (prompt, completion) and returning a float, with prompts from a
 JSONL file. Prompts are user messages in the model's chat template, as `finetune` trains them.
 Logged: mean reward and completion length of the training samples, the share of groups whose
@@ -44,20 +46,30 @@ from ..nn.lora import adapters_off, lora_layers
 from .logps import token_logps
 from .sft import ChatBatches, Finetuner, pad_rows, split_conversations, target_row
 
-BUILTIN = ("arithmetic", "reverse", "sort")
+BUILTIN = ("arithmetic", "arithmetic-lsb", "reverse", "sort")
 LETTERS = "abcdefgh"
 RL_PLOT = "rl.png"
 N_TRAIN = 5000  # a built-in task's training prompts (make_task's pool, beside the held-out ones)
 
 
 # Tasks --------------------------------------------------------------------------------------
+def format_answer(value: int, task: str = "arithmetic") -> str:
+    """An arithmetic value as the task writes it: `arithmetic` most significant digit first
+    (-25); `arithmetic-lsb` least significant first with the sign last ("52-"), the order in
+    which the digits are computed, so that a carry flows with the output instead of having to be
+    resolved before its first character (Lee et al., 2023, "Teaching arithmetic to small
+    transformers")."""
+    if task == "arithmetic-lsb":
+        return str(abs(value))[::-1] + ("-" if value < 0 else "")
+    return str(value)
+
+
 def builtin_question(task: str, digits: int, rng: random.Random) -> tuple[str, str]:
-    """One (question, answer) of a built-in task."""
-    if task == "arithmetic":
+    """One (question, answer) of a built-in task; both arithmetic tasks draw the same questions."""
+    if task.startswith("arithmetic"):
         a, b = (rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits) for _ in range(2))
-        if rng.random() < 0.5:
-            return f"{a}+{b}", str(a + b)
-        return f"{a}-{b}", str(a - b)
+        q = f"{a}+{b}" if rng.random() < 0.5 else f"{a}-{b}"
+        return q, format_answer(eval_arithmetic(q), task)
     word = "".join(rng.choice(LETTERS) for _ in range(digits))
     return f"{task} {word}", word[::-1] if task == "reverse" else "".join(sorted(word))
 
@@ -78,8 +90,8 @@ def builtin_prompts(task: str, digits: int, n: int, seed: int) -> list[tuple[str
 def builtin_reward(task: str) -> Callable[[str, str], float]:
     """The exact-answer reward of a built-in task: 1.0 when the completion is the answer."""
     def reward(prompt: str, completion: str) -> float:
-        if task == "arithmetic":
-            answer = str(eval_arithmetic(prompt))
+        if task.startswith("arithmetic"):
+            answer = format_answer(eval_arithmetic(prompt), task)
         else:
             word = prompt.split(" ", 1)[1]
             answer = word[::-1] if task == "reverse" else "".join(sorted(word))
