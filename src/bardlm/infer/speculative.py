@@ -42,7 +42,7 @@ from ..errors import BardlmError
 from .budget import context_window
 from .generate import check_prompt, eval_mode
 from .layouts import pack_rows
-from .sampling import check_sampling, filter_logits
+from .sampling import check_sampling, filter_logits, is_greedy
 
 DEFAULT_DRAFT_TOKENS = 4
 MAX_NGRAM = 3
@@ -265,7 +265,7 @@ def stream_speculative(
     cache = model.make_cache(1, cache_len)
     drafter = make_drafter(draft, cache_len)
     gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-    greedy = temperature < 1e-5  # as `sampling.sample`
+    greedy = is_greedy(temperature)
     eos = set(eos_ids)
     stats = stats if stats is not None else {}
     stats.update(rounds=0, drafted=0, accepted=0)

@@ -30,6 +30,7 @@ import torch
 
 from ..infer.budget import context_window
 from ..infer.layouts import pack_rows
+from ..infer.sampling import is_greedy
 from ..infer.speculative import (
     accept_reject,
     check_draft_tokens,
@@ -89,7 +90,7 @@ class Speculator:
         gen = self.gen if self.gen is not None else (r.gens[0] if r.gens else None)
         s = r.job.sampling
         sampling = (s.get("temperature", 1.0), s.get("top_k"), s.get("top_p"), s.get("min_p"))
-        greedy = sampling[0] < 1e-5  # as `sampling.sample`
+        greedy = is_greedy(sampling[0])
         seq = r.ids  # prompt + tokens so far; its last token is not yet in the slot's cache
         context = cache[0].max_len
         # Guesses fit the slot and the draft's cache, and leave the round's own token in budget.
