@@ -31,23 +31,23 @@ def main() -> None:
                    help="the answers' digit order: arithmetic-lsb writes them least significant digit first "
                         "(57+68 -> 521, sign last); measured no faster to learn here (docs/benchmarks.md)")
     p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--teacher-error", type=float, default=0.0,
+    p.add_argument("--teacher-error", type=float, default=0.6,
                    help="share of the carry questions whose SFT answer forgets the carry")
     p.add_argument("--n-sft", type=int, default=8000, help="SFT questions")
     p.add_argument("--n-pairs", type=int, default=2000, help="DPO training pairs")
     p.add_argument("--n-val", type=int, default=200, help="held-out questions (all stages)")
     p.add_argument("--pretrain-iters", type=int, default=60)
-    p.add_argument("--sft-iters", type=int, default=1500)
+    p.add_argument("--sft-iters", type=int, default=4000)
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--sft-eval-every", type=int, default=0,
                    help="score held-out exact match every N SFT steps (default: at the end only)")
-    p.add_argument("--rl-iters", type=int, default=150)
-    p.add_argument("--rl-lr", type=float, default=2e-5)
+    p.add_argument("--rl-iters", type=int, default=600)
+    p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--rl-batch", type=int, default=16, help="GRPO prompts a step")
     p.add_argument("--group", type=int, default=8, help="GRPO samples a prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")
-    p.add_argument("--dpo-iters", type=int, default=300)
+    p.add_argument("--dpo-iters", type=int, default=900)
     p.add_argument("--dpo-lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.5, help="DPO's beta")
     p.add_argument("--sft-weight", type=float, default=1.0, help="DPO's weight on the chosen answers' NLL")
