@@ -139,7 +139,8 @@ def main() -> None:
                     help="also time fp32 with the decode step under torch.compile (compiles first)")
     ap.add_argument("--draft-pair", nargs=2, metavar=("TARGET", "DRAFT"),
                     help="time a trained target alone and with its trained draft (bench/draft_pair.py)")
-    ap.add_argument("--pair-data", default="tiny-shakespeare", help="--draft-pair's corpus")
+    ap.add_argument("--pair-data", default=None,
+                    help="--draft-pair's corpus (default: the one in the pair's pair.json, else tiny-shakespeare)")
     ap.add_argument("--draft-tokens", type=int, default=4, help="--draft-pair's K")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -309,7 +310,9 @@ def draft_pair(args: argparse.Namespace, passages: int = 4) -> dict:
 
     target, tok = load(args.draft_pair[0], "fp32")
     draft = load_draft(args.draft_pair[1], tok, "fp32")
-    text, _ = load_corpus(args.pair_data)
+    made = Path(args.draft_pair[0]).parent / "pair.json"  # written by bench/draft_pair.py
+    data = args.pair_data or (json.loads(made.read_text())["data"] if made.exists() else "tiny-shakespeare")
+    text, _ = load_corpus(data)
     ids = tok.encode(text[len(text) * 99 // 100:])  # the last 1%: held out from both models
     step = len(ids) // passages
     prompts = [torch.tensor([ids[i * step:i * step + args.prompt]]) for i in range(passages)]

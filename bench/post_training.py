@@ -8,7 +8,7 @@ value with the carry or borrow forgotten, or off by 1 or 10 where there is none)
 built-in `arithmetic` task (`--task arithmetic-lsb`: every stage with the answers written least
 significant digit first, 57+68 -> 521): `bardlm.lab.post_training`. `--seed` seeds every stage and draws the
 questions (report two seeds). Prints the figures and one JSON line;
-writes OUT/rl/rl.png (the reward curve). Wall times depend on the machine and its load: say
+writes OUT/rl/rl.png (the reward curve) and OUT/post_training.png (DPO's and GRPO's curves). Wall times depend on the machine and its load: say
 both when quoting them.
 """
 
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--teacher-error", type=float, default=0.6,
                    help="share of the carry questions whose SFT answer forgets the carry")
     p.add_argument("--n-sft", type=int, default=8000, help="SFT questions")
-    p.add_argument("--n-pairs", type=int, default=2000, help="DPO training pairs")
+    p.add_argument("--n-pairs", type=int, default=8000, help="DPO training pairs (the SFT questions, right answer against a wrong one)")
     p.add_argument("--n-val", type=int, default=200, help="held-out questions (all stages)")
     p.add_argument("--pretrain-iters", type=int, default=60)
     p.add_argument("--sft-iters", type=int, default=4000)
@@ -42,13 +42,13 @@ def main() -> None:
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--sft-eval-every", type=int, default=0,
                    help="score held-out exact match every N SFT steps (default: at the end only)")
-    p.add_argument("--rl-iters", type=int, default=600)
-    p.add_argument("--rl-lr", type=float, default=5e-5)
+    p.add_argument("--rl-iters", type=int, default=900)
+    p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--rl-batch", type=int, default=16, help="GRPO prompts a step")
     p.add_argument("--group", type=int, default=8, help="GRPO samples a prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")
-    p.add_argument("--dpo-iters", type=int, default=900)
-    p.add_argument("--dpo-lr", type=float, default=1e-4)
+    p.add_argument("--dpo-iters", type=int, default=2500)
+    p.add_argument("--dpo-lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.5, help="DPO's beta")
     p.add_argument("--sft-weight", type=float, default=1.0, help="DPO's weight on the chosen answers' NLL")
     p.add_argument("--seed", type=int, default=1337, help="seed of every stage (and of the questions)")
@@ -82,7 +82,7 @@ def main() -> None:
     print(f"{'  on the others':<34}{r['sft_exact_match_no_carry']:>8.3f}{r['rl_exact_match_no_carry']:>8.3f}")
     print(f"wall: pretrain {r['pretrain_s']:.0f} s, SFT {r['sft_s']:.0f} s, DPO {r['dpo_s']:.0f} s, "
           f"GRPO {r['rl_s']:.0f} s; load average at start {load:.1f}, {args.threads} thread(s)")
-    print(json.dumps({k: v for k, v in r.items() if k not in ("rl_curve", "sft_curve")}))
+    print(json.dumps({k: v for k, v in r.items() if k not in ("rl_curve", "sft_curve", "dpo_curve")}))
 
 
 if __name__ == "__main__":

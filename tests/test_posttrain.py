@@ -418,7 +418,9 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
                                log=lambda m: None)
     for run in ("pretrained", "sft", "dpo", "rl"):
         assert (tmp_path / run / "config.json").is_file()
-    assert (tmp_path / "rl" / "rl.png").is_file()
+    assert (tmp_path / "rl" / "rl.png").is_file() and (tmp_path / "post_training.png").is_file()
+    assert [row["step"] for row in r["dpo_curve"]] == [2, 4]  # DPO's held-out pairs at each evaluation
+    assert r["dpo_curve"][-1]["pref_accuracy"] == r["dpo_split_pref_accuracy"]
     assert r["rl_before_pass_at_1"] == r["sft_exact_match"]  # the same questions, greedy both times
     assert len(r["rl_curve"]) == 2 and all(0 <= row["reward"] <= 1 for row in r["rl_curve"])
     # SFT scored held-out exact match at each evaluation (steps 2 and 4), the last one the figure's

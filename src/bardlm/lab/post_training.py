@@ -7,7 +7,8 @@ and their values (assistant) -> from that SFT model (DPO first: it is the shorte
     SFT term on the chosen answers (`sft_weight`) so that they stay likely: held-out preference
     accuracy and exact match, before and after;
   - GRPO on the built-in `arithmetic` task (exact-answer reward): held-out exact match (pass@1,
-    greedy) before and after, and the reward curve (rl/rl.png).
+    greedy) before and after, and the reward curve (rl/rl.png); post_training.png draws both
+    stages' curves.
 Exact match is also reported on the held-out questions with and without a carry (`needs_carry`),
 where the mistakes differ.
 
@@ -229,7 +230,9 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
     r.update(dpo_pref_accuracy=preference_accuracy(dpo_pairs, sft_pairs),
              dpo_split_pref_accuracy=d.history[-1]["pref_accuracy"], dpo_margin=d.history[-1]["margin"],
              dpo_likelihood_preference=preference_accuracy(dpo_pairs), dpo_exact_match=em["all"],
-             dpo_exact_match_carry=em["carry"], dpo_exact_match_no_carry=em["no_carry"])
+             dpo_exact_match_carry=em["carry"], dpo_exact_match_no_carry=em["no_carry"],
+             dpo_curve=[{k: round(row[k], 4) for k in ("step", "pref_accuracy", "margin", "reward_chosen",
+                                                        "reward_rejected")} for row in d.history])
     log(f"DPO: preference accuracy {r['dpo_pref_accuracy']:.3f}, exact match {r['dpo_exact_match']:.3f}")
 
     t0 = time.time()
@@ -252,4 +255,39 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
              n_pairs=len(task.train[:n_pairs]),
              n_val=len(task.val), teacher_error=teacher_error, task=name)
     (out / "post_training.json").write_text(json.dumps(r, indent=2))
+    plot_post_training(r, out / "post_training.png")
     return r
+
+
+def plot_post_training(r: dict[str, Any], path: Path) -> None:
+    """post_training.png: DPO's preference accuracy and reward margin on its held-out pairs
+    (left), GRPO's mean training reward and held-out pass@1 (right), against step; the SFT
+    model's held-out exact match is the dashed line both start from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    dpo, rl = r["dpo_curve"], r["rl_curve"]
+    a.plot([c["step"] for c in dpo], [c["pref_accuracy"] for c in dpo], "o-", label="preference accuracy (held-out pairs)")
+    a.set_ylim(0.4, 1.02)
+    a.set_xlabel("DPO step")
+    a.set_ylabel("accuracy")
+    m = a.twinx()
+    m.plot([c["step"] for c in dpo], [c["margin"] for c in dpo], "s--", color="tab:orange", label="reward margin")
+    m.set_ylabel("margin (beta x log-ratio)")
+    a.legend(handles=a.get_lines() + m.get_lines(), loc="lower right")
+    a.set_title(f"DPO: exact match {r['sft_exact_match']:.2f} -> {r['dpo_exact_match']:.2f}")
+    b.plot([c["step"] for c in rl], [c["reward"] for c in rl], label="mean reward (training samples)")
+    b.plot([c["step"] for c in rl], [c["pass_at_1"] for c in rl], label="pass@1 (held-out, greedy)")
+    b.axhline(r["rl_before_pass_at_1"], ls=":", color="grey", label="the SFT model")
+    b.set_ylim(-0.02, 1.02)
+    b.set_xlabel("GRPO step")
+    b.legend(loc="lower right")
+    b.set_title(f"GRPO: exact match {r['rl_before_pass_at_1']:.2f} -> {r['rl_pass_at_1']:.2f}")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
