@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/pair")
     ap.add_argument("--data", default=CORPUS)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--target-iters", type=int, default=2000)
+    ap.add_argument("--target-iters", type=int, default=1500)
     ap.add_argument("--target-batch", type=int, default=8)
     ap.add_argument("--draft-iters", type=int, default=1500)
     ap.add_argument("--prompts", type=int, default=768, help="passages the target continues")
@@ -85,7 +85,7 @@ def main() -> None:
            "--set", "n_layer=8", "--set", "n_embd=512", "--set", "n_head=8",
            "--set", f"batch_size={args.target_batch}", "--set", "lr=1e-3", "--set", "min_lr=1e-4",
            "--set", "warmup_iters=100", "--set", "val_fraction=0.01", "--set", "dtype=bf16",
-           "--set", "compile=true", "--set", f"eval_interval={args.target_iters}"])
+           "--set", "compile=true", "--set", f"eval_interval={min(100, args.target_iters)}"])
     t_target = time.perf_counter() - t0
 
     target, tok = load(out / "target", "fp32")

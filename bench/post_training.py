@@ -42,8 +42,8 @@ def main() -> None:
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--sft-eval-every", type=int, default=0,
                    help="score held-out exact match every N SFT steps (default: at the end only)")
-    p.add_argument("--rl-iters", type=int, default=900)
-    p.add_argument("--rl-lr", type=float, default=1e-4)
+    p.add_argument("--rl-iters", type=int, default=600)
+    p.add_argument("--rl-lr", type=float, default=5e-5)
     p.add_argument("--rl-batch", type=int, default=16, help="GRPO prompts a step")
     p.add_argument("--group", type=int, default=8, help="GRPO samples a prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")

@@ -393,16 +393,9 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
                 "created": int(time.time()), "model": model_name}
         if req.stream:
             return _stream(engine, job, meta, req)
-        future = engine.try_submit(job)
-        if future is None:
-            return _busy(engine)
-        try:
-            await _wait_unless_gone(request, future, job)
-        except asyncio.CancelledError:
-            job.cancel.set()
-            raise
-        if job.finish_reason == "cancelled":  # the client left; nobody reads this
-            return Response(status_code=499)
+        ended = await _run_to_end(request, engine, job)
+        if ended is not None:
+            return ended
         text = job.prompt + job.text if req.echo else job.text
         choice = {**_choice(text, job.finish_reason), "logprobs": job.logprob_block}
         return JSONResponse({**meta, "choices": [choice], "usage": _usage(job)})
@@ -451,16 +444,9 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
         if req.stream:
             meta["object"] = "chat.completion.chunk"
             return _stream(engine, job, meta, req, _chat_chunk)
-        future = engine.try_submit(job)
-        if future is None:
-            return _busy(engine)
-        try:
-            await _wait_unless_gone(request, future, job)
-        except asyncio.CancelledError:
-            job.cancel.set()
-            raise
-        if job.finish_reason == "cancelled":
-            return Response(status_code=499)
+        ended = await _run_to_end(request, engine, job)
+        if ended is not None:
+            return ended
         choice = {"index": 0, "message": {"role": "assistant", "content": job.text},
                   "logprobs": None, "finish_reason": job.finish_reason}
         return JSONResponse({**meta, "choices": [choice], "usage": _usage(job)})
@@ -612,6 +598,23 @@ async def read_json(request: Request) -> Any:
     except RecursionError:
         return error_response(400, "the request body is not valid JSON (nested too deeply); send "
                               "a flat JSON object")
+
+
+async def _run_to_end(request: Request, engine: Engine, job: Job) -> Response | None:
+    """Submit a non-streaming `job` and wait for it to finish. Returns the response to send
+    instead of a reply: 503 when the queue is full, 499 when the client left (nobody reads
+    it, and its slot is already free); None when the job finished and its reply is due."""
+    future = engine.try_submit(job)
+    if future is None:
+        return _busy(engine)
+    try:
+        await _wait_unless_gone(request, future, job)
+    except asyncio.CancelledError:
+        job.cancel.set()
+        raise
+    if job.finish_reason == "cancelled":
+        return Response(status_code=499)
+    return None
 
 
 async def _wait_unless_gone(request: Request, future: Future, job: Job) -> None:
