@@ -261,8 +261,8 @@ def run_post_training_demo(out: str | Path, text: str, model: dict[str, Any], pr
 
 def plot_post_training(r: dict[str, Any], path: Path) -> None:
     """post_training.png: DPO's preference accuracy and reward margin on its held-out pairs
-    (left), GRPO's mean training reward and held-out pass@1 (right), against step; the SFT
-    model's held-out exact match is the dashed line both start from."""
+    (left), GRPO's mean training reward and held-out pass@1 (right, dotted: the SFT model's
+    held-out exact match, where GRPO starts), against step."""
     import matplotlib
 
     matplotlib.use("Agg")
