@@ -6,10 +6,10 @@ Pretrains a char model on tiny Shakespeare (digits and +/- added to its vocabula
 "a+b" / "a-b" -> value, then from that SFT model runs DPO (chosen: the value; rejected: the
 value with the carry or borrow forgotten, or off by 1 or 10 where there is none) and GRPO on the
 built-in `arithmetic` task (`--task arithmetic-lsb`: every stage with the answers written least
-significant digit first, 57+68 -> 521): `bardlm.lab.post_training`. `--seed` seeds every stage and draws the
-questions (report two seeds). Prints the figures and one JSON line;
-writes OUT/rl/rl.png (the reward curve) and OUT/post_training.png (DPO's and GRPO's curves). Wall times depend on the machine and its load: say
-both when quoting them.
+significant digit first, 57+68 -> 521): `bardlm.lab.post_training`. `--seed` seeds every stage
+and draws the questions (report two seeds). Prints the figures and one JSON line; writes
+OUT/rl/rl.png (the reward curve) and OUT/post_training.png (DPO's and GRPO's curves). Wall times
+depend on the machine and its load: say both when quoting them.
 """
 
 from __future__ import annotations
