@@ -51,16 +51,8 @@ def raw(port: int, request: bytes, sock: socket.socket | None = None) -> tuple[b
     """Send `request` on a (kept) socket; read one response: (head, body, socket)."""
     s = sock or socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(request)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = s.recv(65536)
-        assert more, f"the server closed the connection after {data!r}"
-        data += more
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
-    while len(body) < length:
-        body += s.recv(65536)
+    head, _, body = read_answer(s).partition(b"\r\n\r\n")
+    assert head, "the server closed the connection without an answer"
     return head, body, s
 
 
@@ -260,6 +252,19 @@ def closed(s: socket.socket) -> bool:
     return bool(readable)
 
 
+def read_answer(s: socket.socket) -> bytes:
+    """One whole answer on `s`, head and body: they can arrive in separate packets."""
+    data = b""
+    while b"\r\n\r\n" not in data and (more := s.recv(65536)):
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length")), 0)
+    while len(body) < length and (more := s.recv(65536)):
+        body += more
+    return head + b"\r\n\r\n" + body if head else b""
+
+
 def trickle(port: int, piece: bytes, every: float, limit: float) -> tuple[bytes, float]:
     """Send a body `piece` every `every` seconds until the server answers (or `limit` passes):
     (the start of its answer, seconds it took)."""
@@ -267,7 +272,8 @@ def trickle(port: int, piece: bytes, every: float, limit: float) -> tuple[bytes,
     try:
         while time.monotonic() - t0 < limit:
             if select.select([s], [], [], every)[0]:
-                return s.recv(65536), time.monotonic() - t0
+                took = time.monotonic() - t0
+                return read_answer(s), took
             s.sendall(piece)
         return b"", time.monotonic() - t0
     finally:
