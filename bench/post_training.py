@@ -2,8 +2,8 @@
 
     python bench/post_training.py          # the docs/benchmarks.md run
 
-Pretrains a char model on tiny Shakespeare (digits and +/- added to its vocabulary), SFTs it on
-"a+b" / "a-b" -> value, then from that SFT model runs DPO (chosen: the value; rejected: the
+Pretrains a char model on tiny Shakespeare (digits and +/- added to its vocabulary), SFTs it
+(Muon) on "a+b" / "a-b" -> value as written by a teacher that forgets most carries, then from that SFT model runs DPO (chosen: the value; rejected: the
 value with the carry or borrow forgotten, or off by 1 or 10 where there is none) and GRPO on the
 built-in `arithmetic` task (`--task arithmetic-lsb`: every stage with the answers written least
 significant digit first, 57+68 -> 521): `bardlm.lab.post_training`. `--seed` seeds every stage
@@ -31,15 +31,18 @@ def main() -> None:
                    help="the answers' digit order: arithmetic-lsb writes them least significant digit first "
                         "(57+68 -> 521, sign last); measured no faster to learn here (docs/benchmarks.md)")
     p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--teacher-error", type=float, default=0.6,
+    p.add_argument("--teacher-error", type=float, default=0.8,
                    help="share of the carry questions whose SFT answer forgets the carry")
     p.add_argument("--n-sft", type=int, default=8000, help="SFT questions")
     p.add_argument("--n-pairs", type=int, default=8000, help="DPO training pairs (the SFT questions, right answer against a wrong one)")
     p.add_argument("--n-val", type=int, default=200, help="held-out questions (all stages)")
     p.add_argument("--pretrain-iters", type=int, default=60)
-    p.add_argument("--sft-iters", type=int, default=4000)
+    p.add_argument("--sft-iters", type=int, default=3000)
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--sft-optimizer", default="muon", choices=("auto", "muon"),
+                   help="SFT's optimizer: AdamW (auto) or Muon for the blocks' matrices")
+    p.add_argument("--sft-weight-decay", type=float, default=0.0)
     p.add_argument("--sft-eval-every", type=int, default=0,
                    help="score held-out exact match every N SFT steps (default: at the end only)")
     p.add_argument("--rl-iters", type=int, default=600)
@@ -65,7 +68,8 @@ def main() -> None:
     pre = dict(max_iters=args.pretrain_iters, batch_size=32, lr=3e-3, warmup_iters=20,
                eval_interval=args.pretrain_iters, eval_batches=2, seed=args.seed)
     sft = dict(max_iters=args.sft_iters, batch_size=args.sft_batch, lr=args.sft_lr, min_lr=args.sft_lr / 10,
-               warmup_iters=20, eval_interval=args.sft_eval_every or args.sft_iters, weight_decay=0.0, val_fraction=0.02, seed=args.seed)
+               warmup_iters=20, eval_interval=args.sft_eval_every or args.sft_iters, weight_decay=args.sft_weight_decay,
+               optimizer=args.sft_optimizer, val_fraction=0.02, seed=args.seed)
     dpo = dict(max_iters=args.dpo_iters, batch_size=16, lr=args.dpo_lr, min_lr=args.dpo_lr / 10, warmup_iters=10,
                eval_interval=max(args.dpo_iters // 5, 1), weight_decay=0.0, val_fraction=0.05, seed=args.seed)
     rl = dict(max_iters=args.rl_iters, batch_size=args.rl_batch, lr=args.rl_lr, min_lr=args.rl_lr / 10,

@@ -413,7 +413,8 @@ def test_post_training_demo_runs_end_to_end(tmp_path: Path, tiny_text: str) -> N
     model = dict(vocab_size=80, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=False)
     pre = dict(max_iters=4, batch_size=8, eval_interval=4, eval_batches=1)
     stage = dict(max_iters=4, batch_size=8, eval_interval=2, lr=1e-3, warmup_iters=1, weight_decay=0.0)
-    r = run_post_training_demo(tmp_path, tiny_text[:20_000], model, pre, stage, stage, dict(stage, batch_size=2),
+    sft = dict(stage, optimizer="muon")  # the demo's SFT optimizer
+    r = run_post_training_demo(tmp_path, tiny_text[:20_000], model, pre, sft, stage, dict(stage, batch_size=2),
                                digits=1, n_sft=40, n_pairs=20, n_val=10, group=2, task="arithmetic-lsb",
                                log=lambda m: None)
     for run in ("pretrained", "sft", "dpo", "rl"):

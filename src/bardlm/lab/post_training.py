@@ -21,8 +21,9 @@ all score the same has zero advantages and teaches nothing).
 `teacher_error` > 0 makes the SFT answers those of a sloppy teacher that forgets the carry (or
 the borrow) in that share of the questions that need one (`forgot_carry`: 57+68 -> 115,
 52-27 -> 35): the classic set-up for RL with a verifiable reward, an SFT model unsure between the
-right answer and a plausible wrong one, which the reward can settle (docs/benchmarks.md: at
-2000-3000 SFT steps the model had not yet learned the task itself, noisy teacher or not).
+right answer and a plausible wrong one, which the reward can settle. The SFT model must have
+learned the task itself, or RL has nothing to sharpen: with AdamW this 4 x 128 model needed
+4,000 steps, with Muon (the demo's default) about 2,000 (docs/benchmarks.md, eighth round).
 
 `task="arithmetic-lsb"` writes every answer of every stage (SFT, DPO's pairs, GRPO's reward,
 exact match) least significant digit first, sign last (`format_answer`: 57+68 -> "521"); the
