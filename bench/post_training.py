@@ -3,8 +3,9 @@
     python bench/post_training.py          # the docs/benchmarks.md run
 
 Pretrains a char model on tiny Shakespeare (digits and +/- added to its vocabulary), SFTs it
-(Muon) on "a+b" / "a-b" -> value as written by a teacher that forgets most carries, then from that SFT model runs DPO (chosen: the value; rejected: the
-value with the carry or borrow forgotten, or off by 1 or 10 where there is none) and GRPO on the
+(Muon) on "a+b" / "a-b" -> value as written by a teacher that forgets most carries, then from
+that SFT model runs DPO (chosen: the value; rejected: the value with the carry or borrow
+forgotten, or off by 1 or 10 where there is none) and GRPO on the
 built-in `arithmetic` task (`--task arithmetic-lsb`: every stage with the answers written least
 significant digit first, 57+68 -> 521): `bardlm.lab.post_training`. `--seed` seeds every stage
 and draws the questions (report two seeds). Prints the figures and one JSON line; writes

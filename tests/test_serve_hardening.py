@@ -267,7 +267,7 @@ def read_answer(s: socket.socket) -> bytes:
 
 def trickle(port: int, piece: bytes, every: float, limit: float) -> tuple[bytes, float]:
     """Send a body `piece` every `every` seconds until the server answers (or `limit` passes):
-    (the start of its answer, seconds it took)."""
+    (its whole answer, seconds it took to start)."""
     s, t0 = slow_post(port), time.monotonic()
     try:
         while time.monotonic() - t0 < limit:
