@@ -262,6 +262,13 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
 
     async def loop_free(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(prep_pool, fn, *args)
+
+    async def read_and_prepare(request: Request, prepare: Callable[[bytes], Any]) -> Any:
+        """The request's body read (bounded) and parsed by `prepare` off the event loop: its
+        result, or the error response of either step."""
+        body = await read_body(request)
+        return body if isinstance(body, Response) else await loop_free(prepare, body)
+
     created = int(time.time())
 
     @asynccontextmanager
@@ -382,10 +389,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await read_body(request)
-        if isinstance(body, Response):
-            return body
-        prepared = await loop_free(prepare, body)
+        prepared = await read_and_prepare(request, prepare)
         if isinstance(prepared, Response):
             return prepared
         req, job = prepared
@@ -432,10 +436,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str = "bardlm", max_queue:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await read_body(request)
-        if isinstance(body, Response):
-            return body
-        prepared = await loop_free(prepare_chat, body)
+        prepared = await read_and_prepare(request, prepare_chat)
         if isinstance(prepared, Response):
             return prepared
         req, job = prepared
