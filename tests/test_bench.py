@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bardlm.config import ModelConfig
+from bardlm.nn.model import GPT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,6 +82,13 @@ def test_dropout_bench_smoke() -> None:
     res = run_bench("bench/dropout.py", "--batch", "1", "--reps", "1")
     assert len(res["results"]) == 8  # 2 dtypes x 2 tensors x (forward, forward+backward)
     assert all(r["fast_ms"] > 0 and r["torch_ms"] > 0 for r in res["results"].values())
+
+
+def test_step_in_backward_bench_smoke() -> None:
+    res = run_bench("bench/step_in_backward.py", "--layers", "2", "--steps", "1")
+    assert res["parameters"] == sum(1 for _ in GPT(ModelConfig(vocab_size=65, block_size=32, n_layer=2,
+                                                                n_head=2, n_embd=32)).parameters())
+    assert all(res[opt]["normal_ms"] > 0 and res[opt]["in_backward_ms"] > 0 for opt in ("foreach", "fused"))
 
 
 def test_train_bench_smoke() -> None:
