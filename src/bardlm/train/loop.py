@@ -205,7 +205,7 @@ class Loop:
             norm_sq.add_(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square())  # no temporary copy
             full = [g["params"] for g in groups]
             for i, g in enumerate(groups):
-                g["params"] = [p] if i == group_of[id(p)] else []
+                g["params"] = [p] if i == group_of.get(id(p)) else []
             try:
                 self.optimizer.step()
             finally:
