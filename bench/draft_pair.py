@@ -8,7 +8,8 @@
    holds, so it is bound by reading weights, like a real model's), trained with bf16 autocast
    and torch.compile (`--set dtype=bf16 --set compile=true`) for `--target-iters` steps of
    8 x 256 tokens: long enough to write ordinary text (the pair's figure is only meaningful on
-   a target that writes prose, not commas and newlines).
+   a target that writes prose, not commas and newlines). `--target-layers`, `--target-width`
+   and `--no-compile` (eager fp32) make the toy pair the suite trains (tests/test_bench.py).
 2. Its greedy continuations of passages of the corpus's training split (the text the draft must
    predict when the target decodes greedily), decoded in batches.
 3. The draft: 2 layers x 256 with the target's tokenizer, trained on those continuations (a draft
@@ -74,6 +75,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=768, help="passages the target continues")
     ap.add_argument("--new", type=int, default=128, help="tokens per continuation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target-layers", type=int, default=8)
+    ap.add_argument("--target-width", type=int, default=512, help="the target's n_embd (8 heads)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="train the target eager, in fp32 (the suite's smoke run: compiling takes a minute)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -82,10 +87,11 @@ def main() -> None:
               "--set", "dropout=0"]
     train(["--preset", "gpt2-124m", "--data", args.data, "--tokenizer", f"bpe:{args.vocab}",
            "--out", str(out / "target"), "--max-iters", str(args.target_iters), *common,
-           "--set", "n_layer=8", "--set", "n_embd=512", "--set", "n_head=8",
+           "--set", f"n_layer={args.target_layers}", "--set", f"n_embd={args.target_width}", "--set", "n_head=8",
            "--set", f"batch_size={args.target_batch}", "--set", "lr=1e-3", "--set", "min_lr=1e-4",
-           "--set", "warmup_iters=100", "--set", "val_fraction=0.01", "--set", "dtype=bf16",
-           "--set", "compile=true", "--set", f"eval_interval={min(100, args.target_iters)}"])
+           "--set", "warmup_iters=100", "--set", "val_fraction=0.01",
+           *([] if args.no_compile else ["--set", "dtype=bf16", "--set", "compile=true"]),
+           "--set", f"eval_interval={min(100, args.target_iters)}"])
     t_target = time.perf_counter() - t0
 
     target, tok = load(out / "target", "fp32")

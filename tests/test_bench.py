@@ -72,6 +72,20 @@ def test_decode_bench_draft_pair_smoke(tmp_path: Path) -> None:
     assert 0 <= res["acceptance"]["draft"] <= 1 and len(res["load_average"]) == 3
 
 
+def test_draft_pair_bench_smoke(tmp_path: Path) -> None:
+    """bench/draft_pair.py end to end at a toy size (eager: its target compiles by default),
+    and bench/decode.py reads the pair it wrote."""
+    res = run_bench("bench/draft_pair.py", "--out", str(tmp_path), "--data", "tiny-shakespeare", "--vocab", "300",
+                    "--target-iters", "2", "--draft-iters", "2", "--prompts", "64", "--new", "64",
+                    "--target-layers", "1", "--target-width", "64", "--no-compile", "--threads", "1")
+    assert res["target"] == str(tmp_path / "target") and res["draft"] == str(tmp_path / "draft")
+    assert res["target_params"] > 0 and res["draft_params"] > 0 and 0 <= res["draft_agreement"] <= 1
+    assert json.loads((tmp_path / "pair.json").read_text()) == {"data": "tiny-shakespeare"}
+    timed = run_bench("bench/decode.py", "--draft-pair", res["target"], res["draft"], "--prompt", "16",
+                      "--tokens", "8", "--runs", "1", "--threads", "1")
+    assert timed["ids_equal_plain"] == {"draft": True, "ngram": True}
+
+
 def test_verify_pass_bench_smoke() -> None:
     res = run_bench("bench/verify_pass.py", "--preset", "char-tiny", "--rounds", "2", "--threads", "1")
     steps = res["threads_1"]["verify_in_steps"]
