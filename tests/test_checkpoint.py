@@ -95,3 +95,43 @@ def test_saved_files_honour_the_umask(tmp_path, umask, monkeypatch) -> None:
     assert len(files) >= 3
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+
+
+def test_loading_holds_the_weights_once_and_never_writes_the_file(tmp_path) -> None:
+    """The model takes the stored tensors themselves (no second copy), each its own memory:
+    training it in place leaves the checkpoint file as it was, a bf16 checkpoint loads as fp32,
+    and the position tables are recomputed, not left on the meta device."""
+    import hashlib
+    import subprocess
+    import sys
+
+    model = _saved(tmp_path / "a", pos="rope", tie_embeddings=True)
+    digest = hashlib.sha256((tmp_path / "a" / "model.safetensors").read_bytes()).hexdigest()
+    back, _, _ = load_checkpoint(tmp_path / "a")
+    assert not any(t.is_meta for t in [*back.parameters(), *back.buffers()])
+    torch.testing.assert_close(back.rope_inv_freq, model.rope_inv_freq, rtol=0, atol=0)
+    ptrs = [p.data_ptr() for p in back.parameters()]
+    assert len(set(ptrs)) == len(ptrs)  # the tied head counted once by parameters()
+    with torch.no_grad():
+        for p in back.parameters():
+            p.add_(1.0)
+    assert hashlib.sha256((tmp_path / "a" / "model.safetensors").read_bytes()).hexdigest() == digest
+    again, _, _ = load_checkpoint(tmp_path / "a")
+    torch.testing.assert_close(again.transformer.wte.weight, model.transformer.wte.weight)
+
+    save_checkpoint(tmp_path / "b", GPT(model.config).to(torch.bfloat16), CharTokenizer.train("abcdef"))
+    assert {p.dtype for p in load_checkpoint(tmp_path / "b")[0].parameters()} == {torch.float32}
+
+    # 192 MiB of fp32 weights: loading them peaks well under the two copies it used to hold (2.4x).
+    big = GPT(ModelConfig(vocab_size=6, block_size=8, n_layer=4, n_head=4, n_embd=1024))
+    save_checkpoint(tmp_path / "c", big, CharTokenizer.train("abcdef"))
+    size_mib = sum(p.numel() * 4 for p in big.parameters()) / 2**20
+    probe = ("import sys; from bardlm.io.checkpoint import load_checkpoint\n"
+             "rss = lambda k: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(k))) / 1024\n"
+             "before = rss('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5')\n"
+             "m = load_checkpoint(sys.argv[1])[0]; print(rss('VmHWM:') - before)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "c")], capture_output=True, text=True)
+    if out.returncode != 0 and "clear_refs" in out.stderr:
+        pytest.skip("no /proc/self/clear_refs here (Linux >= 4.0): the peak cannot be reset")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) < 1.3 * size_mib, (float(out.stdout), size_mib)

@@ -196,8 +196,9 @@ def load_tensors(path: Path, save_id: str | None = None) -> dict[str, torch.Tens
         ) from None
 
 
-def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy tensors into the model, naming any missing, unexpected or mis-shaped tensor."""
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
+    """Copy tensors into the model (or, `assign`, make them its tensors: no second copy), naming
+    any missing, unexpected or mis-shaped tensor."""
     expected = state_dict_for_save(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -211,7 +212,7 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: 
                 f"{where}: tensor {k} has shape {tuple(v.shape)} but the config needs "
                 f"{tuple(expected[k].shape)}; the config and weights come from different models"
             )
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False, assign=assign)
 
 
 def build_model(
@@ -220,20 +221,35 @@ def build_model(
 ) -> GPT:
     """The one way a `GPT` is made from stored tensors (bardlm, INT8 and Hugging Face files).
 
-    Built on the meta device (no random init of weights about to be overwritten), then either
-    materialised and filled (float), or given int8 modules that adopt the stored tensors as they
-    are (no float copy ever exists). Position tables are recomputed; a tied head is re-tied.
+    Built on the meta device (no random init of weights about to be overwritten), then given the
+    stored tensors themselves, each cast to its parameter's dtype (`dtype`, else the model's
+    fp32) one at a time, so loading holds the weights about once, not twice; or given int8 modules
+    that adopt the stored tensors as they are (no float copy ever exists). Position tables are
+    recomputed; a tied head is re-tied. `tensors` is consumed: its entries become the model's.
     """
     with torch.device("meta"):
         model = GPT(cfg)
     if any(t.dtype == torch.int8 for t in tensors.values()) or quantization:
         return _adopt_int8(model, tensors, where, quantization or {})
-    model = model.to_empty(device="cpu")  # GPT._apply recomputes the position tables
     if dtype is not None:
-        model = model.to(dtype)  # before filling: a bf16 checkpoint never exists in fp32
-    load_state(model, tensors, where)
+        model = model.to(dtype)
+    want, seen = model.state_dict(), set()
+    for k, v in tensors.items():
+        w = want.get(k)
+        if w is not None and ((v.dtype != w.dtype and v.is_floating_point()) or not v.is_contiguous()):
+            v = tensors[k] = v.to(w.dtype if v.is_floating_point() else v.dtype).contiguous()
+        place = (v.data_ptr(), v.shape, v.stride())
+        if place in seen:  # one stored tensor read into two weights: each gets its own (as a copy would)
+            v = tensors[k] = v.clone()
+        seen.add((v.data_ptr(), v.shape, v.stride()))
+    load_state(model, tensors, where, assign=True)
+    for name, buf in model.buffers_for(cfg).items():  # recomputed in fp32, never loaded or cast
+        model.register_buffer(name, buf, persistent=False)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise BardlmError(f"{where}: no stored values for {left[:3]}; the checkpoint is incomplete")
     return model
 
 
