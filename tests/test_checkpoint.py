@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,16 +123,20 @@ def test_loading_holds_the_weights_once_and_never_writes_the_file(tmp_path) -> N
     save_checkpoint(tmp_path / "b", GPT(model.config).to(torch.bfloat16), CharTokenizer.train("abcdef"))
     assert {p.dtype for p in load_checkpoint(tmp_path / "b")[0].parameters()} == {torch.float32}
 
-    # 192 MiB of fp32 weights: loading them peaks well under the two copies it used to hold (2.4x).
+    # 192 MiB of fp32 weights, each read once after the load (the file is mapped, so a weight
+    # is in memory once read): the peak stays well under the two copies loading used to hold.
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs here (Linux >= 4.0): the peak cannot be measured")
     big = GPT(ModelConfig(vocab_size=6, block_size=8, n_layer=4, n_head=4, n_embd=1024))
     save_checkpoint(tmp_path / "c", big, CharTokenizer.train("abcdef"))
     size_mib = sum(p.numel() * 4 for p in big.parameters()) / 2**20
-    probe = ("import sys; from bardlm.io.checkpoint import load_checkpoint\n"
+    probe = ("import sys, torch; from bardlm.io.checkpoint import load_checkpoint\n"
+             "torch.ones(4096, 4096).sum()  # the runtime's own first-use memory, before the baseline\n"
              "rss = lambda k: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(k))) / 1024\n"
              "before = rss('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5')\n"
-             "m = load_checkpoint(sys.argv[1])[0]; print(rss('VmHWM:') - before)")
+             "m = load_checkpoint(sys.argv[1])[0]; [p.sum() for p in m.parameters()]\n"
+             "print(rss('VmHWM:') - before)")
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "c")], capture_output=True, text=True)
-    if out.returncode != 0 and "clear_refs" in out.stderr:
-        pytest.skip("no /proc/self/clear_refs here (Linux >= 4.0): the peak cannot be reset")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout) < 1.3 * size_mib, (float(out.stdout), size_mib)
+    # Measured 1.36x (the weights and ~70 MiB of first-use memory of the load itself); it was 2.4x.
+    assert float(out.stdout) < 1.6 * size_mib, (float(out.stdout), size_mib)
